@@ -1,0 +1,130 @@
+"""Checkpoints: safetensors weights + optimizer state, JSON metadata, atomic, never pickled.
+
+Layout: <paths.checkpoints>/<run_name>/<stage>/step_000600/{model,optimizer}.safetensors + meta.json.
+A step directory is built under a temp name and renamed into place whole, and meta.json is the last
+file written, so a directory without it never counts as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hybridchat.errors import UserError
+from hybridchat.fsutil import atomic_directory
+
+FORMAT_VERSION = 1
+
+
+def architecture(model) -> dict[str, Any]:
+    """What must match for weights to load: the expanded block pattern, sizes and vocabulary."""
+    c = model.config
+    keys = ["n_layer", "n_embd", "n_head", "n_kv_head", "mlp_ratio", "mamba_mlp", "d_state", "d_conv", "expand",
+            "headdim", "ngroups"]
+    return {"block_pattern": model.pattern, "vocab_size": model.vocab_size, **{k: getattr(c, k) for k in keys}}
+
+
+def _optimizer_payload(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors, described = {}, []
+    for i, opt in enumerate(optimizers):
+        sd = opt.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for pid, state in sd["state"].items():
+            for name, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{i}.{pid}.{name}"] = value.detach().contiguous().cpu()
+                else:
+                    scalars.setdefault(str(pid), {})[name] = value
+        described.append({"type": type(opt).__name__, "param_groups": sd["param_groups"], "scalars": scalars})
+    return tensors, described
+
+
+def _restore_optimizers(optimizers, tensors: dict[str, torch.Tensor], described: list[dict]) -> None:
+    if len(described) != len(optimizers) or any(d["type"] != type(o).__name__ for d, o in zip(described, optimizers)):
+        raise UserError(f"checkpoint optimizers {[d['type'] for d in described]} do not match this run's "
+                        f"{[type(o).__name__ for o in optimizers]}")
+    for i, (opt, desc) in enumerate(zip(optimizers, described)):
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            opt_index, pid, name = key.split(".", 2)
+            if int(opt_index) == i:
+                state.setdefault(int(pid), {})[name] = value
+        for pid, scalars in desc["scalars"].items():
+            state.setdefault(int(pid), {}).update(scalars)
+        # JSON turned tuples (betas, ns_coefficients) into lists; give the optimizers tuples back.
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in desc["param_groups"]]
+        opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], keep: int) -> Path:
+    target = Path(directory) / f"step_{step:06d}"
+    tensors, described = _optimizer_payload(optimizers)
+    full_meta = {"format_version": FORMAT_VERSION, "step": step, "architecture": architecture(model),
+                 "optimizers": described, **meta}
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_directory(target) as tmp:
+        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("step_*") if (p / "meta.json").is_file())
+
+
+def latest(directory: Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    file = Path(path) / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint metadata {file} is unreadable or corrupted ({e})") from e
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format_version {meta['format_version']}; this hybridchat reads "
+                        f"up to {FORMAT_VERSION}: upgrade hybridchat")
+    return meta
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises SafetensorError / OSError on truncated or foreign files
+        raise UserError(f"checkpoint file {file} is truncated or corrupted ({e})") from e
+
+
+def load(path: Path, model, optimizers=None, tokenizer_fingerprint: str | None = None) -> dict[str, Any]:
+    """Load weights (and optimizer state) into `model`, refusing a checkpoint of another architecture."""
+    path = Path(path)
+    meta = read_meta(path)
+    saved, current = meta.get("architecture", {}), architecture(model)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise UserError(f"checkpoint {path} does not fit this model ({'; '.join(diffs)}); choose the matching "
+                        f"model/block_pattern or another run_name")
+    if tokenizer_fingerprint and meta.get("tokenizer") not in (None, tokenizer_fingerprint):
+        raise UserError(f"checkpoint {path} was trained with tokenizer {meta['tokenizer']}, this run built "
+                        f"{tokenizer_fingerprint}: the data/tokenizer settings differ from the checkpoint's")
+    weights = _load_tensors(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {path}/model.safetensors does not match the model: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    if optimizers is not None:
+        _restore_optimizers(optimizers, _load_tensors(path / "optimizer.safetensors"), meta["optimizers"])
+    return meta

@@ -1,0 +1,1 @@
+"""Data: tokenizer, the embedded synthetic world, text loaders and chat rendering."""

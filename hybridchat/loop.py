@@ -1,0 +1,207 @@
+"""The one training loop, shared by every stage.
+
+A stage hands over batches whose targets are -1 wherever no loss is wanted; this loop owns the
+optimizers, LR schedule, gradient accumulation, mixed precision, DDP, evaluation, checkpoints and
+metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from hybridchat import checkpoint
+from hybridchat.config import Config, StageConfig
+from hybridchat.data.loader import Batch
+from hybridchat.errors import UserError
+from hybridchat.runtime import Runtime
+from hybridchat.stages import Stage
+from hybridchat.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "math": SDPBackend.MATH}
+
+
+def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
+    per_pass = micro_batch * seq_len * world_size
+    if total_batch_tokens <= 0 or total_batch_tokens % per_pass:
+        raise UserError(f"stage.total_batch_tokens={total_batch_tokens} must be a positive multiple of "
+                        f"gpu.micro_batch x model.sequence_len x world_size = {micro_batch} x {seq_len} x "
+                        f"{world_size} = {per_pass}")
+    return total_batch_tokens // per_pass
+
+
+def build_optimizers(model, s: StageConfig) -> list[torch.optim.Optimizer]:
+    groups = model.param_groups()
+    muon = torch.optim.Muon(groups["matrix"], lr=s.matrix_lr, momentum=0.95, weight_decay=s.weight_decay,
+                            adjust_lr_fn="original")
+    adam_groups = [{"params": groups[name], "lr": lr} for name, lr in
+                   [("embedding", s.embedding_lr), ("unembedding", s.unembedding_lr), ("scalar", s.scalar_lr)]
+                   if groups[name]]
+    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    optimizers = [muon, adamw]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(step: int, s: StageConfig) -> float:
+    """Linear warmup, constant, then a linear warmdown to final_lr_frac over the last steps."""
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    warmdown = max(1, round(s.warmdown_ratio * s.num_steps))
+    if step <= s.num_steps - warmdown:
+        return 1.0
+    progress = (s.num_steps - step) / warmdown
+    return progress + (1 - progress) * s.final_lr_frac
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches: list[Batch], token_bytes: torch.Tensor, rt: Runtime) -> float:
+    """Bits per byte: summed loss over target tokens / (ln 2 x their UTF-8 bytes). Independent of the
+    vocabulary, so runs with different tokenizers compare. Special tokens (0 bytes) are left out."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for batch in batches:
+        inputs, targets = batch["inputs"].to(rt.device), batch["targets"].to(rt.device)
+        with rt.autocast():
+            losses = model(inputs, targets, reduction="none")
+        flat = targets.reshape(-1)
+        nbytes = torch.where(flat >= 0, token_bytes[flat.clamp(min=0)], 0)
+        totals[0] += (losses.double() * (nbytes > 0)).sum()
+        totals[1] += nbytes.sum()
+    if rt.distributed:
+        dist.all_reduce(totals)
+    model.train()
+    return (totals[0] / (math.log(2) * totals[1].clamp(min=1))).item()
+
+
+def _source_checkpoint(cfg: Config, source: str) -> Path:
+    directory = Path(cfg.paths.checkpoints) / cfg.run_name / source
+    found = checkpoint.latest(directory)
+    if found is None:
+        raise UserError(f"stage={cfg.stage.name} starts from the {source!r} stage, but {directory} holds no "
+                        f"checkpoint; train stage={source} with run_name={cfg.run_name} first")
+    return found
+
+
+def _param_checksum(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def train(model, stage: Stage, cfg: Config, rt: Runtime, tracker: Tracker, tokenizer,
+          resolved_config: dict[str, Any]) -> dict[str, Any]:
+    """Train `model` through `stage` to stage.num_steps; returns first/final val bpb and checkpoint."""
+    s = cfg.stage
+    ckpt_dir = Path(cfg.paths.checkpoints) / cfg.run_name / stage.name
+    accum = grad_accum_steps(s.total_batch_tokens, cfg.gpu.micro_batch, cfg.model.sequence_len, rt.world_size)
+    optimizers = build_optimizers(model, s)
+
+    start_step = 0
+    resume_from = checkpoint.latest(ckpt_dir) if cfg.resume else None
+    if resume_from is not None:
+        start_step = checkpoint.load(resume_from, model, optimizers, tokenizer.fingerprint)["step"]
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    elif stage.source:
+        source = _source_checkpoint(cfg, stage.source)
+        checkpoint.load(source, model, None, tokenizer.fingerprint)
+        log.info("initialised from %s", source)
+    elif cfg.resume:
+        log.info("resume=true but %s holds no checkpoint: starting from scratch", ckpt_dir)
+
+    train_model = DistributedDataParallel(model) if rt.distributed else model
+    if cfg.gpu.compile:
+        train_model = torch.compile(train_model)
+    token_bytes = tokenizer.token_bytes().to(rt.device)
+    val_batches = stage.val_batches(rt.rank, rt.world_size)
+    if not val_batches:
+        raise UserError(f"the validation split is too small for one batch of gpu.micro_batch={cfg.gpu.micro_batch} "
+                        f"x model.sequence_len={cfg.model.sequence_len} tokens")
+    batches = stage.train_batches(start_step * accum * rt.world_size, rt.rank, rt.world_size)
+    tokens_per_step = accum * cfg.gpu.micro_batch * cfg.model.sequence_len * rt.world_size
+    flops_per_step = model.flops_per_token() * tokens_per_step
+    peak_flops = cfg.gpu.peak_tflops_bf16 * 1e12 * rt.world_size
+
+    def save(step: int) -> Path | None:
+        path = None
+        if rt.is_main:
+            meta = {"stage": stage.name, "run_name": cfg.run_name, "tokenizer": tokenizer.fingerprint,
+                    "data_position": step * accum * rt.world_size, "config": resolved_config}
+            path = checkpoint.save(ckpt_dir, step, model, optimizers, meta, keep=s.keep_checkpoints)
+        if rt.distributed:
+            dist.barrier()
+        return path
+
+    summary: dict[str, Any] = {"start_step": start_step, "checkpoint_dir": str(ckpt_dir)}
+    bar = tqdm(range(start_step, s.num_steps), initial=start_step, total=s.num_steps, dynamic_ncols=True,
+               disable=not (rt.is_main and cfg.progress), desc=f"{stage.name}")
+    with ExitStack() as stack:
+        backend = cfg.gpu.attention_backend.value
+        if backend != "auto":
+            stack.enter_context(sdpa_kernel(SDPA_BACKENDS[backend]))
+        for step in bar:
+            if step % s.eval_every == 0:
+                bpb = evaluate_bpb(model, val_batches, token_bytes, rt)
+                summary.setdefault("first_val_bpb", bpb)
+                tracker.log(step, **{"val/bpb": bpb})
+            lrm = lr_multiplier(step, s)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro in range(accum):
+                batch = next(batches)
+                inputs, targets = batch["inputs"].to(rt.device), batch["targets"].to(rt.device)
+                # Gradients are all-reduced once per step, on the last micro-batch only.
+                sync = nullcontext() if not rt.distributed or micro == accum - 1 else train_model.no_sync()
+                with sync:
+                    with rt.autocast():
+                        loss = train_model(inputs, targets)
+                    (loss / accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            if rt.distributed:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            train_loss = loss_sum.item() / accum
+            if not math.isfinite(train_loss):
+                raise RuntimeError(f"training loss became {train_loss} at step {step + 1}; lower the learning rates")
+            elapsed = time.perf_counter() - t0
+            metrics = {"train/loss": train_loss, "train/lr_mult": lrm, "train/grad_norm": float(grad_norm),
+                       "train/tok_per_s": tokens_per_step / elapsed}
+            if peak_flops:
+                metrics["train/mfu"] = flops_per_step / elapsed / peak_flops
+            tracker.log(step + 1, **metrics)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['train/tok_per_s']:,.0f}")
+            if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.num_steps:
+                save(step + 1)
+    bar.close()
+
+    summary["final_val_bpb"] = evaluate_bpb(model, val_batches, token_bytes, rt)
+    tracker.log(s.num_steps, **{"val/bpb": summary["final_val_bpb"]})
+    summary["checkpoint"] = str(save(s.num_steps))
+    checksum = _param_checksum(model)
+    if rt.distributed:  # DDP must leave every rank with the same weights; check instead of trusting
+        gathered = [0.0] * rt.world_size
+        dist.all_gather_object(gathered, checksum)
+        if len(set(gathered)) != 1:
+            raise RuntimeError(f"ranks disagree on the final weights: checksums {gathered}")
+    log.info("rank %d final parameter checksum %.10e", rt.rank, checksum)
+    summary["param_checksum"] = checksum
+    return summary

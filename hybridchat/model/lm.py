@@ -1,0 +1,104 @@
+"""HybridLM: token embedding -> blocks from the block pattern -> RMSNorm -> LM head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybridchat.config import ModelConfig
+from hybridchat.errors import UserError
+from hybridchat.model.attention import rotary_cos_sin
+from hybridchat.model.blocks import Block, expand_pattern
+from hybridchat.model.cache import InferenceCache
+
+
+def check_sizes(cfg: ModelConfig) -> None:
+    """Sizes that do not divide fail here, naming the keys, before any tensor is allocated."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    need(cfg.n_layer > 0 and cfg.n_embd > 0, f"model.n_layer and model.n_embd must be > 0 (got {cfg.n_layer}, {cfg.n_embd})")
+    need(cfg.n_head > 0 and cfg.n_embd % cfg.n_head == 0,
+         f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
+    need(cfg.n_kv_head > 0 and cfg.n_head % cfg.n_kv_head == 0,
+         f"model.n_head={cfg.n_head} must be divisible by model.n_kv_head={cfg.n_kv_head} (grouped-query attention)")
+    need((cfg.n_embd // cfg.n_head) % 2 == 0, f"model.n_embd / model.n_head = {cfg.n_embd // cfg.n_head} must be even (RoPE)")
+    d_inner = cfg.expand * cfg.n_embd
+    need(cfg.headdim > 0 and d_inner % cfg.headdim == 0,
+         f"model.expand * model.n_embd = {d_inner} must be divisible by model.headdim={cfg.headdim}")
+    need(cfg.ngroups > 0 and (d_inner // cfg.headdim) % cfg.ngroups == 0,
+         f"Mamba heads ({d_inner // cfg.headdim}) must be divisible by model.ngroups={cfg.ngroups}")
+    need(cfg.sequence_len > 0 and cfg.chunk_size > 0,
+         f"model.sequence_len and model.chunk_size must be > 0 (got {cfg.sequence_len}, {cfg.chunk_size})")
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, ssm_backend: str = "torch"):
+        super().__init__()
+        check_sizes(cfg)
+        self.config = cfg
+        self.vocab_size = vocab_size
+        self.pattern = expand_pattern(cfg.block_pattern, cfg.n_layer)
+        self.wte = nn.Embedding(vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(kind, cfg, i, ssm_backend) for i, kind in enumerate(self.pattern))
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.use_rope = cfg.attn_rope and "A" in self.pattern
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            block.init_weights()
+
+    def _rope(self, offset: int, length: int, device):
+        if not self.use_rope:
+            return None
+        head_dim = self.config.n_embd // self.config.n_head
+        return rotary_cos_sin(length, head_dim, self.config.rope_base, offset=offset, device=device)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: InferenceCache | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab) when targets is None, else the cross-entropy loss; targets == -1 are
+        ignored (that is how stages mask prompt and document tokens out of the loss)."""
+        T = idx.size(1)
+        pos = cache.pos if cache is not None else 0
+        rope = self._rope(pos, T, idx.device)
+        x = F.rms_norm(self.wte(idx), (self.config.n_embd,))
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(F.rms_norm(x, (self.config.n_embd,)))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction)
+
+    def allocate_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> InferenceCache:
+        device = self.wte.weight.device
+        return InferenceCache.allocate([b.mixer for b in self.blocks], batch_size, max_len, device,
+                                       dtype or self.wte.weight.dtype)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Muon takes the 2-D weight matrices inside blocks; everything else (embeddings, head, and
+        every non-matrix such as Mamba's A_log, D, dt_bias, conv weights, norms) goes to AdamW.
+        Sending Mamba's 1-D/3-D parameters to Muon is what broke the earlier attempt."""
+        block_params = [p for p in self.blocks.parameters()]
+        return {
+            "matrix": [p for p in block_params if p.ndim == 2],
+            "scalar": [p for p in block_params if p.ndim != 2],
+            "embedding": [self.wte.weight],
+            "unembedding": [self.lm_head.weight],
+        }
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 x non-embedding params + the attention score/value matmuls
+        (nanochat's estimate). Mamba's scan is a few % of its projections and is left out."""
+        n = self.num_params() - self.wte.weight.numel()
+        n_attn = self.pattern.count("A")
+        return 6 * n + 12 * n_attn * self.config.n_embd * self.config.sequence_len

@@ -1,0 +1,362 @@
+"""Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs").
+
+Two backends share one set of parameters, named and shaped exactly like
+`mamba_ssm.modules.mamba2.Mamba2`, so a state_dict trained on one runs on the other:
+
+- "torch": our chunked SSD scan (`ssd_chunked`), plain PyTorch, runs on CPU, CUDA and MPS.
+- "cuda":  the official Triton / CUDA kernels from mamba_ssm and causal_conv1d (GPU extra).
+- "auto":  "cuda" for CUDA tensors when the kernels import, else "torch".
+
+Per head h the layer runs the scalar-decay state-space recurrence
+
+    state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T        state: (headdim, d_state)
+    y_t     = state_t C_t + D_h * x_t
+
+with dt, B, C (and the gate z) computed from the input, so the model chooses per token what to keep.
+`ssd_recurrent` is that recurrence token by token (the reference); `ssd_chunked` computes the same
+thing as small attention-like matmuls inside chunks plus a short recurrence between chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybridchat.errors import UserError
+from hybridchat.model.cache import SSMState
+
+BACKENDS = ("auto", "torch", "cuda")
+
+
+# -----------------------------------------------------------------------------------------------
+# The scan: reference recurrence and chunked SSD
+
+
+def ssd_recurrent(x, dt, A, B, C, chunk_size=None, initial_state=None):
+    """Token-by-token reference. x (b, l, h, p), dt (b, l, h) (already softplus'd), A (h,),
+    B/C (b, l, g, n), initial_state (b, h, p, n). Returns y (b, l, h, p), final_state (b, h, p, n).
+    `chunk_size` is accepted only so the signature matches ssd_chunked."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    Bh = B.repeat_interleave(h // g, dim=2)  # head i reads group i // (h/g), as in mamba_ssm
+    Ch = C.repeat_interleave(h // g, dim=2)
+    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(x.dtype)
+    decay = torch.exp(dt * A)  # (b, l, h)
+    ys = []
+    # unbind() gives every step its own slice, so backward stays O(L); indexing x[:, t] inside
+    # the loop would make autograd accumulate a full-size zero gradient per step (O(L^2)).
+    for x_t, dt_t, a_t, B_t, C_t in zip(x.unbind(1), dt.unbind(1), decay.unbind(1), Bh.unbind(1), Ch.unbind(1)):
+        state = a_t[..., None, None] * state + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C_t))
+    return torch.stack(ys, dim=1), state
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
+    """Chunked SSD scan, O(L) time and memory. Same contract as ssd_recurrent.
+
+    Inside each chunk of Q tokens the output is a masked (Q x Q) "attention" C_i.B_j weighted by
+    the decay between j and i; across chunks only the (h, p, n) state is carried, by a Python loop
+    over L/Q chunks. Decays are computed in at least float32 whatever the input dtype.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hpg = h // g
+    dtype = x.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+
+    # Pad to a whole number of chunks. dt = 0 on padding: no decay and no input, so the final state
+    # is exactly the state after the last real token.
+    pad = (-l) % chunk_size
+    if pad:
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    c, q = (l + pad) // chunk_size, chunk_size
+    x = x.reshape(b, c, q, g, hpg, p)
+    B = B.reshape(b, c, q, g, n)
+    C = C.reshape(b, c, q, g, n)
+    dt = dt.to(acc).reshape(b, c, q, g, hpg)
+
+    # Log-decay accumulated within each chunk: cum[..., i] = sum_{s <= i} dt_s * A.
+    dA = dt * A.to(acc).reshape(g, hpg)
+    cum = torch.cumsum(dA, dim=2)  # (b, c, q, g, hpg)
+    cum_h = cum.permute(0, 1, 3, 4, 2)  # (b, c, g, hpg, q)
+
+    # 1. Intra-chunk (diagonal blocks): y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j.
+    #    C.B^T depends only on the group, so it is computed once per group and broadcast to heads.
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    seg = (cum_h[..., :, None] - cum_h[..., None, :]).masked_fill(~causal, -math.inf)
+    decay_ij = torch.exp(seg) * dt.permute(0, 1, 3, 4, 2)[..., None, :]  # (b, c, g, hpg, q_i, q_j)
+    CB = torch.einsum("bcign,bcjgn->bcgij", C, B)  # (b, c, g, q, q)
+    scores = CB[:, :, :, None] * decay_ij.to(dtype)
+    y = torch.einsum("bcghij,bcjghp->bcighp", scores, x)
+
+    # 2. State each chunk adds by its end: sum_j exp(cum_last - cum_j) dt_j x_j B_j^T.
+    to_end = (torch.exp(cum[:, :, -1:] - cum) * dt).to(dtype)  # (b, c, q, g, hpg)
+    chunk_states = torch.einsum("bcjgn,bcjgh,bcjghp->bcghpn", B, to_end, x)
+
+    # 3. Inter-chunk recurrence over the (few) chunks: the state entering chunk k.
+    chunk_decay = torch.exp(cum[:, :, -1])  # (b, c, g, hpg)
+    state = (x.new_zeros(b, g, hpg, p, n, dtype=acc) if initial_state is None
+             else initial_state.to(acc).reshape(b, g, hpg, p, n))
+    entering = []
+    for add, keep in zip(chunk_states.unbind(1), chunk_decay.unbind(1)):
+        entering.append(state)
+        state = keep[..., None, None] * state + add.to(acc)
+    entering = torch.stack(entering, dim=1).to(dtype)  # (b, c, g, hpg, p, n)
+
+    # 4. Contribution of the entering state to every token of its chunk: exp(cum_i) C_i . state.
+    from_start = torch.exp(cum).to(dtype)  # (b, c, q, g, hpg)
+    y = y + torch.einsum("bcign,bcghpn->bcighp", C, entering) * from_start[..., None]
+
+    y = y.reshape(b, c * q, h, p)[:, :l]
+    return y, state.reshape(b, h, p, n).to(dtype)
+
+
+# -----------------------------------------------------------------------------------------------
+# Official kernels (GPU extra), imported lazily
+
+
+@functools.lru_cache(maxsize=1)
+def _load_cuda_kernels():
+    """The mamba_ssm / causal_conv1d kernels, or the import error as a string. Catch every
+    Exception: triton raises RuntimeError ("0 active drivers") at import on a machine without a GPU,
+    and a half-built mamba_ssm raises ImportError for its missing extension."""
+    try:
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:  # noqa: BLE001 - any failure means "kernels unavailable"
+        return None, f"{type(e).__name__}: {e}"
+    kernels = SimpleNamespace(causal_conv1d_fn=causal_conv1d_fn, causal_conv1d_update=causal_conv1d_update,
+                              rmsnorm_fn=rmsnorm_fn, selective_state_update=selective_state_update,
+                              mamba_chunk_scan_combined=mamba_chunk_scan_combined)
+    return kernels, None
+
+
+def cuda_kernels_available() -> bool:
+    return _load_cuda_kernels()[0] is not None
+
+
+def _cuda_kernels():
+    kernels, error = _load_cuda_kernels()
+    if kernels is None:
+        raise UserError(
+            f"gpu.ssm_backend=cuda needs the mamba_ssm and causal_conv1d kernels, which did not import ({error}). "
+            "Install them on a CUDA machine that already has torch: "
+            "MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE pip install --no-build-isolation -e '.[gpu]' "
+            "(see docs/mamba.md), or set gpu.ssm_backend=torch (pure PyTorch, runs everywhere).")
+    return kernels
+
+
+# -----------------------------------------------------------------------------------------------
+# The module
+
+
+class RMSNormGated(nn.Module):
+    """rmsnorm(y * silu(z)) * weight, normalised over groups of `group_size` channels
+    (mamba_ssm's RMSNorm with norm_before_gate=False; same `weight` parameter)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        gated = (y * F.silu(z)).float()
+        grouped = gated.unflatten(-1, (-1, self.group_size))
+        normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)
+        return (normed.flatten(-2) * self.weight.float()).to(y.dtype)
+
+
+class Mamba2(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 64,
+                 ngroups: int = 1, chunk_size: int = 64, backend: str = "auto", layer_idx: int = 0,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        backend = getattr(backend, "value", backend)  # accept the config's SSMBackend enum too
+        if backend not in BACKENDS:
+            raise UserError(f"gpu.ssm_backend={backend!r} is not one of {list(BACKENDS)}")
+        if backend == "cuda":
+            _cuda_kernels()  # fail at build time, not in the middle of the first step
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        assert self.d_inner % headdim == 0, f"expand * d_model = {self.d_inner} must be divisible by headdim={headdim}"
+        self.headdim, self.nheads, self.ngroups = headdim, self.d_inner // headdim, ngroups
+        assert self.nheads % ngroups == 0, f"nheads={self.nheads} must be divisible by ngroups={ngroups}"
+        self.chunk_size, self.backend, self.layer_idx = chunk_size, backend, layer_idx
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+
+        # Order of the projection: [z, x, B, C, dt]; the depthwise causal conv runs over [x, B, C].
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        self.norm = RMSNormGated(self.d_inner, group_size=self.d_inner // ngroups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        # Optimisers that honour this flag (mamba_ssm convention) keep weight decay off the
+        # parameters that define the dynamics; decaying A_log or dt_bias towards 0 changes them.
+        for param in (self.dt_bias, self.A_log, self.D):
+            param._no_weight_decay = True
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        # in_proj: uniform with std 1/sqrt(d_model), like the attention and MLP inputs in this
+        # project. conv1d: PyTorch's default (kaiming-uniform, what mamba_ssm keeps with conv_init=None).
+        bound = math.sqrt(3.0) / math.sqrt(self.d_model)
+        nn.init.uniform_(self.in_proj.weight, -bound, bound)
+        self.conv1d.reset_parameters()
+        # dt starts log-uniform in [dt_min, dt_max]; dt_bias stores softplus^-1(dt) because the
+        # forward applies softplus(dt_raw + dt_bias).
+        dt = torch.exp(torch.rand(self.nheads, device=self.dt_bias.device)
+                       * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
+        dt = dt.clamp(min=self.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # A = -exp(A_log) with A in [1, 16]: heads with memories from ~1/(16 dt) to ~1/dt tokens.
+        self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1.0, 16.0)))
+        self.D.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+        # Zero output projection: the block starts as the identity on the residual stream.
+        nn.init.zeros_(self.out_proj.weight)
+
+    def allocate_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> SSMState:
+        """Decode state for this layer. Its size does not depend on max_len: that is the point.
+        conv_state keeps the last d_conv inputs of the conv (activation dtype: the cuda conv update
+        requires it); ssm_state is kept in at least float32 because it accumulates over the whole
+        sequence."""
+        device = device if device is not None else self.in_proj.weight.device
+        dtype = dtype if dtype is not None else self.in_proj.weight.dtype
+        conv_state = torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype)
+        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                dtype=torch.promote_types(dtype, torch.float32))
+        return SSMState(conv_state, ssm_state)
+
+    def _use_cuda(self, u: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "cuda":
+            if not u.is_cuda:
+                raise UserError(f"gpu.ssm_backend=cuda needs CUDA tensors, got a {u.device.type} input; "
+                                "set gpu.ssm_backend=torch or auto")
+            return True
+        return u.is_cuda and cuda_kernels_available()
+
+    def forward(self, u: torch.Tensor, rope=None, cache=None) -> torch.Tensor:
+        """u (B, T, d_model) -> (B, T, d_model). `rope` is unused (positions live in the state).
+        With a cache, this layer's conv and SSM state are read and updated in place: any T continues
+        from the cached state (chunked prefill), T == 1 takes the cheap single-step path."""
+        state = cache.layers[self.layer_idx] if cache is not None else None
+        cuda = self._use_cuda(u)
+        if state is not None and u.shape[1] == 1:
+            return self._step_cuda(u, state) if cuda else self._step_torch(u, state)
+        return self._forward_cuda(u, state) if cuda else self._forward_torch(u, state)
+
+    def _split(self, zxbcdt: torch.Tensor):
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _split_xbc(self, xBC: torch.Tensor):
+        gn = self.ngroups * self.d_state
+        x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+        lead = x.shape[:-1]
+        return (x.reshape(*lead, self.nheads, self.headdim), B.reshape(*lead, self.ngroups, self.d_state),
+                C.reshape(*lead, self.ngroups, self.d_state))
+
+    # --- torch backend ---------------------------------------------------------------------------
+
+    def _forward_torch(self, u: torch.Tensor, state: SSMState | None) -> torch.Tensor:
+        batch, seqlen, _ = u.shape
+        z, xBC, dt = self._split(self.in_proj(u))
+
+        # The conv sees [previous d_conv-1 inputs, new inputs]: zeros at the start of a sequence,
+        # the cached inputs when continuing one, so chunked prefill equals one long prefill.
+        if state is None:
+            history = xBC.new_zeros(batch, self.d_conv - 1, self.conv_dim)
+        else:
+            history = state.conv_state[:, :, 1:].transpose(1, 2).to(xBC.dtype)
+        xBC_padded = torch.cat([history, xBC], dim=1)
+        if state is not None:
+            state.conv_state.copy_(xBC_padded[:, -self.d_conv:].transpose(1, 2))
+        xBC = F.silu(F.conv1d(xBC_padded.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                              groups=self.conv_dim).transpose(1, 2))
+        x, B, C = self._split_xbc(xBC)
+
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, T, nheads), float32 for the decays
+        A = -torch.exp(self.A_log.float())
+        y, final_state = ssd_chunked(x, dt, A, B, C, self.chunk_size,
+                                     initial_state=None if state is None else state.ssm_state)
+        if state is not None:
+            state.ssm_state.copy_(final_state)
+        y = y + x * self.D.to(x.dtype)[:, None]
+        y = self.norm(y.reshape(batch, seqlen, self.d_inner), z)
+        return self.out_proj(y)
+
+    def _step_torch(self, u: torch.Tensor, state: SSMState) -> torch.Tensor:
+        z, xBC, dt = self._split(self.in_proj(u[:, 0]))  # (B, ...): one token
+
+        conv_in = torch.cat([state.conv_state[:, :, 1:], xBC[:, :, None].to(state.conv_state.dtype)], dim=-1)
+        state.conv_state.copy_(conv_in)
+        xBC = (conv_in * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
+        x, B, C = self._split_xbc(F.silu(xBC).to(u.dtype))
+
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, nheads)
+        A = -torch.exp(self.A_log.float())
+        heads_per_group = self.nheads // self.ngroups
+        Bh = B.repeat_interleave(heads_per_group, dim=1).to(state.ssm_state.dtype)  # (B, nheads, d_state)
+        Ch = C.repeat_interleave(heads_per_group, dim=1).to(state.ssm_state.dtype)
+        s = state.ssm_state
+        s.mul_(torch.exp(dt * A)[..., None, None].to(s.dtype))
+        s.add_((dt[..., None].to(s.dtype) * x.to(s.dtype))[..., None] * Bh[:, :, None, :])
+        y = torch.einsum("bhpn,bhn->bhp", s, Ch).to(x.dtype) + x * self.D.to(x.dtype)[:, None]
+        y = self.norm(y.reshape(-1, self.d_inner), z)
+        return self.out_proj(y)[:, None]
+
+    # --- cuda backend (mamba_ssm kernels) --------------------------------------------------------
+
+    def _forward_cuda(self, u: torch.Tensor, state: SSMState | None) -> torch.Tensor:
+        k = _cuda_kernels()
+        batch, seqlen, _ = u.shape
+        z, xBC, dt = self._split(self.in_proj(u))
+        xBC_t = xBC.transpose(1, 2)  # (B, conv_dim, T) channel-last view, what the conv kernel wants
+        initial_conv = None
+        if state is not None:
+            # causal_conv1d takes the previous d_conv-1 inputs, channel-last like x.
+            initial_conv = state.conv_state[:, :, 1:].to(xBC.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+            state.conv_state.copy_(torch.cat([state.conv_state.to(xBC.dtype), xBC_t], dim=-1)[:, :, -self.d_conv:])
+        xBC = k.causal_conv1d_fn(xBC_t, self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=initial_conv,
+                                 activation="silu").transpose(1, 2)
+        x, B, C = self._split_xbc(xBC)
+        A = -torch.exp(self.A_log.float())
+        out = k.mamba_chunk_scan_combined(
+            x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            initial_states=None if state is None else state.ssm_state, return_final_states=state is not None)
+        if state is not None:
+            y, final_state = out
+            state.ssm_state.copy_(final_state)
+        else:
+            y = out
+        y = k.rmsnorm_fn(y.reshape(batch, seqlen, self.d_inner), self.norm.weight, None, z=z, eps=self.norm.eps,
+                         group_size=self.d_inner // self.ngroups, norm_before_gate=False)
+        return self.out_proj(y)
+
+    def _step_cuda(self, u: torch.Tensor, state: SSMState) -> torch.Tensor:
+        k = _cuda_kernels()
+        z, xBC, dt = self._split(self.in_proj(u[:, 0]))
+        xBC = k.causal_conv1d_update(xBC, state.conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
+        x, B, C = self._split_xbc(xBC)
+        # selective_state_update is written for per-channel parameters: broadcast the per-head ones.
+        p, n = self.headdim, self.d_state
+        A = (-torch.exp(self.A_log.float()))[:, None, None].expand(self.nheads, p, n)
+        y = k.selective_state_update(state.ssm_state, x, dt[..., None].expand(-1, -1, p), A, B, C,
+                                     D=self.D[:, None].expand(-1, p), z=None,
+                                     dt_bias=self.dt_bias[:, None].expand(-1, p), dt_softplus=True)
+        y = k.rmsnorm_fn(y.reshape(-1, self.d_inner), self.norm.weight, None, z=z, eps=self.norm.eps,
+                         group_size=self.d_inner // self.ngroups, norm_before_gate=False)
+        return self.out_proj(y)[:, None]

@@ -1,0 +1,78 @@
+"""What every retriever returns (Hit) and the one search() shared by all of them.
+
+A retriever ranks positions in its knowledge base's document list; positions become Hits only
+here, so no index can hand back a document it did not rank (FAISS's -1 "missing" slot included),
+and no retriever writes into the shared, frozen Document objects.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from hybridchat.retrieval.documents import Document
+
+MISSING = -1  # an empty result slot, as FAISS reports it
+
+
+@dataclass(frozen=True)
+class Hit:
+    document: Document
+    score: float  # retriever-specific, higher is better (see each retriever's docstring)
+    rank: int  # 1 = best
+
+
+class Retriever(Protocol):
+    def search(self, queries: list[str], top_k: int,
+               filters: Mapping[str, Any] | None = None) -> list[list[Hit]]: ...
+
+
+def filter_mask(documents: Sequence[Document], filters: Mapping[str, Any] | None) -> np.ndarray | None:
+    """Documents whose metadata matches every filter: key == value, or key in value for a list."""
+    if not filters:
+        return None
+    allowed = {k: set(v) if isinstance(v, (list, tuple, set)) else {v} for k, v in filters.items()}
+    return np.fromiter((all(d.metadata.get(k) in vs for k, vs in allowed.items()) for d in documents),
+                       dtype=bool, count=len(documents))
+
+
+def top_k_positive(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k columns of each row of a (queries x documents) score matrix; slots whose score is
+    not > 0 (no shared term, or filtered out) are MISSING."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    ids = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    top = np.take_along_axis(part_scores, order, axis=1).astype(np.float32)
+    ids[top <= 0] = MISSING
+    return ids, top
+
+
+class RankedRetriever(ABC):
+    """Base of all retrievers: subclasses rank document positions, search() builds the hits."""
+
+    def __init__(self, documents: Sequence[Document]):
+        self.documents = documents
+
+    @abstractmethod
+    def rank(self, queries: list[str], k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores), each (len(queries), <=k), best first; MISSING where there is no result.
+        mask: boolean over documents; False documents must not be returned."""
+
+    def search(self, queries: list[str], top_k: int,
+               filters: Mapping[str, Any] | None = None) -> list[list[Hit]]:
+        if not queries:
+            return []
+        mask = filter_mask(self.documents, filters)
+        if mask is not None and not mask.any():
+            return [[] for _ in queries]
+        ids, scores = self.rank(list(queries), max(1, min(top_k, len(self.documents))), mask)
+        results = []
+        for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):
+            hits = [(i, s) for i, s in zip(row_ids, row_scores) if i != MISSING]
+            results.append([Hit(self.documents[i], float(s), r) for r, (i, s) in enumerate(hits, 1)])
+        return results

@@ -1,0 +1,53 @@
+"""BM25 retrievers over the shared analyzer (stopwords + Snowball stems).
+
+bm25s (default) precomputes every term's BM25 contribution into a sparse matrix, saved as .npy
+files and memory-mapped on load. rank_bm25 is kept for comparison with the original feature: it
+cannot be saved without pickle, so it is rebuilt in memory from the documents on open.
+Score: BM25 (Lucene variant for bm25s, Okapi for rank_bm25), >= 0 and unbounded; only documents
+sharing at least one term with the query are returned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import bm25s
+import numpy as np
+
+from hybridchat.retrieval.base import MISSING, RankedRetriever, top_k_positive
+from hybridchat.retrieval.documents import Document
+from hybridchat.retrieval.text import analyze, document_text
+
+
+def build_bm25(texts: list[str], out_dir: Path, k1: float, b: float) -> None:
+    model = bm25s.BM25(k1=k1, b=b, method="lucene")
+    model.index(analyze(texts), show_progress=False)
+    model.save(str(out_dir), show_progress=False)
+
+
+class Bm25sRetriever(RankedRetriever):
+    def __init__(self, documents: Sequence[Document], index_dir: Path):
+        super().__init__(documents)
+        self.model = bm25s.BM25.load(str(index_dir), mmap=True, show_progress=False)
+
+    def rank(self, queries, k, mask):
+        weight = None if mask is None else mask.astype(np.float32)
+        ids, scores = self.model.retrieve(analyze(queries), k=k, show_progress=False, weight_mask=weight)
+        ids = ids.astype(np.int64)
+        ids[scores <= 0] = MISSING
+        return ids, scores.astype(np.float32)
+
+
+class RankBm25Retriever(RankedRetriever):
+    def __init__(self, documents: Sequence[Document], k1: float, b: float):
+        from rank_bm25 import BM25Okapi
+
+        super().__init__(documents)
+        self.model = BM25Okapi(analyze([document_text(d.title, d.text) for d in documents]), k1=k1, b=b)
+
+    def rank(self, queries, k, mask):
+        scores = np.stack([self.model.get_scores(q) for q in analyze(queries)])
+        if mask is not None:
+            scores *= mask
+        return top_k_positive(scores, k)

@@ -1,0 +1,106 @@
+"""The one entrypoint: python -m hybridchat.train [group=option ...] [key=value ...]
+
+config -> runtime -> data + tokenizer -> model -> stage -> loop -> checkpoint + metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from hybridchat import config as config_schema
+from hybridchat import loop, runtime
+from hybridchat.config import Config
+from hybridchat.data.sources import build_source
+from hybridchat.data.tokenizer import Tokenizer, load_or_train
+from hybridchat.errors import UserError
+from hybridchat.model.lm import HybridLM
+from hybridchat.stages import build_stage
+from hybridchat.tracking import Tracker
+
+log = logging.getLogger("hybridchat")
+config_schema.register()
+
+
+def typed_config(cfg: DictConfig) -> tuple[Config, dict[str, Any]]:
+    """The composed config as dataclasses (validated) and as a plain resolved dict (for metadata)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"missing required value(s): {', '.join(missing)}; set them on the command line, "
+                        f"e.g. {missing[0]}=...")
+    return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def build_tokenizer(config: Config, source, rt: runtime.Runtime) -> Tokenizer:
+    # Rank 0 trains (or finds) the cached tokenizer first; the other ranks then read the same file.
+    def get() -> Tokenizer:
+        return load_or_train(source("train", 0), config.data.tokenizer_vocab_size, config.data.tokenizer_train_chars,
+                             config.paths.cache)
+
+    tok = get() if rt.is_main else None
+    if rt.distributed:
+        dist.barrier()
+    return tok or get()
+
+
+def run(cfg: DictConfig) -> float:
+    config, resolved = typed_config(cfg)
+    rt = runtime.setup(config.gpu, config.seed)
+    try:
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        source = build_source(config.data, config.paths)
+        tokenizer = build_tokenizer(config, source, rt)
+        vocab_size = config.model.vocab_size or tokenizer.vocab_size
+        if vocab_size < tokenizer.vocab_size:
+            raise UserError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        model = HybridLM(config.model, vocab_size, ssm_backend=config.gpu.ssm_backend.value)
+        model.init_weights()
+        model.to(rt.device)
+        if rt.is_main:
+            log.info("model %s: %.2fM parameters, block pattern %s, vocab %d, device %s, world size %d",
+                     config.model.name, model.num_params() / 1e6, model.pattern, vocab_size, rt.device, rt.world_size)
+        stage = build_stage(config.stage.name, cfg=config, tokenizer=tokenizer, source=source)
+        group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+        tracker = Tracker(run_dir if rt.is_main else None, config.logger, resolved, group=group,
+                          job_type=stage.name, name=config.run_name)
+        summary = loop.train(model, stage, config, rt, tracker, tokenizer, resolved)
+        tracker.finish()
+        if rt.is_main:
+            print(f"val bpb {summary.get('first_val_bpb', float('nan')):.4f} -> {summary['final_val_bpb']:.4f}\n"
+                  f"checkpoint: {summary['checkpoint']}\n"
+                  f"metrics:    {tracker.metrics_path}\n"
+                  f"plot:       {tracker.plot_path}")
+        return summary["final_val_bpb"]
+    finally:
+        runtime.teardown()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_run_dir_for_all_ranks() -> None:
+    """Under torchrun every rank would resolve ${now:} itself and split the run into several dirs:
+    agree on one (per torchrun agent: same parent pid) unless launchers/torchrun.sh already set it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "HYBRIDCHAT_RUN_DIR" not in os.environ:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        os.environ["HYBRIDCHAT_RUN_DIR"] = f"outputs/runs/torchrun-{run_id}-{os.getppid()}"
+
+
+if __name__ == "__main__":
+    _one_run_dir_for_all_ranks()
+    main()
