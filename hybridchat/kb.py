@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from hybridchat.errors import UserError
 
@@ -109,17 +108,17 @@ def _retriever_config(args, kb):
 
 
 def _open(args, for_query: bool = True):
-    """(knowledge base, retriever config) for search/eval/stats."""
+    """(knowledge base, retriever config or None) for search/eval/stats."""
+    from hybridchat.retrieval.config import RetrieverConfig
     from hybridchat.retrieval.factory import open_knowledge_base
     from hybridchat.retrieval.knowledge_base import KnowledgeBase
 
     if args.kb is not None:
         kb = KnowledgeBase.open(args.kb)
-        return kb, _retriever_config(args, kb) if for_query else None
-    cfg = _retriever_config(args, None) if for_query else None
-    from hybridchat.retrieval.config import RetrieverConfig
-
-    return open_knowledge_base(cfg or RetrieverConfig(kind="bm25"), args.cache_dir), cfg
+    else:  # the world's knowledge base, with the indexes the query needs (bm25 for stats)
+        kb = open_knowledge_base(_retriever_config(args, None) if for_query else RetrieverConfig(kind="bm25"),
+                                 args.cache_dir)
+    return kb, (_retriever_config(args, kb) if for_query else None)
 
 
 def _parse_filters(items: list[str]) -> dict[str, str]:

@@ -18,3 +18,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+from pathlib import Path  # noqa: E402
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from hybridchat import config as config_schema  # noqa: E402
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+config_schema.register()
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """Compose like `python -m hybridchat.train <overrides>` does, with HydraConfig set so that
+    ${hydra:...} interpolations resolve; returns the job config (without the hydra node)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir or Path.cwd())
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.fixture
+def smoke_overrides(tmp_path):
+    """A seconds-long pretraining run writing everything under tmp_path."""
+    return ["+debug=smoke", f"paths.outputs={tmp_path}", "run_name=test"]

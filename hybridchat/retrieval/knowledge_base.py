@@ -157,10 +157,11 @@ class KnowledgeBase:
             return None
         if cfg.kind == "simple":
             return TfidfRetriever(self.documents, self.path / "simple")
-        bm25 = (Bm25sRetriever(self.documents, self.path / "bm25") if cfg.bm25.backend == "bm25s"
-                else RankBm25Retriever(self.documents, cfg.bm25.k1, cfg.bm25.b))
-        if cfg.kind == "bm25":
-            return bm25
+        if cfg.kind in ("bm25", "hybrid"):
+            bm25 = (Bm25sRetriever(self.documents, self.path / "bm25") if cfg.bm25.backend == "bm25s"
+                    else RankBm25Retriever(self.documents, cfg.bm25.k1, cfg.bm25.b))
+            if cfg.kind == "bm25":
+                return bm25
         d = cfg.dense
         dense = DenseRetriever(self.documents, faiss.read_index(str(self.path / "dense" / "index.faiss")),
                                self.encoder(d.device), d.batch_size, d.nprobe, d.hnsw_ef_search)

@@ -1,0 +1,148 @@
+"""Every option of every config group composes into a valid typed config; bad configs fail clearly."""
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from conftest import compose_config, group_options
+from hybridchat.config import Config
+from hybridchat.data.sources import build_source
+from hybridchat.errors import UserError
+from hybridchat.model.blocks import PATTERN_PRESETS, expand_pattern
+from hybridchat.model.lm import HybridLM, check_sizes
+from hybridchat.train import typed_config
+
+GROUPS = ["model", "model/block_pattern", "gpu", "stage", "data", "retriever", "logger", "paths", "experiment"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "text":
+        overrides.append("data.path=/tmp")
+    cfg = compose_config(overrides)
+    config, resolved = typed_config(cfg)
+    assert isinstance(config, Config)
+    assert resolved["run_name"]
+    if group == "model":
+        assert config.model.name == option
+    if group == "gpu":
+        assert config.gpu.name == option
+
+
+def test_groups_have_the_options_the_readme_promises():
+    assert {"cpu", "rtx3070", "rtx3080", "rtx3090", "rtx4070", "rtx4080", "rtx4090", "rtx5090", "a100",
+            "h100"} <= set(group_options("gpu"))
+    assert {f"{f}_{s}" for f in ("transformer", "mamba", "hybrid") for s in ("tiny", "d12", "d20")} <= set(
+        group_options("model"))
+    assert {"all_attention", "all_mamba", "alternating", "early_attention_late_mamba", "jamba"} <= set(
+        group_options("model/block_pattern"))
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_every_model_instantiates(model):
+    config, _ = typed_config(compose_config([f"model={model}"]))
+    device = "cpu" if model.endswith("tiny") else "meta"  # big sizes: shapes only, no memory
+    with torch.device(device):
+        lm = HybridLM(config.model, vocab_size=4096 if model.endswith("tiny") else 32768)
+    n = lm.num_params()
+    assert len(lm.pattern) == config.model.n_layer
+    if model.endswith("tiny"):
+        assert 1e6 < n < 2e7
+    if model.endswith("d20"):
+        assert 3e8 < n < 9e8, f"{model} has {n / 1e6:.0f}M params, expected ~0.5B"
+    if model.startswith("transformer"):
+        assert set(lm.pattern) == {"A"}
+    if model.startswith("mamba"):
+        assert set(lm.pattern) == {"M"}
+    if model.startswith("hybrid"):
+        assert set(lm.pattern) == {"A", "M"} and lm.pattern[0] == "M"
+
+
+def test_block_pattern_group_and_inline_string():
+    cfg = compose_config(["model=hybrid_tiny", "model/block_pattern=all_attention"])
+    assert cfg.model.block_pattern == "all_attention"
+    cfg = compose_config(["model=hybrid_tiny", "model.block_pattern=MMAM"])
+    assert cfg.model.block_pattern == "MMAM"
+
+
+def test_pattern_presets_follow_the_literature():
+    assert expand_pattern("jamba", 16) == "MMMMAMMMMMMMAMMM"
+    assert expand_pattern("alternating", 4) == "MAMA"
+    assert expand_pattern("early_attention_late_mamba", 8) == "AAMMMMMM"
+    nemotron = expand_pattern("nemotron", 52)
+    assert nemotron[0] == "M" and 3 <= nemotron.count("A") <= 5
+    for name, rule in PATTERN_PRESETS.items():
+        for n in (1, 2, 4, 12, 20):
+            assert len(rule(n)) == n, name
+    assert expand_pattern("AM", 6) == "AMAMAM"  # tiled
+    assert expand_pattern("mmam", 4) == "MMAM"  # given in full, case-insensitive
+
+
+@pytest.mark.parametrize("pattern,needle", [("", "empty"), ("AMX", "unknown letter"), ("AMM", "divides")])
+def test_malformed_block_pattern_is_one_clear_error(pattern, needle):
+    with pytest.raises(UserError, match=needle) as e:
+        expand_pattern(pattern, 4)
+    assert "model.block_pattern" in str(e.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.n_head=3", "model.n_head"),
+    ("model.n_kv_head=3", "model.n_kv_head"),
+    ("model.headdim=48", "model.headdim"),
+])
+def test_sizes_that_do_not_divide(override, key):
+    config, _ = typed_config(compose_config([override]))
+    with pytest.raises(UserError, match=key):
+        check_sizes(config.model)
+
+
+def test_typo_in_gpu_preset_key_is_a_compose_error():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_config(["gpu.micro_bacth=4"])
+    assert "micro_bacth" in str(e.value.__cause__ or e.value)
+
+
+def test_wrong_type_is_a_compose_error():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config(["gpu.micro_batch=lots"])
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config(["gpu.dtype=float8"])
+
+
+def test_unknown_group_option_names_the_available_ones():
+    with pytest.raises(MissingConfigException) as e:
+        compose_config(["model=transformer_huge"])
+    assert "transformer_tiny" in str(e.value)
+
+
+def test_missing_data_path_is_reported_by_key():
+    config, _ = typed_config(compose_config(["data=text"]))
+    with pytest.raises(UserError, match="data.path"):
+        build_source(config.data, config.paths)
+
+
+def test_nonexistent_data_path_is_reported(tmp_path):
+    config, _ = typed_config(compose_config(["data=text", f"data.path={tmp_path}/nowhere"]))
+    with pytest.raises(UserError, match="does not exist"):
+        build_source(config.data, config.paths)
+
+
+def test_run_name_defaults_to_the_model_choice():
+    cfg = compose_config(["model=mamba_tiny"])
+    assert OmegaConf.to_container(cfg, resolve=True)["run_name"] == "mamba_tiny"
+
+
+def test_experiment_only_states_differences():
+    base = OmegaConf.to_container(compose_config([]), resolve=True)
+    for option in group_options("experiment"):
+        exp = OmegaConf.to_container(compose_config([f"experiment={option}"]), resolve=True)
+        changed = {k for k in base if base[k] != exp[k]}
+        assert changed, f"experiment={option} changes nothing"
+
+
+def test_smoke_debug_shrinks_everything():
+    config, _ = typed_config(compose_config(["+debug=smoke"]))
+    assert config.stage.num_steps <= 10 and config.model.n_embd <= 64

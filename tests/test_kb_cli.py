@@ -1,0 +1,141 @@
+"""python -m hybridchat.kb: the commands, and one clear error for each kind of bad input."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json
+
+import pytest
+
+from hybridchat.kb import main
+
+DOCS = [
+    {"id": "d1", "title": "Volcanoes", "text": "Lava erupts from volcanoes when magma pressure builds."},
+    {"id": "d2", "title": "Glaciers", "content": "Glaciers carve valleys as ice slowly flows downhill."},
+    {"id": "d3", "title": "Deserts", "text": "Sand dunes move with the wind across hot deserts.", "metadata": {"hot": "yes"}},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def run(argv, capsys):
+    """(exit code, stdout, stderr) of one command."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(path):
+    return {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def kb(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    code, out, err = run(["build", src, "--kb", tmp_path / "kb", "--retrievers", "bm25,simple"], capsys)
+    assert code == 0, err
+    return tmp_path / "kb"
+
+
+def test_build_search_add_delete_stats_eval(kb, tmp_path, capsys):
+    code, out, _ = run(["search", "magma lava", "--kb", kb, "-k", "2"], capsys)
+    assert code == 0 and out.splitlines()[0].startswith(" 1. Volcanoes  [d1]  score=")
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "tides.md").write_text("# Ocean tides\nThe moon's gravity raises tides twice a day.\n")
+    assert run(["add", folder, "--kb", kb], capsys)[0] == 0
+    code, out, _ = run(["search", "moon gravity tides", "--kb", kb, "--retriever", "simple"], capsys)
+    assert "Ocean tides  [tides]" in out.splitlines()[0]
+    code, out, _ = run(["search", "hot sand", "--kb", kb, "--filter", "hot=yes"], capsys)
+    assert "[d3]" in out and "[d1]" not in out
+    assert run(["delete", "tides", "--kb", kb], capsys)[0] == 0
+    code, out, _ = run(["stats", "--kb", kb], capsys)
+    assert json.loads(out)["documents"] == 3 and set(json.loads(out)["indexes"]) == {"bm25", "simple"}
+    questions = write_jsonl(tmp_path / "q.jsonl", [
+        {"question": "where does lava come from", "answers": ["volcanoes"], "gold_doc_ids": ["d1"]},
+        {"question": "ice valleys and dunes", "answers": [], "gold_doc_ids": ["d2", "d3"]}])
+    code, out, _ = run(["eval", "--questions", questions, "--kb", kb, "--json", tmp_path / "r.json"], capsys)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and report["retriever"] == "bm25" and report["recall@3"] == 1.0 and report["both@3"] == 1.0
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"id": "x", "text": ', "invalid JSON"),
+    ('["not", "an", "object"]', "expected a JSON object"),
+    ('{"id": "x", "title": "no text"}', "has no text"),
+    ('{"id": "ok", "text": "same id again"}', "duplicate id 'ok' (first seen at "),
+])
+def test_bad_jsonl_line_names_file_and_line_and_leaves_kb_intact(kb, tmp_path, capsys, line, reason):
+    before = snapshot(kb)
+    src = write_jsonl(tmp_path / "bad.jsonl", [{"id": "ok", "text": "fine"}, line])
+    for cmd in (["build", src, "--kb", kb], ["add", src, "--kb", kb]):
+        code, _, err = run(cmd, capsys)
+        assert code == 2
+        assert err.startswith(f"error: {src}:2: ") and reason in err and err.count("\n") == 1
+    assert snapshot(kb) == before
+
+
+def test_skip_bad_counts_skipped_lines(kb, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "mixed.jsonl", ['{"id": "new", "text": "Rivers flow to the sea."}', "{oops",
+                                                 {"id": "dup", "text": "Rivers flow to the sea."}])
+    code, _, err = run(["add", src, "--kb", kb, "--skip-bad"], capsys)
+    assert code == 0 and "1 documents read, 1 bad records skipped, 1 exact duplicates dropped" in err
+    assert f"skipped {src}:2: invalid JSON" in err
+
+
+def test_one_clear_error_each(kb, tmp_path, capsys):
+    before = snapshot(kb)
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
+    cases = [
+        (["build", bad, "--kb", kb, "--skip-bad"], "would be empty"),
+        (["add", write_jsonl(tmp_path / "d.jsonl", DOCS[:1]), "--kb", kb], "already in the knowledge base"),
+        (["delete", "nope", "--kb", kb], "no document with id 'nope'"),
+        (["search", "lava", "--kb", kb, "--retriever", "dense"], "needs the dense index"),
+        (["search", "lava", "--kb", tmp_path / "missing"], "not a knowledge base"),
+        (["build", tmp_path / "x.csv", "--kb", kb], "unsupported input"),
+        (["search", "lava", "--kb", kb, "--filter", "nokey"], "expected KEY=VALUE"),
+    ]
+    (tmp_path / "x.csv").write_text("a,b\n")
+    for argv, message in cases:
+        code, _, err = run(argv, capsys)
+        last = err.splitlines()[-1]
+        assert code == 2 and last.startswith("error: ") and message in last, (argv, err)
+        assert err.count("error: ") == 1
+    assert snapshot(kb) == before
+
+
+def test_newer_format_version_is_refused(kb, capsys):
+    manifest = json.loads((kb / "manifest.json").read_text())
+    (kb / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    code, _, err = run(["stats", "--kb", kb], capsys)
+    assert code == 2 and "format version 99 is newer" in err
+
+
+def test_changed_embedding_model_is_refused(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    kb = tmp_path / "kb"
+    assert run(["build", src, "--kb", kb, "--retrievers", "dense"], capsys)[0] == 0
+    manifest = json.loads((kb / "manifest.json").read_text())
+    manifest["indexes"]["dense"]["weights_sha256"] = "0" * 64  # as if the model's weights had changed
+    (kb / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(kb)
+    for argv in (["search", "lava", "--kb", kb], ["add", write_jsonl(tmp_path / "n.jsonl", [
+            {"id": "n", "text": "new"}]), "--kb", kb]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and "dense index was built with 'all-MiniLM-L6-v2'" in err and "sha256 000000000000" in err
+    manifest["indexes"]["dense"]["dim"] = 512
+    (kb / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(["search", "lava", "--kb", kb], capsys)
+    assert code == 2 and "dim 512" in err
+    after = snapshot(kb)
+    assert after.keys() == before.keys()
+    assert all(after[p] == before[p] for p in before if p.name != "manifest.json")  # no index was rewritten

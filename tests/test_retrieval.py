@@ -1,0 +1,242 @@
+"""Retrievers, fusion, knowledge-base persistence, updates and atomicity (dense: the packaged MiniLM)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from hybridchat.errors import UserError
+from hybridchat.retrieval import knowledge_base as kb_module
+from hybridchat.retrieval.base import MISSING
+from hybridchat.retrieval.config import Bm25Config, ChunkingConfig, DenseConfig, FusionConfig, RetrieverConfig
+from hybridchat.retrieval.dense import DenseRetriever, build_faiss, load_encoder
+from hybridchat.retrieval.documents import Document
+from hybridchat.retrieval.fusion import fuse
+from hybridchat.retrieval.ingest import chunk_documents, token_spans
+from hybridchat.retrieval.knowledge_base import KnowledgeBase, kb_lock
+
+CORPUS = [
+    Document("astro", "Astronomy", "Telescopes observe distant galaxies, nebulae and the orbits of planets.",
+             {"topic": "science"}),
+    Document("bake", "Baking bread", "Knead the dough, let the yeast rise overnight, then bake in a hot oven.",
+             {"topic": "food"}),
+    Document("chess", "Chess openings", "The Sicilian defence answers the king's pawn opening with c5.",
+             {"topic": "games"}),
+    Document("dive", "Scuba diving", "Divers breathe compressed air from tanks while exploring coral reefs.",
+             {"topic": "sport"}),
+    Document("engine", "Steam engines", "Boilers heat water into steam that pushes pistons in locomotives.",
+             {"topic": "science"}),
+    Document("fern", "Ferns", "Ferns reproduce with spores instead of seeds and thrive in damp forests.",
+             {"topic": "science"}),
+    Document("guitar", "Guitar tuning", "Standard tuning sets the six strings to E A D G B E.",
+             {"topic": "music"}),
+    Document("honey", "Beekeeping", "Bees collect nectar and store honey in wax combs inside the hive.",
+             {"topic": "food"}),
+]
+QUERIES = {  # query -> the document that answers it
+    "which galaxies do telescopes observe": "astro",
+    "how long should yeast dough rise before baking": "bake",
+    "Sicilian defence chess opening": "chess",
+    "breathing compressed air underwater near coral reefs": "dive",
+    "how do bees make honey": "honey",
+}
+ALL = ["simple", "bm25", "dense"]
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    return load_encoder("all-MiniLM-L6-v2", "cpu")
+
+
+@pytest.fixture(scope="module")
+def kb(tmp_path_factory, encoder):
+    return KnowledgeBase.build(tmp_path_factory.mktemp("kb") / "kb", CORPUS, ALL, RetrieverConfig(), progress=False)
+
+
+def cfg(kind, **kw):
+    return RetrieverConfig(kind=kind, **kw)
+
+
+@pytest.mark.parametrize("config", [cfg("simple"), cfg("bm25"), cfg("bm25", bm25=Bm25Config(backend="rank_bm25")),
+                                    cfg("dense"), cfg("hybrid"), cfg("hybrid", fusion=FusionConfig(method="weighted"))],
+                         ids=["simple", "bm25s", "rank_bm25", "dense", "hybrid-rrf", "hybrid-weighted"])
+def test_each_retriever_finds_the_answering_document(kb, config):
+    results = kb.retriever(config).search(list(QUERIES), top_k=3)
+    assert [hits[0].document.id for hits in results] == list(QUERIES.values())
+    for hits in results:
+        assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf"])
+def test_approximate_faiss_indexes_find_the_answering_document(tmp_path, encoder, index):
+    kb = KnowledgeBase.build(tmp_path / "kb", CORPUS, ["dense"], cfg("dense", dense=DenseConfig(index=index)),
+                             progress=False)
+    results = kb.retriever(cfg("dense", dense=DenseConfig(nprobe=4))).search(list(QUERIES), top_k=2)
+    assert [hits[0].document.id for hits in results] == list(QUERIES.values())
+
+
+def test_sparse_retrievers_return_only_documents_sharing_a_term(kb):
+    for kind in ("simple", "bm25"):
+        assert kb.retriever(cfg(kind)).search(["zzyzx qwertyuiop"], top_k=5) == [[]]
+        assert all(h.score > 0 for h in kb.retriever(cfg(kind)).search(["steam"], top_k=5)[0])
+
+
+@pytest.mark.parametrize("kind", ["simple", "bm25", "dense", "hybrid"])
+def test_metadata_filters_exclude_documents(kb, kind):
+    hits = kb.retriever(cfg(kind)).search(["bees honey steam"], top_k=8, filters={"topic": ["science", "music"]})[0]
+    assert hits and "honey" not in {h.document.id for h in hits}
+    assert {h.document.metadata["topic"] for h in hits} <= {"science", "music"}
+
+
+def test_faiss_missing_ids_never_become_documents(kb, encoder):
+    emb = encoder.encode([d.title + "\n" + d.text for d in CORPUS])
+    dense = DenseRetriever(CORPUS, build_faiss(emb, "flat"), encoder)
+    mask = np.array([d.id in ("astro", "fern") for d in CORPUS])
+    ids, _ = dense.search_vectors(emb[:1], 5, mask)
+    assert (ids[0, 2:] == MISSING).all()  # FAISS pads with -1 ...
+    hits = dense.search(["plants"], top_k=5, filters={"topic": "science"})[0]
+    assert len(hits) == 3 and CORPUS[-1] not in [h.document for h in hits]  # ... and it never maps to the last doc
+
+
+def test_rrf_and_weighted_fusion_math():
+    a = (np.array([[3, 1, MISSING]]), np.array([[9.0, 5.0, 0.0]], np.float32))
+    b = (np.array([[1, 2, 3]]), np.array([[0.8, 0.6, 0.2]], np.float32))
+    ids, scores = fuse([a, b], [1.0, 2.0], "rrf", 60, 3)
+    expected = {1: 1 / 62 + 2 / 61, 3: 1 / 61 + 2 / 63, 2: 2 / 62}
+    assert ids[0].tolist() == [1, 3, 2]
+    np.testing.assert_allclose(scores[0], [expected[1], expected[3], expected[2]], rtol=1e-6)
+    ids, scores = fuse([a, b], [1.0, 1.0], "weighted", 60, 4)
+    # a normalised: 3 -> 1, 1 -> 0; b normalised: 1 -> 1, 2 -> 2/3, 3 -> 0
+    assert ids[0].tolist() == [1, 3, 2, MISSING]
+    np.testing.assert_allclose(scores[0, :3], [1.0, 1.0, 2 / 3], rtol=1e-6)
+
+
+def test_hybrid_scores_are_fused_from_both_rankings_without_touching_documents(kb):
+    before = [d.to_json() for d in kb.documents]
+    q = ["steam pistons and planets"]
+    bm25 = kb.retriever(cfg("bm25")).search(q, top_k=8)[0]
+    dense = kb.retriever(cfg("dense")).search(q, top_k=8)[0]
+    hybrid = kb.retriever(cfg("hybrid")).search(q, top_k=8)[0]
+    rrf = {}
+    for hits in (bm25, dense):
+        for h in hits:
+            rrf[h.document.id] = rrf.get(h.document.id, 0) + 1 / (60 + h.rank)
+    assert {h.document.id: round(h.score, 6) for h in hybrid} == {k: round(v, 6) for k, v in
+                                                                  sorted(rrf.items(), key=lambda kv: -kv[1])[:8]}
+    assert [d.to_json() for d in kb.documents] == before
+
+
+def test_results_identical_after_reopening(kb):
+    queries = list(QUERIES) + ["steam", "strings"]
+    reopened = KnowledgeBase.open(kb.path)
+    for kind in ("simple", "bm25", "dense", "hybrid"):
+        a = kb.retriever(cfg(kind)).search(queries, top_k=4)
+        b = reopened.retriever(cfg(kind)).search(queries, top_k=4)
+        assert [[(h.document.id, h.score) for h in hits] for hits in a] == \
+               [[(h.document.id, h.score) for h in hits] for hits in b]
+    assert reopened.manifest["indexes"]["dense"]["dim"] == 384
+
+
+def test_add_update_delete_are_visible_and_reuse_embeddings(tmp_path, encoder):
+    kb = KnowledgeBase.build(tmp_path / "kb", CORPUS, ALL, RetrieverConfig(), progress=False)
+    new = Document("kite", "Kite surfing", "A kite pulls the surfer across the waves on windy days.")
+    kb = kb.add([new], progress=False)
+    assert kb.indexes["dense"]["encoded"] == 1  # only the new document was embedded
+    for kind in ("simple", "bm25", "dense", "hybrid"):
+        assert kb.retriever(cfg(kind)).search(["kite surfing on windy waves"], 1)[0][0].document.id == "kite"
+    with pytest.raises(UserError, match="'kite' is already in the knowledge base"):
+        kb.add([new], progress=False)
+    kb = kb.add([Document("kite", "Kite flying", "Children fly paper kites in the autumn park.")], replace=True,
+                progress=False)
+    top = kb.retriever(cfg("bm25")).search(["paper kites autumn park"], 1)[0][0]
+    assert top.document.title == "Kite flying" and kb.manifest["num_documents"] == len(CORPUS) + 1
+    kb = kb.delete(["kite", "honey"], progress=False)
+    for kind in ("simple", "bm25", "dense"):
+        ids = {h.document.id for h in kb.retriever(cfg(kind)).search(["kites honey bees"], 9)[0]}
+        assert not ids & {"kite", "honey"}
+    with pytest.raises(UserError, match="no document with id 'nope'"):
+        kb.delete(["nope"])
+    with pytest.raises(UserError, match="would be empty"):
+        kb.delete([d.id for d in kb.documents])
+
+
+def test_failed_build_leaves_previous_knowledge_base_searchable(tmp_path, monkeypatch):
+    path = tmp_path / "kb"
+    KnowledgeBase.build(path, CORPUS, ["bm25", "simple"], RetrieverConfig(), progress=False)
+    before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # like Ctrl-C after documents and one index were written
+
+    monkeypatch.setattr(kb_module, "build_tfidf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        KnowledgeBase.build(path, CORPUS[:2], ["bm25", "simple"], RetrieverConfig(), progress=False)
+    after = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".kb.") and p.is_dir()] == []
+    hits = KnowledgeBase.open(path).retriever(cfg("bm25")).search(["bees honey"], 1)[0]
+    assert hits[0].document.id == "honey"
+
+
+def test_concurrent_writers_wait_for_the_lock(tmp_path):
+    path = tmp_path / "kb"
+    done = []
+    with kb_lock(path):
+        t = threading.Thread(target=lambda: done.append(
+            KnowledgeBase.build(path, CORPUS, ["bm25"], RetrieverConfig(), progress=False)))
+        t.start()
+        time.sleep(0.5)
+        assert not done and not (path / "manifest.json").exists()
+    t.join(timeout=30)
+    assert done and done[0].manifest["num_chunks"] == len(CORPUS)
+
+
+def test_chunking_by_words_keeps_parent_ids_and_overlaps():
+    doc = Document("long", "T", " ".join(f"w{i}" for i in range(10)), {"lang": "en"})
+    short = Document("short", "", "two words")
+    chunks = chunk_documents([doc, short], ChunkingConfig("words", 4, 1))
+    assert [c.text for c in chunks[:3]] == ["w0 w1 w2 w3", "w3 w4 w5 w6", "w6 w7 w8 w9"]
+    assert [c.id for c in chunks[:3]] == ["long#0", "long#1", "long#2"]
+    assert all(c.parent_id == "long" and c.metadata["lang"] == "en" for c in chunks[:3])
+    assert chunks[3] is short  # short documents stay whole
+    with pytest.raises(UserError, match="chunking.overlap"):
+        chunk_documents([doc], ChunkingConfig("words", 4, 4))
+
+
+def test_chunking_by_model_tokens_and_eval_counts_parents_once(tmp_path, encoder):
+    from hybridchat.retrieval.dense import resolve_model
+    from hybridchat.retrieval.evaluate import GoldQuestion, evaluate
+
+    split = token_spans(resolve_model("all-MiniLM-L6-v2"))
+    assert len(split(["Unbelievably"])[0]) > 1  # word pieces, not words
+    chunks = chunk_documents([Document("u", "", "hello " * 10)], ChunkingConfig("tokens", 4, 1), split)
+    assert [c.text for c in chunks] == ["hello hello hello hello"] * 3
+    kb = KnowledgeBase.build(tmp_path / "kb", CORPUS + [Document("long", "Volcanoes", "lava " * 200)], ["bm25"],
+                             cfg("bm25", chunking=ChunkingConfig("words", 20, 5)), progress=False)
+    assert kb.manifest["num_documents"] == len(CORPUS) + 1 and kb.manifest["num_chunks"] > len(CORPUS) + 5
+    report = evaluate(kb.retriever(cfg("bm25")), [GoldQuestion("lava volcano", [], ["long"]),
+                                                  GoldQuestion("bees honey and baking bread", [], ["honey", "bake"]),
+                                                  GoldQuestion("guitar strings", [], ["chess"])])
+    assert report["recall@1"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert report["recall@3"] == pytest.approx(2 / 3) and report["both@3"] == 1.0
+    assert report["two_gold_questions"] == 1
+
+
+def test_default_knowledge_base_is_the_synthetic_world(tmp_path):
+    from hybridchat.data.world import World, WorldConfig
+    from hybridchat.retrieval.factory import build_retriever
+
+    assert build_retriever(cfg("none"), tmp_path) is None
+    person = World.generate(WorldConfig(seed=0)).documents()[0]
+    retriever = build_retriever(cfg("bm25"), tmp_path, progress=False)
+    assert retriever.search([f"Where was {person.title} born?"], 3)[0][0].document.id == person.id
+    manifest = (tmp_path / "kb" / "world-seed0" / "manifest.json").stat().st_mtime_ns
+    build_retriever(cfg("bm25"), tmp_path, progress=False)  # cached: not rebuilt
+    assert (tmp_path / "kb" / "world-seed0" / "manifest.json").stat().st_mtime_ns == manifest
