@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.conf import RunMode
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -69,7 +70,7 @@ def run(cfg: DictConfig) -> float:
             log.info("model %s: %.2fM parameters, block pattern %s, vocab %d, device %s, world size %d",
                      config.model.name, model.num_params() / 1e6, model.pattern, vocab_size, rt.device, rt.world_size)
         stage = build_stage(config.stage.name, cfg=config, tokenizer=tokenizer, source=source)
-        group = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+        group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
         tracker = Tracker(run_dir if rt.is_main else None, config.logger, resolved, group=group,
                           job_type=stage.name, name=config.run_name)
         summary = loop.train(model, stage, config, rt, tracker, tokenizer, resolved)

@@ -23,6 +23,7 @@ def pytest_collection_modifyitems(config, items):
 from pathlib import Path  # noqa: E402
 
 from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.conf import RunMode  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
@@ -42,6 +43,7 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir or Path.cwd())
         cfg.hydra.job.num = 0
+        cfg.hydra.mode = RunMode.RUN
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]

@@ -56,18 +56,37 @@ def ssd_recurrent(x, dt, A, B, C, chunk_size=None, initial_state=None):
     return torch.stack(ys, dim=1), state
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
-    """Chunked SSD scan, O(L) time and memory. Same contract as ssd_recurrent.
+class _DecayedScores(torch.autograd.Function):
+    """scores[..., h, i, j] = CB[..., i, j] * exp(cum[..., h, i] - cum[..., h, j]) for j <= i, else 0.
 
-    Inside each chunk of Q tokens the output is a masked (Q x Q) "attention" C_i.B_j weighted by
-    the decay between j and i; across chunks only the (h, p, n) state is carried, by a Python loop
-    over L/Q chunks. Decays are computed in at least float32 whatever the input dtype.
-    """
+    The same thing written with autograd ops materialises four (q x q)-per-head tensors and keeps
+    them for backward; this keeps one (the decay) and its backward is two multiplies and three
+    sums, which is most of the elementwise work of the scan on CPU."""
+
+    @staticmethod
+    def forward(ctx, CB, cum):  # CB (..., g, q, q), cum (..., g, hpg, q) in float32/64
+        q = cum.shape[-1]
+        causal = torch.ones(q, q, dtype=torch.bool, device=cum.device).tril()
+        decay = (cum[..., :, None] - cum[..., None, :]).masked_fill_(~causal, -math.inf).exp_().to(CB.dtype)
+        ctx.save_for_backward(CB, decay)
+        return CB.unsqueeze(-3) * decay
+
+    @staticmethod
+    def backward(ctx, grad):
+        CB, decay = ctx.saved_tensors
+        grad_decayed = grad * decay
+        grad_CB = grad_decayed.sum(-3)
+        # d scores / d cum_i = scores, d scores / d cum_j = -scores
+        grad_seg = grad_decayed.mul_(CB.unsqueeze(-3)).to(torch.promote_types(CB.dtype, torch.float32))
+        return grad_CB, grad_seg.sum(-1) - grad_seg.sum(-2)
+
+
+def _ssd_segment(x, dt, A, B, C, chunk_size, state):
+    """ssd_chunked on one segment, continuing from `state` (b, g, hpg, p, n) in float32/64."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     hpg = h // g
-    dtype = x.dtype
-    acc = torch.promote_types(dtype, torch.float32)
+    dtype, acc = x.dtype, state.dtype
 
     # Pad to a whole number of chunks. dt = 0 on padding: no decay and no input, so the final state
     # is exactly the state after the last real token.
@@ -80,41 +99,61 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
     B = B.reshape(b, c, q, g, n)
     C = C.reshape(b, c, q, g, n)
     dt = dt.to(acc).reshape(b, c, q, g, hpg)
+    xdt = x * dt.to(dtype)[..., None]
+    cum = torch.cumsum(dt * A.to(acc).reshape(g, hpg), dim=2)  # log-decay from the chunk start
 
-    # Log-decay accumulated within each chunk: cum[..., i] = sum_{s <= i} dt_s * A.
-    dA = dt * A.to(acc).reshape(g, hpg)
-    cum = torch.cumsum(dA, dim=2)  # (b, c, q, g, hpg)
-    cum_h = cum.permute(0, 1, 3, 4, 2)  # (b, c, g, hpg, q)
-
-    # 1. Intra-chunk (diagonal blocks): y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j.
-    #    C.B^T depends only on the group, so it is computed once per group and broadcast to heads.
-    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-    seg = (cum_h[..., :, None] - cum_h[..., None, :]).masked_fill(~causal, -math.inf)
-    decay_ij = torch.exp(seg) * dt.permute(0, 1, 3, 4, 2)[..., None, :]  # (b, c, g, hpg, q_i, q_j)
-    CB = torch.einsum("bcign,bcjgn->bcgij", C, B)  # (b, c, g, q, q)
-    scores = CB[:, :, :, None] * decay_ij.to(dtype)
-    y = torch.einsum("bcghij,bcjghp->bcighp", scores, x)
+    # 1. Inside each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j, a masked
+    #    attention. C.B^T depends only on the group: computed once per group, broadcast to its heads.
+    CB = torch.einsum("bcign,bcjgn->bcgij", C, B)
+    scores = _DecayedScores.apply(CB, cum.permute(0, 1, 3, 4, 2))  # (b, c, g, hpg, q, q)
+    y = torch.einsum("bcghij,bcjghp->bcighp", scores, xdt)
 
     # 2. State each chunk adds by its end: sum_j exp(cum_last - cum_j) dt_j x_j B_j^T.
-    to_end = (torch.exp(cum[:, :, -1:] - cum) * dt).to(dtype)  # (b, c, q, g, hpg)
-    chunk_states = torch.einsum("bcjgn,bcjgh,bcjghp->bcghpn", B, to_end, x)
+    to_end = torch.exp(cum[:, :, -1:] - cum).to(dtype)
+    chunk_states = torch.einsum("bcjgn,bcjghp->bcghpn", B, xdt * to_end[..., None])
 
-    # 3. Inter-chunk recurrence over the (few) chunks: the state entering chunk k.
+    # 3. Across chunks only the state is carried: a loop over chunks, O(L) (the minimal SSD form
+    #    does this with an (L/Q)^2 segsum instead).
     chunk_decay = torch.exp(cum[:, :, -1])  # (b, c, g, hpg)
-    state = (x.new_zeros(b, g, hpg, p, n, dtype=acc) if initial_state is None
-             else initial_state.to(acc).reshape(b, g, hpg, p, n))
     entering = []
     for add, keep in zip(chunk_states.unbind(1), chunk_decay.unbind(1)):
         entering.append(state)
         state = keep[..., None, None] * state + add.to(acc)
-    entering = torch.stack(entering, dim=1).to(dtype)  # (b, c, g, hpg, p, n)
+    entering = torch.stack(entering, dim=1).to(dtype)  # state entering each chunk
 
-    # 4. Contribution of the entering state to every token of its chunk: exp(cum_i) C_i . state.
-    from_start = torch.exp(cum).to(dtype)  # (b, c, q, g, hpg)
-    y = y + torch.einsum("bcign,bcghpn->bcighp", C, entering) * from_start[..., None]
+    # 4. What the entering state contributes to every token of its chunk: exp(cum_i) C_i . state.
+    y = y + torch.einsum("bcign,bcghpn->bcighp", C, entering) * torch.exp(cum).to(dtype)[..., None]
+    return y.reshape(b, c * q, h, p)[:, :l], state
 
-    y = y.reshape(b, c * q, h, p)[:, :l]
-    return y, state.reshape(b, h, p, n).to(dtype)
+
+def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
+    """Chunked SSD scan, O(L) time and memory. Same contract as ssd_recurrent.
+
+    Inside each chunk of Q tokens the output is a masked (Q x Q) attention C_i.B_j weighted by the
+    decay between j and i; across chunks only the (h, p, n) state is carried. Decays and the carried
+    state are kept in at least float32 whatever the input dtype.
+
+    On CPU the sequence is also cut into segments of a few chunks processed one after another, so
+    every intermediate stays a few MB: one big (L/Q)-chunk tensor per step is slower per token at
+    long L (tensors past glibc's 32 MB mmap threshold are page-faulted in on every call).
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    state = (x.new_zeros(b, g, h // g, p, n, dtype=acc) if initial_state is None
+             else initial_state.to(acc).reshape(b, g, h // g, p, n))
+    if x.device.type == "cpu":
+        chunks_per_segment = max(1, 2**20 // (b * h * chunk_size * max(chunk_size, p)))
+        segment = chunks_per_segment * chunk_size
+    else:
+        segment = l
+    ys = []
+    # split() (not slicing in the loop) keeps backward O(L): its gradient is one concatenation.
+    for xs, dts, Bs, Cs in zip(x.split(segment, 1), dt.split(segment, 1), B.split(segment, 1), C.split(segment, 1)):
+        y, state = _ssd_segment(xs, dts, A, Bs, Cs, chunk_size, state)
+        ys.append(y)
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+    return y, state.reshape(b, h, p, n).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------------------------

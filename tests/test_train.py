@@ -1,0 +1,176 @@
+"""End-to-end pretraining: smoke run, checkpoints, resume equivalence, bad inputs, every pattern trains."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_config
+from hybridchat import checkpoint
+from hybridchat.config import ModelConfig, StageConfig
+from hybridchat.errors import UserError
+from hybridchat.loop import build_optimizers, grad_accum_steps
+from hybridchat.model.blocks import PATTERN_PRESETS
+from hybridchat.model.lm import HybridLM
+from hybridchat.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(overrides: list[str], run_dir: Path) -> float:
+    return run(compose_config(overrides, output_dir=run_dir))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    overrides = ["+debug=smoke", f"paths.outputs={out}", "run_name=smoke"]
+    final_bpb = train(overrides, out / "run")
+    return out, overrides, final_bpb
+
+
+def test_smoke_run_writes_metrics_plot_and_loadable_checkpoint(smoke_run):
+    out, overrides, final_bpb = smoke_run
+    records = read_metrics(out / "run")
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 6 and all(l > 0 for l in losses)
+    assert losses[-1] < losses[0]
+    assert (out / "run" / "metrics.png").stat().st_size > 1000
+    ckpt = checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain")
+    assert ckpt is not None and ckpt.name == "step_000006"
+    meta = checkpoint.read_meta(ckpt)
+    assert meta["architecture"]["block_pattern"] == "MA"
+    assert meta["config"]["model"]["n_embd"] == 64 and meta["tokenizer"]
+    model = HybridLM(ModelConfig(**meta["config"]["model"]), meta["architecture"]["vocab_size"])
+    checkpoint.load(ckpt, model)
+    assert final_bpb == pytest.approx(records[-1]["val/bpb"])
+
+
+def test_resume_gives_the_same_loss_curve(tmp_path):
+    common = ["+debug=smoke", f"paths.outputs={tmp_path}", "stage.checkpoint_every=3", "stage.eval_every=2"]
+    train(common + ["run_name=straight"], tmp_path / "straight")
+    # Interrupt after step 3: a run that has only the step-3 checkpoint, resumed with resume=true.
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(ckpts / "straight" / "pretrain" / "step_000003", ckpts / "resumed" / "pretrain" / "step_000003")
+    train(common + ["run_name=resumed", "resume=true"], tmp_path / "resumed")
+    straight = {(r["step"], k): v for r in read_metrics(tmp_path / "straight") for k, v in r.items()
+                if k in ("train/loss", "val/bpb")}
+    resumed = {(r["step"], k): v for r in read_metrics(tmp_path / "resumed") for k, v in r.items()
+               if k in ("train/loss", "val/bpb")}
+    assert {step for step, _ in resumed} == {4, 5, 6}
+    for key, value in resumed.items():
+        assert value == pytest.approx(straight[key], rel=1e-5, abs=1e-6), key
+
+
+def test_every_block_pattern_trains():
+    """The earlier attempt sent Mamba's 1-D/3-D parameters to Muon and no Mamba model could train."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 97, (4, 33))
+    for name in PATTERN_PRESETS:
+        cfg = ModelConfig(n_layer=4, n_embd=64, n_head=2, n_kv_head=1, block_pattern=name, d_state=16, headdim=16,
+                          chunk_size=8, sequence_len=32)
+        model = HybridLM(cfg, vocab_size=97)
+        model.init_weights()
+        optimizers = build_optimizers(model, StageConfig(matrix_lr=0.02, embedding_lr=0.05, unembedding_lr=0.02))
+        assert all(p.ndim == 2 for p in optimizers[0].param_groups[0]["params"])
+        losses = []
+        for _ in range(8):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.1, f"{name}: {losses}"
+
+
+def test_grad_accumulation_must_divide():
+    assert grad_accum_steps(8192, 8, 256, 2) == 2
+    with pytest.raises(UserError, match="stage.total_batch_tokens"):
+        grad_accum_steps(1000, 8, 256, 1)
+
+
+def test_checkpoint_of_another_pattern_is_refused(smoke_run, tmp_path):
+    out, overrides, _ = smoke_run
+    with pytest.raises(UserError, match="block_pattern"):
+        train(overrides + ["resume=true", "model.block_pattern=all_attention"], tmp_path / "run")
+
+
+def test_corrupted_checkpoint_is_one_clear_error(smoke_run, tmp_path):
+    out, _, _ = smoke_run
+    src = checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain")
+    bad = tmp_path / "step_000006"
+    bad.mkdir()
+    (bad / "meta.json").write_bytes((src / "meta.json").read_bytes())
+    data = (src / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    meta = checkpoint.read_meta(src)
+    model = HybridLM(ModelConfig(**meta["config"]["model"]), meta["architecture"]["vocab_size"])
+    with pytest.raises(UserError, match="truncated or corrupted"):
+        checkpoint.load(bad, model)
+    (bad / "meta.json").write_text("{not json")
+    with pytest.raises(UserError, match="meta.json"):
+        checkpoint.load(bad, model)
+    assert checkpoint.read_meta(src)["step"] == 6  # the real checkpoint is untouched
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hybridchat.train", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_gpu_preset_without_cuda_stops_with_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = cli("model=hybrid_d20", "gpu=rtx4090", f"paths.outputs={tmp_path}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [lines[-1]] and "needs a CUDA device" in lines[-1] and "gpu=cpu" in lines[-1]
+
+
+def test_cfg_job_prints_the_resolved_config():
+    result = cli("--cfg", "job", "model=mamba_tiny")
+    assert result.returncode == 0
+    assert "name: mamba_tiny" in result.stdout and "block_pattern: all_mamba" in result.stdout
+
+
+def test_multirun_makes_one_folder_per_job(tmp_path):
+    result = cli("-m", "model=transformer_tiny,mamba_tiny,hybrid_tiny", "+debug=smoke", f"paths.outputs={tmp_path}",
+                 "stage.num_steps=2", env={"HYBRIDCHAT_RUN_DIR": str(tmp_path / "sweep")}, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2"]
+    for job in jobs:
+        assert (job / "metrics.jsonl").exists() and (job / "metrics.png").exists()
+    ckpts = sorted(str(p.parent.parent.relative_to(tmp_path / "checkpoints"))
+                   for p in (tmp_path / "checkpoints").rglob("step_000002"))
+    assert ckpts == [f"{m}/+debug=smoke,model={m},stage.num_steps=2" for m in ("hybrid_tiny", "mamba_tiny",
+                                                                                "transformer_tiny")]
+
+
+def test_torchrun_two_cpu_processes_agree(tmp_path):
+    run_dir = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
+         "hybridchat.train", "+debug=smoke", "stage.num_steps=3", f"paths.outputs={tmp_path}", "run_name=ddp",
+         "stage.total_batch_tokens=1024"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HYBRIDCHAT_RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = {p.name: p.read_text() for p in run_dir.glob("train*.log")}
+    assert set(logs) == {"train.log", "train_rank1.log"}
+    checksums = [line.rsplit(" ", 1)[-1] for text in logs.values() for line in text.splitlines()
+                 if "final parameter checksum" in line]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert (run_dir / ".hydra").is_dir() and (run_dir / ".hydra_rank1").is_dir()
+    assert len(list((tmp_path / "checkpoints" / "ddp" / "pretrain").glob("step_*"))) >= 1
+    assert len(read_metrics(run_dir)) > 0 and not (run_dir / "metrics_rank1.jsonl").exists()
