@@ -7,6 +7,7 @@ own message naming the key, instead of silently becoming a new, unused key.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -158,11 +159,13 @@ def default_run_name() -> str:
 
 
 def rank_suffix() -> str:
-    """'' on rank 0, '_rank<N>' elsewhere: each torchrun rank keeps its own .hydra dir and log."""
-    import os
-
-    rank = int(os.environ.get("RANK", "0"))
-    return "" if rank == 0 else f"_rank{rank}"
+    """'' on rank 0, '_rank<N>' elsewhere: each torchrun / SLURM / submitit task keeps its own .hydra
+    dir and log file (read from the launcher's environment: torch.distributed is not set up yet)."""
+    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if var in os.environ:
+            rank = int(os.environ[var])
+            return "" if rank == 0 else f"_rank{rank}"
+    return ""
 
 
 def register() -> None:

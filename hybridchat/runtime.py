@@ -44,8 +44,24 @@ def _check_device(gpu: GPUConfig) -> None:
         raise UserError(f"gpu={gpu.name} needs Apple MPS, which is not available here; run with gpu=cpu")
 
 
+def _export_submitit_distributed_env() -> None:
+    """In a SLURM job with several tasks (hydra/launcher=slurm with tasks_per_node > 1, or srun) every
+    task runs the job: turn submitit's view of the job into torch.distributed's env:// variables."""
+    if "WORLD_SIZE" in os.environ:  # torchrun already set them
+        return
+    try:
+        import submitit
+
+        job = submitit.JobEnvironment()  # raises outside a SLURM/submitit job
+    except Exception:
+        return
+    if job.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def setup(gpu: GPUConfig, seed: int) -> Runtime:
     _check_device(gpu)
+    _export_submitit_distributed_env()
     device_type = gpu.device.value
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

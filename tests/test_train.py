@@ -174,3 +174,18 @@ def test_torchrun_two_cpu_processes_agree(tmp_path):
     assert (run_dir / ".hydra").is_dir() and (run_dir / ".hydra_rank1").is_dir()
     assert len(list((tmp_path / "checkpoints" / "ddp" / "pretrain").glob("step_*"))) >= 1
     assert len(read_metrics(run_dir)) > 0 and not (run_dir / "metrics_rank1.jsonl").exists()
+
+
+def test_submitit_launcher_runs_two_tasks_as_one_ddp_job(tmp_path):
+    """The SLURM path (hydra/launcher=slurm) minus the queue: submitit's local executor, 2 tasks."""
+    result = cli("-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "+debug=smoke",
+                 f"paths.outputs={tmp_path}", "stage.num_steps=2", "stage.total_batch_tokens=512", "run_name=sub",
+                 env={"HYBRIDCHAT_RUN_DIR": str(tmp_path / "sweep"), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    job = tmp_path / "sweep" / "0"
+    logs = {p.name: p.read_text() for p in job.glob("train*.log")}
+    assert set(logs) == {"train.log", "train_rank1.log"}
+    checksums = {line.rsplit(" ", 1)[-1] for text in logs.values() for line in text.splitlines()
+                 if "final parameter checksum" in line}
+    assert len(checksums) == 1
+    assert "world size 2" in logs["train.log"]

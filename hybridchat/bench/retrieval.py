@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         variants = ["bm25"] + [v for v in variants if v != "bm25"] if "bm25" in variants else variants
     flat_ids = None
     for v in variants:
-        kb_dir = out / ("kb-bm25" if v == "rank_bm25" else "kb-dense" if v.startswith("dense") else f"kb-{v}")
+        # variants sharing a knowledge base reuse its work (documents, cached embeddings)
+        kb_dir = out / ("kb-bm25" if v == "rank_bm25" else "kb-dense" if v != "simple" and v != "bm25" else f"kb-{v}")
         row = _in_child(v, str(kb_dir), args.docs, args.queries, args.single)
         ids = row.pop("ids")
         if v == "dense-flat":
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         elif v.startswith("dense") and flat_ids is not None:  # approximate vs exact on real embeddings
             row["recall@10_vs_flat"] = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, flat_ids)]))
         report["rows"].append(row)
+        atomic_write_json(out / "results.json", report)  # partial results survive an interrupted run
         print({k: round(x, 3) if isinstance(x, float) else x for k, x in row.items()}, flush=True)
     rows = {r["variant"]: r for r in report["rows"]}
     if "bm25" in rows and "rank_bm25" in rows:

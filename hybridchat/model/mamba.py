@@ -31,6 +31,8 @@ from hybridchat.errors import UserError
 from hybridchat.model.cache import SSMState
 
 BACKENDS = ("auto", "torch", "cuda")
+# On CPU the scan works through segments whose largest intermediate has about this many elements.
+CPU_SEGMENT_ELEMENTS = 2**20
 
 
 # -----------------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None):
     state = (x.new_zeros(b, g, h // g, p, n, dtype=acc) if initial_state is None
              else initial_state.to(acc).reshape(b, g, h // g, p, n))
     if x.device.type == "cpu":
-        chunks_per_segment = max(1, 2**20 // (b * h * chunk_size * max(chunk_size, p)))
+        chunks_per_segment = max(1, CPU_SEGMENT_ELEMENTS // (b * h * chunk_size * max(chunk_size, p)))
         segment = chunks_per_segment * chunk_size
     else:
         segment = l
@@ -207,10 +209,10 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        gated = (y * F.silu(z)).float()
-        grouped = gated.unflatten(-1, (-1, self.group_size))
+        acc = torch.promote_types(y.dtype, torch.float32)  # statistics in at least float32
+        grouped = (y * F.silu(z)).to(acc).unflatten(-1, (-1, self.group_size))
         normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)
-        return (normed.flatten(-2) * self.weight.float()).to(y.dtype)
+        return (normed.flatten(-2) * self.weight.to(acc)).to(y.dtype)
 
 
 class Mamba2(nn.Module):
@@ -308,6 +310,11 @@ class Mamba2(nn.Module):
         return (x.reshape(*lead, self.nheads, self.headdim), B.reshape(*lead, self.ngroups, self.d_state),
                 C.reshape(*lead, self.ngroups, self.d_state))
 
+    def _dt_A(self, dt_raw: torch.Tensor):
+        # Decays exp(dt * A) compound over the whole sequence: at least float32, even under autocast.
+        acc = torch.promote_types(dt_raw.dtype, torch.float32)
+        return F.softplus(dt_raw.to(acc) + self.dt_bias.to(acc)), -torch.exp(self.A_log.to(acc))
+
     # --- torch backend ---------------------------------------------------------------------------
 
     def _forward_torch(self, u: torch.Tensor, state: SSMState | None) -> torch.Tensor:
@@ -327,8 +334,7 @@ class Mamba2(nn.Module):
                               groups=self.conv_dim).transpose(1, 2))
         x, B, C = self._split_xbc(xBC)
 
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, T, nheads), float32 for the decays
-        A = -torch.exp(self.A_log.float())
+        dt, A = self._dt_A(dt)  # (B, T, nheads), (nheads,)
         y, final_state = ssd_chunked(x, dt, A, B, C, self.chunk_size,
                                      initial_state=None if state is None else state.ssm_state)
         if state is not None:
@@ -345,8 +351,7 @@ class Mamba2(nn.Module):
         xBC = (conv_in * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
         x, B, C = self._split_xbc(F.silu(xBC).to(u.dtype))
 
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, nheads)
-        A = -torch.exp(self.A_log.float())
+        dt, A = self._dt_A(dt)  # (B, nheads), (nheads,)
         heads_per_group = self.nheads // self.ngroups
         Bh = B.repeat_interleave(heads_per_group, dim=1).to(state.ssm_state.dtype)  # (B, nheads, d_state)
         Ch = C.repeat_interleave(heads_per_group, dim=1).to(state.ssm_state.dtype)

@@ -1,0 +1,22 @@
+import importlib
+import sys
+
+BENCHMARKS = {
+    "train": "training step tokens/s and peak memory of the tiny models vs sequence length",
+    "mixer": "Mamba-2 SSD vs attention vs peer Mamba implementations, fwd+bwd vs length",
+    "decode": "per-token decode latency and cache bytes vs context length",
+    "retrieval": "build time, queries/s and memory of each retriever vs rank-bm25",
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        print("usage: python -m hybridchat.bench NAME [options]\n", file=sys.stderr)
+        for name, what in BENCHMARKS.items():
+            print(f"  {name:10s} {what}", file=sys.stderr)
+        sys.exit(2)
+    importlib.import_module(f"hybridchat.bench.{sys.argv[1]}").main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

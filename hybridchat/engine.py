@@ -1,0 +1,193 @@
+"""Generation: prefill, token-by-token decode, sampling, batching.
+
+Every row of a batch shares one cache position (`InferenceCache.pos`), so rows advance in lockstep
+and a row only ever sees its own real tokens. That rules out left padding: a pad token would flow
+through Mamba's conv and state and change them (attention could mask it, the SSM cannot). Instead
+each row keeps a queue of "pending" tokens that must be fed before it samples again:
+
+- at the start it is the prompt; all rows share one chunked prefill of their common length, and a
+  row whose prompt is longer keeps feeding its own prompt while shorter ones already sample;
+- after a sample it is that one token, plus whatever a query hook injects (retrieved text).
+
+Each step feeds T = the shortest pending queue (capped at `prefill_chunk`) tokens of every row in
+one forward, so prefill, staggered prompts and injected documents are all the same loop. Prompts
+are grouped by length (spread at most `max_length_spread` tokens) so a short prompt never waits
+for a long one token by token. Rows that finish are dropped from the batch and from the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+# on_token(sequence_index, token): called for each sampled token, as soon as it is sampled.
+TokenCallback = Callable[[int, int], None]
+# query_hook(sequence_index, tokens_after_prompt) -> tokens to feed before sampling again, or None.
+QueryHook = Callable[[int, list[int]], Optional[Sequence[int]]]
+
+
+@torch.no_grad()
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row from logits (B, V). temperature 0 is greedy; top_k keeps the k most
+    likely tokens; top_p keeps the smallest set whose probability reaches p (always >= 1 token)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens strictly more likely already reach top_p.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # per sequence: what followed the prompt (sampled + injected, no stop token)
+    finish_reasons: list[str]  # "stop" (a stop token was sampled) or "length"
+    prompt_tokens: int = 0
+    generated_tokens: int = 0  # sampled tokens, all sequences
+    cache_bytes: int = 0  # largest cache allocated (KV preallocated to its max_len)
+    prefill_seconds: float = 0.0  # shared prefill of the prompts
+    decode_seconds: float = 0.0  # everything after it
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class _Row:
+    seq: int  # index into the result
+    pending: list[int]  # tokens to feed before the next sample
+    out: list[int] = field(default_factory=list)
+    sampled: int = 0
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, prefill_chunk: int = 512, max_length_spread: int = 64,
+                 max_batch_size: int | None = None):
+        self.model = model
+        self.prefill_chunk = prefill_chunk
+        self.max_length_spread = max_length_spread
+        self.max_batch_size = max_batch_size
+
+    def _cache_dtype(self, device: torch.device) -> torch.dtype:
+        # The cache holds activations: under autocast they are in the autocast dtype.
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return next(self.model.parameters()).dtype
+
+    def _groups(self, lengths: list[int]) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        groups: list[list[int]] = []
+        for i in order:
+            g = groups[-1] if groups else None
+            if (g is None or lengths[i] - lengths[g[0]] > self.max_length_spread
+                    or (self.max_batch_size is not None and len(g) >= self.max_batch_size)):
+                groups.append([i])
+            else:
+                g.append(i)
+        return groups
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
+                 num_samples: int = 1, seed: int | None = None, on_token: TokenCallback | None = None,
+                 query_hook: QueryHook | None = None, extra_len: int = 0) -> GenerationResult:
+        """Generate up to max_new_tokens sampled tokens for every prompt, num_samples times each.
+        Sequence i * num_samples + s is sample s of prompt i. `extra_len` reserves cache room for
+        tokens a query_hook injects (attention layers only; a row that runs out finishes "length")."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (e.g. BOS)")
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+        n_seq = len(prompts) * num_samples
+        result = GenerationResult(tokens=[[] for _ in range(n_seq)], finish_reasons=["length"] * n_seq,
+                                  prompt_tokens=sum(len(p) for p in prompts))
+        opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        stops = set(stop_tokens)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for group in self._groups([len(p) for p in prompts]):
+                self._generate_group([list(prompts[i]) for i in group], group, max_new_tokens, num_samples,
+                                     stops, opts, on_token, query_hook, extra_len, device, result)
+        finally:
+            self.model.train(was_training)
+        return result
+
+    def _generate_group(self, prompts, prompt_ids, max_new_tokens, num_samples, stops, opts, on_token, query_hook,
+                        extra_len, device, result: GenerationResult) -> None:
+        model = self.model
+        capacity = max(len(p) for p in prompts) + max_new_tokens + extra_len
+        cache = model.allocate_cache(len(prompts), capacity, dtype=self._cache_dtype(device))
+        result.cache_bytes = max(result.cache_bytes, cache.nbytes() * num_samples)
+
+        # Shared prefill of the common prefix length, once per prompt (not per sample). At least one
+        # token of every prompt stays pending so the first step produces the logits to sample from.
+        t0 = time.perf_counter()
+        common = min(len(p) for p in prompts) - 1
+        if common > 0:
+            idx = torch.tensor([p[:common] for p in prompts], dtype=torch.long, device=device)
+            for start in range(0, common, self.prefill_chunk):
+                model(idx[:, start:start + self.prefill_chunk], cache=cache)
+        if num_samples > 1:
+            cache = cache.expand(num_samples)
+        rows = [_Row(seq=pid * num_samples + s, pending=p[common:])
+                for pid, p in zip(prompt_ids, prompts) for s in range(num_samples)]
+        t1 = time.perf_counter()
+        result.prefill_seconds += t1 - t0
+
+        while rows:
+            T = min(min(len(r.pending) for r in rows), self.prefill_chunk, capacity - cache.pos)
+            if T == 0:
+                break  # cache full: the remaining rows finish with "length"
+            idx = torch.tensor([r.pending[:T] for r in rows], dtype=torch.long, device=device)
+            logits = model(idx, cache=cache)[:, -1]
+            for r in rows:
+                r.pending = r.pending[T:]
+            ready = [i for i, r in enumerate(rows) if not r.pending]
+            finished = set()
+            if ready:
+                tokens = sample(logits[ready], **opts).tolist()
+                for i, tok in zip(ready, tokens):
+                    r = rows[i]
+                    if tok in stops:
+                        result.finish_reasons[r.seq] = "stop"
+                        finished.add(i)
+                        continue
+                    r.out.append(tok)
+                    r.sampled += 1
+                    result.generated_tokens += 1
+                    if on_token is not None:
+                        on_token(r.seq, tok)
+                    if r.sampled >= max_new_tokens:
+                        finished.add(i)
+                        continue
+                    injected = list((query_hook(r.seq, r.out) if query_hook is not None else None) or [])
+                    r.out.extend(injected)
+                    r.pending = [tok] + injected
+            if finished:
+                for i in finished:
+                    result.tokens[rows[i].seq] = rows[i].out
+                keep = [i for i in range(len(rows)) if i not in finished]
+                rows = [rows[i] for i in keep]
+                if rows:
+                    cache = cache.select(keep)
+        for r in rows:
+            result.tokens[r.seq] = r.out
+        result.decode_seconds += time.perf_counter() - t1

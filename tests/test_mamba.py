@@ -1,0 +1,257 @@
+"""Mamba-2 mixer: the chunked scan against the token recurrence, gradients, cached decoding,
+parameter layout (mamba_ssm compatible), init, backends."""
+
+import math
+
+import pytest
+import torch
+
+import hybridchat.model.mamba as mamba_mod
+from hybridchat.config import ModelConfig
+from hybridchat.errors import UserError
+from hybridchat.model.cache import InferenceCache
+from hybridchat.model.lm import HybridLM
+from hybridchat.model.mamba import Mamba2, cuda_kernels_available, ssd_chunked, ssd_recurrent
+
+
+def scan_inputs(b=2, l=37, h=4, p=3, g=2, n=5, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, h, p, generator=gen, dtype=dtype)
+    dt = torch.rand(b, l, h, generator=gen, dtype=dtype) * 0.5 + 0.01
+    A = -torch.rand(h, generator=gen, dtype=dtype) * 3 - 0.1
+    B = torch.randn(b, l, g, n, generator=gen, dtype=dtype)
+    C = torch.randn(b, l, g, n, generator=gen, dtype=dtype)
+    state = torch.randn(b, h, p, n, generator=gen, dtype=dtype)
+    return x, dt, A, B, C, state
+
+
+def randomize(module: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> None:
+    """Perturb every weight so no zero-initialised projection hides a bug."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 8, 16, 64])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_equals_recurrence(chunk_size, with_state):
+    x, dt, A, B, C, state = scan_inputs()  # l=37: not a multiple of any chunk size above but 1
+    init = state if with_state else None
+    y_ref, s_ref = ssd_recurrent(x, dt, A, B, C, initial_state=init)
+    y, s = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=init)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_over_several_segments(monkeypatch):
+    # Force the CPU segmenting to cut the sequence into many pieces (segment = 2 chunks here).
+    monkeypatch.setattr(mamba_mod, "CPU_SEGMENT_ELEMENTS", 2 * 4 * 4 * 4 * 2)
+    x, dt, A, B, C, state = scan_inputs(l=29)
+    y_ref, s_ref = ssd_recurrent(x, dt, A, B, C, initial_state=state)
+    y, s = ssd_chunked(x, dt, A, B, C, 4, initial_state=state)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_splits_compose():
+    # Scanning [0, k) and then [k, l) from the carried state equals one scan: what chunked prefill relies on.
+    x, dt, A, B, C, _ = scan_inputs(l=40)
+    y_full, s_full = ssd_chunked(x, dt, A, B, C, 8)
+    y1, s1 = ssd_chunked(x[:, :13], dt[:, :13], A, B[:, :13], C[:, :13], 8)
+    y2, s2 = ssd_chunked(x[:, 13:], dt[:, 13:], A, B[:, 13:], C[:, 13:], 8, initial_state=s1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s2, s_full, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_chunked(monkeypatch):
+    monkeypatch.setattr(mamba_mod, "CPU_SEGMENT_ELEMENTS", 1)  # one chunk per segment: the loop path too
+    x, dt, A, B, C, state = scan_inputs(b=1, l=7, h=2, p=2, g=1, n=3)
+    inputs = tuple(t.requires_grad_() for t in (x, dt, A, B, C, state))
+
+    def fn(x, dt, A, B, C, state):
+        return ssd_chunked(x, dt, A, B, C, 3, initial_state=state)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_chunked_gradients_equal_recurrence_gradients():
+    x, dt, A, B, C, state = scan_inputs(l=21)
+    weights = torch.randn(2, 21, 4, 3, dtype=torch.float64)
+    grads = []
+    for scan in (ssd_recurrent, ssd_chunked):
+        inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C, state)]
+        y, s = scan(*inputs[:5], 8, initial_state=inputs[5])
+        ((y * weights).sum() + s.sum()).backward()
+        grads.append([t.grad for t in inputs])
+    for g_ref, g in zip(*grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_chunked_bfloat16_close_to_float32():
+    x, dt, A, B, C, state = scan_inputs(dtype=torch.float32, l=64)
+    y32, _ = ssd_chunked(x, dt, A, B, C, 16, initial_state=state)
+    y16, s16 = ssd_chunked(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), 16, initial_state=state)
+    assert y16.dtype == torch.bfloat16 and s16.dtype == torch.bfloat16
+    assert (y16.float() - y32).abs().max() < 0.05 * y32.abs().max()
+
+
+def make_mixer(dtype=torch.float64, **kw):
+    kw = {"d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 8, "backend": "torch", **kw}
+    torch.manual_seed(0)
+    m = Mamba2(32, **kw).to(dtype)
+    randomize(m)
+    return m
+
+
+@pytest.mark.parametrize("prefill", [2, 11, 16])  # shorter than d_conv, ragged, a chunk multiple
+def test_prefill_then_steps_equal_full_forward(prefill):
+    m = make_mixer()
+    u = torch.randn(3, 24, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(u)
+        cache = InferenceCache.allocate([m], 3, 24, dtype=torch.float64)
+        outs = [m(u[:, :prefill], cache=cache)]
+        for t in range(prefill, 20):
+            outs.append(m(u[:, t:t + 1], cache=cache))
+        outs.append(m(u[:, 20:], cache=cache))  # a second chunked prefill after steps
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_cache_expand_then_decode_each_row():
+    m = make_mixer()
+    u = torch.randn(2, 10, 32, dtype=torch.float64)
+    nxt = torch.randn(4, 1, 32, dtype=torch.float64)
+    with torch.no_grad():
+        cache = InferenceCache.allocate([m], 2, 16, dtype=torch.float64)
+        m(u, cache=cache)
+        expanded = cache.expand(2)  # rows: 0, 0, 1, 1
+        out = m(nxt, cache=expanded)
+        ref = m(torch.cat([u.repeat_interleave(2, 0), nxt], 1))[:, -1:]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_parameter_layout_matches_mamba_ssm():
+    m = Mamba2(64, d_state=16, d_conv=4, expand=2, headdim=32, ngroups=2, backend="torch")
+    d_inner, nheads, conv_dim = 128, 4, 128 + 2 * 2 * 16
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {
+        "in_proj.weight": (2 * d_inner + 2 * 2 * 16 + nheads, 64),
+        "conv1d.weight": (conv_dim, 1, 4),
+        "conv1d.bias": (conv_dim,),
+        "dt_bias": (nheads,),
+        "A_log": (nheads,),
+        "D": (nheads,),
+        "norm.weight": (d_inner,),
+        "out_proj.weight": (64, d_inner),
+    }
+    assert all(getattr(p, "_no_weight_decay", False) for p in (m.dt_bias, m.A_log, m.D))
+
+
+def check_mamba_init(m: Mamba2) -> None:
+    dt = torch.nn.functional.softplus(m.dt_bias)
+    assert dt.min() >= m.dt_min * 0.999 and dt.max() <= m.dt_max * 1.001
+    A = torch.exp(m.A_log)
+    assert A.min() >= 1.0 and A.max() <= 16.0
+    assert torch.all(m.D == 1) and torch.all(m.norm.weight == 1)
+    assert torch.all(m.out_proj.weight == 0)
+    assert m.in_proj.weight.std() > 0 and m.conv1d.weight.std() > 0
+
+
+def test_init_weights_values():
+    m = Mamba2(64, headdim=16, backend="torch")  # 8 heads
+    randomize(m, scale=5.0)
+    m.init_weights()
+    check_mamba_init(m)
+    assert m.dt_bias.std() > 0 and m.A_log.std() > 0  # sampled, not constant
+
+
+def test_init_survives_model_init():
+    cfg = ModelConfig(n_layer=4, n_embd=64, n_head=4, n_kv_head=4, block_pattern="alternating",
+                      d_state=16, headdim=16, chunk_size=16)
+    model = HybridLM(cfg, vocab_size=64)
+    randomize(model, scale=5.0)
+    model.init_weights()
+    mixers = [b.mixer for b in model.blocks if isinstance(b.mixer, Mamba2)]
+    assert len(mixers) == 2
+    for m in mixers:
+        check_mamba_init(m)
+
+
+def test_tiny_model_forward_8192_tokens():
+    cfg = ModelConfig(n_layer=2, n_embd=64, n_head=2, n_kv_head=2, block_pattern="alternating", d_state=16,
+                      headdim=32, chunk_size=64, sequence_len=8192)
+    model = HybridLM(cfg, vocab_size=128)
+    model.init_weights()
+    randomize(model, scale=0.02)
+    idx = torch.randint(0, 128, (1, 8192))
+    with torch.no_grad():
+        logits = model(idx)
+    assert logits.shape == (1, 8192, 128) and torch.isfinite(logits).all()
+
+
+def test_backend_auto_on_cpu_uses_torch():
+    m = make_mixer(dtype=torch.float32, backend="auto")
+    ref = make_mixer(dtype=torch.float32, backend="torch")
+    u = torch.randn(1, 5, 32)
+    torch.testing.assert_close(m(u), ref(u))
+
+
+def test_unknown_backend_is_a_user_error():
+    with pytest.raises(UserError, match="gpu.ssm_backend"):
+        Mamba2(32, headdim=8, backend="triton")
+
+
+@pytest.mark.skipif(cuda_kernels_available(), reason="mamba_ssm kernels are installed here")
+def test_cuda_backend_without_kernels_says_how_to_fix():
+    with pytest.raises(UserError) as err:
+        Mamba2(32, headdim=8, backend="cuda")
+    msg = str(err.value)
+    assert "gpu.ssm_backend=torch" in msg and ".[gpu]" in msg and "MAMBA_FORCE_BUILD" in msg
+
+
+needs_kernels = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_kernels_available()),
+                                   reason="needs CUDA and the mamba_ssm / causal_conv1d kernels")
+
+
+@pytest.mark.gpu
+@needs_kernels
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 6e-4, 2e-3), (torch.bfloat16, 3e-2, 5e-2)])
+def test_cuda_backend_matches_torch_backend(dtype, rtol, atol):
+    torch.manual_seed(0)
+    kw = dict(d_state=64, headdim=64, chunk_size=64)
+    ref = Mamba2(256, backend="torch", **kw).cuda()
+    randomize(ref, scale=0.02)
+    fast = Mamba2(256, backend="cuda", **kw).cuda()
+    fast.load_state_dict(ref.state_dict())
+    u = torch.randn(2, 300, 256, device="cuda")
+    grads = []
+    outs = []
+    for m in (ref, fast):
+        m.zero_grad()
+        x = u.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            y = m(x)
+        y.float().square().mean().backward()
+        outs.append(y.float())
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=rtol, atol=atol)
+    for g_ref, g in zip(*grads):
+        scale = g_ref.abs().max().clamp_min(1e-6)  # parameters' grads differ in magnitude: compare relative
+        torch.testing.assert_close(g / scale, g_ref / scale, rtol=rtol, atol=atol)
+
+
+@pytest.mark.gpu
+@needs_kernels
+def test_cuda_backend_cached_decode_equals_full_forward():
+    torch.manual_seed(0)
+    m = Mamba2(256, d_state=64, headdim=64, chunk_size=64, backend="cuda").cuda()
+    randomize(m, scale=0.02)
+    u = torch.randn(2, 80, 256, device="cuda")
+    with torch.no_grad():
+        full = m(u)
+        cache = InferenceCache.allocate([m], 2, 80, device="cuda", dtype=torch.float32)
+        outs = [m(u[:, :50], cache=cache)] + [m(u[:, t:t + 1], cache=cache) for t in range(50, 70)]
+        outs.append(m(u[:, 70:], cache=cache))
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=6e-4, atol=2e-3)
+    assert math.isfinite(full.abs().max().item())
