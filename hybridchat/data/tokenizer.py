@@ -35,6 +35,9 @@ FORMAT_VERSION = 1
 class Tokenizer:
     def __init__(self, hf: HFTokenizer, fingerprint: str):
         self.hf = hf
+        # Text that merely contains "<|bos|>" (a web page, a retrieved document) must not turn into
+        # the control token: special tokens come only from the chat renderer, by id.
+        self.hf.encode_special_tokens = True
         self.fingerprint = fingerprint  # stored in checkpoints: the exact vocabulary in use
         self.bos_id = self.token_id("<|bos|>")
 

@@ -1,0 +1,111 @@
+"""Tokenizer, text sources and the token loader."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hybridchat.config import DataConfig
+from hybridchat.data.loader import token_batches
+from hybridchat.data.sources import files_source, world_source
+from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_or_train
+from hybridchat.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def world_docs():
+    return world_source(DataConfig(world_people=60))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world_docs, tmp_path_factory):
+    return load_or_train(world_docs("train", 0), 512, 200_000, tmp_path_factory.mktemp("cache"))
+
+
+def test_tokenizer_round_trips_and_reserves_special_tokens(tokenizer):
+    text = "Brabo Kirovith was born in Lageram in 1970. Ünïcode too: 東京 ✓"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    ids = {tokenizer.token_id(t) for t in SPECIAL_TOKENS}
+    assert len(ids) == len(SPECIAL_TOKENS)
+    assert tokenizer.encode("<|bos|>") != [tokenizer.bos_id]  # special tokens never come from plain text
+
+
+def test_token_bytes_count_utf8_bytes(tokenizer):
+    token_bytes = tokenizer.token_bytes()
+    text = "Drokise Works employs 12 pilots in Lageram. ÄÖ"
+    ids = tokenizer.encode(text)
+    assert int(token_bytes[ids].sum()) == len(text.encode())
+    assert int(token_bytes[tokenizer.bos_id]) == 0
+
+
+def test_tokenizer_is_cached_by_corpus_hash(world_docs, tmp_path):
+    a = load_or_train(world_docs("train", 0), 400, 50_000, tmp_path)
+    files = list((tmp_path / "tokenizers").glob("*.json"))
+    b = load_or_train(world_docs("train", 0), 400, 50_000, tmp_path)
+    assert len(files) == 1 and a.fingerprint == b.fingerprint
+    load_or_train(world_docs("train", 0), 420, 50_000, tmp_path)  # other settings: another tokenizer
+    assert len(list((tmp_path / "tokenizers").glob("*.json"))) == 2
+
+
+def test_tokenizer_vocab_too_small(world_docs, tmp_path):
+    with pytest.raises(UserError, match="data.tokenizer_vocab_size"):
+        load_or_train(world_docs("train", 0), 100, 10_000, tmp_path)
+
+
+def test_corrupted_tokenizer_file_is_named(tmp_path):
+    bad = tmp_path / "tok.json"
+    bad.write_text("{ truncated")
+    with pytest.raises(UserError, match=str(bad)):
+        Tokenizer.load(bad)
+
+
+def test_loader_shards_batches_across_ranks_and_resumes(world_docs, tokenizer):
+    def take(n, **kw):
+        stream = token_batches(world_docs, "train", tokenizer, batch_size=2, seq_len=16, **kw)
+        return [next(stream)["inputs"] for _ in range(n)]
+
+    single = take(6)
+    rank0, rank1 = take(3, rank=0, world_size=2), take(3, rank=1, world_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(single[0::2], rank0))
+    assert all(torch.equal(a, b) for a, b in zip(single[1::2], rank1))
+    resumed = take(2, start=4)
+    assert torch.equal(resumed[0], single[4]) and torch.equal(resumed[1], single[5])
+    batch = next(token_batches(world_docs, "train", tokenizer, 2, 16))
+    assert torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+
+
+def test_world_pretraining_text_has_no_heldout_people(world_docs):
+    from hybridchat.data.sources import world_config
+    from hybridchat.data.world import World
+
+    world = World.generate(world_config(DataConfig(world_people=60)))
+    heldout = [d.title for d in world.documents() if d.metadata["split"] == "heldout"]
+    text = "\n".join(world_docs("train", 0)) + "\n".join(world_docs("val", 0))
+    assert heldout and not [name for name in heldout if name in text]
+
+
+def test_text_sources_read_txt_jsonl_parquet_and_split_val(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text document")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"json doc {i}"}) for i in range(5)) + "\n")
+    pq.write_table(pa.table({"text": [f"parquet doc {i}" for i in range(4)]}), tmp_path / "c.parquet")
+    source = files_source(tmp_path, DataConfig(name="text", path=str(tmp_path), val_fraction=0.25))
+    train, val = list(source("train", 0)), list(source("val", 0))
+    assert len(train) + len(val) == 10 and len(val) == 3
+    assert "plain text document" in val and "parquet doc 3" in train + val
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    source = files_source(bad, DataConfig(name="text", path=str(bad), val_fraction=0.5))
+    with pytest.raises(UserError, match=r"corpus.jsonl:2"):
+        list(source("train", 0))
+
+
+def test_missing_parquet_column_is_named(tmp_path):
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "c.parquet")
+    source = files_source(tmp_path, DataConfig(name="text", path=str(tmp_path), val_fraction=0.5))
+    with pytest.raises(UserError, match="data.text_key='text'"):
+        list(source("val", 0))
