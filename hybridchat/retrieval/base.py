@@ -52,6 +52,24 @@ def top_k_positive(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, top
 
 
+def top_k_sparse(block, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """top_k_positive for a scipy CSR (queries x documents) block, looking only at each row's
+    nonzero entries (documents sharing a term with the query) instead of every document."""
+    ids = np.full((block.shape[0], k), MISSING, np.int64)
+    scores = np.zeros((block.shape[0], k), np.float32)
+    for r in range(block.shape[0]):
+        lo, hi = block.indptr[r], block.indptr[r + 1]
+        cols, vals = block.indices[lo:hi], block.data[lo:hi]
+        keep = vals > 0 if mask is None else (vals > 0) & mask[cols]
+        cols, vals = cols[keep], vals[keep]
+        if len(vals) > k:
+            part = np.argpartition(-vals, k - 1)[:k]
+            cols, vals = cols[part], vals[part]
+        order = np.lexsort((cols, -vals))  # best first; ties by document position
+        ids[r, :len(order)], scores[r, :len(order)] = cols[order], vals[order]
+    return ids, scores
+
+
 class RankedRetriever(ABC):
     """Base of all retrievers: subclasses rank document positions, search() builds the hits."""
 

@@ -1,7 +1,9 @@
 """BM25 retrievers over the shared analyzer (stopwords + Snowball stems).
 
 bm25s (default) precomputes every term's BM25 contribution into a sparse matrix, saved as .npy
-files and memory-mapped on load. rank_bm25 is kept for comparison with the original feature: it
+files and memory-mapped on load. We score with that matrix directly: a batch of queries is one
+scipy product (query term counts x term-document scores), which gives bm25s's scores exactly and
+is several times faster per query than bm25s.retrieve's per-query numpy loop. rank_bm25 is kept for comparison with the original feature: it
 cannot be saved without pickle, so it is rebuilt in memory from the documents on open.
 Score: BM25 (Lucene variant for bm25s, Okapi for rank_bm25), >= 0 and unbounded; only documents
 sharing at least one term with the query are returned.
@@ -14,8 +16,9 @@ from typing import Sequence
 
 import bm25s
 import numpy as np
+import scipy.sparse as sp
 
-from hybridchat.retrieval.base import MISSING, RankedRetriever, top_k_positive
+from hybridchat.retrieval.base import RankedRetriever, top_k_positive, top_k_sparse
 from hybridchat.retrieval.documents import Document
 from hybridchat.retrieval.text import analyze, document_text
 
@@ -29,14 +32,21 @@ def build_bm25(texts: list[str], out_dir: Path, k1: float, b: float) -> None:
 class Bm25sRetriever(RankedRetriever):
     def __init__(self, documents: Sequence[Document], index_dir: Path):
         super().__init__(documents)
-        self.model = bm25s.BM25.load(str(index_dir), mmap=True, show_progress=False)
+        model = bm25s.BM25.load(str(index_dir), mmap=True, show_progress=False)
+        self.vocab = model.vocab_dict
+        s = model.scores  # column-compressed (documents x terms) == row-compressed (terms x documents)
+        self.postings = sp.csr_matrix((s["data"], s["indices"], s["indptr"]),
+                                      shape=(len(s["indptr"]) - 1, s["num_docs"]))
 
     def rank(self, queries, k, mask):
-        weight = None if mask is None else mask.astype(np.float32)
-        ids, scores = self.model.retrieve(analyze(queries), k=k, show_progress=False, weight_mask=weight)
-        ids = ids.astype(np.int64)
-        ids[scores <= 0] = MISSING
-        return ids, scores.astype(np.float32)
+        rows, cols = [], []
+        for r, tokens in enumerate(analyze(queries)):
+            ids = [self.vocab[t] for t in tokens if t in self.vocab]
+            rows.extend([r] * len(ids))
+            cols.extend(ids)
+        counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                               shape=(len(queries), self.postings.shape[0]))
+        return top_k_sparse((counts @ self.postings).tocsr(), k, mask)
 
 
 class RankBm25Retriever(RankedRetriever):

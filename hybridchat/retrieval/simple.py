@@ -14,11 +14,11 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from hybridchat.retrieval.base import RankedRetriever, top_k_positive
+from hybridchat.retrieval.base import RankedRetriever, top_k_sparse
 from hybridchat.retrieval.documents import Document
 from hybridchat.retrieval.text import analyze
 
-QUERY_BATCH = 256  # queries scored at once: bounds the dense (batch x documents) score block
+QUERY_BATCH = 256  # queries scored per sparse product
 
 
 def _tfidf_rows(token_lists: list[list[str]], vocab: dict[str, int], idf: np.ndarray) -> sp.csr_matrix:
@@ -63,10 +63,7 @@ class TfidfRetriever(RankedRetriever):
         ids, scores = [], []
         for s in range(0, len(queries), QUERY_BATCH):
             q = _tfidf_rows(analyze(queries[s:s + QUERY_BATCH]), self.vocab, self.idf)
-            block = (q @ self.postings).toarray()
-            if mask is not None:
-                block *= mask
-            i, sc = top_k_positive(block, k)
+            i, sc = top_k_sparse((q @ self.postings).tocsr(), k, mask)
             ids.append(i)
             scores.append(sc)
         return np.concatenate(ids), np.concatenate(scores)
