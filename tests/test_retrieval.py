@@ -240,3 +240,16 @@ def test_default_knowledge_base_is_the_synthetic_world(tmp_path):
     manifest = (tmp_path / "kb" / "world-seed0" / "manifest.json").stat().st_mtime_ns
     build_retriever(cfg("bm25"), tmp_path, progress=False)  # cached: not rebuilt
     assert (tmp_path / "kb" / "world-seed0" / "manifest.json").stat().st_mtime_ns == manifest
+
+
+def test_bm25_scores_equal_bm25s_own_retrieve(kb):
+    import bm25s
+
+    from hybridchat.retrieval.text import analyze
+
+    queries = list(QUERIES) + ["steam steam pistons"]
+    ours = kb.retriever(cfg("bm25")).search(queries, top_k=3)
+    ids, scores = bm25s.BM25.load(str(kb.path / "bm25")).retrieve(analyze(queries), k=3, show_progress=False)
+    for hits, row_ids, row_scores in zip(ours, ids, scores):
+        assert [h.document.id for h in hits] == [CORPUS[i].id for i, s in zip(row_ids, row_scores) if s > 0]
+        np.testing.assert_allclose([h.score for h in hits], [s for s in row_scores if s > 0], rtol=1e-5)
