@@ -1,7 +1,7 @@
 """Sequence-mixing op benchmark: fwd+bwd time and peak memory against sequence length.
 
     python -m hybridchat.bench mixer [--lengths 256 512 1024 2048 4096 8192] [--batch 4] [--d-model 256]
-                                     [--threads N] [--impls ssd loop sdpa hf_mamba2 mambapy]
+                                     [--threads 1] [--impls ssd loop sdpa hf_mamba2 mambapy]
 
 Only the mixing op runs (what differs between the layers; the projections around it cost the same
 for attention and Mamba-2 up to a constant), on the shapes a d_model-wide layer gives it:
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--impls", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0: torch's default")
     parser.add_argument("--max-loop-len", type=int, default=2048)
     parser.add_argument("--max-mambapy-len", type=int, default=2048,
                         help="mambapy materialises (B, L, d_inner, d_state) several times: ~GBs beyond this")

@@ -211,8 +211,8 @@ class RMSNormGated(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         acc = torch.promote_types(y.dtype, torch.float32)  # statistics in at least float32
         grouped = (y * F.silu(z)).to(acc).unflatten(-1, (-1, self.group_size))
-        normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)
-        return (normed.flatten(-2) * self.weight.to(acc)).to(y.dtype)
+        normed = F.rms_norm(grouped, (self.group_size,), eps=self.eps).flatten(-2)
+        return (normed * self.weight.to(acc)).to(y.dtype)
 
 
 class Mamba2(nn.Module):
@@ -344,22 +344,26 @@ class Mamba2(nn.Module):
         return self.out_proj(y)
 
     def _step_torch(self, u: torch.Tensor, state: SSMState) -> torch.Tensor:
-        z, xBC, dt = self._split(self.in_proj(u[:, 0]))  # (B, ...): one token
+        # One token: the same maths as _forward_torch, written with as few ops as possible because
+        # at decode time per-op overhead, not arithmetic, is the cost.
+        z, xBC, dt = self._split(self.in_proj(u[:, 0]))  # (B, ...)
 
         conv_in = torch.cat([state.conv_state[:, :, 1:], xBC[:, :, None].to(state.conv_state.dtype)], dim=-1)
         state.conv_state.copy_(conv_in)
-        xBC = (conv_in * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
-        x, B, C = self._split_xbc(F.silu(xBC).to(u.dtype))
+        # (F.conv1d would do, but for one output position it costs ~10x this dot product on CPU.)
+        xBC = F.silu(torch.linalg.vecdot(conv_in.to(xBC.dtype), self.conv1d.weight[:, 0]) + self.conv1d.bias)
+        x, B, C = self._split_xbc(xBC)  # x (B, nheads, headdim), B/C (B, ngroups, d_state)
 
+        # state <- exp(dt A) state + dt x B^T per head; the heads of a group share B and C.
         dt, A = self._dt_A(dt)  # (B, nheads), (nheads,)
-        heads_per_group = self.nheads // self.ngroups
-        Bh = B.repeat_interleave(heads_per_group, dim=1).to(state.ssm_state.dtype)  # (B, nheads, d_state)
-        Ch = C.repeat_interleave(heads_per_group, dim=1).to(state.ssm_state.dtype)
-        s = state.ssm_state
-        s.mul_(torch.exp(dt * A)[..., None, None].to(s.dtype))
-        s.add_((dt[..., None].to(s.dtype) * x.to(s.dtype))[..., None] * Bh[:, :, None, :])
-        y = torch.einsum("bhpn,bhn->bhp", s, Ch).to(x.dtype) + x * self.D.to(x.dtype)[:, None]
-        y = self.norm(y.reshape(-1, self.d_inner), z)
+        b, g = x.shape[0], self.ngroups
+        s = state.ssm_state.view(b, g, self.nheads // g, self.headdim, self.d_state)
+        s.mul_(torch.exp(dt * A).to(s.dtype).view(b, g, -1, 1, 1))
+        s.addcmul_((x * dt[..., None]).to(s.dtype).view(b, g, -1, self.headdim, 1), B.to(s.dtype).view(b, g, 1, 1, -1))
+        y = (s.view(b, g, -1, self.d_state) @ C.to(s.dtype).view(b, g, -1, 1)).view(b, self.nheads, self.headdim)
+        y = y.to(x.dtype)
+        y = torch.addcmul(y, x, self.D.to(x.dtype)[:, None])
+        y = self.norm(y.reshape(b, self.d_inner), z)
         return self.out_proj(y)[:, None]
 
     # --- cuda backend (mamba_ssm kernels) --------------------------------------------------------
