@@ -85,7 +85,7 @@ class GPUConfig:
 class StageConfig:
     name: str = "pretrain"
     source: Optional[str] = None       # stage whose final checkpoint initialises this one
-    num_steps: int = 600
+    num_steps: int = 200
     total_batch_tokens: int = 8192     # tokens per optimizer step across micro-batches and ranks
     warmup_steps: int = 20
     warmdown_ratio: float = 0.3        # last fraction of steps decays linearly to final_lr_frac
@@ -96,9 +96,9 @@ class StageConfig:
     scalar_lr: float = 0.004           # AdamW: Mamba's A_log, D, dt_bias, conv, norms
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_every: int = 100
+    eval_every: int = 25
     eval_batches: int = 8
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     keep_checkpoints: int = 2
 
 
@@ -111,6 +111,7 @@ class DataConfig:
     num_shards: int = 8                # fineweb_edu: shards to download (~100 MB each)
     world_seed: int = 0
     world_people: int = 1000
+    world_texts_per_entity: int = 6    # differently phrased pretraining texts per entity (max 6)
     tokenizer_vocab_size: int = 4096
     tokenizer_train_chars: int = 20_000_000
 

@@ -233,11 +233,11 @@ def test_renderings_differ(world):
     train, val = world.pretraining_texts("train"), world.pretraining_texts("val")
     assert len(set(train)) == len(train)
     assert not set(train) & set(val)
-    # Rendering k uses phrasing k of each slot: with all phrasings, sentences of one person's texts
-    # are pairwise distinct.
-    w = World.generate(WorldConfig(n_people=20, texts_per_entity=PHRASINGS))
+    # Rendering k uses phrasing offset + k of each slot: with the most texts per entity, the
+    # sentences of one person's training and validation texts are still pairwise distinct.
+    w = World.generate(WorldConfig(n_people=20, texts_per_entity=PHRASINGS - 1))
     person = next(e for e in w.entities if e.kind == "person" and e.split == "train")
-    texts = [t for t in w.pretraining_texts("train") if person.facts["birth_date"] in t]
+    texts = [t for split in ("train", "val") for t in w.pretraining_texts(split) if person.facts["birth_date"] in t]
     sentences = [s for t in texts for s in re.split(r"(?<=\.) ", t)]
     assert len(texts) == PHRASINGS and len(set(sentences)) == len(sentences)
 

@@ -119,26 +119,11 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
 
     checks = _targets(rows, args.contexts)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name in args.models:
-        points = [(r["context"], r["ms_per_token"], r["cache_MB"]) for r in rows if r["model"] == name]
-        x, ms, mb = zip(*points)
-        axes[0].plot(x, ms, marker="o", label=name)
-        axes[1].plot(x, mb, marker="o", label=name)
-    for ax, title in zip(axes, ["decode latency (ms / token)", "inference cache (MB)"]):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length")
-        ax.set_title(title)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-    fig.suptitle(f"decode, batch {args.batch}, {args.n_layer} layers, {device.type}, {torch.get_num_threads()} threads")
-    fig.tight_layout()
+    series = {name: [(r["context"], r["ms_per_token"], r["cache_MB"]) for r in rows if r["model"] == name]
+              for name in args.models}
+    fig = report.two_panel_figure(series, ("decode latency (ms / token)", "inference cache (MB)"), "context length",
+                                  suptitle=f"decode, batch {args.batch}, {args.n_layer} layers, {device.type}, "
+                                           f"{torch.get_num_threads()} threads")
     report.save("decode", rows, ["model", "pattern", "context", "ms_per_token", "tok_per_s", "cache_MB"], args.out,
                 figure=fig, targets=checks, config=vars(args))
     print(report.format_table(checks, ["target", "measured", "goal", "status"]))

@@ -215,29 +215,11 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
 
     checks = _targets(rows)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name in args.impls:
-        points = [(r["seq_len"], r["fwd_bwd_ms"], r["peak_MB"]) for r in rows
-                  if r["impl"] == name and r.get("fwd_bwd_ms") is not None]
-        if points:
-            x, ms, mb = zip(*points)
-            axes[0].plot(x, ms, marker="o", label=name)
-            axes[1].plot(x, mb, marker="o", label=name)
-    for ax, title in zip(axes, ["fwd+bwd time (ms)", "peak memory beyond inputs (MB)"]):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
-        ax.set_title(title)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-    fig.suptitle(f"mixing op, batch {args.batch}, d_model {args.d_model}, {device.type}, "
-                 f"{torch.get_num_threads()} threads")
-    fig.tight_layout()
+    series = {name: [(r["seq_len"], r["fwd_bwd_ms"], r["peak_MB"]) for r in rows
+                     if r["impl"] == name and r.get("fwd_bwd_ms") is not None] for name in args.impls}
+    fig = report.two_panel_figure(series, ("fwd+bwd time (ms)", "peak memory beyond inputs (MB)"), "sequence length",
+                                  suptitle=f"mixing op, batch {args.batch}, d_model {args.d_model}, {device.type}, "
+                                           f"{torch.get_num_threads()} threads")
     report.save("mixer", rows, ["impl", "seq_len", "fwd_bwd_ms", "ms_per_1k_tok", "peak_MB", "note"], args.out,
                 figure=fig, targets=checks, config=vars(args))
     print(report.format_table(checks, ["target", "measured", "goal", "status"]))

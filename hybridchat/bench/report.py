@@ -52,3 +52,32 @@ def save(name: str, rows: list[dict[str, Any]], columns: list[str], out_dir: str
         atomic_write_bytes(out_dir / f"{name}.png", buffer.getvalue())
     print(f"saved {path}" + (f" and {path.with_suffix('.png')}" if figure is not None else ""))
     return path
+
+
+def two_panel_figure(series: dict[str, list[tuple[float, float, float]]], titles: tuple[str, str], xlabel: str,
+                     log_y: bool = True, suptitle: str | None = None):
+    """Two log-x panels (e.g. time and memory) against one x (sequence or context length); each
+    series is a label and its (x, left value, right value) points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, points in series.items():
+        if points:
+            x, left, right = zip(*points)
+            axes[0].plot(x, left, marker="o", label=label)
+            axes[1].plot(x, right, marker="o", label=label)
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig

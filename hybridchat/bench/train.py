@@ -105,25 +105,10 @@ def main(argv: list[str] | None = None) -> None:
             print(row, flush=True)
             rows.append(row)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for model in args.models:
-        points = [(r["seq_len"], r["tok_per_s"], r["peak_mem_MB"]) for r in rows if r["model"] == model and "error" not in r]
-        if points:
-            x, tps, mem = zip(*points)
-            axes[0].plot(x, tps, marker="o", label=model)
-            axes[1].plot(x, mem, marker="o", label=model)
-    for ax, title in zip(axes, ["training tokens / s", "peak memory (MB)"]):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    series = {model: [(r["seq_len"], r["tok_per_s"], r["peak_mem_MB"]) for r in rows
+                      if r["model"] == model and "error" not in r] for model in args.models}
+    fig = report.two_panel_figure(series, ("training tokens / s", "peak memory (MB)"), "sequence length", log_y=False,
+                                  suptitle=f"training step, {args.batch_tokens} tokens per batch, gpu={gpu}")
     report.save("train", rows, ["model", "pattern", "params_M", "seq_len", "batch", "step_ms", "tok_per_s",
                                 "peak_mem_MB", "error"], args.out, figure=fig, gpu_preset=gpu,
                 batch_tokens=args.batch_tokens)

@@ -25,7 +25,7 @@ Source = Callable[[str, int], Iterator[str]]  # (split, epoch) -> documents
 def world_config(cfg: DataConfig):
     from hybridchat.data.world import WorldConfig
 
-    return WorldConfig(seed=cfg.world_seed, n_people=cfg.world_people)
+    return WorldConfig(seed=cfg.world_seed, n_people=cfg.world_people, texts_per_entity=cfg.world_texts_per_entity)
 
 
 def world_source(cfg: DataConfig) -> Source:

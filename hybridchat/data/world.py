@@ -21,7 +21,7 @@ from hybridchat.errors import UserError
 from hybridchat.retrieval.documents import Document
 
 SOURCE = "synthetic-world"
-PHRASINGS = 6  # training phrasings per sentence slot; renderings of one entity never share one
+PHRASINGS = 7  # phrasings per sentence slot; renderings of one entity never share one
 
 # Upper bounds keep generation fast and the syllable name space far from exhausted.
 _LIMITS = {
@@ -30,7 +30,7 @@ _LIMITS = {
     "n_countries": (1, 1_000),
     "n_companies": (1, 10_000),
     "n_universities": (1, 10_000),
-    "texts_per_entity": (1, PHRASINGS),
+    "texts_per_entity": (1, PHRASINGS - 1),  # one phrasing per slot stays unseen for validation
 }
 
 
@@ -166,8 +166,8 @@ def _join(names: list[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Sentence templates: per entity kind, one slot per group of facts, each slot a pair of
-# (training phrasings, held-apart validation phrasing). The first training phrasing is the
-# canonical one used in documents(). A slot whose placeholders the entity lacks is skipped
+# (six phrasings, a seventh): all seven are phrasings of the slot (see _phrasings). The first is
+# the canonical one used in documents(). A slot whose placeholders the entity lacks is skipped
 # (only capitals have "capital_of").
 
 _SENTENCES: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
@@ -616,7 +616,7 @@ class World:
         """One encyclopedia paragraph per entity, train and held-out, in canonical phrasing."""
         return [
             Document(id=e.id, title=e.name,
-                     text=self._render(e, [0] * len(_SENTENCES[e.kind]), val=False),
+                     text=self._render(e, [0] * len(_SENTENCES[e.kind])),
                      metadata={"type": e.kind, "split": e.split}, source=SOURCE)
             for e in self.entities
         ]
@@ -624,34 +624,33 @@ class World:
     def pretraining_texts(self, split: str) -> list[str]:
         """Renderings of train entities: texts_per_entity each for "train", one for "val".
 
-        "val" uses the held-apart phrasings, so validation loss measures knowledge, not recall of
-        exact training sentences. The list is shuffled so renderings of one entity are not adjacent
-        (a model would otherwise copy facts from context instead of storing them).
+        Each entity gets a random phrasing offset per slot; training rendering k uses phrasing
+        offset + k and the validation rendering offset + texts_per_entity. So a validation text
+        states facts the model has seen, in phrasings it has seen for other entities but never
+        for this one: validation loss measures knowledge and language, not recall of exact
+        training sentences. The list is shuffled so renderings of one entity are not adjacent (a
+        model would otherwise copy facts from context instead of storing them).
         """
         _check_choice("split", split, ("train", "val"))
         rng = random.Random(f"{self.config.seed}/pretraining/{split}")  # str seeds hash stably
+        n = self.config.texts_per_entity
         texts = []
         for e in self._split_entities("train"):
-            slots = len(_SENTENCES[e.kind])
-            if split == "val":
-                texts.append(self._render(e, [0] * slots, val=True, rng=rng))
-                continue
-            # Rendering k uses phrasing offset + k of each slot, so renderings never share one.
-            offsets = [rng.randrange(PHRASINGS) for _ in range(slots)]
-            for k in range(self.config.texts_per_entity):
-                texts.append(self._render(e, [o + k for o in offsets], val=False, rng=rng))
+            entity_rng = random.Random(f"{self.config.seed}/phrasing/{e.id}")  # same for both splits
+            offsets = [entity_rng.randrange(PHRASINGS) for _ in _SENTENCES[e.kind]]
+            for k in [n] if split == "val" else range(n):
+                texts.append(self._render(e, [o + k for o in offsets], rng=rng))
         rng.shuffle(texts)
         return texts
 
-    def _render(self, e: Entity, choice: list[int], val: bool,
-                rng: random.Random | None = None) -> str:
-        """Phrasing choice[i] of slot i (or the val phrasing); sentence order shuffled if rng."""
+    def _render(self, e: Entity, choice: list[int], rng: random.Random | None = None) -> str:
+        """Phrasing choice[i] (mod PHRASINGS) of slot i; sentence order shuffled if rng."""
         values = {"name": e.name, **e.facts}
         if "profession" in values:
             values["a_profession"] = _article(values["profession"])
         sentences = []
-        for (train, held_apart), c in zip(_SENTENCES[e.kind], choice):
-            template = held_apart if val else train[c % PHRASINGS]
+        for (six, seventh), c in zip(_SENTENCES[e.kind], choice):
+            template = (*six, seventh)[c % PHRASINGS]
             if _placeholders(template) <= values.keys():
                 sentences.append(template.format(**values))
         if rng is not None:
