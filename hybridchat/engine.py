@@ -144,7 +144,7 @@ class Engine:
         if common > 0:
             idx = torch.tensor([p[:common] for p in prompts], dtype=torch.long, device=device)
             for start in range(0, common, self.prefill_chunk):
-                model(idx[:, start:start + self.prefill_chunk], cache=cache)
+                model(idx[:, start:start + self.prefill_chunk], cache=cache, last_only=True)
         if num_samples > 1:
             cache = cache.expand(num_samples)
         rows = [_Row(seq=pid * num_samples + s, pending=p[common:])
@@ -157,7 +157,7 @@ class Engine:
             if T == 0:
                 break  # cache full: the remaining rows finish with "length"
             idx = torch.tensor([r.pending[:T] for r in rows], dtype=torch.long, device=device)
-            logits = model(idx, cache=cache)[:, -1]
+            logits = model(idx, cache=cache, last_only=True)[:, -1]
             for r in rows:
                 r.pending = r.pending[T:]
             ready = [i for i, r in enumerate(rows) if not r.pending]

@@ -149,3 +149,12 @@ def test_cache_sizes_and_overflow():
 def test_empty_prompt_rejected():
     with pytest.raises(ValueError, match="at least one token"):
         Engine(tiny_model()).generate([[1, 2], []], 3)
+
+
+def test_last_only_logits_equal_the_last_position_of_a_full_forward():
+    model = tiny_model()
+    tokens = torch.randint(0, model.vocab_size, (2, 13))
+    full = model(tokens)
+    last = model(tokens, last_only=True)
+    assert last.shape == (2, 1, model.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-12, atol=1e-12)

@@ -54,7 +54,7 @@ def _decode_ms(model: HybridLM, context: int, steps: int, batch: int, device) ->
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model(token, cache=cache)
+        model(token, cache=cache, last_only=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 3:

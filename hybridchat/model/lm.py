@@ -59,9 +59,10 @@ class HybridLM(nn.Module):
         return rotary_cos_sin(length, head_dim, self.config.rope_base, offset=offset, device=device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: InferenceCache | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) when targets is None, else the cross-entropy loss; targets == -1 are
-        ignored (that is how stages mask prompt and document tokens out of the loss)."""
+        ignored (that is how stages mask prompt and document tokens out of the loss). last_only:
+        logits (B, 1, vocab) of the last position only, all generation needs from a prefill."""
         T = idx.size(1)
         pos = cache.pos if cache is not None else 0
         rope = self._rope(pos, T, idx.device)
@@ -70,6 +71,8 @@ class HybridLM(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(F.rms_norm(x, (self.config.n_embd,)))
         if targets is None:
             return logits
@@ -85,7 +88,7 @@ class HybridLM(nn.Module):
         """Muon takes the 2-D weight matrices inside blocks; everything else (embeddings, head, and
         every non-matrix such as Mamba's A_log, D, dt_bias, conv weights, norms) goes to AdamW.
         Sending Mamba's 1-D/3-D parameters to Muon is what broke the earlier attempt."""
-        block_params = [p for p in self.blocks.parameters()]
+        block_params = list(self.blocks.parameters())
         return {
             "matrix": [p for p in block_params if p.ndim == 2],
             "scalar": [p for p in block_params if p.ndim != 2],
