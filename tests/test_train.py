@@ -1,5 +1,6 @@
 """End-to-end pretraining: smoke run, checkpoints, resume equivalence, bad inputs, every pattern trains."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -189,3 +190,18 @@ def test_submitit_launcher_runs_two_tasks_as_one_ddp_job(tmp_path):
                  if "final parameter checksum" in line}
     assert len(checksums) == 1
     assert "world size 2" in logs["train.log"]
+
+
+def test_checkpoint_loads_into_the_same_architecture_named_or_inline(tmp_path):
+    cfg = ModelConfig(n_layer=2, n_embd=64, n_head=2, n_kv_head=1, block_pattern="all_attention", sequence_len=16)
+    model = HybridLM(cfg, vocab_size=100)
+    model.init_weights()
+    path = checkpoint.save(tmp_path, 1, model, [], {}, keep=1)
+    same = HybridLM(dataclasses.replace(cfg, block_pattern="AA"), vocab_size=100)  # same layers, inline
+    checkpoint.load(path, same)
+    for (name, a), b in zip(model.state_dict().items(), same.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(UserError, match="vocab_size"):
+        checkpoint.load(path, HybridLM(cfg, vocab_size=101))
+    with pytest.raises(UserError, match="n_embd"):
+        checkpoint.load(path, HybridLM(dataclasses.replace(cfg, n_embd=32, n_head=2), vocab_size=100))
