@@ -23,7 +23,8 @@ from hybridchat.config import Config
 from hybridchat.data.sources import build_source
 from hybridchat.data.tokenizer import Tokenizer, load_or_train
 from hybridchat.errors import UserError
-from hybridchat.model.lm import HybridLM
+from hybridchat.model.blocks import expand_pattern
+from hybridchat.model.lm import HybridLM, check_sizes
 from hybridchat.stages import build_stage
 from hybridchat.tracking import Tracker
 
@@ -54,8 +55,13 @@ def build_tokenizer(config: Config, source, rt: runtime.Runtime) -> Tokenizer:
 
 def run(cfg: DictConfig) -> float:
     config, resolved = typed_config(cfg)
+    # Fail on sizes, pattern and batch arithmetic in the first second, not after building data.
+    check_sizes(config.model)
+    expand_pattern(config.model.block_pattern, config.model.n_layer)
     rt = runtime.setup(config.gpu, config.seed)
     try:
+        loop.grad_accum_steps(config.stage.total_batch_tokens, config.gpu.micro_batch, config.model.sequence_len,
+                              rt.world_size)
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         source = build_source(config.data, config.paths)
