@@ -8,6 +8,7 @@ own message naming the key, instead of silently becoming a new, unused key.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -159,6 +160,16 @@ def default_run_name() -> str:
     return name
 
 
+def run_stamp() -> str:
+    """The run folder's name: <date>/<time>, except under torchrun, where every rank resolves this
+    itself and two ranks could straddle a second: there all ranks share torchrun's run id (a UUID
+    with --standalone) or, failing that, their agent's pid (the ranks' common parent)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        return f"torchrun-{run_id if run_id != 'none' else os.getppid()}"
+    return time.strftime("%Y-%m-%d/%H-%M-%S")
+
+
 def rank_suffix() -> str:
     """'' on rank 0, '_rank<N>' elsewhere: each torchrun / SLURM / submitit task keeps its own .hydra
     dir and log file (read from the launcher's environment: torch.distributed is not set up yet)."""
@@ -174,3 +185,4 @@ def register() -> None:
     if not OmegaConf.has_resolver("hc.run_name"):
         OmegaConf.register_new_resolver("hc.run_name", default_run_name)
         OmegaConf.register_new_resolver("hc.rank_suffix", rank_suffix)
+        OmegaConf.register_new_resolver("hc.run_stamp", run_stamp, use_cache=True)

@@ -6,7 +6,6 @@ config -> runtime -> data + tokenizer -> model -> stage -> loop -> checkpoint + 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -100,14 +99,5 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
 
 
-def _one_run_dir_for_all_ranks() -> None:
-    """Under torchrun every rank would resolve ${now:} itself and split the run into several dirs:
-    agree on one (per torchrun agent: same parent pid) unless launchers/torchrun.sh already set it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "HYBRIDCHAT_RUN_DIR" not in os.environ:
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-        os.environ["HYBRIDCHAT_RUN_DIR"] = f"outputs/runs/torchrun-{run_id}-{os.getppid()}"
-
-
 if __name__ == "__main__":
-    _one_run_dir_for_all_ranks()
     main()

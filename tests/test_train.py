@@ -159,14 +159,17 @@ def test_multirun_makes_one_folder_per_job(tmp_path):
 
 
 def test_torchrun_two_cpu_processes_agree(tmp_path):
-    run_dir = tmp_path / "ddp"
+    """Plain torchrun (no launcher script): both ranks still land in one run folder."""
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
          "hybridchat.train", "+debug=smoke", "stage.num_steps=3", f"paths.outputs={tmp_path}", "run_name=ddp",
          "stage.total_batch_tokens=1024"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HYBRIDCHAT_RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1"})
+        env={**{k: v for k, v in os.environ.items() if k != "HYBRIDCHAT_RUN_DIR"}, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = list((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 1 and run_dirs[0].name.startswith("torchrun-")
+    run_dir = run_dirs[0]
     logs = {p.name: p.read_text() for p in run_dir.glob("train*.log")}
     assert set(logs) == {"train.log", "train_rank1.log"}
     checksums = [line.rsplit(" ", 1)[-1] for text in logs.values() for line in text.splitlines()
