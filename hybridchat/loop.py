@@ -194,6 +194,7 @@ def train(model, stage: Stage, cfg: Config, rt: Runtime, tracker: Tracker, token
     bar.close()
 
     summary["final_val_bpb"] = evaluate_bpb(model, val_batches, token_bytes, rt)
+    summary.setdefault("first_val_bpb", summary["final_val_bpb"])  # a resumed run past its last eval
     tracker.log(s.num_steps, **{"val/bpb": summary["final_val_bpb"]})
     summary["checkpoint"] = str(save(s.num_steps))
     checksum = _param_checksum(model)

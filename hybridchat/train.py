@@ -21,6 +21,7 @@ from hybridchat import loop, runtime
 from hybridchat.config import Config
 from hybridchat.data.sources import build_source
 from hybridchat.data.tokenizer import Tokenizer, load_or_train
+from hybridchat.engine import Engine
 from hybridchat.errors import UserError
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
@@ -52,6 +53,16 @@ def build_tokenizer(config: Config, source, rt: runtime.Runtime) -> Tokenizer:
     return tok or get()
 
 
+def samples(model: HybridLM, tokenizer: Tokenizer, prompts: tuple[str, ...], max_new_tokens: int = 32):
+    """Greedy completions of the stage's sample prompts, up to the next document boundary."""
+    if not prompts:
+        return []
+    model.eval()
+    result = Engine(model).generate([[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts],
+                                    max_new_tokens=max_new_tokens, temperature=0, stop_tokens=[tokenizer.bos_id])
+    return [(p, tokenizer.decode(tokens).strip()) for p, tokens in zip(prompts, result.tokens)]
+
+
 def run(cfg: DictConfig) -> float:
     config, resolved = typed_config(cfg)
     # Fail on sizes, pattern and batch arithmetic in the first second, not after building data.
@@ -81,7 +92,9 @@ def run(cfg: DictConfig) -> float:
         summary = loop.train(model, stage, config, rt, tracker, tokenizer, resolved)
         tracker.finish()
         if rt.is_main:
-            print(f"val bpb {summary.get('first_val_bpb', float('nan')):.4f} -> {summary['final_val_bpb']:.4f}\n"
+            for prompt, completion in samples(model, tokenizer, stage.sample_prompts):
+                print(f"sample: {prompt} >>> {completion}")
+            print(f"val bpb {summary['first_val_bpb']:.4f} -> {summary['final_val_bpb']:.4f}\n"
                   f"checkpoint: {summary['checkpoint']}\n"
                   f"metrics:    {tracker.metrics_path}\n"
                   f"plot:       {tracker.plot_path}")

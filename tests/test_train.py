@@ -18,7 +18,8 @@ from hybridchat.errors import UserError
 from hybridchat.loop import build_optimizers, grad_accum_steps
 from hybridchat.model.blocks import PATTERN_PRESETS
 from hybridchat.model.lm import HybridLM
-from hybridchat.train import run
+from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.train import run, samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,18 @@ def test_smoke_run_writes_metrics_plot_and_loadable_checkpoint(smoke_run):
     model = HybridLM(ModelConfig(**meta["config"]["model"]), meta["architecture"]["vocab_size"])
     checkpoint.load(ckpt, model)
     assert final_bpb == pytest.approx(records[-1]["val/bpb"])
+
+
+def test_samples_complete_the_stage_prompts_up_to_a_document_boundary(smoke_run):
+    out, _, _ = smoke_run
+    ckpt = checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain")
+    meta = checkpoint.read_meta(ckpt)
+    model = HybridLM(ModelConfig(**meta["config"]["model"]), meta["architecture"]["vocab_size"])
+    checkpoint.load(ckpt, model)
+    tokenizer = Tokenizer.load(next((out / "cache" / "tokenizers").glob("*.json")))
+    completions = samples(model, tokenizer, ("Settlers founded", "The city of"), max_new_tokens=8)
+    assert [p for p, _ in completions] == ["Settlers founded", "The city of"]
+    assert all(isinstance(c, str) and "<|bos|>" not in c for _, c in completions)
 
 
 def test_resume_gives_the_same_loss_curve(tmp_path):

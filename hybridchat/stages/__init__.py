@@ -20,6 +20,7 @@ class Stage:
     source: str | None
     train_batches: Callable[[int, int, int], Iterator[Batch]]  # (start, rank, world_size) -> batches
     val_batches: Callable[[int, int], list[Batch]]              # (rank, world_size) -> batches
+    sample_prompts: tuple[str, ...] = ()                        # completed greedily after training
 
 
 def build_stage(name: str, **pieces) -> Stage:

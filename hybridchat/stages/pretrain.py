@@ -21,4 +21,8 @@ def build(cfg: Config, tokenizer: Tokenizer, source: Source) -> Stage:
         stream = token_batches(source, "val", tokenizer, batch, seq, rank, world_size, loop=False)
         return list(islice(stream, cfg.stage.eval_batches))
 
-    return Stage(name="pretrain", source=cfg.stage.source, train_batches=train_batches, val_batches=val_batches)
+    # The first words of a few validation texts: after training the model should go on to state
+    # the facts about that entity (it has seen them, in other phrasings).
+    prompts = tuple(" ".join(text.split()[:5]) for text in islice(source("val", 0), 3))
+    return Stage(name="pretrain", source=cfg.stage.source, train_batches=train_batches, val_batches=val_batches,
+                 sample_prompts=prompts)
