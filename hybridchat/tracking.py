@@ -71,11 +71,12 @@ class Tracker:
         atomic_write_bytes(self.plot_path, buffer.getvalue())
         return self.plot_path
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the metrics file, draw the plot (also after a failure: the curve so far), end wandb."""
         if self.run_dir is None:
             return
         self._file.close()
         self.plot()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None

@@ -89,7 +89,11 @@ def run(cfg: DictConfig) -> float:
         group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
         tracker = Tracker(run_dir if rt.is_main else None, config.logger, resolved, group=group,
                           job_type=stage.name, name=config.run_name)
-        summary = loop.train(model, stage, config, rt, tracker, tokenizer, resolved)
+        try:
+            summary = loop.train(model, stage, config, rt, tracker, tokenizer, resolved)
+        except BaseException:  # the next sweep job must not inherit an open wandb run
+            tracker.finish(exit_code=1)
+            raise
         tracker.finish()
         if rt.is_main:
             for prompt, completion in samples(model, tokenizer, stage.sample_prompts):
