@@ -75,7 +75,7 @@ class GPUConfig:
     device: Device = Device.cpu
     dtype: DType = DType.float32       # autocast dtype for matmuls; master weights stay fp32
     memory_gb: float = 0.0
-    micro_batch: int = 8
+    micro_batch: int = 32
     compile: bool = False
     attention_backend: AttentionBackend = AttentionBackend.auto
     ssm_backend: SSMBackend = SSMBackend.torch
@@ -87,7 +87,9 @@ class StageConfig:
     name: str = "pretrain"
     source: Optional[str] = None       # stage whose final checkpoint initialises this one
     num_steps: int = 200
-    total_batch_tokens: int = 8192     # tokens per optimizer step across micro-batches and ranks
+    # Tokens per optimizer step across micro-batches and ranks; None: one micro-batch per rank
+    # (gpu.micro_batch x model.sequence_len x world size), so any model runs on any preset.
+    total_batch_tokens: Optional[int] = None
     warmup_steps: int = 20
     warmdown_ratio: float = 0.3        # last fraction of steps decays linearly to final_lr_frac
     final_lr_frac: float = 0.05

@@ -34,8 +34,10 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
                  "math": SDPBackend.MATH}
 
 
-def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
+def grad_accum_steps(total_batch_tokens: int | None, micro_batch: int, seq_len: int, world_size: int) -> int:
     per_pass = micro_batch * seq_len * world_size
+    if total_batch_tokens is None:
+        return 1
     if total_batch_tokens <= 0 or total_batch_tokens % per_pass:
         raise UserError(f"stage.total_batch_tokens={total_batch_tokens} must be a positive multiple of "
                         f"gpu.micro_batch x model.sequence_len x world_size = {micro_batch} x {seq_len} x "

@@ -10,6 +10,7 @@ from conftest import compose_config, group_options
 from hybridchat.config import Config
 from hybridchat.data.sources import build_source
 from hybridchat.errors import UserError
+from hybridchat.loop import grad_accum_steps
 from hybridchat.model.blocks import PATTERN_PRESETS, expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
 from hybridchat.train import typed_config
@@ -59,6 +60,15 @@ def test_every_model_instantiates(model):
         assert set(lm.pattern) == {"M"}
     if model.startswith("hybrid"):
         assert set(lm.pattern) == {"A", "M"} and lm.pattern[0] == "M"
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_every_model_fits_every_gpu_preset_with_the_default_stage(model):
+    """`model=hybrid_d20 gpu=rtx4090` must train as composed: the batch arithmetic always works."""
+    for gpu in group_options("gpu"):
+        config, _ = typed_config(compose_config([f"model={model}", f"gpu={gpu}"]))
+        assert grad_accum_steps(config.stage.total_batch_tokens, config.gpu.micro_batch, config.model.sequence_len,
+                                world_size=8) == 1
 
 
 def test_block_pattern_group_and_inline_string():

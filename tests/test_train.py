@@ -109,6 +109,7 @@ def test_every_block_pattern_trains():
 
 def test_grad_accumulation_must_divide():
     assert grad_accum_steps(8192, 8, 256, 2) == 2
+    assert grad_accum_steps(None, 8, 256, 2) == 1
     with pytest.raises(UserError, match="stage.total_batch_tokens"):
         grad_accum_steps(1000, 8, 256, 1)
 
