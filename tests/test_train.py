@@ -222,3 +222,21 @@ def test_checkpoint_loads_into_the_same_architecture_named_or_inline(tmp_path):
         checkpoint.load(path, HybridLM(cfg, vocab_size=101))
     with pytest.raises(UserError, match="n_embd"):
         checkpoint.load(path, HybridLM(dataclasses.replace(cfg, n_embd=32, n_head=2), vocab_size=100))
+
+
+def test_pretrain_on_your_own_jsonl_files(tmp_path):
+    """data=text: a user's JSONL corpus trains end to end (tokenizer, packing, validation split)."""
+    from hybridchat.config import DataConfig
+    from hybridchat.data.sources import world_source
+
+    texts = list(world_source(DataConfig(world_people=60))("train", 0))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "part1.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[:150]))
+    (corpus / "part2.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[150:]))
+    final_bpb = train(["+debug=smoke", "data=text", f"data.path={corpus}", "data.text_key=body",
+                       "data.val_fraction=0.1", "data.tokenizer_vocab_size=512", f"paths.outputs={tmp_path}",
+                       "run_name=own"], tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["val/bpb"] > final_bpb > 0
+    assert checkpoint.latest(tmp_path / "checkpoints" / "own" / "pretrain") is not None
