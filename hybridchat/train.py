@@ -86,6 +86,9 @@ def run(cfg: DictConfig) -> float:
             log.info("model %s: %.2fM parameters, block pattern %s, vocab %d, device %s, world size %d",
                      config.model.name, model.num_params() / 1e6, model.pattern, vocab_size, rt.device, rt.world_size)
         stage = build_stage(config.stage.name, cfg=config, tokenizer=tokenizer, source=source)
+        if config.retriever.kind != "none" and not stage.reads_documents and rt.is_main:
+            log.warning("retriever=%s is not used: stage=%s reads no documents (build and search knowledge "
+                        "bases with python -m hybridchat.kb)", config.retriever.kind, stage.name)
         group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
         tracker = Tracker(run_dir if rt.is_main else None, config.logger, resolved, group=group,
                           job_type=stage.name, name=config.run_name)

@@ -21,6 +21,7 @@ class Stage:
     train_batches: Callable[[int, int, int], Iterator[Batch]]  # (start, rank, world_size) -> batches
     val_batches: Callable[[int, int], list[Batch]]              # (rank, world_size) -> batches
     sample_prompts: tuple[str, ...] = ()                        # completed greedily after training
+    reads_documents: bool = False                               # uses the `retriever` group
 
 
 def build_stage(name: str, **pieces) -> Stage:
