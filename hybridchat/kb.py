@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-overlap", type=int, default=0)
     b.add_argument("--chunk-unit", default="words", choices=["words", "tokens"])
     b.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch")
+    b.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="encoder precision (bfloat16: ~2.5x faster on CPUs with AVX512-BF16/AMX)")
 
     a = sub.add_parser("add", help="add documents (or, with --replace, update those whose id exists)")
     input_args(a)
@@ -138,7 +140,8 @@ def run(args) -> None:
     if args.command == "build":
         indexes = [r.strip() for r in args.retrievers.split(",") if r.strip()]
         cfg = RetrieverConfig(chunking=ChunkingConfig(args.chunk_unit, args.chunk_size, args.chunk_overlap),
-                              dense=DenseConfig(model=args.model, index=args.index, batch_size=args.batch_size))
+                              dense=DenseConfig(model=args.model, index=args.index, batch_size=args.batch_size,
+                                                precision=args.precision))
         kb = KnowledgeBase.build(args.kb, _read_inputs(args), indexes, cfg)
         print(f"built {kb.path}: {kb.manifest['num_documents']} documents, {kb.manifest['num_chunks']} chunks, "
               f"indexes {', '.join(kb.indexes)}")

@@ -253,3 +253,24 @@ def test_bm25_scores_equal_bm25s_own_retrieve(kb):
     for hits, row_ids, row_scores in zip(ours, ids, scores):
         assert [h.document.id for h in hits] == [CORPUS[i].id for i, s in zip(row_ids, row_scores) if s > 0]
         np.testing.assert_allclose([h.score for h in hits], [s for s in row_scores if s > 0], rtol=1e-5)
+
+
+def test_bfloat16_precision_is_recorded_close_to_float32_and_never_mixed(tmp_path, encoder):
+    texts = [d.text for d in CORPUS]
+    fp32, bf16 = encoder.encode(texts), encoder.encode(texts, precision="bfloat16")
+    cosine = (fp32 * bf16).sum(axis=1)
+    assert cosine.min() > 0.98 and not np.array_equal(fp32, bf16)  # bf16 really ran, and stays close
+
+    bf16_cfg = RetrieverConfig(kind="dense", dense=DenseConfig(precision="bfloat16"))
+    kb = KnowledgeBase.build(tmp_path / "kb", CORPUS, ["dense"], bf16_cfg, progress=False)
+    assert kb.indexes["dense"]["precision"] == "bfloat16"
+    dense = kb.retriever(bf16_cfg)
+    assert dense.precision == "bfloat16"  # queries are encoded like the documents
+    for query, gold in QUERIES.items():
+        assert dense.search([query], 1)[0][0].document.id == gold
+    # Switching precision re-encodes everything: cached bf16 embeddings are never mixed into fp32.
+    kb = KnowledgeBase.build(tmp_path / "kb", CORPUS, ["dense"], RetrieverConfig(kind="dense"), progress=False)
+    assert kb.indexes["dense"]["precision"] == "float32" and kb.indexes["dense"]["encoded"] == len(CORPUS)
+    with pytest.raises(UserError, match="retriever.dense.precision"):
+        KnowledgeBase.build(tmp_path / "kb2", CORPUS, ["dense"],
+                            RetrieverConfig(kind="dense", dense=DenseConfig(precision="float16")), progress=False)

@@ -39,6 +39,9 @@ class DenseConfig:
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
     batch_size: int = 64  # texts per encoder forward pass
+    # float32 | bfloat16: encode under bf16 autocast, ~2.5x faster on CPUs with AVX512-BF16/AMX
+    # (slower on CPUs without); recorded in the manifest, queries are encoded the same way.
+    precision: str = "float32"
     device: str = "auto"  # auto | cpu | cuda
 
 

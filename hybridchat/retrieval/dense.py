@@ -23,6 +23,13 @@ from hybridchat.retrieval.documents import Document
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
 INDEX_TYPES = ("flat", "hnsw", "ivf")
+PRECISIONS = ("float32", "bfloat16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UserError(f"retriever.dense.precision={precision!r}: allowed values are {', '.join(PRECISIONS)}")
+    return precision
 
 
 def resolve_model(name: str) -> str:
@@ -41,9 +48,15 @@ class Encoder:
     dim: int
     weights_sha256: str  # of the parameters, so a swapped checkpoint with the same name is caught
 
-    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        emb = self.model.encode(texts, batch_size=batch_size, show_progress_bar=progress,
-                                convert_to_numpy=True, normalize_embeddings=True)
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False,
+               precision: str = "float32") -> np.ndarray:
+        """Normalised float32 embeddings; precision bfloat16 runs the encoder's matmuls in bf16."""
+        import torch
+
+        device = torch.device(self.model.device).type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=check_precision(precision) == "bfloat16"):
+            emb = self.model.encode(texts, batch_size=batch_size, show_progress_bar=progress,
+                                    convert_to_numpy=True, normalize_embeddings=True)
         return np.ascontiguousarray(emb, dtype=np.float32).reshape(len(texts), self.dim)
 
 
@@ -114,16 +127,17 @@ def _to_gpu(index: faiss.Index) -> faiss.Index:
 
 class DenseRetriever(RankedRetriever):
     def __init__(self, documents: Sequence[Document], index: faiss.Index, encoder: Encoder,
-                 batch_size: int = 64, nprobe: int = 16, ef_search: int = 128):
+                 batch_size: int = 64, nprobe: int = 16, ef_search: int = 128, precision: str = "float32"):
         super().__init__(documents)
         self.index = _to_gpu(index)
         self.encoder = encoder
         self.batch_size = batch_size
+        self.precision = precision  # the documents' precision: queries are encoded the same way
         self.nprobe = nprobe
         self.ef_search = ef_search
 
     def rank(self, queries, k, mask):
-        q = self.encoder.encode(queries, batch_size=self.batch_size)
+        q = self.encoder.encode(queries, batch_size=self.batch_size, precision=self.precision)
         return self.search_vectors(q, k, mask)
 
     def search_vectors(self, q: np.ndarray, k: int, mask: np.ndarray | None = None):

@@ -34,7 +34,8 @@ from hybridchat.fsutil import atomic_directory
 from hybridchat.retrieval.base import RankedRetriever
 from hybridchat.retrieval.bm25 import Bm25sRetriever, RankBm25Retriever, build_bm25
 from hybridchat.retrieval.config import KINDS, ChunkingConfig, RetrieverConfig
-from hybridchat.retrieval.dense import DenseRetriever, Encoder, build_faiss, load_encoder, resolve_model
+from hybridchat.retrieval.dense import (DenseRetriever, Encoder, build_faiss, check_precision, load_encoder,
+                                        resolve_model)
 from hybridchat.retrieval.documents import Document
 from hybridchat.retrieval.fusion import HybridRetriever
 from hybridchat.retrieval.ingest import chunk_documents, token_spans, validate_chunking, word_spans
@@ -81,7 +82,8 @@ def index_settings(name: str, cfg: RetrieverConfig) -> dict:
         return {"k1": cfg.bm25.k1, "b": cfg.bm25.b, "method": "lucene"}
     if name == "dense":
         d = cfg.dense
-        return {"model": d.model, "index": d.index, "ivf_nlist": d.ivf_nlist, "hnsw_m": d.hnsw_m}
+        return {"model": d.model, "index": d.index, "ivf_nlist": d.ivf_nlist, "hnsw_m": d.hnsw_m,
+                "precision": check_precision(d.precision)}
     raise UserError(f"unknown index {name!r}: allowed values are {', '.join(INDEXES)}")
 
 
@@ -164,7 +166,8 @@ class KnowledgeBase:
                 return bm25
         d = cfg.dense
         dense = DenseRetriever(self.documents, faiss.read_index(str(self.path / "dense" / "index.faiss")),
-                               self.encoder(d.device), d.batch_size, d.nprobe, d.hnsw_ef_search)
+                               self.encoder(d.device), d.batch_size, d.nprobe, d.hnsw_ef_search,
+                               self.indexes["dense"].get("precision", "float32"))
         if cfg.kind == "dense":
             return dense
         f = cfg.fusion
@@ -319,7 +322,9 @@ def _build_dense(out: Path, chunks: list[Document], texts: list[str], settings: 
                         f"{enc.dim}, sha256 {enc.weights_sha256[:12]}; use `kb build` to rebuild from your files")
     emb = np.zeros((len(chunks), enc.dim), np.float32)
     todo = list(range(len(chunks)))
-    if old is not None and old["weights_sha256"] == enc.weights_sha256:
+    # Cached embeddings are reused only when they came from the same weights at the same precision.
+    if (old is not None and old["weights_sha256"] == enc.weights_sha256
+            and old.get("precision", "float32") == settings.get("precision", "float32")):
         cached = np.load(previous.path / "dense" / "embeddings.npy", mmap_mode="r")
         row = {c.content_hash(): i for i, c in enumerate(previous.documents)}
         hits = [(i, row.get(c.content_hash())) for i, c in enumerate(chunks)]
@@ -328,7 +333,8 @@ def _build_dense(out: Path, chunks: list[Document], texts: list[str], settings: 
             emb[[i for i, _ in found]] = cached[[r for _, r in found]]
         todo = [i for i, r in hits if r is None]
     if todo:
-        emb[todo] = enc.encode([texts[i] for i in todo], batch_size=batch_size, progress=progress)
+        emb[todo] = enc.encode([texts[i] for i in todo], batch_size=batch_size, progress=progress,
+                               precision=settings.get("precision", "float32"))
     out.mkdir(parents=True)
     np.save(out / "embeddings.npy", emb)
     faiss.write_index(build_faiss(emb, settings["index"], settings["ivf_nlist"], settings["hnsw_m"]),
