@@ -156,3 +156,12 @@ def test_experiment_only_states_differences():
 def test_smoke_debug_shrinks_everything():
     config, _ = typed_config(compose_config(["+debug=smoke"]))
     assert config.stage.num_steps <= 10 and config.model.n_embd <= 64
+
+
+@pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_launcher_options_compose(launcher, target):
+    from hydra.core.hydra_config import HydraConfig
+
+    compose_config([f"hydra/launcher={launcher}"])
+    settings = HydraConfig.get().launcher
+    assert settings._target_.endswith(target) and settings.timeout_min > 0
