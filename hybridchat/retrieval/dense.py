@@ -127,7 +127,7 @@ def _to_gpu(index: faiss.Index) -> faiss.Index:
 
 class DenseRetriever(RankedRetriever):
     def __init__(self, documents: Sequence[Document], index: faiss.Index, encoder: Encoder,
-                 batch_size: int = 64, nprobe: int = 16, ef_search: int = 128, precision: str = "float32"):
+                 batch_size: int = 64, nprobe: int = 16, ef_search: int = 256, precision: str = "float32"):
         super().__init__(documents)
         self.index = _to_gpu(index)
         self.encoder = encoder
