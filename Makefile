@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu run test test-gpu bench clean
+.PHONY: install install-gpu run test test-gpu lint bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check hybridchat tests
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Optional
 
 from hydra.conf import RunMode
 from hydra.core.config_store import ConfigStore

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.conf import RunMode
 import torch.distributed as dist
+from hydra.conf import RunMode
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 

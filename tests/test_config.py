@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import compose_config, group_options
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from conftest import compose_config, group_options
 from hybridchat.config import Config
 from hybridchat.data.sources import build_source
 from hybridchat.errors import UserError

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import compose_config
+
 from hybridchat import checkpoint
 from hybridchat.config import ModelConfig, StageConfig
+from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.errors import UserError
 from hybridchat.loop import build_optimizers, grad_accum_steps
 from hybridchat.model.blocks import PATTERN_PRESETS
 from hybridchat.model.lm import HybridLM
-from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.train import run, samples
 
 ROOT = Path(__file__).resolve().parents[1]

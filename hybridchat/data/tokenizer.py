@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
 from hybridchat.errors import UserError
 from hybridchat.fsutil import atomic_write_text

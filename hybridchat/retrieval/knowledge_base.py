@@ -34,8 +34,14 @@ from hybridchat.fsutil import atomic_directory
 from hybridchat.retrieval.base import RankedRetriever
 from hybridchat.retrieval.bm25 import Bm25sRetriever, RankBm25Retriever, build_bm25
 from hybridchat.retrieval.config import KINDS, ChunkingConfig, RetrieverConfig
-from hybridchat.retrieval.dense import (DenseRetriever, Encoder, build_faiss, check_precision, load_encoder,
-                                        resolve_model)
+from hybridchat.retrieval.dense import (
+    DenseRetriever,
+    Encoder,
+    build_faiss,
+    check_precision,
+    load_encoder,
+    resolve_model,
+)
 from hybridchat.retrieval.documents import Document
 from hybridchat.retrieval.fusion import HybridRetriever
 from hybridchat.retrieval.ingest import chunk_documents, token_spans, validate_chunking, word_spans
