@@ -2,7 +2,8 @@
 retriever on a generated corpus, side by side with rank-bm25; recall of approximate FAISS
 indexes against flat; recall@3 of the hybrid retriever on the synthetic world's questions.
 
-    python -m hybridchat.bench retrieval [--docs 100000] [--out outputs/bench/retrieval]
+    python -m hybridchat.bench retrieval [--docs 100000] [--variants ...] [--hnsw-ef 128,256,512]
+                                         [--out outputs/bench/retrieval]
 
 Each retriever is measured in a fresh process, so peak RSS is its own (it includes the Python
 interpreter and libraries: see the "baseline" row). Never run by the tests.
@@ -51,9 +52,12 @@ def _measure(variant: str, kb_dir: str, n_docs: int, n_queries: int, single: int
 
     docs, queries, gold = make_corpus(n_docs, n_queries)
     kind, _, index = variant.partition("-")
+    index, _, ef = index.partition("@")  # dense-hnsw@512: HNSW searched with efSearch 512
+    dense = DenseConfig(index=index or "flat", batch_size=128)
+    if ef:
+        dense.hnsw_ef_search = int(ef)
     cfg = RetrieverConfig(kind="bm25" if kind == "rank_bm25" else kind,
-                          bm25=Bm25Config(backend="rank_bm25" if kind == "rank_bm25" else "bm25s"),
-                          dense=DenseConfig(index=index or "flat", batch_size=128))
+                          bm25=Bm25Config(backend="rank_bm25" if kind == "rank_bm25" else "bm25s"), dense=dense)
     indexes = {"simple": ["simple"], "bm25": ["bm25"], "rank_bm25": [], "dense": ["dense"],
                "hybrid": ["bm25", "dense"]}[kind]
     t = time.perf_counter()
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=1000, help="queries for the batch measurement")
     p.add_argument("--single", type=int, default=100, help="queries timed one at a time (and rank_bm25's batch)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--hnsw-ef", default="", help="also search HNSW at these efSearch values, e.g. 128,256,512 "
+                   "(query-time only: the index is built once)")
     p.add_argument("--out", default="outputs/bench/retrieval")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"docs": args.docs, "queries": args.queries, "single": args.single, "cpus": os.cpu_count(),
               "baseline_rss_mb": q.get(), "rows": []}
     variants = args.variants.split(",")
+    variants += [f"dense-hnsw@{ef}" for ef in args.hnsw_ef.split(",") if ef]
     if "rank_bm25" in variants:  # it opens the bm25 knowledge base's documents: build that first
         variants = ["bm25"] + [v for v in variants if v != "bm25"] if "bm25" in variants else variants
     flat_ids = None
