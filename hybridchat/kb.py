@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-unit", default="words", choices=["words", "tokens"])
     b.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch")
     b.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                   help="encoder precision (bfloat16: ~2.5x faster on CPUs with AVX512-BF16/AMX)")
+                   help="encoder precision (bfloat16: ~2.7x faster on CPUs with AVX512-BF16/AMX)")
 
     a = sub.add_parser("add", help="add documents (or, with --replace, update those whose id exists)")
     input_args(a)

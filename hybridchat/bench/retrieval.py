@@ -45,7 +45,7 @@ def make_corpus(n_docs: int, n_queries: int, seed: int = 0):
     return docs, queries, gold
 
 
-def _measure(variant: str, kb_dir: str, n_docs: int, n_queries: int, single: int, queue) -> None:
+def _measure(variant: str, kb_dir: str, n_docs: int, n_queries: int, single: int, precision: str, queue) -> None:
     """Runs in a child process: build (or open) one retriever, time queries, report peak RSS."""
     from hybridchat.retrieval.config import Bm25Config, DenseConfig, RetrieverConfig
     from hybridchat.retrieval.knowledge_base import KnowledgeBase
@@ -53,7 +53,7 @@ def _measure(variant: str, kb_dir: str, n_docs: int, n_queries: int, single: int
     docs, queries, gold = make_corpus(n_docs, n_queries)
     kind, _, index = variant.partition("-")
     index, _, ef = index.partition("@")  # dense-hnsw@512: HNSW searched with efSearch 512
-    dense = DenseConfig(index=index or "flat", batch_size=128)
+    dense = DenseConfig(index=index or "flat", batch_size=128, precision=precision)
     if ef:
         dense.hnsw_ef_search = int(ef)
     cfg = RetrieverConfig(kind="bm25" if kind == "rank_bm25" else kind,
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=1000, help="queries for the batch measurement")
     p.add_argument("--single", type=int, default=100, help="queries timed one at a time (and rank_bm25's batch)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="dense encoder precision (a change re-encodes the cached knowledge base)")
     p.add_argument("--hnsw-ef", default="", help="also search HNSW at these efSearch values, e.g. 128,256,512 "
                    "(query-time only: the index is built once)")
     p.add_argument("--out", default="outputs/bench/retrieval")
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     q = ctx.Queue()
     ctx.Process(target=_baseline_rss, args=(q,)).start()
     report = {"docs": args.docs, "queries": args.queries, "single": args.single, "cpus": os.cpu_count(),
+              "precision": args.precision,
               "baseline_rss_mb": q.get(), "rows": []}
     variants = args.variants.split(",")
     variants += [f"dense-hnsw@{ef}" for ef in args.hnsw_ef.split(",") if ef]
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     for v in variants:
         # variants sharing a knowledge base reuse its work (documents, cached embeddings)
         kb_dir = out / ("kb-bm25" if v == "rank_bm25" else "kb-dense" if v != "simple" and v != "bm25" else f"kb-{v}")
-        row = _in_child(v, str(kb_dir), args.docs, args.queries, args.single)
+        row = _in_child(v, str(kb_dir), args.docs, args.queries, args.single, args.precision)
         ids = row.pop("ids")
         if v == "dense-flat":
             flat_ids = ids

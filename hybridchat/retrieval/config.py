@@ -39,7 +39,7 @@ class DenseConfig:
     hnsw_m: int = 32
     hnsw_ef_search: int = 256  # recall@10 vs flat at 100k docs: 128 -> 0.892, 256 -> 0.960 (docs/retrieval.md)
     batch_size: int = 64  # texts per encoder forward pass
-    # float32 | bfloat16: encode under bf16 autocast, ~2.5x faster on CPUs with AVX512-BF16/AMX
+    # float32 | bfloat16: encode under bf16 autocast, ~2.7x faster on CPUs with AVX512-BF16/AMX
     # (slower on CPUs without); recorded in the manifest, queries are encoded the same way.
     precision: str = "float32"
     device: str = "auto"  # auto | cpu | cuda
