@@ -105,6 +105,8 @@ def run(cfg: DictConfig) -> float:
                   f"checkpoint: {summary['checkpoint']}\n"
                   f"metrics:    {tracker.metrics_path}\n"
                   f"plot:       {tracker.plot_path}")
+        if rt.distributed:  # leave together: a rank tearing down while another still talks can abort
+            dist.barrier()
         return summary["final_val_bpb"]
     finally:
         runtime.teardown()
