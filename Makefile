@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu run test test-gpu lint bench clean
+.PHONY: install install-gpu run smoke test test-gpu lint bench clean
 
 install: $(STAMP)
 
@@ -24,8 +24,18 @@ $(STAMP): pyproject.toml
 install-gpu: install
 	MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE $(BIN)/pip install --no-build-isolation -e ".[gpu]"
 
+# The whole pipeline on the embedded world: pretrain -> mid -> rag -> evaluate. ARGS go to every
+# training stage (e.g. ARGS="model=mamba_tiny run_name=m"), EVAL_ARGS to the evaluation (the same
+# model=/run_name= choice, plus e.g. retriever=hybrid).
 run: install
-	$(BIN)/python -m hybridchat.train
+	for stage in pretrain mid rag; do $(BIN)/python -m hybridchat.train stage=$$stage $(ARGS) || exit 1; done
+	$(BIN)/python -m hybridchat.evaluate $(EVAL_ARGS)
+
+# The same pipeline at smoke sizes, in outputs/smoke: every piece runs, nothing is learned.
+smoke: install
+	$(MAKE) run ARGS="debug=smoke paths.outputs=outputs/smoke $(ARGS)" \
+		EVAL_ARGS="paths.outputs=outputs/smoke n_questions=30 n_unanswerable=20 context_budget=[1,2] \
+		context_questions=10 bootstrap=200 $(EVAL_ARGS)"
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -41,3 +51,13 @@ bench: install
 
 clean:
 	rm -rf $(VENV) outputs/runs outputs/sweeps outputs/checkpoints outputs/cache
+
+# Mutation testing (slow; not part of `make test` or CI): mutmut copies the project to mutants/ and
+# runs the covering tests against every mutant of the modules in pyproject's [tool.mutmut] only_mutate.
+# Narrow it with MUTANTS="hybridchat.retrieval.fusion*" (see docs/testing.md).
+MUTANTS ?=
+.PHONY: mutants
+mutants: install
+	$(BIN)/pip install --quiet "mutmut>=3.8,<4"
+	nice -n 19 $(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results

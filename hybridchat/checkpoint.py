@@ -1,8 +1,10 @@
 """Checkpoints: safetensors weights + optimizer state, JSON metadata, atomic, never pickled.
 
-Layout: <paths.checkpoints>/<run_name>/<stage>/step_000600/{model,optimizer}.safetensors + meta.json.
-A step directory is built under a temp name and renamed into place whole, and meta.json is the last
-file written, so a directory without it never counts as a checkpoint.
+Layout: <paths.checkpoints>/<run_name>/<stage>/step_000600/ holding model.safetensors,
+optimizer.safetensors, tokenizer.json and meta.json (with the run's resolved config). A step folder
+is self-contained: `load_model` rebuilds model and tokenizer from it alone. It is built under a temp
+name and renamed into place whole, and meta.json is the last file written, so a directory without it
+never counts as a checkpoint.
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ from hybridchat.fsutil import atomic_directory
 FORMAT_VERSION = 1
 
 
+def stage_dir(checkpoints: str | Path, run_name: str, stage: str) -> Path:
+    return Path(checkpoints) / run_name / stage
+
+
 def architecture(model) -> dict[str, Any]:
-    """What must match for weights to load: the expanded block pattern, sizes and vocabulary."""
+    """What must match for weights to load: the expanded block pattern, sizes, positions, vocabulary.
+    (rope matters too: a model trained without rotary positions computes garbage with them.)"""
     c = model.config
-    keys = ["n_layer", "n_embd", "n_head", "n_kv_head", "mlp_ratio", "mamba_mlp", "d_state", "d_conv", "expand",
-            "headdim", "ngroups"]
+    keys = ["n_layer", "n_embd", "n_head", "n_kv_head", "mlp_ratio", "mamba_mlp", "attn_rope", "rope_base",
+            "d_state", "d_conv", "expand", "headdim", "ngroups"]
     return {"block_pattern": model.pattern, "vocab_size": model.vocab_size, **{k: getattr(c, k) for k in keys}}
 
 
@@ -62,7 +69,7 @@ def _restore_optimizers(optimizers, tensors: dict[str, torch.Tensor], described:
         opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], keep: int) -> Path:
+def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], keep: int, tokenizer) -> Path:
     target = Path(directory) / f"step_{step:06d}"
     tensors, described = _optimizer_payload(optimizers)
     full_meta = {"format_version": FORMAT_VERSION, "step": step, "architecture": architecture(model),
@@ -71,6 +78,7 @@ def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], ke
     with atomic_directory(target) as tmp:
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
+        tokenizer.save(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -92,10 +100,15 @@ def latest(directory: Path) -> Path | None:
 def read_meta(path: Path) -> dict[str, Any]:
     file = Path(path) / "meta.json"
     try:
-        meta = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint metadata {file} is unreadable or corrupted ({e})") from e
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, huge integers
+        raise UserError(f"checkpoint metadata {file} is unreadable or corrupted ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]})") from None
+    version = meta.get("format_version", 0) if isinstance(meta, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"checkpoint metadata {file} is not a hybridchat checkpoint's (expected a JSON object with "
+                        f"an integer format_version)")
+    if version > FORMAT_VERSION:
         raise UserError(f"checkpoint {path} has format_version {meta['format_version']}; this hybridchat reads "
                         f"up to {FORMAT_VERSION}: upgrade hybridchat")
     return meta
@@ -128,3 +141,43 @@ def load(path: Path, model, optimizers=None, tokenizer_fingerprint: str | None =
     if optimizers is not None:
         _restore_optimizers(optimizers, _load_tensors(path / "optimizer.safetensors"), meta["optimizers"])
     return meta
+
+
+def find(checkpoints: str | Path, run_name: str, stage: str, step: int | None = None) -> Path:
+    """The step folder of run_name/stage (the latest without step), or one line saying what to run."""
+    directory = stage_dir(checkpoints, run_name, stage)
+    if step is not None:
+        path = directory / f"step_{step:06d}"
+        if not (path / "meta.json").is_file():
+            have = [p.name for p in list_checkpoints(directory)]
+            raise UserError(f"no checkpoint {path}; {directory} holds {have or 'none'}")
+        return path
+    found = latest(directory)
+    if found is None:
+        raise UserError(f"{directory} holds no checkpoint: train it first with "
+                        f"python -m hybridchat.train stage={stage} run_name={run_name} (and the same model=...)")
+    return found
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", ssm_backend: str = "torch"):
+    """(model, tokenizer, meta) from a step folder alone: the model config comes from meta.json,
+    the tokenizer from the tokenizer.json saved beside the weights."""
+    from hybridchat.config import ModelConfig
+    from hybridchat.data.tokenizer import Tokenizer
+    from hybridchat.model.lm import HybridLM
+
+    path = Path(path)
+    meta = read_meta(path)
+    model_cfg = meta.get("config", {}).get("model")
+    if not isinstance(model_cfg, dict) or not (path / "tokenizer.json").is_file():
+        raise UserError(f"checkpoint {path} lacks its model config or tokenizer.json (saved by an older "
+                        f"hybridchat?); it cannot be loaded on its own")
+    try:
+        config = ModelConfig(**model_cfg)
+    except TypeError as e:
+        raise UserError(f"checkpoint {path}: model config in meta.json does not fit this hybridchat ({e})") from e
+    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    model = HybridLM(config, meta["architecture"]["vocab_size"], ssm_backend=ssm_backend)
+    load(path, model, None, tokenizer.fingerprint)
+    model.to(device).eval()
+    return model, tokenizer, meta

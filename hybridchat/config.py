@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from hybridchat.data.world import WorldConfig
 from hybridchat.retrieval.config import RetrieverConfig
 
 
@@ -59,7 +60,7 @@ class ModelConfig:
     mamba_mlp: bool = True        # MLP after Mamba mixers too (Nemotron-H drops it)
     attn_rope: bool = True        # hybrid papers often use no positional encoding at all
     rope_base: float = 10000.0
-    sequence_len: int = 256
+    sequence_len: int = 512
     d_state: int = 64
     d_conv: int = 4
     expand: int = 2
@@ -75,7 +76,7 @@ class GPUConfig:
     device: Device = Device.cpu
     dtype: DType = DType.float32       # autocast dtype for matmuls; master weights stay fp32
     memory_gb: float = 0.0
-    micro_batch: int = 32
+    micro_batch: int = 16
     compile: bool = False
     attention_backend: AttentionBackend = AttentionBackend.auto
     ssm_backend: SSMBackend = SSMBackend.torch
@@ -84,6 +85,8 @@ class GPUConfig:
 
 @dataclass
 class StageConfig:
+    """What every stage has: where it starts, the optimizer, the schedule, evaluation, checkpoints.
+    Each stage option (conf/stage/*.yaml) has its own subclass below for what only it needs."""
     name: str = "pretrain"
     source: Optional[str] = None       # stage whose final checkpoint initialises this one
     num_steps: int = 200
@@ -100,21 +103,51 @@ class StageConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 25
-    eval_batches: int = 8
+    eval_batches: int = 8              # validation batches (the same set whatever the world size)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
 
 
 @dataclass
+class PretrainConfig(StageConfig):
+    pass
+
+
+@dataclass
+class MidConfig(StageConfig):
+    """Chat format: conversations rendered with the special tokens, loss on assistant tokens."""
+    name: str = "mid"
+    source: Optional[str] = "pretrain"
+    world_conversations: bool = True   # the world's closed-book chats about its training entities
+    conversations: Optional[str] = None  # your JSONL of {"messages": [{"role", "content"}, ...]}
+    val_fraction: float = 0.05         # share of conversations held out for validation
+    eval_questions: int = 100          # closed-book questions answered at each evaluation
+
+
+@dataclass
+class RagConfig(StageConfig):
+    """Answer from retrieved documents with a citation, or abstain when they do not hold the answer."""
+    name: str = "rag"
+    source: Optional[str] = "mid"
+    min_documents: int = 1             # documents per training example: uniform in [min, max]
+    max_documents: int = 4
+    candidates: int = 10               # retrieved per question; distractors come from these
+    gold_missing: float = 0.2          # share of answerable examples whose gold document is removed
+    unanswerable: float = 0.15         # share of examples about entities that exist nowhere
+    questions_per_example: int = 3     # the retrieved question + follow-ups about the same documents
+    questions: Optional[str] = None    # your JSONL (question, answers, gold_doc_ids); None: the world's
+    val_fraction: float = 0.05         # share of training questions held out for validation loss
+    eval_questions: int = 100          # held-out questions answered at each evaluation
+    max_answer_tokens: int = 24
+
+
+@dataclass
 class DataConfig:
-    name: str = "world"                # world | text | fineweb_edu
+    name: str = "world"                # world (the `world` node) | text | fineweb_edu
     path: Optional[str] = None         # text: a file or folder of .txt/.jsonl/.parquet
     text_key: str = "text"             # field holding the text in jsonl/parquet
     val_fraction: float = 0.02         # text: share of documents held out for validation
     num_shards: int = 8                # fineweb_edu: shards to download (~100 MB each)
-    world_seed: int = 0
-    world_people: int = 1000
-    world_texts_per_entity: int = 6    # differently phrased pretraining texts per entity (max 6)
     tokenizer_vocab_size: int = 4096
     tokenizer_train_chars: int = 20_000_000
 
@@ -143,6 +176,7 @@ class Config:
     gpu: GPUConfig = field(default_factory=GPUConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -160,6 +194,12 @@ def default_run_name() -> str:
     if hc.mode == RunMode.MULTIRUN:
         name += "/" + (hc.job.override_dirname or f"job{hc.job.num}").replace("/", "_")
     return name
+
+
+def model_choice() -> str:
+    """The `model` option chosen, alone: what the evaluator and chat call a run (their sweeps over
+    retrievers must not rename the run they read)."""
+    return HydraConfig.get().runtime.choices.get("model") or "model"
 
 
 def run_stamp() -> str:
@@ -182,9 +222,18 @@ def rank_suffix() -> str:
     return ""
 
 
+STAGE_SCHEMAS = {"pretrain": PretrainConfig, "mid": MidConfig, "rag": RagConfig}
+
+
 def register() -> None:
-    ConfigStore.instance().store(name="base_config", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    # conf/stage/<name>.yaml starts with `defaults: [<name>_schema]`: its keys are checked against
+    # that stage's own class, so a rag-only key is a typo anywhere else.
+    for name, schema in STAGE_SCHEMAS.items():
+        store.store(group="stage", name=f"{name}_schema", node=schema)
     if not OmegaConf.has_resolver("hc.run_name"):
         OmegaConf.register_new_resolver("hc.run_name", default_run_name)
+        OmegaConf.register_new_resolver("hc.model_choice", model_choice)
         OmegaConf.register_new_resolver("hc.rank_suffix", rank_suffix)
         OmegaConf.register_new_resolver("hc.run_stamp", run_stamp, use_cache=True)

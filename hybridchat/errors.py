@@ -7,3 +7,15 @@ name the key, file or line and say what is allowed.
 
 class UserError(Exception):
     pass
+
+
+def run_or_exit(fn, *args):
+    """fn(*args) for an entry point: a UserError becomes one line `error: ...` on stderr and exit
+    code 2, never a traceback."""
+    import sys
+
+    try:
+        return fn(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -18,6 +18,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; give the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -47,6 +48,20 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only for an instant)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temp directory next to `path`; on success it replaces `path` as a whole.
@@ -59,6 +74,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        # mkdtemp makes it 0700; the finished directory gets the mode of any directory the user
+        # creates (0777 & ~umask), so a group can read checkpoints and knowledge bases on shared disks.
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if path.exists() and _exchange(tmp, path):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous contents

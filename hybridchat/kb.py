@@ -18,13 +18,21 @@ import json
 import os
 import sys
 
-from hybridchat.errors import UserError
+from hybridchat.errors import UserError, run_or_exit
 
 DEFAULT_CACHE = "outputs/cache"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `error:` line (exit 2) like every other mistake."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hybridchat.kb", description="Build, change, search and "
+    p = _Parser(prog="python -m hybridchat.kb", description="Build, change, search and "
                                 "evaluate knowledge bases.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -117,9 +125,12 @@ def _open(args, for_query: bool = True):
 
     if args.kb is not None:
         kb = KnowledgeBase.open(args.kb)
-    else:  # the world's knowledge base, with the indexes the query needs (bm25 for stats)
+    else:  # the (default) world's knowledge base, with the indexes the query needs (bm25 for stats)
+        from hybridchat.context import world_collection
+        from hybridchat.data.world import WorldConfig
+
         kb = open_knowledge_base(_retriever_config(args, None) if for_query else RetrieverConfig(kind="bm25"),
-                                 args.cache_dir)
+                                 args.cache_dir, world_collection(WorldConfig()))
     return kb, (_retriever_config(args, kb) if for_query else None)
 
 
@@ -133,10 +144,19 @@ def _parse_filters(items: list[str]) -> dict[str, str]:
     return filters
 
 
+def _check_counts(args) -> None:
+    """Options that count something must be >= 1 (argparse only checks that they are integers)."""
+    for option, attr in (("-k/--top-k", "top_k"), ("--nprobe", "nprobe"), ("--batch-size", "batch_size")):
+        value = getattr(args, attr, None)
+        if value is not None and value < 1:
+            raise UserError(f"{option} {value}: must be >= 1")
+
+
 def run(args) -> None:
     from hybridchat.retrieval.config import ChunkingConfig, DenseConfig, RetrieverConfig
     from hybridchat.retrieval.knowledge_base import KnowledgeBase
 
+    _check_counts(args)
     if args.command == "build":
         indexes = [r.strip() for r in args.retrievers.split(",") if r.strip()]
         cfg = RetrieverConfig(chunking=ChunkingConfig(args.chunk_unit, args.chunk_size, args.chunk_overlap),
@@ -181,10 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        run_or_exit(run, args)
     except KeyboardInterrupt:
         print("interrupted; the knowledge base on disk is unchanged", file=sys.stderr)
         sys.exit(130)

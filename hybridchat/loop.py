@@ -1,8 +1,8 @@
 """The one training loop, shared by every stage.
 
-A stage hands over batches whose targets are -1 wherever no loss is wanted; this loop owns the
-optimizers, LR schedule, gradient accumulation, mixed precision, DDP, evaluation, checkpoints and
-metrics.
+The stage supplies batches, the loss on a batch (training_step) and its evaluation; this loop owns
+the optimizers, LR schedule, gradient accumulation, mixed precision, DDP, when to evaluate,
+checkpoints and metrics.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hybridchat import checkpoint
-from hybridchat.config import Config, StageConfig
-from hybridchat.data.loader import Batch
+from hybridchat.config import StageConfig
+from hybridchat.context import RunContext
 from hybridchat.errors import UserError
-from hybridchat.runtime import Runtime
 from hybridchat.stages import Stage
 from hybridchat.tracking import Tracker
 
@@ -71,44 +70,16 @@ def lr_multiplier(step: int, s: StageConfig) -> float:
     return progress + (1 - progress) * s.final_lr_frac
 
 
-@torch.no_grad()
-def evaluate_bpb(model, batches: list[Batch], token_bytes: torch.Tensor, rt: Runtime) -> float:
-    """Bits per byte: summed loss over target tokens / (ln 2 x their UTF-8 bytes). Independent of the
-    vocabulary, so runs with different tokenizers compare. Special tokens (0 bytes) are left out."""
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
-    for batch in batches:
-        inputs, targets = batch["inputs"].to(rt.device), batch["targets"].to(rt.device)
-        with rt.autocast():
-            losses = model(inputs, targets, reduction="none")
-        flat = targets.reshape(-1)
-        nbytes = torch.where(flat >= 0, token_bytes[flat.clamp(min=0)], 0)
-        totals[0] += (losses.double() * (nbytes > 0)).sum()
-        totals[1] += nbytes.sum()
-    if rt.distributed:
-        dist.all_reduce(totals)
-    model.train()
-    return (totals[0] / (math.log(2) * totals[1].clamp(min=1))).item()
-
-
-def _source_checkpoint(cfg: Config, source: str) -> Path:
-    directory = Path(cfg.paths.checkpoints) / cfg.run_name / source
-    found = checkpoint.latest(directory)
-    if found is None:
-        raise UserError(f"stage={cfg.stage.name} starts from the {source!r} stage, but {directory} holds no "
-                        f"checkpoint; train stage={source} with run_name={cfg.run_name} first")
-    return found
-
-
 def _param_checksum(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
-def train(model, stage: Stage, cfg: Config, rt: Runtime, tracker: Tracker, tokenizer,
-          resolved_config: dict[str, Any]) -> dict[str, Any]:
-    """Train `model` through `stage` to stage.num_steps; returns first/final val bpb and checkpoint."""
+def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict[str, Any]) -> dict[str, Any]:
+    """Train ctx.model through `stage` to stage.num_steps. Returns the monitored metric first and
+    last (summary["first"], summary["final"]), every final metric and the final checkpoint."""
+    model, cfg, rt, tokenizer = ctx.model, ctx.config, ctx.runtime, ctx.tokenizer
     s = cfg.stage
-    ckpt_dir = Path(cfg.paths.checkpoints) / cfg.run_name / stage.name
+    ckpt_dir = checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, stage.name)
     accum = grad_accum_steps(s.total_batch_tokens, cfg.gpu.micro_batch, cfg.model.sequence_len, rt.world_size)
     optimizers = build_optimizers(model, s)
 
@@ -117,24 +88,19 @@ def train(model, stage: Stage, cfg: Config, rt: Runtime, tracker: Tracker, token
     if resume_from is not None:
         start_step = checkpoint.load(resume_from, model, optimizers, tokenizer.fingerprint)["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
-    elif stage.source:
-        source = _source_checkpoint(cfg, stage.source)
-        checkpoint.load(source, model, None, tokenizer.fingerprint)
-        log.info("initialised from %s", source)
+    elif ctx.source_checkpoint is not None:
+        checkpoint.load(ctx.source_checkpoint, model, None, tokenizer.fingerprint)
+        log.info("initialised from %s", ctx.source_checkpoint)
     elif cfg.resume:
         log.info("resume=true but %s holds no checkpoint: starting from scratch", ckpt_dir)
 
     train_model = DistributedDataParallel(model) if rt.distributed else model
     if cfg.gpu.compile:
         train_model = torch.compile(train_model)
-    token_bytes = tokenizer.token_bytes().to(rt.device)
-    val_batches = stage.val_batches(rt.rank, rt.world_size)
-    if not val_batches:
-        raise UserError(f"the validation split is too small for one batch of gpu.micro_batch={cfg.gpu.micro_batch} "
-                        f"x model.sequence_len={cfg.model.sequence_len} tokens")
+    if not stage.val_batches():
+        raise UserError(f"stage={stage.name}: the validation split is too small for one batch of "
+                        f"gpu.micro_batch={cfg.gpu.micro_batch} (model.sequence_len={cfg.model.sequence_len})")
     batches = stage.train_batches(start_step * accum * rt.world_size, rt.rank, rt.world_size)
-    tokens_per_step = accum * cfg.gpu.micro_batch * cfg.model.sequence_len * rt.world_size
-    flops_per_step = model.flops_per_token() * tokens_per_step
     peak_flops = cfg.gpu.peak_tflops_bf16 * 1e12 * rt.world_size
 
     def save(step: int) -> Path | None:
@@ -142,12 +108,18 @@ def train(model, stage: Stage, cfg: Config, rt: Runtime, tracker: Tracker, token
         if rt.is_main:
             meta = {"stage": stage.name, "run_name": cfg.run_name, "tokenizer": tokenizer.fingerprint,
                     "data_position": step * accum * rt.world_size, "config": resolved_config}
-            path = checkpoint.save(ckpt_dir, step, model, optimizers, meta, keep=s.keep_checkpoints)
+            path = checkpoint.save(ckpt_dir, step, model, optimizers, meta, keep=s.keep_checkpoints,
+                                   tokenizer=tokenizer)
         if rt.distributed:
             dist.barrier()
         return path
 
-    summary: dict[str, Any] = {"start_step": start_step, "checkpoint_dir": str(ckpt_dir)}
+    def evaluate(step: int) -> dict[str, float]:
+        metrics = stage.evaluate(model)
+        tracker.log(step, **metrics)
+        return metrics
+
+    summary: dict[str, Any] = {"start_step": start_step, "checkpoint_dir": str(ckpt_dir), "monitor": stage.monitor}
     bar = tqdm(range(start_step, s.num_steps), initial=start_step, total=s.num_steps, dynamic_ncols=True,
                disable=not (rt.is_main and cfg.progress), desc=f"{stage.name}")
     with ExitStack() as stack:
@@ -156,23 +128,22 @@ def train(model, stage: Stage, cfg: Config, rt: Runtime, tracker: Tracker, token
             stack.enter_context(sdpa_kernel(SDPA_BACKENDS[backend]))
         for step in bar:
             if step % s.eval_every == 0:
-                bpb = evaluate_bpb(model, val_batches, token_bytes, rt)
-                summary.setdefault("first_val_bpb", bpb)
-                tracker.log(step, **{"val/bpb": bpb})
+                summary.setdefault("first", evaluate(step)[stage.monitor])
             lrm = lr_multiplier(step, s)
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * lrm
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=rt.device)
+            tokens = 0
             for micro in range(accum):
-                batch = next(batches)
-                inputs, targets = batch["inputs"].to(rt.device), batch["targets"].to(rt.device)
+                batch = {k: v.to(rt.device) for k, v in next(batches).items()}
+                tokens += batch["inputs"].numel()
                 # Gradients are all-reduced once per step, on the last micro-batch only.
                 sync = nullcontext() if not rt.distributed or micro == accum - 1 else train_model.no_sync()
                 with sync:
                     with rt.autocast():
-                        loss = train_model(inputs, targets)
+                        loss = stage.training_step(train_model, batch)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
@@ -185,19 +156,20 @@ def train(model, stage: Stage, cfg: Config, rt: Runtime, tracker: Tracker, token
             if not math.isfinite(train_loss):
                 raise RuntimeError(f"training loss became {train_loss} at step {step + 1}; lower the learning rates")
             elapsed = time.perf_counter() - t0
+            tokens *= rt.world_size  # rows differ in length per rank only in SFT padding: close enough
             metrics = {"train/loss": train_loss, "train/lr_mult": lrm, "train/grad_norm": float(grad_norm),
-                       "train/tok_per_s": tokens_per_step / elapsed}
+                       "train/tok_per_s": tokens / elapsed}
             if peak_flops:
-                metrics["train/mfu"] = flops_per_step / elapsed / peak_flops
+                metrics["train/mfu"] = model.flops_per_token() * tokens / elapsed / peak_flops
             tracker.log(step + 1, **metrics)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['train/tok_per_s']:,.0f}")
             if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.num_steps:
                 save(step + 1)
     bar.close()
 
-    summary["final_val_bpb"] = evaluate_bpb(model, val_batches, token_bytes, rt)
-    summary.setdefault("first_val_bpb", summary["final_val_bpb"])  # a resumed run past its last eval
-    tracker.log(s.num_steps, **{"val/bpb": summary["final_val_bpb"]})
+    summary["metrics"] = evaluate(s.num_steps)
+    summary["final"] = summary["metrics"][stage.monitor]
+    summary.setdefault("first", summary["final"])  # a resumed run past its last eval
     summary["checkpoint"] = str(save(s.num_steps))
     checksum = _param_checksum(model)
     if rt.distributed:  # DDP must leave every rank with the same weights; check instead of trusting

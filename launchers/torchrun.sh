@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-GPU (or multi-process CPU) training on one machine with DDP:
 #   launchers/torchrun.sh 8 model=hybrid_d20 gpu=h100
-#   launchers/torchrun.sh 2 gpu=cpu +debug=smoke            # gloo on CPU
+#   launchers/torchrun.sh 2 gpu=cpu debug=smoke            # gloo on CPU
 # All ranks share ONE Hydra run dir: it is fixed here, before the ranks start, because each rank
 # resolving ${now:} on its own can split a run into several folders.
 set -euo pipefail

@@ -57,4 +57,4 @@ def group_options(group: str) -> list[str]:
 @pytest.fixture
 def smoke_overrides(tmp_path):
     """A seconds-long pretraining run writing everything under tmp_path."""
-    return ["+debug=smoke", f"paths.outputs={tmp_path}", "run_name=test"]
+    return ["debug=smoke", f"paths.outputs={tmp_path}", "run_name=test"]

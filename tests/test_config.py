@@ -131,13 +131,13 @@ def test_unknown_group_option_names_the_available_ones():
 def test_missing_data_path_is_reported_by_key():
     config, _ = typed_config(compose_config(["data=text"]))
     with pytest.raises(UserError, match="data.path"):
-        build_source(config.data, config.paths)
+        build_source(config.data, config.paths, world=None)
 
 
 def test_nonexistent_data_path_is_reported(tmp_path):
     config, _ = typed_config(compose_config(["data=text", f"data.path={tmp_path}/nowhere"]))
     with pytest.raises(UserError, match="does not exist"):
-        build_source(config.data, config.paths)
+        build_source(config.data, config.paths, world=None)
 
 
 def test_run_name_defaults_to_the_model_choice():
@@ -154,7 +154,7 @@ def test_experiment_only_states_differences():
 
 
 def test_smoke_debug_shrinks_everything():
-    config, _ = typed_config(compose_config(["+debug=smoke"]))
+    config, _ = typed_config(compose_config(["debug=smoke"]))
     assert config.stage.num_steps <= 10 and config.model.n_embd <= 64
 
 
@@ -165,3 +165,25 @@ def test_launcher_options_compose(launcher, target):
     compose_config([f"hydra/launcher={launcher}"])
     settings = HydraConfig.get().launcher
     assert settings._target_.endswith(target) and settings.timeout_min > 0
+
+
+@pytest.mark.parametrize("stage", group_options("stage"))
+def test_each_stage_has_its_own_schema_and_smoke_sizes(stage):
+    from hybridchat.config import STAGE_SCHEMAS
+
+    config, _ = typed_config(compose_config([f"stage={stage}", "debug=smoke"]))
+    assert type(config.stage) is STAGE_SCHEMAS[stage] and config.stage.name == stage
+    assert config.stage.num_steps <= 10
+
+
+def test_a_key_of_another_stage_is_a_compose_error():
+    typed_config(compose_config(["stage=rag", "stage.max_documents=2"]))
+    with pytest.raises(ConfigCompositionException, match="max_documents"):
+        compose_config(["stage=pretrain", "stage.max_documents=2"])
+
+
+def test_one_world_for_data_and_knowledge_base_validated_at_start():
+    config, _ = typed_config(compose_config(["world.n_people=50", "world.seed=3"]))
+    assert (config.world.n_people, config.world.seed) == (50, 3)
+    with pytest.raises(UserError, match="world.n_people"):
+        typed_config(compose_config(["world.n_people=0"]))

@@ -11,12 +11,13 @@ from hybridchat.config import DataConfig
 from hybridchat.data.loader import token_batches
 from hybridchat.data.sources import files_source, world_source
 from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_or_train
+from hybridchat.data.world import World, WorldConfig
 from hybridchat.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def world_docs():
-    return world_source(DataConfig(world_people=60))
+    return world_source(World.generate(WorldConfig(n_people=60, texts_per_entity=6)))
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +78,7 @@ def test_loader_shards_batches_across_ranks_and_resumes(world_docs, tokenizer):
 
 
 def test_world_pretraining_text_has_no_heldout_people(world_docs):
-    from hybridchat.data.sources import world_config
-    from hybridchat.data.world import World
-
-    world = World.generate(world_config(DataConfig(world_people=60)))
+    world = World.generate(WorldConfig(n_people=60))
     heldout = [d.title for d in world.documents() if d.metadata["split"] == "heldout"]
     text = "\n".join(world_docs("train", 0)) + "\n".join(world_docs("val", 0))
     assert heldout and not [name for name in heldout if name in text]

@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 
+from hybridchat.documents import Document
 from hybridchat.errors import UserError
 from hybridchat.retrieval import knowledge_base as kb_module
 from hybridchat.retrieval.base import MISSING
 from hybridchat.retrieval.config import Bm25Config, ChunkingConfig, DenseConfig, FusionConfig, RetrieverConfig
 from hybridchat.retrieval.dense import DenseRetriever, build_faiss, load_encoder
-from hybridchat.retrieval.documents import Document
 from hybridchat.retrieval.fusion import fuse
 from hybridchat.retrieval.ingest import chunk_documents, token_spans
 from hybridchat.retrieval.knowledge_base import KnowledgeBase, kb_lock
@@ -229,17 +229,24 @@ def test_chunking_by_model_tokens_and_eval_counts_parents_once(tmp_path, encoder
     assert report["two_gold_questions"] == 1
 
 
-def test_default_knowledge_base_is_the_synthetic_world(tmp_path):
+def test_default_knowledge_base_is_the_run_world(tmp_path):
+    from hybridchat.context import world_collection
     from hybridchat.data.world import World, WorldConfig
     from hybridchat.retrieval.factory import build_retriever
 
     assert build_retriever(cfg("none"), tmp_path) is None
-    person = World.generate(WorldConfig(seed=0)).documents()[0]
-    retriever = build_retriever(cfg("bm25"), tmp_path, progress=False)
+    world = WorldConfig(seed=0, n_people=100, n_companies=20)
+    person = World.generate(world).documents()[0]
+    name, _ = world_collection(world)
+    retriever = build_retriever(cfg("bm25"), tmp_path, world_collection(world), progress=False)
     assert retriever.search([f"Where was {person.title} born?"], 3)[0][0].document.id == person.id
-    manifest = (tmp_path / "kb" / "world-seed0" / "manifest.json").stat().st_mtime_ns
-    build_retriever(cfg("bm25"), tmp_path, progress=False)  # cached: not rebuilt
-    assert (tmp_path / "kb" / "world-seed0" / "manifest.json").stat().st_mtime_ns == manifest
+    manifest = (tmp_path / "kb" / name / "manifest.json").stat().st_mtime_ns
+    build_retriever(cfg("bm25"), tmp_path, world_collection(world), progress=False)  # cached: not rebuilt
+    assert (tmp_path / "kb" / name / "manifest.json").stat().st_mtime_ns == manifest
+    other = world_collection(WorldConfig(seed=1, n_people=100, n_companies=20))[0]
+    assert other != name  # another world never reuses this index
+    with pytest.raises(ValueError, match="kb_dir"):
+        build_retriever(cfg("bm25"), tmp_path)
 
 
 def test_bm25_scores_equal_bm25s_own_retrieve(kb):

@@ -14,12 +14,15 @@ from conftest import compose_config
 
 from hybridchat import checkpoint
 from hybridchat.config import ModelConfig, StageConfig
+from hybridchat.context import RunContext
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.errors import UserError
 from hybridchat.loop import build_optimizers, grad_accum_steps
 from hybridchat.model.blocks import PATTERN_PRESETS
 from hybridchat.model.lm import HybridLM
-from hybridchat.train import run, samples
+from hybridchat.runtime import Runtime
+from hybridchat.stages.pretrain import PretrainStage
+from hybridchat.train import run, typed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +38,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    overrides = ["+debug=smoke", f"paths.outputs={out}", "run_name=smoke"]
+    overrides = ["debug=smoke", f"paths.outputs={out}", "run_name=smoke"]
     final_bpb = train(overrides, out / "run")
     return out, overrides, final_bpb
 
@@ -57,20 +60,27 @@ def test_smoke_run_writes_metrics_plot_and_loadable_checkpoint(smoke_run):
     assert final_bpb == pytest.approx(records[-1]["val/bpb"])
 
 
-def test_samples_complete_the_stage_prompts_up_to_a_document_boundary(smoke_run):
-    out, _, _ = smoke_run
-    ckpt = checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain")
-    meta = checkpoint.read_meta(ckpt)
-    model = HybridLM(ModelConfig(**meta["config"]["model"]), meta["architecture"]["vocab_size"])
-    checkpoint.load(ckpt, model)
-    tokenizer = Tokenizer.load(next((out / "cache" / "tokenizers").glob("*.json")))
-    completions = samples(model, tokenizer, ("Settlers founded", "The city of"), max_new_tokens=8)
-    assert [p for p, _ in completions] == ["Settlers founded", "The city of"]
-    assert all(isinstance(c, str) and "<|bos|>" not in c for _, c in completions)
+def test_samples_are_greedy_continuations_up_to_a_document_boundary(smoke_run):
+    """The pretrain stage's samples against a plain loop: full forward, argmax, stop at <|bos|>."""
+    out, overrides, _ = smoke_run
+    model, tokenizer, _ = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain"))
+    config, _ = typed_config(compose_config(overrides, output_dir=out / "run"))
+    ctx = RunContext(config, Runtime(torch.device("cpu"), None), model)
+    completions = PretrainStage(ctx).samples(model, max_new_tokens=8)
+    assert len(completions) == 3
+    for prompt, completion in completions:
+        ids, new = [tokenizer.bos_id] + tokenizer.encode(prompt), []
+        with torch.no_grad():
+            for _ in range(8):
+                token = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+                if token == tokenizer.bos_id:
+                    break
+                new.append(token)
+        assert new and completion == tokenizer.decode(new).strip()
 
 
 def test_resume_gives_the_same_loss_curve(tmp_path):
-    common = ["+debug=smoke", f"paths.outputs={tmp_path}", "stage.checkpoint_every=3", "stage.eval_every=2"]
+    common = ["debug=smoke", f"paths.outputs={tmp_path}", "stage.checkpoint_every=3", "stage.eval_every=2"]
     train(common + ["run_name=straight"], tmp_path / "straight")
     # Interrupt after step 3: a run that has only the step-3 checkpoint, resumed with resume=true.
     ckpts = tmp_path / "checkpoints"
@@ -159,7 +169,7 @@ def test_cfg_job_prints_the_resolved_config():
 
 
 def test_multirun_makes_one_folder_per_job(tmp_path):
-    result = cli("-m", "model=transformer_tiny,mamba_tiny,hybrid_tiny", "+debug=smoke", f"paths.outputs={tmp_path}",
+    result = cli("-m", "model=transformer_tiny,mamba_tiny,hybrid_tiny", "debug=smoke", f"paths.outputs={tmp_path}",
                  "stage.num_steps=2", env={"HYBRIDCHAT_RUN_DIR": str(tmp_path / "sweep")}, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
@@ -168,7 +178,7 @@ def test_multirun_makes_one_folder_per_job(tmp_path):
         assert (job / "metrics.jsonl").exists() and (job / "metrics.png").exists()
     ckpts = sorted(str(p.parent.parent.relative_to(tmp_path / "checkpoints"))
                    for p in (tmp_path / "checkpoints").rglob("step_000002"))
-    assert ckpts == [f"{m}/+debug=smoke,model={m},stage.num_steps=2" for m in ("hybrid_tiny", "mamba_tiny",
+    assert ckpts == [f"{m}/debug=smoke,model={m},stage.num_steps=2" for m in ("hybrid_tiny", "mamba_tiny",
                                                                                 "transformer_tiny")]
 
 
@@ -176,8 +186,8 @@ def test_torchrun_two_cpu_processes_agree(tmp_path):
     """Plain torchrun (no launcher script): both ranks still land in one run folder."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "hybridchat.train", "+debug=smoke", "stage.num_steps=3", f"paths.outputs={tmp_path}", "run_name=ddp",
-         "stage.total_batch_tokens=1024"],
+         "hybridchat.train", "debug=smoke", "stage.num_steps=3", f"paths.outputs={tmp_path}", "run_name=ddp",
+         "stage.total_batch_tokens=4096"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**{k: v for k, v in os.environ.items() if k != "HYBRIDCHAT_RUN_DIR"}, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-8000:]
@@ -196,8 +206,8 @@ def test_torchrun_two_cpu_processes_agree(tmp_path):
 
 def test_submitit_launcher_runs_two_tasks_as_one_ddp_job(tmp_path):
     """The SLURM path (hydra/launcher=slurm) minus the queue: submitit's local executor, 2 tasks."""
-    result = cli("-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "+debug=smoke",
-                 f"paths.outputs={tmp_path}", "stage.num_steps=2", "stage.total_batch_tokens=512", "run_name=sub",
+    result = cli("-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "debug=smoke",
+                 f"paths.outputs={tmp_path}", "stage.num_steps=2", "stage.total_batch_tokens=2048", "run_name=sub",
                  env={"HYBRIDCHAT_RUN_DIR": str(tmp_path / "sweep"), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     job = tmp_path / "sweep" / "0"
@@ -213,7 +223,7 @@ def test_checkpoint_loads_into_the_same_architecture_named_or_inline(tmp_path):
     cfg = ModelConfig(n_layer=2, n_embd=64, n_head=2, n_kv_head=1, block_pattern="all_attention", sequence_len=16)
     model = HybridLM(cfg, vocab_size=100)
     model.init_weights()
-    path = checkpoint.save(tmp_path, 1, model, [], {}, keep=1)
+    path = checkpoint.save(tmp_path, 1, model, [], {}, keep=1, tokenizer=Tokenizer.train(["some text"], 300))
     same = HybridLM(dataclasses.replace(cfg, block_pattern="AA"), vocab_size=100)  # same layers, inline
     checkpoint.load(path, same)
     for (name, a), b in zip(model.state_dict().items(), same.state_dict().values()):
@@ -226,15 +236,15 @@ def test_checkpoint_loads_into_the_same_architecture_named_or_inline(tmp_path):
 
 def test_pretrain_on_your_own_jsonl_files(tmp_path):
     """data=text: a user's JSONL corpus trains end to end (tokenizer, packing, validation split)."""
-    from hybridchat.config import DataConfig
     from hybridchat.data.sources import world_source
+    from hybridchat.data.world import World, WorldConfig
 
-    texts = list(world_source(DataConfig(world_people=60))("train", 0))
+    texts = list(world_source(World.generate(WorldConfig(n_people=60, texts_per_entity=6)))("train", 0))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "part1.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[:150]))
     (corpus / "part2.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[150:]))
-    final_bpb = train(["+debug=smoke", "data=text", f"data.path={corpus}", "data.text_key=body",
+    final_bpb = train(["debug=smoke", "data=text", f"data.path={corpus}", "data.text_key=body",
                        "data.val_fraction=0.1", "data.tokenizer_vocab_size=512", f"paths.outputs={tmp_path}",
                        "run_name=own"], tmp_path / "run")
     records = read_metrics(tmp_path / "run")

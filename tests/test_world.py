@@ -249,14 +249,15 @@ def test_conversations_are_well_formed(world):
         for chat in chats:
             assert 2 <= len(chat) <= 6 and len(chat) % 2 == 0
             assert [t["role"] for t in chat] == ["user", "assistant"] * (len(chat) // 2)
-            assert all(t["content"].endswith(("?", ".")) for t in chat)
-        # One chat per entity of the split, in entity order; replies name it and state its facts.
+            assert all(t["content"].endswith("?") for t in chat[0::2])
+        # One chat per entity of the split, in entity order; each reply is a fact of the entity
+        # or of an entity it links to (2-hop).
         for e, chat in zip([e for e in world.entities if e.split == split], chats):
             linked = [world.entity(t) for t in e.links.values()]
             known = set(e.facts.values()) | {v for x in linked for v in x.facts.values()}
-            for reply in chat[1::2]:
-                assert e.name in reply["content"]
-                assert any(value in reply["content"] for value in known), reply
+            for question, reply in zip(chat[0::2], chat[1::2]):
+                assert e.name in question["content"]
+                assert reply["content"] in known, reply
 
 
 def test_tiny_world():
@@ -306,3 +307,23 @@ def test_bad_arguments(world):
         world.questions("train", 3)
     with pytest.raises(UserError, match="split"):
         world.conversations("test")
+
+
+def test_reading_practice_texts_state_their_answers_about_people_who_exist_nowhere():
+    w = World.generate(WorldConfig(n_people=200, n_companies=20, questions_per_text=3, practice_texts=50))
+    base = World.generate(WorldConfig(n_people=200, n_companies=20, questions_per_text=3))
+    practice = sorted(set(w.pretraining_texts("train")) - set(base.pretraining_texts("train")))
+    assert len(practice) == 50 and w.pretraining_texts("val") == base.pretraining_texts("val")
+    world_words = {word for e in w.entities for word in e.name.split()}
+    made_up = {word for q in w.unanswerable_questions(100) for word in re.findall(r"[A-Z][a-z]+", q.question)}
+    for text in practice:
+        body, *qa = text.split(" Question: ")
+        assert len(qa) == 3
+        for pair in qa:
+            question, answer = pair.split(" Answer: ")
+            assert answer.rstrip(".") in body  # the text states every answer: reading finds it
+        pairs = re.findall(r"\b[A-Z][a-z]+ [A-Z][a-z]+\b", body)
+        name = max(set(pairs), key=pairs.count)  # the person: named in every sentence
+        assert pairs.count(name) >= 5 and all(name in pair for pair in qa)
+        # a fresh name: neither a world entity's words nor an unanswerable question's made-up person
+        assert not set(name.split()) & (world_words | made_up), name

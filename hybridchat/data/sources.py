@@ -10,11 +10,14 @@ import json
 import random
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from hybridchat.config import DataConfig, PathsConfig
 from hybridchat.errors import UserError
 from hybridchat.fsutil import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from hybridchat.data.world import World
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
@@ -22,22 +25,13 @@ FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle
 Source = Callable[[str, int], Iterator[str]]  # (split, epoch) -> documents
 
 
-def world_config(cfg: DataConfig):
-    from hybridchat.data.world import WorldConfig
-
-    return WorldConfig(seed=cfg.world_seed, n_people=cfg.world_people, texts_per_entity=cfg.world_texts_per_entity)
-
-
-def world_source(cfg: DataConfig) -> Source:
-    from hybridchat.data.world import World
-
-    world = World.generate(world_config(cfg))
+def world_source(world: "World") -> Source:
     texts = {"train": world.pretraining_texts("train"), "val": world.pretraining_texts("val")}
 
     def docs(split: str, epoch: int) -> Iterator[str]:
         order = list(texts[split])
         if split == "train":  # a fresh order every epoch, the same order on every rank and on resume
-            random.Random(cfg.world_seed * 1000 + epoch).shuffle(order)
+            random.Random(world.config.seed * 1000 + epoch).shuffle(order)
         return iter(order)
 
     return docs
@@ -54,28 +48,88 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _text_field(where: str, record: object, text_key: str) -> str:
+    """record[text_key] if it is a string, else a UserError naming `where` (file:line or file row)."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object with a string field data.text_key={text_key!r}, "
+                        f"got {type(record).__name__}")
+    if text_key not in record:
+        raise UserError(f"{where}: no field data.text_key={text_key!r} (fields: {sorted(record)[:10]}); "
+                        f"set data.text_key to the field holding the text")
+    text = record[text_key]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field data.text_key={text_key!r} must be a string, got "
+                        f"{'null' if text is None else type(text).__name__}")
+    return _valid_unicode(text)
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may escape lone UTF-16 surrogates ("\\ud800"), which no UTF-8 consumer accepts: they
+    become U+FFFD, as undecodable bytes of .txt files do."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _read(file: Path, text_key: str) -> Iterator[str]:
+    try:
+        yield from _read_unchecked(file, text_key)
+    except OSError as e:
+        raise UserError(f"{file}: cannot be read ({e.strerror or e})") from None
+
+
+def _read_unchecked(file: Path, text_key: str) -> Iterator[str]:
     if file.suffix in (".txt", ".md"):
         yield file.read_text(encoding="utf-8", errors="replace")
     elif file.suffix == ".jsonl":
-        with file.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
+        with file.open("rb") as f:  # decoded per line, so a bad byte is reported at its own line
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{file}:{line_no}: not UTF-8 text ({e.reason} at column {e.start + 1}); "
+                                    f"data=text reads UTF-8 JSONL with a string field "
+                                    f"data.text_key={text_key!r}") from None
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
-                    yield record[text_key]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
                     raise UserError(f"{file}:{line_no}: expected a JSON object with a string field "
-                                    f"data.text_key={text_key!r} ({type(e).__name__}: {e})") from e
+                                    f"data.text_key={text_key!r} ({type(e).__name__}: {_one_line(e)})") from None
+                yield _text_field(f"{file}:{line_no}", record, text_key)
     else:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(file)
-        if text_key not in pf.schema_arrow.names:
-            raise UserError(f"{file}: no column data.text_key={text_key!r}; columns are {pf.schema_arrow.names}")
-        for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
-            yield from batch.column(0).to_pylist()
+        try:
+            pf = pq.ParquetFile(file)
+            names = pf.schema_arrow.names
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise UserError(f"{file}: not a readable parquet file ({_one_line(e)})") from None
+        if text_key not in names:
+            raise UserError(f"{file}: no column data.text_key={text_key!r}; columns are {names}")
+        row = 0
+        try:
+            for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
+                column = batch.column(0)
+                if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                    raise UserError(f"{file}: column data.text_key={text_key!r} must hold strings, it holds "
+                                    f"{column.type}")
+                for text in column.to_pylist():
+                    if text is None:
+                        raise UserError(f"{file}: row {row}: column data.text_key={text_key!r} is null; "
+                                        f"every row needs a string")
+                    yield text
+                    row += 1
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{file}: row {row}: parquet data cannot be read ({_one_line(e)})") from None
 
 
 def files_source(path: Path, cfg: DataConfig) -> Source:
@@ -113,9 +167,10 @@ def download_fineweb(cfg: DataConfig, paths: PathsConfig) -> Path:
     return folder
 
 
-def build_source(cfg: DataConfig, paths: PathsConfig) -> Source:
+def build_source(cfg: DataConfig, paths: PathsConfig, world: Callable[[], "World"]) -> Source:
+    """The pretraining text source; `world` is called only for data=world (the run's one world)."""
     if cfg.name == "world":
-        return world_source(cfg)
+        return world_source(world())
     if cfg.name == "text":
         if not cfg.path:
             raise UserError("data=text needs data.path=<file or folder of .txt/.md/.jsonl/.parquet>")

@@ -17,8 +17,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from hybridchat.documents import Document
 from hybridchat.errors import UserError
-from hybridchat.retrieval.documents import Document
 
 SOURCE = "synthetic-world"
 PHRASINGS = 7  # phrasings per sentence slot; renderings of one entity never share one
@@ -31,11 +31,16 @@ _LIMITS = {
     "n_companies": (1, 10_000),
     "n_universities": (1, 10_000),
     "texts_per_entity": (1, PHRASINGS - 1),  # one phrasing per slot stays unseen for validation
+    "questions_per_text": (0, 5),
+    "practice_texts": (0, 1_000_000),
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class WorldConfig:
+    """The `world` node of the run config: data sources and the default knowledge base both read
+    this one world, so question person-0000 and document person-0000 are the same person."""
+
     seed: int = 0
     n_people: int = 1000
     n_cities: int = 60
@@ -43,6 +48,15 @@ class WorldConfig:
     n_companies: int = 120
     heldout_fraction: float = 0.2  # share of PEOPLE held out (never in pretraining/training text)
     texts_per_entity: int = 3  # differently-phrased pretraining texts per train entity
+    # Questions about a pretraining text appended to it, with their answers ("Question: ... Answer:
+    # ..."): reading practice in pretraining, so looking a fact up in context is already a skill
+    # when the rag stage asks for it on documents (as instruction-augmented pretraining does).
+    questions_per_text: int = 0
+    # Training texts about people who exist nowhere (fresh names, facts recombined from training
+    # people), each followed by questions_per_text questions and answers. Their facts cannot be
+    # remembered from anywhere else: only reading the text in front of it predicts the answers, the
+    # skill the rag stage needs (a model learns to look up in context only where memory cannot help).
+    practice_texts: int = 0
     n_universities: int = 30
 
     def __post_init__(self) -> None:
@@ -325,7 +339,6 @@ def _placeholders(template: str) -> set[str]:
 # ----------------------------------------------------------------------------------------------
 # Relations asked about. A path of one attribute is a 1-hop question; a path of two follows the
 # first attribute's link to another entity and reads the second attribute there (2-hop).
-# Statements answer in a full sentence: {bridge} is the entity reached by the first hop.
 
 
 @dataclass(frozen=True)
@@ -333,7 +346,6 @@ class _Relation:
     name: str
     path: tuple[str, ...]
     questions: tuple[str, ...]
-    statement: str
 
     @property
     def hops(self) -> int:
@@ -344,158 +356,126 @@ _RELATIONS: dict[str, tuple[_Relation, ...]] = {
     "person": (
         _Relation("birth_city", ("birth_city",),
                   ("In which city was {name} born?", "Where was {name} born?",
-                   "What is the birthplace of {name}?", "Which city is {name} originally from?"),
-                  "{name} was born in {answer}."),
+                   "What is the birthplace of {name}?", "Which city is {name} originally from?")),
         _Relation("birth_date", ("birth_date",),
                   ("When was {name} born?", "What is the date of birth of {name}?",
-                   "On what date was {name} born?"),
-                  "{name} was born on {answer}."),
+                   "On what date was {name} born?")),
         _Relation("birth_year", ("birth_year",),
                   ("In what year was {name} born?", "What year was {name} born in?",
-                   "What is the birth year of {name}?"),
-                  "{name} was born in {answer}."),
+                   "What is the birth year of {name}?")),
         _Relation("current_city", ("current_city",),
                   ("Where does {name} live?", "In which city does {name} live?",
-                   "What city is {name} based in?", "Where does {name} currently reside?"),
-                  "{name} lives in {answer}."),
+                   "What city is {name} based in?", "Where does {name} currently reside?")),
         _Relation("employer", ("employer",),
                   ("Which company does {name} work for?", "Who employs {name}?",
-                   "At which company does {name} work?"),
-                  "{name} works for {answer}."),
+                   "At which company does {name} work?")),
         _Relation("profession", ("profession",),
                   ("What is the profession of {name}?", "What does {name} do for a living?",
-                   "What is {name}'s job?"),
-                  "{name} works as {a_answer}."),
+                   "What is {name}'s job?")),
         _Relation("joined", ("joined",),
                   ("In what year did {name} join {employer}?",
                    "Since when has {name} worked at {employer}?",
-                   "When did {name} start working at {employer}?"),
-                  "{name} joined {employer} in {answer}."),
+                   "When did {name} start working at {employer}?")),
         _Relation("university", ("university",),
                   ("Which university did {name} attend?", "Where did {name} study?",
-                   "From which university did {name} graduate?"),
-                  "{name} studied at {answer}."),
+                   "From which university did {name} graduate?")),
         _Relation("field", ("field",),
                   ("What did {name} study?", "What was the field of study of {name}?",
-                   "Which subject did {name} study at university?"),
-                  "{name} studied {answer}."),
+                   "Which subject did {name} study at university?")),
         _Relation("graduated", ("graduated",),
                   ("In what year did {name} graduate?",
                    "When did {name} graduate from {university}?",
-                   "What year did {name} finish university?"),
-                  "{name} graduated from {university} in {answer}."),
+                   "What year did {name} finish university?")),
         _Relation("hobby", ("hobby",),
                   ("What is {name}'s hobby?", "What does {name} enjoy doing in free time?",
-                   "What is the favorite pastime of {name}?"),
-                  "{name} enjoys {answer}."),
+                   "What is the favorite pastime of {name}?")),
         _Relation("birth_country", ("birth_city", "country"),
                   ("In which country was {name} born?", "Which country was {name} born in?",
-                   "What is the country of birth of {name}?"),
-                  "{name} was born in {bridge}, which is in {answer}."),
+                   "What is the country of birth of {name}?")),
         _Relation("residence_country", ("current_city", "country"),
                   ("In which country does {name} live?", "Which country is {name} living in?",
-                   "What country does {name} currently reside in?"),
-                  "{name} lives in {bridge}, a city in {answer}."),
+                   "What country does {name} currently reside in?")),
         _Relation("employer_founder", ("employer", "founder"),
                   ("Who founded the company {name} works for?",
                    "Who is the founder of the company that employs {name}?",
-                   "Who started the company where {name} works?"),
-                  "{name} works for {bridge}, which was founded by {answer}."),
+                   "Who started the company where {name} works?")),
         _Relation("employer_headquarters", ("employer", "headquarters"),
                   ("In which city is the company {name} works for headquartered?",
                    "Where is the company that employs {name} based?",
-                   "In what city does the employer of {name} have its headquarters?"),
-                  "{name} works for {bridge}, which is headquartered in {answer}."),
+                   "In what city does the employer of {name} have its headquarters?")),
         _Relation("employer_industry", ("employer", "industry"),
                   ("In which industry does the employer of {name} operate?",
-                   "What industry is the company {name} works for in?"),
-                  "{name} works for {bridge}, a company in the {answer} industry."),
+                   "What industry is the company {name} works for in?")),
         _Relation("university_city", ("university", "city"),
                   ("In which city did {name} go to university?",
-                   "In what city is the university that {name} attended?"),
-                  "{name} studied at {bridge}, which is located in {answer}."),
+                   "In what city is the university that {name} attended?")),
     ),
     "city": (
         _Relation("country", ("country",),
                   ("In which country is {name}?", "Which country is {name} located in?",
-                   "{name} is a city in which country?"),
-                  "{name} is in {answer}."),
+                   "{name} is a city in which country?")),
         _Relation("population", ("population",),
-                  ("What is the population of {name}?", "How many people live in {name}?"),
-                  "{name} has a population of {answer}."),
+                  ("What is the population of {name}?", "How many people live in {name}?")),
         _Relation("founded", ("founded",),
-                  ("When was {name} founded?", "In what year was {name} founded?"),
-                  "{name} was founded in {answer}."),
+                  ("When was {name} founded?", "In what year was {name} founded?")),
         _Relation("country_capital", ("country", "capital"),
                   ("What is the capital of the country where {name} is located?",
-                   "Which city is the capital of the country that {name} belongs to?"),
-                  "{name} is in {bridge}, whose capital is {answer}."),
+                   "Which city is the capital of the country that {name} belongs to?")),
         _Relation("country_language", ("country", "language"),
                   ("What language is spoken in the country where {name} lies?",
-                   "What is the official language of the country {name} is in?"),
-                  "{name} is in {bridge}, where people speak {answer}."),
+                   "What is the official language of the country {name} is in?")),
         _Relation("country_currency", ("country", "currency"),
                   ("What currency is used in the country where {name} is located?",
-                   "Which currency do people pay with in the country of {name}?"),
-                  "{name} is in {bridge}, which uses the {answer}."),
+                   "Which currency do people pay with in the country of {name}?")),
     ),
     "country": (
         _Relation("capital", ("capital",),
-                  ("What is the capital of {name}?", "Which city is the capital of {name}?"),
-                  "The capital of {name} is {answer}."),
+                  ("What is the capital of {name}?", "Which city is the capital of {name}?")),
         _Relation("language", ("language",),
                   ("What language is spoken in {name}?",
-                   "What is the official language of {name}?"),
-                  "The official language of {name} is {answer}."),
+                   "What is the official language of {name}?")),
         _Relation("currency", ("currency",),
-                  ("What is the currency of {name}?", "Which currency is used in {name}?"),
-                  "The currency of {name} is the {answer}."),
+                  ("What is the currency of {name}?", "Which currency is used in {name}?")),
         _Relation("capital_population", ("capital", "population"),
                   ("What is the population of the capital of {name}?",
-                   "How many people live in the capital of {name}?"),
-                  "The capital of {name} is {bridge}, which has a population of {answer}."),
+                   "How many people live in the capital of {name}?")),
     ),
     "company": (
         _Relation("headquarters", ("headquarters",),
                   ("Where is {name} headquartered?", "In which city is {name} based?",
-                   "Where are the headquarters of {name}?"),
-                  "{name} is headquartered in {answer}."),
+                   "Where are the headquarters of {name}?")),
         _Relation("founded", ("founded",),
-                  ("When was {name} founded?", "In what year was {name} established?"),
-                  "{name} was founded in {answer}."),
+                  ("When was {name} founded?", "In what year was {name} established?")),
         _Relation("industry", ("industry",),
-                  ("What industry is {name} in?", "In which industry does {name} operate?"),
-                  "{name} is a company in the {answer} industry."),
+                  ("What industry is {name} in?", "In which industry does {name} operate?")),
         _Relation("founder", ("founder",),
-                  ("Who founded {name}?", "Who is the founder of {name}?"),
-                  "{name} was founded by {answer}."),
+                  ("Who founded {name}?", "Who is the founder of {name}?")),
         _Relation("headquarters_country", ("headquarters", "country"),
                   ("In which country is {name} headquartered?",
-                   "Which country are the headquarters of {name} in?"),
-                  "{name} is headquartered in {bridge}, which is in {answer}."),
+                   "Which country are the headquarters of {name} in?")),
         _Relation("founder_birth_city", ("founder", "birth_city"),
                   ("Where was the founder of {name} born?",
-                   "In which city was the person who founded {name} born?"),
-                  "{name} was founded by {bridge}, who was born in {answer}."),
+                   "In which city was the person who founded {name} born?")),
     ),
     "university": (
         _Relation("city", ("city",),
-                  ("In which city is {name}?", "Where is {name} located?"),
-                  "{name} is located in {answer}."),
+                  ("In which city is {name}?", "Where is {name} located?")),
         _Relation("founded", ("founded",),
-                  ("When was {name} founded?", "In what year was {name} established?"),
-                  "{name} was founded in {answer}."),
+                  ("When was {name} founded?", "In what year was {name} established?")),
         _Relation("country", ("city", "country"),
-                  ("In which country is {name}?", "Which country is {name} located in?"),
-                  "{name} is in {bridge}, a city in {answer}."),
+                  ("In which country is {name}?", "Which country is {name} located in?")),
     ),
 }
+
+
+_PRACTICE_FACT_GROUPS = (("birth_date", "birth_year"), ("birth_city",), ("current_city",),
+                         ("employer", "joined", "profession"), ("university", "field", "graduated"), ("hobby",))
 
 
 def _template_words() -> set[str]:
     """Every word of the fixed vocabulary, lowercased. Names avoid them: no person is "The In"."""
     texts = [t for slots in _SENTENCES.values() for train, val in slots for t in (*train, val)]
-    texts += [t for rels in _RELATIONS.values() for r in rels for t in (*r.questions, r.statement)]
+    texts += [t for rels in _RELATIONS.values() for r in rels for t in r.questions]
     texts += [*_COMPANY_SUFFIXES, *_UNIVERSITY_PATTERNS, *_PROFESSIONS, *_FIELDS, *_HOBBIES,
               *_INDUSTRIES, *_MONTHS, *_CURRENCY_UNITS]
     return {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)}
@@ -514,7 +494,8 @@ class World:
         return self._by_id[entity_id]
 
     @classmethod
-    def generate(cls, config: WorldConfig = WorldConfig()) -> World:
+    def generate(cls, config: WorldConfig | None = None) -> World:
+        config = config or WorldConfig()
         # One Random drawn in a fixed order: the same config always gives the same world.
         rng = random.Random(config.seed)
         namer = _Namer(rng, _template_words())
@@ -639,8 +620,37 @@ class World:
             entity_rng = random.Random(f"{self.config.seed}/phrasing/{e.id}")  # same for both splits
             offsets = [entity_rng.randrange(PHRASINGS) for _ in _SENTENCES[e.kind]]
             for k in [n] if split == "val" else range(n):
-                texts.append(self._render(e, [o + k for o in offsets], rng=rng))
+                text = self._render(e, [o + k for o in offsets], rng=rng)
+                one_hop = [r for r in _RELATIONS[e.kind] if r.hops == 1]
+                for rel in rng.sample(one_hop, min(self.config.questions_per_text, len(one_hop))):
+                    question = rng.choice(rel.questions).format(name=e.name, **e.facts)
+                    text += f" Question: {question} Answer: {self._follow(e, rel.path)[1]}."
+                texts.append(text)
+        if split == "train":
+            texts += self._practice_texts(rng)
         rng.shuffle(texts)
+        return texts
+
+    def _practice_texts(self, rng: random.Random) -> list[str]:
+        words = {w.lower() for e in self.entities for w in re.findall(r"[A-Za-z]+", e.name)}
+        namer = _Namer(random.Random(f"{self.config.seed}/practice-names"), words | _template_words())
+        donors = [e for e in self._split_entities("train") if e.kind == "person"]
+        if not donors:
+            return []
+        one_hop = [r for r in _RELATIONS["person"] if r.hops == 1]
+        texts = []
+        for i in range(self.config.practice_texts):
+            # Each group of facts from a random training person: plausible values that agree with
+            # each other (a birth date and its year), in a combination no one has.
+            facts = {key: donor.facts[key] for group in _PRACTICE_FACT_GROUPS for donor in [rng.choice(donors)]
+                     for key in group}
+            person = Entity(f"practice-{i}", "person", f"{namer.word('', (1, 2))} {namer.word()}", "practice",
+                            facts, {})
+            text = self._render(person, [rng.randrange(PHRASINGS) for _ in _SENTENCES["person"]], rng=rng)
+            for rel in rng.sample(one_hop, min(self.config.questions_per_text, len(one_hop))):
+                question = rng.choice(rel.questions).format(**{**facts, "name": person.name})
+                text += f" Question: {question} Answer: {facts[rel.path[0]]}."
+            texts.append(text)
         return texts
 
     def _render(self, e: Entity, choice: list[int], rng: random.Random | None = None) -> str:
@@ -678,7 +688,8 @@ class World:
         return out
 
     def conversations(self, split: str) -> list[list[dict]]:
-        """One chat of 1-3 question/answer turns per entity of the split, answers as sentences."""
+        """One chat of 1-3 question/answer turns per entity of the split. Replies are the short
+        answer itself (as in the questions), so a closed-book answer scores by exact match."""
         _check_choice("split", split, ("train", "heldout"))
         rng = random.Random(f"{self.config.seed}/conversations/{split}")
         out = []
@@ -686,12 +697,10 @@ class World:
             relations = _RELATIONS[e.kind]
             turns = []
             for rel in rng.sample(relations, rng.randint(1, min(3, len(relations)))):
-                chain, answer = self._follow(e, rel.path)
+                _, answer = self._follow(e, rel.path)
                 question = rng.choice(rel.questions).format(name=e.name, **e.facts)
-                reply = rel.statement.format(name=e.name, answer=answer, a_answer=_article(answer),
-                                             bridge=chain[-1].name, **e.facts)
                 turns.append({"role": "user", "content": question})
-                turns.append({"role": "assistant", "content": reply})
+                turns.append({"role": "assistant", "content": answer})
             out.append(turns)
         return out
 
@@ -706,8 +715,7 @@ class World:
         firsts = list(dict.fromkeys(e.name.split(" ")[0] for e in people))
         lasts = list(dict.fromkeys(e.name.split(" ")[1] for e in people))
         existing = {e.name for e in people}
-        # Half the free combinations at most, so rejection sampling below stays quick.
-        limit = (len(firsts) * len(lasts) - len(existing)) // 2
+        limit = self.unanswerable_capacity()
         if not isinstance(n, int) or not 0 <= n <= limit:
             raise UserError(
                 f"number of unanswerable questions must be an integer in [0, {limit}], got {n!r}")
@@ -726,6 +734,22 @@ class World:
             out.append(Question(id=f"unanswerable-{len(out):05d}", question=question, answers=(),
                                 gold_doc_ids=(), hops=rel.hops, split="unanswerable"))
         return out
+
+    def unanswerable_capacity(self) -> int:
+        """How many made-up people unanswerable_questions can name: half the free first/last name
+        combinations at most, so its rejection sampling stays quick."""
+        people = [e.name.split(" ") for e in self.entities if e.kind == "person"]
+        firsts, lasts = {p[0] for p in people}, {p[1] for p in people}
+        return (len(firsts) * len(lasts) - len(people)) // 2
+
+    def unanswerable_split(self, split: str, n: int) -> list[Question]:
+        """n unanswerable questions of one split: of the made-up people in generation order, every
+        fifth is kept for evaluation ("heldout"), the others are for training ("train"), so no
+        made-up name is ever in both."""
+        _check_choice("split", split, ("train", "heldout"))
+        want = 5 * n if split == "heldout" else n + -(-n // 4)
+        pool = self.unanswerable_questions(want)
+        return [q for i, q in enumerate(pool) if (i % 5 == 0) == (split == "heldout")][:n]
 
     def _split_entities(self, split: str) -> list[Entity]:
         # "heldout" is only people; "train" is the train people plus every non-person entity.

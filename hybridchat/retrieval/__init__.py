@@ -4,13 +4,13 @@
     retriever = build_retriever(RetrieverConfig(kind="hybrid"), cache_dir)
     hits = retriever.search(["Where was Ada Vell born?"], top_k=3)[0]   # list[Hit]
 
-Attributes are imported lazily so `hybridchat.retrieval.documents` stays cheap to import.
+Attributes are imported lazily, so importing the package costs nothing until one is used.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "Document": "documents", "Hit": "base", "Retriever": "base", "RetrieverConfig": "config",
+    "Hit": "base", "Retriever": "base", "RetrieverConfig": "config",
     "KnowledgeBase": "knowledge_base", "build_retriever": "factory", "open_knowledge_base": "factory",
 }
 

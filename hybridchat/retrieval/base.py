@@ -13,7 +13,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from hybridchat.retrieval.documents import Document
+from hybridchat.documents import Document
 
 MISSING = -1  # an empty result slot, as FAISS reports it
 
@@ -31,12 +31,23 @@ class Retriever(Protocol):
 
 
 def filter_mask(documents: Sequence[Document], filters: Mapping[str, Any] | None) -> np.ndarray | None:
-    """Documents whose metadata matches every filter: key == value, or key in value for a list."""
+    """Documents whose metadata matches every filter: key == value, or key in value for a list (a
+    list-valued metadata field matches when any of its elements does)."""
     if not filters:
         return None
     allowed = {k: set(v) if isinstance(v, (list, tuple, set)) else {v} for k, v in filters.items()}
-    return np.fromiter((all(d.metadata.get(k) in vs for k, vs in allowed.items()) for d in documents),
+    return np.fromiter((all(_matches(d.metadata.get(k), vs) for k, vs in allowed.items()) for d in documents),
                        dtype=bool, count=len(documents))
+
+
+def _matches(value: Any, allowed: set) -> bool:
+    """A metadata value matches when it is allowed; a list value (tags) when any element is."""
+    if isinstance(value, (list, tuple)):
+        return any(_matches(v, allowed) for v in value)
+    try:
+        return value in allowed
+    except TypeError:  # unhashable (a dict): equal to no filter value
+        return False
 
 
 def top_k_positive(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

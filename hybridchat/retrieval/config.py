@@ -57,9 +57,8 @@ class FusionConfig:
 class RetrieverConfig:
     kind: str = "none"  # none | simple | bm25 | dense | hybrid
     top_k: int = 3
-    # None = the synthetic world's documents, built on demand under the caller's cache dir.
+    # None = the synthetic world's documents (the run's `world` node), built on demand under the cache dir.
     kb_dir: Optional[str] = None
-    world_seed: int = 0
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     bm25: Bm25Config = field(default_factory=Bm25Config)
     dense: DenseConfig = field(default_factory=DenseConfig)

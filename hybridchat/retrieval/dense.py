@@ -17,9 +17,9 @@ from typing import Sequence
 import faiss
 import numpy as np
 
+from hybridchat.documents import Document
 from hybridchat.errors import UserError
 from hybridchat.retrieval.base import RankedRetriever
-from hybridchat.retrieval.documents import Document
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
 INDEX_TYPES = ("flat", "hnsw", "ivf")

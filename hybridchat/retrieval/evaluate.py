@@ -26,25 +26,52 @@ class GoldQuestion:
     gold_doc_ids: list[str]
 
 
-def read_questions(path: str | Path) -> list[GoldQuestion]:
+def read_questions(path: str | Path, require_gold: bool = True) -> list[GoldQuestion]:
+    """Questions JSONL: one object per line with 'question', 'gold_doc_ids' and optional 'answers'.
+    require_gold=False (answer evaluation): 'gold_doc_ids' may be empty or left out, as for an
+    unanswerable question (empty 'answers'). Every problem is a UserError naming the file (and line)."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            q, gold = (obj.get("question"), obj.get("gold_doc_ids")) if isinstance(obj, dict) else (None, None)
-            if not isinstance(q, str) or not q.strip():
-                raise UserError(f"{path}:{lineno}: needs a non-empty 'question' string")
-            if not isinstance(gold, list) or not gold or not all(isinstance(g, str) for g in gold):
-                raise UserError(f"{path}:{lineno}: needs 'gold_doc_ids', a non-empty list of document ids")
-            out.append(GoldQuestion(q, [str(a) for a in obj.get("answers") or []], gold))
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                out.extend(_question(path, lineno, raw, require_gold))
+    except OSError as e:
+        raise UserError(f"--questions {path}: cannot be read ({e.strerror or e}); give a JSONL file with "
+                        f"question, answers, gold_doc_ids") from None
     if not out:
         raise UserError(f"{path}: no questions")
     return out
+
+
+def _question(path, lineno: int, raw: bytes, require_gold: bool = True) -> list[GoldQuestion]:
+    """The question on one line ([] for a blank line)."""
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
+    if not line.strip():
+        return []
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # integers too long to convert, nesting too deep
+        raise UserError(f"{path}:{lineno}: invalid JSON ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    q, gold, answers = ((obj.get("question"), obj.get("gold_doc_ids"), obj.get("answers")) if isinstance(obj, dict)
+                        else (None, None, None))
+    if not isinstance(q, str) or not q.strip():
+        raise UserError(f"{path}:{lineno}: needs a non-empty 'question' string")
+    if gold is None and not require_gold:
+        gold = []
+    if not isinstance(gold, list) or (require_gold and not gold) or not all(isinstance(g, str) for g in gold):
+        raise UserError(f"{path}:{lineno}: needs 'gold_doc_ids', a {'non-empty ' if require_gold else ''}list of "
+                        f"document ids")
+    if answers is None:
+        answers = []
+    if not isinstance(answers, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
+                                                for a in answers):
+        raise UserError(f"{path}:{lineno}: 'answers' must be a list of strings (or left out)")
+    return [GoldQuestion(q, [str(a) for a in answers], gold)]
 
 
 def ranked_parents(hits, n: int) -> list[str]:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from hybridchat.documents import Document
 from hybridchat.errors import UserError
 from hybridchat.retrieval.config import ChunkingConfig
-from hybridchat.retrieval.documents import Document
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -47,20 +47,33 @@ def _record_to_document(obj: object, source: str) -> Document:
     metadata = obj.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"document {doc_id!r}: 'metadata' must be a JSON object")
-    return Document(id=doc_id, title=title, text=text, metadata=metadata,
-                    source=str(obj.get("source") or source))
+    doc = Document(id=doc_id, title=title, text=text, metadata=metadata, source=str(obj.get("source") or source))
+    try:  # JSON can escape lone UTF-16 surrogates ("\ud800"): not text, and documents.jsonl is UTF-8
+        json.dumps(doc.to_json(), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"document {doc_id!r} contains a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                         f"which is not valid Unicode text") from None
+    return doc
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Document | ValueError]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line: a bad byte is one bad record, named by its line
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield where, ValueError(f"not UTF-8 text ({e.reason} at column {e.start + 1})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 yield where, ValueError(f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            except (ValueError, RecursionError) as e:  # integers too long to convert, nesting too deep
+                yield where, ValueError(f"invalid JSON ({type(e).__name__}: {' '.join(str(e).split())})")
                 continue
             try:
                 yield where, _record_to_document(obj, source=str(path))

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Iterator, Sequence
 import faiss
 import numpy as np
 
+from hybridchat.documents import Document
 from hybridchat.errors import UserError
 from hybridchat.fsutil import atomic_directory
 from hybridchat.retrieval.base import RankedRetriever
@@ -42,11 +44,10 @@ from hybridchat.retrieval.dense import (
     load_encoder,
     resolve_model,
 )
-from hybridchat.retrieval.documents import Document
 from hybridchat.retrieval.fusion import HybridRetriever
 from hybridchat.retrieval.ingest import chunk_documents, token_spans, validate_chunking, word_spans
 from hybridchat.retrieval.simple import TfidfRetriever, build_tfidf
-from hybridchat.retrieval.text import document_text
+from hybridchat.retrieval.text import analyze, document_text
 
 FORMAT_VERSION = 1
 INDEXES = ("simple", "bm25", "dense")
@@ -107,6 +108,36 @@ def prepare_documents(docs: Sequence[Document], chunking: ChunkingConfig, model:
     return chunk_documents(list(docs), chunking, splitter)
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _read_documents(file: Path) -> list[Document]:
+    """documents.jsonl as written by _write; damage is a UserError naming the file and line."""
+    documents = []
+    try:
+        with open(file, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                    if not isinstance(obj, dict):
+                        raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
+                    doc = Document.from_json(obj)
+                    for name in ("id", "title", "text", "source"):
+                        if not isinstance(getattr(doc, name), str):
+                            raise TypeError(f"{name!r} must be a string")
+                    if not isinstance(doc.metadata, dict):
+                        raise TypeError("'metadata' must be a JSON object")
+                except (ValueError, KeyError, TypeError, RecursionError) as e:
+                    raise UserError(f"{file}:{lineno}: damaged document record ({type(e).__name__}: "
+                                    f"{_one_line(e)}); rebuild the knowledge base "
+                                    f"(python -m hybridchat.kb build FILES --kb {file.parent})") from None
+                documents.append(doc)
+    except OSError as e:
+        raise UserError(f"{file}: cannot be read ({e.strerror or e}); rebuild the knowledge base") from None
+    return documents
+
+
 class KnowledgeBase:
     def __init__(self, path: Path, manifest: dict, documents: list[Document]):
         self.path, self.manifest, self.documents = path, manifest, documents
@@ -122,13 +153,23 @@ class KnowledgeBase:
         try:
             manifest = json.loads((path / "manifest.json").read_text("utf-8"))
             version = int(manifest["format_version"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}/manifest.json: unreadable ({e}); rebuild the knowledge base") from None
+            for key, kind in (("indexes", dict), ("chunking", dict), ("num_chunks", int),
+                              ("num_documents", int), ("documents_sha256", str)):
+                if not isinstance(manifest[key], kind):
+                    raise TypeError(f"{key!r} must be a {kind.__name__}")
+            if not all(isinstance(v, dict) for v in manifest["indexes"].values()):
+                raise TypeError("'indexes' must map index names to settings")
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            raise UserError(f"{path}/manifest.json: unreadable ({_one_line(e)}); rebuild the knowledge base "
+                            f"(python -m hybridchat.kb build FILES --kb {path})") from None
         if version > FORMAT_VERSION:
             raise UserError(f"{path}: knowledge base format version {version} is newer than this "
                             f"hybridchat reads (<= {FORMAT_VERSION}); upgrade hybridchat or rebuild it")
-        with open(path / "documents.jsonl", encoding="utf-8") as f:
-            documents = [Document.from_json(json.loads(line)) for line in f]
+        documents = _read_documents(path / "documents.jsonl")
+        if len(documents) != manifest["num_chunks"]:
+            raise UserError(f"{path}/documents.jsonl: holds {len(documents)} documents but manifest.json says "
+                            f"{manifest['num_chunks']}: the knowledge base is damaged; rebuild it "
+                            f"(python -m hybridchat.kb build FILES --kb {path})")
         return cls(path, manifest, documents)
 
     @property
@@ -164,20 +205,29 @@ class KnowledgeBase:
         if cfg.kind == "none":
             return None
         if cfg.kind == "simple":
-            return TfidfRetriever(self.documents, self.path / "simple")
+            return self._load_index("simple", lambda: TfidfRetriever(self.documents, self.path / "simple"))
         if cfg.kind in ("bm25", "hybrid"):
-            bm25 = (Bm25sRetriever(self.documents, self.path / "bm25") if cfg.bm25.backend == "bm25s"
-                    else RankBm25Retriever(self.documents, cfg.bm25.k1, cfg.bm25.b))
+            bm25 = (self._load_index("bm25", lambda: Bm25sRetriever(self.documents, self.path / "bm25"))
+                    if cfg.bm25.backend == "bm25s" else RankBm25Retriever(self.documents, cfg.bm25.k1, cfg.bm25.b))
             if cfg.kind == "bm25":
                 return bm25
         d = cfg.dense
-        dense = DenseRetriever(self.documents, faiss.read_index(str(self.path / "dense" / "index.faiss")),
-                               self.encoder(d.device), d.batch_size, d.nprobe, d.hnsw_ef_search,
-                               self.indexes["dense"].get("precision", "float32"))
+        index = self._load_index("dense", lambda: faiss.read_index(str(self.path / "dense" / "index.faiss")))
+        dense = DenseRetriever(self.documents, index, self.encoder(d.device), d.batch_size, d.nprobe,
+                               d.hnsw_ef_search, self.indexes["dense"].get("precision", "float32"))
         if cfg.kind == "dense":
             return dense
         f = cfg.fusion
         return HybridRetriever([bm25, dense], f.weights, f.method, f.rrf_k, f.depth)
+
+    def _load_index(self, name: str, load):
+        """Open one index's files; damage (truncated, foreign, missing files) is one clear error."""
+        try:
+            return load()
+        except (OSError, ValueError, KeyError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+            raise UserError(f"{self.path}/{name}: the {name} index is damaged ({type(e).__name__}: "
+                            f"{_one_line(e)}); rebuild the knowledge base "
+                            f"(python -m hybridchat.kb build FILES --kb {self.path})") from None
 
     # ---- writing (each returns the newly opened knowledge base) ------------------------------
 
@@ -297,6 +347,10 @@ class KnowledgeBase:
                     build_tfidf(texts, tmp / name)
                     built[name] = settings
                 elif name == "bm25":
+                    if not any(analyze(texts)):  # bm25s cannot index an empty vocabulary
+                        raise UserError(f"{path}: no document has a word the bm25 index can use (only stop "
+                                        f"words, one-letter words or punctuation); add documents with text "
+                                        f"or build with --retrievers simple,dense")
                     build_bm25(texts, tmp / name, settings["k1"], settings["b"])
                     built[name] = settings
                 else:

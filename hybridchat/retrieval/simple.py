@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from hybridchat.documents import Document
 from hybridchat.retrieval.base import RankedRetriever, top_k_sparse
-from hybridchat.retrieval.documents import Document
 from hybridchat.retrieval.text import analyze
 
 QUERY_BATCH = 256  # queries scored per sparse product

@@ -1,33 +1,89 @@
-"""Stages say what a batch looks like and where the loss is; the one training loop does the rest.
+"""Stages: what a batch looks like, where the loss is, how the model is judged. One loop runs them all.
 
-A stage is built from the run's pieces and returns a `Stage`: its train batches from a global batch
-index on (so a resumed run continues where it stopped), a fixed list of validation batches, and the
-stage whose final checkpoint initialises it (None: train from scratch).
+A stage is built from the run's pieces (`RunContext`) and overrides hooks, like a Lightning module:
+
+    train_batches(start, rank, world_size)  its batches from a global batch index on (resume = skip)
+    training_step(model, batch)             the loss; default: next-token loss where targets != -1
+    val_batches()                           one fixed validation set, the same on every world size
+    evaluate(model)                         metrics dict; default: bits per byte on val_batches()
+    samples(model)                          (prompt, completion) pairs shown after training
+
+`source` names the stage whose final checkpoint initialises this one (None: from scratch);
+`monitor` is the metric a sweep optimises and the summary reports.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator
+import math
+from typing import Iterator
 
+import torch
+import torch.distributed as dist
+
+from hybridchat.context import RunContext
 from hybridchat.data.loader import Batch
 from hybridchat.errors import UserError
 
 
-@dataclass(frozen=True)
 class Stage:
-    name: str
-    source: str | None
-    train_batches: Callable[[int, int, int], Iterator[Batch]]  # (start, rank, world_size) -> batches
-    val_batches: Callable[[int, int], list[Batch]]              # (rank, world_size) -> batches
-    sample_prompts: tuple[str, ...] = ()                        # completed greedily after training
-    reads_documents: bool = False                               # uses the `retriever` group
+    name = "stage"
+    reads_documents = False            # uses the `retriever` group
+    monitor = "val/bpb"
+    monitor_higher_is_better = False
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.config = ctx.config.stage
+        self.source = self.config.source
+
+    def train_batches(self, start: int, rank: int, world_size: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def val_batches(self) -> list[Batch]:
+        raise NotImplementedError
+
+    def training_step(self, model, batch: Batch) -> torch.Tensor:
+        return model(batch["inputs"], batch["targets"])
+
+    def evaluate(self, model) -> dict[str, float]:
+        return {"val/bpb": evaluate_bpb(model, self.val_batches(), self.ctx)}
+
+    def samples(self, model) -> list[tuple[str, str]]:
+        return []
 
 
-def build_stage(name: str, **pieces) -> Stage:
-    from hybridchat.stages import pretrain
+@torch.no_grad()
+def evaluate_bpb(model, batches: list[Batch], ctx: RunContext) -> float:
+    """Bits per byte: summed loss over target tokens / (ln 2 x their UTF-8 bytes). Independent of the
+    vocabulary, so runs with different tokenizers compare. Special tokens (0 bytes) are left out.
+    Rank r scores batches r, r + world_size, ...: the sums, and so the result, do not depend on
+    the number of ranks."""
+    rt = ctx.runtime
+    token_bytes = ctx.tokenizer.token_bytes().to(rt.device)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for batch in batches[rt.rank::rt.world_size]:
+        inputs, targets = batch["inputs"].to(rt.device), batch["targets"].to(rt.device)
+        with rt.autocast():
+            losses = model(inputs, targets, reduction="none")
+        flat = targets.reshape(-1)
+        nbytes = torch.where(flat >= 0, token_bytes[flat.clamp(min=0)], 0)
+        totals[0] += (losses.double() * (nbytes > 0)).sum()
+        totals[1] += nbytes.sum()
+    if rt.distributed:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    return (totals[0] / (math.log(2) * totals[1].clamp(min=1))).item()
 
-    builders = {"pretrain": pretrain.build}
-    if name not in builders:
-        raise UserError(f"stage.name={name!r} is unknown; allowed: {sorted(builders)}")
-    return builders[name](**pieces)
+
+def build_stage(ctx: RunContext) -> Stage:
+    from hybridchat.stages.mid import MidStage
+    from hybridchat.stages.pretrain import PretrainStage
+    from hybridchat.stages.rag import RagStage
+
+    stages = {s.name: s for s in (PretrainStage, MidStage, RagStage)}
+    name = ctx.config.stage.name
+    if name not in stages:
+        raise UserError(f"stage.name={name!r} is unknown; allowed: {sorted(stages)}")
+    return stages[name](ctx)

@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from itertools import islice
 
-from hybridchat.config import Config
 from hybridchat.data.loader import token_batches
-from hybridchat.data.sources import Source
-from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.engine import Engine
 from hybridchat.stages import Stage
 
 
-def build(cfg: Config, tokenizer: Tokenizer, source: Source) -> Stage:
-    batch, seq = cfg.gpu.micro_batch, cfg.model.sequence_len
+class PretrainStage(Stage):
+    name = "pretrain"
 
-    def train_batches(start: int, rank: int, world_size: int):
-        return token_batches(source, "train", tokenizer, batch, seq, rank, world_size, start=start, loop=True)
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.text = ctx.text
+        self.batch_size, self.seq_len = ctx.config.gpu.micro_batch, ctx.config.model.sequence_len
 
-    def val_batches(rank: int, world_size: int):
-        stream = token_batches(source, "val", tokenizer, batch, seq, rank, world_size, loop=False)
-        return list(islice(stream, cfg.stage.eval_batches))
+    def train_batches(self, start, rank, world_size):
+        return token_batches(self.text, "train", self.ctx.tokenizer, self.batch_size, self.seq_len, rank, world_size,
+                             start=start, loop=True)
 
-    # The first words of a few validation texts: after training the model should go on to state
-    # the facts about that entity (it has seen them, in other phrasings).
-    prompts = tuple(" ".join(text.split()[:5]) for text in islice(source("val", 0), 3))
-    return Stage(name="pretrain", source=cfg.stage.source, train_batches=train_batches, val_batches=val_batches,
-                 sample_prompts=prompts)
+    @cached_property
+    def _val(self):
+        stream = token_batches(self.text, "val", self.ctx.tokenizer, self.batch_size, self.seq_len, loop=False)
+        return list(islice(stream, self.config.eval_batches))
+
+    def val_batches(self):
+        return self._val
+
+    def samples(self, model, max_new_tokens: int = 32):
+        """Greedy completions of the first words of a few validation texts, up to the next document
+        boundary: the model should go on to state facts about that entity (seen in other phrasings)."""
+        tok = self.ctx.tokenizer
+        prompts = [" ".join(text.split()[:5]) for text in islice(self.text("val", 0), 3)]
+        result = Engine(model).generate([[tok.bos_id] + tok.encode(p) for p in prompts], max_new_tokens=max_new_tokens,
+                                        temperature=0, stop_tokens=[tok.bos_id])
+        return [(p, tok.decode(tokens).strip()) for p, tokens in zip(prompts, result.tokens)]

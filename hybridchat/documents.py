@@ -1,4 +1,6 @@
-"""The document record shared by the synthetic world, knowledge bases and retrievers."""
+"""The document record shared by data sources (the synthetic world), knowledge bases and retrievers.
+
+A neutral module: `data/` and `retrieval/` both use it without importing each other."""
 
 from __future__ import annotations
 

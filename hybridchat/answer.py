@@ -1,0 +1,150 @@
+"""Answering a question from documents: the prompt, the reply format, generation and confidence.
+
+One place for what the rag stage trains, and what its evaluation, the evaluator and the chat CLI
+read back. A reply is either the number of the document the answer comes from, then the short
+answer, "[2] Vellport", or the abstention ABSTAIN when the documents shown do not hold the answer.
+Citing first splits the decision in the order a reader makes it: answer or abstain (the first
+token), which document (the number), then a copy from that document, which the number marks.
+Retrieval is the caller's: an Answerer is given the documents (or none: closed-book).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from hybridchat.data.chat import ChatRenderer
+from hybridchat.documents import Document
+from hybridchat.engine import Engine, TokenCallback
+from hybridchat.metrics import exact_match, normalize_answer, token_f1
+
+ABSTAIN = "The documents do not say."
+_CITATION = re.compile(r"\s*\[(\d+)\]\s*")
+
+
+def format_reply(answer: str | None, citation: int | None = None) -> str:
+    """The reply the model learns: its source's number and the answer, ABSTAIN for answer None."""
+    if answer is None:
+        return ABSTAIN
+    return f"[{citation}] {answer}" if citation is not None else answer
+
+
+def parse_reply(reply: str) -> tuple[str, list[int], bool]:
+    """(answer without citations, cited document numbers, abstained)."""
+    citations = [int(n) for n in _CITATION.findall(reply)]
+    answer = " ".join(_CITATION.sub(" ", reply).split())
+    return answer, citations, answer == ABSTAIN
+
+
+def fit_prompt(renderer: ChatRenderer, question: str, documents: Sequence[Document] | None,
+               max_tokens: int) -> tuple[list[int], list[Document]]:
+    """The prompt and the documents it holds: the lowest-ranked are dropped until it fits max_tokens
+    (documents=None: closed-book, no documents section at all)."""
+    if documents is None:
+        return renderer.prompt([{"role": "user", "content": question}]), []
+    docs = list(documents)
+    while True:
+        ids = renderer.prompt([{"role": "user", "content": question, "documents": docs}])
+        if len(ids) <= max_tokens or not docs:
+            return ids, docs
+        docs.pop()
+
+
+@dataclass
+class Answer:
+    question: str
+    reply: str                 # what the model wrote
+    answer: str                # the reply without citations
+    citations: list[int]       # document numbers cited, 1-based
+    abstained: bool
+    confidence: float          # 1 - P(the model writes ABSTAIN): high = sure the documents answer it
+    documents: list[Document] = field(default_factory=list)  # as shown, after fitting the context
+    dropped: int = 0           # lowest-ranked documents left out to fit the context
+    seconds: float = 0.0       # wall time of this question's batch, per question
+    closed_book: bool = False  # asked without a documents section
+
+    @property
+    def cited(self) -> list[Document]:
+        return [self.documents[n - 1] for n in self.citations if 1 <= n <= len(self.documents)]
+
+
+class Answerer:
+    def __init__(self, model, tokenizer, max_context: int, max_answer_tokens: int = 24, batch_size: int = 32):
+        self.model, self.tokenizer = model, tokenizer
+        self.renderer = ChatRenderer(tokenizer)
+        self.max_context, self.max_answer_tokens, self.batch_size = max_context, max_answer_tokens, batch_size
+        self.abstain_ids = tokenizer.encode(ABSTAIN) + [self.renderer.assistant[1]]
+
+    def prompt(self, question: str, documents: Sequence[Document] | None) -> tuple[list[int], list[Document]]:
+        return fit_prompt(self.renderer, question, documents, self.max_context - self.max_answer_tokens - 1)
+
+    @torch.no_grad()
+    def answer(self, questions: Sequence[str], documents: Sequence[Sequence[Document]] | None = None,
+               on_token: TokenCallback | None = None) -> list[Answer]:
+        """Greedy replies to every question (documents[i] for question i; None: closed-book).
+        on_token(i, token) sees each token as it is sampled (i counts within a batch)."""
+        out: list[Answer] = []
+        for lo in range(0, len(questions), self.batch_size):
+            batch = questions[lo:lo + self.batch_size]
+            shown = [None] * len(batch) if documents is None else documents[lo:lo + self.batch_size]
+            prompts = [self.prompt(q, d) for q, d in zip(batch, shown)]
+            t0 = time.perf_counter()
+            result = Engine(self.model).generate([p for p, _ in prompts], max_new_tokens=self.max_answer_tokens,
+                                                 temperature=0, stop_tokens=[self.renderer.assistant[1]],
+                                                 on_token=on_token)
+            confidence = 1 - self.abstain_probability([p for p, _ in prompts])
+            seconds = (time.perf_counter() - t0) / len(batch)
+            for i, (q, (_, docs), tokens) in enumerate(zip(batch, prompts, result.tokens)):
+                reply = self.tokenizer.decode(tokens).strip()
+                answer, citations, abstained = parse_reply(reply)
+                given = 0 if shown[i] is None else len(shown[i])
+                out.append(Answer(q, reply, answer, citations, abstained, float(confidence[i]), docs,
+                                  given - len(docs), seconds, closed_book=shown[i] is None))
+        return out
+
+    def abstain_probability(self, prompts: Sequence[list[int]]) -> torch.Tensor:
+        """P(reply == ABSTAIN | prompt) per prompt, teacher-forced in one right-padded forward."""
+        n = len(self.abstain_ids)
+        rows = [p + self.abstain_ids for p in prompts]
+        width = max(len(r) for r in rows)
+        device = next(self.model.parameters()).device
+        idx = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+        was_training = self.model.training
+        self.model.eval()
+        logprobs = self.model(idx).float().log_softmax(-1)
+        self.model.train(was_training)
+        total = torch.zeros(len(rows), dtype=torch.float64)
+        for row, p in enumerate(prompts):
+            positions = torch.arange(len(p) - 1, len(p) - 1 + n, device=device)
+            total[row] = logprobs[row, positions, torch.tensor(self.abstain_ids, device=device)].sum().double().cpu()
+        return total.exp()
+
+
+def holds(document: Document, answer: str) -> bool:
+    """Whether the document's text states the answer (normalised containment)."""
+    needle = normalize_answer(answer)
+    return bool(needle) and f" {needle} " in f" {normalize_answer(document.text)} "
+
+
+def score(answer: Answer, answers: Sequence[str], gold_doc_ids: Sequence[str] = ()) -> dict[str, float | None]:
+    """Per-question scores; None where a score does not apply (citation accuracy is only defined on
+    correct answers, false abstention only on answerable questions, ...). Empty `answers` means the
+    question is unanswerable: abstaining is right, any answer is a hallucination."""
+    answerable = bool(answers)
+    correct = answerable and not answer.abstained and exact_match(answer.answer, answers) == 1.0
+    gold = set(gold_doc_ids)
+    return {
+        "em": float(correct) if answerable else None,
+        "f1": (0.0 if answer.abstained else token_f1(answer.answer, answers)) if answerable else None,
+        "hallucination": float(not answer.abstained and not correct),
+        "abstain": float(answer.abstained),
+        "false_abstention": float(answer.abstained) if answerable else None,
+        "citation": float(any(holds(d, a) for d in answer.cited for a in answers)) if correct else None,
+        "gold_in_context": (float(any(d.parent_id in gold for d in answer.documents))
+                            if gold and not answer.closed_book else None),
+        "confidence": answer.confidence,
+    }

@@ -1,0 +1,81 @@
+"""The run's pieces, built once and handed to stages: config, runtime, model, and on first use the
+synthetic world, the pretraining text, the tokenizer, the knowledge base and the retriever. Stages
+read what they need; nothing is built that no one reads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from hybridchat import checkpoint
+from hybridchat.config import Config
+from hybridchat.data.sources import Source, build_source
+from hybridchat.data.tokenizer import Tokenizer, load_or_train
+from hybridchat.data.world import World, WorldConfig
+from hybridchat.retrieval.factory import DefaultCollection, build_retriever, open_knowledge_base
+from hybridchat.runtime import Runtime
+
+
+def world_collection(cfg: WorldConfig) -> DefaultCollection:
+    """The world's documents as the default knowledge base, named by the world's settings so a
+    different world never reuses another's index."""
+    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    return f"world-seed{cfg.seed}-{key}", lambda: World.generate(cfg).documents()
+
+
+@dataclass
+class RunContext:
+    config: Config
+    runtime: Runtime
+    model: Any = None  # the HybridLM, set once built (it needs the tokenizer's vocabulary)
+
+    @cached_property
+    def world(self) -> World:
+        return World.generate(self.config.world)
+
+    @cached_property
+    def text(self) -> Source:
+        """The pretraining text source (data group)."""
+        return build_source(self.config.data, self.config.paths, lambda: self.world)
+
+    @cached_property
+    def source_checkpoint(self) -> Path | None:
+        """The checkpoint this stage starts from (stage.source's latest), None from scratch."""
+        cfg = self.config
+        return checkpoint.find(cfg.paths.checkpoints, cfg.run_name, cfg.stage.source) if cfg.stage.source else None
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The source checkpoint's tokenizer (a stage never changes the vocabulary), else one trained
+        on (or cached for) the pretraining text."""
+        if self.source_checkpoint is not None:
+            return Tokenizer.load(self.source_checkpoint / "tokenizer.json")
+        data = self.config.data
+        return self._rank0_first(lambda: load_or_train(self.text("train", 0), data.tokenizer_vocab_size,
+                                                       data.tokenizer_train_chars, self.config.paths.cache))
+
+    def _rank0_first(self, build):
+        # Rank 0 builds (or finds) the index on disk first; the other ranks then open the same files.
+        result = build() if self.runtime.is_main else None
+        if self.runtime.distributed:
+            dist.barrier()
+        return result if result is not None else build()
+
+    @cached_property
+    def knowledge_base(self):
+        default = (world_collection(self.config.world)[0], lambda: self.world.documents())
+        return self._rank0_first(lambda: open_knowledge_base(self.config.retriever, self.config.paths.cache, default,
+                                                             progress=self.runtime.is_main and self.config.progress))
+
+    @cached_property
+    def retriever(self):
+        """The configured retriever over the knowledge base; None for retriever=none."""
+        if self.config.retriever.kind == "none":
+            return build_retriever(self.config.retriever, self.config.paths.cache)
+        return self.knowledge_base.retriever(self.config.retriever)

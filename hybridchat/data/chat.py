@@ -1,0 +1,119 @@
+"""Chat rendering: conversations (and the documents a turn reads) -> token ids + loss mask.
+
+    <|bos|> [<|documents_start|> <|document_start|>[1] title (id)\\ntext<|document_end|> ... <|documents_end|>]
+    <|user_start|>question<|user_end|> <|assistant_start|>reply<|assistant_end|> ...
+
+Special tokens come only from here, by id: text that contains "<|user_start|>" stays text. The mask
+is 1 on the tokens the model must learn to write (assistant replies and their end token) and 0 on
+everything it is given (the user, the documents, the assistant start token). A user message may
+carry "documents" (a list of Document): they are rendered right after that turn, numbered from 1,
+which is what a reply's citation [n] refers to. After, not before: retrieval follows the question,
+and a Mamba layer can only keep what a question it has already read makes relevant (attention can
+look back either way). A system message is folded into the first user message (no system token).
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+from itertools import count
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from hybridchat.data.loader import Batch
+from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.documents import Document
+
+Example = tuple[list[int], list[int]]  # token ids, loss mask (1 = learn to write this token)
+
+
+class ChatRenderer:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        t = tokenizer.token_id
+        self.bos = tokenizer.bos_id
+        self.user = (t("<|user_start|>"), t("<|user_end|>"))
+        self.assistant = (t("<|assistant_start|>"), t("<|assistant_end|>"))
+        self.documents = (t("<|documents_start|>"), t("<|documents_end|>"))
+        self.document = (t("<|document_start|>"), t("<|document_end|>"))
+        # Documents recur across examples (the same few thousand in every epoch): encode each once.
+        self._document_tokens = lru_cache(maxsize=65536)(self._encode_document)
+
+    def _encode_document(self, index: int, doc_id: str, title: str, text: str) -> tuple[int, ...]:
+        return (self.document[0], *self.tokenizer.encode(f"[{index}] {title} ({doc_id})\n{text}"), self.document[1])
+
+    def documents_section(self, documents: Sequence[Document]) -> list[int]:
+        ids = [self.documents[0]]
+        for i, d in enumerate(documents, 1):
+            ids += self._document_tokens(i, d.id, d.title, d.text)
+        return ids + [self.documents[1]]
+
+    def render(self, messages: Sequence[dict]) -> Example:
+        """A whole conversation for training: (ids, mask)."""
+        ids, mask = [self.bos], [0]
+
+        def add(tokens: Sequence[int], learn: bool) -> None:
+            ids.extend(tokens)
+            mask.extend([int(learn)] * len(tokens))
+
+        for role, content, documents in _turns(messages):
+            if role == "user":
+                add([self.user[0], *self.tokenizer.encode(content), self.user[1]], False)
+                if documents is not None:
+                    add(self.documents_section(documents), False)
+            else:
+                add([self.assistant[0]], False)
+                add([*self.tokenizer.encode(content), self.assistant[1]], True)
+        return ids, mask
+
+    def prompt(self, messages: Sequence[dict]) -> list[int]:
+        """Tokens up to and including <|assistant_start|> of the reply to the last (user) message."""
+        if not messages or messages[-1]["role"] not in ("user", "system"):
+            raise ValueError("a prompt ends with a user message")
+        ids, _ = self.render(messages)
+        return ids + [self.assistant[0]]
+
+
+def _turns(messages: Sequence[dict]) -> Iterator[tuple[str, str, Sequence[Document] | None]]:
+    system = ""
+    for m in messages:
+        if m["role"] == "system":
+            system = m["content"]
+            continue
+        content = f"{system}\n\n{m['content']}" if system and m["role"] == "user" else m["content"]
+        system = ""
+        yield m["role"], content, m.get("documents")
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Right-padded rows: inputs = ids[:-1], targets = ids[1:] where the mask says learn, else -1.
+    Right padding is safe for attention and Mamba alike: padding only ever follows real tokens."""
+    width = max(len(ids) for ids, _ in examples) - 1
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), -1, dtype=torch.long)
+    for row, (ids, mask) in enumerate(examples):
+        n = len(ids) - 1
+        inputs[row, :n] = torch.tensor(ids[:-1])
+        targets[row, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+    return {"inputs": inputs, "targets": targets}
+
+
+def example_batches(n_items: int, make: Callable[[int, int], Example], batch_size: int, seed: int, pad_id: int,
+                    start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+    """Endless batches of make(item, epoch) over a fresh shuffle of the items every epoch. Batches are
+    numbered globally (rank r takes r, r + world_size, ...) and derived from (seed, epoch) alone, so
+    resuming at batch `start` needs no replay."""
+    per_epoch = n_items // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{n_items} examples do not fill one batch of {batch_size}")
+    order_epoch, order = -1, list(range(n_items))
+    for index in count(start):
+        if index % world_size != rank:
+            continue
+        epoch, offset = divmod(index, per_epoch)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, list(range(n_items))
+            random.Random(seed * 1000 + epoch).shuffle(order)
+        items = order[offset * batch_size:(offset + 1) * batch_size]
+        yield collate([make(i, epoch) for i in items], pad_id)

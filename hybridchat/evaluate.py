@@ -1,0 +1,329 @@
+"""Evaluation: does the model answer from documents, cite them, and abstain when it should?
+
+    python -m hybridchat.evaluate                          # the run's rag checkpoint, world questions
+    python -m hybridchat.evaluate -m retriever=bm25,dense,hybrid
+    python -m hybridchat.evaluate retriever.kb_dir=kb/ questions=q.jsonl   # your documents and questions
+
+A Hydra app sharing the training config groups (conf/eval.yaml). Conditions, each on the same
+questions: closed-book (the run's chat model before RAG training: what you have without retrieval),
+RAG with the configured retriever, and the gold documents in context (an upper bound); unanswerable
+questions (about entities that exist nowhere) run closed-book and with RAG. Every rate comes with a
+95% bootstrap interval. The context budget section measures exact match and time to first token
+against the number of documents in context, for this model and any others named in `compare`.
+Writes eval.md, eval.json and eval.png to the run dir (and metrics to wandb when logger=wandb).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from hybridchat import checkpoint
+from hybridchat import config as config_schema
+from hybridchat.answer import Answerer, score
+from hybridchat.config import GPUConfig, LoggerConfig, ModelConfig, PathsConfig
+from hybridchat.context import world_collection
+from hybridchat.data.world import World, WorldConfig
+from hybridchat.documents import Document
+from hybridchat.errors import UserError, run_or_exit
+from hybridchat.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from hybridchat.metrics import bootstrap_auroc_ci, bootstrap_ci
+from hybridchat.retrieval.config import RetrieverConfig
+from hybridchat.retrieval.factory import open_knowledge_base
+from hybridchat.runtime import setup, teardown
+from hybridchat.tracking import Tracker
+
+log = logging.getLogger("hybridchat")
+
+ANSWERABLE_RATES = ("em", "f1", "hallucination", "false_abstention", "citation", "gold_in_context")
+COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("false_abstention", "false abstention"),
+           ("citation", "citation"), ("gold_in_context", "gold in context"),
+           ("abstain_unanswerable", "abstains (unanswerable)"),
+           ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # names the run only: weights bring their own
+    gpu: GPUConfig = field(default_factory=GPUConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_name: str = "hybrid_tiny"
+    stage: str = "rag"                         # the checkpoint evaluated
+    step: Optional[int] = None                 # None: the stage's latest checkpoint
+    closed_book_stage: Optional[str] = "mid"   # closed-book baseline; None: the evaluated model itself
+    questions: Optional[str] = None            # your JSONL (question, answers, gold_doc_ids); None: the world's
+    n_questions: int = 300                     # answerable held-out questions (world)
+    n_unanswerable: int = 300                  # questions about entities that exist nowhere (world)
+    max_answer_tokens: int = 24
+    batch_size: int = 32
+    bootstrap: int = 1000
+    seed: int = 0
+    context_budget: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    context_questions: int = 100               # questions per point of the context budget
+    compare: list[str] = field(default_factory=list)  # other run names (same stage) in the context budget
+
+
+@dataclass
+class Item:
+    question: str
+    answers: tuple[str, ...]
+    gold_doc_ids: tuple[str, ...]
+
+
+def register() -> None:
+    config_schema.register()
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+def load(cfg: EvalConfig, run_name: str, stage: str, step: int | None = None):
+    return checkpoint.load_model(checkpoint.find(cfg.paths.checkpoints, run_name, stage, step),
+                                 device=cfg.gpu.device.value)
+
+
+def world_items(world: World, n_questions: int, n_unanswerable: int, seed: int) -> list[Item]:
+    heldout = world.questions("heldout", 1)
+    if not heldout:
+        raise UserError("the checkpoint's world has no held-out people (world.heldout_fraction=0): nothing to evaluate")
+    picked = random.Random(f"{seed}/eval").sample(heldout, min(n_questions, len(heldout)))
+    n_unanswerable = min(n_unanswerable, world.unanswerable_capacity() // 5)
+    return ([Item(q.question, q.answers, q.gold_doc_ids) for q in picked]
+            + [Item(q.question, (), ()) for q in world.unanswerable_split("heldout", n_unanswerable)])
+
+
+def user_items(path: str) -> list[Item]:
+    from hybridchat.retrieval.evaluate import read_questions
+
+    return [Item(q.question, tuple(q.answers), tuple(q.gold_doc_ids)) for q in read_questions(path, require_gold=False)]
+
+
+def summarize(scores: list[dict], n_resamples: int, seed: int) -> dict[str, Any]:
+    """Mean and 95% interval of every rate (answerable and unanswerable questions apart), and the
+    AUROC of confidence separating them."""
+    answerable = [s for s in scores if s["em"] is not None]
+    unanswerable = [s for s in scores if s["em"] is None]
+    out: dict[str, Any] = {"answerable": len(answerable), "unanswerable": len(unanswerable)}
+    for key in ANSWERABLE_RATES:
+        values = [s[key] for s in answerable]
+        if any(v is not None for v in values):
+            out[key] = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
+    for key in ("abstain", "hallucination"):
+        if unanswerable:
+            out[f"{key}_unanswerable"] = bootstrap_ci([s[key] for s in unanswerable], n_resamples=n_resamples,
+                                                      seed=seed)
+    if answerable and unanswerable:
+        out["auroc"] = bootstrap_auroc_ci([s["confidence"] for s in answerable],
+                                          [s["confidence"] for s in unanswerable], n_resamples=n_resamples, seed=seed)
+    return out
+
+
+def gold_documents(kb_documents: list[Document], items: list[Item]) -> list[list[Document]]:
+    by_parent: dict[str, list[Document]] = {}
+    for d in kb_documents:
+        by_parent.setdefault(d.parent_id, []).append(d)
+    return [[d for g in item.gold_doc_ids for d in by_parent.get(g, [])] for item in items]
+
+
+def time_to_first_token(model, prompt: list[int], repeats: int = 3) -> float:
+    """Seconds from prompt to the first sampled token's logits (batch 1, the prefill), best of repeats."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt], device=device)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            cache = model.allocate_cache(1, len(prompt) + 1)
+            t0 = time.perf_counter()
+            model(idx, cache=cache, last_only=True)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def context_budget(cfg: EvalConfig, models: dict[str, tuple], items: list[Item], retriever) -> list[dict]:
+    """EM and time to first token with k retrieved documents in context, k = cfg.context_budget; the
+    context is NOT cut to the model's sequence_len here: past it is exactly what this measures."""
+    answerable = [i for i in items if i.answers][:cfg.context_questions]
+    if not answerable or not cfg.context_budget:
+        return []
+    hits = retriever.search([i.question for i in answerable], top_k=max(cfg.context_budget))
+    rows = []
+    for name, (model, tokenizer, meta) in models.items():
+        answerer = Answerer(model, tokenizer, max_context=10**9, max_answer_tokens=cfg.max_answer_tokens,
+                            batch_size=cfg.batch_size)
+        for k in cfg.context_budget:
+            docs = [[h.document for h in row[:k]] for row in hits]
+            answers = answerer.answer([i.question for i in answerable], docs)
+            em = [score(a, i.answers)["em"] for a, i in zip(answers, answerable)]
+            prompts = [answerer.prompt(i.question, d)[0] for i, d in zip(answerable[:5], docs[:5])]
+            rows.append({"model": name, "pattern": meta["architecture"]["block_pattern"], "documents": k,
+                         "context_tokens": round(statistics.mean(len(p) for p in prompts)),
+                         "trained_context": meta["config"]["model"]["sequence_len"],
+                         "em": bootstrap_ci(em, n_resamples=cfg.bootstrap, seed=cfg.seed),
+                         "ttft_ms": 1000 * statistics.median(time_to_first_token(model, p) for p in prompts)})
+    return rows
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    model, tokenizer, meta = load(cfg, cfg.run_name, cfg.stage, cfg.step)
+    world_cfg = WorldConfig(**meta["config"]["world"])
+    seq_len = meta["config"]["model"]["sequence_len"]
+    items = user_items(cfg.questions) if cfg.questions else world_items(World.generate(world_cfg), cfg.n_questions,
+                                                                         cfg.n_unanswerable, cfg.seed)
+    if cfg.retriever.kind == "none":
+        raise UserError("evaluate needs a retriever for the RAG condition: retriever=bm25|dense|hybrid|simple")
+    kb = open_knowledge_base(cfg.retriever, cfg.paths.cache, world_collection(world_cfg))
+    retriever = kb.retriever(cfg.retriever)
+    questions = [i.question for i in items]
+    top = retriever.search(questions, top_k=cfg.retriever.top_k)
+    retrieved = [[h.document for h in row] for row in top]
+
+    def run(condition: str, answer_model, docs, subset) -> dict[str, Any]:
+        chosen = [i for i, item in enumerate(items) if subset(item)]
+        answerer = Answerer(answer_model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size)
+        t0 = time.perf_counter()
+        answers = answerer.answer([questions[i] for i in chosen], None if docs is None else [docs[i] for i in chosen])
+        seconds = time.perf_counter() - t0
+        scores = [score(a, items[i].answers, items[i].gold_doc_ids) for a, i in zip(answers, chosen)]
+        log.info("%s: %d questions in %.1f s", condition, len(chosen), seconds)
+        examples = [{"question": a.question, "reply": a.reply, "gold": list(items[i].answers),
+                     "cited": [d.id for d in a.cited], "dropped": a.dropped} for a, i in list(zip(answers, chosen))[:5]]
+        return {"condition": condition, **summarize(scores, cfg.bootstrap, cfg.seed), "seconds": seconds,
+                "examples": examples}
+
+    every = lambda item: True  # noqa: E731
+    conditions = []
+    closed_model = model
+    closed_name = f"{cfg.stage} (no documents)"
+    if cfg.closed_book_stage and cfg.closed_book_stage != cfg.stage:
+        path = checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, cfg.closed_book_stage)
+        if checkpoint.latest(path) is not None:
+            closed_model = load(cfg, cfg.run_name, cfg.closed_book_stage)[0]
+            closed_name = cfg.closed_book_stage
+        else:
+            log.warning("no %s checkpoint in %s: the closed-book condition uses the %s model without documents",
+                        cfg.closed_book_stage, path, cfg.stage)
+    conditions.append(run(f"closed-book ({closed_name} model)", closed_model, None, every))
+    conditions.append(run(f"RAG, {cfg.retriever.kind} top-{cfg.retriever.top_k}", model, retrieved, every))
+    if any(i.gold_doc_ids for i in items):
+        conditions.append(run("gold documents", model, gold_documents(kb.documents, items),
+                              lambda item: bool(item.gold_doc_ids)))
+    others = {name: load(cfg, name, cfg.stage) for name in cfg.compare}
+    budget = context_budget(cfg, {cfg.run_name: (model, tokenizer, meta), **others}, items, retriever)
+    return {"run_name": cfg.run_name, "stage": cfg.stage, "checkpoint": meta.get("step"),
+            "retriever": cfg.retriever.kind, "top_k": cfg.retriever.top_k, "sequence_len": seq_len,
+            "answerable": sum(bool(i.answers) for i in items), "unanswerable": sum(not i.answers for i in items),
+            "conditions": conditions, "context_budget": budget}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        mean, lo, hi = value
+        return "-" if mean != mean else f"{mean:.3f} [{lo:.2f}, {hi:.2f}]"
+    return "-"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Evaluation: {report['run_name']} / {report['stage']} (step {report['checkpoint']})", "",
+             f"{report['answerable']} answerable held-out questions, {report['unanswerable']} unanswerable; "
+             f"retriever {report['retriever']} top-{report['top_k']}; 95% bootstrap intervals.", "",
+             "| condition | " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+    for c in report["conditions"]:
+        lines.append(f"| {c['condition']} | " + " | ".join(_fmt(c.get(k)) for k, _ in COLUMNS) + " |")
+    lines += ["", "On answerable questions: EM and F1 (SQuAD-normalised), hallucination (answered, not abstained, "
+              "and wrong), false abstention, citation accuracy (correct answers whose cited document states the "
+              "answer), gold in context (the gold document among those shown). On unanswerable questions: "
+              "abstention, and hallucination (any answer). AUROC: the confidence 1 - P(abstain) separating "
+              "answerable from unanswerable questions."]
+    if report["context_budget"]:
+        lines += ["", "## Context budget", "", "| model | pattern | documents | context tokens | trained context | "
+                  "EM | time to first token (ms) |", "|" + "---|" * 7]
+        for r in report["context_budget"]:
+            lines.append(f"| {r['model']} | {r['pattern']} | {r['documents']} | {r['context_tokens']} | "
+                         f"{r['trained_context']} | {_fmt(r['em'])} | {r['ttft_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budget = report["context_budget"]
+    fig, axes = plt.subplots(1, 3 if budget else 1, figsize=(15 if budget else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    names = [c["condition"] for c in report["conditions"]]
+    for offset, key in ((-0.2, "em"), (0.2, "hallucination")):
+        means = [c[key][0] if key in c else 0 for c in report["conditions"]]
+        errs = [[m - c[key][1] if key in c else 0 for m, c in zip(means, report["conditions"])],
+                [c[key][2] - m if key in c else 0 for m, c in zip(means, report["conditions"])]]
+        ax.bar([i + offset for i in range(len(names))], means, 0.4, yerr=errs, label=key, capsize=3)
+    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("held-out questions")
+    if budget:
+        for model in dict.fromkeys(r["model"] for r in budget):
+            rows = [r for r in budget if r["model"] == model]
+            axes[0][1].plot([r["documents"] for r in rows], [r["em"][0] for r in rows], marker="o", label=model)
+            axes[0][2].plot([r["documents"] for r in rows], [r["ttft_ms"] for r in rows], marker="o", label=model)
+        for ax, title in ((axes[0][1], "exact match"), (axes[0][2], "time to first token (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("documents in context")
+            ax.set_title(title)
+            ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def run(cfg: DictConfig) -> float:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"missing required value(s): {', '.join(missing)}")
+    config: EvalConfig = OmegaConf.to_object(cfg)
+    setup(config.gpu, config.seed)
+    try:
+        report = evaluate(config)
+    finally:
+        teardown()
+    out = Path(HydraConfig.get().runtime.output_dir)
+    table = markdown(report)
+    atomic_write_text(out / "eval.md", table)
+    atomic_write_json(out / "eval.json", report)
+    atomic_write_bytes(out / "eval.png", plot(report))
+    tracker = Tracker(out, config.logger, OmegaConf.to_container(cfg, resolve=True), job_type="eval",
+                      name=f"{config.run_name}-eval")
+    rag = report["conditions"][1]
+    tracker.log(0, **{f"eval/{key}": rag[key][0] for key, _ in COLUMNS if key in rag})
+    tracker.finish()
+    print(table + f"\nreport: {out / 'eval.md'}\njson:   {out / 'eval.json'}\nplot:   {out / 'eval.png'}")
+    return rag["em"][0] if "em" in rag else 0.0
+
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> float:
+    return run_or_exit(run, cfg)
+
+
+if __name__ == "__main__":
+    main()

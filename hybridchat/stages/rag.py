@@ -1,0 +1,218 @@
+"""RAG: answer from retrieved documents and cite the one used, or abstain when none holds the answer.
+
+Every training question is searched once with the configured retriever (stage.candidates hits).
+Each epoch, each question becomes one example drawn afresh from (seed, epoch, question): a number of
+documents in [min_documents, max_documents]; the gold document at a random place among retrieved
+distractors and the reply "[n] answer"; or (stage.gold_missing of them, and whenever retrieval
+missed it) only distractors and the reply ABSTAIN. stage.unanswerable of the examples ask about
+entities that exist nowhere, with what retrieval finds for them, and the reply ABSTAIN. Up to
+stage.questions_per_example - 1 follow-up questions about the same entity then ask about the same
+documents. Loss only on the replies. Held-out entities (the world's held-out people, the held-out made-up names) never
+appear in a training example; evaluation asks about them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch.distributed as dist
+
+from hybridchat.answer import Answerer, fit_prompt, format_reply, parse_reply, score
+from hybridchat.data.chat import ChatRenderer, collate, example_batches
+from hybridchat.documents import Document
+from hybridchat.errors import UserError
+from hybridchat.stages import Stage
+
+
+@dataclass(frozen=True)
+class RagQuestion:
+    question: str
+    answers: tuple[str, ...]         # empty: unanswerable
+    gold_doc_ids: tuple[str, ...]
+    candidates: tuple[Document, ...] = ()  # retrieved, best first
+
+
+def read_rag_questions(path: str) -> list[RagQuestion]:
+    from hybridchat.retrieval.evaluate import read_questions
+
+    return [RagQuestion(q.question, tuple(q.answers), tuple(q.gold_doc_ids))
+            for q in read_questions(path, require_gold=False)]
+
+
+class RagStage(Stage):
+    name = "rag"
+    reads_documents = True
+    monitor = "val/em"
+    monitor_higher_is_better = True
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        c = self.config
+        if c.questions_per_example < 1:
+            raise UserError(f"stage.questions_per_example={c.questions_per_example} must be >= 1")
+        if not 1 <= c.min_documents <= c.max_documents <= c.candidates:
+            raise UserError(f"stage.min_documents={c.min_documents}, max_documents={c.max_documents} and "
+                            f"candidates={c.candidates} must satisfy 1 <= min <= max <= candidates")
+        for key in ("gold_missing", "unanswerable", "val_fraction"):
+            if not 0 <= getattr(c, key) < 1:
+                raise UserError(f"stage.{key}={getattr(c, key)} must be in [0, 1)")
+        if ctx.retriever is None:
+            raise UserError("stage=rag reads documents: choose a retriever (retriever=bm25|dense|hybrid|simple)")
+        self.renderer = ChatRenderer(ctx.tokenizer)
+        self.answerer_context = ctx.config.model.sequence_len
+        train, self.heldout = self._questions()
+        rng = random.Random(ctx.config.seed)
+        rng.shuffle(train)
+        n_val = max(1, round(len(train) * c.val_fraction))
+        self.val_questions, self.train_questions = self._retrieve(train[:n_val]), self._retrieve(train[n_val:])
+        if len(self.train_questions) < ctx.config.gpu.micro_batch:
+            raise UserError(f"stage=rag: {len(self.train_questions)} training questions do not fill one batch of "
+                            f"gpu.micro_batch={ctx.config.gpu.micro_batch}")
+
+    def _questions(self) -> tuple[list[RagQuestion], list[RagQuestion]]:
+        """(training questions incl. unanswerable ones, held-out evaluation questions)."""
+        c = self.config
+        if c.questions:  # the user's: no held-out entities to speak of; evaluation uses the validation share
+            return read_rag_questions(c.questions), []
+        world = self.ctx.world
+        answerable = [RagQuestion(q.question, q.answers, q.gold_doc_ids) for q in world.questions("train", 1)]
+        # A small world has few free names to make people up from: the held-out fifth comes first.
+        n_unanswerable = min(round(len(answerable) * c.unanswerable / (1 - c.unanswerable)),
+                             world.unanswerable_capacity() * 3 // 5)
+        unanswerable = [RagQuestion(q.question, (), ()) for q in world.unanswerable_split("train", n_unanswerable)]
+        rng = random.Random(f"{self.ctx.config.seed}/rag-eval")
+        heldout = rng.sample(world.questions("heldout", 1), min(c.eval_questions, len(world.questions("heldout", 1))))
+        heldout_unanswerable = world.unanswerable_split("heldout", min(max(1, c.eval_questions // 4),
+                                                                       world.unanswerable_capacity() // 5))
+        heldout = [RagQuestion(q.question, q.answers, q.gold_doc_ids) for q in heldout]
+        heldout += [RagQuestion(q.question, (), ()) for q in heldout_unanswerable]
+        return answerable + unanswerable, heldout
+
+    def _retrieve(self, questions: list[RagQuestion]) -> list[RagQuestion]:
+        # The world's held-out documents stay out of training contexts, even as distractors.
+        filters = None if self.config.questions else {"split": "train"}
+        hits = self.ctx.retriever.search([q.question for q in questions], top_k=self.config.candidates,
+                                         filters=filters)
+        return [RagQuestion(q.question, q.answers, q.gold_doc_ids, tuple(h.document for h in row))
+                for q, row in zip(questions, hits)]
+
+    def documents_and_reply(self, q: RagQuestion, rng: random.Random) -> tuple[list[Document], str]:
+        """The documents one example shows, best first, and the reply it teaches."""
+        c = self.config
+        k = rng.randint(c.min_documents, c.max_documents)
+        gold = [d for d in q.candidates if d.parent_id in q.gold_doc_ids]
+        others = [d for d in q.candidates if d.parent_id not in q.gold_doc_ids]
+        if not q.answers or not gold or rng.random() < c.gold_missing:
+            return others[:k], format_reply(None)
+        docs = others[:k - 1]
+        position = rng.randint(0, len(docs))
+        docs.insert(position, gold[0])
+        return docs, format_reply(q.answers[0], position + 1)
+
+    def example(self, q: RagQuestion, rng: random.Random, follow_ups: list[RagQuestion] = ()):
+        """One training conversation: q with its documents and reply, then follow-up questions about
+        the same documents (each reply cites where the document holding its answer is shown, or
+        abstains). Follow-ups multiply what one set of documents teaches at a few tokens each."""
+        docs, reply = self.documents_and_reply(q, rng)
+        turns = [(f.question, f) for f in follow_ups]
+        # The prompt must fit as at inference: the lowest-ranked (last) documents are dropped; when
+        # that drops the one with the answer, the right reply becomes the abstention.
+        later = sum(len(self.ctx.tokenizer.encode(question)) + self.config.max_answer_tokens + 4 for question, _ in turns)
+        budget = self.ctx.config.model.sequence_len - self.config.max_answer_tokens - 1 - later
+        _, shown = fit_prompt(self.renderer, q.question, docs, budget)
+        cited = parse_reply(reply)[1]
+        if cited and cited[0] > len(shown):
+            reply = format_reply(None)
+        messages = [{"role": "user", "content": q.question, "documents": shown}, {"role": "assistant", "content": reply}]
+        for question, f in turns:
+            where = [n for n, d in enumerate(shown, 1) if d.parent_id in f.gold_doc_ids]
+            messages += [{"role": "user", "content": question},
+                         {"role": "assistant", "content": format_reply(f.answers[0], where[0]) if where
+                          else format_reply(None)}]
+        return self.renderer.render(messages)
+
+    @cached_property
+    def _same_gold(self) -> dict[tuple[str, ...], list[int]]:
+        """Answerable training questions grouped by their gold documents: follow-up candidates."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, q in enumerate(self.train_questions):
+            if q.answers and q.gold_doc_ids:
+                groups.setdefault(q.gold_doc_ids, []).append(i)
+        return groups
+
+    def _follow_ups(self, q: RagQuestion, rng: random.Random) -> list[RagQuestion]:
+        if not q.answers or self.config.questions_per_example <= 1:
+            return []
+        others = [self.train_questions[i] for i in self._same_gold.get(q.gold_doc_ids, [])
+                  if self.train_questions[i].question != q.question]
+        return rng.sample(others, min(len(others), self.config.questions_per_example - 1))
+
+    def _example(self, questions: list[RagQuestion], i: int, epoch: int, follow: bool = True):
+        rng = random.Random(f"{self.ctx.config.seed}/{epoch}/{i}")
+        return self.example(questions[i], rng, self._follow_ups(questions[i], rng) if follow else [])
+
+    def train_batches(self, start, rank, world_size):
+        return example_batches(len(self.train_questions), lambda i, epoch: self._example(self.train_questions, i, epoch),
+                               self.ctx.config.gpu.micro_batch, self.ctx.config.seed, self.renderer.bos,
+                               start, rank, world_size)
+
+    @cached_property
+    def _val(self):
+        size = self.ctx.config.gpu.micro_batch
+        n = min(len(self.val_questions), size * self.config.eval_batches)
+        examples = [self._example(self.val_questions, i, 0, follow=False) for i in range(n)]
+        return [collate(examples[i:i + size], self.renderer.bos) for i in range(0, n, size)]
+
+    def val_batches(self):
+        return self._val
+
+    @cached_property
+    def _eval_set(self) -> list[RagQuestion]:
+        """Held-out questions (the validation share for a user's questions), with top_k retrieved."""
+        questions = self.heldout or self.val_questions[:self.config.eval_questions]
+        hits = self.ctx.retriever.search([q.question for q in questions], top_k=self.ctx.config.retriever.top_k)
+        return [RagQuestion(q.question, q.answers, q.gold_doc_ids, tuple(h.document for h in row))
+                for q, row in zip(questions, hits)]
+
+    def _answerer(self, model):
+        return Answerer(model, self.ctx.tokenizer, self.ctx.config.model.sequence_len, self.config.max_answer_tokens)
+
+    def evaluate(self, model):
+        """Answer-token bpb, and what generation gets right on held-out questions: exact match,
+        hallucination and false abstention on answerable ones, abstention on unanswerable ones."""
+        metrics = super().evaluate(model)
+        rt = self.ctx.runtime
+        mine = self._eval_set[rt.rank::rt.world_size]
+        answers = self._answerer(model).answer([q.question for q in mine], [list(q.candidates) for q in mine])
+        scores = [score(a, q.answers, q.gold_doc_ids) for a, q in zip(answers, mine)]
+        if rt.distributed:
+            gathered = [None] * rt.world_size
+            dist.all_gather_object(gathered, scores)
+            scores = [s for part in gathered for s in part]
+        answerable = [s for s, q in zip(scores, self._eval_set_order(rt)) if q.answers]
+        unanswerable = [s for s, q in zip(scores, self._eval_set_order(rt)) if not q.answers]
+        metrics.update(_means("val", answerable, ("em", "f1", "hallucination", "false_abstention", "citation")))
+        if unanswerable:
+            metrics["val/abstain_unanswerable"] = sum(s["abstain"] for s in unanswerable) / len(unanswerable)
+        return metrics
+
+    def _eval_set_order(self, rt):
+        """The evaluation questions in the order the gathered scores come in (rank by rank)."""
+        return [q for r in range(rt.world_size) for q in self._eval_set[r::rt.world_size]]
+
+    def samples(self, model):
+        questions = self._eval_set[:2] + [q for q in self._eval_set if not q.answers][:1]
+        answers = self._answerer(model).answer([q.question for q in questions], [list(q.candidates) for q in questions])
+        return [(q.question, f"{a.reply}" + (f"  (cites {a.cited[0].id})" if a.cited else "")) for q, a in
+                zip(questions, answers)]
+
+
+def _means(prefix: str, scores: list[dict], keys) -> dict[str, float]:
+    out = {}
+    for key in keys:
+        values = [s[key] for s in scores if s[key] is not None]
+        if values:
+            out[f"{prefix}/{key}"] = sum(values) / len(values)
+    return out

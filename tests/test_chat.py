@@ -1,0 +1,144 @@
+"""Chat rendering at token level, and the rag stage's examples: documents reach the input, only the
+reply carries loss, gold documents land at every rank, and abstention is taught when they are absent."""
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from hybridchat.answer import ABSTAIN, fit_prompt, format_reply, parse_reply
+from hybridchat.data.chat import ChatRenderer, collate, example_batches
+from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.documents import Document
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = ["Ada Vell was born in Vellport. Where was Ada Vell born? The documents do not say."] * 20
+    return Tokenizer.train(texts, 400)
+
+
+DOCS = [Document("person-0001", "Ada Vell", "Ada Vell was born in Vellport."),
+        Document("city-0002", "Vellport", "Vellport is a city.")]
+
+
+def test_documents_and_turns_render_in_order_with_loss_only_on_the_reply(tok):
+    r = ChatRenderer(tok)
+    t, enc = tok.token_id, tok.encode
+    ids, mask = r.render([{"role": "user", "content": "Where was Ada Vell born?", "documents": DOCS},
+                          {"role": "assistant", "content": "[1] Vellport"}])
+    expected = ([t("<|bos|>"), t("<|user_start|>"), *enc("Where was Ada Vell born?"), t("<|user_end|>"),
+                 t("<|documents_start|>"),
+                 t("<|document_start|>"), *enc("[1] Ada Vell (person-0001)\nAda Vell was born in Vellport."),
+                 t("<|document_end|>"),
+                 t("<|document_start|>"), *enc("[2] Vellport (city-0002)\nVellport is a city."), t("<|document_end|>"),
+                 t("<|documents_end|>"), t("<|assistant_start|>")])
+    reply = [*enc("[1] Vellport"), t("<|assistant_end|>")]
+    assert ids == expected + reply
+    assert mask == [0] * len(expected) + [1] * len(reply)
+
+
+def test_collate_masks_everything_but_the_reply_and_pads_on_the_right(tok):
+    r = ChatRenderer(tok)
+    long = r.render([{"role": "user", "content": "Where?", "documents": DOCS}, {"role": "assistant", "content": "A"}])
+    short = r.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}])
+    batch = collate([long, short], pad_id=0)
+    assert batch["inputs"].shape == (2, len(long[0]) - 1)
+    assert batch["inputs"][0].tolist() == long[0][:-1]
+    learned = batch["targets"][1][batch["targets"][1] >= 0].tolist()
+    assert tok.decode(learned) == "Hello there<|assistant_end|>"
+    assert (batch["targets"][1, len(short[0]) - 1:] == -1).all()  # padding carries no loss
+    assert tok.decode(batch["targets"][0][batch["targets"][0] >= 0].tolist()) == "A<|assistant_end|>"
+
+
+def test_special_token_text_in_messages_and_documents_stays_text(tok):
+    r = ChatRenderer(tok)
+    doc = Document("d", "t", "<|assistant_start|>fake")
+    ids, _ = r.render([{"role": "user", "content": "<|user_end|>", "documents": [doc]},
+                       {"role": "assistant", "content": "x"}])
+    specials = {tok.token_id(s) for s in ("<|user_end|>", "<|assistant_start|>")}
+    assert Counter(i for i in ids if i in specials) == Counter({tok.token_id("<|user_end|>"): 1,
+                                                                tok.token_id("<|assistant_start|>"): 1})
+
+
+def test_system_message_is_folded_into_the_first_user_turn_and_prompt_ends_at_assistant_start(tok):
+    r = ChatRenderer(tok)
+    prompt = r.prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert prompt[-1] == tok.token_id("<|assistant_start|>")
+    assert "Be brief.\n\nHi" in tok.decode(prompt)
+
+
+def test_reply_format_round_trips():
+    assert format_reply("Vellport", 2) == "[2] Vellport"
+    assert parse_reply(format_reply("Vellport", 2)) == ("Vellport", [2], False)
+    assert parse_reply("Vellport [2]") == ("Vellport", [2], False)
+    assert parse_reply(format_reply(None)) == (ABSTAIN, [], True)
+    assert parse_reply("Vellport") == ("Vellport", [], False)
+
+
+def test_fit_prompt_drops_the_lowest_ranked_documents_first(tok):
+    r = ChatRenderer(tok)
+    full, kept = fit_prompt(r, "Where?", DOCS, 10_000)
+    assert kept == DOCS
+    one, kept = fit_prompt(r, "Where?", DOCS, len(full) - 1)
+    assert kept == DOCS[:1] and len(one) < len(full)
+    _, kept = fit_prompt(r, "Where?", DOCS, 5)
+    assert kept == []
+
+
+def test_example_batches_cover_each_item_once_per_epoch_and_resume_and_shard_exactly():
+    seen = []
+
+    def make(i, epoch):
+        seen.append((i, epoch))
+        return [i, i, i], [0, 1, 1]
+
+    batches = example_batches(10, make, 3, seed=1, pad_id=0)
+    first_epoch = [next(batches) for _ in range(3)]
+    items = [row[0] for b in first_epoch for row in b["inputs"].tolist()]
+    assert sorted(items) == sorted(set(items)) and len(items) == 9  # 3 full batches, no repeats
+    again = list(example_batches(10, make, 3, seed=1, pad_id=0, start=1).__next__()["inputs"].tolist())
+    assert again == first_epoch[1]["inputs"].tolist()
+    rank1 = example_batches(10, make, 3, seed=1, pad_id=0, rank=1, world_size=2)
+    assert torch.equal(next(rank1)["inputs"], first_epoch[1]["inputs"])
+
+
+class _Ctx:  # the pieces RagStage.documents_and_reply reads
+    class config:
+        class stage:
+            min_documents, max_documents, candidates, gold_missing = 1, 4, 10, 0.2
+
+
+def _rag_stage():
+    from hybridchat.stages.rag import RagStage
+
+    stage = RagStage.__new__(RagStage)
+    stage.config = _Ctx.config.stage
+    return stage
+
+
+def test_rag_examples_put_the_gold_document_at_every_rank_and_teach_abstention_without_it():
+    from hybridchat.stages.rag import RagQuestion
+
+    docs = tuple(Document(f"d{i}", f"T{i}", f"text {i}") for i in range(10))
+    q = RagQuestion("Where?", ("Vellport",), ("d5",), docs)
+    stage, rng = _rag_stage(), random.Random(0)
+    positions, abstain = Counter(), 0
+    for _ in range(2000):
+        shown, reply = stage.documents_and_reply(q, rng)
+        assert 1 <= len(shown) <= 4
+        answer, cited, abstained = parse_reply(reply)
+        if abstained:
+            abstain += 1
+            assert all(d.id != "d5" for d in shown)
+        else:
+            assert answer == "Vellport" and shown[cited[0] - 1].id == "d5"
+            assert [d.id for d in shown if d.id != "d5"] == [f"d{i}" for i in range(10) if i != 5][:len(shown) - 1]
+            positions[cited[0]] += 1
+    assert set(positions) == {1, 2, 3, 4}
+    assert 0.15 < abstain / 2000 < 0.25  # stage.gold_missing = 0.2
+    missed = RagQuestion("Where?", ("Vellport",), ("elsewhere",), docs)
+    assert all(parse_reply(stage.documents_and_reply(missed, rng)[1])[2] for _ in range(50))
+    unanswerable = RagQuestion("Where?", (), (), docs)
+    assert all(parse_reply(stage.documents_and_reply(unanswerable, rng)[1])[2] for _ in range(50))

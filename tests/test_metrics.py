@@ -1,0 +1,200 @@
+"""Answer metrics against hand-computed values and plain-loop reference implementations."""
+
+import math
+
+import numpy as np
+import pytest
+
+from hybridchat.metrics import (
+    auroc,
+    bootstrap_auroc_ci,
+    bootstrap_ci,
+    exact_match,
+    normalize_answer,
+    token_f1,
+)
+
+# ---------------------------------------------------------------------------------------------
+# normalize_answer, exact_match, token_f1
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The Quick, Brown Fox!", "quick brown fox"),
+    ("An apple a day", "apple day"),
+    ("Theater and banana", "theater and banana"),  # articles only as whole words
+    ("  Santa   Clara,\tCalifornia. ", "santa clara california"),
+    ("Levi's Stadium", "levis stadium"),  # punctuation is deleted, as in SQuAD
+    ("1,200,000", "1200000"),
+    ("$1,200,000.", "1200000"),
+    ("June 5, 1968", "june 5 1968"),
+    ("the", ""),
+    ("", ""),
+])
+def test_normalize_answer(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_exact_match():
+    assert exact_match("Denver Broncos", ["Denver Broncos"]) == 1.0
+    assert exact_match("the denver broncos!", ["Denver Broncos"]) == 1.0
+    assert exact_match("Broncos", ["Denver Broncos"]) == 0.0
+    assert exact_match("Levi's Stadium", ["Santa Clara, California", "Levi's Stadium"]) == 1.0  # any answer
+    assert exact_match("1200000", ["1,200,000"]) == 1.0
+    assert exact_match("1,200,000", ["1200000"]) == 1.0
+    assert exact_match("Paris", []) == 0.0
+    assert exact_match("The", ["an"]) == 1.0  # both normalize to ""
+
+
+# SQuAD v1.1 dev, Super Bowl 50: "Where did Super Bowl 50 take place?"
+SUPER_BOWL_VENUE = ["Santa Clara, California", "Levi's Stadium",
+                    "Levi's Stadium in the San Francisco Bay Area at Santa Clara, California."]
+
+
+@pytest.mark.parametrize("prediction,answers,expected", [
+    ("Broncos", ["Denver Broncos"], 2 / 3),  # P = 1, R = 1/2
+    ("Denver Broncos", ["Denver Broncos"], 1.0),
+    ("the cat sat on the mat", ["cat on mat"], 6 / 7),  # P = 3/4, R = 1
+    # vs the three answers: P 2/4 R 2/3 -> 4/7; P 1/4 R 1/2 -> 1/3; P 4/4 R 4/11 -> 8/15; max 4/7
+    ("Stadium in Santa Clara", SUPER_BOWL_VENUE, 4 / 7),
+    # 5 tokens: P 2/5 R 2/3 -> 1/2; P 2/5 R 1 -> 4/7; P 5/5 R 5/11 -> 5/8; the last answer wins
+    ("Levi's Stadium at Santa Clara", SUPER_BOWL_VENUE, 5 / 8),
+    # Repeated tokens count at most as often as in the other side (multiset intersection):
+    ("paris paris", ["paris paris france"], 0.8),  # common 2: P = 1, R = 2/3
+    ("paris paris paris", ["paris france"], 0.4),  # common 1: P = 1/3, R = 1/2
+    ("$1,200,000 dollars", ["1200000"], 2 / 3),
+    ("London", ["Paris"], 0.0),
+    ("Paris", [], 0.0),
+    ("", ["Paris"], 0.0),
+    ("the", ["a"], 1.0),  # empty against empty (SQuAD v2), not a division by zero
+])
+def test_token_f1(prediction, answers, expected):
+    assert token_f1(prediction, answers) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("metric", [exact_match, token_f1])
+def test_a_bare_string_is_not_a_list_of_answers(metric):
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        metric("P", "Paris")  # would otherwise score "P" against the letters P, a, r, i, s
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap_ci
+
+
+def reference_bootstrap(values, n_resamples, confidence, seed):
+    """Plain loops over the same draws: each resample averages its defined items, empty ones skipped."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(values), size=(n_resamples, len(values)))
+    means = []
+    for row in rows:
+        picked = [values[i] for i in row if values[i] is not None]
+        if picked:
+            means.append(sum(picked) / len(picked))
+    tail = 100 * (1 - confidence) / 2
+    defined = [v for v in values if v is not None]
+    return (sum(defined) / len(defined), *np.percentile(means, [tail, 100 - tail]))
+
+
+def test_bootstrap_handles_undefined_items_like_the_plain_loop():
+    # 3 of 6 items defined: about 1 resample in 64 has no defined item and must be skipped.
+    values = [1.0, None, 0.0, None, 1.0, None]
+    got = bootstrap_ci(values, n_resamples=2000, confidence=0.9, seed=7)
+    assert got == pytest.approx(reference_bootstrap(values, 2000, 0.9, 7), abs=1e-12)
+    values = [0.2, None, 0.9, 0.4, None, 1.0, 0.0, 0.7, None, 0.5, 0.3]
+    got = bootstrap_ci(values, n_resamples=500, confidence=0.8, seed=3)
+    assert got == pytest.approx(reference_bootstrap(values, 500, 0.8, 3), abs=1e-12)
+
+
+def test_bootstrap_is_deterministic_and_contains_the_mean():
+    values = list(np.random.default_rng(0).random(300))
+    mean, low, high = bootstrap_ci(values, seed=1)
+    assert mean == pytest.approx(np.mean(values))
+    assert low < mean < high
+    assert bootstrap_ci(values, seed=1) == (mean, low, high)
+    assert bootstrap_ci(values, seed=2) != (mean, low, high)
+    narrow = bootstrap_ci(values, confidence=0.5, seed=1)
+    assert low < narrow[1] < narrow[2] < high
+
+
+def test_bootstrap_width_matches_the_normal_approximation():
+    # Half ones: the mean's standard error is 0.5 / sqrt(n), so a 95% interval is 2 * 1.96 * that
+    # wide, and quadrupling n halves it.
+    widths = {}
+    for n in (100, 400, 1600):
+        _, low, high = bootstrap_ci([1.0, 0.0] * (n // 2), n_resamples=2000, seed=0)
+        widths[n] = high - low
+        assert widths[n] == pytest.approx(2 * 1.96 * 0.5 / math.sqrt(n), rel=0.12)
+    assert widths[100] / widths[400] == pytest.approx(2, rel=0.2)
+    assert widths[400] / widths[1600] == pytest.approx(2, rel=0.2)
+
+
+def test_bootstrap_edge_cases():
+    assert all(math.isnan(x) for x in bootstrap_ci([None, None]))
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+    assert bootstrap_ci([None, 0.25, None]) == (0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="use None"):
+        bootstrap_ci([1.0, float("nan")])
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci([1.0], confidence=95)
+
+
+# ---------------------------------------------------------------------------------------------
+# auroc, bootstrap_auroc_ci
+
+
+def reference_auroc(pos, neg):
+    wins = 0.0
+    for p in pos:
+        for n in neg:
+            wins += 1.0 if p > n else 0.5 if p == n else 0.0
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("pos,neg,expected", [
+    ([2, 3], [0, 1], 1.0),
+    ([0, 1], [2, 3], 0.0),
+    ([5, 5, 5], [5, 5], 0.5),
+    ([1, 2], [2], 0.25),  # 1 < 2 counts 0, the tie 2 = 2 counts 1/2
+    ([3, 1, 2], [2, 0], 4.5 / 6),  # wins: 3>2, 3>0, 1>0, 2>0, tie 2=2
+])
+def test_auroc_by_hand(pos, neg, expected):
+    assert auroc(pos, neg) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_matches_the_double_loop_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n_pos, n_neg = rng.integers(1, 80, size=2)
+    pos = rng.integers(0, 6, size=n_pos) + (seed % 2)  # few distinct values: many ties
+    neg = rng.normal(2, 2, size=n_neg).round(0)
+    assert auroc(pos, neg) == pytest.approx(reference_auroc(pos, neg), abs=1e-12)
+
+
+def test_auroc_empty_side_is_nan():
+    assert math.isnan(auroc([], [1.0]))
+    assert math.isnan(auroc([1.0], []))
+    assert all(math.isnan(x) for x in bootstrap_auroc_ci([1.0], []))
+
+
+def test_bootstrap_auroc_matches_the_plain_loop():
+    rng = np.random.default_rng(0)
+    pos = rng.integers(0, 5, size=15).astype(float) + 1
+    neg = rng.integers(0, 5, size=12).astype(float)
+    n_resamples, confidence, seed = 300, 0.9, 11
+    draws = np.random.default_rng(seed)  # same draws: positives first, then negatives
+    pos_rows = draws.integers(0, len(pos), size=(n_resamples, len(pos)))
+    neg_rows = draws.integers(0, len(neg), size=(n_resamples, len(neg)))
+    aucs = [reference_auroc(pos[p], neg[n]) for p, n in zip(pos_rows, neg_rows)]
+    expected = (reference_auroc(pos, neg), *np.percentile(aucs, [5, 95]))
+    got = bootstrap_auroc_ci(pos, neg, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_bootstrap_auroc_interval():
+    rng = np.random.default_rng(1)
+    pos, neg = rng.normal(1, 1, 400), rng.normal(0, 1, 300)
+    auc, low, high = bootstrap_auroc_ci(pos, neg, seed=4)
+    assert auc == auroc(pos, neg)
+    assert low < auc < high
+    assert bootstrap_auroc_ci(pos, neg, seed=4) == (auc, low, high)
+    assert bootstrap_auroc_ci([2, 3, 4], [0, 1]) == (1.0, 1.0, 1.0)

@@ -1,0 +1,226 @@
+"""mid and rag stages end to end at smoke size, the self-contained checkpoint, the evaluator and chat."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+
+from hybridchat import checkpoint
+from hybridchat.answer import ABSTAIN, Answer, score
+from hybridchat.errors import UserError
+from hybridchat.evaluate import summarize
+from hybridchat.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_EVAL = ["stage.eval_questions=8", "stage.eval_every=6"]
+
+
+def train(overrides, run_dir):
+    return run(compose_config(overrides, output_dir=run_dir))
+
+
+def cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    common = ["debug=smoke", f"paths.outputs={out}", "run_name=p"]
+    train(common, out / "pretrain")
+    train(common + ["stage=mid", *SMALL_EVAL], out / "mid")
+    train(common + ["stage=rag", *SMALL_EVAL], out / "rag")
+    return out, common
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mid_and_rag_start_from_the_previous_stage_and_train(pipeline):
+    out, _ = pipeline
+    for stage in ("mid", "rag"):
+        records = metrics(out / stage)
+        losses = [r["train/loss"] for r in records if "train/loss" in r]
+        assert len(losses) == 6 and losses[-1] < losses[0], stage
+        assert checkpoint.latest(out / "checkpoints" / "p" / stage).name == "step_000006"
+    rag_eval = [r for r in metrics(out / "rag") if "val/em" in r]
+    assert rag_eval and {"val/bpb", "val/hallucination", "val/abstain_unanswerable"} <= set(rag_eval[-1])
+    assert "val/closed_book_em" in [r for r in metrics(out / "mid") if "val/bpb" in r][-1]
+    # Each stage starts where the previous one ended: its first validation loss is the source's last,
+    # measured on the new stage's data, so it is far below what a fresh model gets.
+    mid_meta = checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "p" / "mid"))
+    assert mid_meta["stage"] == "mid" and mid_meta["config"]["stage"]["source"] == "pretrain"
+
+
+def test_a_stage_without_its_source_checkpoint_names_the_command_that_makes_it(tmp_path):
+    with pytest.raises(UserError, match=r"stage=mid run_name=nothing"):
+        train(["debug=smoke", f"paths.outputs={tmp_path}", "run_name=nothing", "stage=rag"], tmp_path / "run")
+
+
+def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline):
+    from hybridchat.context import RunContext
+    from hybridchat.runtime import Runtime
+    from hybridchat.stages.rag import RagStage
+    from hybridchat.train import typed_config
+
+    out, common = pipeline
+    config, _ = typed_config(compose_config(common + ["stage=rag"], output_dir=out / "x"))
+    ctx = RunContext(config, Runtime(torch.device("cpu"), None))
+    stage = RagStage(ctx)
+    batch = next(stage.train_batches(0, 0, 1))
+    tok = ctx.tokenizer
+    heldout = {e.name for e in ctx.world.entities if e.split == "heldout"}
+    seen_documents = 0
+    for inputs, targets in zip(batch["inputs"].tolist(), batch["targets"].tolist()):
+        text = tok.decode(inputs)
+        replies = tok.decode([t for t in targets if t >= 0]).split("<|assistant_end|>")
+        assert replies[-1] == "" and all("<|" not in r for r in replies)
+        replies = replies[:-1]
+        assert 1 <= len(replies) <= 3 and text.count("<|assistant_start|>") == len(replies)
+        assert text.index("<|user_end|>") < text.index("<|documents_start|>") < text.index("<|assistant_start|>")
+        assert text.count("<|documents_start|>") == 1  # follow-ups ask about the same documents
+        seen_documents += text.count("<|document_start|>")
+        documents = text.split("<|document_start|>")[1:]
+        for answer in replies:
+            if answer != ABSTAIN:  # the cited document is in the input and states the answer
+                number, value = answer[1:].split("] ", 1)
+                assert documents[int(number) - 1].startswith(f"[{number}] ")
+                assert value in documents[int(number) - 1]
+        assert not [name for name in heldout if name in text]  # held-out people never in training
+    assert seen_documents > 0
+
+
+def test_load_model_needs_nothing_but_the_step_folder(pipeline, tmp_path):
+    out, _ = pipeline
+    source = checkpoint.latest(out / "checkpoints" / "p" / "rag")
+    moved = tmp_path / "elsewhere" / "step"
+    shutil.copytree(source, moved)
+    model, tokenizer, meta = checkpoint.load_model(moved)
+    reference, _, _ = checkpoint.load_model(source)
+    idx = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("Where was Ada born?")])
+    assert torch.equal(model(idx), reference(idx))
+    assert meta["stage"] == "rag" and tokenizer.fingerprint == meta["tokenizer"]
+    (moved / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="tokenizer.json"):
+        checkpoint.load_model(moved)
+
+
+def test_rope_mismatch_is_refused(pipeline, tmp_path):
+    out, common = pipeline
+    with pytest.raises(UserError, match="attn_rope"):
+        train(common + ["stage=rag", "model.attn_rope=false", f"paths.checkpoints={out}/checkpoints",
+                        f"paths.cache={out}/cache", "run_name=p"], tmp_path / "run")
+
+
+def _answer(reply, docs=(), abstained=False, confidence=0.5):
+    from hybridchat.answer import parse_reply
+
+    answer, cited, abstained = parse_reply(reply)
+    return Answer("q", reply, answer, cited, abstained, confidence, list(docs))
+
+
+def test_scores_on_hand_made_replies():
+    from hybridchat.documents import Document
+
+    gold = Document("person-1", "Ada Vell", "Ada Vell was born in Vellport.")
+    other = Document("city-2", "Kor", "Kor is a city.")
+    right = score(_answer("[1] Vellport", [gold, other]), ["Vellport"], ["person-1"])
+    assert right["em"] == right["f1"] == right["citation"] == right["gold_in_context"] == 1.0
+    assert right["hallucination"] == right["abstain"] == right["false_abstention"] == 0.0
+    wrong_cite = score(_answer("[2] Vellport", [gold, other]), ["Vellport"], ["person-1"])
+    assert wrong_cite["em"] == 1.0 and wrong_cite["citation"] == 0.0
+    wrong = score(_answer("[2] Kor", [gold, other]), ["Vellport"], ["person-1"])
+    assert wrong["em"] == 0.0 and wrong["hallucination"] == 1.0 and wrong["citation"] is None
+    abstain = score(_answer(ABSTAIN, [other]), ["Vellport"], ["person-1"])
+    assert abstain["false_abstention"] == 1.0 and abstain["hallucination"] == 0.0 and abstain["gold_in_context"] == 0
+    unanswerable = score(_answer("[1] Kor", [other]), [], [])
+    assert unanswerable["em"] is None and unanswerable["hallucination"] == 1.0 and unanswerable["abstain"] == 0.0
+
+
+def test_summary_rates_and_auroc_on_hand_made_scores():
+    from hybridchat.documents import Document
+
+    gold = Document("g", "G", "It is Vellport.")
+    answerable = [score(_answer("[1] Vellport", [gold], confidence=0.9), ["Vellport"], ["g"]) for _ in range(3)]
+    answerable.append(score(_answer("Kor", [gold], confidence=0.2), ["Vellport"], ["g"]))
+    unanswerable = [score(_answer(ABSTAIN, confidence=c), []) for c in (0.1, 0.3)]
+    s = summarize(answerable + unanswerable, n_resamples=200, seed=0)
+    assert (s["answerable"], s["unanswerable"]) == (4, 2)
+    assert s["em"][0] == pytest.approx(0.75)
+    assert s["hallucination"][0] == pytest.approx(0.25)
+    assert s["abstain_unanswerable"][0] == 1.0 and s["hallucination_unanswerable"][0] == 0.0
+    assert s["citation"][0] == 1.0
+    # confidences: answerable 0.9, 0.9, 0.9, 0.2 vs unanswerable 0.1, 0.3 -> 7 of 8 pairs ordered
+    assert s["auroc"][0] == pytest.approx(7 / 8)
+
+
+def test_evaluate_writes_table_json_and_plot(pipeline):
+    out, _ = pipeline
+    result = cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=p", "n_questions=12", "n_unanswerable=6",
+                 "context_budget=[1,2]", "context_questions=4", "bootstrap=100",
+                 f"hydra.run.dir={out}/eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    names = [c["condition"] for c in report["conditions"]]
+    assert names == ["closed-book (mid model)", "RAG, bm25 top-3", "gold documents"]
+    assert (report["conditions"][1]["answerable"], report["conditions"][1]["unanswerable"]) == (12, 6)
+    assert (report["conditions"][2]["answerable"], report["conditions"][2]["unanswerable"]) == (12, 0)
+    assert [r["documents"] for r in report["context_budget"]] == [1, 2]
+    assert (out / "eval" / "eval.png").stat().st_size > 1000
+    assert "| RAG, bm25 top-3 | " in (out / "eval" / "eval.md").read_text()
+
+
+def test_evaluate_on_your_questions_and_bad_inputs(pipeline, tmp_path):
+    out, _ = pipeline
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "Where was nobody born?", "answers": [], "gold_doc_ids": []}) + "\n"
+                         + json.dumps({"question": "Q?", "answers": ["x"], "gold_doc_ids": ["person-0000"]}) + "\n")
+    ok = cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=p", f"questions={questions}",
+             "context_budget=[]", "bootstrap=50", f"hydra.run.dir={tmp_path}/eval")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert (report["answerable"], report["unanswerable"]) == (1, 1)
+    for args, needle in ((["run_name=absent"], "stage=rag run_name=absent"),
+                         (["run_name=p", f"questions={tmp_path}/missing.jsonl"], "missing.jsonl")):
+        bad = cli("hybridchat.evaluate", f"paths.outputs={out}", *args, f"hydra.run.dir={tmp_path}/bad")
+        assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+
+
+def test_chat_one_shot_prints_sources_answer_and_exits_zero(pipeline):
+    out, _ = pipeline
+    result = cli("hybridchat.chat", "--run", "p", "--checkpoints", f"{out}/checkpoints", "--cache-dir", f"{out}/cache",
+                 "-k", "2", "--max-tokens", "8", "-p", "Where does Meba Romais live?")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sources:" in result.stdout and "answer: " in result.stdout and "confidence:" in result.stdout
+    closed = cli("hybridchat.chat", "--run", "p", "--checkpoints", f"{out}/checkpoints", "--no-rag",
+                 "--max-tokens", "4", "-p", "Hello?")
+    assert closed.returncode == 0 and "sources:" not in closed.stdout
+    missing = cli("hybridchat.chat", "--run", "nobody", "--checkpoints", f"{out}/checkpoints", "-p", "x")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_rag_trains_under_torchrun_with_the_hybrid_retriever(pipeline, tmp_path):
+    """Two gloo processes: sharded generation-based evaluation gathers to the same metrics on both
+    ranks' behalf, and the ranks end with identical weights (the loop checks)."""
+    import os
+
+    out, _ = pipeline
+    shutil.copytree(out / "checkpoints" / "p" / "mid", tmp_path / "checkpoints" / "p" / "mid")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hybridchat.train",
+         "debug=smoke", "stage=rag", "stage.num_steps=2", "stage.eval_questions=6", "retriever=hybrid",
+         f"paths.outputs={tmp_path}", f"paths.cache={out}/cache", "run_name=p"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**{k: v for k, v in os.environ.items() if k != "HYBRIDCHAT_RUN_DIR"}, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-6000:]
+    run_dir = next((tmp_path / "runs").iterdir())
+    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {"val/em", "val/bpb", "val/abstain_unanswerable"} <= set(final)
+    assert checkpoint.latest(tmp_path / "checkpoints" / "p" / "rag").name == "step_000002"

@@ -1,0 +1,257 @@
+"""Bad inputs end in one `error:` line and exit code 2, never a traceback, and nothing on disk is damaged.
+
+Each test here pins a bug that once ended in a traceback (or, for the umask, in unreadable folders).
+The command-line tests run the real entry points in a subprocess, so a traceback cannot hide.
+"""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hybridchat.config import DataConfig
+from hybridchat.data.sources import files_source
+from hybridchat.errors import UserError
+from hybridchat.fsutil import atomic_directory, atomic_write_text
+
+try:  # Document moved from hybridchat.retrieval.documents to hybridchat.documents
+    from hybridchat.documents import Document
+except ImportError:  # pragma: no cover
+    from hybridchat.retrieval.documents import Document
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [
+    {"id": "d1", "title": "Volcanoes", "text": "Lava erupts from volcanoes when magma pressure builds."},
+    {"id": "d2", "title": "Glaciers", "text": "Glaciers carve valleys as ice slowly flows downhill."},
+    {"id": "d3", "title": "Deserts", "text": "Sand dunes move with the wind across hot deserts."},
+]
+
+
+def cli(*argv, cwd=None, env=None):
+    """(exit code, stdout, stderr) of `python -m <argv>` in a fresh process."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
+    p = subprocess.run([sys.executable, "-m", *map(str, argv)], capture_output=True, text=True, cwd=cwd or ROOT,
+                       env=full_env, timeout=120)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_one_error(code, err, *needles):
+    """Exit 2, the last stderr line is the only `error:` line and names every needle, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), err
+    assert sum(line.startswith("error: ") for line in lines) == 1, err
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+
+
+def snapshot(path):
+    return {p.relative_to(path): p.read_bytes() for p in Path(path).rglob("*") if p.is_file()}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def built_kb(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("built")
+    src = write_jsonl(tmp / "docs.jsonl", DOCS)
+    code, _, err = cli("hybridchat.kb", "build", src, "--kb", tmp / "kb", "--retrievers", "bm25,simple")
+    assert code == 0, err
+    return tmp / "kb"
+
+
+@pytest.fixture
+def kb(built_kb, tmp_path):
+    """A fresh copy of a small bm25 + simple knowledge base (built once by the real CLI)."""
+    shutil.copytree(built_kb, tmp_path / "kb")
+    return tmp_path / "kb"
+
+
+# ---- data=text: the text field must be a string --------------------------------------------------
+
+def text_source(path):
+    return files_source(path, DataConfig(name="text", path=str(path), val_fraction=0.5))
+
+
+@pytest.mark.parametrize("line, got", [('{"text": 5}', "got int"), ('{"text": null}', "got null"),
+                                       ('{"text": ["a", "b"]}', "got list"), ('{"text": {"a": 1}}', "got dict"),
+                                       ("5", "got int"), ('"just a string"', "got str"),
+                                       ('{"body": "x"}', "no field")])
+def test_jsonl_text_field_that_is_not_a_string_names_file_line_and_key(tmp_path, line, got):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "a fine first line"}\n\n' + line + "\n")
+    with pytest.raises(UserError) as e:
+        list(text_source(corpus)("train", 0)) + list(text_source(corpus)("val", 0))
+    message = str(e.value)
+    assert message.startswith(f"{corpus}:3: ") and "data.text_key='text'" in message and got in message
+    assert "\n" not in message
+
+
+def test_jsonl_bytes_that_are_not_utf8_name_their_line(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"corpus.jsonl:2: not UTF-8"):
+        list(text_source(corpus)("val", 0)) + list(text_source(corpus)("train", 0))
+
+
+def test_jsonl_lone_surrogate_escape_becomes_replacement_character(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "a\\ud800b"}\n{"text": "smile \\ud83d\\ude00"}\n')
+    docs = list(text_source(corpus)("val", 0)) + list(text_source(corpus)("train", 0))
+    assert docs == ["a\ufffdb", "smile \U0001F600"]
+    for d in docs:
+        d.encode("utf-8")  # what the tokenizer's cache hash does with every document
+
+
+def test_parquet_null_and_non_string_column_name_file_row_and_key(tmp_path):
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": ["first", "second", None, "fourth"]}), nulls)
+    with pytest.raises(UserError) as e:
+        list(text_source(nulls)("train", 0)) + list(text_source(nulls)("val", 0))
+    assert str(e.value).startswith(f"{nulls}: row 2: ") and "data.text_key='text'" in str(e.value)
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), numbers)
+    with pytest.raises(UserError, match=r"numbers.parquet: column data.text_key='text' must hold strings, "
+                                        r"it holds int64"):
+        list(text_source(numbers)("train", 0))
+
+
+def test_file_that_is_not_parquet_is_named(tmp_path):
+    fake = tmp_path / "fake.parquet"
+    fake.write_bytes(b"PAR1 but not really")
+    with pytest.raises(UserError, match=r"fake.parquet: not a readable parquet file"):
+        list(text_source(fake)("train", 0))
+
+
+def test_train_entry_point_ends_a_bad_text_field_with_one_error_line(tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "one"}, {"text": 5}])
+    code, _, err = cli("hybridchat.train", "data=text", f"data.path={corpus}",
+                       f"paths.outputs={tmp_path / 'out'}", "hydra.run.dir=" + str(tmp_path / "run"))
+    assert_one_error(code, err, f"{corpus}:2", "data.text_key='text'", "got int")
+
+
+# ---- knowledge bases: damaged files, missing questions, bad counts --------------------------------
+
+@pytest.mark.parametrize("damage, where", [
+    (lambda lines: lines[:1] + ['{"id": "d2", "title": "Glac'] + lines[2:], "documents.jsonl:2: damaged"),
+    (lambda lines: lines[:2] + ["[1, 2]"] + lines[3:], "documents.jsonl:3: damaged"),
+    (lambda lines: lines[:1] + ['{"id": "d2"}'] + lines[2:], "documents.jsonl:2: damaged"),
+    (lambda lines: lines[:2], "holds 2 documents but manifest.json says 3"),
+])
+def test_damaged_documents_jsonl_is_one_error_naming_file_and_line(kb, damage, where):
+    docs = kb / "documents.jsonl"
+    docs.write_text("\n".join(damage(docs.read_text().splitlines())) + "\n")
+    before = snapshot(kb)
+    for argv in (["search", "lava", "--kb", kb], ["stats", "--kb", kb],
+                 ["add", write_jsonl(kb.parent / "new.jsonl", [{"id": "n", "text": "new"}]), "--kb", kb]):
+        code, _, err = cli("hybridchat.kb", *argv)
+        assert_one_error(code, err, where, "rebuild")
+    assert snapshot(kb) == before
+
+
+def test_damaged_manifest_and_index_files_are_one_error_each(kb):
+    manifest = json.loads((kb / "manifest.json").read_text())
+    (kb / "manifest.json").write_text(json.dumps({**manifest, "indexes": ["bm25"]}))
+    assert_one_error(*cli("hybridchat.kb", "stats", "--kb", kb)[::2], "manifest.json: unreadable")
+    (kb / "manifest.json").write_text(json.dumps(manifest))
+    for f in (kb / "bm25").iterdir():
+        f.write_bytes(b"\x00garbage")
+    (kb / "simple" / "postings.npz").write_bytes(b"PK\x03\x04 not a zip")
+    assert_one_error(*cli("hybridchat.kb", "search", "lava", "--kb", kb)[::2], "bm25 index is damaged")
+    assert_one_error(*cli("hybridchat.kb", "search", "lava", "--kb", kb, "--retriever", "simple")[::2],
+                     "simple index is damaged")
+
+
+def test_eval_with_missing_or_bad_questions_file(kb, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    assert_one_error(*cli("hybridchat.kb", "eval", "--questions", missing, "--kb", kb)[::2],
+                     f"--questions {missing}: cannot be read")
+    bad = write_jsonl(tmp_path / "q.jsonl", [{"question": "lava?", "gold_doc_ids": ["d1"], "answers": 5}])
+    assert_one_error(*cli("hybridchat.kb", "eval", "--questions", bad, "--kb", kb)[::2],
+                     f"{bad}:1: 'answers' must be a list")
+
+
+@pytest.mark.parametrize("option", [["-k", "0"], ["-k", "-3"], ["--nprobe", "0"]])
+def test_search_counts_below_one_are_refused(kb, option):
+    assert_one_error(*cli("hybridchat.kb", "search", "lava", "--kb", kb, *option)[::2], option[0], "must be >= 1")
+
+
+def test_search_k1_still_returns_one_hit(kb):
+    code, out, err = cli("hybridchat.kb", "search", "magma lava", "--kb", kb, "-k", "1")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith(" 1. Volcanoes  [d1]") and " 2. " not in out
+
+
+# ---- folders and files follow the umask ----------------------------------------------------------
+
+@pytest.fixture
+def umask():
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_directory_and_file_modes_follow_the_umask(tmp_path, umask, mask):
+    umask(mask)
+    reference_dir, reference_file = tmp_path / "plain", tmp_path / "plain.txt"
+    reference_dir.mkdir()
+    reference_file.write_text("x")
+    with atomic_directory(tmp_path / "step_000001") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    atomic_write_text(tmp_path / "tok.json", "{}")
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "step_000001") == 0o777 & ~mask == mode(reference_dir)
+    assert mode(tmp_path / "tok.json") == 0o666 & ~mask == mode(reference_file)
+    with atomic_directory(tmp_path / "step_000001") as tmp:  # replacing keeps following the umask
+        (tmp / "meta.json").write_text("{}")
+    assert mode(tmp_path / "step_000001") == 0o777 & ~mask
+
+
+def test_checkpoint_and_knowledge_base_folders_are_group_readable_with_umask_002(tmp_path, umask):
+    import torch
+
+    from hybridchat import checkpoint
+    from hybridchat.config import ModelConfig
+    from hybridchat.model.lm import HybridLM
+    from hybridchat.retrieval.config import RetrieverConfig
+    from hybridchat.retrieval.knowledge_base import KnowledgeBase
+
+    umask(0o002)
+    model = HybridLM(ModelConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_pattern="AM", d_state=8,
+                                 headdim=16, mlp_ratio=1), vocab_size=16)
+    from hybridchat.data.tokenizer import Tokenizer
+
+    step = checkpoint.save(tmp_path / "ckpt", 1, model, [torch.optim.AdamW(model.parameters())], {}, keep=2,
+                           tokenizer=Tokenizer.train(["some text"], 300))
+    kb = KnowledgeBase.build(tmp_path / "kb", [Document(d["id"], d["title"], d["text"]) for d in DOCS], ["bm25"],
+                             RetrieverConfig(), progress=False)
+    for folder in (step, kb.path, kb.path / "bm25"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o775, folder
+
+
+def test_filter_over_list_metadata_matches_any_element():
+    from hybridchat.retrieval.base import filter_mask
+
+    docs = [Document("a", "", "t", {"tags": ["x", "y"]}), Document("b", "", "t", {"tags": "x"}),
+            Document("c", "", "t", {"tags": {"k": 1}}), Document("d", "", "t", {"tags": ["z"]})]
+    assert filter_mask(docs, {"tags": "x"}).tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize("argv, needle", [(["search", "lava", "-k", "abc"], "invalid int value: 'abc'"),
+                                          ([], "required: command"), (["frob"], "invalid choice: 'frob'")])
+def test_kb_usage_mistakes_are_one_error_line_too(argv, needle):
+    code, _, err = cli("hybridchat.kb", *argv)
+    assert_one_error(code, err, needle, "--help")
+    assert err.count("\n") == 1  # no usage block before it
