@@ -1,6 +1,7 @@
 """mid and rag stages end to end at smoke size, the self-contained checkpoint, the evaluator and chat."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -224,3 +225,24 @@ def test_rag_trains_under_torchrun_with_the_hybrid_retriever(pipeline, tmp_path)
     final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert {"val/em", "val/bpb", "val/abstain_unanswerable"} <= set(final)
     assert checkpoint.latest(tmp_path / "checkpoints" / "p" / "rag").name == "step_000002"
+
+
+def test_confidence_is_one_minus_the_probability_of_the_abstention_reply(pipeline):
+    """The batched, right-padded teacher-forced P(ABSTAIN) against a plain per-prompt loop."""
+    from hybridchat.answer import Answerer
+
+    out, _ = pipeline
+    model, tokenizer, _ = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "p" / "rag"))
+    answerer = Answerer(model, tokenizer, 256)
+    prompts = [answerer.prompt(q, None)[0] for q in ("Hi?", "Where was Ada Vell born, and when exactly?")]
+    batched = answerer.abstain_probability(prompts)
+    abstain = tokenizer.encode(ABSTAIN) + [tokenizer.token_id("<|assistant_end|>")]
+    for p, value in zip(prompts, batched.tolist()):
+        logp = 0.0
+        with torch.no_grad():
+            for i, token in enumerate(abstain):
+                logits = model(torch.tensor([p + abstain[:i]]))[0, -1].double()
+                logp += float(logits.log_softmax(-1)[token])
+        assert math.log(value) == pytest.approx(logp, rel=1e-4)  # log scale: the probability may be tiny
+    answers = answerer.answer(["Hi?"])
+    assert answers[0].confidence == pytest.approx(1 - batched[0].item(), rel=1e-5, abs=1e-9)

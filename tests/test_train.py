@@ -202,6 +202,12 @@ def test_torchrun_two_cpu_processes_agree(tmp_path):
     assert (run_dir / ".hydra").is_dir() and (run_dir / ".hydra_rank1").is_dir()
     assert len(list((tmp_path / "checkpoints" / "ddp" / "pretrain").glob("step_*"))) >= 1
     assert len(read_metrics(run_dir)) > 0 and not (run_dir / "metrics_rank1.jsonl").exists()
+    # The validation set does not depend on the number of ranks: before any step (same seed, same
+    # weights) one process measures the bits per byte the two ranks measured together.
+    single = tmp_path / "single"
+    train(["debug=smoke", "stage.num_steps=1", f"paths.outputs={single}", "run_name=one",
+           "stage.total_batch_tokens=4096"], single / "run")
+    assert read_metrics(single / "run")[0]["val/bpb"] == pytest.approx(read_metrics(run_dir)[0]["val/bpb"], rel=1e-5)
 
 
 def test_submitit_launcher_runs_two_tasks_as_one_ddp_job(tmp_path):
