@@ -17,7 +17,7 @@ from hybridchat.config import ModelConfig, StageConfig
 from hybridchat.context import RunContext
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.errors import UserError
-from hybridchat.loop import build_optimizers, grad_accum_steps
+from hybridchat.loop import build_optimizers, grad_accum_steps, lr_multiplier
 from hybridchat.model.blocks import PATTERN_PRESETS
 from hybridchat.model.lm import HybridLM
 from hybridchat.runtime import Runtime
@@ -256,3 +256,54 @@ def test_pretrain_on_your_own_jsonl_files(tmp_path):
     records = read_metrics(tmp_path / "run")
     assert records[0]["val/bpb"] > final_bpb > 0
     assert checkpoint.latest(tmp_path / "checkpoints" / "own" / "pretrain") is not None
+
+
+def test_lr_schedule_warms_up_holds_and_warms_down_to_final_fraction(smoke_run):
+    """Hand values of the schedule, and the loop applying it: smoke has 6 steps, 2 of warmup and
+    round(0.3 * 6) = 2 of warmdown to 5%."""
+    s = StageConfig(num_steps=10, warmup_steps=2, warmdown_ratio=0.3, final_lr_frac=0.1)
+    assert [round(lr_multiplier(i, s), 6) for i in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 1, 0.7, 0.4]
+    out, _, _ = smoke_run
+    logged = [r["train/lr_mult"] for r in read_metrics(out / "run") if "train/lr_mult" in r]
+    assert logged == pytest.approx([0.5, 1, 1, 1, 1, 0.525])
+
+
+def test_bits_per_byte_is_nats_over_ln2_per_utf8_byte(smoke_run):
+    """evaluate_bpb against a hand computation on ASCII text: cross-entropy summed over the target
+    tokens (nats), divided by ln 2 and by the text's byte count."""
+    import math
+
+    import torch.nn.functional as F
+
+    from hybridchat.stages import evaluate_bpb
+
+    out, _, _ = smoke_run
+    model, tok, _ = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain"))
+    text = "Settlers founded the city of Vellport in 1203."
+    ids = [tok.bos_id] + tok.encode(text)
+    inputs, targets = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    with torch.no_grad():
+        nats = F.cross_entropy(model(inputs)[0].double(), targets[0], reduction="sum").item()
+    ctx = RunContext(None, Runtime(torch.device("cpu"), None), model)
+    ctx.tokenizer = tok
+    bpb = evaluate_bpb(model, [{"inputs": inputs, "targets": targets}], ctx)
+    assert bpb == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-5)
+
+
+def test_gradients_are_clipped_at_stage_grad_clip_and_old_checkpoints_pruned(tmp_path, monkeypatch):
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        norm = clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        seen.append((max_norm, float(norm), float(after)))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    train(["debug=smoke", f"paths.outputs={tmp_path}", "run_name=clip", "stage.grad_clip=0.01",
+           "stage.checkpoint_every=1", "stage.keep_checkpoints=2"], tmp_path / "run")
+    assert len(seen) == 6 and all(m == 0.01 and before > 0.01 and after <= 0.01 * 1.001 for m, before, after in seen)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints" / "clip" / "pretrain").iterdir())
+    assert kept == ["step_000005", "step_000006"]
