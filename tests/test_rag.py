@@ -246,3 +246,20 @@ def test_confidence_is_one_minus_the_probability_of_the_abstention_reply(pipelin
         assert math.log(value) == pytest.approx(logp, rel=1e-4)  # log scale: the probability may be tiny
     answers = answerer.answer(["Hi?"])
     assert answers[0].confidence == pytest.approx(1 - batched[0].item(), rel=1e-5, abs=1e-9)
+
+
+def test_bad_stage_inputs_stop_with_one_line_and_leave_checkpoints_alone(pipeline, tmp_path):
+    out, common = pipeline
+    mid = checkpoint.latest(out / "checkpoints" / "p" / "mid")
+    before = (mid / "model.safetensors").read_bytes()
+    bad = tmp_path / "chats.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+                   + "\n" + json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n")
+    with pytest.raises(UserError, match=r"chats.jsonl:2: .*role 'bot'"):
+        train(common + ["stage=mid", f"stage.conversations={bad}", "stage.world_conversations=false"], tmp_path / "a")
+    with pytest.raises(UserError, match="stage.min_documents=5"):
+        train(common + ["stage=rag", "stage.min_documents=5"], tmp_path / "b")
+    with pytest.raises(UserError, match="retriever=bm25"):
+        train(common + ["stage=rag", "retriever=none"], tmp_path / "c")
+    assert checkpoint.latest(out / "checkpoints" / "p" / "mid") == mid
+    assert (mid / "model.safetensors").read_bytes() == before
