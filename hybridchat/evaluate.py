@@ -16,7 +16,6 @@ Writes eval.md, eval.json and eval.png to the run dir (and metrics to wandb when
 from __future__ import annotations
 
 import logging
-import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -95,13 +94,10 @@ def load(cfg: EvalConfig, run_name: str, stage: str, step: int | None = None):
 
 
 def world_items(world: World, n_questions: int, n_unanswerable: int, seed: int) -> list[Item]:
-    heldout = world.questions("heldout", 1)
-    if not heldout:
+    if not world.questions("heldout", 1):
         raise UserError("the checkpoint's world has no held-out people (world.heldout_fraction=0): nothing to evaluate")
-    picked = random.Random(f"{seed}/eval").sample(heldout, min(n_questions, len(heldout)))
-    n_unanswerable = min(n_unanswerable, world.unanswerable_capacity() // 5)
-    return ([Item(q.question, q.answers, q.gold_doc_ids) for q in picked]
-            + [Item(q.question, (), ()) for q in world.unanswerable_split("heldout", n_unanswerable)])
+    return [Item(q.question, q.answers, q.gold_doc_ids) for q in world.evaluation_questions(n_questions, n_unanswerable,
+                                                                                             seed)]
 
 
 def user_items(path: str) -> list[Item]:

@@ -735,6 +735,14 @@ class World:
                                 gold_doc_ids=(), hops=rel.hops, split="unanswerable"))
         return out
 
+    def evaluation_questions(self, n_answerable: int, n_unanswerable: int, seed: int = 0) -> list[Question]:
+        """The held-out evaluation set: a seeded sample of n_answerable single-hop questions about
+        held-out people, then n_unanswerable about made-up people of the held-out fifth (fewer when
+        a small world cannot name that many)."""
+        heldout = self.questions("heldout", 1)
+        picked = random.Random(f"{seed}/eval").sample(heldout, min(n_answerable, len(heldout)))
+        return picked + self.unanswerable_split("heldout", min(n_unanswerable, self.unanswerable_capacity() // 5))
+
     def unanswerable_capacity(self) -> int:
         """How many made-up people unanswerable_questions can name: half the free first/last name
         combinations at most, so its rejection sampling stays quick."""

@@ -29,7 +29,6 @@ class Stage:
     name = "stage"
     reads_documents = False            # uses the `retriever` group
     monitor = "val/bpb"
-    monitor_higher_is_better = False
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx

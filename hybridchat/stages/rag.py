@@ -45,7 +45,6 @@ class RagStage(Stage):
     name = "rag"
     reads_documents = True
     monitor = "val/em"
-    monitor_higher_is_better = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -61,7 +60,6 @@ class RagStage(Stage):
         if ctx.retriever is None:
             raise UserError("stage=rag reads documents: choose a retriever (retriever=bm25|dense|hybrid|simple)")
         self.renderer = ChatRenderer(ctx.tokenizer)
-        self.answerer_context = ctx.config.model.sequence_len
         train, self.heldout = self._questions()
         rng = random.Random(ctx.config.seed)
         rng.shuffle(train)
@@ -82,12 +80,8 @@ class RagStage(Stage):
         n_unanswerable = min(round(len(answerable) * c.unanswerable / (1 - c.unanswerable)),
                              world.unanswerable_capacity() * 3 // 5)
         unanswerable = [RagQuestion(q.question, (), ()) for q in world.unanswerable_split("train", n_unanswerable)]
-        rng = random.Random(f"{self.ctx.config.seed}/rag-eval")
-        heldout = rng.sample(world.questions("heldout", 1), min(c.eval_questions, len(world.questions("heldout", 1))))
-        heldout_unanswerable = world.unanswerable_split("heldout", min(max(1, c.eval_questions // 4),
-                                                                       world.unanswerable_capacity() // 5))
-        heldout = [RagQuestion(q.question, q.answers, q.gold_doc_ids) for q in heldout]
-        heldout += [RagQuestion(q.question, (), ()) for q in heldout_unanswerable]
+        heldout = [RagQuestion(q.question, q.answers, q.gold_doc_ids) for q in
+                   world.evaluation_questions(c.eval_questions, max(1, c.eval_questions // 4), self.ctx.config.seed)]
         return answerable + unanswerable, heldout
 
     def _retrieve(self, questions: list[RagQuestion]) -> list[RagQuestion]:
