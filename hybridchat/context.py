@@ -18,7 +18,8 @@ from hybridchat.config import Config
 from hybridchat.data.sources import Source, build_source
 from hybridchat.data.tokenizer import Tokenizer, load_or_train
 from hybridchat.data.world import World, WorldConfig
-from hybridchat.retrieval.factory import DefaultCollection, build_retriever, open_knowledge_base
+from hybridchat.retrieval.factory import DefaultCollection, open_knowledge_base
+from hybridchat.retrieval.knowledge_base import needed_indexes
 from hybridchat.runtime import Runtime
 
 
@@ -76,6 +77,7 @@ class RunContext:
     @cached_property
     def retriever(self):
         """The configured retriever over the knowledge base; None for retriever=none."""
+        needed_indexes(self.config.retriever)  # an unknown kind or backend is one line before any work
         if self.config.retriever.kind == "none":
-            return build_retriever(self.config.retriever, self.config.paths.cache)
+            return None
         return self.knowledge_base.retriever(self.config.retriever)

@@ -185,7 +185,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     top = retriever.search(questions, top_k=cfg.retriever.top_k)
     retrieved = [[h.document for h in row] for row in top]
 
-    def run(condition: str, answer_model, docs, subset) -> dict[str, Any]:
+    def run(condition: str, answer_model, docs, subset=lambda item: True) -> dict[str, Any]:
         chosen = [i for i, item in enumerate(items) if subset(item)]
         answerer = Answerer(answer_model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size)
         t0 = time.perf_counter()
@@ -198,7 +198,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         return {"condition": condition, **summarize(scores, cfg.bootstrap, cfg.seed), "seconds": seconds,
                 "examples": examples}
 
-    every = lambda item: True  # noqa: E731
     conditions = []
     closed_model = model
     closed_name = f"{cfg.stage} (no documents)"
@@ -210,8 +209,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         else:
             log.warning("no %s checkpoint in %s: the closed-book condition uses the %s model without documents",
                         cfg.closed_book_stage, path, cfg.stage)
-    conditions.append(run(f"closed-book ({closed_name} model)", closed_model, None, every))
-    conditions.append(run(f"RAG, {cfg.retriever.kind} top-{cfg.retriever.top_k}", model, retrieved, every))
+    conditions.append(run(f"closed-book ({closed_name} model)", closed_model, None))
+    conditions.append(run(f"RAG, {cfg.retriever.kind} top-{cfg.retriever.top_k}", model, retrieved))
     if any(i.gold_doc_ids for i in items):
         conditions.append(run("gold documents", model, gold_documents(kb.documents, items),
                               lambda item: bool(item.gold_doc_ids)))

@@ -6,6 +6,7 @@ BENCHMARKS = {
     "mixer": "Mamba-2 SSD vs attention vs peer Mamba implementations, fwd+bwd vs length",
     "decode": "per-token decode latency and cache bytes vs context length",
     "retrieval": "build time, queries/s and memory of each retriever vs rank-bm25",
+    "reading": "exact match of a checkpoint reading a held-out document in its pretraining format",
 }
 
 
