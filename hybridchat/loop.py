@@ -89,7 +89,7 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
         start_step = checkpoint.load(resume_from, model, optimizers, tokenizer.fingerprint)["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
     elif ctx.source_checkpoint is not None:
-        checkpoint.load(ctx.source_checkpoint, model, None, tokenizer.fingerprint)
+        stage.initialise(model, ctx.source_checkpoint)
         log.info("initialised from %s", ctx.source_checkpoint)
     elif cfg.resume:
         log.info("resume=true but %s holds no checkpoint: starting from scratch", ckpt_dir)

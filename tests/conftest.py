@@ -58,3 +58,18 @@ def group_options(group: str) -> list[str]:
 def smoke_overrides(tmp_path):
     """A seconds-long pretraining run writing everything under tmp_path."""
     return ["debug=smoke", f"paths.outputs={tmp_path}", "run_name=test"]
+
+
+def train_steps(model, optimizers, tokens, steps: int, after_step=None) -> list[float]:
+    """Plain full-batch next-token training on `tokens`; the losses, step by step."""
+    losses = []
+    for step in range(steps):
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad()
+        losses.append(loss.item())
+        if after_step is not None:
+            after_step(step)
+    return losses

@@ -39,6 +39,43 @@ def test_documents_and_turns_render_in_order_with_loss_only_on_the_reply(tok):
     assert mask == [0] * len(expected) + [1] * len(reply)
 
 
+def chatml_tokenizer() -> Tokenizer:
+    """A ChatML vocabulary like an imported model's (SmolLM2): no hybridchat tokens."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["Ada Vell was born in Vellport. user assistant Documents"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return Tokenizer(hf, fingerprint="chatml")
+
+
+def test_chatml_vocabulary_renders_the_chatml_template_with_documents_in_the_user_turn():
+    tok = chatml_tokenizer()
+    r = ChatRenderer(tok)
+    assert tok.bos_id == tok.token_id("<|endoftext|>") and r.stop_token == tok.token_id("<|im_end|>")
+    conversation = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Where was Ada Vell born?", "documents": DOCS[:1]},
+                    {"role": "assistant", "content": "[1] Vellport"},
+                    {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You're welcome"}]
+    ids, mask = r.render(conversation)
+    # The reference: the ChatML template written out as one string (control tokens by id, below).
+    expected = ("<|im_start|>user\nBe brief.\n\nWhere was Ada Vell born?\n\nDocuments:\n\n"
+                "[1] Ada Vell (person-0001)\nAda Vell was born in Vellport.<|im_end|>\n"
+                "<|im_start|>assistant\n[1] Vellport<|im_end|>\n"
+                "<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\nYou're welcome<|im_end|>\n")
+    assert tok.decode(ids) == expected
+    controls = {tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")}
+    assert sum(i in controls for i in ids) == 8  # each a single control token, never spelled out
+    learned = [i for i, m in zip(ids, mask) if m]
+    assert tok.decode(learned) == "[1] Vellport<|im_end|>You're welcome<|im_end|>"
+    prompt = r.prompt(conversation[:2])
+    assert tok.decode(prompt).endswith("Vellport.<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_collate_masks_everything_but_the_reply_and_pads_on_the_right(tok):
     r = ChatRenderer(tok)
     long = r.render([{"role": "user", "content": "Where?", "documents": DOCS}, {"role": "assistant", "content": "A"}])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, train_steps
 
 from hybridchat import checkpoint
 from hybridchat.config import ModelConfig, StageConfig
@@ -106,14 +106,7 @@ def test_every_block_pattern_trains():
         model.init_weights()
         optimizers = build_optimizers(model, StageConfig(matrix_lr=0.02, embedding_lr=0.05, unembedding_lr=0.02))
         assert all(p.ndim == 2 for p in optimizers[0].param_groups[0]["params"])
-        losses = []
-        for _ in range(8):
-            loss = model(tokens[:, :-1], tokens[:, 1:])
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad()
-            losses.append(loss.item())
+        losses = train_steps(model, optimizers, tokens, 8)
         assert losses[-1] < losses[0] - 0.1, f"{name}: {losses}"
 
 

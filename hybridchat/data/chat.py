@@ -1,20 +1,31 @@
 """Chat rendering: conversations (and the documents a turn reads) -> token ids + loss mask.
 
-    <|bos|> [<|documents_start|> <|document_start|>[1] title (id)\\ntext<|document_end|> ... <|documents_end|>]
-    <|user_start|>question<|user_end|> <|assistant_start|>reply<|assistant_end|> ...
+Two formats, chosen by the tokenizer's vocabulary. Ours (models trained here) uses the reserved
+special tokens:
+
+    <|bos|> <|user_start|>question<|user_end|>
+    [<|documents_start|> <|document_start|>[1] title (id)\ntext<|document_end|> ... <|documents_end|>]
+    <|assistant_start|>reply<|assistant_end|> ...
+
+An imported model keeps the format it was trained with (ChatML for SmolLM2); it has no document
+tokens, so the documents are text at the end of the user message:
+
+    <|im_start|>user\nquestion\n\nDocuments:\n[1] title (id)\ntext\n\n...<|im_end|>\n
+    <|im_start|>assistant\nreply<|im_end|>\n
 
 Special tokens come only from here, by id: text that contains "<|user_start|>" stays text. The mask
 is 1 on the tokens the model must learn to write (assistant replies and their end token) and 0 on
-everything it is given (the user, the documents, the assistant start token). A user message may
-carry "documents" (a list of Document): they are rendered right after that turn, numbered from 1,
+everything it is given (the user, the documents, the assistant header). A user message may carry
+"documents" (a list of Document): they are rendered right after that turn's text, numbered from 1,
 which is what a reply's citation [n] refers to. After, not before: retrieval follows the question,
 and a Mamba layer can only keep what a question it has already read makes relevant (attention can
-look back either way). A system message is folded into the first user message (no system token).
+look back either way). A system message is folded into the first user message.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import count
 from typing import Callable, Iterator, Sequence
@@ -26,32 +37,76 @@ from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.documents import Document
 
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 = learn to write this token)
+Ids = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """The token sequences around each part of a conversation."""
+    begin: Ids                     # once, before the first turn
+    user: tuple[Ids, Ids]          # around the user's text
+    assistant: tuple[Ids, Ids]     # header (given) and end (learned: it is how the model stops)
+    after_assistant: Ids           # given, between an assistant turn and the next
+    documents: tuple[Ids, Ids]     # around the documents section
+    document: tuple[Ids, Ids]      # around each document
+    documents_in_user_turn: bool   # documents before the user's end tokens (text formats)
+
+    @property
+    def stop_token(self) -> int:
+        return self.assistant[1][-1]
+
+    @classmethod
+    def for_tokenizer(cls, tok: Tokenizer) -> "ChatFormat":
+        if tok.has_token("<|user_start|>"):
+            t = tok.token_id
+            return cls(begin=(tok.bos_id,), user=((t("<|user_start|>"),), (t("<|user_end|>"),)),
+                       assistant=((t("<|assistant_start|>"),), (t("<|assistant_end|>"),)), after_assistant=(),
+                       documents=((t("<|documents_start|>"),), (t("<|documents_end|>"),)),
+                       document=((t("<|document_start|>"),), (t("<|document_end|>"),)), documents_in_user_turn=False)
+        if tok.has_token("<|im_start|>"):
+            start, end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
+
+            def text(s: str) -> Ids:
+                return tuple(tok.encode(s))
+
+            return cls(begin=(), user=((start, *text("user\n")), (end, *text("\n"))),
+                       assistant=((start, *text("assistant\n")), (end,)), after_assistant=text("\n"),
+                       documents=(text("\n\nDocuments:"), ()), document=(text("\n\n"), ()),
+                       documents_in_user_turn=True)
+        raise ValueError("the tokenizer has neither hybridchat's chat tokens (<|user_start|>) nor ChatML's "
+                         "(<|im_start|>)")
 
 
 class ChatRenderer:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        t = tokenizer.token_id
-        self.bos = tokenizer.bos_id
-        self.user = (t("<|user_start|>"), t("<|user_end|>"))
-        self.assistant = (t("<|assistant_start|>"), t("<|assistant_end|>"))
-        self.documents = (t("<|documents_start|>"), t("<|documents_end|>"))
-        self.document = (t("<|document_start|>"), t("<|document_end|>"))
+        self.format = ChatFormat.for_tokenizer(tokenizer)
         # Documents recur across examples (the same few thousand in every epoch): encode each once.
         self._document_tokens = lru_cache(maxsize=65536)(self._encode_document)
 
-    def _encode_document(self, index: int, doc_id: str, title: str, text: str) -> tuple[int, ...]:
-        return (self.document[0], *self.tokenizer.encode(f"[{index}] {title} ({doc_id})\n{text}"), self.document[1])
+    @property
+    def stop_token(self) -> int:
+        return self.format.stop_token
+
+    @property
+    def pad_id(self) -> int:  # any id works: padding is never a target
+        return self.tokenizer.bos_id
+
+    def _encode_document(self, index: int, doc_id: str, title: str, text: str) -> Ids:
+        start, end = self.format.document
+        return (*start, *self.tokenizer.encode(f"[{index}] {title} ({doc_id})\n{text}"), *end)
 
     def documents_section(self, documents: Sequence[Document]) -> list[int]:
-        ids = [self.documents[0]]
+        start, end = self.format.documents
+        ids = list(start)
         for i, d in enumerate(documents, 1):
             ids += self._document_tokens(i, d.id, d.title, d.text)
-        return ids + [self.documents[1]]
+        return ids + list(end)
 
     def render(self, messages: Sequence[dict]) -> Example:
         """A whole conversation for training: (ids, mask)."""
-        ids, mask = [self.bos], [0]
+        f = self.format
+        ids, mask = list(f.begin), [0] * len(f.begin)
 
         def add(tokens: Sequence[int], learn: bool) -> None:
             ids.extend(tokens)
@@ -59,20 +114,21 @@ class ChatRenderer:
 
         for role, content, documents in _turns(messages):
             if role == "user":
-                add([self.user[0], *self.tokenizer.encode(content), self.user[1]], False)
-                if documents is not None:
-                    add(self.documents_section(documents), False)
+                section = self.documents_section(documents) if documents is not None else []
+                inside, outside = (section, []) if f.documents_in_user_turn else ([], section)
+                add([*f.user[0], *self.tokenizer.encode(content), *inside, *f.user[1], *outside], False)
             else:
-                add([self.assistant[0]], False)
-                add([*self.tokenizer.encode(content), self.assistant[1]], True)
+                add(f.assistant[0], False)
+                add([*self.tokenizer.encode(content), *f.assistant[1]], True)
+                add(f.after_assistant, False)
         return ids, mask
 
     def prompt(self, messages: Sequence[dict]) -> list[int]:
-        """Tokens up to and including <|assistant_start|> of the reply to the last (user) message."""
+        """Tokens up to and including the assistant header of the reply to the last (user) message."""
         if not messages or messages[-1]["role"] not in ("user", "system"):
             raise ValueError("a prompt ends with a user message")
         ids, _ = self.render(messages)
-        return ids + [self.assistant[0]]
+        return ids + list(self.format.assistant[0])
 
 
 def _turns(messages: Sequence[dict]) -> Iterator[tuple[str, str, Sequence[Document] | None]]:

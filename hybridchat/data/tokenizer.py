@@ -33,14 +33,28 @@ SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?
 FORMAT_VERSION = 1
 
 
+# The document separator: ours, else the one GPT-2-style vocabularies (SmolLM2, imported) use.
+BOS_TOKENS = ("<|bos|>", "<|endoftext|>")
+
+
 class Tokenizer:
+    """Wraps any byte-level HF tokenizer: ours (SPECIAL_TOKENS) or an imported model's (ChatML)."""
+
     def __init__(self, hf: HFTokenizer, fingerprint: str):
         self.hf = hf
         # Text that merely contains "<|bos|>" (a web page, a retrieved document) must not turn into
         # the control token: special tokens come only from the chat renderer, by id.
         self.hf.encode_special_tokens = True
         self.fingerprint = fingerprint  # stored in checkpoints: the exact vocabulary in use
-        self.bos_id = self.token_id("<|bos|>")
+        self.special_tokens = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+        bos = [t for t in BOS_TOKENS if t in self.special_tokens]
+        if not bos:
+            raise UserError(f"the tokenizer has none of the document separators {list(BOS_TOKENS)} among its "
+                            f"special tokens")
+        self.bos_id = self.token_id(bos[0])
+
+    def has_token(self, token: str) -> bool:
+        return self.hf.token_to_id(token) is not None
 
     @property
     def vocab_size(self) -> int:
@@ -65,8 +79,8 @@ class Tokenizer:
         """UTF-8 bytes each token stands for (0 for special tokens), for bits-per-byte.
 
         In the byte-level alphabet every character of a token string is exactly one byte."""
-        special = set(SPECIAL_TOKENS)
-        counts = [0 if (tok := self.hf.id_to_token(i)) in special else len(tok) for i in range(self.vocab_size)]
+        counts = [0 if (tok := self.hf.id_to_token(i)) in self.special_tokens else len(tok)
+                  for i in range(self.vocab_size)]
         return torch.tensor(counts, dtype=torch.int32)
 
     @classmethod

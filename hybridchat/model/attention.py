@@ -1,4 +1,4 @@
-"""Causal self-attention: RoPE, grouped-query attention, QK-norm, PyTorch SDPA."""
+"""Causal self-attention: RoPE, grouped-query attention, optional QK-norm, PyTorch SDPA."""
 
 from __future__ import annotations
 
@@ -26,11 +26,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int, layer_idx: int = 0):
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, layer_idx: int = 0, qk_norm: bool = True,
+                 norm_eps: float | None = None):
         super().__init__()
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = d_model // n_head
         self.layer_idx = layer_idx
+        # Parameter-free, one module for q and k: it adds no state-dict keys.
+        self.qk_norm = nn.RMSNorm(self.head_dim, eps=norm_eps, elementwise_affine=False) if qk_norm else None
         self.c_q = nn.Linear(d_model, n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
@@ -55,7 +58,8 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))  # QK-norm
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q), self.qk_norm(k)
 
         gqa = self.n_kv_head != self.n_head
         if cache is None:

@@ -22,7 +22,8 @@ from hybridchat.model.mamba import Mamba2
 
 # Factories share one signature so the Block never special-cases a kind.
 def _attention(cfg: ModelConfig, layer_idx: int, ssm_backend: str) -> nn.Module:
-    return CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, layer_idx=layer_idx)
+    return CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, layer_idx=layer_idx, qk_norm=cfg.qk_norm,
+                               norm_eps=cfg.norm_eps)
 
 
 def _mamba(cfg: ModelConfig, layer_idx: int, ssm_backend: str) -> nn.Module:
@@ -72,37 +73,58 @@ def expand_pattern(pattern: str, n_layer: int) -> str:
     return letters * (n_layer // len(letters))
 
 
+MLP_KINDS = ("relu2", "swiglu")
+
+
+def rms_norm(cfg: ModelConfig, weights: bool) -> nn.RMSNorm:
+    """RMSNorm over n_embd; without weights it has no parameters and adds no state-dict keys."""
+    return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps, elementwise_affine=weights)
+
+
 class MLP(nn.Module):
-    def __init__(self, d_model: int, ratio: int):
+    """relu^2 (nanochat / Primer): c_proj(relu(c_fc(x))^2), or SwiGLU (Llama's gate/up/down):
+    c_proj(silu(c_gate(x)) * c_fc(x))."""
+
+    def __init__(self, d_model: int, hidden: int, kind: str = "relu2"):
         super().__init__()
-        self.c_fc = nn.Linear(d_model, ratio * d_model, bias=False)
-        self.c_proj = nn.Linear(ratio * d_model, d_model, bias=False)
+        self.c_gate = nn.Linear(d_model, hidden, bias=False) if kind == "swiglu" else None
+        self.c_fc = nn.Linear(d_model, hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, d_model, bias=False)
 
     def init_weights(self) -> None:
         bound = math.sqrt(3.0) / math.sqrt(self.c_fc.in_features)
         nn.init.uniform_(self.c_fc.weight, -bound, bound)
+        if self.c_gate is not None:
+            nn.init.uniform_(self.c_gate.weight, -bound, bound)
         nn.init.zeros_(self.c_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())  # relu^2, as in nanochat / Primer
+        if self.c_gate is None:
+            return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
 
 
 class Block(nn.Module):
     def __init__(self, kind: str, cfg: ModelConfig, layer_idx: int, ssm_backend: str = "torch"):
         super().__init__()
         self.kind = kind
+        self.norm_mixer = rms_norm(cfg, cfg.norm_weights)
         self.mixer = MIXERS[kind](cfg, layer_idx, ssm_backend)
         has_mlp = cfg.mlp_ratio > 0 and (kind != "M" or cfg.mamba_mlp)
-        self.mlp = MLP(cfg.n_embd, cfg.mlp_ratio) if has_mlp else None
+        hidden = cfg.mlp_ratio * cfg.n_embd if cfg.mlp_hidden is None else cfg.mlp_hidden
+        self.norm_mlp = rms_norm(cfg, cfg.norm_weights) if has_mlp else None
+        self.mlp = MLP(cfg.n_embd, hidden, cfg.mlp) if has_mlp else None
 
     def init_weights(self) -> None:
         # Each module owns its init: Mamba's dt_bias / A_log / D are never touched by a generic pass.
         self.mixer.init_weights()
+        self.norm_mixer.reset_parameters()  # gains (if any) to 1
         if self.mlp is not None:
             self.mlp.init_weights()
+            self.norm_mlp.reset_parameters()
 
     def forward(self, x: torch.Tensor, rope=None, cache=None) -> torch.Tensor:
-        x = x + self.mixer(F.rms_norm(x, (x.size(-1),)), rope, cache)
+        x = x + self.mixer(self.norm_mixer(x), rope, cache)
         if self.mlp is not None:
-            x = x + self.mlp(F.rms_norm(x, (x.size(-1),)))
+            x = x + self.mlp(self.norm_mlp(x))
         return x

@@ -1,4 +1,4 @@
-"""HybridLM: token embedding -> blocks from the block pattern -> RMSNorm -> LM head."""
+"""HybridLM: token embedding (-> RMSNorm) -> blocks from the block pattern -> RMSNorm -> LM head."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hybridchat.config import ModelConfig
 from hybridchat.errors import UserError
 from hybridchat.model.attention import rotary_cos_sin
-from hybridchat.model.blocks import Block, expand_pattern
+from hybridchat.model.blocks import MLP_KINDS, Block, expand_pattern, rms_norm
 from hybridchat.model.cache import InferenceCache
 
 
@@ -30,6 +30,8 @@ def check_sizes(cfg: ModelConfig) -> None:
          f"model.expand * model.n_embd = {d_inner} must be divisible by model.headdim={cfg.headdim}")
     need(cfg.ngroups > 0 and (d_inner // cfg.headdim) % cfg.ngroups == 0,
          f"Mamba heads ({d_inner // cfg.headdim}) must be divisible by model.ngroups={cfg.ngroups}")
+    need(cfg.mlp in MLP_KINDS, f"model.mlp={cfg.mlp!r} is not one of {list(MLP_KINDS)}")
+    need(cfg.mlp_hidden is None or cfg.mlp_hidden > 0, f"model.mlp_hidden must be > 0 or null (got {cfg.mlp_hidden})")
     need(cfg.sequence_len > 0 and cfg.chunk_size > 0,
          f"model.sequence_len and model.chunk_size must be > 0 (got {cfg.sequence_len}, {cfg.chunk_size})")
 
@@ -42,15 +44,25 @@ class HybridLM(nn.Module):
         self.vocab_size = vocab_size
         self.pattern = expand_pattern(cfg.block_pattern, cfg.n_layer)
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)
+        self.norm_embed = rms_norm(cfg, weights=False) if cfg.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(kind, cfg, i, ssm_backend) for i, kind in enumerate(self.pattern))
-        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.norm_f = rms_norm(cfg, cfg.norm_weights)
+        # Tied, there is no head module at all: the state dict holds the shared matrix once, as
+        # wte.weight (safetensors refuses two names for one tensor), and loads without a missing key.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.use_rope = cfg.attn_rope and "A" in self.pattern
 
     def init_weights(self) -> None:
-        nn.init.normal_(self.wte.weight, std=1.0)
-        nn.init.normal_(self.lm_head.weight, std=0.001)
+        if self.lm_head is None:
+            # One matrix for lookup and head: GPT-2 / Llama's 0.02 keeps the initial logits tame and
+            # un-normalised embeddings (embed_norm false) far above norm_eps.
+            nn.init.normal_(self.wte.weight, std=0.02)
+        else:
+            nn.init.normal_(self.wte.weight, std=1.0)
+            nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.blocks:
             block.init_weights()
+        self.norm_f.reset_parameters()  # gains (if any) to 1
 
     def _rope(self, offset: int, length: int, device):
         if not self.use_rope:
@@ -66,14 +78,15 @@ class HybridLM(nn.Module):
         T = idx.size(1)
         pos = cache.pos if cache is not None else 0
         rope = self._rope(pos, T, idx.device)
-        x = F.rms_norm(self.wte(idx), (self.config.n_embd,))
+        x = self.norm_embed(self.wte(idx))
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(F.rms_norm(x, (self.config.n_embd,)))
+        x = self.norm_f(x)
+        logits = F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
@@ -91,9 +104,9 @@ class HybridLM(nn.Module):
         block_params = list(self.blocks.parameters())
         return {
             "matrix": [p for p in block_params if p.ndim == 2],
-            "scalar": [p for p in block_params if p.ndim != 2],
-            "embedding": [self.wte.weight],
-            "unembedding": [self.lm_head.weight],
+            "scalar": [p for p in block_params if p.ndim != 2] + list(self.norm_f.parameters()),
+            "embedding": [self.wte.weight],  # tied, also the head: trained once, at the embedding LR
+            "unembedding": [] if self.lm_head is None else [self.lm_head.weight],
         }
 
     def num_params(self) -> int:
@@ -102,6 +115,7 @@ class HybridLM(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 x non-embedding params + the attention score/value matmuls
         (nanochat's estimate). Mamba's scan is a few % of its projections and is left out."""
-        n = self.num_params() - self.wte.weight.numel()
+        # The lookup costs nothing; the head's matmul counts, also when it reuses the lookup's matrix.
+        n = self.num_params() - (0 if self.lm_head is None else self.wte.weight.numel())
         n_attn = self.pattern.count("A")
         return 6 * n + 12 * n_attn * self.config.n_embd * self.config.sequence_len

@@ -2,6 +2,7 @@
 
 A stage is built from the run's pieces (`RunContext`) and overrides hooks, like a Lightning module:
 
+    initialise(model, source)               start from checkpoint `source` (not on resume); default: load it
     train_batches(start, rank, world_size)  its batches from a global batch index on (resume = skip)
     training_step(model, batch)             the loss; default: next-token loss where targets != -1
     val_batches()                           one fixed validation set, the same on every world size
@@ -15,11 +16,13 @@ A stage is built from the run's pieces (`RunContext`) and overrides hooks, like 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+from hybridchat import checkpoint
 from hybridchat.context import RunContext
 from hybridchat.data.loader import Batch
 from hybridchat.errors import UserError
@@ -34,6 +37,9 @@ class Stage:
         self.ctx = ctx
         self.config = ctx.config.stage
         self.source = self.config.source
+
+    def initialise(self, model, source: Path) -> None:
+        checkpoint.load(source, model, None, self.ctx.tokenizer.fingerprint)
 
     def train_batches(self, start: int, rank: int, world_size: int) -> Iterator[Batch]:
         raise NotImplementedError
@@ -77,11 +83,12 @@ def evaluate_bpb(model, batches: list[Batch], ctx: RunContext) -> float:
 
 
 def build_stage(ctx: RunContext) -> Stage:
+    from hybridchat.stages.distill import DistillStage
     from hybridchat.stages.mid import MidStage
     from hybridchat.stages.pretrain import PretrainStage
     from hybridchat.stages.rag import RagStage
 
-    stages = {s.name: s for s in (PretrainStage, MidStage, RagStage)}
+    stages = {s.name: s for s in (PretrainStage, MidStage, RagStage, DistillStage)}
     name = ctx.config.stage.name
     if name not in stages:
         raise UserError(f"stage.name={name!r} is unknown; allowed: {sorted(stages)}")

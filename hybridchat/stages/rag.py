@@ -149,7 +149,7 @@ class RagStage(Stage):
 
     def train_batches(self, start, rank, world_size):
         return example_batches(len(self.train_questions), lambda i, epoch: self._example(self.train_questions, i, epoch),
-                               self.ctx.config.gpu.micro_batch, self.ctx.config.seed, self.renderer.bos,
+                               self.ctx.config.gpu.micro_batch, self.ctx.config.seed, self.renderer.pad_id,
                                start, rank, world_size)
 
     @cached_property
@@ -157,7 +157,7 @@ class RagStage(Stage):
         size = self.ctx.config.gpu.micro_batch
         n = min(len(self.val_questions), size * self.config.eval_batches)
         examples = [self._example(self.val_questions, i, 0, follow=False) for i in range(n)]
-        return [collate(examples[i:i + size], self.renderer.bos) for i in range(0, n, size)]
+        return [collate(examples[i:i + size], self.renderer.pad_id) for i in range(0, n, size)]
 
     def val_batches(self):
         return self._val

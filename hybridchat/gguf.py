@@ -1,0 +1,212 @@
+"""Import a Llama-architecture GGUF checkpoint (llama.cpp's format, e.g. SmolLM2) into HybridLM.
+
+`read_gguf` turns the file into a complete model config, a float32 state dict in HybridLM's names
+and the tokenizer; `import_checkpoint` writes that as an ordinary step folder, so training stages,
+`checkpoint.load_model`, chat and evaluation take an imported model like one trained here.
+
+Everything is read from the file's metadata, nothing assumed from the model's name. What HybridLM
+cannot compute the same way (another architecture, RoPE scaling, partial rotary, extra tensors,
+another pre-tokenizer) is refused with a one-line UserError rather than imported subtly wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, TokenType
+from gguf.quants import dequantize
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from hybridchat import checkpoint
+from hybridchat.config import ModelConfig
+from hybridchat.data.tokenizer import Tokenizer, _fingerprint
+from hybridchat.errors import UserError
+from hybridchat.model.lm import HybridLM
+
+# Tensor types gguf.quants can both write and read back, so tests/test_gguf.py covers each one.
+# K-quants (Q4_K_M files) use 256-value blocks a small test model cannot hold: not accepted yet.
+SUPPORTED_TYPES = {GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
+                                                            "Q5_1")}
+
+
+def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    # SmolLM2's tokenizer.json: every digit alone, then GPT-2's regex split and byte mapping
+    # (llama.cpp's "smollm" pre-type: \p{N} first, then the GPT-2 pattern).
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
+# tokenizer.ggml.pre names the original tokenizer's pre-tokenization; the vocabulary and merges
+# are only right with the same one, so an unknown name is refused, not guessed.
+PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
+
+
+@dataclass
+class GGUFModel:
+    config: dict[str, Any]                 # every ModelConfig field: ModelConfig(**config) rebuilds it
+    state_dict: dict[str, torch.Tensor]    # HybridLM names, float32, Q/K in rotate-half order
+    tokenizer: Tokenizer
+    chat_template: Optional[str]           # the file's Jinja chat template (tokenizer.chat_template)
+
+    def model(self) -> HybridLM:
+        """The HybridLM, in eval mode, whose parameters ARE the state dict's tensors (not copies:
+        copying or random-initialising 135M floats costs seconds on a small CPU)."""
+        with torch.device("meta"):
+            model = HybridLM(ModelConfig(**self.config), self.config["vocab_size"])
+        model.load_state_dict(self.state_dict, assign=True)  # read_gguf checked names and shapes
+        return model.eval()
+
+
+class _File:
+    """The reader plus the file name every error message starts with."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as e:  # gguf raises ValueError / IndexError / OSError on foreign or truncated files
+            raise self.error(f"is not a readable GGUF file ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+
+    def error(self, problem: str) -> UserError:
+        return UserError(f"GGUF file {self.path}: {problem}")
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is ...:
+                raise self.error(f"metadata key {key} is missing")
+            return default
+        return field.contents()
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo convert_hf_to_gguf's LlamaModel.permute. llama.cpp rotates interleaved pairs (2i, 2i+1)
+    of each head; our rotary (rotate_half, as in HF) pairs (i, i + head_dim/2). The converter moved
+    row i + j*head_dim/2 of a head to row 2i + j; this moves it back."""
+    rows, cols = w.shape
+    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _tokenizer(f: _File) -> Tokenizer:
+    if (kind := f.get("tokenizer.ggml.model")) != "gpt2":
+        raise f.error(f"tokenizer.ggml.model={kind!r} is not supported (only 'gpt2': byte-level BPE)")
+    pre = f.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise f.error(f"tokenizer.ggml.pre={pre!r} is not supported (supported: {sorted(PRE_TOKENIZERS)})")
+    tokens = f.get("tokenizer.ggml.tokens")
+    types = f.get("tokenizer.ggml.token_type")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens) or len(types) != len(tokens):
+        raise f.error("tokenizer.ggml.tokens has duplicates or does not match tokenizer.ggml.token_type")
+    # Merges are "left right"; byte-level tokens never hold a real space (it is Ġ), so one split is exact.
+    merges = [tuple(m.split(" ")) for m in f.get("tokenizer.ggml.merges")]
+    # No unk token and no byte fallback: like the original BPE, a byte outside the vocabulary is dropped.
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    hf.decoder = decoders.ByteLevel()
+    # CONTROL tokens (<|im_start|>, <|endoftext|>, ...) are the original's special added tokens;
+    # USER_DEFINED ones its plain added tokens (stored as text, matched before BPE). Both keep their ids.
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, k in zip(tokens, types) if k == TokenType.CONTROL])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False)
+                   for t, k in zip(tokens, types) if k == TokenType.USER_DEFINED])
+    return Tokenizer(hf, fingerprint=_fingerprint(hf))
+
+
+def _settings(f: _File, n_vocab: int, tie: bool) -> dict[str, Any]:
+    def number(key: str, default: Any = ...) -> Any:
+        value = f.get(f"llama.{key}", default)
+        # float32 metadata (1e-5 reads as 9.99999974e-06): keep the shortest decimal that rounds back.
+        return float(str(np.float32(value))) if isinstance(value, float) else value
+
+    n_embd, n_head = number("embedding_length"), number("attention.head_count")
+    n_kv_head = number("attention.head_count_kv", n_head)
+    head_dim = n_embd // n_head
+    if (rotary := number("rope.dimension_count", head_dim)) != head_dim:
+        raise f.error(f"llama.rope.dimension_count={rotary} (partial rotary) is not "
+                      f"supported: HybridLM rotates the whole head of {head_dim}")
+    if (scaling := f.get("llama.rope.scaling.type", "none")) != "none":
+        raise f.error(f"llama.rope.scaling.type={scaling!r} is not supported (only plain RoPE)")
+    basename, size = f.get("general.basename", None), f.get("general.size_label", None)
+    config = ModelConfig(
+        # "smollm2_135m", like conf/model/smollm2_135m.yaml; the file's stem when the metadata is silent.
+        name=f"{basename}_{size}".lower() if basename and size else f.path.name.split(".")[0],
+        n_layer=number("block_count"), n_embd=n_embd, n_head=n_head,
+        n_kv_head=n_kv_head, block_pattern="all_attention", mlp="swiglu", mlp_hidden=number("feed_forward_length"),
+        attn_rope=True, rope_base=number("rope.freq_base", 10000.0), qk_norm=False, norm_weights=True,
+        norm_eps=number("attention.layer_norm_rms_epsilon"), embed_norm=False, tie_embeddings=tie,
+        # The trained context can be long (8192); training windows here default to at most 2048.
+        sequence_len=min(number("context_length"), 2048), vocab_size=n_vocab,
+        # Unused by all-attention blocks, but checkpoint.architecture compares them: the Mamba-2 shape
+        # an attention -> Mamba conversion would use (d_inner = n_embd in heads of head_dim, one
+        # group per KV head), as conf/model/smollm2_135m.yaml sets them.
+        expand=1, headdim=head_dim, ngroups=n_kv_head)
+    return dataclasses.asdict(config)
+
+
+def _expected(cfg: dict[str, Any], tie: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """GGUF tensor name -> (HybridLM name, shape as dequantized: (out, in) for matrices)."""
+    d, hd, v, ffn = cfg["n_embd"], cfg["n_embd"] // cfg["n_head"], cfg["vocab_size"], cfg["mlp_hidden"]
+    q, kv = cfg["n_head"] * hd, cfg["n_kv_head"] * hd
+    names = {"token_embd.weight": ("wte.weight", (v, d)), "output_norm.weight": ("norm_f.weight", (d,))}
+    if not tie:
+        names["output.weight"] = ("lm_head.weight", (v, d))
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        names |= {f"blk.{i}.{gguf_name}": (b + ours, shape) for gguf_name, ours, shape in [
+            ("attn_norm.weight", "norm_mixer.weight", (d,)),
+            ("attn_q.weight", "mixer.c_q.weight", (q, d)),
+            ("attn_k.weight", "mixer.c_k.weight", (kv, d)),
+            ("attn_v.weight", "mixer.c_v.weight", (kv, d)),
+            ("attn_output.weight", "mixer.c_proj.weight", (d, q)),
+            ("ffn_norm.weight", "norm_mlp.weight", (d,)),
+            ("ffn_gate.weight", "mlp.c_gate.weight", (ffn, d)),
+            ("ffn_up.weight", "mlp.c_fc.weight", (ffn, d)),
+            ("ffn_down.weight", "mlp.c_proj.weight", (d, ffn)),
+        ]}
+    return names
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Config, dequantized weights and tokenizer of a llama GGUF file, or a UserError saying why not."""
+    f = _File(Path(path))
+    if (arch := f.get("general.architecture")) != "llama":
+        raise f.error(f"architecture {arch!r} is not supported (only 'llama')")
+    tokenizer = _tokenizer(f)
+    tensors = {t.name: t for t in f.reader.tensors}
+    tie = "output.weight" not in tensors  # no separate output matrix: the head reuses the embedding
+    config = _settings(f, tokenizer.vocab_size, tie)
+    expected = _expected(config, tie)
+    if missing := [n for n in expected if n not in tensors]:
+        raise f.error(f"tensor(s) {missing[:3]} missing ({len(missing)} in all)")
+    if extra := [n for n in tensors if n not in expected]:
+        raise f.error(f"tensor(s) {extra[:3]} not supported: HybridLM has no place for them")
+    state: dict[str, torch.Tensor] = {}
+    for name, (ours, shape) in expected.items():
+        t = tensors[name]
+        if t.tensor_type not in SUPPORTED_TYPES:
+            raise f.error(f"tensor {name} has type {t.tensor_type.name}; supported: "
+                          f"{sorted(q.name for q in SUPPORTED_TYPES)}")
+        w = dequantize(t.data, t.tensor_type)
+        if w.shape != shape:
+            raise f.error(f"tensor {name} has shape {w.shape}, the metadata implies {shape}")
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = _unpermute(w, config["n_head"] if "attn_q" in name else config["n_kv_head"])
+        state[ours] = torch.tensor(np.asarray(w, dtype=np.float32))  # a copy: the reader's data is a memmap
+    return GGUFModel(config, state, tokenizer, f.get("tokenizer.chat_template", None))
+
+
+def import_checkpoint(gguf_path: str | Path, directory: str | Path) -> Path:
+    """Write the GGUF model as step 0 of a checkpoint folder under `directory`; returns the step
+    folder, which `checkpoint.load_model` (and stage.source) reads like any other."""
+    imported = read_gguf(gguf_path)
+    meta = {"config": {"model": imported.config}, "tokenizer": imported.tokenizer.fingerprint,
+            "source": f"gguf:{Path(gguf_path).name}"}
+    return checkpoint.save(Path(directory), step=0, model=imported.model(), optimizers=[], meta=meta, keep=1,
+                           tokenizer=imported.tokenizer)

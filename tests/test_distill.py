@@ -1,0 +1,189 @@
+"""stage=distill: attention layers turned into Mamba-2 layers from their weights, then distilled.
+
+The mapping is checked by hand (rows of in_proj against Q/K/V, GQA included), the converted layer
+against a plain linear-attention loop, and the stage end to end through Hydra, bad students included.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import compose_config
+
+from hybridchat import checkpoint
+from hybridchat.config import ModelConfig
+from hybridchat.errors import UserError
+from hybridchat.model.attention import CausalSelfAttention
+from hybridchat.model.convert import attention_to_mamba, convert
+from hybridchat.model.lm import HybridLM
+from hybridchat.model.mamba import Mamba2
+from hybridchat.stages.distill import token_kl
+from hybridchat.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+D, N_HEAD, N_KV, HD = 64, 4, 2, 16  # GQA: query heads 0, 1 read KV head 0; heads 2, 3 read KV head 1
+STUDENT_MAMBA = {"expand": 1, "headdim": HD, "d_state": HD, "ngroups": N_HEAD}
+
+
+def tiny(pattern: str, **mamba) -> HybridLM:
+    cfg = ModelConfig(n_layer=4, n_embd=D, n_head=N_HEAD, n_kv_head=N_KV, block_pattern=pattern, chunk_size=8,
+                      sequence_len=32, **mamba)
+    return HybridLM(cfg, vocab_size=97)
+
+
+def random_teacher() -> HybridLM:
+    # Every weight random: the init zeroes the output projections, which would make "O copied" vacuous.
+    torch.manual_seed(0)
+    teacher = tiny("AAAA", **STUDENT_MAMBA)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0, 0.2)
+    return teacher
+
+
+def test_converted_layers_hold_q_k_v_o_and_the_rest_is_copied():
+    teacher = random_teacher()
+    student = tiny("AMAM", **STUDENT_MAMBA)
+    student.init_weights()
+    convert(teacher, student)
+    # in_proj rows: z [0, 64), x [64, 128), B [128, 192), C [192, 256), dt [256, 260); 16 rows a head.
+    for i in (1, 3):
+        attn, mamba = teacher.blocks[i].mixer, student.blocks[i].mixer
+        rows = mamba.in_proj.weight
+        for h in range(N_HEAD):
+            kv = h // 2
+            head, kv_head = slice(16 * h, 16 * h + 16), slice(16 * kv, 16 * kv + 16)
+            assert torch.equal(rows[64 + 16 * h:80 + 16 * h], attn.c_v.weight[kv_head]), (i, h, "x <- V")
+            assert torch.equal(rows[128 + 16 * h:144 + 16 * h], attn.c_k.weight[kv_head]), (i, h, "B <- K")
+            assert torch.equal(rows[192 + 16 * h:208 + 16 * h], attn.c_q.weight[head]), (i, h, "C <- Q")
+        assert torch.equal(mamba.out_proj.weight, attn.c_proj.weight)
+        taps = torch.zeros_like(mamba.conv1d.weight)
+        taps[:, 0, -1] = 1
+        assert torch.equal(mamba.conv1d.weight, taps) and not mamba.conv1d.bias.any()
+    converted = ("blocks.1.mixer.", "blocks.3.mixer.")
+    s_state = student.state_dict()
+    for key, value in teacher.state_dict().items():
+        if not key.startswith(converted):
+            assert torch.equal(s_state[key], value), key
+    # A student with the teacher's own pattern is the teacher.
+    same = tiny("AAAA", **STUDENT_MAMBA)
+    convert(teacher, same)
+    tokens = torch.randint(0, 97, (2, 16))
+    assert torch.equal(same(tokens), teacher(tokens))
+
+
+class PassThrough(nn.Module):
+    def forward(self, y, z):
+        return y
+
+
+def test_converted_layer_is_linear_attention_over_the_copied_projections():
+    """With no decay (A = 0), dt = 1, no skip (D = 0) and the gated norm bypassed, the converted
+    layer's output at t is O(sum_{s<=t} (phi(q_t) . phi(k_s)) phi(v_s)), phi = SiLU (the identity
+    conv passes the projections through to the SiLU that follows it)."""
+    torch.manual_seed(1)
+    attn = CausalSelfAttention(D, N_HEAD, N_KV)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.2)
+    mamba = Mamba2(D, d_state=HD, expand=1, headdim=HD, ngroups=N_HEAD, chunk_size=8, backend="torch")
+    attention_to_mamba(attn, mamba)
+    with torch.no_grad():
+        mamba.A_log.fill_(-math.inf)
+        mamba.in_proj.weight[-N_HEAD:].zero_()
+        mamba.dt_bias.fill_(math.log(math.e - 1))  # softplus^-1(1)
+        mamba.D.zero_()
+    mamba.norm = PassThrough()
+
+    u = torch.randn(2, 20, D)  # 20 tokens: two and a half scan chunks
+    with torch.no_grad():
+        out = mamba(u)
+        q = F.silu(attn.c_q(u)).view(2, 20, N_HEAD, HD)
+        k = F.silu(attn.c_k(u)).view(2, 20, N_KV, HD)
+        v = F.silu(attn.c_v(u)).view(2, 20, N_KV, HD)
+        y = torch.zeros(2, 20, N_HEAD, HD)
+        for b in range(2):
+            for t in range(20):
+                for h in range(N_HEAD):
+                    kv = h * N_KV // N_HEAD
+                    for s in range(t + 1):
+                        y[b, t, h] += torch.dot(q[b, t, h], k[b, s, kv]) * v[b, s, kv]
+        expected = attn.c_proj(y.reshape(2, 20, D))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_token_kl_is_teacher_to_student_at_the_temperature():
+    student, teacher = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    p_s, p_t = F.softmax(student / 2, -1), F.softmax(teacher / 2, -1)
+    expected = (p_t * (p_t.log() - p_s.log())).sum(-1)
+    torch.testing.assert_close(token_kl(student, teacher, 2.0), expected)
+    assert token_kl(teacher, teacher, 1.0).abs().max() < 1e-6
+
+
+# --- end to end through Hydra ---------------------------------------------------------------------
+
+SMOKE = ["debug=smoke", "model=transformer_tiny", "run_name=distill"]
+# debug=smoke: n_embd 64, 2 heads of 32, 1 KV head.
+STUDENT = ["stage=distill", "model.expand=1", "model.headdim=32", "model.d_state=32", "model.ngroups=2"]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """A 24-step all-attention teacher (so its attention matters), then 9 distillation steps into AM."""
+    out = tmp_path_factory.mktemp("distill")
+    common = SMOKE + [f"paths.outputs={out}"]
+    run(compose_config(common + ["stage.num_steps=24", "stage.eval_every=12"], output_dir=out / "teacher"))
+    run(compose_config(common + STUDENT + ["model.block_pattern=AM", "stage.num_steps=9", "stage.eval_every=3"],
+                       output_dir=out / "student"))
+    return out
+
+
+def test_distill_run_lowers_the_kl_and_writes_the_student(distilled):
+    teacher_bpb = [r["val/bpb"] for r in metrics(distilled / "teacher") if "val/bpb" in r][-1]
+    records = metrics(distilled / "student")
+    evals = [r for r in records if "val/kl" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6, 9]
+    kl = [r["val/kl"] for r in evals]
+    assert all(math.isfinite(x) and x >= 0 for x in kl)
+    assert kl[0] < 0.1, "the student did not start from the teacher's weights"
+    assert kl[-1] < kl[0], kl
+    assert all(math.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+    assert all(math.isfinite(r["val/bpb"]) for r in evals)
+    assert all(r["val/teacher_bpb"] == pytest.approx(teacher_bpb) for r in evals)  # same val batches
+    ckpt = checkpoint.latest(distilled / "checkpoints" / "distill" / "distill")
+    assert ckpt is not None and ckpt.name == "step_000009"
+    student, _, meta = checkpoint.load_model(ckpt)
+    assert student.pattern == "AM" and meta["stage"] == "distill"
+
+
+def test_student_of_other_sizes_or_mamba_settings_is_refused(distilled):
+    common = SMOKE + STUDENT + [f"paths.outputs={distilled}", "model.block_pattern=AM"]
+    with pytest.raises(UserError, match=r"model\.n_layer=4 \(teacher: 2\)"):
+        run(compose_config(common + ["model.n_layer=4"], output_dir=distilled / "bad"))
+    needed = "model.expand=1 model.headdim=32 model.d_state=32 model.ngroups=2"
+    with pytest.raises(UserError, match=f"layer 1: .* only with {needed} \\(the student has expand=2"):
+        run(compose_config(SMOKE + ["stage=distill", f"paths.outputs={distilled}", "model.block_pattern=AM"],
+                           output_dir=distilled / "bad"))
+
+
+def test_mamba_back_to_attention_stops_with_one_error_line(distilled):
+    """From the distilled AM student as teacher, AA would turn Mamba back into attention."""
+    result = subprocess.run(
+        [sys.executable, "-m", "hybridchat.train", *SMOKE, *STUDENT, f"paths.outputs={distilled}",
+         "model.block_pattern=AA", "stage.source=distill"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    assert lines[-1].startswith("error: model.block_pattern gives AA but the teacher is AM: layer(s) [1] are Mamba")
