@@ -32,9 +32,13 @@ def architecture(model) -> dict[str, Any]:
     the layer recipe (MLP kind, norms, tying). rope, eps and norms matter even where the shapes agree: a
     model trained without rotary positions or QK-norm computes garbage with them."""
     c = model.config
-    keys = ["n_layer", "n_embd", "n_head", "n_kv_head", "mlp_ratio", "mamba_mlp", "attn_rope", "rope_base",
-            "d_state", "d_conv", "expand", "headdim", "ngroups", "mlp", "mlp_hidden", "qk_norm", "norm_weights",
-            "norm_eps", "embed_norm", "tie_embeddings"]
+    keys = ["n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights", "norm_eps", "embed_norm",
+            "tie_embeddings"]
+    # A mixer's settings matter only where the pattern has that mixer (a transformer has no d_state).
+    if "A" in model.pattern:
+        keys += ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm"]
+    if "M" in model.pattern:
+        keys += ["mamba_mlp", "d_state", "d_conv", "expand", "headdim", "ngroups"]
     return {"block_pattern": model.pattern, "vocab_size": model.vocab_size, **{k: getattr(c, k) for k in keys}}
 
 

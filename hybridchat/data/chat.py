@@ -19,7 +19,8 @@ everything it is given (the user, the documents, the assistant header). A user m
 "documents" (a list of Document): they are rendered right after that turn's text, numbered from 1,
 which is what a reply's citation [n] refers to. After, not before: retrieval follows the question,
 and a Mamba layer can only keep what a question it has already read makes relevant (attention can
-look back either way). A system message is folded into the first user message.
+look back either way). A system message is a turn of its own in ChatML; ours has no system token,
+so there it is folded into the next user message.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class ChatFormat:
     documents: tuple[Ids, Ids]     # around the documents section
     document: tuple[Ids, Ids]      # around each document
     documents_in_user_turn: bool   # documents before the user's end tokens (text formats)
+    system: tuple[Ids, Ids] | None = None  # around a system message; None: folded into the next user turn
 
     @property
     def stop_token(self) -> int:
@@ -72,7 +74,7 @@ class ChatFormat:
             return cls(begin=(), user=((start, *text("user\n")), (end, *text("\n"))),
                        assistant=((start, *text("assistant\n")), (end,)), after_assistant=text("\n"),
                        documents=(text("\n\nDocuments:"), ()), document=(text("\n\n"), ()),
-                       documents_in_user_turn=True)
+                       documents_in_user_turn=True, system=((start, *text("system\n")), (end, *text("\n"))))
         raise ValueError("the tokenizer has neither hybridchat's chat tokens (<|user_start|>) nor ChatML's "
                          "(<|im_start|>)")
 
@@ -112,8 +114,10 @@ class ChatRenderer:
             ids.extend(tokens)
             mask.extend([int(learn)] * len(tokens))
 
-        for role, content, documents in _turns(messages):
-            if role == "user":
+        for role, content, documents in _turns(messages, fold_system=f.system is None):
+            if role == "system":
+                add([*f.system[0], *self.tokenizer.encode(content), *f.system[1]], False)
+            elif role == "user":
                 section = self.documents_section(documents) if documents is not None else []
                 inside, outside = (section, []) if f.documents_in_user_turn else ([], section)
                 add([*f.user[0], *self.tokenizer.encode(content), *inside, *f.user[1], *outside], False)
@@ -131,10 +135,10 @@ class ChatRenderer:
         return ids + list(self.format.assistant[0])
 
 
-def _turns(messages: Sequence[dict]) -> Iterator[tuple[str, str, Sequence[Document] | None]]:
+def _turns(messages: Sequence[dict], fold_system: bool) -> Iterator[tuple[str, str, Sequence[Document] | None]]:
     system = ""
     for m in messages:
-        if m["role"] == "system":
+        if m["role"] == "system" and fold_system:
             system = m["content"]
             continue
         content = f"{system}\n\n{m['content']}" if system and m["role"] == "user" else m["content"]

@@ -40,12 +40,13 @@ BOS_TOKENS = ("<|bos|>", "<|endoftext|>")
 class Tokenizer:
     """Wraps any byte-level HF tokenizer: ours (SPECIAL_TOKENS) or an imported model's (ChatML)."""
 
-    def __init__(self, hf: HFTokenizer, fingerprint: str):
+    def __init__(self, hf: HFTokenizer):
         self.hf = hf
         # Text that merely contains "<|bos|>" (a web page, a retrieved document) must not turn into
         # the control token: special tokens come only from the chat renderer, by id.
         self.hf.encode_special_tokens = True
-        self.fingerprint = fingerprint  # stored in checkpoints: the exact vocabulary in use
+        # Stored in checkpoints: the exact vocabulary in use (a hash of the whole tokenizer file).
+        self.fingerprint = hashlib.sha256(hf.to_str().encode()).hexdigest()[:16]
         self.special_tokens = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
         bos = [t for t in BOS_TOKENS if t in self.special_tokens]
         if not bos:
@@ -94,7 +95,7 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         hf.train_from_iterator(texts, trainer=trainer)
-        return cls(hf, fingerprint=_fingerprint(hf))
+        return cls(hf)
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -102,14 +103,11 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON
             raise UserError(f"tokenizer file {path} cannot be read ({e}); delete it to retrain") from e
-        return cls(hf, fingerprint=_fingerprint(hf))
+        return cls(hf)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.hf.to_str())
 
-
-def _fingerprint(hf: HFTokenizer) -> str:
-    return hashlib.sha256(hf.to_str().encode()).hexdigest()[:16]
 
 
 def load_or_train(texts: Iterable[str], vocab_size: int, max_chars: int, cache_dir: str | Path) -> Tokenizer:

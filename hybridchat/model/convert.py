@@ -19,8 +19,6 @@ from hybridchat.model.attention import CausalSelfAttention
 from hybridchat.model.lm import HybridLM
 from hybridchat.model.mamba import Mamba2
 
-MAMBA_KEYS = ("d_state", "d_conv", "expand", "headdim", "ngroups")
-
 
 def _check_fits(attn: CausalSelfAttention, mamba: Mamba2) -> None:
     """One Mamba head per attention head, the head's size as both headdim and d_state. ngroups must
@@ -69,10 +67,11 @@ def attention_to_mamba(attn: CausalSelfAttention, mamba: Mamba2) -> None:
 
 def _check_compatible(teacher: HybridLM, student: HybridLM) -> None:
     t_arch, s_arch = architecture(teacher), architecture(student)
-    # Mamba settings matter only where the teacher has Mamba layers to copy.
-    skip = {"block_pattern", *(() if "M" in teacher.pattern else MAMBA_KEYS)}
-    diffs = [f"model.{k}={v!r} (teacher: {t_arch.get(k)!r})" for k, v in s_arch.items()
-             if k not in skip and t_arch.get(k) != v]
+    # A mixer's settings are compared only where both have that mixer (architecture() lists them only
+    # then): Mamba settings where the teacher has Mamba layers to copy; a converted layer's own fit is
+    # checked by attention_to_mamba.
+    diffs = [f"model.{k}={v!r} (teacher: {t_arch[k]!r})" for k, v in s_arch.items()
+             if k != "block_pattern" and k in t_arch and t_arch[k] != v]
     if diffs:
         raise UserError(f"the student must have the teacher's sizes except its block pattern: {'; '.join(diffs)}")
     back = [i for i, (t, s) in enumerate(zip(teacher.pattern, student.pattern)) if (t, s) == ("M", "A")]

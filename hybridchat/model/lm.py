@@ -25,11 +25,12 @@ def check_sizes(cfg: ModelConfig) -> None:
     need(cfg.n_kv_head > 0 and cfg.n_head % cfg.n_kv_head == 0,
          f"model.n_head={cfg.n_head} must be divisible by model.n_kv_head={cfg.n_kv_head} (grouped-query attention)")
     need((cfg.n_embd // cfg.n_head) % 2 == 0, f"model.n_embd / model.n_head = {cfg.n_embd // cfg.n_head} must be even (RoPE)")
-    d_inner = cfg.expand * cfg.n_embd
-    need(cfg.headdim > 0 and d_inner % cfg.headdim == 0,
-         f"model.expand * model.n_embd = {d_inner} must be divisible by model.headdim={cfg.headdim}")
-    need(cfg.ngroups > 0 and (d_inner // cfg.headdim) % cfg.ngroups == 0,
-         f"Mamba heads ({d_inner // cfg.headdim}) must be divisible by model.ngroups={cfg.ngroups}")
+    if "M" in expand_pattern(cfg.block_pattern, cfg.n_layer):  # Mamba's sizes bind only Mamba layers
+        d_inner = cfg.expand * cfg.n_embd
+        need(cfg.headdim > 0 and d_inner % cfg.headdim == 0,
+             f"model.expand * model.n_embd = {d_inner} must be divisible by model.headdim={cfg.headdim}")
+        need(cfg.ngroups > 0 and (d_inner // cfg.headdim) % cfg.ngroups == 0,
+             f"Mamba heads ({d_inner // cfg.headdim}) must be divisible by model.ngroups={cfg.ngroups}")
     need(cfg.mlp in MLP_KINDS, f"model.mlp={cfg.mlp!r} is not one of {list(MLP_KINDS)}")
     need(cfg.mlp_hidden is None or cfg.mlp_hidden > 0, f"model.mlp_hidden must be > 0 or null (got {cfg.mlp_hidden})")
     need(cfg.sequence_len > 0 and cfg.chunk_size > 0,
