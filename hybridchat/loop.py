@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from hybridchat import checkpoint
+from hybridchat import checkpoint, preemption
 from hybridchat.config import StageConfig
 from hybridchat.context import RunContext
 from hybridchat.errors import UserError
@@ -126,6 +126,7 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
         backend = cfg.gpu.attention_backend.value
         if backend != "auto":
             stack.enter_context(sdpa_kernel(SDPA_BACKENDS[backend]))
+        stop = stack.enter_context(preemption.stop_flag())
         for step in bar:
             if step % s.eval_every == 0:
                 summary.setdefault("first", evaluate(step)[stage.monitor])
@@ -163,8 +164,17 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
                 metrics["train/mfu"] = model.flops_per_token() * tokens / elapsed / peak_flops
             tracker.log(step + 1, **metrics)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['train/tok_per_s']:,.0f}")
-            if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.num_steps:
-                save(step + 1)
+            # A stop signal ends training here, at a step boundary: save this step (once, also where the
+            # periodic checkpoint falls on it) and leave; a run with resume=true continues from it.
+            signum = stop.agreed(rt.distributed, rt.device)
+            if signum or ((step + 1) % s.checkpoint_every == 0 and step + 1 < s.num_steps):
+                path = save(step + 1)
+            if signum:
+                stopped = preemption.Preempted(signum, step + 1)
+                if rt.is_main:
+                    log.warning("%s: saved %s; run the same command with resume=true to continue "
+                                "(launchers/slurm.sh passes it)", stopped, path)
+                raise stopped
     bar.close()
 
     summary["metrics"] = evaluate(s.num_steps)

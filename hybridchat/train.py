@@ -7,6 +7,7 @@ config -> runtime -> run context (tokenizer, world, data, knowledge base: built 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from hybridchat.context import RunContext
 from hybridchat.errors import UserError, run_or_exit
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
+from hybridchat.preemption import Preempted, requeue_after_warning
 from hybridchat.stages import build_stage
 from hybridchat.tracking import Tracker
 
@@ -71,8 +73,15 @@ def run(cfg: DictConfig) -> float:
                           job_type=stage.name, name=config.run_name)
         try:
             summary = loop.train(stage, ctx, tracker, resolved)
-        except BaseException:  # the next sweep job must not inherit an open wandb run
+        except BaseException as e:  # the next sweep job must not inherit an open wandb run
             tracker.finish(exit_code=1)
+            if isinstance(e, Preempted):  # checkpoint saved; main() exits with e.exit_code
+                if rt.is_main:
+                    requeue_after_warning(e.signum)
+                # All ranks stopped at the same step. None leaves before rank 0 has finished its tracker and
+                # requeued: a launcher that sees one rank exit kills the others (torchrun does).
+                if rt.distributed:
+                    dist.barrier()
             raise
         tracker.finish()
         if rt.is_main:
@@ -91,7 +100,10 @@ def run(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    return run_or_exit(run, cfg)
+    try:
+        return run_or_exit(run, cfg)
+    except Preempted as e:
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,183 @@
+"""Preemption: a stop signal mid-training leaves a complete checkpoint at the step it stopped and a
+documented exit code, and the same command with resume=true continues the uninterrupted loss curve.
+
+Real processes and real signals, sent once metrics.jsonl shows a few steps: no test hook in the code.
+SLURM is faked by SLURM_JOB_ID and an `scontrol` on PATH that records its arguments.
+"""
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hybridchat import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 60  # ~50 ms each: the signal, sent after 3, lands long before the end
+JOB = "4242"
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """One outputs folder (one tokenizer cache) for all runs; a fake scontrol in its bin/."""
+    out = tmp_path_factory.mktemp("preempt")
+    (out / "bin").mkdir()
+    scontrol = out / "bin" / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {out / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    return out
+
+
+def command(out: Path, name: str, *extra: str) -> list[str]:
+    # Checkpoints and evaluations only at the end: the one checkpoint before it is the preemption's.
+    return [sys.executable, "-m", "hybridchat.train", "debug=smoke", f"paths.outputs={out}", f"run_name={name}",
+            f"stage.num_steps={STEPS}", "stage.eval_every=1000", "stage.checkpoint_every=1000", *extra]
+
+
+def environment(out: Path, run_dir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID")}
+    return {**env, "HYBRIDCHAT_RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": JOB,
+            "PATH": f"{out / 'bin'}{os.pathsep}{env['PATH']}"}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The complete lines of metrics.jsonl (the run may be writing the next one)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in lines]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in metrics(run_dir) if "train/loss" in r}
+
+
+def finish(out: Path, name: str, *extra: str) -> Path:
+    run_dir = out / "runs" / " ".join([name, *extra])  # a resumed run gets a metrics.jsonl of its own
+    result = subprocess.run(command(out, name, *extra), cwd=ROOT, env=environment(out, run_dir), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+def pids(run_dir: Path, *env: str) -> list[int]:
+    """The processes of the run writing to run_dir (torchrun's agent and workers too), by environment."""
+    wanted = {f"HYBRIDCHAT_RUN_DIR={run_dir}".encode(), *(e.encode() for e in env)}
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if wanted <= set(environ.read_bytes().split(b"\0")):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours
+            continue
+    return found
+
+
+def interrupt(out: Path, name: str, sig: signal.Signals, ddp: bool = False) -> dict:
+    """Start a run, send `sig` once it has logged 3 steps, wait for it to exit. ddp: two torchrun
+    processes on CPU, and the signal goes to rank 1 alone."""
+    run_dir = out / "runs" / name
+    log_path = out / f"{name}.out"
+    argv = command(out, name)
+    if ddp:
+        argv[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hybridchat.train",
+                     "stage.total_batch_tokens=2048"]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=environment(out, run_dir), stdout=log, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while len(losses(run_dir)) < 3:
+                assert proc.poll() is None, f"exited before the signal:\n{log_path.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "no training steps within 120 s"
+                time.sleep(0.01)
+            os.kill(pids(run_dir, "RANK=1")[0] if ddp else proc.pid, sig)
+            sent = time.monotonic()
+            returncode = proc.wait(timeout=30)
+            exit_seconds = time.monotonic() - sent
+        finally:  # a hung run (torchrun's workers run in sessions of their own) must not outlive the test
+            for pid in pids(run_dir):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    stopped = max(losses(run_dir))
+    return {"run_dir": run_dir, "returncode": returncode, "exit_seconds": exit_seconds, "stopped": stopped,
+            "output": log_path.read_text(), "ckpt_dir": checkpoint.stage_dir(out / "checkpoints", name, "pretrain")}
+
+
+def scontrol_calls(out: Path) -> list[str]:
+    path = out / "scontrol.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def assert_stopped_with_checkpoint(run: dict, sig: signal.Signals) -> None:
+    assert run["returncode"] == 128 + sig, run["output"][-3000:]
+    assert run["exit_seconds"] < 10, f"took {run['exit_seconds']:.1f} s to exit"
+    stopped = run["stopped"]
+    assert 3 <= stopped < STEPS
+    # Exactly one step folder, at the last logged step: no temp folder (.step_*.tmp) left beside it.
+    assert sorted(p.name for p in run["ckpt_dir"].iterdir()) == [f"step_{stopped:06d}"]
+    ckpt = run["ckpt_dir"] / f"step_{stopped:06d}"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "model.safetensors", "optimizer.safetensors",
+                                                     "tokenizer.json"]
+    meta = checkpoint.read_meta(ckpt)
+    assert meta["step"] == stopped and meta["data_position"] == stopped and meta["config"]["stage"]["num_steps"] == STEPS
+    assert f"{sig.name} after step {stopped}: saved {ckpt}" in run["output"] and "resume=true" in run["output"]
+    assert (run["run_dir"] / "metrics.png").exists()  # the tracker was finished
+
+
+@pytest.fixture(scope="module")
+def straight(out):
+    return losses(finish(out, "straight"))
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(out):
+    before = len(scontrol_calls(out))
+    run = interrupt(out, "term", signal.SIGTERM)
+    run["requeued"] = scontrol_calls(out)[before:]
+    return run
+
+
+def test_sigterm_writes_a_resumable_checkpoint_and_exits_143(sigterm_run):
+    assert_stopped_with_checkpoint(sigterm_run, signal.SIGTERM)
+    assert sigterm_run["requeued"] == []  # scancel or preemption: SLURM decides, not the job
+
+
+def test_resumed_run_continues_the_same_loss_curve(out, sigterm_run, straight):
+    resumed = losses(finish(out, "term", "resume=true"))
+    stopped = sigterm_run["stopped"]
+    assert sorted(resumed) == list(range(stopped + 1, STEPS + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
+    assert checkpoint.latest(sigterm_run["ckpt_dir"]).name == f"step_{STEPS:06d}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2], ids=["USR1", "USR2"])
+def test_time_limit_warning_checkpoints_and_requeues_the_slurm_job(out, sig):
+    """SIGUSR1 (sbatch --signal=USR1@120) and SIGUSR2 (submitit's): the same stop, plus one requeue."""
+    before = len(scontrol_calls(out))
+    run = interrupt(out, f"warn_{sig.name}", sig)
+    assert_stopped_with_checkpoint(run, sig)
+    assert scontrol_calls(out)[before:] == [f"requeue {JOB}"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank-1 process through /proc")
+def test_ddp_ranks_stop_at_the_same_step_when_one_is_signalled(out):
+    """Rank 1 alone gets SIGTERM: the flag is all-reduced, so rank 0 stops and saves at the same step
+    instead of training on while rank 1 waits in the save's barrier forever."""
+    run = interrupt(out, "ddp", signal.SIGTERM, ddp=True)
+    assert run["exit_seconds"] < 10, f"took {run['exit_seconds']:.1f} s to exit"
+    # torchrun's report; rank 0, which exits just after, may be killed by torchrun once rank 1 is gone.
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*exitcode\s*:\s*143\b", run["output"]), run["output"][-3000:]
+    ckpt = run["ckpt_dir"] / f"step_{run['stopped']:06d}"
+    assert [p.name for p in run["ckpt_dir"].iterdir()] == [ckpt.name]
+    assert checkpoint.read_meta(ckpt)["data_position"] == 2 * run["stopped"]  # both ranks' batches
+    assert f"SIGTERM after step {run['stopped']}: saved {ckpt}" in run["output"]
+    assert (run["run_dir"] / "metrics.png").exists()
