@@ -26,15 +26,19 @@ ABSTAIN = "The documents do not say."
 _CITATION = re.compile(r"\s*\[(\d+)\]\s*")
 
 
-def format_reply(answer: str | None, citation: int | None = None) -> str:
-    """The reply the model learns: its source's number and the answer, ABSTAIN for answer None."""
+def format_reply(answer: str | None, citation: int | None = None, cite_first: bool = True) -> str:
+    """The reply the model learns: its source's number and the answer ("[2] Vellport"), or with
+    cite_first=False the answer and then its source ("Vellport [2]"); ABSTAIN for answer None."""
     if answer is None:
         return ABSTAIN
-    return f"[{citation}] {answer}" if citation is not None else answer
+    if citation is None:
+        return answer
+    return f"[{citation}] {answer}" if cite_first else f"{answer} [{citation}]"
 
 
 def parse_reply(reply: str) -> tuple[str, list[int], bool]:
-    """(answer without citations, cited document numbers, abstained)."""
+    """(answer without citations, cited document numbers, abstained); citations anywhere, so either
+    order of format_reply reads back."""
     citations = [int(n) for n in _CITATION.findall(reply)]
     answer = " ".join(_CITATION.sub(" ", reply).split())
     return answer, citations, answer == ABSTAIN

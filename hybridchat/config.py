@@ -149,6 +149,7 @@ class RagConfig(StageConfig):
     val_fraction: float = 0.05         # share of training questions held out for validation loss
     eval_questions: int = 100          # held-out questions answered at each evaluation
     max_answer_tokens: int = 24
+    cite_first: bool = True            # "[2] Vellport"; False: "Vellport [2]" (answer, then its source)
 
 
 @dataclass

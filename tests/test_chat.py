@@ -109,7 +109,8 @@ def test_system_message_is_folded_into_the_first_user_turn_and_prompt_ends_at_as
 def test_reply_format_round_trips():
     assert format_reply("Vellport", 2) == "[2] Vellport"
     assert parse_reply(format_reply("Vellport", 2)) == ("Vellport", [2], False)
-    assert parse_reply("Vellport [2]") == ("Vellport", [2], False)
+    assert format_reply("Vellport", 2, cite_first=False) == "Vellport [2]"
+    assert parse_reply(format_reply("Vellport", 2, cite_first=False)) == ("Vellport", [2], False)
     assert parse_reply(format_reply(None)) == (ABSTAIN, [], True)
     assert parse_reply("Vellport") == ("Vellport", [], False)
 

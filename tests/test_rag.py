@@ -98,6 +98,27 @@ def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline)
     assert seen_documents > 0
 
 
+def test_rag_can_teach_the_answer_before_its_citation(pipeline):
+    from hybridchat.context import RunContext
+    from hybridchat.runtime import Runtime
+    from hybridchat.stages.rag import RagStage
+    from hybridchat.train import typed_config
+
+    out, common = pipeline
+    config, _ = typed_config(compose_config(common + ["stage=rag", "stage.cite_first=false"], output_dir=out / "y"))
+    ctx = RunContext(config, Runtime(torch.device("cpu"), None))
+    batch = next(RagStage(ctx).train_batches(0, 0, 1))
+    answered = 0
+    for inputs, targets in zip(batch["inputs"].tolist(), batch["targets"].tolist()):
+        documents = ctx.tokenizer.decode(inputs).split("<|document_start|>")[1:]
+        for reply in ctx.tokenizer.decode([t for t in targets if t >= 0]).split("<|assistant_end|>")[:-1]:
+            if reply != ABSTAIN:
+                value, number = reply[:-1].rsplit(" [", 1)
+                assert value in documents[int(number) - 1]
+                answered += 1
+    assert answered > 0
+
+
 def test_load_model_needs_nothing_but_the_step_folder(pipeline, tmp_path):
     out, _ = pipeline
     source = checkpoint.latest(out / "checkpoints" / "p" / "rag")

@@ -103,7 +103,7 @@ class RagStage(Stage):
         docs = others[:k - 1]
         position = rng.randint(0, len(docs))
         docs.insert(position, gold[0])
-        return docs, format_reply(q.answers[0], position + 1)
+        return docs, format_reply(q.answers[0], position + 1, c.cite_first)
 
     def example(self, q: RagQuestion, rng: random.Random, follow_ups: list[RagQuestion] = ()):
         """One training conversation: q with its documents and reply, then follow-up questions about
@@ -123,7 +123,7 @@ class RagStage(Stage):
         for question, f in turns:
             where = [n for n, d in enumerate(shown, 1) if d.parent_id in f.gold_doc_ids]
             messages += [{"role": "user", "content": question},
-                         {"role": "assistant", "content": format_reply(f.answers[0], where[0]) if where
+                         {"role": "assistant", "content": format_reply(f.answers[0], where[0], self.config.cite_first) if where
                           else format_reply(None)}]
         return self.renderer.render(messages)
 
