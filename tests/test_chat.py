@@ -145,7 +145,7 @@ def test_example_batches_cover_each_item_once_per_epoch_and_resume_and_shard_exa
 class _Ctx:  # the pieces RagStage.documents_and_reply reads
     class config:
         class stage:
-            min_documents, max_documents, candidates, gold_missing = 1, 4, 10, 0.2
+            min_documents, max_documents, candidates, gold_missing, cite_first = 1, 4, 10, 0.2, True
 
 
 def _rag_stage():
