@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.conf import RunMode
 from hydra.core.config_store import ConfigStore
@@ -86,11 +86,24 @@ class GPUConfig:
     device: Device = Device.cpu
     dtype: DType = DType.float32       # autocast dtype for matmuls; master weights stay fp32
     memory_gb: float = 0.0
-    micro_batch: int = 16
+    # Rows per forward pass and rank: a positive int, or "auto": the largest that fits memory_gb by the
+    # memory planner (hybridchat.plan), resolved once before training starts.
+    micro_batch: Any = 16
     compile: bool = False
+    activation_checkpointing: bool = False   # recompute each block's activations in backward
     attention_backend: AttentionBackend = AttentionBackend.auto
     ssm_backend: SSMBackend = SSMBackend.torch
     peak_tflops_bf16: float = 0.0      # for MFU; 0 means unknown (CPU)
+
+
+class Strategy(str, Enum):
+    ddp = "ddp"      # every rank holds the whole model, optimizer state and gradients
+    fsdp = "fsdp"    # FSDP2 fully_shard per block: parameters, gradients and optimizer state sharded
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Strategy = Strategy.ddp
 
 
 @dataclass
@@ -195,6 +208,7 @@ class PathsConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     gpu: GPUConfig = field(default_factory=GPUConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     data: DataConfig = field(default_factory=DataConfig)
     world: WorldConfig = field(default_factory=WorldConfig)

@@ -117,7 +117,7 @@ def test_typo_in_gpu_preset_key_is_a_compose_error():
 
 def test_wrong_type_is_a_compose_error():
     with pytest.raises((ConfigCompositionException, ValidationError)):
-        compose_config(["gpu.micro_batch=lots"])
+        compose_config(["gpu.memory_gb=lots"])
     with pytest.raises((ConfigCompositionException, ValidationError)):
         compose_config(["gpu.dtype=float8"])
 
