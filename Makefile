@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu run smoke test test-gpu lint bench clean
+.PHONY: install install-gpu run smoke test test-gpu lint bench clean wheels gpu-check
 
 install: $(STAMP)
 
@@ -50,6 +50,27 @@ test-gpu: install
 
 bench: install
 	$(BIN)/python -m hybridchat.bench train
+
+# Wheels for a CUDA machine without network (launchers/gpu_check.sh installs from them): the exact
+# versions this environment runs, for the target's Python and platform (pip matches platform tags
+# exactly: name each that its glibc accepts), without torch, triton and nvidia-* (the machine's own CUDA
+# build stays). Pure-Python wheels fit every platform; sdist-only packages (antlr4, for hydra) come as
+# sources and build there with the setuptools downloaded beside them.
+#   make wheels WHEELS_PYTHON=3.11 WHEELS_PLATFORMS="manylinux_2_17_aarch64 manylinux2014_aarch64"
+WHEELS_PYTHON ?= 3.12
+WHEELS_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+wheels: install
+	mkdir -p wheels
+	$(BIN)/pip list --format=freeze --exclude-editable | grep -viE '^((torch|triton|pip|setuptools)==|nvidia-)' \
+		> wheels/requirements.txt
+	echo "setuptools>=77" >> wheels/requirements.txt  # pyproject's build backend
+	$(BIN)/pip download --quiet --no-deps --prefer-binary --python-version $(WHEELS_PYTHON) --implementation cp \
+		$(addprefix --platform ,$(WHEELS_PLATFORMS)) -r wheels/requirements.txt -d wheels
+
+# The GPU check (at most 8 minutes, one table): on a bare CUDA machine too, see launchers/gpu_check.sh.
+# ARGS go to the check, e.g. ARGS="--gpu a100".
+gpu-check:
+	launchers/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs/runs outputs/sweeps outputs/checkpoints outputs/cache

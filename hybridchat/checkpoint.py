@@ -4,7 +4,9 @@ Layout: <paths.checkpoints>/<run_name>/<stage>/step_000600/ holding model.safete
 optimizer.safetensors, tokenizer.json and meta.json (with the run's resolved config). A step folder
 is self-contained: `load_model` rebuilds model and tokenizer from it alone. It is built under a temp
 name and renamed into place whole, and meta.json is the last file written, so a directory without it
-never counts as a checkpoint.
+never counts as a checkpoint. The files hold full tensors whatever the run's layout: an FSDP run
+gathers its shards to save and cuts them again on load, so one folder moves between one process,
+DDP and FSDP.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from hybridchat import parallel
 from hybridchat.errors import UserError
 from hybridchat.fsutil import atomic_directory
 
@@ -42,7 +45,7 @@ def architecture(model) -> dict[str, Any]:
     return {"block_pattern": model.pattern, "vocab_size": model.vocab_size, **{k: getattr(c, k) for k in keys}}
 
 
-def _optimizer_payload(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _optimizer_payload(optimizers: list[torch.optim.Optimizer], keep: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
     tensors, described = {}, []
     for i, opt in enumerate(optimizers):
         sd = opt.state_dict()
@@ -50,11 +53,11 @@ def _optimizer_payload(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[st
         for pid, state in sd["state"].items():
             for name, value in state.items():
                 if torch.is_tensor(value):
-                    tensors[f"{i}.{pid}.{name}"] = value.detach().contiguous().cpu()
+                    tensors[f"{i}.{pid}.{name}"] = value
                 else:
                     scalars.setdefault(str(pid), {})[name] = value
         described.append({"type": type(opt).__name__, "param_groups": sd["param_groups"], "scalars": scalars})
-    return tensors, described
+    return parallel.full_tensors(tensors, keep), described
 
 
 def _restore_optimizers(optimizers, tensors: dict[str, torch.Tensor], described: list[dict]) -> None:
@@ -62,11 +65,16 @@ def _restore_optimizers(optimizers, tensors: dict[str, torch.Tensor], described:
         raise UserError(f"checkpoint optimizers {[d['type'] for d in described]} do not match this run's "
                         f"{[type(o).__name__ for o in optimizers]}")
     for i, (opt, desc) in enumerate(zip(optimizers, described)):
+        # State ids number the parameters through the groups in order (torch.optim's state_dict).
+        params = [p for group in opt.param_groups for p in group["params"]]
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             opt_index, pid, name = key.split(".", 2)
             if int(opt_index) == i:
-                state.setdefault(int(pid), {})[name] = value
+                param = params[int(pid)]
+                # Per-parameter moments are sharded like their parameter; a step count is not.
+                state.setdefault(int(pid), {})[name] = (parallel.shard_like(value, param)
+                                                        if value.shape == param.shape else value)
         for pid, scalars in desc["scalars"].items():
             state.setdefault(int(pid), {}).update(scalars)
         # JSON turned tuples (betas, ns_coefficients) into lists; give the optimizers tuples back.
@@ -75,12 +83,18 @@ def _restore_optimizers(optimizers, tensors: dict[str, torch.Tensor], described:
         opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], keep: int, tokenizer) -> Path:
+def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], keep: int, tokenizer,
+         write: bool = True) -> Path | None:
+    """Write step `step`'s folder. Under FSDP every rank must call this (the full tensors are gathered
+    from the shards); only the one with write=True writes, and the others get None. The files are
+    the same as a one-process run's."""
     target = Path(directory) / f"step_{step:06d}"
-    tensors, described = _optimizer_payload(optimizers)
+    tensors, described = _optimizer_payload(optimizers, write)
+    weights = parallel.full_tensors(model.state_dict(), write)
+    if not write:
+        return None
     full_meta = {"format_version": FORMAT_VERSION, "step": step, "architecture": architecture(model),
                  "optimizers": described, **meta}
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_directory(target) as tmp:
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -143,6 +157,8 @@ def load(path: Path, model, optimizers=None, tokenizer_fingerprint: str | None =
         raise UserError(f"checkpoint {path} was trained with tokenizer {meta['tokenizer']}, this run built "
                         f"{tokenizer_fingerprint}: the data/tokenizer settings differ from the checkpoint's")
     weights = _load_tensors(path / "model.safetensors")
+    current = model.state_dict()  # under FSDP: this rank's shards, to cut the full tensors like them
+    weights = {k: parallel.shard_like(v, current[k]) if k in current else v for k, v in weights.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint {path}/model.safetensors does not match the model: missing {missing[:5]}, "

@@ -1,8 +1,8 @@
 """The one training loop, shared by every stage.
 
 The stage supplies batches, the loss on a batch (training_step) and its evaluation; this loop owns
-the optimizers, LR schedule, gradient accumulation, mixed precision, DDP, when to evaluate,
-checkpoints and metrics.
+the optimizers, LR schedule, gradient accumulation, mixed precision, when to evaluate, checkpoints
+and metrics; hybridchat.parallel lays the model out on the ranks (DDP or FSDP).
 """
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from hybridchat import checkpoint, preemption
+from hybridchat import checkpoint, parallel, preemption
 from hybridchat.config import StageConfig
 from hybridchat.context import RunContext
 from hybridchat.errors import UserError
@@ -81,22 +80,20 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
     s = cfg.stage
     ckpt_dir = checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, stage.name)
     accum = grad_accum_steps(s.total_batch_tokens, cfg.gpu.micro_batch, cfg.model.sequence_len, rt.world_size)
-    optimizers = build_optimizers(model, s)
 
     start_step = 0
     resume_from = checkpoint.latest(ckpt_dir) if cfg.resume else None
+    if resume_from is None and ctx.source_checkpoint is not None:  # into the whole model, before sharding
+        stage.initialise(model, ctx.source_checkpoint)
+        log.info("initialised from %s", ctx.source_checkpoint)
+    elif resume_from is None and cfg.resume:
+        log.info("resume=true but %s holds no checkpoint: starting from scratch", ckpt_dir)
+    # Under FSDP this shards `model` in place: the optimizers are built after it, to hold the shards.
+    train_model = parallel.prepare(model, cfg, rt)
+    optimizers = build_optimizers(model, s)
     if resume_from is not None:
         start_step = checkpoint.load(resume_from, model, optimizers, tokenizer.fingerprint)["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
-    elif ctx.source_checkpoint is not None:
-        stage.initialise(model, ctx.source_checkpoint)
-        log.info("initialised from %s", ctx.source_checkpoint)
-    elif cfg.resume:
-        log.info("resume=true but %s holds no checkpoint: starting from scratch", ckpt_dir)
-
-    train_model = DistributedDataParallel(model) if rt.distributed else model
-    if cfg.gpu.compile:
-        train_model = torch.compile(train_model)
     if not stage.val_batches():
         raise UserError(f"stage={stage.name}: the validation split is too small for one batch of "
                         f"gpu.micro_batch={cfg.gpu.micro_batch} (model.sequence_len={cfg.model.sequence_len})")
@@ -104,18 +101,18 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
     peak_flops = cfg.gpu.peak_tflops_bf16 * 1e12 * rt.world_size
 
     def save(step: int) -> Path | None:
-        path = None
-        if rt.is_main:
-            meta = {"stage": stage.name, "run_name": cfg.run_name, "tokenizer": tokenizer.fingerprint,
-                    "data_position": step * accum * rt.world_size, "config": resolved_config}
-            path = checkpoint.save(ckpt_dir, step, model, optimizers, meta, keep=s.keep_checkpoints,
-                                   tokenizer=tokenizer)
+        # Every rank takes part (FSDP gathers the shards); rank 0 writes.
+        meta = {"stage": stage.name, "run_name": cfg.run_name, "tokenizer": tokenizer.fingerprint,
+                "data_position": step * accum * rt.world_size, "config": resolved_config}
+        path = checkpoint.save(ckpt_dir, step, model, optimizers, meta, keep=s.keep_checkpoints, tokenizer=tokenizer,
+                               write=rt.is_main)
         if rt.distributed:
             dist.barrier()
         return path
 
     def evaluate(step: int) -> dict[str, float]:
-        metrics = stage.evaluate(model)
+        with parallel.full_weights(model):  # ranks may differ in their number of forwards (generation)
+            metrics = stage.evaluate(model)
         tracker.log(step, **metrics)
         return metrics
 
@@ -140,9 +137,8 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
             for micro in range(accum):
                 batch = {k: v.to(rt.device) for k, v in next(batches).items()}
                 tokens += batch["inputs"].numel()
-                # Gradients are all-reduced once per step, on the last micro-batch only.
-                sync = nullcontext() if not rt.distributed or micro == accum - 1 else train_model.no_sync()
-                with sync:
+                # Gradients are reduced across ranks once per step, on the last micro-batch only.
+                with parallel.gradient_sync(train_model, micro == accum - 1):
                     with rt.autocast():
                         loss = stage.training_step(train_model, batch)
                     (loss / accum).backward()
@@ -181,8 +177,11 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
     summary["final"] = summary["metrics"][stage.monitor]
     summary.setdefault("first", summary["final"])  # a resumed run past its last eval
     summary["checkpoint"] = str(save(s.num_steps))
-    checksum = _param_checksum(model)
-    if rt.distributed:  # DDP must leave every rank with the same weights; check instead of trusting
+    # Of the whole model also under FSDP, so it compares with a one-process run's. There the ranks agree
+    # by construction (one gathered copy); under DDP they must stay equal: check instead of trusting.
+    with parallel.full_weights(model):
+        checksum = _param_checksum(model)
+    if rt.distributed:
         gathered = [0.0] * rt.world_size
         dist.all_gather_object(gathered, checksum)
         if len(set(gathered)) != 1:

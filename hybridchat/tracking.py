@@ -8,15 +8,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hybridchat.config import LoggerConfig
+from hybridchat.config import Config, LoggerConfig
 from hybridchat.fsutil import atomic_write_bytes
+from hybridchat.model.blocks import PATTERN_PRESETS, expand_pattern
+
+WANDB_TAG_MAX = 64  # wandb.init raises on a longer tag
+
+
+def run_tags(config: Config, stage: str) -> list[str]:
+    """What a sweep's runs are told apart by in wandb: gpu preset, model, block pattern (a preset's
+    name, else the expanded letters) and stage, as key=value tags like Hydra's overrides."""
+    pattern = config.model.block_pattern
+    if pattern not in PATTERN_PRESETS:
+        pattern = expand_pattern(pattern, config.model.n_layer)
+    tags = [f"gpu={config.gpu.name}", f"model={config.model.name}", f"pattern={pattern}", f"stage={stage}"]
+    return [tag[:WANDB_TAG_MAX] for tag in tags]
 
 
 class Tracker:
     """Only rank 0 constructs an active tracker; other ranks get `Tracker(None)`, which does nothing."""
 
     def __init__(self, run_dir: Path | None, logger: LoggerConfig | None = None, config: dict | None = None,
-                 group: str | None = None, job_type: str | None = None, name: str | None = None):
+                 group: str | None = None, job_type: str | None = None, name: str | None = None,
+                 tags: list[str] | None = None):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.wandb_run = None
         if self.run_dir is None:
@@ -30,7 +44,7 @@ class Tracker:
 
             self.wandb_run = wandb.init(
                 project=logger.project, entity=logger.entity, name=name, group=group, job_type=job_type,
-                config=config, tags=list(logger.tags), dir=str(self.run_dir),
+                config=config, tags=list(dict.fromkeys([*(tags or []), *logger.tags])), dir=str(self.run_dir),
                 mode=logger.mode or os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous")
 
     def log(self, step: int, **metrics: Any) -> None:

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from hybridchat import config as config_schema
-from hybridchat import loop, runtime
+from hybridchat import loop, parallel, plan, runtime
 from hybridchat.config import Config
 from hybridchat.context import RunContext
 from hybridchat.errors import UserError, run_or_exit
@@ -26,7 +26,7 @@ from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
 from hybridchat.preemption import Preempted, requeue_after_warning
 from hybridchat.stages import build_stage
-from hybridchat.tracking import Tracker
+from hybridchat.tracking import Tracker, run_tags
 
 log = logging.getLogger("hybridchat")
 config_schema.register()
@@ -48,6 +48,12 @@ def run(cfg: DictConfig) -> float:
     expand_pattern(config.model.block_pattern, config.model.n_layer)
     rt = runtime.setup(config.gpu, config.seed)
     try:
+        # An int is checked, `auto` becomes the largest micro-batch that fits (hybridchat.plan), once,
+        # before anything reads it; checkpoints record the value used.
+        config.gpu.micro_batch = resolved["gpu"]["micro_batch"] = plan.resolve_micro_batch(
+            config, rt.world_size, plan.device_memory(config.gpu, rt.device))
+        if rt.is_main:
+            log.info("gpu.micro_batch=%d (%s)", config.gpu.micro_batch, cfg.gpu.micro_batch)
         loop.grad_accum_steps(config.stage.total_batch_tokens, config.gpu.micro_batch, config.model.sequence_len,
                               rt.world_size)
         hc = HydraConfig.get()
@@ -68,9 +74,10 @@ def run(cfg: DictConfig) -> float:
         if chose_retriever and not stage.reads_documents and rt.is_main:
             log.warning("retriever=%s is not used: stage=%s reads no documents (build and search knowledge "
                         "bases with python -m hybridchat.kb)", config.retriever.kind, stage.name)
-        group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+        # A sweep's folder is <date>/<time>: both name its wandb group (the time alone repeats daily).
+        group = "/".join(Path(hc.sweep.dir).parts[-2:]) if hc.mode == RunMode.MULTIRUN else None
         tracker = Tracker(run_dir if rt.is_main else None, config.logger, resolved, group=group,
-                          job_type=stage.name, name=config.run_name)
+                          job_type=stage.name, name=config.run_name, tags=run_tags(config, stage.name))
         try:
             summary = loop.train(stage, ctx, tracker, resolved)
         except BaseException as e:  # the next sweep job must not inherit an open wandb run
@@ -84,8 +91,10 @@ def run(cfg: DictConfig) -> float:
                     dist.barrier()
             raise
         tracker.finish()
+        with parallel.full_weights(model):  # all ranks enter (FSDP gathers); rank 0 alone generates
+            samples = stage.samples(model) if rt.is_main else []
         if rt.is_main:
-            for prompt, completion in stage.samples(model):
+            for prompt, completion in samples:
                 print(f"sample: {prompt} >>> {completion}")
             print(f"{stage.monitor} {summary['first']:.4f} -> {summary['final']:.4f}\n"
                   f"checkpoint: {summary['checkpoint']}\n"

@@ -1,9 +1,15 @@
 """Local metrics always; wandb (offline, no network) when asked."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from hybridchat.config import LoggerConfig
-from hybridchat.tracking import Tracker
+from hybridchat.config import Config, LoggerConfig, ModelConfig
+from hybridchat.tracking import Tracker, run_tags
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_metrics_jsonl_and_plot(tmp_path):
@@ -34,3 +40,60 @@ def test_wandb_offline_run_records_config_group_and_job_type(tmp_path):
     tracker.log(1, **{"train/loss": 3.0})
     tracker.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run written"
+
+
+FAKE_WANDB = '''
+import json, os
+
+
+def _record(event, **fields):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps({"event": event, **fields}) + "\\n")
+
+
+class _Run:
+    def log(self, metrics, step=None):
+        pass
+
+    def finish(self, exit_code=0):
+        _record("finish", exit_code=exit_code)
+
+
+def init(**kwargs):
+    _record("init", **{k: kwargs[k] for k in ("name", "group", "job_type", "tags", "mode")})
+    return _Run()
+'''
+
+
+def test_each_sweep_job_is_one_wandb_run_grouped_and_tagged(tmp_path):
+    """A 2-job multirun with logger=wandb, against a stand-in `wandb` module that records wandb.init's
+    arguments (nothing can reach the network)."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "wandb.py").write_text(FAKE_WANDB)
+    log = tmp_path / "wandb_calls.jsonl"
+    sweep = tmp_path / "2026-01-01" / "sweep-7"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")])),
+           "FAKE_WANDB_LOG": str(log), "HYBRIDCHAT_RUN_DIR": str(sweep)}
+    result = subprocess.run(
+        [sys.executable, "-m", "hybridchat.train", "-m", "model=transformer_tiny,hybrid_tiny", "debug=smoke",
+         "stage.num_steps=2", "logger=wandb", "logger.tags=[ablation]", f"paths.outputs={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c["event"] for c in calls] == ["init", "finish", "init", "finish"]  # one run per job, closed in turn
+    inits = [c for c in calls if c["event"] == "init"]
+    # The sweep folder's last two parts (<date>/<time> by default): a time alone repeats every day.
+    assert [c["group"] for c in inits] == ["2026-01-01/sweep-7"] * 2 and {c["job_type"] for c in inits} == {"pretrain"}
+    assert len({c["name"] for c in inits}) == 2
+    # debug=smoke makes both models 2 layers: all_attention's preset name, alternating's.
+    assert [c["tags"] for c in inits] == [
+        ["gpu=cpu", "model=transformer_tiny", "pattern=all_attention", "stage=pretrain", "ablation"],
+        ["gpu=cpu", "model=hybrid_tiny", "pattern=alternating", "stage=pretrain", "ablation"]]
+
+
+def test_inline_block_pattern_is_tagged_expanded():
+    config = Config(model=ModelConfig(name="custom", n_layer=4, block_pattern="ma"))
+    assert run_tags(config, "rag") == ["gpu=cpu", "model=custom", "pattern=MAMA", "stage=rag"]
+    config.model.block_pattern, config.model.n_layer = "M", 80
+    assert run_tags(config, "rag")[2] == "pattern=" + "M" * 56  # wandb's 64-character limit

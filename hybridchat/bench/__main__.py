@@ -7,6 +7,7 @@ BENCHMARKS = {
     "decode": "per-token decode latency and cache bytes vs context length",
     "retrieval": "build time, queries/s and memory of each retriever vs rank-bm25",
     "reading": "exact match of a checkpoint reading a held-out document in its pretraining format",
+    "gpu_check": "minutes-long check of the GPU path: gpu tests, d12 training tok/s + MFU, scans, kernels",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from hybridchat.config import ModelConfig
 from hybridchat.errors import UserError
@@ -52,6 +53,10 @@ class HybridLM(nn.Module):
         # wte.weight (safetensors refuses two names for one tensor), and loads without a missing key.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.use_rope = cfg.attn_rope and "A" in self.pattern
+        # Recompute each block's activations in backward instead of storing them (less memory, about
+        # one more forward of compute). A training choice (gpu.activation_checkpointing), set by
+        # hybridchat.parallel.prepare, not part of the architecture.
+        self.activation_checkpointing = False
 
     def init_weights(self) -> None:
         if self.lm_head is None:
@@ -80,8 +85,10 @@ class HybridLM(nn.Module):
         pos = cache.pos if cache is not None else 0
         rope = self._rope(pos, T, idx.device)
         x = self.norm_embed(self.wte(idx))
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, cache)
+            # Non-reentrant: composes with FSDP2's hooks, torch.compile and inputs that need no grad.
+            x = checkpoint(block, x, rope, None, use_reentrant=False) if recompute else block(x, rope, cache)
         if cache is not None:
             cache.advance(T)
         if last_only:

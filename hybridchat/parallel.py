@@ -1,0 +1,108 @@
+"""How the model is laid out on the ranks: DDP replicas or FSDP2 shards, activation checkpointing,
+torch.compile; and the full-tensor gathering and re-sharding that checkpoints need.
+
+Under `distributed.strategy=fsdp` every block and then the root are `fully_shard`ed in place: the
+parameters become DTensors holding 1/world_size of each matrix, so the optimizers must be built
+after `prepare` to hold (and keep their state as) those shards. Checkpoints stay one-process
+files: `full_tensors` gathers each shard on every rank and rank 0 writes; `shard_like` cuts the
+full tensors read back into this rank's shard. A one-process run with strategy=fsdp has nothing
+to shard and trains the plain model (and says so).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from hybridchat.config import Config, Strategy
+from hybridchat.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def prepare(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
+    """Lay `model` (a HybridLM on rt.device) out for training; returns what the loop calls forward on.
+    FSDP shards `model` itself: build the optimizers afterwards."""
+    model.activation_checkpointing = config.gpu.activation_checkpointing
+    strategy = config.distributed.strategy
+    if not rt.distributed:
+        if strategy == Strategy.fsdp:
+            log.info("distributed.strategy=fsdp in one process: nothing to shard, training the whole model")
+        train_model = model
+    elif strategy == Strategy.fsdp:
+        mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+        # One all-gather per block in forward and backward; the root holds embedding, final norm and
+        # head, and keeps them gathered from forward to backward (fully_shard's own choice for a root).
+        # No MixedPrecisionPolicy: the loop's autocast casts the gathered fp32 weights.
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        train_model = fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    else:
+        train_model = DistributedDataParallel(model)
+    if config.gpu.compile:  # after sharding, as FSDP2 wants: the hooks are already in place
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def gradient_sync(train_model: nn.Module, enabled: bool):
+    """Context for one micro-batch's forward and backward: with enabled=False the gradients only
+    accumulate locally (no all-reduce / reduce-scatter); the last micro-batch syncs them all."""
+    inner = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+    if isinstance(inner, FSDPModule):
+        inner.set_requires_gradient_sync(enabled)  # a flag FSDP2 reads in backward, not a context
+        return nullcontext()
+    if isinstance(inner, DistributedDataParallel) and not enabled:
+        return inner.no_sync()
+    return nullcontext()
+
+
+@contextmanager
+def full_weights(model: nn.Module) -> Iterator[None]:
+    """Inside, every rank holds the whole model and forwards need no collectives, so ranks may run
+    different numbers of them: generation stops at different lengths per rank, and rank 0 alone
+    writes samples. Entering is collective under FSDP (every rank must enter); it costs one full
+    copy of the weights per rank until exit. Anything else: nothing to do."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        # Back to prepare's layout: blocks free their gathered weights after forward, the root keeps them.
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)
+        for m in sharded:
+            m.reshard()
+
+
+def full_tensors(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of `tensors`. A DTensor (an FSDP shard) is all-gathered: a collective, so
+    every rank calls this with the same names in the same order; with keep=False a rank takes part
+    and gets {}. One full tensor at a time is held beyond what is kept."""
+    out = {}
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        if keep:
+            out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like` is: cut into this rank's shard when `like` is a DTensor. Every rank
+    read the same file, so each takes its own piece without communication."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)

@@ -1,0 +1,196 @@
+"""The memory planner: its estimate against measured peak memory, `auto` micro-batches, presets."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from hybridchat import plan
+from hybridchat.errors import UserError, run_or_exit
+from hybridchat.loop import build_optimizers
+from hybridchat.model.lm import HybridLM
+from hybridchat.train import typed_config
+from tests.conftest import CONF_DIR, compose_config, group_options
+
+GIB = 2**30
+
+
+def plan_config(overrides, output_dir=None):
+    """Compose conf/plan.yaml like `python -m hybridchat.plan <overrides>`, HydraConfig set."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("plan", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def measured_peak(config, micro_batch: int) -> dict[str, int]:
+    """Peak bytes of live tensors over one steady-state training step (the optimizer state exists,
+    as from the second step on), counted by torch's MemTracker (the CPU's max_memory_allocated), by
+    kind: Total, Parameter, Optstate, Activation, Temp, ..."""
+    torch.manual_seed(0)
+    vocab = plan.vocab_size_of(config.model, config.data)
+    model = HybridLM(config.model, vocab)
+    model.init_weights()
+    optimizers = build_optimizers(model, config.stage)
+    tokens = torch.randint(0, vocab, (micro_batch, config.model.sequence_len + 1))
+
+    def step():
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    tracker = MemTracker()
+    tracker.track_external(model, *optimizers)
+    with tracker:
+        step()
+    snapshot = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    return {getattr(kind, "value", kind): n for kind, n in snapshot.items()}
+
+
+@pytest.fixture
+def one_thread():
+    """One thread: on a busy 2-core machine a second one mostly spins (5x the CPU time here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("model", ["hybrid_tiny", "transformer_tiny", "mamba_tiny"])
+def test_estimate_is_within_25_percent_of_measured_peak_on_cpu(model, one_thread):
+    config, _ = typed_config(compose_config([f"model={model}"]))
+    estimate = plan.make_planner(config, 64 * GIB, ssm_kernels=False).memory(plan.Setup(1, "ddp", 2, False))
+    measured = measured_peak(config, micro_batch=2)
+    for what, ours, theirs, tolerance in [
+            ("total", estimate.tensors, measured["Total"], 0.25),
+            # Each term on its own too: the total alone would hide a missing optimizer or logits term.
+            ("weights", estimate.weights, measured["Parameter"], 0.01),
+            ("optimizer", estimate.optimizer, measured["Optstate"], 0.01),
+            ("activations", estimate.activations, measured["Activation"] + measured["Temp"], 0.05)]:
+        error = (ours - theirs) / theirs
+        assert abs(error) < tolerance, f"{model} {what}: estimate {ours / 2**20:.1f} MiB, measured " \
+                                       f"{theirs / 2**20:.1f} MiB ({error:+.1%})"
+
+
+@pytest.mark.parametrize("value", ["lots", 0, -3, 2.5, True])
+def test_micro_batch_must_be_a_positive_int_or_auto(value):
+    config, _ = typed_config(compose_config([]))
+    config.gpu.micro_batch = value
+    with pytest.raises(UserError, match=r"gpu\.micro_batch=.* positive integer or auto"):
+        plan.resolve_micro_batch(config, 1, 8 * GIB)
+
+
+def test_micro_batch_lots_is_one_error_line_from_the_planner_app(tmp_path, capsys):
+    cfg = plan_config(["gpu.micro_batch=lots"], tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_or_exit(plan.run, cfg)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0
+    assert err.startswith("error: gpu.micro_batch='lots'") and "positive integer or auto" in err
+
+
+def test_auto_is_the_largest_micro_batch_that_fits():
+    config, _ = typed_config(compose_config(["gpu.micro_batch=auto"]))
+    planner = plan.make_planner(config, 0, ssm_kernels=False)
+    need = {m: planner.memory(plan.Setup(1, "ddp", m, False)).total for m in (4, 8)}
+    assert plan.resolve_micro_batch(config, 1, need[8]) == 8
+    assert plan.resolve_micro_batch(config, 1, need[8] - 1) == 4   # powers of two without total_batch_tokens
+    config.stage.total_batch_tokens = 6 * config.model.sequence_len
+    assert plan.resolve_micro_batch(config, 1, need[8]) == 6        # then the divisors of its rows per rank
+    assert plan.resolve_micro_batch(config, 2, need[8]) == 3
+    config.gpu.micro_batch = 5
+    assert plan.resolve_micro_batch(config, 1, 1) == 5              # an int is the user's choice
+
+
+def test_nothing_fits_names_the_memory_and_what_would_fit():
+    config, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=rtx3070", "data=fineweb_edu"]))
+    with pytest.raises(UserError) as e:
+        plan.resolve_micro_batch(config, 1, 8 * GIB, ssm_kernels=True)
+    message = str(e.value)
+    assert message.startswith("gpu.micro_batch=auto: micro_batch=1 with 1 GPU needs")
+    assert "but the device has 8.0 GiB" in message
+    assert "fits: distributed.strategy=fsdp over 8 GPUs" in message
+    assert "nothing fits on 1 GPU(s): use a smaller model" in message
+    planner = plan.make_planner(config, 80 * GIB, ssm_kernels=True)
+    setup = plan.Setup(1, "ddp", 64, False)
+    assert any("gpu.activation_checkpointing=true" in a for a in plan.advice(planner, setup))
+
+
+def test_memory_terms_shrink_as_they_should():
+    config, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu"]))
+    planner = plan.make_planner(config, 80 * GIB, ssm_kernels=True)
+    one = planner.memory(plan.Setup(1, "ddp", 4, False))
+    ddp = planner.memory(plan.Setup(8, "ddp", 4, False))
+    fsdp = planner.memory(plan.Setup(8, "fsdp", 4, False))
+    ckpt = planner.memory(plan.Setup(1, "ddp", 4, True))
+    assert ddp.grads == 2 * one.grads                        # DDP's buckets
+    assert fsdp.optimizer * 8 == pytest.approx(one.optimizer, rel=1e-6)
+    assert fsdp.weights < one.weights / 2 and fsdp.grads < one.grads / 2
+    assert ckpt.activations < one.activations / 2  # the head and the bf16 weight copies remain
+    params = planner.sizes.params
+    assert set(params) >= {"embedding", "lm_head", "attention", "mamba", "mlp"}
+    assert sum(params.values()) == planner.sizes.total
+    # Muon holds one buffer per block matrix, AdamW two per everything else.
+    assert one.optimizer == 4 * (planner.sizes.matrix + 2 * (planner.sizes.total - planner.sizes.matrix))
+
+
+@pytest.mark.parametrize("gpu", [g for g in group_options("gpu") if g != "cpu"])
+def test_every_gpu_preset_micro_batch_fits_the_d20_models(gpu):
+    """A hand-set micro_batch must fit its card for the models it is sized for; `auto` must find one
+    for them on the larger cards and say why not on the smaller ones."""
+    for model in ("hybrid_d20", "transformer_d20", "mamba_d20"):
+        config, _ = typed_config(compose_config([f"model={model}", f"gpu={gpu}", "data=fineweb_edu"]))
+        capacity = plan.gpu_capacity(config.gpu)
+        if config.gpu.micro_batch != "auto":
+            planner = plan.make_planner(config, capacity, ssm_kernels=True)
+            assert planner.fits(plan.Setup(1, "ddp", config.gpu.micro_batch, False)), (gpu, model)
+        elif config.gpu.memory_gb >= 16:
+            assert plan.resolve_micro_batch(config, 1, capacity, ssm_kernels=True) >= 1
+        elif config.gpu.memory_gb <= 10:  # 6 GiB of fp32 weights, gradients and Muon/AdamW state alone
+            with pytest.raises(UserError, match="fits: distributed.strategy=fsdp"):
+                plan.resolve_micro_batch(config, 1, capacity, ssm_kernels=True)
+
+
+def test_planner_app_prints_the_table_and_writes_plan_json(tmp_path, capsys):
+    cfg = plan_config(["model=hybrid_d20", "gpu=rtx3070", "data=fineweb_edu"], tmp_path)
+    result = run_or_exit(plan.run, cfg)
+    out = capsys.readouterr().out
+    assert "1 GPU" in out and "DDP x8" in out and "FSDP x8" in out and "does not fit" in out
+    assert "MFU 40%" in out and "tok/s" in out
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["gpu"] == "rtx3070" and len(saved["rows"]) == 3
+    fsdp = next(r for r in result.rows if r.setup.strategy == "fsdp")
+    assert fsdp.fits and fsdp.max_micro_batch >= 1
+    assert not result.rows[0].fits
+
+
+def test_tokens_per_second_follow_peak_flops_and_mfu():
+    config, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu"]))
+    p = plan.plan(config, [1, 8], mfu=0.5, capacity=80 * GIB, ssm_kernels=True)
+    planner = plan.make_planner(config, 80 * GIB, ssm_kernels=True)
+    one = p.rows[0]
+    expected = 0.5 * 989e12 / plan.flops_per_token(config.model, planner.vocab_size)
+    assert one.tokens_per_s == pytest.approx(expected)
+    assert p.rows[1].tokens_per_s == pytest.approx(8 * expected)
+    ckpt = planner.row(replace(one.setup, activation_checkpointing=True), 989.0, 0.5)
+    assert ckpt.tokens_per_s == pytest.approx(expected / plan.RECOMPUTE_FACTOR)
+
+
+def test_plan_config_composes_the_training_groups():
+    cfg = plan_config(["model=mamba_tiny", "gpu=rtx4090", "distributed.strategy=fsdp"], "/tmp")
+    assert OmegaConf.select(cfg, "gpu.micro_batch") == "auto" and cfg.distributed.strategy == "fsdp"
+    assert cfg.n_gpus == [1, 8] and cfg.mfu == 0.4
