@@ -203,19 +203,25 @@ def test_torchrun_two_cpu_processes_agree(tmp_path):
     assert read_metrics(single / "run")[0]["val/bpb"] == pytest.approx(read_metrics(run_dir)[0]["val/bpb"], rel=1e-5)
 
 
-def test_submitit_launcher_runs_two_tasks_as_one_ddp_job(tmp_path):
-    """The SLURM path (hydra/launcher=slurm) minus the queue: submitit's local executor, 2 tasks."""
+def test_submitit_launcher_sweeps_two_jobs_of_two_ddp_tasks(tmp_path):
+    """The SLURM path (hydra/launcher=slurm) minus the queue: submitit's local executor, a 2-job sweep
+    whose jobs each run 2 tasks as one DDP job."""
     result = cli("-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "debug=smoke",
-                 f"paths.outputs={tmp_path}", "stage.num_steps=2", "stage.total_batch_tokens=2048", "run_name=sub",
+                 f"paths.outputs={tmp_path}", "stage.num_steps=1,2", "stage.total_batch_tokens=2048",
                  env={"HYBRIDCHAT_RUN_DIR": str(tmp_path / "sweep"), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    job = tmp_path / "sweep" / "0"
-    logs = {p.name: p.read_text() for p in job.glob("train*.log")}
-    assert set(logs) == {"train.log", "train_rank1.log"}
-    checksums = {line.rsplit(" ", 1)[-1] for text in logs.values() for line in text.splitlines()
-                 if "final parameter checksum" in line}
-    assert len(checksums) == 1
-    assert "world size 2" in logs["train.log"]
+    for number, steps in (("0", 1), ("1", 2)):
+        job = tmp_path / "sweep" / number
+        logs = {p.name: p.read_text() for p in job.glob("train*.log")}
+        assert set(logs) == {"train.log", "train_rank1.log"}
+        checksums = {line.rsplit(" ", 1)[-1] for text in logs.values() for line in text.splitlines()
+                     if "final parameter checksum" in line}
+        assert len(checksums) == 1
+        assert "world size 2" in logs["train.log"]
+        assert read_metrics(job)[-1]["step"] == steps
+        # Each job its own checkpoint folder (run_name from the job's overrides).
+        assert (tmp_path / "checkpoints" / "hybrid_tiny" / f"debug=smoke,stage.num_steps={steps},stage.total_batch_tokens=2048"
+                / "pretrain" / f"step_{steps:06d}").is_dir()
 
 
 def test_checkpoint_loads_into_the_same_architecture_named_or_inline(tmp_path):
