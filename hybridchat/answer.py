@@ -70,6 +70,15 @@ class Answer:
     dropped: int = 0           # lowest-ranked documents left out to fit the context
     seconds: float = 0.0       # wall time of this question's batch, per question
     closed_book: bool = False  # asked without a documents section
+    hops: list = field(default_factory=list)  # multi-hop: the trace (multihop.Hop: query, documents), hop 1 first
+    format_ok: bool = True     # multi-hop: every query followed, the reply closed, a valid citation or abstention
+
+    @property
+    def n_hops(self) -> int:
+        """Retrievals made: 0 closed-book, 1 single-shot, one more per followed query."""
+        if self.hops:
+            return sum(h.status == "ok" for h in self.hops)
+        return 0 if self.closed_book else 1
 
     @property
     def cited(self) -> list[Document]:
@@ -150,5 +159,9 @@ def score(answer: Answer, answers: Sequence[str], gold_doc_ids: Sequence[str] = 
         "citation": float(any(holds(d, a) for d in answer.cited for a in answers)) if correct else None,
         "gold_in_context": (float(any(d.parent_id in gold for d in answer.documents))
                             if gold and not answer.closed_book else None),
+        "all_gold_in_context": (float(gold <= {d.parent_id for d in answer.documents})
+                                if gold and not answer.closed_book else None),
+        "hops": float(answer.n_hops),
+        "seconds": answer.seconds,
         "confidence": answer.confidence,
     }

@@ -7,7 +7,9 @@
 
 Each question is answered on its own (retrieval per question, no memory of earlier turns). Without
 --kb the knowledge base is the checkpoint's synthetic world; the retriever defaults to the one the
-checkpoint was trained with.
+checkpoint was trained with. A refrag checkpoint (or --max-hops 2 and more) answers multi-hop: the
+model may write follow-up queries, and the hop trace (each query and the documents it found) is
+printed before the answer.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rag", action="store_true", help="closed-book: no documents")
     p.add_argument("-p", "--prompt", help="answer this one question and exit")
     p.add_argument("--max-tokens", type=int, default=48, help="longest reply")
+    p.add_argument("--max-hops", type=int, help="retrievals per question, the question's own included (default: "
+                                                "the checkpoint's stage.max_hops for refrag, else 1: one shot)")
     p.add_argument("--device", default="cpu")
     return p
 
@@ -54,6 +58,36 @@ def _retriever(args, meta):
     return open_knowledge_base(cfg, args.cache_dir, world_collection(world), progress=False).retriever(cfg)
 
 
+def _print_documents(documents, first: int, out) -> None:
+    for i, d in enumerate(documents, first):
+        print(f"  [{i}] {d.title} ({d.id}): {' '.join(d.text.split())[:100]}", file=out)
+
+
+def _print_outcome(result, out) -> None:
+    if result.abstained:
+        print("(abstained: the documents shown do not hold the answer)", file=out)
+    for n, d in zip(result.citations, result.cited):
+        print(f"cited: [{n}] {d.title} ({d.id})", file=out)
+    print(f"confidence: {result.confidence:.2f}", file=out)
+
+
+def answer_multihop(question: str, multihop, out=sys.stdout) -> None:
+    """The hop trace (the question's sources, then each query the model wrote and what it found),
+    then the answer."""
+    result = multihop.answer([question])[0]
+    first = 1
+    for i, hop in enumerate(result.hops):
+        if i == 0:
+            print("sources:", file=out)
+        else:
+            refused = "" if hop.status == "ok" else f" ({hop.status.replace('_', ' ')}: not retrieved)"
+            print(f"query {i}: {hop.query}{refused}", file=out)
+        _print_documents(hop.documents, first, out)
+        first += len(hop.documents)
+    print(f"answer: {result.reply}", file=out)
+    _print_outcome(result, out)
+
+
 def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> None:
     documents = None
     if retriever is not None:
@@ -61,8 +95,7 @@ def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> No
     prompt_ids, shown = answerer.prompt(question, documents)
     if documents is not None:
         print("sources:", file=out)
-        for i, d in enumerate(shown, 1):
-            print(f"  [{i}] {d.title} ({d.id}): {' '.join(d.text.split())[:100]}", file=out)
+        _print_documents(shown, 1, out)
         if len(shown) < len(documents):
             print(f"  ({len(documents) - len(shown)} lower-ranked documents left out: the question and "
                   f"{len(documents)} documents do not fit the model's {answerer.max_context}-token context)", file=out)
@@ -79,11 +112,7 @@ def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> No
 
     result = answerer.answer([question], None if documents is None else [documents], on_token=on_token)[0]
     print(file=out)
-    if result.abstained:
-        print("(abstained: the documents shown do not hold the answer)", file=out)
-    for n, d in zip(result.citations, result.cited):
-        print(f"cited: [{n}] {d.title} ({d.id})", file=out)
-    print(f"confidence: {result.confidence:.2f}", file=out)
+    _print_outcome(result, out)
 
 
 def run(args) -> None:
@@ -97,12 +126,35 @@ def run(args) -> None:
     path = Path(args.checkpoint) if args.checkpoint else checkpoint.find(args.checkpoints, args.run, args.stage,
                                                                           args.step)
     model, tokenizer, meta = checkpoint.load_model(path, device=args.device)
-    answerer = Answerer(model, tokenizer, meta["config"]["model"]["sequence_len"], max_answer_tokens=args.max_tokens,
-                        batch_size=1)
+    seq_len = meta["config"]["model"]["sequence_len"]
+    answerer = Answerer(model, tokenizer, seq_len, max_answer_tokens=args.max_tokens, batch_size=1)
     retriever = None if args.no_rag else _retriever(args, meta)
-    print(f"{path} ({'closed-book' if retriever is None else f'top-{args.top_k} retrieval'})", file=sys.stderr)
+    trained = meta.get("config", {}).get("stage", {})
+    max_hops = args.max_hops if args.max_hops is not None else trained.get("max_hops", 1)
+    if max_hops < 1:
+        raise UserError(f"--max-hops must be >= 1, got {max_hops}")
+    print(f"{path} ({'closed-book' if retriever is None else f'top-{args.top_k} retrieval'}"
+          f"{f', up to {max_hops} hops' if retriever is not None and max_hops > 1 else ''})", file=sys.stderr)
+
+    multihop = None
+    if retriever is not None and max_hops > 1:
+        from hybridchat.config import RefragConfig
+        from hybridchat.multihop import MultiHop, Search
+
+        # -k documents per retrieval, the query and context settings the checkpoint was trained with
+        multihop = MultiHop(model, tokenizer, Search(retriever, args.top_k), seq_len, max_hops=max_hops,
+                            max_query_tokens=trained.get("max_query_tokens", RefragConfig.max_query_tokens),
+                            max_answer_tokens=args.max_tokens,
+                            hop_tokens=trained.get("hop_tokens", RefragConfig.hop_tokens), batch_size=1)
+
+    def ask(question: str) -> None:
+        if multihop is not None:
+            answer_multihop(question, multihop)
+        else:
+            answer(question, answerer, retriever, args.top_k)
+
     if args.prompt is not None:
-        answer(args.prompt, answerer, retriever, args.top_k)
+        ask(args.prompt)
         return
     while True:
         try:
@@ -112,7 +164,7 @@ def run(args) -> None:
         if question in ("exit", "quit"):
             return
         if question:
-            answer(question, answerer, retriever, args.top_k)
+            ask(question)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -166,6 +166,32 @@ class RagConfig(StageConfig):
 
 
 @dataclass
+class RefragConfig(RagConfig):
+    """Multi-hop: the model writes follow-up queries between the query tokens, the engine retrieves
+    for them, the model answers with citations across all documents shown (or abstains). The first
+    num_steps - rl_steps steps are a supervised warm start on 2-hop traces (plus rag's single-hop
+    examples), the last rl_steps are GRPO with the engine in the loop. The rag keys it inherits set
+    the single-hop examples and the hop-1 documents of a trace."""
+    name: str = "refrag"
+    source: Optional[str] = "rag"
+    max_hops: int = 2                  # retrievals per question, the question's own included
+    hop_documents: int = 2             # documents retrieved per follow-up query
+    max_query_tokens: int = 16
+    hop_tokens: int = 256              # context kept free for each follow-up hop's documents
+    single_hop: float = 0.3            # share of warm-start examples that are rag's single-hop ones
+    hop_questions: Optional[str] = None  # your 2-hop JSONL (gold_doc_ids in hop order); None: the world's
+    rl_steps: int = 0                  # the last rl_steps of num_steps are GRPO steps
+    group_size: int = 4                # trajectories sampled per question (GRPO group)
+    temperature: float = 1.0           # sampling temperature of the rollouts
+    kl_coef: float = 0.0               # KL (k3 estimator) to the policy at the start of RL; 0: none
+    reward_em: float = 1.0             # reward terms: exact match of the answer
+    reward_f1: float = 0.0             # token F1 of the answer
+    reward_gold: float = 0.0           # share of the gold documents among those shown
+    reward_format: float = 0.0         # well-formed trajectory (queries closed, valid citation or abstention)
+    hop_cost: float = 0.0              # subtracted per follow-up retrieval
+
+
+@dataclass
 class DistillConfig(StageConfig):
     """The source checkpoint is the teacher; the run's model (its sizes, with some A letters of the
     block pattern turned into M) is the student, initialised from it and trained to match it."""
@@ -258,7 +284,7 @@ def rank_suffix() -> str:
 
 
 STAGE_SCHEMAS = {"pretrain": PretrainConfig, "mid": MidConfig, "rag": RagConfig,
-                 "distill": DistillConfig}
+                 "distill": DistillConfig, "refrag": RefragConfig}
 
 
 def register() -> None:

@@ -3,6 +3,7 @@
     python -m hybridchat.evaluate                          # the run's rag checkpoint, world questions
     python -m hybridchat.evaluate -m retriever=bm25,dense,hybrid
     python -m hybridchat.evaluate retriever.kb_dir=kb/ questions=q.jsonl   # your documents and questions
+    python -m hybridchat.evaluate hops=2                   # 2-hop questions, the run's refrag checkpoint
 
 A Hydra app sharing the training config groups (conf/eval.yaml). Conditions, each on the same
 questions: closed-book (the run's chat model before RAG training: what you have without retrieval),
@@ -11,11 +12,19 @@ questions (about entities that exist nowhere) run closed-book and with RAG. Ever
 95% bootstrap interval. The context budget section measures exact match and time to first token
 against the number of documents in context, for this model and any others named in `compare`.
 Writes eval.md, eval.json and eval.png to the run dir (and metrics to wandb when logger=wandb).
+
+With hops=2 (or a questions file whose every answerable question has two gold_doc_ids, in hop
+order) the questions are 2-hop and the conditions are: closed-book; single-shot RAG (one retrieval,
+a query the model writes is refused); rule-based bridge queries (hybridchat/multihop.py
+BridgeQueries, written for the model); REFRAG (the model writes its own queries); both gold
+documents in context. Each reports EM, F1, hallucination, both gold documents shown, retrievals per
+question and seconds per answer, with bootstrap intervals, and example traces.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -30,13 +39,14 @@ from omegaconf import DictConfig, OmegaConf
 from hybridchat import checkpoint
 from hybridchat import config as config_schema
 from hybridchat.answer import Answerer, score
-from hybridchat.config import GPUConfig, LoggerConfig, ModelConfig, PathsConfig
+from hybridchat.config import GPUConfig, LoggerConfig, ModelConfig, PathsConfig, RefragConfig
 from hybridchat.context import world_collection
 from hybridchat.data.world import World, WorldConfig
 from hybridchat.documents import Document
 from hybridchat.errors import UserError, run_or_exit
 from hybridchat.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hybridchat.metrics import bootstrap_auroc_ci, bootstrap_ci
+from hybridchat.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, Search
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.retrieval.factory import open_knowledge_base
 from hybridchat.runtime import setup, teardown
@@ -49,6 +59,11 @@ COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("fal
            ("citation", "citation"), ("gold_in_context", "gold in context"),
            ("abstain_unanswerable", "abstains (unanswerable)"),
            ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
+HOP_RATES = ("em", "f1", "hallucination", "false_abstention", "all_gold_in_context", "hops", "seconds")
+HOP_COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("false_abstention", "false abstention"),
+               ("all_gold_in_context", "both gold documents shown"), ("hops", "retrievals per question"),
+               ("seconds", "seconds per answer"))
+HOP_SETTINGS = ("max_hops", "hop_documents", "max_query_tokens", "hop_tokens")
 
 
 @dataclass
@@ -59,7 +74,9 @@ class EvalConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     run_name: str = "hybrid_tiny"
-    stage: str = "rag"                         # the checkpoint evaluated
+    # The stage whose checkpoint is evaluated; None: refrag for 2-hop questions, else rag. (Not
+    # `stage`: on the command line that names the training config group conf/stage/.)
+    checkpoint_stage: Optional[str] = None
     step: Optional[int] = None                 # None: the stage's latest checkpoint
     closed_book_stage: Optional[str] = "mid"   # closed-book baseline; None: the evaluated model itself
     questions: Optional[str] = None            # your JSONL (question, answers, gold_doc_ids); None: the world's
@@ -72,6 +89,12 @@ class EvalConfig:
     context_budget: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     context_questions: int = 100               # questions per point of the context budget
     compare: list[str] = field(default_factory=list)  # other run names (same stage) in the context budget
+    hops: int = 1                              # 2: 2-hop questions and the multi-hop conditions
+    # Multi-hop settings; None: the evaluated checkpoint's stage values (refrag), else RefragConfig's defaults.
+    max_hops: Optional[int] = None             # retrievals per question, the question's own included
+    hop_documents: Optional[int] = None        # documents retrieved per follow-up query
+    max_query_tokens: Optional[int] = None
+    hop_tokens: Optional[int] = None           # context kept free per follow-up hop
 
 
 @dataclass
@@ -106,13 +129,14 @@ def user_items(path: str) -> list[Item]:
     return [Item(q.question, tuple(q.answers), tuple(q.gold_doc_ids)) for q in read_questions(path, require_gold=False)]
 
 
-def summarize(scores: list[dict], n_resamples: int, seed: int) -> dict[str, Any]:
+def summarize(scores: list[dict], n_resamples: int, seed: int, rates: tuple[str, ...] = ANSWERABLE_RATES
+              ) -> dict[str, Any]:
     """Mean and 95% interval of every rate (answerable and unanswerable questions apart), and the
     AUROC of confidence separating them."""
     answerable = [s for s in scores if s["em"] is not None]
     unanswerable = [s for s in scores if s["em"] is None]
     out: dict[str, Any] = {"answerable": len(answerable), "unanswerable": len(unanswerable)}
-    for key in ANSWERABLE_RATES:
+    for key in rates:
         values = [s[key] for s in answerable]
         if any(v is not None for v in values):
             out[key] = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
@@ -124,6 +148,21 @@ def summarize(scores: list[dict], n_resamples: int, seed: int) -> dict[str, Any]
         out["auroc"] = bootstrap_auroc_ci([s["confidence"] for s in answerable],
                                           [s["confidence"] for s in unanswerable], n_resamples=n_resamples, seed=seed)
     return out
+
+
+def two_hop_items(world: World, n: int, seed: int) -> list[Item]:
+    heldout = world.questions("heldout", 2)
+    if not heldout:
+        raise UserError("the checkpoint's world has no held-out people (world.heldout_fraction=0): nothing to evaluate")
+    picked = random.Random(f"{seed}/eval2").sample(heldout, min(n, len(heldout)))
+    return [Item(q.question, q.answers, q.gold_doc_ids) for q in picked]
+
+
+def hop_settings(cfg: EvalConfig, meta: dict) -> dict[str, int]:
+    """max_hops & co.: as given, else as the checkpoint's stage was trained, else refrag's defaults."""
+    trained = meta.get("config", {}).get("stage", {})
+    return {k: getattr(cfg, k) if getattr(cfg, k) is not None else trained.get(k, getattr(RefragConfig, k))
+            for k in HOP_SETTINGS}
 
 
 def gold_documents(kb_documents: list[Document], items: list[Item]) -> list[list[Document]]:
@@ -172,11 +211,21 @@ def context_budget(cfg: EvalConfig, models: dict[str, tuple], items: list[Item],
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    model, tokenizer, meta = load(cfg, cfg.run_name, cfg.stage, cfg.step)
+    if cfg.hops not in (1, 2):
+        raise UserError(f"hops={cfg.hops} must be 1 or 2")
+    mine = user_items(cfg.questions) if cfg.questions else None
+    answerable = [i for i in mine or () if i.answers]
+    two_hop = cfg.hops == 2 or (bool(answerable) and all(len(i.gold_doc_ids) == 2 for i in answerable))
+    stage = cfg.checkpoint_stage or ("refrag" if two_hop else "rag")
+    model, tokenizer, meta = load(cfg, cfg.run_name, stage, cfg.step)
     world_cfg = WorldConfig(**meta["config"]["world"])
     seq_len = meta["config"]["model"]["sequence_len"]
-    items = user_items(cfg.questions) if cfg.questions else world_items(World.generate(world_cfg), cfg.n_questions,
-                                                                         cfg.n_unanswerable, cfg.seed)
+    if mine is not None:
+        items = mine
+    elif two_hop:
+        items, two_hop = two_hop_items(World.generate(world_cfg), cfg.n_questions, cfg.seed), True
+    else:
+        items, two_hop = world_items(World.generate(world_cfg), cfg.n_questions, cfg.n_unanswerable, cfg.seed), False
     if cfg.retriever.kind == "none":
         raise UserError("evaluate needs a retriever for the RAG condition: retriever=bm25|dense|hybrid|simple")
     kb = open_knowledge_base(cfg.retriever, cfg.paths.cache, world_collection(world_cfg))
@@ -185,41 +234,60 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     top = retriever.search(questions, top_k=cfg.retriever.top_k)
     retrieved = [[h.document for h in row] for row in top]
 
-    def run(condition: str, answer_model, docs, subset=lambda item: True) -> dict[str, Any]:
+    settings = hop_settings(cfg, meta)
+
+    def run(condition: str, answer_model, docs, subset=lambda item: True, queries=None) -> dict[str, Any]:
+        """queries: a QueryGenerator for multi-hop answering (2-hop questions), None for one shot."""
         chosen = [i for i, item in enumerate(items) if subset(item)]
-        answerer = Answerer(answer_model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size)
+        if two_hop and docs is not None:
+            answerer = MultiHop(answer_model, tokenizer, Search(retriever, settings["hop_documents"]), seq_len,
+                                # one shot: the whole context for the first documents, no query followed
+                                queries or NoQueries(), settings["max_hops"] if queries else 1,
+                                settings["max_query_tokens"],
+                                cfg.max_answer_tokens, settings["hop_tokens"], cfg.batch_size)
+            ask = answerer.answer
+        else:
+            ask = Answerer(answer_model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size).answer
         t0 = time.perf_counter()
-        answers = answerer.answer([questions[i] for i in chosen], None if docs is None else [docs[i] for i in chosen])
+        answers = ask([questions[i] for i in chosen], None if docs is None else [docs[i] for i in chosen])
         seconds = time.perf_counter() - t0
         scores = [score(a, items[i].answers, items[i].gold_doc_ids) for a, i in zip(answers, chosen)]
         log.info("%s: %d questions in %.1f s", condition, len(chosen), seconds)
         examples = [{"question": a.question, "reply": a.reply, "gold": list(items[i].answers),
-                     "cited": [d.id for d in a.cited], "dropped": a.dropped} for a, i in list(zip(answers, chosen))[:5]]
-        return {"condition": condition, **summarize(scores, cfg.bootstrap, cfg.seed), "seconds": seconds,
-                "examples": examples}
+                     "cited": [d.id for d in a.cited], "dropped": a.dropped,
+                     "hops": [{"query": h.query, "documents": [d.id for d in h.documents], "status": h.status}
+                              for h in a.hops]} for a, i in list(zip(answers, chosen))[:5]]
+        summary = summarize(scores, cfg.bootstrap, cfg.seed, HOP_RATES if two_hop else ANSWERABLE_RATES)
+        return {"condition": condition, **summary, "total_seconds": seconds, "examples": examples}
 
     conditions = []
     closed_model = model
-    closed_name = f"{cfg.stage} (no documents)"
-    if cfg.closed_book_stage and cfg.closed_book_stage != cfg.stage:
+    closed_name = f"{stage} (no documents)"
+    if cfg.closed_book_stage and cfg.closed_book_stage != stage:
         path = checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, cfg.closed_book_stage)
         if checkpoint.latest(path) is not None:
             closed_model = load(cfg, cfg.run_name, cfg.closed_book_stage)[0]
             closed_name = cfg.closed_book_stage
         else:
             log.warning("no %s checkpoint in %s: the closed-book condition uses the %s model without documents",
-                        cfg.closed_book_stage, path, cfg.stage)
+                        cfg.closed_book_stage, path, stage)
     conditions.append(run(f"closed-book ({closed_name} model)", closed_model, None))
     conditions.append(run(f"RAG, {cfg.retriever.kind} top-{cfg.retriever.top_k}", model, retrieved))
+    if two_hop:
+        conditions.append(run("rule-based bridge queries", model, retrieved, queries=BridgeQueries()))
+        conditions.append(run("REFRAG (model-written queries)", model, retrieved, queries=ModelQueries()))
     if any(i.gold_doc_ids for i in items):
         conditions.append(run("gold documents", model, gold_documents(kb.documents, items),
                               lambda item: bool(item.gold_doc_ids)))
-    others = {name: load(cfg, name, cfg.stage) for name in cfg.compare}
-    budget = context_budget(cfg, {cfg.run_name: (model, tokenizer, meta), **others}, items, retriever)
-    return {"run_name": cfg.run_name, "stage": cfg.stage, "checkpoint": meta.get("step"),
+    others = {name: load(cfg, name, stage) for name in cfg.compare}
+    budget = [] if two_hop else context_budget(cfg, {cfg.run_name: (model, tokenizer, meta), **others}, items,
+                                                retriever)
+    return {"run_name": cfg.run_name, "stage": stage, "checkpoint": meta.get("step"),
             "retriever": cfg.retriever.kind, "top_k": cfg.retriever.top_k, "sequence_len": seq_len,
             "answerable": sum(bool(i.answers) for i in items), "unanswerable": sum(not i.answers for i in items),
-            "conditions": conditions, "context_budget": budget}
+            "hops": 2 if two_hop else 1, **({"multihop": settings} if two_hop else {}),
+            # the row logged to wandb and returned to a sweep: REFRAG for 2-hop questions, else RAG
+            "primary": 3 if two_hop else 1, "conditions": conditions, "context_budget": budget}
 
 
 def _fmt(value) -> str:
@@ -230,12 +298,27 @@ def _fmt(value) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    two_hop = report.get("hops") == 2
+    columns = HOP_COLUMNS if two_hop else COLUMNS
+    kind = "2-hop" if two_hop else "answerable"
     lines = [f"# Evaluation: {report['run_name']} / {report['stage']} (step {report['checkpoint']})", "",
-             f"{report['answerable']} answerable held-out questions, {report['unanswerable']} unanswerable; "
+             f"{report['answerable']} {kind} held-out questions, {report['unanswerable']} unanswerable; "
              f"retriever {report['retriever']} top-{report['top_k']}; 95% bootstrap intervals.", "",
-             "| condition | " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+             "| condition | " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for c in report["conditions"]:
-        lines.append(f"| {c['condition']} | " + " | ".join(_fmt(c.get(k)) for k, _ in COLUMNS) + " |")
+        lines.append(f"| {c['condition']} | " + " | ".join(_fmt(c.get(k)) for k, _ in columns) + " |")
+    if two_hop:
+        lines += ["", f"Multi-hop settings: {report['multihop']}. Retrievals per question: 0 closed-book, 1 "
+                  "single-shot, one more per followed query. Both gold documents shown: the first hop's and the "
+                  "answer's document among all the documents the model was shown. Hallucination: answered, not "
+                  "abstained, and wrong.", "", "## Example traces", ""]
+        for c in report["conditions"][1:4]:
+            for e in c["examples"][:2]:
+                hops = " -> ".join([str(e["hops"][0]["documents"])] + [
+                    f"query {h['query']!r} {h['documents']}" + ("" if h["status"] == "ok" else f" ({h['status']})")
+                    for h in e["hops"][1:]])
+                lines.append(f"- {c['condition']}: {e['question']} {hops} => {e['reply']!r} (gold {e['gold']})")
+        return "\n".join(lines) + "\n"
     lines += ["", "On answerable questions: EM and F1 (SQuAD-normalised), hallucination (answered, not abstained, "
               "and wrong), false abstention, citation accuracy (correct answers whose cited document states the "
               "answer), gold in context (the gold document among those shown). On unanswerable questions: "
@@ -305,8 +388,9 @@ def run(cfg: DictConfig) -> float:
     atomic_write_bytes(out / "eval.png", plot(report))
     tracker = Tracker(out, config.logger, OmegaConf.to_container(cfg, resolve=True), job_type="eval",
                       name=f"{config.run_name}-eval")
-    rag = report["conditions"][1]
-    tracker.log(0, **{f"eval/{key}": rag[key][0] for key, _ in COLUMNS if key in rag})
+    rag = report["conditions"][report["primary"]]
+    columns = HOP_COLUMNS if report["hops"] == 2 else COLUMNS
+    tracker.log(0, **{f"eval/{key}": rag[key][0] for key, _ in columns if key in rag})
     tracker.finish()
     print(table + f"\nreport: {out / 'eval.md'}\njson:   {out / 'eval.json'}\nplot:   {out / 'eval.png'}")
     return rag["em"][0] if "em" in rag else 0.0

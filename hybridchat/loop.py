@@ -155,7 +155,7 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
             elapsed = time.perf_counter() - t0
             tokens *= rt.world_size  # rows differ in length per rank only in SFT padding: close enough
             metrics = {"train/loss": train_loss, "train/lr_mult": lrm, "train/grad_norm": float(grad_norm),
-                       "train/tok_per_s": tokens / elapsed}
+                       "train/tok_per_s": tokens / elapsed, **stage.step_metrics()}
             if peak_flops:
                 metrics["train/mfu"] = model.flops_per_token() * tokens / elapsed / peak_flops
             tracker.log(step + 1, **metrics)

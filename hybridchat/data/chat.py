@@ -21,6 +21,19 @@ which is what a reply's citation [n] refers to. After, not before: retrieval fol
 and a Mamba layer can only keep what a question it has already read makes relevant (attention can
 look back either way). A system message is a turn of its own in ChatML; ours has no system token,
 so there it is folded into the next user message.
+
+Multi-hop (refrag): an assistant message may carry "hops", a list of {"query", "documents"}: before
+its reply the model writes each follow-up query and is shown what retrieval found for it, numbered
+on from the documents before (so a citation [n] counts across all documents shown):
+
+    <|assistant_start|><|query_start|>Kor Industries<|query_end|>
+    <|documents_start|><|document_start|>[3] Kor Industries (company-0007)\n...<|document_end|><|documents_end|>
+    [3] Tam Brel<|assistant_end|>
+
+The query and its markers are learned (the model must write them for the engine's query hook to
+fire); the retrieved section is given. ChatML has no query tokens: the query is a line of plain text
+"Search: Kor Industries\n" and the results follow as "Documents:" and the documents, then a blank
+line before the reply. Both markers are ordinary text there, so parsing them reads decoded text.
 """
 
 from __future__ import annotations
@@ -51,6 +64,8 @@ class ChatFormat:
     documents: tuple[Ids, Ids]     # around the documents section
     document: tuple[Ids, Ids]      # around each document
     documents_in_user_turn: bool   # documents before the user's end tokens (text formats)
+    query: tuple[Ids, Ids]         # around a follow-up query the model writes (learned)
+    results: tuple[Ids, Ids]       # around the documents retrieved for it, inside the reply (given)
     system: tuple[Ids, Ids] | None = None  # around a system message; None: folded into the next user turn
 
     @property
@@ -64,7 +79,9 @@ class ChatFormat:
             return cls(begin=(tok.bos_id,), user=((t("<|user_start|>"),), (t("<|user_end|>"),)),
                        assistant=((t("<|assistant_start|>"),), (t("<|assistant_end|>"),)), after_assistant=(),
                        documents=((t("<|documents_start|>"),), (t("<|documents_end|>"),)),
-                       document=((t("<|document_start|>"),), (t("<|document_end|>"),)), documents_in_user_turn=False)
+                       document=((t("<|document_start|>"),), (t("<|document_end|>"),)), documents_in_user_turn=False,
+                       query=((t("<|query_start|>"),), (t("<|query_end|>"),)),
+                       results=((t("<|documents_start|>"),), (t("<|documents_end|>"),)))
         if tok.has_token("<|im_start|>"):
             start, end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
 
@@ -74,7 +91,8 @@ class ChatFormat:
             return cls(begin=(), user=((start, *text("user\n")), (end, *text("\n"))),
                        assistant=((start, *text("assistant\n")), (end,)), after_assistant=text("\n"),
                        documents=(text("\n\nDocuments:"), ()), document=(text("\n\n"), ()),
-                       documents_in_user_turn=True, system=((start, *text("system\n")), (end, *text("\n"))))
+                       documents_in_user_turn=True, system=((start, *text("system\n")), (end, *text("\n"))),
+                       query=(text("Search: "), text("\n")), results=(text("Documents:"), text("\n\n")))
         raise ValueError("the tokenizer has neither hybridchat's chat tokens (<|user_start|>) nor ChatML's "
                          "(<|im_start|>)")
 
@@ -98,12 +116,29 @@ class ChatRenderer:
         start, end = self.format.document
         return (*start, *self.tokenizer.encode(f"[{index}] {title} ({doc_id})\n{text}"), *end)
 
-    def documents_section(self, documents: Sequence[Document]) -> list[int]:
-        start, end = self.format.documents
+    def documents_section(self, documents: Sequence[Document], first: int = 1, wrap: tuple[Ids, Ids] | None = None
+                          ) -> list[int]:
+        """The documents numbered from `first`, inside `wrap` (default: the user turn's section)."""
+        start, end = wrap or self.format.documents
         ids = list(start)
-        for i, d in enumerate(documents, 1):
+        for i, d in enumerate(documents, first):
             ids += self._document_tokens(i, d.id, d.title, d.text)
         return ids + list(end)
+
+    def query(self, text: str) -> list[int]:
+        """A follow-up query as the model writes it, markers included."""
+        start, end = self.format.query
+        return [*start, *self.tokenizer.encode(text), *end]
+
+    def results(self, documents: Sequence[Document], first: int) -> list[int]:
+        """What retrieval found for a query, as injected into the reply; empty documents still make a
+        (closed) section, so the model reads that nothing came back and goes on to answer."""
+        return self.documents_section(documents, first, self.format.results)
+
+    @property
+    def query_markers(self) -> tuple[str, str]:
+        """The query's start and end markers as decoded text (generation is parsed as text)."""
+        return tuple(self.tokenizer.decode(ids) for ids in self.format.query)
 
     def render(self, messages: Sequence[dict]) -> Example:
         """A whole conversation for training: (ids, mask)."""
@@ -114,15 +149,21 @@ class ChatRenderer:
             ids.extend(tokens)
             mask.extend([int(learn)] * len(tokens))
 
-        for role, content, documents in _turns(messages, fold_system=f.system is None):
+        shown = 0  # documents of the latest section, and of replies since: retrieved ones number on from them
+        for role, content, documents, hops in _turns(messages, fold_system=f.system is None):
             if role == "system":
                 add([*f.system[0], *self.tokenizer.encode(content), *f.system[1]], False)
             elif role == "user":
                 section = self.documents_section(documents) if documents is not None else []
+                shown = len(documents) if documents is not None else shown
                 inside, outside = (section, []) if f.documents_in_user_turn else ([], section)
                 add([*f.user[0], *self.tokenizer.encode(content), *inside, *f.user[1], *outside], False)
             else:
                 add(f.assistant[0], False)
+                for hop in hops:
+                    add(self.query(hop["query"]), True)
+                    add(self.results(hop["documents"], shown + 1), False)
+                    shown += len(hop["documents"])
                 add([*self.tokenizer.encode(content), *f.assistant[1]], True)
                 add(f.after_assistant, False)
         return ids, mask
@@ -135,7 +176,8 @@ class ChatRenderer:
         return ids + list(self.format.assistant[0])
 
 
-def _turns(messages: Sequence[dict], fold_system: bool) -> Iterator[tuple[str, str, Sequence[Document] | None]]:
+def _turns(messages: Sequence[dict], fold_system: bool
+           ) -> Iterator[tuple[str, str, Sequence[Document] | None, Sequence[dict]]]:
     system = ""
     for m in messages:
         if m["role"] == "system" and fold_system:
@@ -143,7 +185,7 @@ def _turns(messages: Sequence[dict], fold_system: bool) -> Iterator[tuple[str, s
             continue
         content = f"{system}\n\n{m['content']}" if system and m["role"] == "user" else m["content"]
         system = ""
-        yield m["role"], content, m.get("documents")
+        yield m["role"], content, m.get("documents"), m.get("hops", ())
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:

@@ -8,6 +8,8 @@ A stage is built from the run's pieces (`RunContext`) and overrides hooks, like 
     val_batches()                           one fixed validation set, the same on every world size
     evaluate(model)                         metrics dict; default: bits per byte on val_batches()
     samples(model)                          (prompt, completion) pairs shown after training
+    step_metrics()                          what the last training step measured beyond its loss
+                                            (refrag's rewards), logged with it
 
 `source` names the stage whose final checkpoint initialises this one (None: from scratch);
 `monitor` is the metric a sweep optimises and the summary reports.
@@ -56,6 +58,9 @@ class Stage:
     def samples(self, model) -> list[tuple[str, str]]:
         return []
 
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches: list[Batch], ctx: RunContext) -> float:
@@ -87,8 +92,9 @@ def build_stage(ctx: RunContext) -> Stage:
     from hybridchat.stages.mid import MidStage
     from hybridchat.stages.pretrain import PretrainStage
     from hybridchat.stages.rag import RagStage
+    from hybridchat.stages.refrag import RefragStage
 
-    stages = {s.name: s for s in (PretrainStage, MidStage, RagStage, DistillStage)}
+    stages = {s.name: s for s in (PretrainStage, MidStage, RagStage, RefragStage, DistillStage)}
     name = ctx.config.stage.name
     if name not in stages:
         raise UserError(f"stage.name={name!r} is unknown; allowed: {sorted(stages)}")

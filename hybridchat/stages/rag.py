@@ -84,11 +84,15 @@ class RagStage(Stage):
                    world.evaluation_questions(c.eval_questions, max(1, c.eval_questions // 4), self.ctx.config.seed)]
         return answerable + unanswerable, heldout
 
+    @property
+    def train_filters(self) -> dict | None:
+        """The world's held-out documents stay out of training contexts, even as distractors (a
+        user's knowledge base has no split)."""
+        return None if self.config.questions else {"split": "train"}
+
     def _retrieve(self, questions: list[RagQuestion]) -> list[RagQuestion]:
-        # The world's held-out documents stay out of training contexts, even as distractors.
-        filters = None if self.config.questions else {"split": "train"}
         hits = self.ctx.retriever.search([q.question for q in questions], top_k=self.config.candidates,
-                                         filters=filters)
+                                         filters=self.train_filters)
         return [RagQuestion(q.question, q.answers, q.gold_doc_ids, tuple(h.document for h in row))
                 for q, row in zip(questions, hits)]
 
@@ -165,10 +169,26 @@ class RagStage(Stage):
     @cached_property
     def _eval_set(self) -> list[RagQuestion]:
         """Held-out questions (the validation share for a user's questions), with top_k retrieved."""
-        questions = self.heldout or self.val_questions[:self.config.eval_questions]
+        return self.with_top_k(self.heldout or self.val_questions[:self.config.eval_questions])
+
+    def with_top_k(self, questions: list[RagQuestion]) -> list[RagQuestion]:
+        """The questions with what the configured retriever finds for them (top_k, unfiltered: as a
+        user asking would get)."""
         hits = self.ctx.retriever.search([q.question for q in questions], top_k=self.ctx.config.retriever.top_k)
         return [RagQuestion(q.question, q.answers, q.gold_doc_ids, tuple(h.document for h in row))
                 for q, row in zip(questions, hits)]
+
+    def sharded_scores(self, questions: list[RagQuestion], answer) -> list[tuple[RagQuestion, dict]]:
+        """Each rank answers its share (answer(questions) -> Answers); every rank gets all
+        (question, score) pairs, in the same order."""
+        rt = self.ctx.runtime
+        mine = questions[rt.rank::rt.world_size]
+        scores = [score(a, q.answers, q.gold_doc_ids) for a, q in zip(answer(mine), mine)]
+        if rt.distributed:
+            gathered = [None] * rt.world_size
+            dist.all_gather_object(gathered, scores)
+            scores = [s for part in gathered for s in part]
+        return list(zip([q for r in range(rt.world_size) for q in questions[r::rt.world_size]], scores))
 
     def _answerer(self, model):
         return Answerer(model, self.ctx.tokenizer, self.ctx.config.model.sequence_len, self.config.max_answer_tokens)
@@ -177,24 +197,14 @@ class RagStage(Stage):
         """Answer-token bpb, and what generation gets right on held-out questions: exact match,
         hallucination and false abstention on answerable ones, abstention on unanswerable ones."""
         metrics = super().evaluate(model)
-        rt = self.ctx.runtime
-        mine = self._eval_set[rt.rank::rt.world_size]
-        answers = self._answerer(model).answer([q.question for q in mine], [list(q.candidates) for q in mine])
-        scores = [score(a, q.answers, q.gold_doc_ids) for a, q in zip(answers, mine)]
-        if rt.distributed:
-            gathered = [None] * rt.world_size
-            dist.all_gather_object(gathered, scores)
-            scores = [s for part in gathered for s in part]
-        answerable = [s for s, q in zip(scores, self._eval_set_order(rt)) if q.answers]
-        unanswerable = [s for s, q in zip(scores, self._eval_set_order(rt)) if not q.answers]
-        metrics.update(_means("val", answerable, ("em", "f1", "hallucination", "false_abstention", "citation")))
+        scored = self.sharded_scores(self._eval_set, lambda qs: self._answerer(model).answer(
+            [q.question for q in qs], [list(q.candidates) for q in qs]))
+        answerable = [s for q, s in scored if q.answers]
+        unanswerable = [s for q, s in scored if not q.answers]
+        metrics.update(means("val", answerable, ("em", "f1", "hallucination", "false_abstention", "citation")))
         if unanswerable:
             metrics["val/abstain_unanswerable"] = sum(s["abstain"] for s in unanswerable) / len(unanswerable)
         return metrics
-
-    def _eval_set_order(self, rt):
-        """The evaluation questions in the order the gathered scores come in (rank by rank)."""
-        return [q for r in range(rt.world_size) for q in self._eval_set[r::rt.world_size]]
 
     def samples(self, model):
         questions = self._eval_set[:2] + [q for q in self._eval_set if not q.answers][:1]
@@ -203,7 +213,7 @@ class RagStage(Stage):
                 zip(questions, answers)]
 
 
-def _means(prefix: str, scores: list[dict], keys) -> dict[str, float]:
+def means(prefix: str, scores: list[dict], keys) -> dict[str, float]:
     out = {}
     for key in keys:
         values = [s[key] for s in scores if s[key] is not None]

@@ -1,0 +1,445 @@
+"""Multi-hop answering (hybridchat/multihop.py) and the refrag stage: the query hook round trip on a
+tiny model, rendering of queries and retrieved documents in both chat formats, training traces
+whose retrieved tokens carry no loss, rewards and GRPO advantages on hand-made cases, and a smoke
+refrag run (warm start, then RL steps) from smoke checkpoints."""
+
+import json
+import math
+
+import pytest
+import test_rag
+import torch
+from conftest import compose_config
+from test_rag import train
+from torch import nn
+
+from hybridchat import checkpoint
+from hybridchat.config import ModelConfig
+from hybridchat.data.chat import ChatRenderer
+from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.documents import Document
+from hybridchat.metrics import exact_match
+from hybridchat.model.lm import HybridLM
+from hybridchat.multihop import BridgeQueries, Hop, MultiHop, NoQueries, Search
+from hybridchat.retrieval.base import Hit
+
+ADA = Document("person-0001", "Ada Vell", "Ada Vell was born in Vellport. She works at Kor Industries.")
+KOR = Document("company-0002", "Kor Industries", "Kor Industries was founded by Tam Brel in Vellport.")
+VELLPORT = Document("city-0003", "Vellport", "Vellport is a city in Tulvania.")
+DOCS = [ADA, KOR, VELLPORT]
+QUESTION = "Who founded the company Ada Vell works for?"
+
+
+def tokenizer() -> Tokenizer:
+    texts = [f"{d.title} {d.text}" for d in DOCS] + [QUESTION, "The documents do not say. [1] [2] [3] [4]"]
+    return Tokenizer.train(texts * 20, 420)
+
+
+class TitleRetriever:
+    """Ranks documents by how many words of their title the query holds; records every query."""
+
+    def __init__(self, documents=DOCS):
+        self.documents, self.queries = documents, []
+
+    def search(self, queries, top_k, filters=None):
+        self.queries += list(queries)
+        out = []
+        for q in queries:
+            scored = [(sum(w in q for w in d.title.split()), i, d) for i, d in enumerate(self.documents)]
+            ranked = sorted((s for s in scored if s[0] > 0), key=lambda s: (-s[0], s[1]))[:top_k]
+            out.append([Hit(d, float(s), r) for r, (s, _, d) in enumerate(ranked, 1)])
+        return out
+
+
+def tiny_lm(vocab: int, seed: int = 0) -> HybridLM:
+    cfg = ModelConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_pattern="AM", mlp_ratio=2, d_state=8,
+                      headdim=16, chunk_size=8, sequence_len=512)
+    torch.manual_seed(seed)
+    model = HybridLM(cfg, vocab_size=vocab)
+    model.init_weights()
+    return model.eval()
+
+
+class Scripted(nn.Module):
+    """A tiny real model (its cache advances as usual) whose next token is forced by a bigram script:
+    after token a comes script[a]; unscripted tokens keep the model's own logits."""
+
+    def __init__(self, vocab: int, script: dict[int, int]):
+        super().__init__()
+        self.inner = tiny_lm(vocab)
+        self.script = script
+
+    def allocate_cache(self, *args, **kwargs):
+        return self.inner.allocate_cache(*args, **kwargs)
+
+    def forward(self, idx, targets=None, cache=None, last_only=False, reduction="mean"):
+        logits = self.inner(idx, cache=cache, last_only=last_only).clone()
+        for row, last in enumerate(idx[:, -1].tolist()):
+            if last in self.script:
+                logits[row, -1] = -1e4
+                logits[row, -1, self.script[last]] = 1e4
+        return logits
+
+
+def chain(tokens: list[int]) -> dict[int, int]:
+    return dict(zip(tokens, tokens[1:]))
+
+
+def script_query_then_answer(tok: Tokenizer, query: str, answer: str) -> dict[int, int]:
+    """<|assistant_start|> -> the query -> (documents injected) -> the answer -> <|assistant_end|>."""
+    t = tok.token_id
+    return {**chain([t("<|assistant_start|>"), t("<|query_start|>"), *tok.encode(query), t("<|query_end|>")]),
+            **chain([t("<|documents_end|>"), *tok.encode(answer), t("<|assistant_end|>")])}
+
+
+def multihop(model, tok, retriever, **kwargs) -> MultiHop:
+    options = dict(max_context=512, max_hops=2, max_query_tokens=8, max_answer_tokens=8, hop_tokens=64)
+    return MultiHop(model, tok, Search(retriever, top_k=kwargs.pop("top_k", 1)), **{**options, **kwargs})
+
+
+def test_a_written_query_is_parsed_retrieved_and_its_documents_appended_numbered_on():
+    tok = tokenizer()
+    model = Scripted(tok.vocab_size, script_query_then_answer(tok, "Kor Industries", "[2] Tam Brel"))
+    retriever = TitleRetriever()
+    mh = multihop(model, tok, retriever)
+    [t] = mh.rollouts([QUESTION])
+    assert retriever.queries == [QUESTION, "Kor Industries"]
+    assert [(h.query, [d.id for d in h.documents], h.status) for h in t.hops] == [
+        (QUESTION, ["person-0001"], "ok"), ("Kor Industries", ["company-0002"], "ok")]
+    renderer = ChatRenderer(tok)
+    injected = renderer.results([KOR], 2)
+    query = renderer.query("Kor Industries")
+    assert t.tokens == query + injected + tok.encode("[2] Tam Brel") + [renderer.stop_token]
+    # The model wrote the query and the answer; the documents were injected.
+    assert [x for x, w in zip(t.tokens, t.written) if not w] == injected
+    assert tok.decode([x for x, w in zip(t.tokens, t.written) if w]).startswith("<|query_start|>Kor Industries")
+    assert "[2] Kor Industries (company-0002)" in tok.decode(injected)
+    [a] = mh.answer([QUESTION])
+    assert (a.answer, a.citations, a.abstained, a.format_ok, a.n_hops) == ("Tam Brel", [2], False, True, 2)
+    assert [d.id for d in a.cited] == ["company-0002"]
+
+
+def test_max_hops_is_respected_and_a_query_past_it_is_refused_without_retrieval():
+    tok = tokenizer()
+    t_ = tok.token_id
+    # After every documents section the script writes the same query again: it never stops asking.
+    script = {**chain([t_("<|assistant_start|>"), t_("<|query_start|>"), *tok.encode("Vellport"), t_("<|query_end|>")]),
+              t_("<|documents_end|>"): t_("<|query_start|>")}
+    for max_hops in (1, 2, 3):
+        retriever = TitleRetriever()
+        mh = multihop(Scripted(tok.vocab_size, script), tok, retriever, max_hops=max_hops, max_answer_tokens=12)
+        [t] = mh.rollouts([QUESTION])
+        assert len(retriever.queries) == max_hops  # the question's own retrieval + max_hops - 1 queries
+        statuses = [h.status for h in t.hops]
+        assert statuses[:max_hops] == ["ok"] * max_hops and set(statuses[max_hops:]) == {"over_max_hops"}
+        assert len(statuses) > max_hops and t.finish == "length"
+        [a] = mh.answer([QUESTION])
+        assert a.abstained and not a.format_ok and a.n_hops == max_hops  # no answer written: none given
+
+
+def test_empty_and_malformed_queries_end_gracefully_and_the_model_still_answers():
+    tok = tokenizer()
+    t_ = tok.token_id
+    answer = {**chain([t_("<|documents_end|>"), *tok.encode("[1] Tam Brel"), t_("<|assistant_end|>")])}
+    empty = {**chain([t_("<|assistant_start|>"), t_("<|query_start|>"), t_("<|query_end|>")]), **answer}
+    malformed = {**chain([t_("<|assistant_start|>"), *tok.encode("Kor"), t_("<|query_end|>")]), **answer}
+    for script, status in ((empty, "empty"), (malformed, "malformed")):
+        retriever = TitleRetriever()
+        mh = multihop(Scripted(tok.vocab_size, script), tok, retriever)
+        [a] = mh.answer([QUESTION])
+        assert retriever.queries == [QUESTION]  # no retrieval for it
+        assert [h.status for h in a.hops] == ["ok", status] and a.hops[1].documents == []
+        assert (a.answer, a.citations, a.abstained, a.n_hops, a.format_ok) == ("Tam Brel", [1], False, 1, False)
+
+
+def test_single_shot_refuses_model_queries_and_bridge_queries_are_written_for_the_model():
+    tok = tokenizer()
+    model = Scripted(tok.vocab_size, script_query_then_answer(tok, "Kor Industries", "[2] Tam Brel"))
+    retriever = TitleRetriever()
+    [a] = multihop(model, tok, retriever, queries=NoQueries()).answer([QUESTION])
+    assert retriever.queries == [QUESTION] and [h.status for h in a.hops] == ["ok", "over_max_hops"]
+    # The bridge rule: names in the hop-1 document that the question does not hold.
+    hop1 = [Hop(QUESTION, [ADA])]
+    query = BridgeQueries().query(QUESTION, hop1)
+    assert "Kor Industries" in query and "Vellport" in query and "Ada Vell" not in query.replace(QUESTION, "")
+    t_ = tok.token_id
+    answer_only = chain([t_("<|documents_end|>"), *tok.encode("[2] Tam Brel"), t_("<|assistant_end|>")])
+    retriever = TitleRetriever()
+    mh = multihop(Scripted(tok.vocab_size, answer_only), tok, retriever, queries=BridgeQueries())
+    [t] = mh.rollouts([QUESTION])
+    assert retriever.queries == [QUESTION, query]
+    assert t.hops[1].forced and t.hops[1].documents and all(t.written)  # forced into the prompt, not injected
+    renderer = ChatRenderer(tok)
+    forced = renderer.query(query) + renderer.results(t.hops[1].documents, 2)
+    assert t.prompt[-len(forced):] == forced
+
+
+def test_random_models_never_break_the_trace():
+    """Sampling from untrained models: whatever they write, retrievals stay within max_hops, the
+    injected tokens are exactly the results sections, and every trajectory is parsed."""
+    tok = tokenizer()
+    model = tiny_lm(tok.vocab_size, seed=3)
+    with torch.no_grad():  # make the query tokens likely so hooks fire often
+        model.lm_head.weight[tok.token_id("<|query_start|>")] += 0.5
+        model.lm_head.weight[tok.token_id("<|query_end|>")] += 0.5
+    retriever = TitleRetriever()
+    mh = multihop(model, tok, retriever, max_hops=2, max_query_tokens=4, max_answer_tokens=6, top_k=2)
+    trajectories = mh.rollouts([QUESTION, "Where was Ada Vell born?"], num_samples=8, temperature=1.0, seed=0)
+    renderer = ChatRenderer(tok)
+    fired = 0
+    for t in trajectories:
+        assert sum(h.status == "ok" for h in t.hops) <= 2
+        injected = [x for x, w in zip(t.tokens, t.written) if not w]
+        expected, first = [], len(t.hops[0].documents) + 1
+        for h in t.hops[1:]:
+            expected += renderer.results(h.documents, first)
+            first += len(h.documents)
+        assert injected == expected
+        fired += len(t.hops) - 1
+        mh.reply(t)
+    assert fired > 0
+
+
+def test_a_trace_renders_queries_as_learned_and_retrieved_documents_as_given_in_both_formats():
+    from test_chat import chatml_tokenizer
+
+    trace = [{"role": "user", "content": QUESTION, "documents": [VELLPORT, ADA]},
+             {"role": "assistant", "content": "[3] Tam Brel", "hops": [{"query": "Kor Industries", "documents": [KOR]}]}]
+    tok = tokenizer()
+    ids, mask = ChatRenderer(tok).render(trace)
+    text = tok.decode(ids)
+    assert text.endswith("<|assistant_start|><|query_start|>Kor Industries<|query_end|><|documents_start|>"
+                         "<|document_start|>[3] Kor Industries (company-0002)\nKor Industries was founded by Tam Brel "
+                         "in Vellport.<|document_end|><|documents_end|>[3] Tam Brel<|assistant_end|>")
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "<|query_start|>Kor Industries<|query_end|>[3] Tam Brel<|assistant_end|>"
+    chatml = chatml_tokenizer()
+    ids, mask = ChatRenderer(chatml).render(trace)
+    assert chatml.decode(ids).endswith("<|im_start|>assistant\nSearch: Kor Industries\nDocuments:\n\n[3] Kor Industries "
+                                       "(company-0002)\nKor Industries was founded by Tam Brel in Vellport.\n\n"
+                                       "[3] Tam Brel<|im_end|>\n")
+    assert chatml.decode([i for i, m in zip(ids, mask) if m]) == "Search: Kor Industries\n[3] Tam Brel<|im_end|>"
+    assert ChatRenderer(chatml).query_markers == ("Search: ", "\n")
+
+
+# -- the refrag stage at smoke size -------------------------------------------------------------------
+
+smoke_checkpoints = test_rag.pipeline  # the `pipeline` fixture: smoke pretrain -> mid -> rag checkpoints
+
+# Room for a question, two hop-1 documents, a query and its documents at smoke size.
+REFRAG = ["stage=refrag", "model.sequence_len=512", "stage.hop_tokens=160", "stage.eval_questions=6",
+          "stage.eval_every=100", "stage.hop_documents=1"]
+
+
+def refrag_stage(out, common, *extra):
+    from hybridchat.context import RunContext
+    from hybridchat.runtime import Runtime
+    from hybridchat.stages.refrag import RefragStage
+    from hybridchat.train import typed_config
+
+    config, _ = typed_config(compose_config(common + REFRAG + list(extra), output_dir=out / "stage"))
+    return RefragStage(RunContext(config, Runtime(torch.device("cpu"), None)))
+
+
+def test_warm_start_traces_query_the_bridge_and_carry_no_loss_on_retrieved_documents(smoke_checkpoints):
+    out, common = smoke_checkpoints
+    stage = refrag_stage(out, common)
+    tok = stage.ctx.tokenizer
+    traced = answered = 0
+    for i in range(12):
+        ids, mask = stage._warm_example(i, 0)
+        q = stage.train_hops[i]
+        text = tok.decode(ids)
+        written = tok.decode([t for t, m in zip(ids, mask) if m])
+        if "<|query_start|>" not in text:
+            continue
+        traced += 1
+        bridge = stage.titles[q.gold_doc_ids[1]]
+        assert f"<|query_start|>{bridge}<|query_end|>" in text and written.startswith(f"<|query_start|>{bridge}")
+        # every retrieved token (both documents sections, user turn's and reply's) is given, not learned
+        assert "<|document_start|>" not in written and "<|documents_start|>" not in written
+        reply = text.split("<|documents_end|>")[-1]
+        assert written.endswith(reply) and reply.endswith("<|assistant_end|>")
+        if not reply.startswith("The documents do not say."):
+            number = int(reply[1:reply.index("]")])
+            document = text.split("<|document_start|>")[number]
+            assert document.startswith(f"[{number}] ") and f"({q.gold_doc_ids[1]})" in document.split("\n")[0]
+            assert q.answers[0] in document
+            answered += 1
+    assert traced >= 8 and answered >= 4
+    # the single-hop examples follow the traces
+    ids, mask = stage._warm_example(len(stage.train_hops), 0)
+    assert "<|query_start|>" not in tok.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def refrag_run(smoke_checkpoints, tmp_path_factory):
+    """A smoke refrag run from the smoke rag checkpoint: 4 warm-start steps, then 2 GRPO steps."""
+    out, common = smoke_checkpoints
+    run_dir = tmp_path_factory.mktemp("refrag")
+    train(common + REFRAG + ["stage.rl_steps=2", "stage.group_size=2", "stage.reward_gold=0.5",
+                             "stage.reward_format=0.1", "stage.hop_cost=0.05", "stage.kl_coef=0.1"], run_dir)
+    return out, run_dir
+
+
+def test_refrag_smoke_run_warm_start_then_grpo_steps_from_the_rag_checkpoint(refrag_run):
+    out, run_dir = refrag_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    # The GRPO steps (5 and 6) log their rewards, terms, hops and accuracy beside the loss; warm-start steps do not.
+    rl = [r for r in records if "rl/reward" in r]
+    assert [r["step"] for r in rl] == [5, 6]
+    assert all({"rl/em", "rl/gold", "rl/format", "rl/hops", "rl/accuracy", "rl/kl"} <= set(r) for r in rl)
+    final = [r for r in records if "val/em" in r][-1]
+    assert {"val/bpb", "val/f1", "val/both_gold", "val/hops", "val/em_1hop", "val/queried_1hop"} <= set(final)
+    assert 1.0 <= final["val/hops"] <= 2.0
+    latest = checkpoint.latest(out / "checkpoints" / "p" / "refrag")
+    assert latest.name == "step_000006" and checkpoint.read_meta(latest)["config"]["stage"]["source"] == "rag"
+
+
+def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, tmp_path):
+    from hybridchat.data.world import World, WorldConfig
+
+    out, _ = refrag_run
+    result = test_rag.cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=p", "hops=2",
+                          "n_questions=6", "bootstrap=50", f"hydra.run.dir={tmp_path}/eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert [c["condition"] for c in report["conditions"]] == [
+        "closed-book (mid model)", "RAG, bm25 top-3", "rule-based bridge queries", "REFRAG (model-written queries)",
+        "gold documents"]
+    closed, single, bridge, refrag, gold = report["conditions"]
+    for c in report["conditions"]:
+        assert c["answerable"] == 6 and {"em", "f1", "hallucination", "hops", "seconds"} <= set(c)
+    assert closed["hops"][0] == 0 and single["hops"][0] == 1 and gold["all_gold_in_context"][0] == 1.0
+    assert 1 <= refrag["hops"][0] <= 2 and 1 < bridge["hops"][0] <= 2
+    # the bridge rule's second retrieval finds documents the question alone does not
+    assert bridge["all_gold_in_context"][0] >= single["all_gold_in_context"][0]
+    assert "| REFRAG (model-written queries) | " in (tmp_path / "eval" / "eval.md").read_text()
+    # your own 2-hop questions (two gold ids each): the same conditions
+    meta = checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "p" / "refrag"))
+    world = World.generate(WorldConfig(**meta["config"]["world"]))
+    questions = tmp_path / "q2.jsonl"
+    questions.write_text("".join(json.dumps({"question": q.question, "answers": list(q.answers),
+                                             "gold_doc_ids": list(q.gold_doc_ids)}) + "\n"
+                                 for q in world.questions("heldout", 2)[:4]))
+    # ... asked of the rag checkpoint, chosen on the command line (checkpoint_stage, not `stage`: the group)
+    ok = test_rag.cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=p", "checkpoint_stage=rag",
+                      f"questions={questions}", "bootstrap=50", f"hydra.run.dir={tmp_path}/mine")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    mine = json.loads((tmp_path / "mine" / "eval.json").read_text())
+    assert mine["hops"] == 2 and len(mine["conditions"]) == 5 and mine["answerable"] == 4 and mine["stage"] == "rag"
+
+
+def test_a_grpo_step_samples_groups_scores_them_and_reports_rewards(smoke_checkpoints):
+    out, common = smoke_checkpoints
+    stage = refrag_stage(out, common, "stage.rl_steps=6", "stage.group_size=2", "stage.reward_format=1.0",
+                         "stage.hop_cost=0.25", "stage.kl_coef=0.5")
+    model, _, _ = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "p" / "rag"))
+    stage.ctx.model = model.train()
+    batch = next(stage.train_batches(0, 0, 1))  # rl_steps == num_steps: RL from the first batch
+    assert "targets" not in batch and len(batch["inputs"]) == 2  # micro_batch 4 // group_size 2 questions
+    questions = [stage.train_hops[i] for i in batch["inputs"].tolist()]
+    trajectories = stage.rollouts(questions, seed=0)
+    assert [t.index for t in trajectories] == [0, 0, 1, 1]
+    rewards, terms = stage.rewards(questions, trajectories)
+    # reward = em + format - 0.25 x follow-up retrievals, from the trajectories themselves
+    answers = [stage.planner.to_answer(questions[t.index].question, t) for t in trajectories]
+    hand = [float(a.format_ok) + (not a.abstained and exact_match(a.answer, questions[t.index].answers))
+            - 0.25 * (a.n_hops - 1) for a, t in zip(answers, trajectories)]
+    assert rewards.view(-1).tolist() == pytest.approx(hand)
+    loss = stage.training_step(model, batch)
+    loss.backward()
+    metrics = stage.step_metrics()
+    assert {"rl/reward", "rl/em", "rl/f1", "rl/gold", "rl/format", "rl/hops", "rl/accuracy", "rl/kl"} <= set(metrics)
+    assert metrics["rl/kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the policy at the first RL step
+    assert 1.0 <= metrics["rl/hops"] <= 2.0 and stage.step_metrics() == {}
+    assert torch.isfinite(loss)
+
+
+def test_chat_prints_the_hop_trace():
+    import io
+
+    from hybridchat.chat import answer_multihop
+
+    tok = tokenizer()
+    model = Scripted(tok.vocab_size, script_query_then_answer(tok, "Kor Industries", "[2] Tam Brel"))
+    printed = io.StringIO()
+    answer_multihop(QUESTION, multihop(model, tok, TitleRetriever()), out=printed)
+    lines = printed.getvalue().splitlines()
+    assert lines[0] == "sources:" and lines[1].startswith("  [1] Ada Vell (person-0001): ")
+    assert lines[2] == "query 1: Kor Industries" and lines[3].startswith("  [2] Kor Industries (company-0002): ")
+    assert lines[4] == "answer: [2] Tam Brel" and lines[5] == "cited: [2] Kor Industries (company-0002)"
+    assert lines[6].startswith("confidence: ")
+
+
+# -- rewards, advantages, the policy loss ---------------------------------------------------------
+
+
+def _answer(reply, documents, hops=2, format_ok=True):
+    from hybridchat.answer import Answer, parse_reply
+
+    answer, cited, abstained = parse_reply(reply)
+    trace = [Hop(QUESTION, documents[:1])] + [Hop(f"q{i}", documents[1:] if i == 1 else [],
+                                                  "ok" if i == 1 else "over_max_hops") for i in range(1, hops)]
+    return Answer(QUESTION, reply, answer, cited, abstained, 0.5, list(documents), hops=trace, format_ok=format_ok)
+
+
+def test_reward_terms_on_hand_made_trajectories():
+    from hybridchat.stages.refrag import reward_terms
+
+    gold = ("person-0001", "company-0002")
+    right = reward_terms(_answer("[2] Tam Brel", [ADA, KOR]), ["Tam Brel"], gold)
+    assert right == {"em": 1.0, "f1": 1.0, "gold": 1.0, "format": 1.0, "hops": 1.0}
+    partial = reward_terms(_answer("[1] Tam", [ADA], hops=1), ["Tam Brel"], gold)
+    assert partial == {"em": 0.0, "f1": pytest.approx(2 / 3), "gold": 0.5, "format": 1.0, "hops": 0.0}
+    broken = reward_terms(_answer("The documents do not say.", [ADA, VELLPORT], hops=3, format_ok=False),
+                          ["Tam Brel"], gold)
+    assert broken == {"em": 0.0, "f1": 0.0, "gold": 0.5, "format": 0.0, "hops": 1.0}  # a refused hop is no retrieval
+
+
+def test_the_reward_weighs_its_terms_and_charges_each_hop():
+    from hybridchat.config import RefragConfig
+    from hybridchat.stages.refrag import reward_weights, total_reward
+
+    weights = reward_weights(RefragConfig(reward_em=1.0, reward_f1=0.5, reward_gold=0.25, reward_format=0.1,
+                                          hop_cost=0.2))
+    terms = {"em": 1.0, "f1": 0.5, "gold": 0.5, "format": 1.0, "hops": 2.0}
+    assert total_reward(terms, weights) == pytest.approx(1.0 + 0.25 + 0.125 + 0.1 - 0.4)
+
+
+def test_group_advantages_on_a_hand_made_group():
+    from hybridchat.stages.refrag import group_advantages
+
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, 0.0, 1.0, 1.0]])
+    # group 1: mean 0.5, population std 0.5; group 2: all equal -> 0; group 3: mean 1, std sqrt(0.5)
+    expected = torch.tensor([[1.0, -1.0, -1.0, 1.0], [0.0, 0.0, 0.0, 0.0],
+                             [2 ** 0.5, -(2 ** 0.5), 0.0, 0.0]])
+    assert torch.allclose(group_advantages(rewards), expected, atol=1e-4)
+
+
+def test_the_policy_loss_counts_only_written_tokens_and_matches_a_hand_sum():
+    from hybridchat.multihop import Trajectory
+    from hybridchat.stages.refrag import grpo_loss, policy_batch, token_logprobs
+
+    tok = tokenizer()
+    model = tiny_lm(tok.vocab_size)
+    t1 = Trajectory(0, [1, 2, 3], [4, 5, 6, 7, 8], [1, 0, 0, 1, 1], [], "stop", 3)
+    t2 = Trajectory(0, [1, 2], [9, 10], [1, 1], [], "stop", 0)
+    batch = policy_batch([t1, t2], pad_id=0)
+    # targets: the prompt, the injected tokens (5, 6) and the padding carry none
+    assert batch["targets"].tolist() == [[-1, -1, 4, -1, -1, 7, 8], [-1, 9, 10, -1, -1, -1, -1]]
+    advantages = torch.tensor([1.0, -2.0])
+    logprobs = token_logprobs(model, batch)
+    loss, _ = grpo_loss(logprobs, advantages, (batch["targets"] >= 0).float())
+    full = model(batch["inputs"]).log_softmax(-1)
+    hand = -(1.0 * (full[0, 2, 4] + full[0, 5, 7] + full[0, 6, 8]) - 2.0 * (full[1, 1, 9] + full[1, 2, 10])) / 5
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-5)
+    mask = (batch["targets"] >= 0).float()
+    _, kl = grpo_loss(logprobs.detach(), advantages, mask, logprobs.detach(), 0.5)
+    assert kl == pytest.approx(0.0, abs=1e-7)
+    # k3 with the reference 0.1 nats below on every written token: exp(-0.1) + 0.1 - 1, weighted by kl_coef
+    with_kl, kl = grpo_loss(logprobs.detach(), advantages, mask, logprobs.detach() - 0.1, 0.5)
+    assert kl == pytest.approx(math.exp(-0.1) + 0.1 - 1, rel=1e-4)
+    assert with_kl.item() == pytest.approx(hand.item() + 0.5 * kl, rel=1e-5)
