@@ -23,6 +23,7 @@ from hybridchat.engine import Engine, TokenCallback
 from hybridchat.metrics import exact_match, normalize_answer, token_f1
 
 ABSTAIN = "The documents do not say."
+LOGITS_BUDGET = 2**30  # bytes of full-vocabulary logits per forward when scoring the abstention
 _CITATION = re.compile(r"\s*\[(\d+)\]\s*")
 
 
@@ -120,20 +121,28 @@ class Answerer:
         return out
 
     def abstain_probability(self, prompts: Sequence[list[int]]) -> torch.Tensor:
-        """P(reply == ABSTAIN | prompt) per prompt, teacher-forced in one right-padded forward."""
+        """P(reply == ABSTAIN | prompt) per prompt, teacher-forced in right-padded forwards. Rows go
+        through in groups whose full-vocabulary logits stay under LOGITS_BUDGET bytes: with a 49K
+        vocabulary one row of 1,300 tokens is already 250 MB of fp32 logits, and 32 such rows at once
+        (plus their log-softmax) exhausted a 24 GB machine."""
         n = len(self.abstain_ids)
         rows = [p + self.abstain_ids for p in prompts]
-        width = max(len(r) for r in rows)
         device = next(self.model.parameters()).device
-        idx = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+        target = torch.tensor(self.abstain_ids, device=device)
+        row_bytes = max(len(r) for r in rows) * self.model.vocab_size * 4
+        group = max(1, LOGITS_BUDGET // row_bytes)
+        total = torch.zeros(len(rows), dtype=torch.float64)
         was_training = self.model.training
         self.model.eval()
-        logprobs = self.model(idx).float().log_softmax(-1)
+        for lo in range(0, len(rows), group):
+            chunk = rows[lo:lo + group]
+            width = max(len(r) for r in chunk)
+            logits = self.model(torch.tensor([r + [0] * (width - len(r)) for r in chunk], device=device))
+            for j, p in enumerate(prompts[lo:lo + group]):
+                # Only the n positions that predict the abstention are normalised.
+                logprobs = logits[j, len(p) - 1:len(p) - 1 + n].float().log_softmax(-1)
+                total[lo + j] = logprobs[torch.arange(n, device=device), target].sum().double().cpu()
         self.model.train(was_training)
-        total = torch.zeros(len(rows), dtype=torch.float64)
-        for row, p in enumerate(prompts):
-            positions = torch.arange(len(p) - 1, len(p) - 1 + n, device=device)
-            total[row] = logprobs[row, positions, torch.tensor(self.abstain_ids, device=device)].sum().double().cpu()
         return total.exp()
 
 

@@ -173,10 +173,12 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
                 raise stopped
     bar.close()
 
+    # Saved before the final evaluation: an evaluation that fails (out of memory in generation, a
+    # killed job) must not cost the run its training.
+    summary["checkpoint"] = str(save(s.num_steps))
     summary["metrics"] = evaluate(s.num_steps)
     summary["final"] = summary["metrics"][stage.monitor]
     summary.setdefault("first", summary["final"])  # a resumed run past its last eval
-    summary["checkpoint"] = str(save(s.num_steps))
     # Of the whole model also under FSDP, so it compares with a one-process run's. There the ranks agree
     # by construction (one gathered copy); under DDP they must stay equal: check instead of trusting.
     with parallel.full_weights(model):

@@ -248,14 +248,18 @@ def test_rag_trains_under_torchrun_with_the_hybrid_retriever(pipeline, tmp_path)
     assert checkpoint.latest(tmp_path / "checkpoints" / "p" / "rag").name == "step_000002"
 
 
-def test_confidence_is_one_minus_the_probability_of_the_abstention_reply(pipeline):
-    """The batched, right-padded teacher-forced P(ABSTAIN) against a plain per-prompt loop."""
+@pytest.mark.parametrize("budget", [2**30, 1])  # all rows in one forward | one row per forward
+def test_confidence_is_one_minus_the_probability_of_the_abstention_reply(pipeline, budget, monkeypatch):
+    """The batched, right-padded teacher-forced P(ABSTAIN) against a plain per-prompt loop, with the
+    rows in one forward and split into one forward each by the logits budget."""
+    from hybridchat import answer
     from hybridchat.answer import Answerer
 
+    monkeypatch.setattr(answer, "LOGITS_BUDGET", budget)
     out, _ = pipeline
     model, tokenizer, _ = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "p" / "rag"))
     answerer = Answerer(model, tokenizer, 256)
-    prompts = [answerer.prompt(q, None)[0] for q in ("Hi?", "Where was Ada Vell born, and when exactly?")]
+    prompts = [answerer.prompt(q, None)[0] for q in ("Hi?", "Where was Ada Vell born, and when exactly?", "Why?")]
     batched = answerer.abstain_probability(prompts)
     abstain = tokenizer.encode(ABSTAIN) + [tokenizer.token_id("<|assistant_end|>")]
     for p, value in zip(prompts, batched.tolist()):
