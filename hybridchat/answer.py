@@ -129,7 +129,7 @@ class Answerer:
         rows = [p + self.abstain_ids for p in prompts]
         device = next(self.model.parameters()).device
         target = torch.tensor(self.abstain_ids, device=device)
-        row_bytes = max(len(r) for r in rows) * self.model.vocab_size * 4
+        row_bytes = max(len(r) for r in rows) * self.tokenizer.vocab_size * 4  # the head may pad it a little
         group = max(1, LOGITS_BUDGET // row_bytes)
         total = torch.zeros(len(rows), dtype=torch.float64)
         was_training = self.model.training
