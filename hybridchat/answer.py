@@ -120,6 +120,7 @@ class Answerer:
                                   given - len(docs), seconds, closed_book=shown[i] is None))
         return out
 
+    @torch.no_grad()  # also when called outside answer() (multi-hop scores its own prefixes)
     def abstain_probability(self, prompts: Sequence[list[int]]) -> torch.Tensor:
         """P(reply == ABSTAIN | prompt) per prompt, teacher-forced in right-padded forwards. Rows go
         through in groups whose full-vocabulary logits stay under LOGITS_BUDGET bytes: with a 49K

@@ -261,6 +261,9 @@ def test_confidence_is_one_minus_the_probability_of_the_abstention_reply(pipelin
     answerer = Answerer(model, tokenizer, 256)
     prompts = [answerer.prompt(q, None)[0] for q in ("Hi?", "Where was Ada Vell born, and when exactly?", "Why?")]
     batched = answerer.abstain_probability(prompts)
+    # No autograd graph, also outside answer(): with one, multi-hop scoring held every layer's activations
+    # (7 GB for 8 SmolLM2 prompts) and ran the machine out of memory.
+    assert not batched.requires_grad
     abstain = tokenizer.encode(ABSTAIN) + [tokenizer.token_id("<|assistant_end|>")]
     for p, value in zip(prompts, batched.tolist()):
         logp = 0.0
