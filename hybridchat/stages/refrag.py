@@ -107,7 +107,6 @@ def grpo_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
 
 class RefragStage(RagStage):
     name = "refrag"
-    monitor = "val/em"
 
     def __init__(self, ctx):
         super().__init__(ctx)
