@@ -174,8 +174,10 @@ def test_ddp_ranks_stop_at_the_same_step_when_one_is_signalled(out):
     instead of training on while rank 1 waits in the save's barrier forever."""
     run = interrupt(out, "ddp", signal.SIGTERM, ddp=True)
     assert run["exit_seconds"] < 10, f"took {run['exit_seconds']:.1f} s to exit"
-    # torchrun's report; rank 0, which exits just after, may be killed by torchrun once rank 1 is gone.
-    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*exitcode\s*:\s*143\b", run["output"]), run["output"][-3000:]
+    # torchrun's report: both ranks stop themselves with 143; whichever exits second may instead be
+    # killed by torchrun (-15) once the first is gone, so only the set of codes is fixed, not who wins.
+    codes = re.findall(r"rank\s*:\s*\d \(local_rank: \d\)\s*exitcode\s*:\s*(-?\d+)", run["output"])
+    assert "143" in codes and set(codes) <= {"143", "-15"}, run["output"][-3000:]
     ckpt = run["ckpt_dir"] / f"step_{run['stopped']:06d}"
     assert [p.name for p in run["ckpt_dir"].iterdir()] == [ckpt.name]
     assert checkpoint.read_meta(ckpt)["data_position"] == 2 * run["stopped"]  # both ranks' batches
