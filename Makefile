@@ -26,16 +26,23 @@ $(STAMP): pyproject.toml
 install-gpu: install
 	MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE $(BIN)/pip install --no-build-isolation -e ".[gpu]"
 
-# The whole pipeline on the embedded world: pretrain -> mid -> rag -> evaluate. ARGS go to every
-# training stage (e.g. ARGS="model=mamba_tiny run_name=m"), EVAL_ARGS to the evaluation (the same
-# model=/run_name= choice, plus e.g. retriever=hybrid).
+# The whole pipeline on the embedded world: pretrain -> mid -> rag -> refrag, then the single-hop and
+# the 2-hop evaluations. ARGS go to every training stage (e.g. ARGS="model=mamba_tiny run_name=m"),
+# EVAL_ARGS to both evaluations (the same model=/run_name= choice, plus e.g. retriever=hybrid),
+# REFRAG_ARGS to the refrag stage alone (its own keys, e.g. stage.rl_steps=0 for no GRPO).
+REFRAG_ARGS ?=
 run: install
-	for stage in pretrain mid rag; do $(BIN)/python -m hybridchat.train stage=$$stage $(ARGS) || exit 1; done
+	for stage in pretrain mid rag refrag; do \
+		only=$$([ $$stage = refrag ] && echo "$(REFRAG_ARGS)"); \
+		$(BIN)/python -m hybridchat.train stage=$$stage $(ARGS) $$only || exit 1; done
 	$(BIN)/python -m hybridchat.evaluate $(EVAL_ARGS)
+	$(BIN)/python -m hybridchat.evaluate hops=2 $(EVAL_ARGS)
 
 # The same pipeline at smoke sizes, in outputs/smoke: every piece runs, nothing is learned.
+# 512 tokens: room for a follow-up hop's documents (refrag's stage.hop_tokens) beside the first ones.
 smoke: install
-	$(MAKE) run ARGS="debug=smoke paths.outputs=outputs/smoke $(ARGS)" \
+	$(MAKE) run ARGS="debug=smoke model.sequence_len=512 paths.outputs=outputs/smoke $(ARGS)" \
+		REFRAG_ARGS="stage.rl_steps=2 $(REFRAG_ARGS)" \
 		EVAL_ARGS="paths.outputs=outputs/smoke n_questions=30 n_unanswerable=20 context_budget=[1,2] \
 		context_questions=10 bootstrap=200 $(EVAL_ARGS)"
 

@@ -184,6 +184,17 @@ def find(checkpoints: str | Path, run_name: str, stage: str, step: int | None = 
     return found
 
 
+def at_path(path: str | Path) -> Path:
+    """A checkpoint named by its folder: a step folder, or a stage folder (its latest step)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    found = latest(path)
+    if found is None:
+        raise UserError(f"{path} is neither a checkpoint step folder (with meta.json) nor a folder of them")
+    return found
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", ssm_backend: str = "torch"):
     """(model, tokenizer, meta) from a step folder alone: the model config comes from meta.json,
     the tokenizer from the tokenizer.json saved beside the weights."""

@@ -111,7 +111,9 @@ class StageConfig:
     """What every stage has: where it starts, the optimizer, the schedule, evaluation, checkpoints.
     Each stage option (conf/stage/*.yaml) has its own subclass below for what only it needs."""
     name: str = "pretrain"
-    source: Optional[str] = None       # stage whose final checkpoint initialises this one
+    # The checkpoint that initialises this one: a stage of this run (its latest), `pretrained`, or a
+    # checkpoint folder of any run (a path: step_* or its stage folder). None: from scratch.
+    source: Optional[str] = None
     num_steps: int = 200
     # Tokens per optimizer step across micro-batches and ranks; None: one micro-batch per rank
     # (gpu.micro_batch x model.sequence_len x world size), so any model runs on any preset.

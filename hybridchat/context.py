@@ -71,11 +71,14 @@ class RunContext:
     def source_checkpoint(self) -> Path | None:
         """The checkpoint this stage starts from (stage.source's latest), None from scratch.
         stage.source=pretrained is the model's own pretrained weights (model.pretrained), imported
-        into <run_name>/pretrained/ on first use."""
-        cfg = self.config
-        if cfg.stage.source == PRETRAINED:
+        into <run_name>/pretrained/ on first use; a path (it holds a /) is a checkpoint folder of
+        any run, e.g. to continue another run's warm start with RL."""
+        cfg, source = self.config, self.config.stage.source
+        if source == PRETRAINED:
             return self._rank0_first(self._imported_checkpoint)
-        return checkpoint.find(cfg.paths.checkpoints, cfg.run_name, cfg.stage.source) if cfg.stage.source else None
+        if source and "/" in source:
+            return checkpoint.at_path(source)
+        return checkpoint.find(cfg.paths.checkpoints, cfg.run_name, source) if source else None
 
     def _imported_checkpoint(self) -> Path:
         cfg = self.config

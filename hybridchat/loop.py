@@ -136,12 +136,12 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
             tokens = 0
             for micro in range(accum):
                 batch = {k: v.to(rt.device) for k, v in next(batches).items()}
-                tokens += batch["inputs"].numel()
                 # Gradients are reduced across ranks once per step, on the last micro-batch only.
                 with parallel.gradient_sync(train_model, micro == accum - 1):
                     with rt.autocast():
                         loss = stage.training_step(train_model, batch)
                     (loss / accum).backward()
+                tokens += stage.batch_tokens(batch)
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             for opt in optimizers:

@@ -5,6 +5,7 @@ refrag run (warm start, then RL steps) from smoke checkpoints."""
 
 import json
 import math
+from itertools import islice
 
 import pytest
 import test_rag
@@ -228,7 +229,7 @@ smoke_checkpoints = test_rag.pipeline  # the `pipeline` fixture: smoke pretrain 
 
 # Room for a question, two hop-1 documents, a query and its documents at smoke size.
 REFRAG = ["stage=refrag", "model.sequence_len=512", "stage.hop_tokens=160", "stage.eval_questions=6",
-          "stage.eval_every=100", "stage.hop_documents=1"]
+          "stage.eval_every=100", "stage.hop_documents=1", "stage.rl_steps=0"]
 
 
 def refrag_stage(out, common, *extra):
@@ -298,6 +299,30 @@ def test_refrag_smoke_run_warm_start_then_grpo_steps_from_the_rag_checkpoint(ref
     assert latest.name == "step_000006" and checkpoint.read_meta(latest)["config"]["stage"]["source"] == "rag"
 
 
+def test_rl_continues_another_runs_warm_start_named_by_its_checkpoint_folder(refrag_run, tmp_path):
+    """stage.source as a path: GRPO steps in a new run from the warm start's checkpoint, without
+    repeating the warm start; a path that holds no checkpoint is one error line."""
+    from hybridchat.errors import UserError
+
+    out, _ = refrag_run
+    warm = out / "checkpoints" / "p" / "refrag"
+    stage = refrag_stage(out, ["debug=smoke", f"paths.outputs={out}", "run_name=rl"], f"stage.source={warm}",
+                         "stage.num_steps=1", "stage.rl_steps=1", "stage.group_size=2")
+    assert stage.ctx.source_checkpoint == checkpoint.latest(warm)  # a stage folder: its latest step
+    step = checkpoint.latest(warm)
+    assert refrag_stage(out, ["debug=smoke", f"paths.outputs={out}", "run_name=rl"],
+                        f"stage.source={step}").ctx.source_checkpoint == step
+    with pytest.raises(UserError, match="neither a checkpoint step folder"):
+        _ = refrag_stage(out, ["debug=smoke", f"paths.outputs={out}", "run_name=rl"],
+                         f"stage.source={tmp_path}/nothing").ctx.source_checkpoint
+    train(["debug=smoke", f"paths.outputs={out}", "run_name=rl"] + REFRAG +
+          [f"stage.source={warm}", "stage.num_steps=1", "stage.rl_steps=1", "stage.group_size=2"], tmp_path / "rl")
+    records = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "rl/reward" in r] == [1]
+    assert checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "rl" / "refrag"))["config"]["stage"][
+        "source"] == str(warm)
+
+
 def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, tmp_path):
     from hybridchat.data.world import World, WorldConfig
 
@@ -340,17 +365,28 @@ def test_a_grpo_step_samples_groups_scores_them_and_reports_rewards(smoke_checkp
     stage.ctx.model = model.train()
     batch = next(stage.train_batches(0, 0, 1))  # rl_steps == num_steps: RL from the first batch
     assert "targets" not in batch and len(batch["inputs"]) == 2  # micro_batch 4 // group_size 2 questions
-    questions = [stage.train_hops[i] for i in batch["inputs"].tolist()]
+    # RL asks the warm start's mix: every 2-hop training question, then single-hop ones at stage.single_hop
+    hops, singles = stage.rl_questions[:len(stage.train_hops)], stage.rl_questions[len(stage.train_hops):]
+    assert hops == stage.train_hops and len(singles) == stage.n_single > 0
+    assert all(len(q.gold_doc_ids) <= 1 for q in singles)
+    picked = {i for b in islice(stage.train_batches(0, 0, 1), 40) for i in b["inputs"].tolist()}
+    assert any(i >= len(stage.train_hops) for i in picked) and any(i < len(stage.train_hops) for i in picked)
+    questions = [stage.rl_questions[i] for i in batch["inputs"].tolist()]
     trajectories = stage.rollouts(questions, seed=0)
     assert [t.index for t in trajectories] == [0, 0, 1, 1]
     rewards, terms = stage.rewards(questions, trajectories)
     # reward = em + format - 0.25 x follow-up retrievals, from the trajectories themselves
     answers = [stage.planner.to_answer(questions[t.index].question, t) for t in trajectories]
-    hand = [float(a.format_ok) + (not a.abstained and exact_match(a.answer, questions[t.index].answers))
+    hand = [float(a.format_ok) + (not a.abstained and exact_match(a.answer, questions[t.index].answers)
+                                  if questions[t.index].answers else a.abstained)
             - 0.25 * (a.n_hops - 1) for a, t in zip(answers, trajectories)]
     assert rewards.view(-1).tolist() == pytest.approx(hand)
     loss = stage.training_step(model, batch)
     loss.backward()
+    # tok/s counts the trajectories the policy loss ran over, not the batch of question indices
+    from hybridchat.stages.refrag import policy_batch
+
+    assert stage.batch_tokens(batch) == policy_batch(trajectories, stage.renderer.pad_id)["inputs"].numel() > 100
     metrics = stage.step_metrics()
     assert {"rl/reward", "rl/em", "rl/f1", "rl/gold", "rl/format", "rl/hops", "rl/accuracy", "rl/kl"} <= set(metrics)
     assert metrics["rl/kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the policy at the first RL step
@@ -397,6 +433,11 @@ def test_reward_terms_on_hand_made_trajectories():
     broken = reward_terms(_answer("The documents do not say.", [ADA, VELLPORT], hops=3, format_ok=False),
                           ["Tam Brel"], gold)
     assert broken == {"em": 0.0, "f1": 0.0, "gold": 0.5, "format": 0.0, "hops": 1.0}  # a refused hop is no retrieval
+    # a question no document answers: abstaining is the right answer, answering is not
+    abstained = reward_terms(_answer("The documents do not say.", [ADA], hops=1), [], ())
+    assert abstained == {"em": 1.0, "f1": 1.0, "gold": 0.0, "format": 1.0, "hops": 0.0}
+    answered = reward_terms(_answer("[1] Vellport", [ADA], hops=1), [], ())
+    assert answered == {"em": 0.0, "f1": 0.0, "gold": 0.0, "format": 1.0, "hops": 0.0}
 
 
 def test_the_reward_weighs_its_terms_and_charges_each_hop():

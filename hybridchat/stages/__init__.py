@@ -52,6 +52,10 @@ class Stage:
     def training_step(self, model, batch: Batch) -> torch.Tensor:
         return model(batch["inputs"], batch["targets"])
 
+    def batch_tokens(self, batch: Batch) -> int:
+        """Tokens the last training_step on `batch` ran through the model (tok/s and MFU)."""
+        return batch["inputs"].numel()
+
     def evaluate(self, model) -> dict[str, float]:
         return {"val/bpb": evaluate_bpb(model, self.val_batches(), self.ctx)}
 

@@ -12,7 +12,8 @@ mixed with rag's single-hop examples (stage.single_hop of them), so the model ke
 once when the first documents suffice. Loss on what the model writes only: the queries and the
 reply, never the retrieved documents.
 
-RL (the last rl_steps steps): GRPO. Each batch is a few training questions; every question gets a
+RL (the last rl_steps steps): GRPO. Each batch is a few training questions (2-hop and, at the warm
+start's share, single-hop and unanswerable ones); every question gets a
 group of stage.group_size trajectories sampled with the engine and the query hook, each is scored
 (reward_terms), advantages are the rewards normalised within their group, and the loss is the
 policy gradient on the tokens the model wrote (retrieved tokens masked out), plus an optional KL
@@ -51,10 +52,13 @@ class _Bridge(QueryGenerator):
 
 
 def reward_terms(answer: Answer, answers: Sequence[str], gold_doc_ids: Sequence[str]) -> dict[str, float]:
-    """What a trajectory earned: exact match and F1 of its answer, the share of gold documents it
-    was shown, whether it is well-formed, and its follow-up retrievals (charged by hop_cost)."""
+    """What a trajectory earned: exact match and F1 of its answer (on a question no document
+    answers, both are 1 for abstaining), the share of gold documents it was shown, whether it is
+    well-formed, and its follow-up retrievals (charged by hop_cost)."""
     s = score(answer, answers, gold_doc_ids)
     shown = {d.parent_id for d in answer.documents}
+    if not answers:
+        s["em"] = s["f1"] = s["abstain"]
     return {"em": s["em"] or 0.0, "f1": s["f1"] or 0.0,
             "gold": sum(g in shown for g in gold_doc_ids) / len(gold_doc_ids) if gold_doc_ids else 0.0,
             "format": float(answer.format_ok), "hops": float(max(0, answer.n_hops - 1))}
@@ -138,8 +142,12 @@ class RefragStage(RagStage):
         if len(self.train_hops) < cfg.gpu.micro_batch:
             raise UserError(f"stage=refrag: {len(self.train_hops)} 2-hop training questions do not fill one batch "
                             f"of gpu.micro_batch={cfg.gpu.micro_batch}")
+        # RL asks the warm start's mix: 2-hop questions and (single_hop of them) rag's own, answerable
+        # or not, so that a follow-up query has to pay for itself where one retrieval suffices.
+        self.rl_questions = self.train_hops + self.train_questions[:self.n_single]
         self.planner = self.multihop(None, self.train_filters)  # builds traces: no model needed
         self.reference = None  # the policy at the start of RL, for the KL term
+        self._policy_tokens = 0  # the last GRPO step's trajectory tokens
         self._metrics: dict[str, float] = {}
 
     @property
@@ -218,7 +226,7 @@ class RefragStage(RagStage):
         n = max(1, self.ctx.config.gpu.micro_batch // self.config.group_size)
         for index in count(start):
             if index % world_size == rank:
-                picked = random.Random(f"{self.ctx.config.seed}/rl/{index}").sample(range(len(self.train_hops)), n)
+                picked = random.Random(f"{self.ctx.config.seed}/rl/{index}").sample(range(len(self.rl_questions)), n)
                 yield {"inputs": torch.tensor(picked), "index": torch.tensor([index])}
 
     @cached_property
@@ -257,13 +265,14 @@ class RefragStage(RagStage):
 
     def grpo_step(self, model, indices: list[int], index: int) -> torch.Tensor:
         c = self.config
-        questions = [self.train_hops[i] for i in indices]
+        questions = [self.rl_questions[i] for i in indices]
         if c.kl_coef and self.reference is None:
             self.reference = copy.deepcopy(self.ctx.model).eval().requires_grad_(False)
         trajectories = self.rollouts(questions, seed=self.ctx.config.seed * 100_003 + index)
         rewards, terms = self.rewards(questions, trajectories)
         advantages = group_advantages(rewards).view(-1)
         batch = {k: v.to(self.ctx.runtime.device) for k, v in policy_batch(trajectories, self.renderer.pad_id).items()}
+        self._policy_tokens = batch["inputs"].numel()
         mask = (batch["targets"] >= 0).float()
         logprobs = token_logprobs(model, batch)
         reference = None
@@ -274,6 +283,10 @@ class RefragStage(RagStage):
         self._metrics = {"rl/reward": float(rewards.mean()), **{f"rl/{k}": v for k, v in terms.items()},
                          "rl/accuracy": terms["em"], "rl/hops": terms["hops"] + 1, "rl/kl": kl}
         return loss
+
+    def batch_tokens(self, batch):
+        """An RL batch holds question indices; the policy loss ran over the sampled trajectories."""
+        return super().batch_tokens(batch) if "targets" in batch else self._policy_tokens
 
     def step_metrics(self):
         metrics, self._metrics = self._metrics, {}
