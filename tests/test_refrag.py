@@ -323,6 +323,32 @@ def test_rl_continues_another_runs_warm_start_named_by_its_checkpoint_folder(ref
         "source"] == str(warm)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grpo_steps_run_under_torchrun(smoke_checkpoints, tmp_path, strategy):
+    """Two gloo processes sample trajectories of different lengths per rank: under FSDP the rollouts
+    must not run sharded forwards (ranks would wait on each other's all-gathers forever)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    out, _ = smoke_checkpoints
+    shutil.copytree(out / "checkpoints" / "p" / "rag", tmp_path / "checkpoints" / "p" / "rag")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hybridchat.train",
+         "debug=smoke", *REFRAG, "stage.num_steps=2", "stage.rl_steps=2", "stage.group_size=2", "stage.kl_coef=0.1",
+         f"distributed.strategy={strategy}", f"paths.outputs={tmp_path}", f"paths.cache={out}/cache", "run_name=p"],
+        cwd=test_rag.ROOT, capture_output=True, text=True, timeout=240,
+        env={**{k: v for k, v in os.environ.items() if k != "HYBRIDCHAT_RUN_DIR"}, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-6000:]
+    run_dir = next((tmp_path / "runs").iterdir())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in records if "rl/reward" in r]
+    assert [r["step"] for r in rl] == [1, 2]
+    assert rl[0]["rl/kl"] == pytest.approx(0.0, abs=1e-5)  # the reference: the whole policy at the first RL step
+    assert checkpoint.latest(tmp_path / "checkpoints" / "p" / "refrag").name == "step_000002"
+
+
 def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, tmp_path):
     from hybridchat.data.world import World, WorldConfig
 

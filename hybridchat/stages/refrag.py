@@ -22,7 +22,6 @@ to the policy at the start of RL. One loop runs both phases: a batch says which 
 
 from __future__ import annotations
 
-import copy
 import random
 from functools import cached_property
 from itertools import count, islice
@@ -30,9 +29,11 @@ from typing import Sequence
 
 import torch
 
+from hybridchat import parallel
 from hybridchat.answer import Answer, format_reply, score
 from hybridchat.data.chat import collate, example_batches
 from hybridchat.errors import UserError
+from hybridchat.model.lm import HybridLM
 from hybridchat.multihop import Hop, ModelQueries, MultiHop, QueryGenerator, Search, Trajectory
 from hybridchat.stages import evaluate_bpb
 from hybridchat.stages.rag import RagQuestion, RagStage, means, read_rag_questions
@@ -267,8 +268,11 @@ class RefragStage(RagStage):
         c = self.config
         questions = [self.rl_questions[i] for i in indices]
         if c.kl_coef and self.reference is None:
-            self.reference = copy.deepcopy(self.ctx.model).eval().requires_grad_(False)
-        trajectories = self.rollouts(questions, seed=self.ctx.config.seed * 100_003 + index)
+            self.reference = self._frozen_policy()
+        # Ranks sample trajectories of different lengths: under FSDP the rollouts run on the whole
+        # weights (no all-gathers to keep in step); entering is collective, every rank does.
+        with parallel.full_weights(self.ctx.model):
+            trajectories = self.rollouts(questions, seed=self.ctx.config.seed * 100_003 + index)
         rewards, terms = self.rewards(questions, trajectories)
         advantages = group_advantages(rewards).view(-1)
         batch = {k: v.to(self.ctx.runtime.device) for k, v in policy_batch(trajectories, self.renderer.pad_id).items()}
@@ -287,6 +291,13 @@ class RefragStage(RagStage):
     def batch_tokens(self, batch):
         """An RL batch holds question indices; the policy loss ran over the sampled trajectories."""
         return super().batch_tokens(batch) if "targets" in batch else self._policy_tokens
+
+    def _frozen_policy(self) -> HybridLM:
+        """The policy as it is now, whole on every rank (gathered under FSDP), for the KL term."""
+        policy, cfg = self.ctx.model, self.ctx.config
+        reference = HybridLM(policy.config, policy.vocab_size, ssm_backend=cfg.gpu.ssm_backend.value)
+        reference.load_state_dict(parallel.full_tensors(policy.state_dict()))
+        return reference.to(self.ctx.runtime.device).eval().requires_grad_(False)
 
     def step_metrics(self):
         metrics, self._metrics = self._metrics, {}
