@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,11 @@ def _restore_optimizers(optimizers, tensors: dict[str, torch.Tensor], described:
 
 
 def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], keep: int, tokenizer,
-         write: bool = True) -> Path | None:
-    """Write step `step`'s folder. Under FSDP every rank must call this (the full tensors are gathered
-    from the shards); only the one with write=True writes, and the others get None. The files are
-    the same as a one-process run's."""
+         write: bool = True, protect: Collection[int] = ()) -> Path | None:
+    """Write step `step`'s folder, then remove all but the last `keep` (the steps in `protect`
+    stay). Under FSDP every rank must call this (the full tensors are gathered from the shards);
+    only the one with write=True writes, and the others get None. The files are the same as a
+    one-process run's."""
     target = Path(directory) / f"step_{step:06d}"
     tensors, described = _optimizer_payload(optimizers, write)
     weights = parallel.full_tensors(model.state_dict(), write)
@@ -101,7 +103,8 @@ def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], ke
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if int(old.name.removeprefix("step_")) not in protect:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 

@@ -158,6 +158,26 @@ def two_hop_items(world: World, n: int, seed: int) -> list[Item]:
     return [Item(q.question, q.answers, q.gold_doc_ids) for q in picked]
 
 
+def warm_start(cfg: EvalConfig, evaluated: Path, meta: dict) -> Path | None:
+    """The checkpoint a refrag run's GRPO started from, to compare with its end: the same run's step
+    num_steps - rl_steps (kept by the stage), or, for a run that was all RL, its stage.source when
+    that is a refrag checkpoint. None when the checkpoint had no RL or its warm start is gone."""
+    trained = meta.get("config", {}).get("stage", {})
+    rl_steps, num_steps, source = trained.get("rl_steps") or 0, trained.get("num_steps", 0), trained.get("source")
+    if not rl_steps or meta.get("step") != num_steps:
+        return None
+    if rl_steps < num_steps:
+        found = evaluated.parent / f"step_{num_steps - rl_steps:06d}"
+    elif source and "/" in source:
+        found = checkpoint.latest(Path(source)) if not (Path(source) / "meta.json").is_file() else Path(source)
+    else:
+        found = checkpoint.latest(checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, source)) if source else None
+    if found is None or not (found / "meta.json").is_file() or checkpoint.read_meta(found).get("stage") != "refrag":
+        log.warning("no warm-start checkpoint of %s to compare with (looked for %s)", evaluated, found)
+        return None
+    return found
+
+
 def hop_settings(cfg: EvalConfig, meta: dict) -> dict[str, int]:
     """max_hops & co.: as given, else as the checkpoint's stage was trained, else refrag's defaults."""
     trained = meta.get("config", {}).get("stage", {})
@@ -217,7 +237,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     answerable = [i for i in mine or () if i.answers]
     two_hop = cfg.hops == 2 or (bool(answerable) and all(len(i.gold_doc_ids) == 2 for i in answerable))
     stage = cfg.checkpoint_stage or ("refrag" if two_hop else "rag")
-    model, tokenizer, meta = load(cfg, cfg.run_name, stage, cfg.step)
+    evaluated = checkpoint.find(cfg.paths.checkpoints, cfg.run_name, stage, cfg.step)
+    model, tokenizer, meta = checkpoint.load_model(evaluated, device=cfg.gpu.device.value)
     world_cfg = WorldConfig(**meta["config"]["world"])
     seq_len = meta["config"]["model"]["sequence_len"]
     if mine is not None:
@@ -272,10 +293,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             log.warning("no %s checkpoint in %s: the closed-book condition uses the %s model without documents",
                         cfg.closed_book_stage, path, stage)
     conditions.append(run(f"closed-book ({closed_name} model)", closed_model, None))
+    primary = 1  # the row logged to wandb and returned to a sweep: RAG, or REFRAG for 2-hop questions
     conditions.append(run(f"RAG, {cfg.retriever.kind} top-{cfg.retriever.top_k}", model, retrieved))
     if two_hop:
         conditions.append(run("rule-based bridge queries", model, retrieved, queries=BridgeQueries()))
-        conditions.append(run("REFRAG (model-written queries)", model, retrieved, queries=ModelQueries()))
+        warm = warm_start(cfg, evaluated, meta)
+        if warm is not None:
+            warm_model = checkpoint.load_model(warm, device=cfg.gpu.device.value)[0]
+            conditions.append(run(f"REFRAG after warm start ({'/'.join(warm.parts[-3:])})", warm_model,
+                                  retrieved, queries=ModelQueries()))
+        primary = len(conditions)
+        conditions.append(run("REFRAG after RL (model-written queries)" if warm is not None else
+                              "REFRAG (model-written queries)", model, retrieved, queries=ModelQueries()))
     if any(i.gold_doc_ids for i in items):
         conditions.append(run("gold documents", model, gold_documents(kb.documents, items),
                               lambda item: bool(item.gold_doc_ids)))
@@ -286,8 +315,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "retriever": cfg.retriever.kind, "top_k": cfg.retriever.top_k, "sequence_len": seq_len,
             "answerable": sum(bool(i.answers) for i in items), "unanswerable": sum(not i.answers for i in items),
             "hops": 2 if two_hop else 1, **({"multihop": settings} if two_hop else {}),
-            # the row logged to wandb and returned to a sweep: REFRAG for 2-hop questions, else RAG
-            "primary": 3 if two_hop else 1, "conditions": conditions, "context_budget": budget}
+            "primary": primary, "conditions": conditions, "context_budget": budget}
 
 
 def _fmt(value) -> str:

@@ -105,7 +105,7 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
         meta = {"stage": stage.name, "run_name": cfg.run_name, "tokenizer": tokenizer.fingerprint,
                 "data_position": step * accum * rt.world_size, "config": resolved_config}
         path = checkpoint.save(ckpt_dir, step, model, optimizers, meta, keep=s.keep_checkpoints, tokenizer=tokenizer,
-                               write=rt.is_main)
+                               write=rt.is_main, protect=stage.milestones)
         if rt.distributed:
             dist.barrier()
         return path
@@ -163,7 +163,8 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
             # A stop signal ends training here, at a step boundary: save this step (once, also where the
             # periodic checkpoint falls on it) and leave; a run with resume=true continues from it.
             signum = stop.agreed(rt.distributed, rt.device)
-            if signum or ((step + 1) % s.checkpoint_every == 0 and step + 1 < s.num_steps):
+            periodic = (step + 1) % s.checkpoint_every == 0 or step + 1 in stage.milestones
+            if signum or (periodic and step + 1 < s.num_steps):
                 path = save(step + 1)
             if signum:
                 stopped = preemption.Preempted(signum, step + 1)

@@ -279,7 +279,8 @@ def refrag_run(smoke_checkpoints, tmp_path_factory):
     out, common = smoke_checkpoints
     run_dir = tmp_path_factory.mktemp("refrag")
     train(common + REFRAG + ["stage.rl_steps=2", "stage.group_size=2", "stage.reward_gold=0.5",
-                             "stage.reward_format=0.1", "stage.hop_cost=0.05", "stage.kl_coef=0.1"], run_dir)
+                             "stage.reward_format=0.1", "stage.hop_cost=0.05", "stage.kl_coef=0.1",
+                             "stage.keep_checkpoints=1"], run_dir)
     return out, run_dir
 
 
@@ -297,6 +298,9 @@ def test_refrag_smoke_run_warm_start_then_grpo_steps_from_the_rag_checkpoint(ref
     assert 1.0 <= final["val/hops"] <= 2.0
     latest = checkpoint.latest(out / "checkpoints" / "p" / "refrag")
     assert latest.name == "step_000006" and checkpoint.read_meta(latest)["config"]["stage"]["source"] == "rag"
+    # the warm start's end (step 4: no checkpoint_every multiple) is saved and outlives keep_checkpoints=1
+    kept = [p.name for p in checkpoint.list_checkpoints(latest.parent)]
+    assert kept == ["step_000004", "step_000006"]
 
 
 def test_rl_continues_another_runs_warm_start_named_by_its_checkpoint_folder(refrag_run, tmp_path):
@@ -321,6 +325,12 @@ def test_rl_continues_another_runs_warm_start_named_by_its_checkpoint_folder(ref
     assert [r["step"] for r in records if "rl/reward" in r] == [1]
     assert checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "rl" / "refrag"))["config"]["stage"][
         "source"] == str(warm)
+    # the evaluator compares the RL run with the warm start it came from
+    result = test_rag.cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=rl", "hops=2", "n_questions=4",
+                          "bootstrap=20", f"hydra.run.dir={tmp_path}/eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = [c["condition"] for c in json.loads((tmp_path / "eval" / "eval.json").read_text())["conditions"]]
+    assert names[3:5] == ["REFRAG after warm start (p/refrag/step_000006)", "REFRAG after RL (model-written queries)"]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -357,17 +367,19 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
                           "n_questions=6", "bootstrap=50", f"hydra.run.dir={tmp_path}/eval")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    # the run ended with GRPO steps: its warm start's end is a condition of its own, before the end of RL
     assert [c["condition"] for c in report["conditions"]] == [
-        "closed-book (mid model)", "RAG, bm25 top-3", "rule-based bridge queries", "REFRAG (model-written queries)",
-        "gold documents"]
-    closed, single, bridge, refrag, gold = report["conditions"]
+        "closed-book (mid model)", "RAG, bm25 top-3", "rule-based bridge queries",
+        "REFRAG after warm start (p/refrag/step_000004)", "REFRAG after RL (model-written queries)", "gold documents"]
+    closed, single, bridge, warm, refrag, gold = report["conditions"]
+    assert report["primary"] == 4 and warm["hops"][0] >= 1
     for c in report["conditions"]:
         assert c["answerable"] == 6 and {"em", "f1", "hallucination", "hops", "seconds"} <= set(c)
     assert closed["hops"][0] == 0 and single["hops"][0] == 1 and gold["all_gold_in_context"][0] == 1.0
     assert 1 <= refrag["hops"][0] <= 2 and 1 < bridge["hops"][0] <= 2
     # the bridge rule's second retrieval finds documents the question alone does not
     assert bridge["all_gold_in_context"][0] >= single["all_gold_in_context"][0]
-    assert "| REFRAG (model-written queries) | " in (tmp_path / "eval" / "eval.md").read_text()
+    assert "| REFRAG after RL (model-written queries) | " in (tmp_path / "eval" / "eval.md").read_text()
     # your own 2-hop questions (two gold ids each): the same conditions
     meta = checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "p" / "refrag"))
     world = World.generate(WorldConfig(**meta["config"]["world"]))
@@ -381,6 +393,7 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
     assert ok.returncode == 0, ok.stderr[-3000:]
     mine = json.loads((tmp_path / "mine" / "eval.json").read_text())
     assert mine["hops"] == 2 and len(mine["conditions"]) == 5 and mine["answerable"] == 4 and mine["stage"] == "rag"
+    assert mine["conditions"][mine["primary"]]["condition"] == "REFRAG (model-written queries)"
 
 
 def test_a_grpo_step_samples_groups_scores_them_and_reports_rewards(smoke_checkpoints):

@@ -5,6 +5,7 @@ A stage is built from the run's pieces (`RunContext`) and overrides hooks, like 
     initialise(model, source)               start from checkpoint `source` (not on resume); default: load it
     train_batches(start, rank, world_size)  its batches from a global batch index on (resume = skip)
     training_step(model, batch)             the loss; default: next-token loss where targets != -1
+    batch_tokens(batch)                     tokens that step ran through the model (tok/s, MFU)
     val_batches()                           one fixed validation set, the same on every world size
     evaluate(model)                         metrics dict; default: bits per byte on val_batches()
     samples(model)                          (prompt, completion) pairs shown after training
@@ -12,7 +13,9 @@ A stage is built from the run's pieces (`RunContext`) and overrides hooks, like 
                                             (refrag's rewards), logged with it
 
 `source` names the stage whose final checkpoint initialises this one (None: from scratch);
-`monitor` is the metric a sweep optimises and the summary reports.
+`monitor` is the metric a sweep optimises and the summary reports; `milestones` are steps whose
+checkpoints are saved whatever stage.checkpoint_every says and never pruned (refrag's end of warm
+start, which the evaluator compares with the end of RL).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Stage:
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
+        self.milestones: frozenset[int] = frozenset()
         self.config = ctx.config.stage
         self.source = self.config.source
 

@@ -149,6 +149,8 @@ class RefragStage(RagStage):
         self.planner = self.multihop(None, self.train_filters)  # builds traces: no model needed
         self.reference = None  # the policy at the start of RL, for the KL term
         self._policy_tokens = 0  # the last GRPO step's trajectory tokens
+        if 0 < c.rl_steps < c.num_steps:  # the warm start's end, kept for the evaluator's comparison
+            self.milestones = frozenset({c.num_steps - c.rl_steps})
         self._metrics: dict[str, float] = {}
 
     @property
