@@ -62,7 +62,8 @@ COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("fal
 HOP_RATES = ("em", "f1", "hallucination", "false_abstention", "all_gold_in_context", "hops", "seconds")
 HOP_COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("false_abstention", "false abstention"),
                ("all_gold_in_context", "both gold documents shown"), ("hops", "retrievals per question"),
-               ("seconds", "seconds per answer"))
+               ("seconds", "seconds per answer"), ("abstain_unanswerable", "abstains (unanswerable)"),
+               ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
 HOP_SETTINGS = ("max_hops", "hop_documents", "max_query_tokens", "hop_tokens")
 
 
@@ -150,12 +151,20 @@ def summarize(scores: list[dict], n_resamples: int, seed: int, rates: tuple[str,
     return out
 
 
-def two_hop_items(world: World, n: int, seed: int) -> list[Item]:
+def two_hop_items(world: World, n: int, n_unanswerable: int, seed: int) -> list[Item]:
+    """n held-out 2-hop questions, then up to n_unanswerable 2-hop questions about made-up people
+    (the held-out fifth of them): the first hop finds no one, so there is no bridge to follow."""
     heldout = world.questions("heldout", 2)
     if not heldout:
         raise UserError("the checkpoint's world has no held-out people (world.heldout_fraction=0): nothing to evaluate")
     picked = random.Random(f"{seed}/eval2").sample(heldout, min(n, len(heldout)))
-    return [Item(q.question, q.answers, q.gold_doc_ids) for q in picked]
+    limit, asked = world.unanswerable_capacity() // 5, 4 * n_unanswerable  # about a third of them are 2-hop
+    while True:
+        made_up = [q for q in world.unanswerable_split("heldout", min(asked, limit)) if q.hops == 2]
+        if len(made_up) >= n_unanswerable or asked >= limit:
+            break
+        asked *= 2
+    return [Item(q.question, q.answers, q.gold_doc_ids) for q in picked + made_up[:n_unanswerable]]
 
 
 def warm_start(cfg: EvalConfig, evaluated: Path, meta: dict) -> Path | None:
@@ -244,7 +253,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if mine is not None:
         items = mine
     elif two_hop:
-        items, two_hop = two_hop_items(World.generate(world_cfg), cfg.n_questions, cfg.seed), True
+        items, two_hop = two_hop_items(World.generate(world_cfg), cfg.n_questions, cfg.n_unanswerable, cfg.seed), True
     else:
         items, two_hop = world_items(World.generate(world_cfg), cfg.n_questions, cfg.n_unanswerable, cfg.seed), False
     if cfg.retriever.kind == "none":
@@ -340,7 +349,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "single-shot, one more per followed query. Both gold documents shown: the first hop's and the "
                   "answer's document among all the documents the model was shown. Hallucination: answered, not "
                   "abstained, and wrong.", "", "## Example traces", ""]
-        for c in report["conditions"][1:4]:
+        for c in report["conditions"][1:report["primary"] + 1]:
             for e in c["examples"][:2]:
                 hops = " -> ".join([str(e["hops"][0]["documents"])] + [
                     f"query {h['query']!r} {h['documents']}" + ("" if h["status"] == "ok" else f" ({h['status']})")

@@ -364,7 +364,7 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
 
     out, _ = refrag_run
     result = test_rag.cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=p", "hops=2",
-                          "n_questions=6", "bootstrap=50", f"hydra.run.dir={tmp_path}/eval")
+                          "n_questions=6", "n_unanswerable=4", "bootstrap=50", f"hydra.run.dir={tmp_path}/eval")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     # the run ended with GRPO steps: its warm start's end is a condition of its own, before the end of RL
@@ -373,6 +373,9 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
         "REFRAG after warm start (p/refrag/step_000004)", "REFRAG after RL (model-written queries)", "gold documents"]
     closed, single, bridge, warm, refrag, gold = report["conditions"]
     assert report["primary"] == 4 and warm["hops"][0] >= 1
+    # 2-hop questions about made-up people: asked in every condition but the gold documents' (there are none)
+    assert report["unanswerable"] == 4 and gold["unanswerable"] == 0
+    assert all(c["unanswerable"] == 4 and {"abstain_unanswerable", "auroc"} <= set(c) for c in report["conditions"][:5])
     for c in report["conditions"]:
         assert c["answerable"] == 6 and {"em", "f1", "hallucination", "hops", "seconds"} <= set(c)
     assert closed["hops"][0] == 0 and single["hops"][0] == 1 and gold["all_gold_in_context"][0] == 1.0
@@ -523,3 +526,15 @@ def test_the_policy_loss_counts_only_written_tokens_and_matches_a_hand_sum():
     with_kl, kl = grpo_loss(logprobs.detach(), advantages, mask, logprobs.detach() - 0.1, 0.5)
     assert kl == pytest.approx(math.exp(-0.1) + 0.1 - 1, rel=1e-4)
     assert with_kl.item() == pytest.approx(hand.item() + 0.5 * kl, rel=1e-5)
+
+
+def test_two_hop_evaluation_asks_two_hop_questions_about_made_up_people_too():
+    from hybridchat.data.world import World, WorldConfig
+    from hybridchat.evaluate import two_hop_items
+
+    world = World.generate(WorldConfig(n_people=60))
+    items = two_hop_items(world, 5, 7, seed=0)
+    answerable, made_up = items[:5], items[5:]
+    assert all(len(i.gold_doc_ids) == 2 and i.answers for i in answerable)
+    hops = {q.question: q.hops for q in world.unanswerable_questions(world.unanswerable_capacity())}
+    assert len(made_up) == 7 and all(not i.answers and not i.gold_doc_ids and hops[i.question] == 2 for i in made_up)
