@@ -89,5 +89,7 @@ MUTANTS ?=
 .PHONY: mutants
 mutants: install
 	$(BIN)/pip install --quiet "mutmut>=3.8,<4"
-	nice -n 19 $(BIN)/mutmut run $(MUTANTS)
+	# OMP_NUM_THREADS=1: torch's OpenMP pool does not survive mutmut's fork; without it every mutant that
+	# runs torch code spins until its CPU limit and is reported as a timeout.
+	OMP_NUM_THREADS=1 nice -n 19 $(BIN)/mutmut run $(MUTANTS)
 	$(BIN)/mutmut results

@@ -22,7 +22,7 @@ from hybridchat.data.world import World, WorldConfig
 from hybridchat.errors import UserError
 from hybridchat.retrieval.factory import DefaultCollection, open_knowledge_base
 from hybridchat.retrieval.knowledge_base import needed_indexes
-from hybridchat.runtime import Runtime
+from hybridchat.runtime import Runtime, grad_accum_steps
 
 PRETRAINED = "pretrained"  # stage.source naming the model's imported weights, and their stage folder
 
@@ -57,6 +57,13 @@ class RunContext:
     config: Config
     runtime: Runtime
     model: Any = None  # the HybridLM, set once built (it needs the tokenizer's vocabulary)
+
+    @cached_property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step on each rank (from stage.total_batch_tokens)."""
+        cfg = self.config
+        return grad_accum_steps(cfg.stage.total_batch_tokens, cfg.gpu.micro_batch, cfg.model.sequence_len,
+                                self.runtime.world_size)
 
     @cached_property
     def world(self) -> World:

@@ -32,17 +32,6 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
                  "math": SDPBackend.MATH}
 
 
-def grad_accum_steps(total_batch_tokens: int | None, micro_batch: int, seq_len: int, world_size: int) -> int:
-    per_pass = micro_batch * seq_len * world_size
-    if total_batch_tokens is None:
-        return 1
-    if total_batch_tokens <= 0 or total_batch_tokens % per_pass:
-        raise UserError(f"stage.total_batch_tokens={total_batch_tokens} must be a positive multiple of "
-                        f"gpu.micro_batch x model.sequence_len x world_size = {micro_batch} x {seq_len} x "
-                        f"{world_size} = {per_pass}")
-    return total_batch_tokens // per_pass
-
-
 def build_optimizers(model, s: StageConfig) -> list[torch.optim.Optimizer]:
     groups = model.param_groups()
     muon = torch.optim.Muon(groups["matrix"], lr=s.matrix_lr, momentum=0.95, weight_decay=s.weight_decay,
@@ -79,7 +68,7 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
     model, cfg, rt, tokenizer = ctx.model, ctx.config, ctx.runtime, ctx.tokenizer
     s = cfg.stage
     ckpt_dir = checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, stage.name)
-    accum = grad_accum_steps(s.total_batch_tokens, cfg.gpu.micro_batch, cfg.model.sequence_len, rt.world_size)
+    accum = ctx.grad_accum
 
     start_step = 0
     resume_from = checkpoint.latest(ckpt_dir) if cfg.resume else None

@@ -32,9 +32,9 @@ from hybridchat import config as config_schema
 from hybridchat.config import Config, DataConfig, DistributedConfig, GPUConfig, ModelConfig, PathsConfig, StageConfig
 from hybridchat.errors import UserError, run_or_exit
 from hybridchat.fsutil import atomic_write_json
-from hybridchat.loop import grad_accum_steps
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM
+from hybridchat.runtime import grad_accum_steps
 
 GiB = 2**30
 FP32 = 4
@@ -251,7 +251,7 @@ class Planner:
 
     def allowed_micro_batches(self, n_gpus: int) -> list[int]:
         """Candidates in increasing order: the divisors of the per-rank sequences per step when
-        stage.total_batch_tokens is set (loop.grad_accum_steps' rule), else powers of two."""
+        stage.total_batch_tokens is set (runtime.grad_accum_steps' rule), else powers of two."""
         T = self.cfg.sequence_len
         total = self.stage.total_batch_tokens
         if total is None:

@@ -35,6 +35,19 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
+def grad_accum_steps(total_batch_tokens: int | None, micro_batch: int, seq_len: int, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank: stage.total_batch_tokens over the tokens one
+    forward pass of every rank takes (None: 1)."""
+    per_pass = micro_batch * seq_len * world_size
+    if total_batch_tokens is None:
+        return 1
+    if total_batch_tokens <= 0 or total_batch_tokens % per_pass:
+        raise UserError(f"stage.total_batch_tokens={total_batch_tokens} must be a positive multiple of "
+                        f"gpu.micro_batch x model.sequence_len x world_size = {micro_batch} x {seq_len} x "
+                        f"{world_size} = {per_pass}")
+    return total_batch_tokens // per_pass
+
+
 def _check_device(gpu: GPUConfig) -> None:
     device = gpu.device.value
     if device == "cuda" and not torch.cuda.is_available():

@@ -54,11 +54,10 @@ def run(cfg: DictConfig) -> float:
             config, rt.world_size, plan.device_memory(config.gpu, rt.device))
         if rt.is_main:
             log.info("gpu.micro_batch=%d (%s)", config.gpu.micro_batch, cfg.gpu.micro_batch)
-        loop.grad_accum_steps(config.stage.total_batch_tokens, config.gpu.micro_batch, config.model.sequence_len,
-                              rt.world_size)
+        ctx = RunContext(config, rt)
+        ctx.grad_accum  # noqa: B018 (checked now, before data and model are built)
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
-        ctx = RunContext(config, rt)
         tokenizer = ctx.tokenizer
         vocab_size = config.model.vocab_size or tokenizer.vocab_size
         if vocab_size < tokenizer.vocab_size:

@@ -10,9 +10,9 @@ from omegaconf.errors import ValidationError
 from hybridchat.config import Config
 from hybridchat.data.sources import build_source
 from hybridchat.errors import UserError
-from hybridchat.loop import grad_accum_steps
 from hybridchat.model.blocks import PATTERN_PRESETS, expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
+from hybridchat.runtime import grad_accum_steps
 from hybridchat.train import typed_config
 
 GROUPS = ["model", "model/block_pattern", "gpu", "stage", "data", "retriever", "logger", "paths", "experiment"]

@@ -12,7 +12,9 @@ Killed mutants (each planted by hand and seen to fail here; see docs/testing.md)
 - fusion survivors found by mutmut: the tests at the end of this file
 """
 
+import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -460,3 +462,911 @@ def test_loader_with_an_empty_split_names_it():
 
     with pytest.raises(UserError, match="the 'val' split of the data source yielded no documents"):
         next(token_batches(lambda split, epoch: iter([]), "val", CharTokenizer(), 2, 4, loop=False))
+
+
+# ---- checkpoint.py mutants found by mutmut (docs/testing.md) ------------------------------------
+
+CKPT_MODEL = ModelConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_pattern="AM", d_state=8, headdim=16,
+                         mlp_ratio=1, chunk_size=4, sequence_len=16)
+
+
+@pytest.fixture(scope="module")
+def step_folder(tmp_path_factory):
+    """One saved step folder of a tiny AM model (with its config and tokenizer) and an AdamW state."""
+    from hybridchat import checkpoint
+    from hybridchat.data.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = HybridLM(CKPT_MODEL, vocab_size=300)
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 300, (1, 8)), torch.randint(0, 300, (1, 8))).backward()
+    opt.step()
+    tokenizer = Tokenizer.train(["some text for a tokenizer"], 300)
+    meta = {"config": {"model": dataclasses.asdict(CKPT_MODEL)}, "tokenizer": tokenizer.fingerprint}
+    path = checkpoint.save(tmp_path_factory.mktemp("ckpt"), 7, model, [opt], meta, keep=1, tokenizer=tokenizer)
+    return path
+
+
+def edited_copy(src, dst, edit=None, drop=None):
+    """A copy of step folder `src` at `dst` with meta.json changed by edit(meta) and file `drop` removed."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    if edit is not None:
+        meta = json.loads((dst / "meta.json").read_text())
+        edit(meta)
+        (dst / "meta.json").write_text(json.dumps(meta))
+    if drop is not None:
+        (dst / drop).unlink()
+    return dst
+
+
+def test_load_model_refuses_an_incomplete_or_foreign_step_folder_in_one_line(step_folder, tmp_path):
+    """load_model needs the model config and tokenizer.json beside the weights, a config of known
+    keys, and the weights of the tokenizer saved with them; each lack is one UserError saying which
+    (mutants: `meta.get("config", None)`, `or` -> `and`, messages dropped, fingerprint not checked)."""
+    from hybridchat import checkpoint
+
+    def no_config(meta):
+        del meta["config"]
+
+    def unknown_key(meta):
+        meta["config"]["model"]["n_wings"] = 2
+
+    def other_tokenizer(meta):
+        meta["tokenizer"] = "0123456789abcdef"
+
+    cases = [(edited_copy(step_folder, tmp_path / "a", no_config), "lacks its model config or tokenizer.json"),
+             (edited_copy(step_folder, tmp_path / "b", drop="tokenizer.json"), "lacks its model config or tokenizer"),
+             (edited_copy(step_folder, tmp_path / "c", unknown_key), "does not fit this hybridchat .*n_wings"),
+             (edited_copy(step_folder, tmp_path / "d", other_tokenizer), "trained with tokenizer 0123456789abcdef")]
+    for path, message in cases:
+        with pytest.raises(UserError, match=message):
+            checkpoint.load_model(path)
+    model, tokenizer, meta = checkpoint.load_model(step_folder)  # the untouched folder loads
+    assert meta["step"] == 7 and meta["format_version"] == 1 and not model.training
+
+
+def test_load_model_puts_the_model_on_the_asked_device_and_ssm_backend(step_folder):
+    """device and ssm_backend reach the model (mutants: model.to(None), the backend argument dropped)."""
+    from hybridchat import checkpoint
+
+    model, _, _ = checkpoint.load_model(step_folder, device="meta", ssm_backend="auto")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert [b.mixer.backend for b in model.blocks if b.kind == "M"] == ["auto"]
+
+
+def test_optimizer_state_for_another_list_of_optimizers_is_refused(step_folder):
+    """The step folder holds one AdamW: loading it into two AdamWs (same types where they pair up) or
+    into an SGD is one UserError naming both lists (mutants: `or` -> `and`, the message dropped)."""
+    from hybridchat import checkpoint
+
+    model = HybridLM(CKPT_MODEL, vocab_size=300)
+    params = list(model.parameters())
+    two = [torch.optim.AdamW(params[:3]), torch.optim.AdamW(params[3:])]
+    with pytest.raises(UserError, match=r"checkpoint optimizers \['AdamW'\] do not match this run's "
+                                        r"\['AdamW', 'AdamW'\]"):
+        checkpoint.load(step_folder, model, two)
+    with pytest.raises(UserError, match=r"\['AdamW'\] do not match this run's \['SGD'\]"):
+        checkpoint.load(step_folder, model, [torch.optim.SGD(params, lr=0.1)])
+
+
+def test_find_gives_the_latest_or_the_asked_step_or_says_what_to_run(tmp_path):
+    """find() against folders made by hand: only step folders with meta.json count."""
+    from hybridchat import checkpoint
+
+    stage = tmp_path / "run1" / "pretrain"
+    for name in ("step_000002", "step_000010"):
+        (stage / name).mkdir(parents=True)
+        (stage / name / "meta.json").write_text("{}")
+    (stage / "step_000011").mkdir()  # an interrupted save: no meta.json
+    assert checkpoint.find(tmp_path, "run1", "pretrain") == stage / "step_000010"
+    assert checkpoint.find(str(tmp_path), "run1", "pretrain", step=2) == stage / "step_000002"
+    with pytest.raises(UserError) as e:
+        checkpoint.find(tmp_path, "run1", "pretrain", step=11)
+    assert str(e.value) == f"no checkpoint {stage / 'step_000011'}; {stage} holds ['step_000002', 'step_000010']"
+    with pytest.raises(UserError) as e:
+        checkpoint.find(tmp_path, "run2", "mid", step=3)
+    assert str(e.value) == f"no checkpoint {tmp_path / 'run2' / 'mid' / 'step_000003'}; " \
+                           f"{tmp_path / 'run2' / 'mid'} holds none"
+    with pytest.raises(UserError) as e:
+        checkpoint.find(tmp_path, "run2", "mid")
+    assert str(e.value) == (f"{tmp_path / 'run2' / 'mid'} holds no checkpoint: train it first with python -m "
+                            f"hybridchat.train stage=mid run_name=run2 (and the same model=...)")
+
+
+# ---- loop.py mutants found by mutmut (docs/testing.md) ------------------------------------------
+
+def test_grad_accum_steps_is_batch_tokens_over_rows_times_length_times_ranks():
+    """Hand values: 4 rows x 256 tokens x 3 ranks = 3072 tokens per pass; zero, negative or ragged
+    totals are one UserError naming the keys and the product."""
+    from hybridchat.runtime import grad_accum_steps
+
+    assert grad_accum_steps(5 * 3072, 4, 256, 3) == 5
+    assert grad_accum_steps(3072, 4, 256, 3) == 1
+    assert grad_accum_steps(None, 4, 256, 3) == 1
+    assert grad_accum_steps(1, 1, 1, 1) == 1  # one token per pass: a total of 1 is one pass
+    for bad in (0, -3072, 3072 + 256, 1000):
+        with pytest.raises(UserError) as e:
+            grad_accum_steps(bad, 4, 256, 3)
+        assert str(e.value) == (f"stage.total_batch_tokens={bad} must be a positive multiple of gpu.micro_batch x "
+                                f"model.sequence_len x world_size = 4 x 256 x 3 = 3072")
+
+
+def test_optimizers_follow_the_recipe_muon_for_block_matrices_adamw_for_the_rest():
+    """Muon (momentum 0.95, lr scaled the "original" way, stage weight decay) takes the 2-D matrices
+    inside blocks; AdamW (betas 0.8/0.95, eps 1e-10, no decay) takes embedding, head and the rest, each
+    group at its stage lr, in that order; initial_lr is the lr the schedule multiplies."""
+    from hybridchat.config import StageConfig
+    from hybridchat.loop import build_optimizers
+
+    model = HybridLM(dataclasses.replace(CKPT_MODEL, norm_weights=True), vocab_size=50)
+    s = StageConfig(matrix_lr=0.03, embedding_lr=0.2, unembedding_lr=0.007, scalar_lr=0.5, weight_decay=0.05)
+    muon, adamw = build_optimizers(model, s)
+    named = dict(model.named_parameters())
+    matrices = [n for n, p in named.items() if n.startswith("blocks.") and p.ndim == 2]
+    rest = [n for n in named if n not in matrices and n not in ("wte.weight", "lm_head.weight")]
+    names = {id(p): n for n, p in named.items()}
+    assert type(muon) is torch.optim.Muon and len(muon.param_groups) == 1
+    group = muon.param_groups[0]
+    assert sorted(names[id(p)] for p in group["params"]) == sorted(matrices)
+    assert (group["lr"], group["initial_lr"], group["momentum"], group["weight_decay"], group["adjust_lr_fn"]) == \
+        (0.03, 0.03, 0.95, 0.05, "original")
+    assert type(adamw) is torch.optim.AdamW
+    assert [[names[id(p)] for p in g["params"]] for g in adamw.param_groups] == \
+        [["wte.weight"], ["lm_head.weight"], rest]
+    assert [(g["lr"], g["initial_lr"]) for g in adamw.param_groups] == [(0.2, 0.2), (0.007, 0.007), (0.5, 0.5)]
+    assert all((g["betas"], g["eps"], g["weight_decay"]) == ((0.8, 0.95), 1e-10, 0.0) for g in adamw.param_groups)
+
+
+def test_lr_schedule_edges_no_warmup_and_a_warmdown_of_under_one_step():
+    """Hand values: without warmup the first step runs at the full lr; a warmdown_ratio that rounds
+    to zero steps still ends at final_lr_frac only through max(1, ...): one step of warmdown, which
+    is the step past the last (the schedule is 1.0 on every step that runs)."""
+    from hybridchat.config import StageConfig
+    from hybridchat.loop import lr_multiplier
+
+    s = StageConfig(num_steps=10, warmup_steps=0, warmdown_ratio=0.04, final_lr_frac=0.1)
+    assert [lr_multiplier(i, s) for i in range(10)] == [1.0] * 10
+    assert lr_multiplier(10, s) == pytest.approx(0.1)
+    s = StageConfig(num_steps=8, warmup_steps=4, warmdown_ratio=0.5, final_lr_frac=0.0)
+    assert [lr_multiplier(i, s) for i in range(8)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+class CountingSGD(torch.optim.SGD):
+    """SGD that also keeps a plain Python number per parameter: state that is not a tensor."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["count"] = self.state[p].get("count", 0) + 1
+
+
+def test_optimizer_state_round_trip_keeps_groups_as_saved_and_number_state(step_folder, tmp_path):
+    """What torch.optim's own state_dict holds comes back from the folder as it was: AdamW's groups
+    with betas a tuple again (JSON made it a list), and per-parameter state that is a Python number
+    (mutants: lists never turned back into tuples, `params` turned instead, the number state dropped
+    or filed under another parameter, or lost where a parameter has no tensor state)."""
+    from hybridchat import checkpoint
+    from hybridchat.data.tokenizer import Tokenizer
+
+    def groups(opt):
+        return [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
+
+    model, _, _ = checkpoint.load_model(step_folder)
+    params = list(model.parameters())
+    as_saved = groups(torch.optim.AdamW(params, lr=1e-3))  # the fixture's optimizer, built alike
+    assert type(as_saved[0]["betas"]) is tuple
+    fresh = torch.optim.AdamW(params, lr=0.5, betas=(0.1, 0.2))
+    checkpoint.load(step_folder, model, [fresh])
+    assert groups(fresh) == as_saved
+
+    def counting_sgd():  # momentum only in the first group: the second's state is the number alone
+        return CountingSGD([{"params": params[:2], "momentum": 0.9}, {"params": params[2:]}], lr=0.1)
+
+    sgd = counting_sgd()
+    for _ in range(3):
+        model(torch.randint(0, 300, (1, 6)), torch.randint(0, 300, (1, 6))).backward()
+        sgd.step()
+        model.zero_grad()
+    sgd.state[params[1]]["count"] = 7  # one parameter's number differs from the others'
+    expected = {pid: s["count"] for pid, s in sgd.state_dict()["state"].items()}
+    path = checkpoint.save(tmp_path, 3, model, [sgd], {}, keep=1, tokenizer=Tokenizer.load(step_folder / "tokenizer.json"))
+    again = counting_sgd()
+    checkpoint.load(path, model, [again])
+    assert {pid: s["count"] for pid, s in again.state_dict()["state"].items()} == expected
+    assert expected[1] == 7 and len(expected) == len(params)
+    assert set(again.state_dict()["state"][5]) == {"count"} and "momentum_buffer" in again.state_dict()["state"][0]
+
+
+def test_checkpoint_loads_into_a_one_rank_fsdp_model_with_sharded_optimizer_state(step_folder):
+    """Under FSDP the parameters are DTensors: the full tensors of the folder are cut like them, the
+    weights and AdamW's moments alike (a step count is not), so training goes on. A one-rank gloo group
+    in this process; the values against the safetensors files read directly (mutants: the moments
+    left whole, or every state entry cut, or cut like nothing)."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from hybridchat import checkpoint
+
+    weights = load_file(str(step_folder / "model.safetensors"))
+    moments = load_file(str(step_folder / "optimizer.safetensors"))
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = HybridLM(CKPT_MODEL, vocab_size=300)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        checkpoint.load(step_folder, model, [opt])
+        names = [n for n, _ in model.named_parameters()]
+        for name, p in model.named_parameters():
+            assert isinstance(p, DTensor) and torch.equal(p.full_tensor(), weights[name]), name
+        for pid, state in opt.state_dict()["state"].items():
+            assert isinstance(state["exp_avg"], DTensor) and not isinstance(state["step"], DTensor), names[pid]
+            assert torch.equal(state["exp_avg"].full_tensor(), moments[f"0.{pid}.exp_avg"]), names[pid]
+            assert torch.equal(state["step"], moments[f"0.{pid}.step"])
+        model(torch.randint(0, 300, (1, 6)), torch.randint(0, 300, (1, 6))).backward()
+        opt.step()  # moments and parameters laid out alike: the step runs
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- the training loop driven directly: a toy stage on a tiny model, no data pipeline ------------
+
+TOY_MODEL = ModelConfig(n_layer=2, n_embd=16, n_head=2, n_kv_head=1, block_pattern="AM", d_state=4, headdim=8,
+                        mlp_ratio=1, chunk_size=4, sequence_len=8)
+TOY_VOCAB = 40
+
+
+class ListTracker:
+    def __init__(self):
+        self.records = []
+
+    def log(self, step, **metrics):
+        self.records.append((step, metrics))
+
+    def values(self, key):
+        return [(step, m[key]) for step, m in self.records if key in m]
+
+
+class StubTokenizer:
+    fingerprint = "stub"
+
+    def save(self, path):
+        path.write_text("{}")
+
+
+def toy_stage_class():
+    from hybridchat.stages import Stage
+
+    class ToyStage(Stage):
+        """Fixed random batches; records what the loop asks of it."""
+
+        name = "toy"
+        monitor = "val/loss"
+
+        def __init__(self, ctx, on_step=None):
+            super().__init__(ctx)
+            g = torch.Generator().manual_seed(0)
+            rows, length = ctx.config.gpu.micro_batch, ctx.config.model.sequence_len
+            self.batches = [{"inputs": torch.randint(0, TOY_VOCAB, (rows, length), generator=g),
+                             "targets": torch.randint(0, TOY_VOCAB, (rows, length), generator=g)} for _ in range(64)]
+            self.val = self.batches[-1:]
+            self.starts, self.steps, self.evaluated, self.initialised = [], 0, 0, []
+            self.on_step = on_step
+
+        def initialise(self, model, source):
+            self.initialised.append((model, source))
+
+        def train_batches(self, start, rank, world_size):
+            self.starts.append((start, rank, world_size))
+            return iter(self.batches[start:])
+
+        def val_batches(self):
+            return self.val
+
+        def training_step(self, model, batch):
+            self.steps += 1
+            loss = self.on_step(self, model) if self.on_step is not None else None  # a loss of its own, or None
+            return model(batch["inputs"], batch["targets"]) if loss is None else loss
+
+        def evaluate(self, model):
+            self.evaluated += 1
+            with torch.no_grad():
+                return {"val/loss": model(self.val[0]["inputs"], self.val[0]["targets"]).item()}
+
+        def step_metrics(self):
+            return {"toy/micro_steps": self.steps}
+
+    return ToyStage
+
+
+def toy_run(tmp_path, *, on_step=None, resume=False, micro_batch=2, gpu=None, seed=0, source=None, setup=None,
+            progress=False, **stage):
+    """(stage, ctx, tracker, summary or the exception) of loop.train on the toy stage."""
+    from hybridchat import loop
+    from hybridchat.config import Config, GPUConfig, PathsConfig, StageConfig
+    from hybridchat.context import RunContext
+    from hybridchat.runtime import Runtime
+
+    stage_cfg = StageConfig(**{"num_steps": 4, "warmup_steps": 0, "eval_every": 2, "checkpoint_every": 2,
+                               "keep_checkpoints": 10, **stage})
+    config = Config(model=TOY_MODEL, gpu=GPUConfig(micro_batch=micro_batch, **(gpu or {})), stage=stage_cfg,
+                    paths=PathsConfig(checkpoints=str(tmp_path)), run_name="toy", resume=resume, progress=progress)
+    torch.manual_seed(seed)
+    model = HybridLM(TOY_MODEL, vocab_size=TOY_VOCAB)
+    model.init_weights()
+    ctx = RunContext(config, Runtime(torch.device("cpu"), None), model)
+    ctx.tokenizer = StubTokenizer()
+    ctx.source_checkpoint = source
+    toy, tracker = toy_stage_class()(ctx, on_step), ListTracker()
+    if setup is not None:
+        setup(toy)
+    try:
+        return toy, ctx, tracker, loop.train(toy, ctx, tracker, {"toy": True})
+    except Exception as e:  # noqa: BLE001 - the tests look at it
+        return toy, ctx, tracker, e
+
+
+def test_at_path_takes_a_step_folder_or_the_latest_step_of_a_stage_folder(tmp_path):
+    """checkpoint.at_path against folders made by hand: only step folders with meta.json count."""
+    from hybridchat import checkpoint
+
+    stage = tmp_path / "pretrain"
+    for name in ("step_000003", "step_000012"):
+        (stage / name).mkdir(parents=True)
+        (stage / name / "meta.json").write_text("{}")
+    (stage / "step_000013").mkdir()  # no meta.json: not a checkpoint
+    assert checkpoint.at_path(str(stage / "step_000003")) == stage / "step_000003"
+    assert checkpoint.at_path(stage) == stage / "step_000012"
+    for path in (stage / "step_000013", tmp_path / "nowhere"):
+        with pytest.raises(UserError) as e:
+            checkpoint.at_path(path)
+        assert str(e.value) == f"{path} is neither a checkpoint step folder (with meta.json) nor a folder of them"
+
+
+def test_unreadable_checkpoint_metadata_is_one_line_naming_the_error(tmp_path):
+    """read_meta's UserError carries the error's type and its text on one line, cut at 200 characters;
+    JSON that is not an object is refused as not a checkpoint's (mutants: the type of None named, the
+    words joined by something else, the text of None, 201 characters, the dict check skipped)."""
+    from hybridchat.checkpoint import read_meta
+
+    bad_json = tmp_path / "bad"
+    bad_json.mkdir()
+    (bad_json / "meta.json").write_text("{\n  \"step\":   }")
+    with pytest.raises(UserError) as e:
+        read_meta(bad_json)
+    assert str(e.value) == (f"checkpoint metadata {bad_json / 'meta.json'} is unreadable or corrupted "
+                            f"(JSONDecodeError: Expecting value: line 2 column 13 (char 14))")
+    deep = tmp_path / ("long-folder-name-" * 12)
+    (deep / "meta.json").mkdir(parents=True)  # a folder where the file should be: IsADirectoryError
+    with pytest.raises(UserError) as e:
+        read_meta(deep)
+    text = f"[Errno 21] Is a directory: '{deep / 'meta.json'}'"
+    assert len(text) > 200
+    assert str(e.value) == (f"checkpoint metadata {deep / 'meta.json'} is unreadable or corrupted "
+                            f"(IsADirectoryError: {text[:200]})")
+    listed = tmp_path / "list"
+    listed.mkdir()
+    (listed / "meta.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="is not a hybridchat checkpoint's"):
+        read_meta(listed)
+
+
+def test_metadata_format_version_absent_means_0_and_newer_is_refused(tmp_path):
+    """meta.json without format_version is a version-0 checkpoint and loads; a version that is not an
+    integer (a string, a boolean) is not a checkpoint's; a newer version than this hybridchat reads is
+    one UserError asking for an upgrade (mutants: another key or default read, `or` -> `and`)."""
+    from hybridchat.checkpoint import FORMAT_VERSION, read_meta
+
+    (tmp_path / "meta.json").write_text('{"step": 3}')
+    assert read_meta(tmp_path) == {"step": 3}
+    for version in ('"2"', "true", "1.0"):
+        (tmp_path / "meta.json").write_text(f'{{"format_version": {version}}}')
+        with pytest.raises(UserError, match="expected a JSON object with an integer format_version"):
+            read_meta(tmp_path)
+    (tmp_path / "meta.json").write_text(f'{{"format_version": {FORMAT_VERSION + 1}, "step": 3}}')
+    with pytest.raises(UserError) as e:
+        read_meta(tmp_path)
+    assert str(e.value) == (f"checkpoint {tmp_path} has format_version {FORMAT_VERSION + 1}; this hybridchat reads "
+                            f"up to {FORMAT_VERSION}: upgrade hybridchat")
+
+
+def loop_messages(caplog, summary):
+    """The loop's log lines before its last, which must be rank 0's checksum of the final weights."""
+    *before, last = caplog.messages
+    assert last == f"rank 0 final parameter checksum {summary['param_checksum']:.10e}"
+    return before
+
+
+def test_loop_logs_loss_gradient_norm_and_throughput_of_the_whole_accumulated_step(tmp_path, monkeypatch):
+    """One step of 2 micro-batches of 2 rows: the logged loss and gradient norm are those of the 4 rows'
+    mean loss on the initial weights (a plain forward and backward on a copy built alike), tokens per
+    second counts both micro-batches (a fake clock at 100 s: 0.25 s per step), and MFU = flops per token x
+    tokens / seconds / peak."""
+    import types
+
+    from hybridchat import loop
+
+    clock = iter(100 + i * 0.25 for i in range(1000))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    torch.manual_seed(0)
+    ref = HybridLM(TOY_MODEL, vocab_size=TOY_VOCAB)
+    ref.init_weights()
+    toy, _, tracker, summary = toy_run(tmp_path, num_steps=1, total_batch_tokens=32, gpu={"peak_tflops_bf16": 2.0})
+    assert isinstance(summary, dict), summary
+    inputs = torch.cat([toy.batches[0]["inputs"], toy.batches[1]["inputs"]])
+    targets = torch.cat([toy.batches[0]["targets"], toy.batches[1]["targets"]])
+    loss = ref(inputs, targets)
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]))
+    [(step, metrics)] = [(s, m) for s, m in tracker.records if "train/loss" in m]
+    assert step == 1 and toy.steps == 2
+    assert metrics["train/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert metrics["train/grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    assert metrics["train/tok_per_s"] == 32 / 0.25
+    assert metrics["train/mfu"] == ref.flops_per_token() * 32 / 0.25 / 2e12  # the same float operations
+    assert metrics["train/lr_mult"] == 1.0 and metrics["toy/micro_steps"] == 2
+
+
+def test_loop_evaluates_and_saves_on_schedule_and_sums_up_the_run(tmp_path):
+    """5 steps, eval_every=2, checkpoint_every=2, 2 micro-batches a step: evaluations at steps 0, 2, 4
+    and the end; checkpoints at 2 and 4 and the end, each meta.json holding the stage, run, tokenizer,
+    data position (steps x micro-batches) and the resolved config; the summary's first/final metric and
+    a checksum that is the plain sum of the final weights."""
+    import json
+
+    toy, ctx, tracker, summary = toy_run(tmp_path, num_steps=5, eval_every=2, checkpoint_every=2,
+                                         total_batch_tokens=32)
+    assert isinstance(summary, dict), summary
+    vals = dict(tracker.values("val/loss"))
+    assert list(vals) == [0, 2, 4, 5] and toy.evaluated == 4
+    assert [s for s, _ in tracker.values("train/loss")] == [1, 2, 3, 4, 5]
+    stage_dir = tmp_path / "toy" / "toy"
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["step_000002", "step_000004", "step_000005"]
+    meta = json.loads((stage_dir / "step_000004" / "meta.json").read_text())
+    assert (meta["step"], meta["stage"], meta["run_name"], meta["tokenizer"], meta["data_position"], meta["config"]) \
+        == (4, "toy", "toy", "stub", 8, {"toy": True})
+    assert type(meta["data_position"]) is int  # a batch index: 8, not 8.0
+    assert summary["first"] == vals[0] and summary["final"] == vals[5] and summary["metrics"] == {"val/loss": vals[5]}
+    assert summary["checkpoint"] == str(stage_dir / "step_000005") and summary["checkpoint_dir"] == str(stage_dir)
+    assert summary["start_step"] == 0 and summary["monitor"] == "val/loss"
+    checksum = sum(float(p.detach().double().sum()) for p in ctx.model.parameters())
+    assert summary["param_checksum"] == pytest.approx(checksum, rel=1e-12, abs=1e-12)
+    assert toy.starts == [(0, 0, 1)] and toy.initialised == []
+
+
+def test_loop_resumes_at_the_latest_checkpoint_its_step_weights_and_data_position(tmp_path, caplog):
+    """A run stopped after its step-2 checkpoint, resumed (from another initialisation): it starts at step 2
+    at data position 2 steps x 2 micro-batches, with step 2's weights (its first evaluation equals the
+    straight run's at step 2); the source checkpoint is not loaded then. resume=true with nothing saved
+    starts from scratch and says so."""
+    import logging
+    import shutil
+
+    _, _, straight, _ = toy_run(tmp_path / "a", num_steps=4, checkpoint_every=2, total_batch_tokens=32)
+    shutil.rmtree(tmp_path / "a" / "toy" / "toy" / "step_000004")
+    with caplog.at_level(logging.INFO, logger="hybridchat.loop"):
+        toy, _, tracker, summary = toy_run(tmp_path / "a", resume=True, seed=1, source=tmp_path / "src",
+                                           num_steps=4, checkpoint_every=2, total_batch_tokens=32)
+    assert isinstance(summary, dict), summary
+    assert toy.starts == [(4, 0, 1)] and summary["start_step"] == 2 and toy.initialised == []
+    assert [s for s, _ in tracker.values("train/loss")] == [3, 4]
+    assert tracker.values("val/loss")[0] == (2, dict(straight.values("val/loss"))[2])
+    assert loop_messages(caplog, summary) == [f"resumed from {tmp_path / 'a' / 'toy' / 'toy' / 'step_000002'} at step 2"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hybridchat.loop"):  # resume=false: the checkpoints are ignored
+        toy, _, _, summary = toy_run(tmp_path / "a", num_steps=1)
+    assert toy.starts == [(0, 0, 1)] and summary["start_step"] == 0 and loop_messages(caplog, summary) == []
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hybridchat.loop"):
+        toy, _, _, summary = toy_run(tmp_path / "b", resume=True, num_steps=1)
+    assert toy.starts == [(0, 0, 1)] and summary["start_step"] == 0
+    assert loop_messages(caplog, summary) == [f"resume=true but {tmp_path / 'b' / 'toy' / 'toy'} holds no "
+                                              f"checkpoint: starting from scratch"]
+
+
+def test_loop_initialises_from_the_source_checkpoint_when_not_resuming(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="hybridchat.loop"):
+        toy, ctx, _, summary = toy_run(tmp_path, source=tmp_path / "src" / "step_000009", num_steps=1)
+    assert isinstance(summary, dict), summary
+    assert toy.initialised == [(ctx.model, tmp_path / "src" / "step_000009")]
+    assert loop_messages(caplog, summary) == [f"initialised from {tmp_path / 'src' / 'step_000009'}"]
+
+
+def test_loop_applies_the_schedule_to_every_optimizer_group(tmp_path, monkeypatch):
+    """Hand values: 4 steps, 2 of warmup, round(0.5 x 4) = 2 of warmdown to 0.2: each group's lr is
+    its initial lr times 0.5, 1, 1, 0.6 during the steps."""
+    from hybridchat import loop
+
+    built, seen = [], []
+    build = loop.build_optimizers
+    monkeypatch.setattr(loop, "build_optimizers", lambda model, s: built.append(build(model, s)) or built[-1])
+
+    def record(toy, model):
+        seen.append({round(g["lr"] / g["initial_lr"], 9) for opt in built[0] for g in opt.param_groups})
+
+    _, _, tracker, summary = toy_run(tmp_path, on_step=record, num_steps=4, warmup_steps=2, warmdown_ratio=0.5,
+                                     final_lr_frac=0.2)
+    assert isinstance(summary, dict), summary
+    assert seen == [{0.5}, {1.0}, {1.0}, {0.6}]
+    assert [v for _, v in tracker.values("train/lr_mult")] == pytest.approx([0.5, 1.0, 1.0, 0.6])
+
+
+def test_loop_stops_on_a_non_finite_loss_naming_the_step(tmp_path):
+    def poison(toy, model):
+        if toy.steps == 2:
+            with torch.no_grad():
+                model.wte.weight.fill_(float("nan"))
+
+    _, _, _, error = toy_run(tmp_path, on_step=poison, num_steps=4)
+    assert isinstance(error, RuntimeError)
+    assert str(error) == "training loss became nan at step 2; lower the learning rates"
+
+
+def test_loop_refuses_a_validation_set_without_one_batch(tmp_path):
+    def no_val(toy):
+        toy.val = []
+
+    _, _, _, error = toy_run(tmp_path, setup=no_val, num_steps=2)
+    assert isinstance(error, UserError)
+    assert str(error) == ("stage=toy: the validation split is too small for one batch of gpu.micro_batch=2 "
+                          "(model.sequence_len=8)")
+
+
+def test_loop_saves_once_and_stops_at_the_step_a_stop_signal_arrives(tmp_path, caplog):
+    """SIGUSR1 during step 2 (a real signal to this process): step 2 ends, its checkpoint is written once,
+    Preempted names the signal and the step, a warning says where it saved and how to continue; no
+    further step runs."""
+    import logging
+    import os
+    import signal
+
+    from hybridchat.preemption import Preempted
+
+    def signal_at_step_2(toy, model):
+        if toy.steps == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    with caplog.at_level(logging.WARNING, logger="hybridchat.loop"):
+        toy, _, tracker, error = toy_run(tmp_path, on_step=signal_at_step_2, num_steps=6, checkpoint_every=2)
+    assert isinstance(error, Preempted) and (error.signum, error.step) == (signal.SIGUSR1, 2)
+    assert caplog.messages == [f"stopped by SIGUSR1 after step 2: saved {tmp_path / 'toy' / 'toy' / 'step_000002'}; "
+                               f"run the same command with resume=true to continue (launchers/slurm.sh passes it)"]
+    assert toy.steps == 2 and [s for s, _ in tracker.values("train/loss")] == [1, 2]
+    assert [p.name for p in (tmp_path / "toy" / "toy").iterdir()] == ["step_000002"]
+
+
+def test_loop_runs_under_the_chosen_attention_backend(tmp_path, monkeypatch):
+    """gpu.attention_backend=math enters SDPA's math-only context around training; auto enters none."""
+    from contextlib import contextmanager
+
+    from torch.nn.attention import SDPBackend
+
+    from hybridchat import loop
+    from hybridchat.config import AttentionBackend
+
+    entered = []
+
+    @contextmanager
+    def recording_kernel(backend):
+        entered.append(backend)
+        yield
+
+    monkeypatch.setattr(loop, "sdpa_kernel", recording_kernel)
+    _, _, _, summary = toy_run(tmp_path / "m", num_steps=1, gpu={"attention_backend": AttentionBackend.math})
+    assert isinstance(summary, dict) and entered == [SDPBackend.MATH]
+    _, _, _, summary = toy_run(tmp_path / "a", num_steps=1)
+    assert isinstance(summary, dict) and entered == [SDPBackend.MATH]
+
+
+# ---- engine.py ----------------------------------------------------------------------------------
+
+def small_lm(pattern="AM", seed=0):
+    """2 layers, float64, every weight perturbed (zero-initialised projections would make blocks identities)."""
+    torch.manual_seed(seed)
+    model = HybridLM(dataclasses.replace(TOY_MODEL, block_pattern=pattern, sequence_len=64), vocab_size=TOY_VOCAB)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.double().eval()
+
+
+def test_sampling_follows_softmax_of_logits_over_temperature():
+    """Frequencies of 20000 draws (one row each) against softmax(logits / T) computed by hand:
+    T = 0.5 squares the probabilities, T = 2 takes their square root (mutant: logits * T)."""
+    from hybridchat.engine import sample
+
+    p = [0.5, 0.3, 0.15, 0.05]
+    logits = torch.log(torch.tensor([p])).expand(20000, -1)
+    gen = torch.Generator().manual_seed(0)
+    for temperature, power in ((0.5, 2.0), (2.0, 0.5)):
+        draws = sample(logits, temperature=temperature, generator=gen)
+        expected = [q ** power / sum(r ** power for r in p) for q in p]
+        freq = torch.bincount(draws, minlength=4).double() / len(draws)
+        assert freq.tolist() == pytest.approx(expected, abs=0.015), temperature
+
+
+def test_top_p_keeps_the_tokens_before_the_mass_is_reached():
+    """Probabilities 1/2, 1/4, 1/8, 1/8 (exact in binary): top_p = 0.75 keeps the first two (the
+    first two already reach 0.75, so the third is dropped: >=, not >); top_p = 1 keeps all four."""
+    from hybridchat.engine import sample
+
+    logits = torch.log(torch.tensor([[0.125, 0.5, 0.125, 0.25]])).expand(4000, -1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample(logits, top_p=0.75, generator=gen).tolist()) == {1, 3}
+    assert set(sample(logits, top_p=1.0, generator=gen).tolist()) == {0, 1, 2, 3}
+    assert set(sample(logits, top_k=4, generator=gen).tolist()) == {0, 1, 2, 3}
+
+
+def test_generation_result_counts_and_rate():
+    from hybridchat.engine import GenerationResult
+
+    assert GenerationResult([[1]], ["stop"], generated_tokens=12, decode_seconds=4.0).tokens_per_second == 3.0
+    assert GenerationResult([[1]], ["stop"], generated_tokens=12).tokens_per_second == 0.0
+
+
+def test_prompts_are_grouped_by_length_spread_and_batch_size():
+    """Hand grouping of lengths [5, 1, 2, 9, 3, 4] with spread 2 and at most 2 per batch: in length
+    order, a prompt opens a new group when it is more than 2 longer than the group's first or the
+    group is full."""
+    from hybridchat.engine import Engine
+
+    engine = Engine(None, max_length_spread=2, max_batch_size=2)
+    assert engine._groups([5, 1, 2, 9, 3, 4]) == [[1, 2], [4, 5], [0], [3]]
+    assert Engine(None, max_length_spread=2)._groups([5, 1, 2, 9, 3, 4]) == [[1, 2, 4], [5, 0], [3]]
+    assert Engine(None, max_length_spread=0)._groups([3, 3, 4]) == [[0, 1], [2]]
+
+
+def test_engine_reports_prompt_tokens_cache_size_and_times_and_restores_training_mode(monkeypatch):
+    """Counts by hand: prompt tokens, the largest cache (a group's rows x samples, room for the longest
+    prompt + new tokens + extra_len), seconds from a fake clock that ticks 1 per reading (prefill and
+    decode once per group); the model's training flag is put back."""
+    import types
+
+    from hybridchat import engine as engine_module
+    from hybridchat.engine import Engine
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    model = small_lm()
+    model.train()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
+    res = Engine(model, max_length_spread=0).generate(prompts, 4, temperature=0, num_samples=2, extra_len=3)
+    assert model.training
+    assert res.prompt_tokens == 12 and res.generated_tokens == 3 * 2 * 4
+    assert res.prefill_seconds == 3.0 and res.decode_seconds == 3.0  # three groups
+    biggest = model.allocate_cache(1, 8 + 4 + 3).nbytes() * 2
+    assert res.cache_bytes == biggest
+
+
+def test_generation_without_a_seed_differs_between_calls_and_with_one_repeats():
+    from hybridchat.engine import Engine
+
+    model = small_lm()
+    engine = Engine(model)
+    runs = [engine.generate([[1, 2]], 24, temperature=1.0).tokens for _ in range(2)]
+    assert runs[0] != runs[1]
+    assert engine.generate([[1, 2]], 24, seed=5).tokens == engine.generate([[1, 2]], 24, seed=5).tokens
+
+
+def test_no_prompts_is_an_error_and_a_full_cache_ends_a_row_with_length():
+    """A hook that injects more tokens than extra_len left room for: the row stops when the attention
+    cache is full, finish reason "length", having sampled fewer than max_new_tokens."""
+    from hybridchat.engine import Engine
+
+    with pytest.raises(ValueError, match="at least one token"):
+        Engine(small_lm()).generate([], 3)
+    model = small_lm("AA")
+    res = Engine(model).generate([[1, 2, 3]], 6, temperature=0, extra_len=2,
+                                 query_hook=lambda seq, out: [7, 7, 7, 7] if len(out) == 1 else None)
+    assert res.finish_reasons == ["length"]
+    assert res.tokens[0][1:5] == [7, 7, 7, 7] and res.generated_tokens < 6
+
+
+def test_generation_under_autocast_keeps_the_cache_in_the_autocast_dtype():
+    from hybridchat.engine import Engine
+
+    model = small_lm().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = Engine(model).generate([[1, 2, 3]], 2, temperature=0)
+    assert res.cache_bytes == model.allocate_cache(1, 5, dtype=torch.bfloat16).nbytes()
+
+
+def test_weights_file_with_missing_or_extra_tensors_is_refused_naming_them(step_folder, tmp_path):
+    """A model.safetensors that lacks tensors, or holds ones the model has not, is one UserError naming
+    the first five keys (mutants: `or` -> `and`, which lets either through alone; strict loading; six
+    named)."""
+    from safetensors.torch import load_file, save_file
+
+    from hybridchat import checkpoint
+
+    weights = load_file(str(step_folder / "model.safetensors"))
+    lacking = edited_copy(step_folder, tmp_path / "lacking")
+    save_file({k: v for k, v in weights.items() if not k.startswith("blocks.1.")}, str(lacking / "model.safetensors"))
+    with pytest.raises(UserError) as e:
+        checkpoint.load(lacking, HybridLM(CKPT_MODEL, vocab_size=300))
+    first_five = ["dt_bias", "A_log", "D", "in_proj.weight", "conv1d.weight"]  # of 10, in registration order
+    assert str(e.value) == (f"checkpoint {lacking}/model.safetensors does not match the model: missing "
+                            f"{['blocks.1.mixer.' + name for name in first_five]}, unexpected []")
+    extra = edited_copy(step_folder, tmp_path / "extra")
+    save_file({**weights, **{f"extra{i}": torch.zeros(2) for i in range(7)}}, str(extra / "model.safetensors"))
+    with pytest.raises(UserError) as e:
+        checkpoint.load(extra, HybridLM(CKPT_MODEL, vocab_size=300))
+    assert str(e.value) == (f"checkpoint {extra}/model.safetensors does not match the model: missing [], "
+                            f"unexpected {[f'extra{i}' for i in range(5)]}")
+
+
+def test_architecture_mismatch_lists_every_difference_and_no_architecture_fits_nothing(step_folder, tmp_path):
+    """Each differing setting is named with both values, joined by '; '; a meta.json without any
+    architecture matches no model (mutants: the join string, `meta.get("architecture", None)`)."""
+    from hybridchat import checkpoint
+
+    other = HybridLM(dataclasses.replace(CKPT_MODEL, mlp_ratio=2, qk_norm=False), vocab_size=300)
+    with pytest.raises(UserError) as e:
+        checkpoint.load(step_folder, other)
+    assert str(e.value) == (f"checkpoint {step_folder} does not fit this model (mlp_ratio: checkpoint 1 vs config 2; "
+                            f"qk_norm: checkpoint True vs config False); choose the matching model/block_pattern or "
+                            f"another run_name")
+
+    def no_architecture(meta):
+        del meta["architecture"]
+
+    bare = edited_copy(step_folder, tmp_path / "bare", no_architecture)
+    with pytest.raises(UserError, match=r"does not fit this model \(block_pattern: checkpoint None vs config 'AM'; "
+                                        r"vocab_size: checkpoint None vs config 300; n_layer"):
+        checkpoint.load(bare, HybridLM(CKPT_MODEL, vocab_size=300))
+
+
+def tiny_save(directory, step, keep, meta=None):
+    from hybridchat import checkpoint
+
+    model = HybridLM(dataclasses.replace(TOY_MODEL, block_pattern="A"), vocab_size=TOY_VOCAB)
+    return checkpoint.save(directory, step, model, [], meta or {}, keep=keep, tokenizer=StubTokenizer())
+
+
+def test_save_prunes_only_with_a_positive_keep_and_skips_what_it_cannot_delete(tmp_path):
+    """keep <= 0 keeps every checkpoint; keep = 1 removes the older ones, and one it cannot remove (a
+    symlinked step folder: rmtree refuses links) is left without failing the save (mutants: the keep
+    test dropped, rmtree errors raised)."""
+    from hybridchat import checkpoint
+
+    for step, keep in ((1, 0), (2, -1), (3, 0)):
+        tiny_save(tmp_path / "all", step, keep)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "all")] == ["step_000001", "step_000002",
+                                                                               "step_000003"]
+    elsewhere = tiny_save(tmp_path / "elsewhere", 1, 1)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "step_000001").symlink_to(elsewhere, target_is_directory=True)
+    tiny_save(tmp_path / "linked", 2, 1)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "linked")] == ["step_000001", "step_000002"]
+    assert (tmp_path / "linked" / "step_000001").is_symlink() and (elsewhere / "meta.json").is_file()
+
+
+def test_meta_json_writes_values_json_cannot_hold_as_strings(tmp_path):
+    """meta.json holds str() of what JSON has no type for (a path, a date) instead of failing the save."""
+    import datetime
+    from pathlib import Path
+
+    from hybridchat import checkpoint
+
+    when = datetime.date(2026, 11, 28)
+    path = tiny_save(tmp_path, 1, 1, {"source": Path("/runs/a/step_000003"), "when": when})
+    meta = checkpoint.read_meta(path)
+    assert (meta["source"], meta["when"], meta["format_version"], meta["step"]) == \
+        ("/runs/a/step_000003", "2026-11-28", 1, 1)
+
+
+def test_architecture_names_a_mixers_settings_only_where_the_pattern_has_it(step_folder):
+    """Hand lists of the keys; and a Mamba setting that differs (d_state) is refused by name before any
+    tensor is copied (mutants: the Mamba keys left out, or listed only for models without Mamba)."""
+    from hybridchat import checkpoint
+
+    common = ["block_pattern", "vocab_size", "n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights",
+              "norm_eps", "embed_norm", "tie_embeddings"]
+    attention = ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm"]
+    mamba = ["mamba_mlp", "d_state", "d_conv", "expand", "headdim", "ngroups"]
+    for pattern, keys in (("A", common + attention), ("M", common + mamba), ("AM", common + attention + mamba)):
+        model = HybridLM(dataclasses.replace(CKPT_MODEL, block_pattern=pattern), vocab_size=300)
+        assert list(checkpoint.architecture(model)) == keys, pattern
+    with pytest.raises(UserError, match=r"does not fit this model \(d_state: checkpoint 8 vs config 16\)"):
+        checkpoint.load(step_folder, HybridLM(dataclasses.replace(CKPT_MODEL, d_state=16), vocab_size=300))
+
+
+def test_loop_saves_milestones_off_the_checkpoint_grid_and_never_prunes_them(tmp_path):
+    """A stage's milestone steps are saved although checkpoint_every does not fall on them and survive
+    keep_checkpoints=1; the final step is saved once."""
+    def milestones(toy):
+        toy.milestones = frozenset({1, 3})
+
+    _, _, _, summary = toy_run(tmp_path, setup=milestones, num_steps=6, checkpoint_every=4, keep_checkpoints=1)
+    assert isinstance(summary, dict), summary
+    assert sorted(p.name for p in (tmp_path / "toy" / "toy").iterdir()) == ["step_000001", "step_000003",
+                                                                             "step_000006"]
+
+
+def test_save_never_prunes_protected_steps(tmp_path):
+    from hybridchat import checkpoint
+
+    for step in range(1, 6):
+        checkpoint_path = tiny_save(tmp_path, step, 2)
+        assert checkpoint_path.name == f"step_{step:06d}"
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000004", "step_000005"]
+    model = HybridLM(dataclasses.replace(TOY_MODEL, block_pattern="A"), vocab_size=TOY_VOCAB)
+    for step in range(6, 10):
+        checkpoint.save(tmp_path, step, model, [], {}, keep=1, tokenizer=StubTokenizer(), protect={4, 7})
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000004", "step_000007", "step_000009"]
+
+
+def test_loop_refuses_to_resume_a_checkpoint_of_another_tokenizer(tmp_path):
+    """The run's tokenizer differs from the one the checkpoint was trained with: resuming is one UserError
+    (mutant: the fingerprint not passed to checkpoint.load)."""
+    toy_run(tmp_path, num_steps=2, checkpoint_every=1)
+
+    def other_tokenizer(toy):
+        toy.ctx.tokenizer = type("Other", (StubTokenizer,), {"fingerprint": "other"})()
+
+    _, _, _, error = toy_run(tmp_path, setup=other_tokenizer, resume=True, num_steps=4)
+    assert isinstance(error, UserError)
+    assert "was trained with tokenizer stub, this run built other" in str(error)
+
+
+def test_loop_progress_bar_counts_the_stages_steps_only_when_asked(tmp_path, capsys, monkeypatch):
+    """progress=true: a bar named after the stage on stderr, ending at num_steps of num_steps, showing the
+    last loss and tokens/s, also for a resumed run that starts at its checkpoint's step; progress=false:
+    no bar (mutants: desc, initial, total or postfix dropped, the disable condition inverted or loosened)."""
+    import tqdm
+
+    # No monitor thread: a process that forks afterwards (mutmut's workers) could inherit its lock held.
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)
+    _, _, tracker, _ = toy_run(tmp_path, num_steps=4, checkpoint_every=2, progress=True)
+    err = capsys.readouterr().err
+    assert "toy: 100%" in err and "4/4" in err
+    last_loss = tracker.values("train/loss")[-1][1]
+    assert re.search(rf"loss={last_loss:.3f}, tok_s=[0-9][0-9,]*\]", err)  # the step's loss and tokens/s
+    toy_run(tmp_path / "quiet", num_steps=4, checkpoint_every=2)
+    assert "toy" not in capsys.readouterr().err
+    (tmp_path / "toy" / "toy" / "step_000004").rename(tmp_path / "moved")
+    toy_run(tmp_path, num_steps=4, checkpoint_every=2, resume=True, progress=True)
+    err = capsys.readouterr().err
+    assert "toy:  50%" in err and "2/4" in err and "4/4" in err and "0/4" not in err
+
+
+def test_loop_leaves_parameters_outside_a_steps_loss_untouched(tmp_path):
+    """Step 2's loss involves the embedding alone: every other parameter keeps step 1's value (their
+    gradients are None, so AdamW and Muon skip them; zeroed gradients would still move them with the
+    momentum of step 1)."""
+    before = {}
+
+    def embedding_only_at_step_2(toy, model):
+        if toy.steps == 2:
+            before.update({n: p.detach().clone() for n, p in model.named_parameters()})
+            return (model.wte.weight ** 2).mean()
+        return None
+
+    _, ctx, _, summary = toy_run(tmp_path, on_step=embedding_only_at_step_2, num_steps=2)
+    assert isinstance(summary, dict), summary
+    after = dict(ctx.model.named_parameters())
+    assert not torch.equal(after["wte.weight"], before["wte.weight"])
+    assert [n for n in before if n != "wte.weight" and not torch.equal(after[n], before[n])] == []
+
+
+def test_loop_summary_of_a_resumed_run_without_an_evaluation_before_the_end(tmp_path):
+    """Resumed at step 3 of 4 with eval_every=2: no evaluation falls inside the steps run, so the first
+    value of the monitored metric is the final one, both that of the final evaluation."""
+    import shutil
+
+    toy_run(tmp_path, num_steps=4, checkpoint_every=3)
+    shutil.rmtree(tmp_path / "toy" / "toy" / "step_000004")
+    toy, _, tracker, summary = toy_run(tmp_path, resume=True, num_steps=4, checkpoint_every=3)
+    assert isinstance(summary, dict), summary
+    assert summary["start_step"] == 3 and tracker.values("val/loss") == [(4, summary["final"])]
+    assert summary["first"] == summary["final"] == summary["metrics"]["val/loss"] and toy.evaluated == 1

@@ -128,11 +128,7 @@ class RefragStage(RagStage):
         if c.rl_steps and (c.group_size < 2 or c.temperature <= 0):
             raise UserError(f"stage.group_size={c.group_size} must be >= 2 and stage.temperature={c.temperature} "
                             f"> 0 for GRPO (advantages compare samples of one question)")
-        from hybridchat.loop import grad_accum_steps
-
         cfg = ctx.config
-        self.accum = grad_accum_steps(c.total_batch_tokens, cfg.gpu.micro_batch, cfg.model.sequence_len,
-                                      ctx.runtime.world_size)
         self.titles = {d.parent_id: d.title for d in ctx.knowledge_base.documents}
         train, heldout = self._hop_questions()
         random.Random(cfg.seed).shuffle(train)
@@ -215,7 +211,7 @@ class RefragStage(RagStage):
     def train_batches(self, start, rank, world_size):
         """Warm-start batches up to the first RL step's batch index, then RL batches."""
         c, cfg = self.config, self.ctx.config
-        warm_end = (c.num_steps - c.rl_steps) * self.accum * world_size
+        warm_end = (c.num_steps - c.rl_steps) * self.ctx.grad_accum * world_size
         if start < warm_end:
             mine = sum(1 for i in range(start, warm_end) if i % world_size == rank)
             yield from islice(example_batches(len(self.train_hops) + self.n_single, self._warm_example,
