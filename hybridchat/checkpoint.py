@@ -198,6 +198,12 @@ def at_path(path: str | Path) -> Path:
     return found
 
 
+def source(checkpoints: str | Path, run_name: str, name: str) -> Path:
+    """stage.source's checkpoint: a path (it holds a /) names a folder of any run; otherwise the
+    latest of run_name's stage `name`."""
+    return at_path(name) if "/" in name else find(checkpoints, run_name, name)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", ssm_backend: str = "torch"):
     """(model, tokenizer, meta) from a step folder alone: the model config comes from meta.json,
     the tokenizer from the tokenizer.json saved beside the weights."""

@@ -83,9 +83,7 @@ class RunContext:
         cfg, source = self.config, self.config.stage.source
         if source == PRETRAINED:
             return self._rank0_first(self._imported_checkpoint)
-        if source and "/" in source:
-            return checkpoint.at_path(source)
-        return checkpoint.find(cfg.paths.checkpoints, cfg.run_name, source) if source else None
+        return checkpoint.source(cfg.paths.checkpoints, cfg.run_name, source) if source else None
 
     def _imported_checkpoint(self) -> Path:
         cfg = self.config

@@ -175,12 +175,14 @@ def warm_start(cfg: EvalConfig, evaluated: Path, meta: dict) -> Path | None:
     rl_steps, num_steps, source = trained.get("rl_steps") or 0, trained.get("num_steps", 0), trained.get("source")
     if not rl_steps or meta.get("step") != num_steps:
         return None
+    found = None
     if rl_steps < num_steps:
         found = evaluated.parent / f"step_{num_steps - rl_steps:06d}"
-    elif source and "/" in source:
-        found = checkpoint.latest(Path(source)) if not (Path(source) / "meta.json").is_file() else Path(source)
-    else:
-        found = checkpoint.latest(checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, source)) if source else None
+    elif source:
+        try:
+            found = checkpoint.source(cfg.paths.checkpoints, cfg.run_name, source)
+        except UserError:  # moved or deleted since: no comparison, the rest of the evaluation stands
+            pass
     if found is None or not (found / "meta.json").is_file() or checkpoint.read_meta(found).get("stage") != "refrag":
         log.warning("no warm-start checkpoint of %s to compare with (looked for %s)", evaluated, found)
         return None
