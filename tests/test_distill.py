@@ -24,7 +24,7 @@ from hybridchat.model.attention import CausalSelfAttention
 from hybridchat.model.convert import attention_to_mamba, convert
 from hybridchat.model.lm import HybridLM
 from hybridchat.model.mamba import Mamba2
-from hybridchat.stages.distill import token_kl
+from hybridchat.stages.distill import block_outputs, hidden_error, token_kl
 from hybridchat.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +127,38 @@ def test_token_kl_is_teacher_to_student_at_the_temperature():
     assert token_kl(teacher, teacher, 1.0).abs().max() < 1e-6
 
 
+def test_hidden_error_is_relative_squared_error_over_masked_positions_averaged_over_layers():
+    teacher = {1: torch.tensor([[[3.0, 4.0], [1.0, 0.0]]]), 3: torch.tensor([[[0.0, 2.0], [5.0, 5.0]]])}
+    student = {1: torch.tensor([[[3.0, 0.0], [9.0, 9.0]]]), 3: torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])}
+    mask = torch.tensor([[True, False]])  # the second position is padding: its huge errors do not count
+    # layer 1: (0 + 16) / (9 + 16); layer 3: (1 + 0) / (0 + 4)
+    assert hidden_error(student, teacher, mask).item() == pytest.approx((16 / 25 + 1 / 4) / 2)
+    assert hidden_error(teacher, teacher, torch.tensor([[True, True]])).item() == 0
+
+
+def test_block_outputs_are_the_residual_stream_after_each_layer():
+    """Against a plain loop over the blocks; the hooks are gone afterwards."""
+    torch.manual_seed(0)
+    model = tiny("AMAM")
+    with torch.no_grad():  # all random: the init's zero output projections make every block the identity
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad(), block_outputs(model, [1, 2]) as hidden:
+        model(idx)
+    x = model.norm_embed(model.wte(idx))
+    rope = model._rope(0, 12, idx.device)
+    expected = {}
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            x = block(x, rope)
+            expected[i] = x.clone()
+    assert sorted(hidden) == [1, 2]
+    for i in (1, 2):
+        torch.testing.assert_close(hidden[i], expected[i])
+    assert all(not block._forward_hooks for block in model.blocks)
+
+
 # --- end to end through Hydra ---------------------------------------------------------------------
 
 SMOKE = ["debug=smoke", "model=transformer_tiny", "run_name=distill"]
@@ -144,8 +176,10 @@ def distilled(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
     common = SMOKE + [f"paths.outputs={out}"]
     run(compose_config(common + ["stage.num_steps=24", "stage.eval_every=12"], output_dir=out / "teacher"))
-    run(compose_config(common + STUDENT + ["model.block_pattern=AM", "stage.num_steps=9", "stage.eval_every=3"],
-                       output_dir=out / "student"))
+    for name, extra in (("student", []), ("student_hidden", ["run_name=distill_hidden", "stage.hidden_weight=4"])):
+        run(compose_config(common + STUDENT + ["model.block_pattern=AM", "stage.num_steps=9", "stage.eval_every=3",
+                                               "stage.source=${paths.checkpoints}/distill/pretrain", *extra],
+                           output_dir=out / name))
     return out
 
 
@@ -165,6 +199,21 @@ def test_distill_run_lowers_the_kl_and_writes_the_student(distilled):
     assert ckpt is not None and ckpt.name == "step_000009"
     student, _, meta = checkpoint.load_model(ckpt)
     assert student.pattern == "AM" and meta["stage"] == "distill"
+
+
+def test_hidden_weight_adds_the_converted_layers_error_and_lowers_it(distilled):
+    """KL alone and KL + 4 x hidden_error from the same teacher: the term is logged, counted in the
+    loss, and distilling on it brings the converted layer's hidden states closer than the KL alone."""
+    plain, hidden = metrics(distilled / "student"), metrics(distilled / "student_hidden")
+    first = next(r for r in hidden if "train/hidden_error" in r)
+    assert first["train/loss"] == pytest.approx(first["train/kl"] + 4 * first["train/hidden_error"], rel=1e-5)
+    assert not any("train/hidden_error" in r for r in plain)
+    assert all(r["train/loss"] == pytest.approx(r["train/kl"], rel=1e-5) for r in plain if "train/kl" in r)
+    error = {name: [r["val/hidden_error"] for r in records if "val/hidden_error" in r]
+             for name, records in (("plain", plain), ("hidden", hidden))}
+    assert error["plain"][0] == pytest.approx(error["hidden"][0])  # same start: the converted teacher
+    assert error["hidden"][-1] < error["hidden"][0]
+    assert error["hidden"][-1] < error["plain"][-1], error
 
 
 def test_student_of_other_sizes_or_mamba_settings_is_refused(distilled):

@@ -1,18 +1,28 @@
 """Distillation into a hybrid ("The Mamba in the Llama", Wang et al. 2024): the student, whose block
 pattern turns some of the teacher's attention layers into Mamba-2 layers, starts from the teacher's
 weights (hybridchat.model.convert) and learns to match the teacher's next-token distributions on the
-pretraining text. The teacher is stage.source's checkpoint, frozen."""
+pretraining text. The teacher is stage.source's checkpoint, frozen.
+
+The KL reaches the replaced layers only through every layer above them. stage.hidden_weight adds a
+signal at each of them: the relative squared error of the residual stream after a converted layer
+against the teacher's after the same layer (intermediate-layer distillation, as in TinyBERT and the
+hidden-state alignment of MOHAWK, Bick et al. 2024; here each on the student's own inputs, so it
+runs inside the one forward that DDP and FSDP wrap)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import cached_property
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from hybridchat import checkpoint
 from hybridchat.errors import UserError
+from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.convert import convert
 from hybridchat.model.lm import HybridLM
 from hybridchat.stages import evaluate_bpb
@@ -27,6 +37,36 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
 
 
+def hidden_error(student: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor], mask: torch.Tensor
+                 ) -> torch.Tensor:
+    """Mean over the layers in `teacher` of ||student - teacher||^2 / ||teacher||^2, summed over the
+    positions where mask is true and the channels; float32. 0 = the same hidden states, 1 = as far off
+    as a zero vector."""
+    errors = []
+    for layer, target in teacher.items():
+        target = target.float()[mask]
+        errors.append((student[layer].float()[mask] - target).square().sum() / target.square().sum().clamp(min=1e-12))
+    return torch.stack(errors).mean()
+
+
+@contextmanager
+def block_outputs(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Inside, a forward of `model` (a HybridLM, or DDP, FSDP or torch.compile around one) records
+    the output of blocks[i] for each i in `layers` (latest forward wins)."""
+    lm = next(m for m in model.modules() if isinstance(m, HybridLM))
+    outputs: dict[int, torch.Tensor] = {}
+
+    def keep(layer):
+        return lambda module, args, output: outputs.__setitem__(layer, output)
+
+    handles = [lm.blocks[i].register_forward_hook(keep(i)) for i in layers]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class DistillStage(PretrainStage):
     """Pretraining's batches, validation text and samples; the teacher's distributions as targets."""
     name = "distill"
@@ -35,6 +75,9 @@ class DistillStage(PretrainStage):
         super().__init__(ctx)
         if self.config.temperature <= 0:
             raise UserError(f"stage.temperature={self.config.temperature} must be > 0")
+        if self.config.hidden_weight < 0:
+            raise UserError(f"stage.hidden_weight={self.config.hidden_weight} must be >= 0")
+        self._terms: dict[str, list[float]] = {}
 
     @cached_property
     def teacher(self) -> HybridLM:
@@ -45,45 +88,77 @@ class DistillStage(PretrainStage):
                                               self.ctx.config.gpu.ssm_backend.value)
         return teacher.requires_grad_(False)  # load_model leaves it in eval mode
 
+    @cached_property
+    def converted_layers(self) -> list[int]:
+        """Layers that are attention in the teacher and Mamba in the student."""
+        m = self.ctx.config.model
+        return [i for i, (t, s) in enumerate(zip(self.teacher.pattern, expand_pattern(m.block_pattern, m.n_layer)))
+                if t != s]
+
     def initialise(self, model, source):
         convert(self.teacher, model)  # source is the teacher's checkpoint
 
     def training_step(self, model, batch):
         inputs, targets = batch["inputs"], batch["targets"]
-        with torch.no_grad():
+        layers = self.converted_layers if self.config.hidden_weight else []
+        with torch.no_grad(), block_outputs(self.teacher, layers) as teacher_hidden:
             teacher_logits = self.teacher(inputs)
-        logits = model(inputs)
+        with block_outputs(model, layers) as hidden:
+            logits = model(inputs)
+        mask = targets >= 0
         t = self.config.temperature
         # x t^2 keeps the gradients' size independent of the temperature (Hinton et al. 2015).
-        loss = token_kl(logits, teacher_logits, t)[targets >= 0].mean() * t**2
+        kl = token_kl(logits, teacher_logits, t)[mask].mean() * t**2
+        loss = kl
+        self._terms.setdefault("train/kl", []).append(kl.item())
         if self.config.ce_weight:
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
             loss = loss + self.config.ce_weight * ce
+        if layers:
+            error = hidden_error(hidden, teacher_hidden, mask)
+            self._terms.setdefault("train/hidden_error", []).append(error.item())
+            loss = loss + self.config.hidden_weight * error
         return loss
+
+    def step_metrics(self):
+        """The loss's terms, averaged over the step's micro-batches."""
+        terms, self._terms = self._terms, {}
+        return {k: sum(v) / len(v) for k, v in terms.items()}
 
     @cached_property
     def _teacher_bpb(self) -> float:
         return evaluate_bpb(self.teacher, self.val_batches(), self.ctx)
 
     def evaluate(self, model):
-        return {"val/bpb": evaluate_bpb(model, self.val_batches(), self.ctx), "val/kl": self._val_kl(model),
-                "val/teacher_bpb": self._teacher_bpb}
+        kl, error = self._distances(model)
+        metrics = {"val/bpb": evaluate_bpb(model, self.val_batches(), self.ctx), "val/kl": kl,
+                   "val/teacher_bpb": self._teacher_bpb}
+        if self.converted_layers:
+            metrics["val/hidden_error"] = error
+        return metrics
 
     @torch.no_grad()
-    def _val_kl(self, model) -> float:
+    def _distances(self, model) -> tuple[float, float]:
         """Mean KL(teacher || student) per validation token at temperature 1 (the distributions
-        themselves, whatever the training temperature), sharded over ranks like evaluate_bpb."""
+        themselves, whatever the training temperature), and the converted layers' hidden_error
+        averaged over the validation batches; sharded over ranks like evaluate_bpb."""
         rt = self.ctx.runtime
         was_training = model.training
         model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        totals = torch.zeros(4, dtype=torch.float64, device=rt.device)
+        layers = self.converted_layers
         for batch in self.val_batches()[rt.rank::rt.world_size]:
             inputs, targets = batch["inputs"].to(rt.device), batch["targets"].to(rt.device)
-            with rt.autocast():
+            mask = targets >= 0
+            with rt.autocast(), block_outputs(model, layers) as hidden, \
+                    block_outputs(self.teacher, layers) as teacher_hidden:
                 kl = token_kl(model(inputs), self.teacher(inputs), 1.0)
-            totals[0] += kl[targets >= 0].double().sum()
-            totals[1] += (targets >= 0).sum()
+            totals[0] += kl[mask].double().sum()
+            totals[1] += mask.sum()
+            if layers:
+                totals[2] += hidden_error(hidden, teacher_hidden, mask).double()
+                totals[3] += 1
         if rt.distributed:
             dist.all_reduce(totals)
         model.train(was_training)
-        return (totals[0] / totals[1].clamp(min=1)).item()
+        return (totals[0] / totals[1].clamp(min=1)).item(), (totals[2] / totals[3].clamp(min=1)).item()
