@@ -24,7 +24,7 @@ from hybridchat.model.attention import CausalSelfAttention
 from hybridchat.model.convert import attention_to_mamba, convert
 from hybridchat.model.lm import HybridLM
 from hybridchat.model.mamba import Mamba2
-from hybridchat.stages.distill import block_outputs, hidden_error, token_kl
+from hybridchat.stages.distill import aligned_error, block_io, hidden_error, token_kl
 from hybridchat.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_hidden_error_is_relative_squared_error_over_masked_positions_averaged_o
     assert hidden_error(teacher, teacher, torch.tensor([[True, True]])).item() == 0
 
 
-def test_block_outputs_are_the_residual_stream_after_each_layer():
+def test_block_io_records_the_hidden_states_entering_and_leaving_each_layer():
     """Against a plain loop over the blocks; the hooks are gone afterwards."""
     torch.manual_seed(0)
     model = tiny("AMAM")
@@ -144,19 +144,40 @@ def test_block_outputs_are_the_residual_stream_after_each_layer():
         for p in model.parameters():
             p.normal_(0, 0.2)
     idx = torch.randint(0, 97, (2, 12))
-    with torch.no_grad(), block_outputs(model, [1, 2]) as hidden:
+    with torch.no_grad(), block_io(model, [1, 2]) as recorded:
         model(idx)
     x = model.norm_embed(model.wte(idx))
     rope = model._rope(0, 12, idx.device)
-    expected = {}
+    hidden = [x]
     with torch.no_grad():
-        for i, block in enumerate(model.blocks):
-            x = block(x, rope)
-            expected[i] = x.clone()
-    assert sorted(hidden) == [1, 2]
+        for block in model.blocks:
+            hidden.append(block(hidden[-1], rope))
+    assert sorted(recorded) == [1, 2]
     for i in (1, 2):
-        torch.testing.assert_close(hidden[i], expected[i])
+        torch.testing.assert_close(recorded[i][0], hidden[i])
+        torch.testing.assert_close(recorded[i][1], hidden[i + 1])
     assert all(not block._forward_hooks for block in model.blocks)
+
+
+def test_aligned_error_runs_each_converted_layer_on_the_teachers_input():
+    """The student layer's own input is never used: its error is against the teacher layer's output
+    on the teacher's input, computed here by hand for a student that differs only in layer 1."""
+    teacher = random_teacher()
+    student = tiny("AMAA", **STUDENT_MAMBA)
+    convert(teacher, student)
+    with torch.no_grad():
+        student.blocks[0].mlp.c_proj.weight.add_(1.0)  # the student's own input to layer 1 is now far off
+    idx = torch.randint(0, 97, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    with torch.no_grad(), block_io(teacher, [1]) as teacher_io:
+        teacher(idx)
+    x = teacher.norm_embed(teacher.wte(idx))
+    x = teacher.blocks[0](x, teacher._rope(0, 12, idx.device))
+    target = teacher.blocks[1](x, teacher._rope(0, 12, idx.device))
+    out = student.blocks[1](x, None)
+    expected = (out - target).square().sum() / target.square().sum()
+    with torch.no_grad():
+        torch.testing.assert_close(aligned_error(student, teacher_io, mask), expected.detach())
 
 
 # --- end to end through Hydra ---------------------------------------------------------------------

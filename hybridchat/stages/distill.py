@@ -4,10 +4,10 @@ weights (hybridchat.model.convert) and learns to match the teacher's next-token 
 pretraining text. The teacher is stage.source's checkpoint, frozen.
 
 The KL reaches the replaced layers only through every layer above them. stage.hidden_weight adds a
-signal at each of them: the relative squared error of the residual stream after a converted layer
-against the teacher's after the same layer (intermediate-layer distillation, as in TinyBERT and the
-hidden-state alignment of MOHAWK, Bick et al. 2024; here each on the student's own inputs, so it
-runs inside the one forward that DDP and FSDP wrap)."""
+signal at each of them, the hidden-state alignment of MOHAWK (Bick et al. 2024): each converted
+student layer is given the teacher's hidden state entering that layer and scored by the relative
+squared error of its output against the teacher layer's output on the same input. Each layer learns
+to stand in for its attention layer on its own, whatever the layers below still get wrong."""
 
 from __future__ import annotations
 
@@ -49,22 +49,36 @@ def hidden_error(student: dict[int, torch.Tensor], teacher: dict[int, torch.Tens
     return torch.stack(errors).mean()
 
 
+def language_model(model: nn.Module) -> HybridLM:
+    """The HybridLM inside DDP or torch.compile (FSDP2 shards it in place)."""
+    return next(m for m in model.modules() if isinstance(m, HybridLM))
+
+
 @contextmanager
-def block_outputs(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Inside, a forward of `model` (a HybridLM, or DDP, FSDP or torch.compile around one) records
-    the output of blocks[i] for each i in `layers` (latest forward wins)."""
-    lm = next(m for m in model.modules() if isinstance(m, HybridLM))
-    outputs: dict[int, torch.Tensor] = {}
+def block_io(model: nn.Module, layers: list[int]) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Inside, a forward of `model` records (input, output) of blocks[i] for each i in `layers`:
+    the hidden state entering the layer and leaving it."""
+    recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(layer):
-        return lambda module, args, output: outputs.__setitem__(layer, output)
+        return lambda module, args, output: recorded.__setitem__(layer, (args[0], output))
 
-    handles = [lm.blocks[i].register_forward_hook(keep(i)) for i in layers]
+    blocks = language_model(model).blocks
+    handles = [blocks[i].register_forward_hook(keep(i)) for i in layers]
     try:
-        yield outputs
+        yield recorded
     finally:
         for handle in handles:
             handle.remove()
+
+
+def aligned_error(model: nn.Module, teacher_io: dict[int, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
+                  ) -> torch.Tensor:
+    """hidden_error of the student's converted layers, each run on the teacher's input to that layer
+    (no RoPE: a converted layer is Mamba), against the teacher layer's output."""
+    blocks = language_model(model).blocks
+    student = {i: blocks[i](x, None) for i, (x, _) in teacher_io.items()}
+    return hidden_error(student, {i: y for i, (_, y) in teacher_io.items()}, mask)
 
 
 class DistillStage(PretrainStage):
@@ -101,10 +115,9 @@ class DistillStage(PretrainStage):
     def training_step(self, model, batch):
         inputs, targets = batch["inputs"], batch["targets"]
         layers = self.converted_layers if self.config.hidden_weight else []
-        with torch.no_grad(), block_outputs(self.teacher, layers) as teacher_hidden:
+        with torch.no_grad(), block_io(self.teacher, layers) as teacher_io:
             teacher_logits = self.teacher(inputs)
-        with block_outputs(model, layers) as hidden:
-            logits = model(inputs)
+        logits = model(inputs)
         mask = targets >= 0
         t = self.config.temperature
         # x t^2 keeps the gradients' size independent of the temperature (Hinton et al. 2015).
@@ -115,7 +128,7 @@ class DistillStage(PretrainStage):
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
             loss = loss + self.config.ce_weight * ce
         if layers:
-            error = hidden_error(hidden, teacher_hidden, mask)
+            error = aligned_error(model, teacher_io, mask)
             self._terms.setdefault("train/hidden_error", []).append(error.item())
             loss = loss + self.config.hidden_weight * error
         return loss
@@ -150,14 +163,15 @@ class DistillStage(PretrainStage):
         for batch in self.val_batches()[rt.rank::rt.world_size]:
             inputs, targets = batch["inputs"].to(rt.device), batch["targets"].to(rt.device)
             mask = targets >= 0
-            with rt.autocast(), block_outputs(model, layers) as hidden, \
-                    block_outputs(self.teacher, layers) as teacher_hidden:
-                kl = token_kl(model(inputs), self.teacher(inputs), 1.0)
+            with rt.autocast():
+                with block_io(self.teacher, layers) as teacher_io:
+                    teacher_logits = self.teacher(inputs)
+                kl = token_kl(model(inputs), teacher_logits, 1.0)
+                if layers:
+                    totals[2] += aligned_error(model, teacher_io, mask).double()
+                    totals[3] += 1
             totals[0] += kl[mask].double().sum()
             totals[1] += mask.sum()
-            if layers:
-                totals[2] += hidden_error(hidden, teacher_hidden, mask).double()
-                totals[3] += 1
         if rt.distributed:
             dist.all_reduce(totals)
         model.train(was_training)
