@@ -9,6 +9,30 @@ class UserError(Exception):
     pass
 
 
+def run_hydra_app(main) -> None:
+    """Call a @hydra.main function as a command: a command line that does not compose (a key that
+    does not exist, a value of the wrong type, an unknown group option, bad override syntax) ends
+    like every other user error, one line and exit code 2, instead of Hydra's report of several
+    lines and exit code 1."""
+    import os
+    import sys
+
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing and exiting
+    try:
+        main()
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
+        # Hydra's message with the options it lists (not its search path), then its cause's first
+        # line ("Key 'x' not in 'Config'", the conversion that failed), on one line.
+        message = str(e).split("Config search path:")[0]
+        parts = [" ".join(line.strip() for line in message.splitlines() if line.strip())]
+        if e.__cause__ is not None:
+            parts.append(str(e.__cause__).strip().splitlines()[0])
+        print("error: " + "; ".join(parts), file=sys.stderr)
+        sys.exit(2)
+
+
 def run_or_exit(fn, *args):
     """fn(*args) for an entry point: a UserError becomes one line `error: ...` on stderr and exit
     code 2, never a traceback."""

@@ -43,7 +43,7 @@ from hybridchat.config import GPUConfig, LoggerConfig, ModelConfig, PathsConfig,
 from hybridchat.context import world_collection
 from hybridchat.data.world import World, WorldConfig
 from hybridchat.documents import Document
-from hybridchat.errors import UserError, run_or_exit
+from hybridchat.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hybridchat.metrics import bootstrap_auroc_ci, bootstrap_ci
 from hybridchat.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, Search
@@ -444,4 +444,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_app(main)

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybridchat import config as config_schema
 from hybridchat.config import Config, DataConfig, DistributedConfig, GPUConfig, ModelConfig, PathsConfig, StageConfig
-from hybridchat.errors import UserError, run_or_exit
+from hybridchat.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.fsutil import atomic_write_json
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM
@@ -499,4 +499,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_app(main)

@@ -21,7 +21,7 @@ from hybridchat import config as config_schema
 from hybridchat import loop, parallel, plan, runtime
 from hybridchat.config import Config
 from hybridchat.context import RunContext
-from hybridchat.errors import UserError, run_or_exit
+from hybridchat.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
 from hybridchat.preemption import Preempted, requeue_after_warning
@@ -115,4 +115,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_app(main)

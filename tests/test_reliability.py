@@ -255,3 +255,20 @@ def test_kb_usage_mistakes_are_one_error_line_too(argv, needle):
     code, _, err = cli("hybridchat.kb", *argv)
     assert_one_error(code, err, needle, "--help")
     assert err.count("\n") == 1  # no usage block before it
+
+
+@pytest.mark.parametrize("app, override, needles", [
+    ("hybridchat.train", "stage_typo=3", ["stage_typo", "+stage_typo=3", "not in 'Config'"]),  # no such key
+    ("hybridchat.train", "gpu.micro_batchh=3", ["gpu.micro_batchh", "not in 'GPUConfig'"]),    # a typo in a group
+    ("hybridchat.train", "gpu.memory_gb=lots", ["gpu.memory_gb=lots", "could not be converted"]),  # wrong type
+    ("hybridchat.train", "model=foo", ["model/foo", "Available options in 'model'", "hybrid_tiny"]),  # no such option
+    ("hybridchat.train", "seed=[", ["no viable alternative at input '['"]),                    # bad override syntax
+    ("hybridchat.evaluate", "n_questionz=3", ["n_questionz", "not in 'EvalConfig'"]),
+    ("hybridchat.plan", "model=foo", ["model/foo", "Available options in 'model'"]),
+])
+def test_command_lines_that_do_not_compose_are_one_error_line(app, override, needles):
+    """Hydra's own report is several lines and exit code 1; ours is one line naming the key and what
+    is allowed, exit code 2, before any work starts."""
+    code, _, err = cli(app, override, env={"OMP_NUM_THREADS": "1"})
+    assert_one_error(code, err, *needles)
+    assert "Config search path" not in err
