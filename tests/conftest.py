@@ -73,3 +73,20 @@ def train_steps(model, optimizers, tokens, steps: int, after_step=None) -> list[
         if after_step is not None:
             after_step(step)
     return losses
+
+
+def naive_greedy(model, prompt, n, inject=None):
+    """Greedy generation by a full forward over the whole sequence for every new token: the
+    reference the engine's cached generation is compared with. inject(tokens so far) may return
+    tokens to append (a query hook's retrieved text)."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            tok = model(torch.tensor([seq]))[0, -1].argmax().item()
+            out.append(tok)
+            seq.append(tok)
+            extra = inject(out) if inject else None
+            if extra:
+                out.extend(extra)
+                seq.extend(extra)
+    return out

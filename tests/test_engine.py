@@ -4,6 +4,7 @@ several samples per prompt, query hook."""
 
 import pytest
 import torch
+from conftest import naive_greedy
 
 from hybridchat.config import ModelConfig
 from hybridchat.engine import Engine, sample
@@ -25,21 +26,6 @@ def tiny_model(pattern: str = "jamba", n_layer: int = 8, dtype=torch.float64, se
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.3)
     return model.to(dtype).eval()
-
-
-def naive_greedy(model, prompt, n, inject=None):
-    """Full forward over the whole sequence for every new token: the reference."""
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            tok = model(torch.tensor([seq]))[0, -1].argmax().item()
-            out.append(tok)
-            seq.append(tok)
-            extra = inject(out) if inject else None
-            if extra:
-                out.extend(extra)
-                seq.extend(extra)
-    return out
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
