@@ -372,6 +372,12 @@ class Mamba2(nn.Module):
         k = _cuda_kernels()
         batch, seqlen, _ = u.shape
         z, xBC, dt = self._split(self.in_proj(u))
+        if xBC.stride(1) % 8 or xBC.stride(0) % 8:
+            # causal_conv1d's channel-last kernel requires x.stride(0) and x.stride(2) to be multiples
+            # of 8 (TORCH_CHECK in csrc/causal_conv1d.cpp). As a view into in_proj's output the stride is
+            # 2 * d_inner + 2 * ngroups * d_state + nheads: not one when nheads is not (smollm2_135m:
+            # 2313). A contiguous copy has stride conv_dim, which the kernel needs divisible by 8 anyway.
+            xBC = xBC.contiguous()
         xBC_t = xBC.transpose(1, 2)  # (B, conv_dim, T) channel-last view, what the conv kernel wants
         initial_conv = None
         if state is not None:
