@@ -201,8 +201,8 @@ class DistillConfig(StageConfig):
     source: Optional[str] = "pretrain"
     temperature: float = 1.0           # both distributions softened by it; the KL is scaled by its square
     ce_weight: float = 0.0             # loss = KL + ce_weight x next-token cross-entropy on the text
-    # + hidden_weight x the converted layers' relative squared error against the teacher's hidden
-    # states (the residual stream after each layer): a signal at every replaced layer, not only at the logits
+    # + hidden_weight x the converted layers' relative squared error against the teacher's layers, each
+    # run on the teacher's hidden state entering it: a signal at every replaced layer, not only at the logits
     hidden_weight: float = 0.0
 
 

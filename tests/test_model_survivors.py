@@ -727,22 +727,6 @@ def test_cuda_kernels_are_available_exactly_when_they_import(monkeypatch):
         mamba._load_cuda_kernels.cache_clear()
 
 
-def test_float32_model_decodes_with_a_bfloat16_cache():
-    """allocate_cache(dtype=bfloat16) for a float32 model: prefill then single steps stay within
-    bfloat16's rounding of the float64 full forward (the cached conv inputs are bfloat16, the
-    arithmetic float32)."""
-    model = lm("MM")
-    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        ref = model(idx)
-        model.float()
-        cache = model.allocate_cache(2, 10, dtype=torch.bfloat16)
-        parts = [model(idx[:, :4], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(4, 10)]
-    got = torch.cat(parts, 1)
-    assert got.dtype == torch.float32
-    assert (got.double() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
-
-
 def test_cuda_backend_refuses_a_cpu_input_naming_the_fix(monkeypatch):
     """backend="cuda" (kernels importable: stand-ins) with a CPU tensor: one UserError before any
     kernel runs, saying which backends would do."""
@@ -779,19 +763,26 @@ def test_mamba_cache_defaults_to_the_layers_device_and_dtype():
     assert state.ssm_state.dtype == torch.float32
 
 
-def test_bfloat16_model_continues_a_float32_cache():
-    """allocate_cache(dtype=float32) for a bfloat16 Mamba model: a prefill, a second chunk continuing
-    the cached conv inputs, then single steps, within bfloat16's rounding of the float64 model."""
+@pytest.mark.parametrize("model_dtype, cache_dtype, prefill, seed", [
+    (torch.float32, torch.bfloat16, [4], 11),      # prefill, then single steps
+    (torch.bfloat16, torch.float32, [3, 4], 12),   # a second chunk continues the cached conv inputs
+])
+def test_mamba_model_decodes_with_a_cache_of_another_dtype(model_dtype, cache_dtype, prefill, seed):
+    """allocate_cache(dtype=cache_dtype) for a model_dtype Mamba model: prefill chunks, then single
+    steps, stay within bfloat16's rounding of the float64 full forward, in the model's dtype."""
     model = lm("MM")
-    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(12))
+    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = model(idx)
-        model.bfloat16()
-        cache = model.allocate_cache(2, 10, dtype=torch.float32)
-        parts = [model(idx[:, :3], cache=cache), model(idx[:, 3:7], cache=cache)]
-        parts += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 10)]
+        model.to(model_dtype)
+        cache = model.allocate_cache(2, 10, dtype=cache_dtype)
+        parts, t = [], 0
+        for n in prefill:
+            parts.append(model(idx[:, t:t + n], cache=cache))
+            t += n
+        parts += [model(idx[:, i:i + 1], cache=cache) for i in range(t, 10)]
     got = torch.cat(parts, 1)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == model_dtype
     assert (got.double() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
 
 
