@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hybridchat.answer import ABSTAIN, fit_prompt, format_reply, parse_reply
-from hybridchat.data.chat import ChatRenderer, collate, example_batches
+from hybridchat.data.chat import ChatRenderer, collate, example_batches, padded_width
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.documents import Document
 
@@ -87,6 +87,25 @@ def test_collate_masks_everything_but_the_reply_and_pads_on_the_right(tok):
     assert tok.decode(learned) == "Hello there<|assistant_end|>"
     assert (batch["targets"][1, len(short[0]) - 1:] == -1).all()  # padding carries no loss
     assert tok.decode(batch["targets"][0][batch["targets"][0] >= 0].tolist()) == "A<|assistant_end|>"
+
+
+@pytest.mark.parametrize("longest, limit, width", [
+    (5, None, 5), (1, 512, 1), (5, 512, 8), (8, 512, 8), (9, 512, 16), (300, 512, 512), (300, 384, 384),
+    (400, 384, 400),
+])
+def test_padded_width_is_the_next_power_of_two_up_to_the_limit(longest, limit, width):
+    assert padded_width(longest, limit) == width
+
+
+def test_collate_with_a_width_limit_pads_rows_to_the_bucket_without_loss_on_padding(tok):
+    r = ChatRenderer(tok)
+    rows = [r.render([{"role": "user", "content": q}, {"role": "assistant", "content": "Yes"}]) for q in ("Hi", "Who?")]
+    longest = max(len(ids) for ids, _ in rows) - 1
+    exact, bucketed = collate(rows, pad_id=0), collate(rows, pad_id=0, width_limit=1024)
+    width = 1 << (longest - 1).bit_length()
+    assert width > longest and bucketed["inputs"].shape == (2, width) and exact["inputs"].shape == (2, longest)
+    assert torch.equal(bucketed["inputs"][:, :longest], exact["inputs"]) and (bucketed["inputs"][:, longest:] == 0).all()
+    assert torch.equal(bucketed["targets"][:, :longest], exact["targets"]) and (bucketed["targets"][:, longest:] == -1).all()
 
 
 def test_special_token_text_in_messages_and_documents_stays_text(tok):

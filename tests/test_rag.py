@@ -5,6 +5,7 @@ import math
 import shutil
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,30 @@ def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline)
                 assert value in documents[int(number) - 1]
         assert not [name for name in heldout if name in text]  # held-out people never in training
     assert seen_documents > 0
+
+
+def test_under_compile_conversation_batches_come_in_a_few_padded_widths(pipeline):
+    """gpu.compile=true: every new batch shape recompiles the model (seen on an H200: a compile per
+    step), so rag/mid/refrag batches are padded to powers of two up to model.sequence_len."""
+    from hybridchat.context import RunContext
+    from hybridchat.runtime import Runtime
+    from hybridchat.stages.mid import MidStage
+    from hybridchat.stages.rag import RagStage
+    from hybridchat.train import typed_config
+
+    out, common = pipeline
+    for stage_cls, stage in ((RagStage, "rag"), (MidStage, "mid")):
+        widths = {}
+        for compile_ in (False, True):
+            config, _ = typed_config(compose_config(common + [f"stage={stage}", f"gpu.compile={compile_}"],
+                                                    output_dir=out / "z"))
+            s = stage_cls(RunContext(config, Runtime(torch.device("cpu"), None)))
+            batches = list(islice(s.train_batches(0, 0, 1), 6)) + s.val_batches()
+            widths[compile_] = [b["inputs"].shape[1] for b in batches]
+            limit = config.model.sequence_len
+        exact, padded = widths[False], widths[True]
+        assert len(set(exact)) > 1  # conversations differ in length: without compile, widths vary
+        assert all(p == min(1 << (e - 1).bit_length(), limit) for e, p in zip(exact, padded)), (exact, padded)
 
 
 def test_rag_can_teach_the_answer_before_its_citation(pipeline):

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,30 @@ def test_smoke_run_writes_metrics_plot_and_loadable_checkpoint(smoke_run):
     model = HybridLM(ModelConfig(**meta["config"]["model"]), meta["architecture"]["vocab_size"])
     checkpoint.load(ckpt, model)
     assert final_bpb == pytest.approx(records[-1]["val/bpb"])
+
+
+def test_pretrain_validation_smaller_than_a_micro_batch_is_one_batch_of_all_it_holds(smoke_run):
+    """A large GPU's micro_batch on a small corpus (seen on an H200: micro_batch auto = 64 at 2048
+    tokens) evaluates on every validation sequence in one smaller batch; a split that fills
+    micro_batches gives exactly the loader's batches."""
+    from hybridchat.data.loader import token_batches
+
+    out, overrides, _ = smoke_run
+    for micro_batch in (2, 100_000):
+        config, _ = typed_config(compose_config(overrides + [f"gpu.micro_batch={micro_batch}"], output_dir=out / "v"))
+        ctx = RunContext(config, Runtime(torch.device("cpu"), None))
+        val = PretrainStage(ctx).val_batches()
+        seq = config.model.sequence_len
+        every_row = list(token_batches(ctx.text, "val", ctx.tokenizer, 1, seq, loop=False))
+        if micro_batch == 2:
+            expected = list(islice(token_batches(ctx.text, "val", ctx.tokenizer, 2, seq, loop=False),
+                                   config.stage.eval_batches))
+        else:
+            assert len(every_row) < micro_batch
+            expected = [{k: torch.cat([r[k] for r in every_row]) for k in ("inputs", "targets")}]
+        assert len(val) == len(expected) >= 1
+        for got, want in zip(val, expected):
+            assert torch.equal(got["inputs"], want["inputs"]) and torch.equal(got["targets"], want["targets"])
 
 
 def test_samples_are_greedy_continuations_up_to_a_document_boundary(smoke_run):

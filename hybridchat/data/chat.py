@@ -188,10 +188,21 @@ def _turns(messages: Sequence[dict], fold_system: bool
         yield m["role"], content, m.get("documents"), m.get("hops", ())
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+def padded_width(longest: int, width_limit: int | None) -> int:
+    """The batch width for rows of at most `longest` tokens. With a limit (runs under torch.compile,
+    where every new batch shape is a new compile of the model: the SSD scan's loop over chunks is
+    unrolled) the next power of two, at most width_limit: a handful of shapes in a run, at most twice
+    the tokens. Without one, exactly `longest`."""
+    if width_limit is None:
+        return longest
+    return max(longest, min(1 << (longest - 1).bit_length(), width_limit))
+
+
+def collate(examples: Sequence[Example], pad_id: int, width_limit: int | None = None) -> Batch:
     """Right-padded rows: inputs = ids[:-1], targets = ids[1:] where the mask says learn, else -1.
-    Right padding is safe for attention and Mamba alike: padding only ever follows real tokens."""
-    width = max(len(ids) for ids, _ in examples) - 1
+    Right padding is safe for attention and Mamba alike: padding only ever follows real tokens.
+    width_limit: pad to padded_width's few shapes (see there)."""
+    width = padded_width(max(len(ids) for ids, _ in examples) - 1, width_limit)
     inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), width), -1, dtype=torch.long)
     for row, (ids, mask) in enumerate(examples):
@@ -202,7 +213,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
 
 
 def example_batches(n_items: int, make: Callable[[int, int], Example], batch_size: int, seed: int, pad_id: int,
-                    start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+                    start: int = 0, rank: int = 0, world_size: int = 1, width_limit: int | None = None
+                    ) -> Iterator[Batch]:
     """Endless batches of make(item, epoch) over a fresh shuffle of the items every epoch. Batches are
     numbered globally (rank r takes r, r + world_size, ...) and derived from (seed, epoch) alone, so
     resuming at batch `start` needs no replay."""
@@ -218,4 +230,4 @@ def example_batches(n_items: int, make: Callable[[int, int], Example], batch_siz
             order_epoch, order = epoch, list(range(n_items))
             random.Random(seed * 1000 + epoch).shuffle(order)
         items = order[offset * batch_size:(offset + 1) * batch_size]
-        yield collate([make(i, epoch) for i in items], pad_id)
+        yield collate([make(i, epoch) for i in items], pad_id, width_limit)

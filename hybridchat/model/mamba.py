@@ -102,21 +102,25 @@ def _ssd_segment(x, dt, A, B, C, chunk_size, state):
     C = C.reshape(b, c, q, g, n)
     dt = dt.to(acc).reshape(b, c, q, g, hpg)
     xdt = x * dt.to(dtype)[..., None]
-    cum = torch.cumsum(dt * A.to(acc).reshape(g, hpg), dim=2)  # log-decay from the chunk start
+    # Log-decay from the chunk start, (b, c, g, hpg, q). The sum runs along the last, contiguous axis:
+    # along a middle axis torch.compile's Triton scan (torch 2.11, H200) failed to generate code.
+    cum = torch.cumsum((dt * A.to(acc).reshape(g, hpg)).permute(0, 1, 3, 4, 2), dim=-1)
+    # cum in the token-major layout of x: (b, c, q, g, hpg)
+    cum_by_token = cum.permute(0, 1, 4, 2, 3)
 
     # 1. Inside each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j, a masked
     #    attention. C.B^T depends only on the group: computed once per group, broadcast to its heads.
     CB = torch.einsum("bcign,bcjgn->bcgij", C, B)
-    scores = _DecayedScores.apply(CB, cum.permute(0, 1, 3, 4, 2))  # (b, c, g, hpg, q, q)
+    scores = _DecayedScores.apply(CB, cum)  # (b, c, g, hpg, q, q)
     y = torch.einsum("bcghij,bcjghp->bcighp", scores, xdt)
 
     # 2. State each chunk adds by its end: sum_j exp(cum_last - cum_j) dt_j x_j B_j^T.
-    to_end = torch.exp(cum[:, :, -1:] - cum).to(dtype)
+    to_end = torch.exp(cum_by_token[:, :, -1:] - cum_by_token).to(dtype)
     chunk_states = torch.einsum("bcjgn,bcjghp->bcghpn", B, xdt * to_end[..., None])
 
     # 3. Across chunks only the state is carried: a loop over chunks, O(L) (the minimal SSD form
     #    does this with an (L/Q)^2 segsum instead).
-    chunk_decay = torch.exp(cum[:, :, -1])  # (b, c, g, hpg)
+    chunk_decay = torch.exp(cum[..., -1])  # (b, c, g, hpg)
     entering = []
     for add, keep in zip(chunk_states.unbind(1), chunk_decay.unbind(1)):
         entering.append(state)
@@ -124,7 +128,7 @@ def _ssd_segment(x, dt, A, B, C, chunk_size, state):
     entering = torch.stack(entering, dim=1).to(dtype)  # state entering each chunk
 
     # 4. What the entering state contributes to every token of its chunk: exp(cum_i) C_i . state.
-    y = y + torch.einsum("bcign,bcghpn->bcighp", C, entering) * torch.exp(cum).to(dtype)[..., None]
+    y = y + torch.einsum("bcign,bcghpn->bcighp", C, entering) * torch.exp(cum_by_token).to(dtype)[..., None]
     return y.reshape(b, c * q, h, p)[:, :l], state
 
 
@@ -180,6 +184,9 @@ def _load_cuda_kernels():
     return kernels, None
 
 
+# Under torch.compile this runs once, eagerly, and its answer is a constant of the graph (dynamo
+# would otherwise trace into the lru_cache'd import attempt, with a warning, on every compile).
+@torch.compiler.assume_constant_result
 def cuda_kernels_available() -> bool:
     return _load_cuda_kernels()[0] is not None
 

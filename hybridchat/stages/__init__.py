@@ -43,6 +43,8 @@ class Stage:
         self.milestones: frozenset[int] = frozenset()
         self.config = ctx.config.stage
         self.source = self.config.source
+        # Batches of varying width (conversations) come in a few padded widths under torch.compile.
+        self.width_limit = ctx.config.model.sequence_len if ctx.config.gpu.compile else None
 
     def initialise(self, model, source: Path) -> None:
         checkpoint.load(source, model, None, self.ctx.tokenizer.fingerprint)

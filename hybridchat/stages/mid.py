@@ -60,13 +60,13 @@ class MidStage(Stage):
     def train_batches(self, start, rank, world_size):
         return example_batches(len(self.train_chats), lambda i, epoch: self._example(self.train_chats[i]),
                                self.ctx.config.gpu.micro_batch, self.ctx.config.seed, self.renderer.pad_id,
-                               start, rank, world_size)
+                               start, rank, world_size, self.width_limit)
 
     @cached_property
     def _val(self):
         size = self.ctx.config.gpu.micro_batch
         examples = [self._example(c) for c in self.val_chats][:size * self.config.eval_batches]
-        return [collate(examples[i:i + size], self.renderer.pad_id) for i in range(0, len(examples), size)]
+        return [collate(examples[i:i + size], self.renderer.pad_id, self.width_limit) for i in range(0, len(examples), size)]
 
     def val_batches(self):
         return self._val

@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import cached_property
 from itertools import islice
 
+import torch
+
 from hybridchat.data.loader import token_batches
 from hybridchat.engine import Engine
 from hybridchat.stages import Stage
@@ -24,8 +26,13 @@ class PretrainStage(Stage):
 
     @cached_property
     def _val(self):
-        stream = token_batches(self.text, "val", self.ctx.tokenizer, self.batch_size, self.seq_len, loop=False)
-        return list(islice(stream, self.config.eval_batches))
+        """eval_batches batches of micro_batch sequences; a validation split too small for one (a large
+        GPU's micro_batch on a small corpus) gives one batch of all the sequences it holds."""
+        stream = token_batches(self.text, "val", self.ctx.tokenizer, 1, self.seq_len, loop=False)
+        rows = list(islice(stream, self.batch_size * self.config.eval_batches))
+        size = min(self.batch_size, len(rows))
+        return [{key: torch.cat([row[key] for row in rows[i:i + size]]) for key in ("inputs", "targets")}
+                for i in range(0, len(rows) - size + 1, size)] if rows else []
 
     def val_batches(self):
         return self._val

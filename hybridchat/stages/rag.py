@@ -154,14 +154,14 @@ class RagStage(Stage):
     def train_batches(self, start, rank, world_size):
         return example_batches(len(self.train_questions), lambda i, epoch: self._example(self.train_questions, i, epoch),
                                self.ctx.config.gpu.micro_batch, self.ctx.config.seed, self.renderer.pad_id,
-                               start, rank, world_size)
+                               start, rank, world_size, self.width_limit)
 
     @cached_property
     def _val(self):
         size = self.ctx.config.gpu.micro_batch
         n = min(len(self.val_questions), size * self.config.eval_batches)
         examples = [self._example(self.val_questions, i, 0, follow=False) for i in range(n)]
-        return [collate(examples[i:i + size], self.renderer.pad_id) for i in range(0, n, size)]
+        return [collate(examples[i:i + size], self.renderer.pad_id, self.width_limit) for i in range(0, n, size)]
 
     def val_batches(self):
         return self._val

@@ -83,10 +83,12 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (rewards - mean) / (std + eps)
 
 
-def policy_batch(trajectories: Sequence[Trajectory], pad_id: int) -> dict[str, torch.Tensor]:
+def policy_batch(trajectories: Sequence[Trajectory], pad_id: int, width_limit: int | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Trajectories as right-padded rows: inputs, and targets on the tokens the model wrote (-1 on
     the prompt, on injected documents and on padding)."""
-    return collate([(t.prompt + t.tokens, [0] * len(t.prompt) + t.written) for t in trajectories], pad_id)
+    return collate([(t.prompt + t.tokens, [0] * len(t.prompt) + t.written) for t in trajectories], pad_id,
+                   width_limit)
 
 
 def token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -216,7 +218,7 @@ class RefragStage(RagStage):
             mine = sum(1 for i in range(start, warm_end) if i % world_size == rank)
             yield from islice(example_batches(len(self.train_hops) + self.n_single, self._warm_example,
                                               cfg.gpu.micro_batch, cfg.seed, self.renderer.pad_id, start, rank,
-                                              world_size), mine)
+                                              world_size, self.width_limit), mine)
         yield from self._rl_batches(max(start, warm_end), rank, world_size)
 
     def _rl_batches(self, start: int, rank: int, world_size: int):
@@ -234,7 +236,7 @@ class RefragStage(RagStage):
         n = min(len(self.val_hops), size * self.config.eval_batches)
         examples = [self.renderer.render(self.trace_messages(q, random.Random(f"val/{i}")))
                     for i, q in enumerate(self.val_hops[:n])]
-        return [collate(examples[i:i + size], self.renderer.pad_id) for i in range(0, n, size)]
+        return [collate(examples[i:i + size], self.renderer.pad_id, self.width_limit) for i in range(0, n, size)]
 
     def val_batches(self):
         return self._trace_val
@@ -273,7 +275,8 @@ class RefragStage(RagStage):
             trajectories = self.rollouts(questions, seed=self.ctx.config.seed * 100_003 + index)
         rewards, terms = self.rewards(questions, trajectories)
         advantages = group_advantages(rewards).view(-1)
-        batch = {k: v.to(self.ctx.runtime.device) for k, v in policy_batch(trajectories, self.renderer.pad_id).items()}
+        batch = policy_batch(trajectories, self.renderer.pad_id, self.width_limit)
+        batch = {k: v.to(self.ctx.runtime.device) for k, v in batch.items()}
         self._policy_tokens = batch["inputs"].numel()
         mask = (batch["targets"] >= 0).float()
         logprobs = token_logprobs(model, batch)
