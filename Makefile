@@ -74,7 +74,7 @@ wheels: install
 	$(BIN)/pip download --quiet --no-deps --prefer-binary --python-version $(WHEELS_PYTHON) --implementation cp \
 		$(addprefix --platform ,$(WHEELS_PLATFORMS)) -r wheels/requirements.txt -d wheels
 
-# The GPU check (at most 8 minutes, one table): on a bare CUDA machine too, see launchers/gpu_check.sh.
+# The GPU check (at most 10 minutes, one table): on a bare CUDA machine too, see launchers/gpu_check.sh.
 # ARGS go to the check, e.g. ARGS="--gpu a100".
 gpu-check:
 	launchers/gpu_check.sh $(ARGS)

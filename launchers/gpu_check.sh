@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check (python -m hybridchat.bench gpu_check: gpu tests, d12 training tok/s + MFU, scans,
-# kernels; one table in at most 8 minutes) on a CUDA machine that already has PyTorch and Triton, as
-# cluster images and NGC containers do, with or without network:
+# The GPU check (python -m hybridchat.bench gpu_check: gpu tests, d12 training tok/s + MFU, the smoke
+# pipeline's recompilations, scans, kernels; one table in at most 10 minutes) on a CUDA machine that
+# already has PyTorch and Triton, as cluster images and NGC containers do, with or without network:
 #   make wheels                         # where pip has network: the dependencies into wheels/
 #   (copy the repository, wheels/ included, to the GPU machine)
 #   launchers/gpu_check.sh              # there (= make gpu-check); options go to the check:

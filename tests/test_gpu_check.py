@@ -1,6 +1,7 @@
 """The GPU check (python -m hybridchat.bench gpu_check): every step is a row, a failing or overrunning
 step is a FAILED row and the others still run; on CPU it runs at toy sizes."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -41,6 +42,9 @@ def test_quick_check_reports_every_step_and_a_planted_failure_does_not_hide_the_
     assert "median of steps 2-4" in hybrid["detail"]
     assert rows["scan"]["status"] == "ok" and set(rows["scan"]["ms"]) == {"ssd@128", "ssd@256", "sdpa@128", "sdpa@256"}
     assert rows["kernels"]["status"] == "skipped"
+    pipeline = rows["pipeline"]  # gpu=cpu: no compile, so nothing recompiles
+    assert pipeline["status"] == "ok" and pipeline["recompiles"] == {"pretrain": 0, "mid": 0, "rag": 0}
+    assert "evaluate" in pipeline["detail"] and (tmp_path / "pipeline" / "runs" / "evaluate" / "eval.json").exists()
 
 
 def test_preset_follows_the_gpu_name():
@@ -59,11 +63,54 @@ def test_scan_comparison_measures_differences_and_times():
     assert wrong["y_rel_diff"] > gpu_check.KERNEL_RTOL
 
 
+# What torch 2.13 prints under TORCH_LOGS=recompiles for a compiled function called with a new shape.
+RECOMPILE_LOG = """\
+V1128 22:22:40.043000 13629 torch/_dynamo/guards.py:5396] [0/1] [__recompiles] Recompiling function forward in lm.py:79
+V1128 22:22:40.043000 13629 torch/_dynamo/guards.py:5396] [0/1] [__recompiles]     triggered by the following guard failure(s):
+V1128 22:22:40.043000 13629 torch/_dynamo/guards.py:5396] [0/1] [__recompiles]     - 0/0: tensor 'idx' size mismatch at index 1. expected 64, actual 128
+"""
+
+
+def test_recompiles_are_counted_in_torch_logs():
+    assert gpu_check.count_recompiles("step 1 loss 3.2\n") == 0
+    assert gpu_check.count_recompiles(RECOMPILE_LOG * 3) == 3
+    # A real compiled function with a new shape: the first call compiles, the second recompiles.
+    code = ("import torch\nf = torch.compile(lambda x: x * 2, backend='eager', dynamic=False)\n"
+            "f(torch.ones(2)); f(torch.ones(3))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TORCH_LOGS": "recompiles"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert gpu_check.count_recompiles(result.stdout + result.stderr) == 1
+
+
+def test_pipeline_fails_when_a_stage_recompiles_past_the_bound(tmp_path, monkeypatch):
+    bound = gpu_check.recompile_bound(gpu_check.PIPELINE_SEQUENCE_LEN)
+    recompiles = {"pretrain": 0, "mid": bound, "rag": 1}
+    limit_hit = "W1128 convert_frame.py:1994] [0/8] torch._dynamo hit config.recompile_limit (8)\n"
+    extra = {}
+
+    def fake_run(cmd, limit_s, log, env=None):  # each stage's log with that many recompilations
+        assert env == {"TORCH_LOGS": "recompiles"}
+        stage = next((a.split("=")[1] for a in cmd if a.startswith("stage=")), "evaluate")
+        return RECOMPILE_LOG * recompiles.get(stage, 0) + extra.get(stage, "")
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    args = argparse.Namespace(out=tmp_path, gpu="h100", quick=True)
+    assert gpu_check.step_pipeline(args, 150)["recompiles"] == recompiles  # at the bound: fine
+    recompiles["rag"] = bound + 1
+    with pytest.raises(RuntimeError, match=f"rag recompiled more than {bound} times"):
+        gpu_check.step_pipeline(args, 150)
+    # Dynamo's recompile limit stops the count below the bound and runs the model eagerly: a failure too.
+    recompiles["rag"], extra["mid"] = 1, limit_hit
+    with pytest.raises(RuntimeError, match="mid recompiled more than .* recompile limit"):
+        gpu_check.step_pipeline(args, 150)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(os.environ.get(gpu_check.INSIDE_ENV)), reason="the check's own pytest step: no recursion")
 def test_gpu_check_on_cuda(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hybridchat.bench", "gpu_check", "--out", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=720)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
     assert all(r["status"] == "ok" for r in rows if r["step"] != "kernels"), rows

@@ -2,7 +2,7 @@
 
     python -m hybridchat.bench gpu_check [--gpu PRESET] [--device cuda|cpu] [--quick] [--only STEP ...]
 
-Steps, each in a process of its own under its own time limit (together at most 8 minutes); a step
+Steps, each in a process of its own under its own time limit (together at most 10 minutes); a step
 that fails or runs out of time becomes a FAILED row and the others still run:
 
 - pytest:                 the `gpu`-marked tests (skipped without CUDA);
@@ -10,6 +10,9 @@ that fails or runs out of time becomes a FAILED row and the others still run:
   train_transformer_d12:  short `python -m hybridchat.train` runs with the preset's bf16 +
                           torch.compile; tokens/s and MFU are medians of the steps after the first
                           third (those include compilation), read from the run's metrics.jsonl;
+- pipeline:               pretrain -> mid -> rag -> evaluate at smoke sizes on the preset, as `make
+                          smoke` runs them: seconds and torch.compile recompilations per stage (the
+                          conversation stages' batches of varying width must not recompile each step);
 - scan:                   our torch SSD scan against SDPA, fwd+bwd at 2K and 8K tokens
                           (`python -m hybridchat.bench mixer`);
 - kernels:                the mamba_ssm scan kernel against our scan (largest difference, fwd+bwd
@@ -63,11 +66,12 @@ def preset_for(device_name: str) -> str:
     return next((p for p in presets if p in name), "h100")
 
 
-def _run(cmd: list[str], limit_s: float, log: Path) -> str:
+def _run(cmd: list[str], limit_s: float, log: Path, env: dict[str, str] | None = None) -> str:
     """Run cmd under a time limit and return its output (also written to `log`). It gets a session of
-    its own, so that a timeout also ends what it started (compile workers, pytest's subprocesses)."""
+    its own, so that a timeout also ends what it started (compile workers, pytest's subprocesses).
+    env: variables added to this process's environment."""
     # Unbuffered: a killed step's log is complete. HYDRA_FULL_ERROR: the exception is the output's last line.
-    env = {**os.environ, INSIDE_ENV: "1", "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    env = {**os.environ, INSIDE_ENV: "1", "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -153,6 +157,67 @@ def step_train(model: str, args, limit_s: float) -> dict:
     return row
 
 
+# The pipeline step: `make smoke`'s sizes (512 tokens: room for rag's documents).
+PIPELINE_SEQUENCE_LEN = 512
+# What dynamo logs under TORCH_LOGS=recompiles for each recompilation (torch 2.x), and once a function
+# has recompiled config.recompile_limit times (8) and runs eagerly from then on: a count that stops
+# there would hide a stage that makes a new shape every step, so the limit's line fails the step too.
+RECOMPILE_LINE = "Recompiling function"
+RECOMPILE_LIMIT_LINE = "hit config.recompile_limit"
+
+
+def recompile_bound(sequence_len: int) -> int:
+    """The most recompilations a training stage may do: padded_width's power-of-two widths up to
+    sequence_len (log2 of it, 9 at 512), plus 3 for the other batch shapes (evaluation without grad,
+    a last validation batch of fewer rows). A stage that recompiles at every new width goes past it,
+    or hits dynamo's recompile limit first. (Measured with inductor on CPU at smoke sizes: mid 1, rag 0;
+    after one recompilation for a new width dynamo traces the width as a symbol.)"""
+    return sequence_len.bit_length() - 1 + 3
+
+
+def count_recompiles(output: str) -> int:
+    """Recompilations in a TORCH_LOGS=recompiles log."""
+    return sum(RECOMPILE_LINE in line for line in output.splitlines())
+
+
+def step_pipeline(args, limit_s: float) -> dict:
+    work = args.out / "pipeline"
+    shutil.rmtree(work, ignore_errors=True)  # a fresh run: no checkpoint of an earlier check to resume from
+    # The evaluator finds the rag checkpoint by paths.outputs and run_name; the sizes come with it.
+    common = [f"gpu={args.gpu}", f"paths.outputs={work}", "run_name=gpu_check_pipeline"]
+    train = [*common, "debug=smoke", f"model.sequence_len={PIPELINE_SEQUENCE_LEN}", "progress=false"]
+    # 20 steps on a GPU: a stage that recompiles at every step goes past dynamo's recompile limit (8)
+    # and fails the step, where smoke's 6 steps would stay under the bound (the H200's mid: 6 compiles).
+    steps = 2 if args.quick else 20
+    stage_steps = [f"stage.num_steps={steps}", f"stage.eval_every={steps}", f"stage.checkpoint_every={steps}"]
+    evaluation = (["n_questions=6", "n_unanswerable=4", "context_budget=[1]", "context_questions=4", "bootstrap=20"]
+                  if args.quick else ["n_questions=30", "n_unanswerable=20", "context_budget=[1,2]",
+                                      "context_questions=10", "bootstrap=200"])
+    commands = {stage: ["hybridchat.train", f"stage={stage}", *train, *stage_steps, f"hydra.run.dir={work}/runs/{stage}"]
+                for stage in ("pretrain", "mid", "rag")}
+    commands["evaluate"] = ["hybridchat.evaluate", *common, *evaluation, f"hydra.run.dir={work}/runs/evaluate"]
+    deadline = time.perf_counter() + limit_s
+    bound = recompile_bound(PIPELINE_SEQUENCE_LEN)
+    parts, recompiles, over = [], {}, []
+    for name, cmd in commands.items():
+        t0 = time.perf_counter()
+        output = _run([sys.executable, "-m", *cmd], max(deadline - t0, 1), args.out / f"pipeline_{name}.log",
+                      env={"TORCH_LOGS": "recompiles"})
+        seconds = time.perf_counter() - t0
+        if name == "evaluate":  # generation runs the model eagerly: nothing to recompile
+            parts.append(f"{name} {seconds:.0f} s")
+            continue
+        recompiles[name] = count_recompiles(output)
+        parts.append(f"{name} {seconds:.0f} s ({recompiles[name]} recompiles)")
+        if recompiles[name] > bound or RECOMPILE_LIMIT_LINE in output:
+            over.append(name)
+    detail = f"gpu={args.gpu}, " + ", ".join(parts)
+    if over:
+        raise RuntimeError(f"{', '.join(over)} recompiled more than {bound} times or hit dynamo's recompile "
+                           f"limit: {detail}")
+    return {"detail": detail, "recompiles": recompiles}
+
+
 def step_scan(args, limit_s: float) -> dict:
     lengths = (128, 256) if args.quick else (2048, 8192)
     sizes = ["--batch", "1", "--d-model", "64", "--reps", "1"] if args.quick else \
@@ -218,11 +283,12 @@ def step_kernels(args, limit_s: float) -> dict:
     return {"detail": detail, **r}
 
 
-# name -> (time limit in seconds, step). The limits add up to 7.5 minutes; --quick runs far below them.
+# name -> (time limit in seconds, step). The limits add up to 10 minutes; --quick runs far below them.
 STEPS: dict[str, tuple[float, Callable[[argparse.Namespace, float], dict]]] = {
     "pytest": (90, step_pytest),
     "train_hybrid_d12": (130, partial(step_train, "hybrid_d12")),
     "train_transformer_d12": (110, partial(step_train, "transformer_d12")),
+    "pipeline": (150, step_pipeline),
     "scan": (60, step_scan),
     "kernels": (60, step_kernels),
 }
