@@ -84,8 +84,8 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
         start_step = checkpoint.load(resume_from, model, optimizers, tokenizer.fingerprint)["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
     if not stage.val_batches():
-        raise UserError(f"stage={stage.name}: the validation split holds no full sequence of "
-                        f"model.sequence_len={cfg.model.sequence_len} tokens")
+        raise UserError(f"stage={stage.name}: the validation split gives no batches (of text: less than one "
+                        f"sequence of model.sequence_len={cfg.model.sequence_len} tokens)")
     batches = stage.train_batches(start_step * accum * rt.world_size, rt.rank, rt.world_size)
     peak_flops = cfg.gpu.peak_tflops_bf16 * 1e12 * rt.world_size
 

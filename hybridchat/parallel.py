@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from hybridchat.config import Config, Strategy
+from hybridchat.model.mamba import cuda_kernels_available
 from hybridchat.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ def prepare(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
     else:
         train_model = DistributedDataParallel(model)
     if config.gpu.compile:  # after sharding, as FSDP2 wants: the hooks are already in place
+        # Whether mamba_ssm imports is a constant of the graph: dynamo calls it once instead of tracing
+        # the lru_cache'd import attempt (with a warning) on every compile. Marked here, not where it is
+        # defined, so that importing the model does not import torch._dynamo (a second per process).
+        torch.compiler.assume_constant_result(cuda_kernels_available)
         train_model = torch.compile(train_model)
     return train_model
 

@@ -84,25 +84,42 @@ def test_recompiles_are_counted_in_torch_logs():
 
 
 def test_pipeline_fails_when_a_stage_recompiles_past_the_bound(tmp_path, monkeypatch):
-    bound = gpu_check.recompile_bound(gpu_check.PIPELINE_SEQUENCE_LEN)
+    # chunk counts 1, 2, 4, 8 at 512 tokens in chunks of 64, plus dynamo's first recompilation
+    assert gpu_check.recompile_bound(512, 64) == 5 and gpu_check.recompile_bound(2048, 64) == 7
+    bound = gpu_check.recompile_bound(gpu_check.PIPELINE_SEQUENCE_LEN, gpu_check.PIPELINE_CHUNK)
     recompiles = {"pretrain": 0, "mid": bound, "rag": 1}
     limit_hit = "W1128 convert_frame.py:1994] [0/8] torch._dynamo hit config.recompile_limit (8)\n"
-    extra = {}
+    extra, commands = {}, {}
 
     def fake_run(cmd, limit_s, log, env=None):  # each stage's log with that many recompilations
         assert env == {"TORCH_LOGS": "recompiles"}
         stage = next((a.split("=")[1] for a in cmd if a.startswith("stage=")), "evaluate")
-        return RECOMPILE_LOG * recompiles.get(stage, 0) + extra.get(stage, "")
+        commands[stage] = cmd
+        output = RECOMPILE_LOG * recompiles.get(stage, 0) + extra.get(stage, "")
+        if stage == "timeout":
+            log.write_text(output)
+            raise TimeoutError("over its 150 s limit")
+        return output
 
     monkeypatch.setattr(gpu_check, "_run", fake_run)
     args = argparse.Namespace(out=tmp_path, gpu="h100", quick=True)
     assert gpu_check.step_pipeline(args, 150)["recompiles"] == recompiles  # at the bound: fine
+    # pretraining runs uncompiled (its fixed shapes compile in the train_* steps); mid and rag as the preset says
+    assert "gpu.compile=false" in commands["pretrain"] and not any("gpu.compile" in a for a in commands["mid"])
     recompiles["rag"] = bound + 1
     with pytest.raises(RuntimeError, match=f"rag recompiled more than {bound} times"):
         gpu_check.step_pipeline(args, 150)
     # Dynamo's recompile limit stops the count below the bound and runs the model eagerly: a failure too.
     recompiles["rag"], extra["mid"] = 1, limit_hit
     with pytest.raises(RuntimeError, match="mid recompiled more than .* recompile limit"):
+        gpu_check.step_pipeline(args, 150)
+    # A stage that runs out of time: the row keeps what it and the stages before it measured.
+    extra.clear()
+    monkeypatch.setattr(gpu_check, "_run", lambda cmd, limit_s, log, env=None: fake_run(
+        [a.replace("stage=rag", "stage=timeout") for a in cmd], limit_s, log, env))
+    recompiles["timeout"] = 4
+    with pytest.raises(RuntimeError, match=r"rag \(4 recompiles so far\): over its 150 s limit; before it: "
+                                           r"pretrain \d+ s \(0 recompiles\), mid \d+ s \(5 recompiles\)"):
         gpu_check.step_pipeline(args, 150)
 
 

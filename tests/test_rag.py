@@ -100,8 +100,9 @@ def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline)
 
 
 def test_under_compile_conversation_batches_come_in_a_few_padded_widths(pipeline):
-    """gpu.compile=true: every new batch shape recompiles the model (seen on an H200: a compile per
-    step), so rag/mid/refrag batches are padded to powers of two up to model.sequence_len."""
+    """gpu.compile=true: every new batch shape recompiles the model (on an H200: mid steps as slow as
+    a compilation each), so rag/mid/refrag training batches are padded to powers of two up to
+    model.sequence_len. Validation runs the model uncompiled: its batches keep their exact width."""
     from hybridchat.context import RunContext
     from hybridchat.runtime import Runtime
     from hybridchat.stages.mid import MidStage
@@ -110,17 +111,18 @@ def test_under_compile_conversation_batches_come_in_a_few_padded_widths(pipeline
 
     out, common = pipeline
     for stage_cls, stage in ((RagStage, "rag"), (MidStage, "mid")):
-        widths = {}
+        widths, val_widths = {}, {}
         for compile_ in (False, True):
             config, _ = typed_config(compose_config(common + [f"stage={stage}", f"gpu.compile={compile_}"],
                                                     output_dir=out / "z"))
             s = stage_cls(RunContext(config, Runtime(torch.device("cpu"), None)))
-            batches = list(islice(s.train_batches(0, 0, 1), 6)) + s.val_batches()
-            widths[compile_] = [b["inputs"].shape[1] for b in batches]
+            widths[compile_] = [b["inputs"].shape[1] for b in islice(s.train_batches(0, 0, 1), 6)]
+            val_widths[compile_] = [b["inputs"].shape[1] for b in s.val_batches()]
             limit = config.model.sequence_len
         exact, padded = widths[False], widths[True]
         assert len(set(exact)) > 1  # conversations differ in length: without compile, widths vary
         assert all(p == min(1 << (e - 1).bit_length(), limit) for e, p in zip(exact, padded)), (exact, padded)
+        assert val_widths[True] == val_widths[False]
 
 
 def test_rag_can_teach_the_answer_before_its_citation(pipeline):

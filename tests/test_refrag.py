@@ -436,6 +436,22 @@ def test_a_grpo_step_samples_groups_scores_them_and_reports_rewards(smoke_checkp
     assert torch.isfinite(loss)
 
 
+def test_under_compile_warm_start_and_policy_batches_come_in_padded_widths(smoke_checkpoints):
+    """gpu.compile=true: the warm start's traces and GRPO's trajectories, like mid's and rag's
+    conversations, are padded to powers of two up to model.sequence_len (512 here)."""
+    out, common = smoke_checkpoints
+    exact, padded = refrag_stage(out, common), refrag_stage(out, common, "gpu.compile=true")
+    widths = [(e["inputs"].shape[1], p["inputs"].shape[1])
+              for e, p in zip(islice(exact.train_batches(0, 0, 1), 4), islice(padded.train_batches(0, 0, 1), 4))]
+    assert all(p == min(1 << (e - 1).bit_length(), 512) for e, p in widths) and any(e != p for e, p in widths)
+    stage = refrag_stage(out, common, "gpu.compile=true", "stage.rl_steps=6", "stage.group_size=2")
+    stage.ctx.model = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "p" / "rag"))[0].train()
+    batch = next(stage.train_batches(0, 0, 1))
+    stage.training_step(stage.ctx.model, batch)
+    width = stage.batch_tokens(batch) // 4  # 2 questions x group_size 2 trajectories
+    assert width in (64, 128, 256, 512), width
+
+
 def test_chat_prints_the_hop_trace():
     import io
 

@@ -1017,7 +1017,8 @@ def test_loop_refuses_a_validation_set_without_one_batch(tmp_path):
 
     _, _, _, error = toy_run(tmp_path, setup=no_val, num_steps=2)
     assert isinstance(error, UserError)
-    assert str(error) == "stage=toy: the validation split holds no full sequence of model.sequence_len=8 tokens"
+    assert str(error) == ("stage=toy: the validation split gives no batches (of text: less than one sequence of "
+                          "model.sequence_len=8 tokens)")
 
 
 def test_loop_saves_once_and_stops_at_the_step_a_stop_signal_arrives(tmp_path, caplog):

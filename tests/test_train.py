@@ -85,6 +85,16 @@ def test_pretrain_validation_smaller_than_a_micro_batch_is_one_batch_of_all_it_h
             assert torch.equal(got["inputs"], want["inputs"]) and torch.equal(got["targets"], want["targets"])
 
 
+def test_a_compiled_run_trains_like_the_eager_one(smoke_run, tmp_path):
+    """gpu.compile=true (what every GPU preset sets) through the one loop, here with Inductor's CPU
+    backend: the same losses as the eager smoke run, step for step."""
+    out, overrides, _ = smoke_run
+    compiled = overrides[:1] + [f"paths.outputs={tmp_path}", "run_name=smoke", "gpu.compile=true"]
+    train(compiled, tmp_path / "run")
+    losses = [[r["train/loss"] for r in read_metrics(d) if "train/loss" in r] for d in (out / "run", tmp_path / "run")]
+    assert len(losses[1]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
 def test_samples_are_greedy_continuations_up_to_a_document_boundary(smoke_run):
     """The pretrain stage's samples against a plain loop: full forward, argmax, stop at <|bos|>."""
     out, overrides, _ = smoke_run

@@ -102,8 +102,8 @@ def _ssd_segment(x, dt, A, B, C, chunk_size, state):
     C = C.reshape(b, c, q, g, n)
     dt = dt.to(acc).reshape(b, c, q, g, hpg)
     xdt = x * dt.to(dtype)[..., None]
-    # Log-decay from the chunk start, (b, c, g, hpg, q). The sum runs along the last, contiguous axis:
-    # along a middle axis torch.compile's Triton scan (torch 2.11, H200) failed to generate code.
+    # Log-decay from the chunk start, (b, c, g, hpg, q). The sum runs along the last axis: along a
+    # middle axis torch.compile's Triton scan (torch 2.11, H200) failed to generate code.
     cum = torch.cumsum((dt * A.to(acc).reshape(g, hpg)).permute(0, 1, 3, 4, 2), dim=-1)
     # cum in the token-major layout of x: (b, c, q, g, hpg)
     cum_by_token = cum.permute(0, 1, 4, 2, 3)
@@ -184,9 +184,6 @@ def _load_cuda_kernels():
     return kernels, None
 
 
-# Under torch.compile this runs once, eagerly, and its answer is a constant of the graph (dynamo
-# would otherwise trace into the lru_cache'd import attempt, with a warning, on every compile).
-@torch.compiler.assume_constant_result
 def cuda_kernels_available() -> bool:
     return _load_cuda_kernels()[0] is not None
 

@@ -43,7 +43,8 @@ class Stage:
         self.milestones: frozenset[int] = frozenset()
         self.config = ctx.config.stage
         self.source = self.config.source
-        # Batches of varying width (conversations) come in a few padded widths under torch.compile.
+        # Training batches of varying width (conversations) come in a few padded widths under
+        # torch.compile (evaluation runs the model uncompiled: its batches keep their exact width).
         self.width_limit = ctx.config.model.sequence_len if ctx.config.gpu.compile else None
 
     def initialise(self, model, source: Path) -> None:

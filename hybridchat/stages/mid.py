@@ -66,7 +66,7 @@ class MidStage(Stage):
     def _val(self):
         size = self.ctx.config.gpu.micro_batch
         examples = [self._example(c) for c in self.val_chats][:size * self.config.eval_batches]
-        return [collate(examples[i:i + size], self.renderer.pad_id, self.width_limit) for i in range(0, len(examples), size)]
+        return [collate(examples[i:i + size], self.renderer.pad_id) for i in range(0, len(examples), size)]
 
     def val_batches(self):
         return self._val

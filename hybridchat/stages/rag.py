@@ -161,7 +161,7 @@ class RagStage(Stage):
         size = self.ctx.config.gpu.micro_batch
         n = min(len(self.val_questions), size * self.config.eval_batches)
         examples = [self._example(self.val_questions, i, 0, follow=False) for i in range(n)]
-        return [collate(examples[i:i + size], self.renderer.pad_id, self.width_limit) for i in range(0, n, size)]
+        return [collate(examples[i:i + size], self.renderer.pad_id) for i in range(0, n, size)]
 
     def val_batches(self):
         return self._val

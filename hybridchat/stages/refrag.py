@@ -236,7 +236,7 @@ class RefragStage(RagStage):
         n = min(len(self.val_hops), size * self.config.eval_batches)
         examples = [self.renderer.render(self.trace_messages(q, random.Random(f"val/{i}")))
                     for i, q in enumerate(self.val_hops[:n])]
-        return [collate(examples[i:i + size], self.renderer.pad_id, self.width_limit) for i in range(0, n, size)]
+        return [collate(examples[i:i + size], self.renderer.pad_id) for i in range(0, n, size)]
 
     def val_batches(self):
         return self._trace_val
