@@ -28,11 +28,14 @@ class PretrainStage(Stage):
     def _val(self):
         """eval_batches batches of micro_batch sequences; a validation split too small for one (a large
         GPU's micro_batch on a small corpus) gives one batch of all the sequences it holds."""
-        stream = token_batches(self.text, "val", self.ctx.tokenizer, 1, self.seq_len, loop=False)
-        rows = list(islice(stream, self.batch_size * self.config.eval_batches))
-        size = min(self.batch_size, len(rows))
-        return [{key: torch.cat([row[key] for row in rows[i:i + size]]) for key in ("inputs", "targets")}
-                for i in range(0, len(rows) - size + 1, size)] if rows else []
+        def batches(size):
+            return token_batches(self.text, "val", self.ctx.tokenizer, size, self.seq_len, loop=False)
+
+        full = list(islice(batches(self.batch_size), self.config.eval_batches))
+        if full:
+            return full
+        rows = list(batches(1))
+        return [{key: torch.cat([row[key] for row in rows]) for key in ("inputs", "targets")}] if rows else []
 
     def val_batches(self):
         return self._val
