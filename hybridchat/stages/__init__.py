@@ -31,6 +31,7 @@ from hybridchat import checkpoint
 from hybridchat.context import RunContext
 from hybridchat.data.loader import Batch
 from hybridchat.errors import UserError
+from hybridchat.runtime import Runtime
 
 
 class Stage:
@@ -73,14 +74,18 @@ class Stage:
         return {}
 
 
-@torch.no_grad()
 def evaluate_bpb(model, batches: list[Batch], ctx: RunContext) -> float:
+    """bits_per_byte with the run's tokenizer and runtime."""
+    return bits_per_byte(model, batches, ctx.tokenizer.token_bytes(), ctx.runtime)
+
+
+@torch.no_grad()
+def bits_per_byte(model, batches: list[Batch], token_bytes: torch.Tensor, rt: Runtime) -> float:
     """Bits per byte: summed loss over target tokens / (ln 2 x their UTF-8 bytes). Independent of the
     vocabulary, so runs with different tokenizers compare. Special tokens (0 bytes) are left out.
     Rank r scores batches r, r + world_size, ...: the sums, and so the result, do not depend on
     the number of ranks."""
-    rt = ctx.runtime
-    token_bytes = ctx.tokenizer.token_bytes().to(rt.device)
+    token_bytes = token_bytes.to(rt.device)
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
