@@ -39,6 +39,11 @@ class SSMBackend(str, Enum):
     cuda = "cuda"    # mamba_ssm kernels, fail loudly if missing
 
 
+class ConvertedOutput(str, Enum):
+    attention = "attention"  # out_proj = the attention's O ("The Mamba in the Llama")
+    zero = "zero"            # out_proj = 0: each converted layer starts as a no-op and grows in
+
+
 class AttentionBackend(str, Enum):
     auto = "auto"            # let SDPA choose (flash / memory-efficient / math)
     flash = "flash"
@@ -204,6 +209,8 @@ class DistillConfig(StageConfig):
     # + hidden_weight x the converted layers' relative squared error against the teacher's layers, each
     # run on the teacher's hidden state entering it: a signal at every replaced layer, not only at the logits
     hidden_weight: float = 0.0
+    # How a converted layer's output projection starts; its in_proj holds Q, K, V either way
+    converted_output: ConvertedOutput = ConvertedOutput.attention
 
 
 @dataclass

@@ -48,6 +48,27 @@ def random_teacher() -> HybridLM:
     return teacher
 
 
+def test_zero_output_student_is_the_teacher_without_the_converted_attention():
+    """copy_output=False: the converted layers add nothing, so the student computes what the teacher
+    computes with those layers' attention output projections zeroed; in_proj still holds Q, K, V."""
+    teacher = random_teacher()
+    student = tiny("AMAM", **STUDENT_MAMBA)
+    student.init_weights()
+    convert(teacher, student, copy_output=False)
+    for i in (1, 3):
+        assert not student.blocks[i].mixer.out_proj.weight.any()
+        assert torch.equal(student.blocks[i].mixer.in_proj.weight[192:256], teacher.blocks[i].mixer.c_q.weight)
+    ablated = tiny("AAAA", **STUDENT_MAMBA)
+    ablated.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        for i in (1, 3):
+            ablated.blocks[i].mixer.c_proj.weight.zero_()
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(student(tokens), ablated(tokens), rtol=0, atol=1e-6)
+        assert not torch.allclose(student(tokens), teacher(tokens), atol=1e-3)  # the ablation matters
+
+
 def test_converted_layers_hold_q_k_v_o_and_the_rest_is_copied():
     teacher = random_teacher()
     student = tiny("AMAM", **STUDENT_MAMBA)
@@ -197,7 +218,8 @@ def distilled(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
     common = SMOKE + [f"paths.outputs={out}"]
     run(compose_config(common + ["stage.num_steps=24", "stage.eval_every=12"], output_dir=out / "teacher"))
-    for name, extra in (("student", []), ("student_hidden", ["run_name=distill_hidden", "stage.hidden_weight=4"])):
+    for name, extra in (("student", []), ("student_hidden", ["run_name=distill_hidden", "stage.hidden_weight=4"]),
+                        ("student_zero", ["run_name=distill_zero", "stage.converted_output=zero"])):
         run(compose_config(common + STUDENT + ["model.block_pattern=AM", "stage.num_steps=9", "stage.eval_every=3",
                                                "stage.source=${paths.checkpoints}/distill/pretrain", *extra],
                            output_dir=out / name))
@@ -220,6 +242,14 @@ def test_distill_run_lowers_the_kl_and_writes_the_student(distilled):
     assert ckpt is not None and ckpt.name == "step_000009"
     student, _, meta = checkpoint.load_model(ckpt)
     assert student.pattern == "AM" and meta["stage"] == "distill"
+
+
+def test_converted_output_zero_starts_from_the_teacher_without_the_layers_attention(distilled):
+    """The same teacher and student with out_proj = 0: another starting KL (the converted layer adds
+    nothing instead of the copied linear attention), lowered by training like the paper's start."""
+    kl = {name: [r["val/kl"] for r in metrics(distilled / name) if "val/kl" in r] for name in ("student", "student_zero")}
+    assert kl["student_zero"][0] != pytest.approx(kl["student"][0], rel=1e-3), kl
+    assert kl["student_zero"][-1] < kl["student_zero"][0], kl
 
 
 def test_hidden_weight_adds_the_converted_layers_error_and_lowers_it(distilled):

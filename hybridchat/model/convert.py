@@ -36,8 +36,9 @@ def _check_fits(attn: CausalSelfAttention, mamba: Mamba2) -> None:
 
 
 @torch.no_grad()
-def attention_to_mamba(attn: CausalSelfAttention, mamba: Mamba2) -> None:
-    """Initialise `mamba` from `attn`: in_proj's x/B/C rows from V/K/Q, out_proj from O."""
+def attention_to_mamba(attn: CausalSelfAttention, mamba: Mamba2, copy_output: bool = True) -> None:
+    """Initialise `mamba` from `attn`: in_proj's x/B/C rows from V/K/Q, out_proj from O (or zero
+    without copy_output: the layer then adds nothing until training grows its output)."""
     _check_fits(attn, mamba)
     # What attention has no counterpart for starts as a fresh Mamba layer, as in the paper's code:
     # the gate's rows of in_proj random (silu(z) cannot be a constant 1 without a bias; the gated
@@ -56,7 +57,10 @@ def attention_to_mamba(attn: CausalSelfAttention, mamba: Mamba2) -> None:
     rows[d_inner:2 * d_inner].copy_(per_query_head(attn.c_v))
     rows[2 * d_inner:2 * d_inner + gn].copy_(per_query_head(attn.c_k))
     rows[2 * d_inner + gn:2 * d_inner + 2 * gn].copy_(attn.c_q.weight)
-    mamba.out_proj.weight.copy_(attn.c_proj.weight)
+    if copy_output:
+        mamba.out_proj.weight.copy_(attn.c_proj.weight)
+    else:
+        mamba.out_proj.weight.zero_()
     # The causal conv over [x, B, C] starts as the identity (only the current token's tap, no bias)
     # instead of the paper's random init, so the copied projections reach the scan unmixed (through
     # the SiLU that follows): the layer starts as a linear attention over the teacher's q, k, v.
@@ -82,9 +86,10 @@ def _check_compatible(teacher: HybridLM, student: HybridLM) -> None:
 
 
 @torch.no_grad()
-def convert(teacher: HybridLM, student: HybridLM) -> None:
+def convert(teacher: HybridLM, student: HybridLM, copy_output: bool = True) -> None:
     """Initialise `student` from `teacher`: everything but the A -> M layers' mixers is copied as is
-    (embeddings, head, norms, MLPs, unchanged layers, whatever they hold); those mixers are converted."""
+    (embeddings, head, norms, MLPs, unchanged layers, whatever they hold); those mixers are converted
+    (attention_to_mamba)."""
     _check_compatible(teacher, student)
     converted = [i for i, (t, s) in enumerate(zip(teacher.pattern, student.pattern)) if t != s]
     mixers = tuple(f"blocks.{i}.mixer." for i in converted)
@@ -94,4 +99,4 @@ def convert(teacher: HybridLM, student: HybridLM) -> None:
         raise UserError(f"the student's blocks differ from the teacher's beyond the converted mixers: missing "
                         f"{[k for k in missing if not k.startswith(mixers)][:5]}, unexpected {unexpected[:5]}")
     for i in converted:
-        attention_to_mamba(teacher.blocks[i].mixer, student.blocks[i].mixer)
+        attention_to_mamba(teacher.blocks[i].mixer, student.blocks[i].mixer, copy_output)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybridchat import checkpoint
+from hybridchat.config import ConvertedOutput
 from hybridchat.errors import UserError
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.convert import convert
@@ -110,7 +111,8 @@ class DistillStage(PretrainStage):
                 if t != s]
 
     def initialise(self, model, source):
-        convert(self.teacher, model)  # source is the teacher's checkpoint
+        # source is the teacher's checkpoint
+        convert(self.teacher, model, copy_output=self.config.converted_output == ConvertedOutput.attention)
 
     def training_step(self, model, batch):
         inputs, targets = batch["inputs"], batch["targets"]
