@@ -94,7 +94,7 @@ def figure(rows: list[dict]):
 
     texts = list(dict.fromkeys(r["text"] for r in rows))
     models = list(dict.fromkeys(r["checkpoint"] for r in rows))
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(models) * len(texts) ** 0.5, 3.8))
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 1.3 * len(models)), 4.2))
     width = 0.8 / len(texts)
     for i, text in enumerate(texts):
         values = [next((r["bpb"] for r in rows if r["checkpoint"] == m and r["text"] == text), 0) for m in models]
