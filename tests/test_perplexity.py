@@ -112,6 +112,10 @@ def test_bad_input_ends_with_one_error_line(saved, tmp_path):
     bad.write_text('{"text": "fine"}\n{"title": "no text"}\n')
     with pytest.raises(UserError, match=r"bad\.jsonl:2: expected a JSON object with a \"text\" field"):
         perplexity.read_documents(str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(UserError, match="empty.txt: no text to score"):
+        perplexity.main([str(path), "--text", str(empty), "--out", str(tmp_path / "out")])
     with pytest.raises(UserError, match="--seq-len=0 must be >= 1"):
         perplexity.main([str(path), "--seq-len", "0"])
     result = subprocess.run([sys.executable, "-m", "hybridchat.bench", "perplexity", str(path), "--text",

@@ -72,13 +72,16 @@ def score(path: Path, texts: dict[str, list[str]], seq_len: int, max_tokens: int
     model, tok, meta = checkpoint.load_model(path)
     runtime = Runtime(device=torch.device("cpu"), autocast_dtype=None)
     length = min(seq_len, model.config.sequence_len)
+    token_bytes = tok.token_bytes()
     rows = []
     for name, documents in texts.items():
         stream = [t for doc in documents for t in [tok.bos_id, *tok.encode(doc)]][:max_tokens + 1]
         batches = windows(stream, length, batch)
-        bpb = bits_per_byte(model, batches, tok.token_bytes(), runtime)
-        nbytes = int(sum(tok.token_bytes()[b["targets"]].sum() for b in batches))
-        scored = sum(int((tok.token_bytes()[b["targets"]] > 0).sum()) for b in batches)
+        nbytes = int(sum(token_bytes[b["targets"]].sum() for b in batches))
+        if not nbytes:
+            raise UserError(f"--text {name}: no text to score")
+        bpb = bits_per_byte(model, batches, token_bytes, runtime)
+        scored = sum(int((token_bytes[b["targets"]] > 0).sum()) for b in batches)
         rows.append({"checkpoint": f"{meta['run_name']}/{meta['stage']}/{path.name}", "pattern": model.pattern, "text": Path(name).name,
                      "tokens": scored, "bytes": nbytes, "bpb": round(bpb, 4),
                      # nats per scored token = bits per byte x ln 2 x bytes per token
