@@ -99,6 +99,59 @@ def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline)
     assert seen_documents > 0
 
 
+SHOPS = [("Quillon", "Marrow Lane", "Edda Varn", 1911), ("Brasket", "Tolley Row", "Omar Fenk", 1923),
+         ("Carrowind", "Pike Street", "Lis Adwen", 1907), ("Dunmere", "Hasp Yard", "Teo Braly", 1938),
+         ("Elvaston", "Gull Walk", "Ines Corra", 1952), ("Fennick", "Sable Court", "Rui Oxley", 1899)]
+
+
+def test_rag_trains_on_your_knowledge_base_and_questions(pipeline, tmp_path):
+    """stage.questions + retriever.kb_dir: the documents in the training inputs are the user's (ids,
+    titles, text; none of the world's), the reply cites the one stating the answer, and the stage trains
+    and evaluates on the questions' validation share."""
+    from hybridchat.context import RunContext
+    from hybridchat.documents import Document
+    from hybridchat.retrieval.config import RetrieverConfig
+    from hybridchat.retrieval.knowledge_base import KnowledgeBase
+    from hybridchat.runtime import Runtime
+    from hybridchat.stages.rag import RagStage
+    from hybridchat.train import typed_config
+
+    out, common = pipeline
+    docs = [Document(f"shop-{i}", f"{name} bakery", f"The {name} bakery on {street} was founded in {year} by {who}.")
+            for i, (name, street, who, year) in enumerate(SHOPS)]
+    KnowledgeBase.build(tmp_path / "kb", docs, ["bm25"], RetrieverConfig(), progress=False)
+    rows = [{"question": f"Who founded the {name} bakery?", "answers": [who], "gold_doc_ids": [f"shop-{i}"]}
+            for i, (name, _, who, _) in enumerate(SHOPS)]
+    rows += [{"question": f"On which street is the {name} bakery?", "answers": [street], "gold_doc_ids": [f"shop-{i}"]}
+             for i, (name, street, _, _) in enumerate(SHOPS)]
+    rows += [{"question": "Who founded the Zeller bakery?", "answers": [], "gold_doc_ids": []}]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    user = common + ["stage=rag", f"stage.questions={questions}", f"retriever.kb_dir={tmp_path / 'kb'}",
+                     "stage.eval_questions=4", "stage.num_steps=2", "stage.eval_every=2", "run_name=p_user",
+                     "stage.source=${paths.checkpoints}/p/mid"]
+    config, _ = typed_config(compose_config(user, output_dir=tmp_path / "x"))
+    ctx = RunContext(config, Runtime(torch.device("cpu"), None))
+    batch = next(RagStage(ctx).train_batches(0, 0, 1))
+    world_titles = {d.title for d in ctx.world.documents()}
+    cited = 0
+    for inputs, targets in zip(batch["inputs"].tolist(), batch["targets"].tolist()):
+        text = ctx.tokenizer.decode(inputs)
+        documents = text.split("<|document_start|>")[1:]
+        assert documents and all("bakery" in d for d in documents)
+        assert not [t for t in world_titles if t in text]
+        for answer in ctx.tokenizer.decode([t for t in targets if t >= 0]).split("<|assistant_end|>")[:-1]:
+            if answer != ABSTAIN:
+                number, value = answer[1:].split("] ", 1)
+                assert value in documents[int(number) - 1]
+                cited += 1
+    assert cited > 0
+    train(user, tmp_path / "run")
+    evals = [r for r in metrics(tmp_path / "run") if "val/em" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert checkpoint.latest(out / "checkpoints" / "p_user" / "rag").name == "step_000002"
+
+
 def test_under_compile_conversation_batches_come_in_a_few_padded_widths(pipeline):
     """gpu.compile=true: every new batch shape recompiles the model (on an H200: mid steps as slow as
     a compilation each), so rag/mid/refrag training batches are padded to powers of two up to
