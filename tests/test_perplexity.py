@@ -110,7 +110,10 @@ def test_bad_input_ends_with_one_error_line(saved, tmp_path):
     path, _, _, _ = saved
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"title": "no text"}\n')
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: expected a JSON object with a \"text\" field"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: no field data.text_key='text'"):
+        perplexity.read_documents(str(bad))
+    bad.write_text('{"text": "fine"}\n{"text": 5}\n')  # read as data=text reads it: not a traceback
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: field data.text_key='text' must be a string"):
         perplexity.read_documents(str(bad))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
@@ -125,5 +128,5 @@ def test_bad_input_ends_with_one_error_line(saved, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: --text {tmp_path / 'missing.txt'}: no such file (give heldout_prose, python_docs or a "
-        f".jsonl/.txt file)"]
+        f".txt/.md/.jsonl/.parquet file)"]
     assert not (tmp_path / "out").exists()

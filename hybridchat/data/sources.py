@@ -77,7 +77,9 @@ def _valid_unicode(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _read(file: Path, text_key: str) -> Iterator[str]:
+def read_texts(file: Path, text_key: str) -> Iterator[str]:
+    """The texts of one file: a .txt/.md file whole, a .jsonl line's or a .parquet row's `text_key`
+    field; anything malformed is a UserError naming the file and line or row."""
     try:
         yield from _read_unchecked(file, text_key)
     except OSError as e:
@@ -142,7 +144,7 @@ def files_source(path: Path, cfg: DataConfig) -> Source:
         # Every `every`-th document is validation: deterministic and independent of file sizes.
         i = 0
         for file in files:
-            for text in _read(file, cfg.text_key):
+            for text in read_texts(file, cfg.text_key):
                 if (i % every == 0) == (split == "val"):
                     yield text
                 i += 1
