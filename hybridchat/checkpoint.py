@@ -37,10 +37,12 @@ def architecture(model) -> dict[str, Any]:
     model trained without rotary positions or QK-norm computes garbage with them."""
     c = model.config
     keys = ["n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights", "norm_eps", "embed_norm",
-            "tie_embeddings"]
+            "tie_embeddings", "pointer"]
     # A mixer's settings matter only where the pattern has that mixer (a transformer has no d_state).
     if "A" in model.pattern:
         keys += ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm"]
+    elif c.pointer:  # the pointer's head width is n_embd / n_head
+        keys += ["n_head"]
     if "M" in model.pattern:
         keys += ["mamba_mlp", "d_state", "d_conv", "expand", "headdim", "ngroups"]
     return {"block_pattern": model.pattern, "vocab_size": model.vocab_size, **{k: getattr(c, k) for k in keys}}
@@ -150,7 +152,7 @@ def load(path: Path, model, optimizers=None, tokenizer_fingerprint: str | None =
     meta = read_meta(path)
     # Checkpoints written before these options existed were all built this way.
     before_options = {"mlp": "relu2", "mlp_hidden": None, "qk_norm": True, "norm_weights": False, "norm_eps": None,
-                      "embed_norm": True, "tie_embeddings": False}
+                      "embed_norm": True, "tie_embeddings": False, "pointer": False}
     saved, current = {**before_options, **meta.get("architecture", {})}, architecture(model)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:

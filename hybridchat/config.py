@@ -72,6 +72,10 @@ class ModelConfig:
     tie_embeddings: bool = False  # the LM head is the embedding matrix (SmolLM2); no lm_head.weight then
     attn_rope: bool = True        # hybrid papers often use no positional encoding at all
     rope_base: float = 10000.0
+    # Copy from context (hybridchat/model/pointer.py): the output mixes the vocabulary softmax with one
+    # attention head's weights over the tokens so far, gated per position. What makes a small model
+    # answer from a document it has never seen; the model then returns log-probabilities, not logits.
+    pointer: bool = False
     sequence_len: int = 512
     d_state: int = 64
     d_conv: int = 4

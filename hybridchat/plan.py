@@ -131,6 +131,8 @@ def model_sizes(cfg: ModelConfig, vocab_size: int) -> Sizes:
         params[kind] = params.get(kind, 0) + sum(p.numel() for p in block.mixer.parameters())
         if block.mlp is not None:
             params["mlp"] = params.get("mlp", 0) + sum(p.numel() for p in block.mlp.parameters())
+    if lm.pointer is not None:
+        params["pointer"] = sum(p.numel() for p in lm.pointer.parameters())
     total = lm.num_params()
     params["norms"] = total - sum(params.values())
     groups = lm.param_groups()
@@ -199,6 +201,9 @@ def activation_bytes_per_token(cfg: ModelConfig, vocab_size: int, autocast: bool
     # Embedding norm, final norm, the head's input, targets; cross-entropy keeps fp32 log-softmax and
     # its backward briefly holds two more vocab-wide fp32 tensors (the peak, at the start of backward).
     out["embedding + head"] = (norm if cfg.embed_norm else 0) + norm + linear_inputs(d, 1) + 8 + 3 * FP32 * V
+    if cfg.pointer:  # its q, k, gate inputs and outputs; per token a row of fp32 scores and weights over
+        # the whole sequence and the row's token-equality mask (model/pointer.py: nll)
+        out["pointer"] = linear_inputs(d, 3) + FP32 * (2 * hd + 1) + (2 * FP32 + 1) * cfg.sequence_len
     return out
 
 

@@ -75,6 +75,25 @@ def train_steps(model, optimizers, tokens, steps: int, after_step=None) -> list[
     return losses
 
 
+def random_model(pattern: str, n_layer: int, vocab: int, dtype=torch.float64, seed: int = 0, perturb: float = 0.3,
+                 **options):
+    """A small HybridLM (width 32) with every parameter perturbed by `perturb` x N(0, 1): zero-initialised
+    output projections would make every block the identity. options: more ModelConfig keys."""
+    from hybridchat.config import ModelConfig
+    from hybridchat.model.lm import HybridLM
+
+    cfg = ModelConfig(n_layer=n_layer, n_embd=32, n_head=4, n_kv_head=2, block_pattern=pattern, mlp_ratio=2,
+                      d_state=8, headdim=16, chunk_size=8, sequence_len=128, **options)
+    torch.manual_seed(seed)
+    model = HybridLM(cfg, vocab_size=vocab)
+    model.init_weights()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * perturb)
+    return model.to(dtype).eval()
+
+
 def naive_greedy(model, prompt, n, inject=None):
     """Greedy generation by a full forward over the whole sequence for every new token: the
     reference the engine's cached generation is compared with. inject(tokens so far) may return

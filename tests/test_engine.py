@@ -4,9 +4,8 @@ several samples per prompt, query hook."""
 
 import pytest
 import torch
-from conftest import naive_greedy
+from conftest import naive_greedy, random_model
 
-from hybridchat.config import ModelConfig
 from hybridchat.engine import Engine, sample
 from hybridchat.model.lm import HybridLM
 
@@ -15,17 +14,7 @@ VOCAB = 61
 
 
 def tiny_model(pattern: str = "jamba", n_layer: int = 8, dtype=torch.float64, seed: int = 0) -> HybridLM:
-    cfg = ModelConfig(n_layer=n_layer, n_embd=32, n_head=4, n_kv_head=2, block_pattern=pattern, mlp_ratio=2,
-                      d_state=8, headdim=16, chunk_size=8, sequence_len=128)
-    torch.manual_seed(seed)
-    model = HybridLM(cfg, vocab_size=VOCAB)
-    model.init_weights()
-    # Zero-initialised output projections would make every block the identity: perturb everything.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model.to(dtype).eval()
+    return random_model(pattern, n_layer, VOCAB, dtype, seed)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

@@ -50,7 +50,8 @@ def test_mid_and_rag_start_from_the_previous_stage_and_train(pipeline):
     for stage in ("mid", "rag"):
         records = metrics(out / stage)
         losses = [r["train/loss"] for r in records if "train/loss" in r]
-        assert len(losses) == 6 and losses[-1] < losses[0], stage
+        # Smoke batches are noisy step to step: the second half's mean against the first's.
+        assert len(losses) == 6 and sum(losses[3:]) < sum(losses[:3]), stage
         assert checkpoint.latest(out / "checkpoints" / "p" / stage).name == "step_000006"
     rag_eval = [r for r in metrics(out / "rag") if "val/em" in r]
     assert rag_eval and {"val/bpb", "val/hallucination", "val/abstain_unanswerable"} <= set(rag_eval[-1])

@@ -12,6 +12,7 @@ from hybridchat.errors import UserError
 from hybridchat.model.attention import rotary_cos_sin
 from hybridchat.model.blocks import MLP_KINDS, Block, expand_pattern, rms_norm
 from hybridchat.model.cache import InferenceCache
+from hybridchat.model.pointer import Pointer
 
 
 def check_sizes(cfg: ModelConfig) -> None:
@@ -52,6 +53,7 @@ class HybridLM(nn.Module):
         # Tied, there is no head module at all: the state dict holds the shared matrix once, as
         # wte.weight (safetensors refuses two names for one tensor), and loads without a missing key.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.pointer = Pointer(cfg.n_embd, cfg.n_embd // cfg.n_head) if cfg.pointer else None
         self.use_rope = cfg.attn_rope and "A" in self.pattern
         # Recompute each block's activations in backward instead of storing them (less memory, about
         # one more forward of compute). A training choice (gpu.activation_checkpointing), set by
@@ -68,6 +70,8 @@ class HybridLM(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.blocks:
             block.init_weights()
+        if self.pointer is not None:
+            self.pointer.init_weights()
         self.norm_f.reset_parameters()  # gains (if any) to 1
 
     def _rope(self, offset: int, length: int, device):
@@ -80,7 +84,9 @@ class HybridLM(nn.Module):
                 reduction: str = "mean", last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) when targets is None, else the cross-entropy loss; targets == -1 are
         ignored (that is how stages mask prompt and document tokens out of the loss). last_only:
-        logits (B, 1, vocab) of the last position only, all generation needs from a prefill."""
+        logits (B, 1, vocab) of the last position only, all generation needs from a prefill. With
+        model.pointer the "logits" are the copy mixture's log-probabilities: softmax, log_softmax,
+        argmax and temperature sampling treat them alike."""
         T = idx.size(1)
         pos = cache.pos if cache is not None else 0
         rope = self._rope(pos, T, idx.device)
@@ -89,30 +95,43 @@ class HybridLM(nn.Module):
         for block in self.blocks:
             # Non-reentrant: composes with FSDP2's hooks, torch.compile and inputs that need no grad.
             x = checkpoint(block, x, rope, None, use_reentrant=False) if recompute else block(x, rope, cache)
+        if self.pointer is None:  # the head reads only the positions asked for
+            x = self.norm_f(x[:, -1:] if last_only else x)
+            hidden = x
+        else:  # the pointer's keys need every new position
+            hidden = self.norm_f(x)
+            x = hidden[:, -1:] if last_only else hidden
+        logits = F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)
+        if self.pointer is not None and targets is None:
+            logits = self.pointer.log_probs(hidden, logits, idx, None if cache is None else cache.layers[-1], pos)
         if cache is not None:
             cache.advance(T)
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm_f(x)
-        logits = F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)
         if targets is None:
             return logits
+        if self.pointer is not None:
+            nll = self.pointer.nll(hidden, logits, idx, targets)
+            if reduction == "none":
+                return nll.reshape(-1)
+            return nll.sum() / (targets >= 0).sum().clamp(min=1)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=reduction)
 
     def allocate_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> InferenceCache:
         device = self.wte.weight.device
-        return InferenceCache.allocate([b.mixer for b in self.blocks], batch_size, max_len, device,
-                                       dtype or self.wte.weight.dtype)
+        # The pointer's state (keys and token ids) is the last entry, after every layer's.
+        stateful = [b.mixer for b in self.blocks] + ([self.pointer] if self.pointer is not None else [])
+        return InferenceCache.allocate(stateful, batch_size, max_len, device, dtype or self.wte.weight.dtype)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Muon takes the 2-D weight matrices inside blocks; everything else (embeddings, head, and
         every non-matrix such as Mamba's A_log, D, dt_bias, conv weights, norms) goes to AdamW.
         Sending Mamba's 1-D/3-D parameters to Muon is what broke the earlier attempt."""
         block_params = list(self.blocks.parameters())
+        pointer = [] if self.pointer is None else [self.pointer.c_q.weight, self.pointer.c_k.weight]
+        gate = [] if self.pointer is None else list(self.pointer.c_gate.parameters())  # a (1, d) row: AdamW
         return {
-            "matrix": [p for p in block_params if p.ndim == 2],
-            "scalar": [p for p in block_params if p.ndim != 2] + list(self.norm_f.parameters()),
+            "matrix": [p for p in block_params if p.ndim == 2] + pointer,
+            "scalar": [p for p in block_params if p.ndim != 2] + list(self.norm_f.parameters()) + gate,
             "embedding": [self.wte.weight],  # tied, also the head: trained once, at the embedding LR
             "unembedding": [] if self.lm_head is None else [self.lm_head.weight],
         }
@@ -126,4 +145,6 @@ class HybridLM(nn.Module):
         # The lookup costs nothing; the head's matmul counts, also when it reuses the lookup's matrix.
         n = self.num_params() - (0 if self.lm_head is None else self.wte.weight.numel())
         n_attn = self.pattern.count("A")
-        return 6 * n + 12 * n_attn * self.config.n_embd * self.config.sequence_len
+        # The pointer: one head's scores, no value matmul (its weights are summed per token id).
+        pointer = 0 if self.pointer is None else 6 * self.pointer.c_q.out_features * self.config.sequence_len
+        return 6 * n + 12 * n_attn * self.config.n_embd * self.config.sequence_len + pointer

@@ -1,0 +1,152 @@
+"""Copy from context (model.pointer): the mixture equals a plain per-position loop over the formula;
+cached decoding and the engine equal a full forward; with the gate shut it is the plain model; a
+pointer model learns to copy tokens it has never seen where the same model without it cannot;
+checkpoints record the option."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import naive_greedy, random_model
+
+from hybridchat import checkpoint
+from hybridchat.config import StageConfig
+from hybridchat.engine import Engine
+from hybridchat.errors import UserError
+from hybridchat.loop import build_optimizers
+from hybridchat.model.lm import HybridLM
+
+VOCAB = 61
+
+
+def pointer_model(pattern: str = "alternating", pointer: bool = True, seed: int = 0, perturb: float = 0.3,
+                  dtype=torch.float64) -> HybridLM:
+    return random_model(pattern, 4, VOCAB, dtype, seed, perturb, pointer=pointer)
+
+
+def reference_log_probs(model: HybridLM, idx: torch.Tensor) -> torch.Tensor:
+    """The mixture written out position by position from the final hidden states."""
+    hidden = {}
+    handle = model.norm_f.register_forward_hook(lambda m, a, out: hidden.update(h=out))
+    with torch.no_grad():
+        model(idx)
+    handle.remove()
+    h = hidden["h"]
+    p = model.pointer
+    B, T = idx.shape
+    out = torch.empty(B, T, VOCAB, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            vocab = torch.softmax(model.lm_head(h[b, t]), -1)
+            q = p.c_q(h[b, t])
+            scores = torch.stack([q @ p.c_k(h[b, j]) / math.sqrt(q.numel()) for j in range(t + 1)])
+            weights = torch.softmax(scores, 0)
+            copy = torch.zeros(VOCAB, dtype=torch.float64)
+            for j in range(t + 1):
+                copy[idx[b, j]] += weights[j]
+            g = torch.sigmoid(p.c_gate(h[b, t]))[0]
+            out[b, t] = ((1 - g) * vocab + g * copy).log()
+    return out
+
+
+def test_mixture_equals_the_formula_position_by_position():
+    model = pointer_model()
+    # Repeats, so copying has several occurrences of a token to sum over.
+    idx = torch.tensor([[3, 7, 3, 9, 7, 7, 1, 3, 5, 2], [4, 4, 8, 1, 8, 2, 4, 6, 6, 0]])
+    ref = reference_log_probs(model, idx)
+    with torch.no_grad():
+        got = model(idx)
+        targets = torch.tensor([[7, 3, 9, 7, 7, 1, 3, 5, 2, 11], [4, 8, 1, -1, 2, 4, 6, 6, 0, 4]])
+        nll = model(idx, targets, reduction="none").view(2, -1)
+        mean = model(idx, targets)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    want = -ref.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * (targets >= 0)
+    torch.testing.assert_close(nll, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(mean, want.sum() / (targets >= 0).sum(), rtol=1e-9, atol=1e-9)
+
+
+def test_shut_gate_is_the_plain_model():
+    with_pointer, plain = pointer_model(), pointer_model(pointer=False)
+    plain.load_state_dict({k: v for k, v in with_pointer.state_dict().items() if not k.startswith("pointer.")})
+    with torch.no_grad():
+        with_pointer.pointer.c_gate.weight.zero_()
+        with_pointer.pointer.c_gate.bias.fill_(-80.0)
+    idx = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(3))
+    targets = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(with_pointer(idx), plain(idx).log_softmax(-1), rtol=1e-9, atol=1e-9)
+        # The plain path takes its cross-entropy in float32.
+        torch.testing.assert_close(with_pointer(idx, targets), plain(idx, targets).double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", ["all_attention", "all_mamba", "alternating"])
+def test_cached_decoding_equals_full_forward(pattern):
+    model = pointer_model(pattern)
+    idx = torch.randint(0, 12, (2, 40), generator=torch.Generator().manual_seed(1))  # 12 ids: many repeats
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.allocate_cache(2, 40)
+        parts = [model(idx[:, :13], cache=cache), model(idx[:, 13:29], cache=cache)]  # chunked prefill
+        parts += [model(idx[:, t:t + 1], cache=cache) for t in range(29, 40)]  # decode
+        last = model.allocate_cache(2, 40)
+        only_last = model(idx, cache=last, last_only=True)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(only_last, full[:, -1:], rtol=1e-9, atol=1e-9)
+
+
+def test_engine_greedy_and_samples_equal_naive_generation():
+    model = pointer_model("jamba")
+    prompts = [[1, 5, 9, 3, 7, 2, 8, 4, 6, 10, 11], [4, 2], [7, 7, 7, 1, 2, 3]]
+    res = Engine(model, prefill_chunk=4).generate(prompts, 9, temperature=0)
+    for p, toks in zip(prompts, res.tokens):
+        assert toks == naive_greedy(model, p, 9)
+    # Several samples per prompt expand the pointer's cache with the layers' (rows stay apart).
+    sampled = Engine(model).generate(prompts[:1], 5, temperature=0, num_samples=3)
+    assert sampled.tokens == [naive_greedy(model, prompts[0], 5)] * 3
+
+
+def _copy_batch(gen: torch.Generator, rows: int = 16, half: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens, a separator (0), the same tokens again; loss on the repeat only."""
+    first = torch.randint(1, VOCAB, (rows, half), generator=gen)
+    seq = torch.cat([first, torch.zeros(rows, 1, dtype=torch.long), first], 1)
+    targets = seq[:, 1:].clone()
+    targets[:, :half] = -1
+    return seq[:, :-1], targets
+
+
+def test_pointer_learns_to_copy_what_the_plain_model_cannot_in_the_same_steps():
+    losses = {}
+    for pointer in (True, False):
+        model = pointer_model("alternating", pointer=pointer, perturb=0.0, dtype=torch.float32).train()
+        optimizers = build_optimizers(model, StageConfig(matrix_lr=0.02, embedding_lr=0.01, unembedding_lr=0.004,
+                                                         scalar_lr=0.01))
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(60):
+            loss = model(*_copy_batch(gen))
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            losses[pointer] = model(*_copy_batch(torch.Generator().manual_seed(99), rows=64)).item()
+    assert losses[True] < 0.5 < math.log(VOCAB) - 0.5 < losses[False], losses
+
+
+def test_checkpoint_records_the_pointer(tmp_path):
+    from hybridchat.data.tokenizer import Tokenizer
+
+    model = pointer_model(dtype=torch.float32)
+    tok = Tokenizer.train(["hello world"] * 20, vocab_size=300)
+    checkpoint.save(tmp_path, 1, model, [], {"config": {"model": {**vars(model.config)}}}, keep=1, tokenizer=tok)
+    saved = checkpoint.latest(tmp_path)
+    assert checkpoint.read_meta(saved)["architecture"]["pointer"] is True
+    plain = pointer_model(pointer=False, dtype=torch.float32)
+    with pytest.raises(UserError, match="pointer: checkpoint True vs config False"):
+        checkpoint.load(saved, plain)
+    loaded, _, _ = checkpoint.load_model(saved)
+    assert loaded.pointer is not None
+    idx = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx))
+    assert F.softmax(loaded(idx), -1).sum(-1).sub(1).abs().max() < 1e-4  # log-probabilities: rows sum to 1
