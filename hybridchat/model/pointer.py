@@ -88,7 +88,8 @@ class Pointer(nn.Module):
 
     def nll(self, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position negative log-likelihood of targets (B, T) under the mixture, 0 where targets
-        == -1. Only the targets' probabilities are formed: (B, T, T), never (B, T, T, vocab)."""
+        == -1. Only the targets' copy probabilities are formed (a (B, T, T) comparison), never the
+        (B, T, vocab) copy distribution that log_probs builds."""
         weights, _ = self._attention(h, idx, idx.size(1), None, 0)
         valid = targets >= 0
         target = targets.clamp(min=0)
