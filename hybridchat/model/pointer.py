@@ -83,8 +83,7 @@ class Pointer(nn.Module):
         copy = torch.zeros(logits.shape, dtype=weights.dtype, device=logits.device)
         copy.scatter_add_(2, ids[:, None, :].expand(-1, n, -1), weights)
         gate = _wide(self.c_gate(h[:, h.size(1) - n:]))
-        return torch.logaddexp(F.logsigmoid(-gate) + _wide(logits).log_softmax(-1),
-                               F.logsigmoid(gate) + _log(copy))
+        return _mixture(gate, _wide(logits).log_softmax(-1), copy)
 
     def nll(self, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position negative log-likelihood of targets (B, T) under the mixture, 0 where targets
@@ -96,14 +95,15 @@ class Pointer(nn.Module):
         copy = (weights * (idx[:, None, :] == target[:, :, None])).sum(-1)
         gate = _wide(self.c_gate(h)).squeeze(-1)
         vocab = _wide(logits).log_softmax(-1).gather(-1, target[..., None]).squeeze(-1)
-        log_p = torch.logaddexp(F.logsigmoid(-gate) + vocab, F.logsigmoid(gate) + _log(copy))
+        log_p = _mixture(gate, vocab, copy)
         return torch.where(valid, -log_p, torch.zeros_like(log_p))
 
 
-def _log(p: torch.Tensor) -> torch.Tensor:
-    # Tokens absent from the context have copy probability 0: log 0 = -inf is right in the forward,
-    # but its backward (0 x inf) is NaN. Clamped, they contribute e^-69 and no gradient.
-    return p.clamp_min(1e-30).log()
+def _mixture(gate: torch.Tensor, vocab_log_p: torch.Tensor, copy_p: torch.Tensor) -> torch.Tensor:
+    """log((1 - g) p_vocab + g p_copy) with g = sigmoid(gate), in log space. Tokens absent from the
+    context have copy probability 0: log 0 = -inf is right in the forward, but its backward (0 x inf)
+    is NaN; clamped, they contribute e^-69 and no gradient."""
+    return torch.logaddexp(F.logsigmoid(-gate) + vocab_log_p, F.logsigmoid(gate) + copy_p.clamp_min(1e-30).log())
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
