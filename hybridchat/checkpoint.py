@@ -37,7 +37,7 @@ def architecture(model) -> dict[str, Any]:
     model trained without rotary positions or QK-norm computes garbage with them."""
     c = model.config
     keys = ["n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights", "norm_eps", "embed_norm",
-            "tie_embeddings", "pointer"]
+            "tie_embeddings", "pointer", "request_match"]
     # A mixer's settings matter only where the pattern has that mixer (a transformer has no d_state).
     if "A" in model.pattern:
         keys += ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm"]
@@ -152,7 +152,8 @@ def load(path: Path, model, optimizers=None, tokenizer_fingerprint: str | None =
     meta = read_meta(path)
     # Checkpoints written before these options existed were all built this way.
     before_options = {"mlp": "relu2", "mlp_hidden": None, "qk_norm": True, "norm_weights": False, "norm_eps": None,
-                      "embed_norm": True, "tie_embeddings": False, "pointer": False}
+                      "embed_norm": True, "tie_embeddings": False, "pointer": False,
+                      "request_match": False}
     saved, current = {**before_options, **meta.get("architecture", {})}, architecture(model)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:

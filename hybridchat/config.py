@@ -76,6 +76,9 @@ class ModelConfig:
     # attention head's weights over the tokens so far, gated per position. What makes a small model
     # answer from a document it has never seen; the model then returns log-probabilities, not logits.
     pointer: bool = False
+    # Tokens after a user message or follow-up query carry whether that request contains them
+    # (model/request_match.py): how a small model tells the asked person's document from a namesake's.
+    request_match: bool = False
     sequence_len: int = 512
     d_state: int = 64
     d_conv: int = 4

@@ -133,6 +133,8 @@ def model_sizes(cfg: ModelConfig, vocab_size: int) -> Sizes:
             params["mlp"] = params.get("mlp", 0) + sum(p.numel() for p in block.mlp.parameters())
     if lm.pointer is not None:
         params["pointer"] = sum(p.numel() for p in lm.pointer.parameters())
+    if lm.request_match is not None:
+        params["request match"] = lm.request_match.weight.numel()
     total = lm.num_params()
     params["norms"] = total - sum(params.values())
     groups = lm.param_groups()

@@ -24,6 +24,7 @@ from hybridchat.context import RunContext
 from hybridchat.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
+from hybridchat.model.request_match import request_markers_fit
 from hybridchat.preemption import Preempted, requeue_after_warning
 from hybridchat.stages import build_stage
 from hybridchat.tracking import Tracker, run_tags
@@ -62,6 +63,9 @@ def run(cfg: DictConfig) -> float:
         vocab_size = config.model.vocab_size or tokenizer.vocab_size
         if vocab_size < tokenizer.vocab_size:
             raise UserError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        if config.model.request_match and not request_markers_fit(tokenizer):
+            raise UserError("model.request_match=true needs hybridchat's chat tokens at their reserved ids "
+                            "(<|user_start|>, <|query_start|>, ...); this tokenizer has its own: set it false")
         model = HybridLM(config.model, vocab_size, ssm_backend=config.gpu.ssm_backend.value)
         model.init_weights()
         ctx.model = model.to(rt.device)

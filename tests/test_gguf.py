@@ -261,14 +261,19 @@ def smollm2_file() -> Path:
         pytest.skip(str(e))
 
 
+def rag_from_the_tiny_file(tiny, tmp_path) -> list[str]:
+    """Overrides for a smoke rag stage from the tiny GGUF file (its sizes, imported on first use)."""
+    fits = {k: v for k, v in read_gguf(tiny).config.items() if k not in ("name", "sequence_len")}
+    return ["debug=smoke", "model=smollm2_135m", f"paths.outputs={tmp_path}", "run_name=imported",
+            *(f"model.{k}={v}" for k, v in fits.items() if v is not None), f"model.pretrained={tiny}",
+            "model.sequence_len=1024", "stage=rag", "stage.source=pretrained", "stage.num_steps=2",
+            "stage.eval_every=2", "stage.eval_questions=4", "stage.max_documents=2", "gpu.micro_batch=2"]
+
+
 def test_stage_source_pretrained_imports_the_file_once_and_tunes_it(tiny, tmp_path):
     from hybridchat.train import run
 
-    fits = {k: v for k, v in read_gguf(tiny).config.items() if k not in ("name", "sequence_len")}
-    overrides = ["debug=smoke", "model=smollm2_135m", f"paths.outputs={tmp_path}", "run_name=imported",
-                 *(f"model.{k}={v}" for k, v in fits.items() if v is not None), f"model.pretrained={tiny}",
-                 "model.sequence_len=1024", "stage=rag", "stage.source=pretrained", "stage.num_steps=2",
-                 "stage.eval_every=2", "stage.eval_questions=4", "stage.max_documents=2", "gpu.micro_batch=2"]
+    overrides = rag_from_the_tiny_file(tiny, tmp_path)
     run(compose_config(overrides, output_dir=tmp_path / "run1"))
     imported = tmp_path / "checkpoints" / "imported" / "pretrained" / "step_000000"
     tuned = tmp_path / "checkpoints" / "imported" / "rag" / "step_000002"
@@ -278,6 +283,16 @@ def test_stage_source_pretrained_imports_the_file_once_and_tunes_it(tiny, tmp_pa
     stamp = (imported / "model.safetensors").stat().st_mtime_ns
     run(compose_config(overrides + ["stage.num_steps=1"], output_dir=tmp_path / "run2"))
     assert (imported / "model.safetensors").stat().st_mtime_ns == stamp  # imported once, then reused
+
+
+def test_request_match_on_an_imported_model_is_one_line(tiny, tmp_path):
+    from hybridchat.train import run
+
+    # ChatML's ids are other tokens than the ones the feature looks for: marking by them would be noise
+    with pytest.raises(UserError, match=re.escape("model.request_match=true needs hybridchat's chat tokens")):
+        run(compose_config(rag_from_the_tiny_file(tiny, tmp_path) + ["model.request_match=true"],
+                           output_dir=tmp_path / "run"))
+    assert not (tmp_path / "checkpoints" / "imported" / "rag").exists()
 
 
 @pytest.mark.parametrize("overrides, says", [

@@ -1271,7 +1271,7 @@ def test_architecture_names_a_mixers_settings_only_where_the_pattern_has_it(step
     from hybridchat import checkpoint
 
     common = ["block_pattern", "vocab_size", "n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights",
-              "norm_eps", "embed_norm", "tie_embeddings", "pointer"]
+              "norm_eps", "embed_norm", "tie_embeddings", "pointer", "request_match"]
     attention = ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm"]
     mamba = ["mamba_mlp", "d_state", "d_conv", "expand", "headdim", "ngroups"]
     for pattern, keys in (("A", common + attention), ("M", common + mamba), ("AM", common + attention + mamba)):

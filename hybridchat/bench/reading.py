@@ -4,7 +4,9 @@
 
 For every step folder under the directory: a held-out person's document, then "Question: ...
 Answer:" in the pretraining text's own format, greedy completion, exact match against the answer.
-The people are held out of all training text, so only reading the document answers.
+The people are held out of all training text, so only reading the document answers. With
+--documents K the person's document is one of K, the others about namesakes (people who share the
+surname, else the first name), in random order: reading the right one is the test.
 """
 
 from __future__ import annotations
@@ -15,21 +17,35 @@ import random
 from hybridchat import checkpoint
 from hybridchat.bench import report
 from hybridchat.data.world import World, WorldConfig
+from hybridchat.documents import Document
 from hybridchat.engine import Engine
 from hybridchat.metrics import bootstrap_ci, exact_match
 
 
-def probe(path, n: int) -> dict:
+def namesakes(gold: Document, people: list[Document], k: int, rng: random.Random) -> list[Document]:
+    """k documents: gold and k - 1 others about people who share its surname (else its first
+    name, else anyone), shuffled."""
+    first, last = gold.title.split()[0], gold.title.split()[-1]
+    others = [d for d in people if d.id != gold.id]
+    ranked = sorted(others, key=lambda d: (d.title.split()[-1] != last, d.title.split()[0] != first, rng.random()))
+    chosen = [gold, *ranked[:k - 1]]
+    rng.shuffle(chosen)
+    return chosen
+
+
+def probe(path, n: int, k: int = 1) -> dict:
     model, tok, meta = checkpoint.load_model(path)
     world = World.generate(WorldConfig(**meta["config"]["world"]))
     documents = {d.id: d for d in world.documents()}
-    questions = random.Random(0).sample(world.questions("heldout", 1), n)
-    prompts = [[tok.bos_id] + tok.encode(f"{documents[q.gold_doc_ids[0]].text} Question: {q.question} Answer:")
-               for q in questions]
+    people = [d for d in documents.values() if d.metadata["type"] == "person"]
+    rng = random.Random(0)
+    questions = rng.sample(world.questions("heldout", 1), n)
+    texts = ["\n\n".join(d.text for d in namesakes(documents[q.gold_doc_ids[0]], people, k, rng)) for q in questions]
+    prompts = [[tok.bos_id] + tok.encode(f"{text} Question: {q.question} Answer:") for text, q in zip(texts, questions)]
     result = Engine(model).generate(prompts, max_new_tokens=12, temperature=0, stop_tokens=[tok.bos_id])
     replies = [tok.decode(t).split(". Question")[0].strip().rstrip(".") for t in result.tokens]
     mean, lo, hi = bootstrap_ci([exact_match(r, q.answers) for r, q in zip(replies, questions)])
-    return {"checkpoint": f"{meta['stage']}/{path.name}", "questions": n, "em": round(mean, 3),
+    return {"checkpoint": f"{meta['stage']}/{path.name}", "questions": n, "documents": k, "em": round(mean, 3),
             "em_low": round(lo, 3), "em_high": round(hi, 3)}
 
 
@@ -37,10 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m hybridchat.bench reading", description=__doc__.split("\n")[0])
     p.add_argument("directory", help="a stage's checkpoint folder (its step_* folders are probed)")
     p.add_argument("-n", type=int, default=100, help="held-out questions per checkpoint")
+    p.add_argument("--documents", type=int, default=1, help="documents per question: the person's and namesakes'")
     p.add_argument("--out", default="outputs/bench/reading")
     args = p.parse_args(argv)
-    rows = [probe(path, args.n) for path in checkpoint.list_checkpoints(args.directory)]
-    report.save("reading", rows, ["checkpoint", "questions", "em", "em_low", "em_high"], args.out)
+    if args.documents < 1:
+        p.error(f"--documents={args.documents} must be >= 1")
+    rows = [probe(path, args.n, args.documents) for path in checkpoint.list_checkpoints(args.directory)]
+    report.save("reading", rows, ["checkpoint", "questions", "documents", "em", "em_low", "em_high"], args.out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from hybridchat.model.attention import rotary_cos_sin
 from hybridchat.model.blocks import MLP_KINDS, Block, expand_pattern, rms_norm
 from hybridchat.model.cache import InferenceCache
 from hybridchat.model.pointer import Pointer
+from hybridchat.model.request_match import RequestMatch
 
 
 def check_sizes(cfg: ModelConfig) -> None:
@@ -54,6 +55,7 @@ class HybridLM(nn.Module):
         # wte.weight (safetensors refuses two names for one tensor), and loads without a missing key.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.pointer = Pointer(cfg.n_embd, cfg.n_embd // cfg.n_head) if cfg.pointer else None
+        self.request_match = RequestMatch(cfg.n_embd) if cfg.request_match else None
         self.use_rope = cfg.attn_rope and "A" in self.pattern
         # Recompute each block's activations in backward instead of storing them (less memory, about
         # one more forward of compute). A training choice (gpu.activation_checkpointing), set by
@@ -72,6 +74,8 @@ class HybridLM(nn.Module):
             block.init_weights()
         if self.pointer is not None:
             self.pointer.init_weights()
+        if self.request_match is not None:  # a token embedding's scale (see request_match.py)
+            self.request_match.init_weights(0.02 if self.lm_head is None else 1.0)
         self.norm_f.reset_parameters()  # gains (if any) to 1
 
     def _rope(self, offset: int, length: int, device):
@@ -90,7 +94,10 @@ class HybridLM(nn.Module):
         T = idx.size(1)
         pos = cache.pos if cache is not None else 0
         rope = self._rope(pos, T, idx.device)
-        x = self.norm_embed(self.wte(idx))
+        x = self.wte(idx)
+        if self.request_match is not None:
+            x = self.request_match(x, idx, None if cache is None else cache.layers[self._match_slot], pos)
+        x = self.norm_embed(x)
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
             # Non-reentrant: composes with FSDP2's hooks, torch.compile and inputs that need no grad.
@@ -103,7 +110,7 @@ class HybridLM(nn.Module):
             x = hidden[:, -1:] if last_only else hidden
         logits = F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)
         if self.pointer is not None and targets is None:
-            logits = self.pointer.log_probs(hidden, logits, idx, None if cache is None else cache.layers[-1], pos)
+            logits = self.pointer.log_probs(hidden, logits, idx, None if cache is None else cache.layers[len(self.blocks)], pos)
         if cache is not None:
             cache.advance(T)
         if targets is None:
@@ -116,10 +123,14 @@ class HybridLM(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=reduction)
 
+    @property
+    def _match_slot(self) -> int:
+        return len(self.blocks) + (self.pointer is not None)
+
     def allocate_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> InferenceCache:
         device = self.wte.weight.device
-        # The pointer's state (keys and token ids) is the last entry, after every layer's.
-        stateful = [b.mixer for b in self.blocks] + ([self.pointer] if self.pointer is not None else [])
+        # After every layer's state: the pointer's (keys and token ids), then the request match's (ids).
+        stateful = [b.mixer for b in self.blocks] + [m for m in (self.pointer, self.request_match) if m is not None]
         return InferenceCache.allocate(stateful, batch_size, max_len, device, dtype or self.wte.weight.dtype)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -132,7 +143,8 @@ class HybridLM(nn.Module):
         return {
             "matrix": [p for p in block_params if p.ndim == 2] + pointer,
             "scalar": [p for p in block_params if p.ndim != 2] + list(self.norm_f.parameters()) + gate,
-            "embedding": [self.wte.weight],  # tied, also the head: trained once, at the embedding LR
+            # tied, also the head: trained once, at the embedding LR; the request match is an embedding too
+            "embedding": [self.wte.weight] + ([] if self.request_match is None else [self.request_match.weight]),
             "unembedding": [] if self.lm_head is None else [self.lm_head.weight],
         }
 

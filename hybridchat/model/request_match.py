@@ -1,0 +1,84 @@
+"""Request match: each token after a request knows whether the request contains it.
+
+DrQA's exact-match feature (Chen et al. 2017), for a decoder reading a chat: a request is the
+latest user message or follow-up query (the tokens between <|user_start|> and <|user_end|>, or
+<|query_start|> and <|query_end|>); every later token whose id occurs in that request gets one learned
+vector added to its embedding. In a retrieved document about the person asked for, the person's own
+first name is marked, and in a namesake's it is not: which document answers becomes a feature the
+model reads off each token instead of a comparison it must first learn to make.
+
+Why it is needed: a 5.5M model given three namesakes' documents (bm25's top 3 for a full name share
+the surname) read the asked-for one at chance, whatever the training (README). Telling the asked
+name from a namesake's means matching tokens across hundreds of positions, a circuit whose two halves
+(a query holding the asked name, keys holding each document's) only pay off together; in a few
+hundred steps neither forms. With the match given, citing and abstaining are learned in 100 rag steps.
+
+The vector starts at the scale of a token embedding (a zero start let the rag stage leave it unused),
+and is trained at the embedding learning rate. Pretraining text has no requests, so the feature is
+off there; it turns on in the chat stages. Inference keeps every token id of the sequence so far
+(a (B, max_len) cache row of ids, like the pointer's) and recomputes the mask for new positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from hybridchat.data.tokenizer import SPECIAL_TOKENS
+
+# Our tokenizers put the special tokens first, in SPECIAL_TOKENS order (data/tokenizer.py).
+REQUEST_STARTS = (SPECIAL_TOKENS.index("<|user_start|>"), SPECIAL_TOKENS.index("<|query_start|>"))
+REQUEST_ENDS = (SPECIAL_TOKENS.index("<|user_end|>"), SPECIAL_TOKENS.index("<|query_end|>"))
+
+
+def request_markers_fit(tokenizer) -> bool:
+    """Whether the tokenizer's request markers have the ids this module looks for."""
+    return all(tokenizer.has_token(t) and tokenizer.token_id(t) == SPECIAL_TOKENS.index(t)
+               for t in ("<|user_start|>", "<|user_end|>", "<|query_start|>", "<|query_end|>"))
+
+
+def request_match(ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: token t occurs in the latest request that started before it, and t is not inside
+    that request. Positions compare all with all: (B, L, L), like the pointer's equality mask."""
+    starts = torch.isin(ids, torch.tensor(REQUEST_STARTS, device=ids.device))
+    ends = torch.isin(ids, torch.tensor(REQUEST_ENDS, device=ids.device))
+    positions = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
+    last_start = torch.where(starts, positions, -1).cummax(1).values
+    last_end = torch.where(ends, positions, -1).cummax(1).values
+    inside = last_start > last_end                       # a request's tokens (from its start marker on)
+    request = starts.cumsum(1)                           # which request a position follows (0: none yet)
+    # Only tokens outside a request are marked, so every token they are compared with came before them.
+    in_latest = inside[:, None, :] & (request[:, :, None] == request[:, None, :])
+    return ((ids[:, :, None] == ids[:, None, :]) & in_latest).any(-1) & ~inside
+
+
+@dataclass
+class RequestMatchCache:
+    ids: torch.Tensor  # (B, max_len) long: every token so far
+
+
+class RequestMatch(nn.Module):
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_embd))
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+
+    def allocate_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> RequestMatchCache:
+        return RequestMatchCache(torch.zeros(batch_size, max_len, dtype=torch.long, device=device))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, cache: RequestMatchCache | None = None,
+                pos: int = 0) -> torch.Tensor:
+        """x (B, T, C) embeddings of idx (B, T), the new tokens at positions [pos, pos + T)."""
+        if cache is not None:
+            T = idx.size(1)
+            if pos + T > cache.ids.size(1):
+                raise ValueError(f"request-match cache is full: {pos} cached + {T} new tokens > "
+                                 f"max_len={cache.ids.size(1)}")
+            cache.ids[:, pos:pos + T] = idx
+            idx = cache.ids[:, :pos + T]
+        marked = request_match(idx)[:, -x.size(1):]
+        return x + marked.unsqueeze(-1).to(x.dtype) * self.weight.to(x.dtype)

@@ -1,0 +1,110 @@
+"""The request-match feature (model/request_match.py) against a plain loop, in a model's cached and
+full forwards, and in checkpoints."""
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from hybridchat import checkpoint
+from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from hybridchat.errors import UserError
+from hybridchat.model.request_match import REQUEST_ENDS, REQUEST_STARTS, request_markers_fit, request_match
+from tests.conftest import random_model
+
+USER_START, USER_END = SPECIAL_TOKENS.index("<|user_start|>"), SPECIAL_TOKENS.index("<|user_end|>")
+QUERY_START, QUERY_END = SPECIAL_TOKENS.index("<|query_start|>"), SPECIAL_TOKENS.index("<|query_end|>")
+
+
+def reference(ids: list[int]) -> list[bool]:
+    """Token by token: a start opens a new request, an end closes it; outside, a token is marked when
+    the latest request holds it."""
+    marked, inside, request = [], False, set()
+    for t in ids:
+        if t in REQUEST_STARTS:
+            inside, request = True, set()
+            marked.append(False)
+        elif t in REQUEST_ENDS:
+            inside = False
+            marked.append(t in request)
+        elif inside:
+            request.add(t)
+            marked.append(False)
+        else:
+            marked.append(t in request)
+    return marked
+
+
+def test_a_hand_made_conversation():
+    ids = [0, USER_START, 20, 21, 22, USER_END, 5, 7, 30, 21, 31, 22, 8, 6, 3, 21, QUERY_START, 40, 21, QUERY_END,
+           40, 22, 21]
+    want = [0] * 9 + [1, 0, 1, 0, 0, 0, 1] + [0] * 4 + [1, 0, 1]  # after the query, 22 is no longer asked for
+    assert request_match(torch.tensor([ids])).int().tolist() == [want]
+    assert reference(ids) == [bool(w) for w in want]
+
+
+def test_random_sequences_match_the_plain_loop():
+    rng = random.Random(0)
+    markers = [USER_START, USER_END, QUERY_START, QUERY_END]
+    rows = [[rng.choice(markers) if rng.random() < 0.12 else rng.randrange(16, 24) for _ in range(60)]
+            for _ in range(40)]  # stray ends, starts twice, requests left open: all in here
+    got = request_match(torch.tensor(rows)).tolist()
+    assert got == [reference(r) for r in rows]
+    assert 0.05 < sum(map(sum, got)) / (40 * 60) < 0.8
+
+
+@pytest.mark.parametrize("pattern", ["MAMA", "AAAA", "MMMM"])
+@pytest.mark.parametrize("pointer", [True, False])
+def test_cached_chunks_and_decode_equal_the_full_forward(pattern, pointer):
+    model = random_model(pattern, 4, 48, torch.float64, 0, 0.3, pointer=pointer, request_match=True)
+    ids = torch.tensor([[0, USER_START, 20, 21, 22, USER_END, 5, 7, 30, 21, 31, 22, 8, 6, 3, 21, QUERY_START, 40,
+                         21, QUERY_END, 40, 22, 21]] * 2)
+    full = model(ids)
+    cache = model.allocate_cache(2, 32)
+    parts = [model(ids[:, :7], cache=cache), model(ids[:, 7:15], cache=cache)]
+    parts += [model(ids[:, t:t + 1], cache=cache) for t in range(15, ids.size(1))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-10)
+
+
+def test_the_feature_changes_the_output_and_a_zero_vector_is_the_model_without_it():
+    on = random_model("MAMA", 4, 48, torch.float64, 0, 0.3, pointer=True, request_match=True)
+    off = random_model("MAMA", 4, 48, torch.float64, 0, 0.3, pointer=True)
+    off.load_state_dict({k: v for k, v in on.state_dict().items() if not k.startswith("request_match")})
+    ids = torch.tensor([[0, USER_START, 20, 21, USER_END, 30, 21, 31, 20]])
+    assert (on(ids) - off(ids)).abs()[0, 6:].max() > 1e-3  # 21 and 20 are marked after the request
+    torch.testing.assert_close(on(ids)[0, :6], off(ids)[0, :6])  # nothing marked before: the same
+    with torch.no_grad():
+        on.request_match.weight.zero_()
+    torch.testing.assert_close(on(ids), off(ids))
+
+
+def test_checkpoints_record_it_load_it_back_and_refuse_a_mismatch(tmp_path):
+    model = random_model("MAMA", 4, 300, torch.float32, 0, 0.3, pointer=True, request_match=True)
+    tokenizer = Tokenizer.train(["some text"], 300)
+    meta = {"config": {"model": dataclasses.asdict(model.config)}, "tokenizer": tokenizer.fingerprint}
+    path = checkpoint.save(tmp_path / "run", 1, model, [], meta, keep=1, tokenizer=tokenizer)
+    assert checkpoint.read_meta(path)["architecture"]["request_match"] is True
+    loaded, _, _ = checkpoint.load_model(path)
+    ids = torch.tensor([[0, USER_START, 20, 21, USER_END, 30, 21, 31, 20]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+    with pytest.raises(UserError, match="request_match: checkpoint True vs config False"):
+        checkpoint.load(path, random_model("MAMA", 4, 300, torch.float32, 0, 0.0, pointer=True))
+
+
+def test_only_tokenizers_with_our_markers_at_their_ids_fit():
+    class Vocab:
+        def __init__(self, ids):
+            self.ids = ids
+
+        def has_token(self, t):
+            return t in self.ids
+
+        def token_id(self, t):
+            return self.ids[t]
+
+    ours = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    assert request_markers_fit(Vocab(ours))
+    assert not request_markers_fit(Vocab({**ours, "<|query_end|>": 4000}))
+    assert not request_markers_fit(Vocab({"<|im_start|>": 1}))
