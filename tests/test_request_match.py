@@ -108,3 +108,13 @@ def test_only_tokenizers_with_our_markers_at_their_ids_fit():
     assert request_markers_fit(Vocab(ours))
     assert not request_markers_fit(Vocab({**ours, "<|query_end|>": 4000}))
     assert not request_markers_fit(Vocab({"<|im_start|>": 1}))
+
+
+def test_the_last_positions_alone_equal_the_whole_mask():
+    rng = random.Random(1)
+    markers = [USER_START, USER_END, QUERY_START, QUERY_END]
+    ids = torch.tensor([[rng.choice(markers) if rng.random() < 0.12 else rng.randrange(16, 24) for _ in range(50)]
+                        for _ in range(8)])
+    whole = request_match(ids)
+    for new in (1, 7, 50):
+        assert torch.equal(request_match(ids, new), whole[:, -new:])

@@ -39,9 +39,11 @@ def request_markers_fit(tokenizer) -> bool:
                for t in ("<|user_start|>", "<|user_end|>", "<|query_start|>", "<|query_end|>"))
 
 
-def request_match(ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: token t occurs in the latest request that started before it, and t is not inside
-    that request. Positions compare all with all: (B, L, L), like the pointer's equality mask."""
+def request_match(ids: torch.Tensor, new: int | None = None) -> torch.Tensor:
+    """(B, new) bool for the last `new` positions of ids (B, L) (None: all): token t occurs in the
+    latest request that started before it, and t is not inside that request. Each of those positions
+    is compared with every position: (B, new, L), like the pointer's equality mask in training, one
+    row per generated token in decoding."""
     starts = torch.isin(ids, torch.tensor(REQUEST_STARTS, device=ids.device))
     ends = torch.isin(ids, torch.tensor(REQUEST_ENDS, device=ids.device))
     positions = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
@@ -49,9 +51,10 @@ def request_match(ids: torch.Tensor) -> torch.Tensor:
     last_end = torch.where(ends, positions, -1).cummax(1).values
     inside = last_start > last_end                       # a request's tokens (from its start marker on)
     request = starts.cumsum(1)                           # which request a position follows (0: none yet)
+    n = ids.size(1) if new is None else new
     # Only tokens outside a request are marked, so every token they are compared with came before them.
-    in_latest = inside[:, None, :] & (request[:, :, None] == request[:, None, :])
-    return ((ids[:, :, None] == ids[:, None, :]) & in_latest).any(-1) & ~inside
+    in_latest = inside[:, None, :] & (request[:, -n:, None] == request[:, None, :])
+    return ((ids[:, -n:, None] == ids[:, None, :]) & in_latest).any(-1) & ~inside[:, -n:]
 
 
 @dataclass
@@ -80,5 +83,5 @@ class RequestMatch(nn.Module):
                                  f"max_len={cache.ids.size(1)}")
             cache.ids[:, pos:pos + T] = idx
             idx = cache.ids[:, :pos + T]
-        marked = request_match(idx)[:, -x.size(1):]
+        marked = request_match(idx, x.size(1))
         return x + marked.unsqueeze(-1).to(x.dtype) * self.weight.to(x.dtype)
