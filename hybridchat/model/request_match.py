@@ -29,14 +29,14 @@ import torch.nn as nn
 from hybridchat.data.tokenizer import SPECIAL_TOKENS
 
 # Our tokenizers put the special tokens first, in SPECIAL_TOKENS order (data/tokenizer.py).
-REQUEST_STARTS = (SPECIAL_TOKENS.index("<|user_start|>"), SPECIAL_TOKENS.index("<|query_start|>"))
-REQUEST_ENDS = (SPECIAL_TOKENS.index("<|user_end|>"), SPECIAL_TOKENS.index("<|query_end|>"))
+_STARTS, _ENDS = ("<|user_start|>", "<|query_start|>"), ("<|user_end|>", "<|query_end|>")
+REQUEST_STARTS = tuple(SPECIAL_TOKENS.index(t) for t in _STARTS)
+REQUEST_ENDS = tuple(SPECIAL_TOKENS.index(t) for t in _ENDS)
 
 
 def request_markers_fit(tokenizer) -> bool:
     """Whether the tokenizer's request markers have the ids this module looks for."""
-    return all(tokenizer.has_token(t) and tokenizer.token_id(t) == SPECIAL_TOKENS.index(t)
-               for t in ("<|user_start|>", "<|user_end|>", "<|query_start|>", "<|query_end|>"))
+    return all(tokenizer.has_token(t) and tokenizer.token_id(t) == SPECIAL_TOKENS.index(t) for t in _STARTS + _ENDS)
 
 
 def request_match(ids: torch.Tensor, new: int | None = None) -> torch.Tensor:
