@@ -192,9 +192,10 @@ class RefragConfig(RagConfig):
     hop_documents: int = 2             # documents retrieved per follow-up query
     max_query_tokens: int = 16
     hop_tokens: int = 256              # context kept free for each follow-up hop's documents
-    single_hop: float = 0.3            # share of warm-start examples that are rag's single-hop ones
+    single_hop: float = 0.5            # share of warm-start examples that are rag's single-hop ones
     hop_questions: Optional[str] = None  # your 2-hop JSONL (gold_doc_ids in hop order); None: the world's
     rl_steps: int = 0                  # the last rl_steps of num_steps are GRPO steps
+    rl_lr_frac: float = 0.1            # GRPO's learning rate, a constant share of the stage's
     group_size: int = 4                # trajectories sampled per question (GRPO group)
     temperature: float = 1.0           # sampling temperature of the rollouts
     kl_coef: float = 0.0               # KL (k3 estimator) to the policy at the start of RL; 0: none

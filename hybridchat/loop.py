@@ -47,17 +47,6 @@ def build_optimizers(model, s: StageConfig) -> list[torch.optim.Optimizer]:
     return optimizers
 
 
-def lr_multiplier(step: int, s: StageConfig) -> float:
-    """Linear warmup, constant, then a linear warmdown to final_lr_frac over the last steps."""
-    if step < s.warmup_steps:
-        return (step + 1) / s.warmup_steps
-    warmdown = max(1, round(s.warmdown_ratio * s.num_steps))
-    if step <= s.num_steps - warmdown:
-        return 1.0
-    progress = (s.num_steps - step) / warmdown
-    return progress + (1 - progress) * s.final_lr_frac
-
-
 def _param_checksum(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
@@ -116,7 +105,7 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
         for step in bar:
             if step % s.eval_every == 0:
                 summary.setdefault("first", evaluate(step)[stage.monitor])
-            lrm = lr_multiplier(step, s)
+            lrm = stage.lr_multiplier(step)
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * lrm

@@ -2,7 +2,7 @@
 write a follow-up query, is shown what retrieval finds for it, and so on, then answers or abstains.
 
     question -> hop-1 documents (in the user turn)
-      -> reply: <|query_start|>Kor Industries<|query_end|>   written by the model
+      -> reply: <|query_start|>[1] Kor Industries<|query_end|>   written by the model, citing where it read the name
                 <|documents_start|>[3] ... [4] ...<|documents_end|>   injected by the engine's query hook
                 [3] Tam Brel<|assistant_end|>   the answer, citing across all documents shown
 
@@ -42,10 +42,22 @@ _NAME = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|van\s+)?[A-Z][\w'-]*)*")
 
 @dataclass
 class Hop:
-    query: str                     # the question itself for hop 1
+    query: str                     # as written ("[1] Drinburg"); the question itself for hop 1
     documents: list[Document]      # new documents shown for it, numbered on from the hops before
     status: str = "ok"             # ok | empty | malformed | over_max_hops | no_room
     forced: bool = False           # written for the model by a rule, not by the model
+
+    @property
+    def search_text(self) -> str:
+        """What retrieval is asked: the query without the citation of the document it was read from."""
+        return search_text(self.query)
+
+
+def search_text(query: str) -> str:
+    """A query may cite where its entity was read, as an answer does ("[1] Drinburg"): the model
+    first picks the document, then copies from it, the reading it already does for an answer.
+    Retrieval gets the rest."""
+    return parse_reply(query)[0]
 
 
 class Search:
@@ -158,7 +170,7 @@ class MultiHop:
         hops = [Hop(question, shown)]
         while len(hops) < self.max_hops and (query := queries.query(question, hops)) is not None:
             used = len(self.prompt(question, hops)) + len(self.renderer.query(query))
-            found = self.search([query], [self._shown(hops)])[0]
+            found = self.search([search_text(query)], [self._shown(hops)])[0]
             hops.append(Hop(query, self._fit(found, used, self.max_hops - len(hops) - 1, len(self._shown(hops)) + 1),
                             forced=True))
         return hops
@@ -200,14 +212,14 @@ class MultiHop:
                 query = text[start + len(self.query_start):]
                 query = query[:query.find(self.query_end)] if self.query_end in query else query
                 query = " ".join(query.split())
-                status = "ok" if query else "empty"
+                status = "ok" if search_text(query) else "empty"
             hops = state.hops
             if status == "ok" and (not self.queries.model_writes or len(hops) >= self.max_hops):
                 status = "over_max_hops"
             first = len(self._shown(hops)) + 1
             documents: list[Document] = []
             if status == "ok":
-                found = self.search([query], [self._shown(hops)])[0]
+                found = self.search([search_text(query)], [self._shown(hops)])[0]
                 used = state.prompt_len + len(out) + 2  # + the section's own markers
                 documents = self._fit(found, used, self.max_hops - len(hops) - 1, first)
                 if found and not documents:

@@ -120,6 +120,18 @@ def test_a_written_query_is_parsed_retrieved_and_its_documents_appended_numbered
     assert [d.id for d in a.cited] == ["company-0002"]
 
 
+def test_a_query_citing_its_source_is_searched_without_the_citation():
+    tok = tokenizer()
+    abstain = "The documents do not say."
+    for query, searched, status in (("[1] Kor Industries", ["Kor Industries"], "ok"), ("[1]", [], "empty")):
+        retriever = TitleRetriever()
+        mh = multihop(Scripted(tok.vocab_size, script_query_then_answer(tok, query, abstain)), tok, retriever)
+        [t] = mh.rollouts([QUESTION])
+        assert retriever.queries == [QUESTION, *searched]
+        assert [(h.query, h.search_text, h.status) for h in t.hops[1:]] == [(query, " ".join(searched), status)]
+        assert [d.id for d in t.hops[1].documents] == (["company-0002"] if searched else [])
+
+
 def test_max_hops_is_respected_and_a_query_past_it_is_refused_without_retrieval():
     tok = tokenizer()
     t_ = tok.token_id
@@ -256,7 +268,12 @@ def test_warm_start_traces_query_the_bridge_and_carry_no_loss_on_retrieved_docum
             continue
         traced += 1
         bridge = stage.titles[q.gold_doc_ids[1]]
-        assert f"<|query_start|>{bridge}<|query_end|>" in text and written.startswith(f"<|query_start|>{bridge}")
+        # the query cites the hop-1 document naming the bridge entity, then names it
+        query = text.split("<|query_start|>")[1].split("<|query_end|>")[0]
+        source = int(query[1:query.index("]")])
+        assert query == f"[{source}] {bridge}" and written.startswith(f"<|query_start|>{query}<|query_end|>")
+        named_in = text.split("<|document_start|>")[source]
+        assert f"({q.gold_doc_ids[0]})" in named_in.split("\n")[0] and bridge in named_in
         # every retrieved token (both documents sections, user turn's and reply's) is given, not learned
         assert "<|document_start|>" not in written and "<|documents_start|>" not in written
         reply = text.split("<|documents_end|>")[-1]
@@ -554,3 +571,15 @@ def test_two_hop_evaluation_asks_two_hop_questions_about_made_up_people_too():
     assert all(len(i.gold_doc_ids) == 2 and i.answers for i in answerable)
     hops = {q.question: q.hops for q in world.unanswerable_questions(world.unanswerable_capacity())}
     assert len(made_up) == 7 and all(not i.answers and not i.gold_doc_ids and hops[i.question] == 2 for i in made_up)
+
+
+def test_the_warm_start_settles_before_grpo_runs_at_its_own_constant_rate():
+    from types import SimpleNamespace
+
+    from hybridchat.config import RefragConfig
+    from hybridchat.stages.refrag import RefragStage
+
+    c = RefragConfig(num_steps=10, rl_steps=4, warmup_steps=2, warmdown_ratio=0.5, final_lr_frac=0.1, rl_lr_frac=0.2)
+    rates = [RefragStage.lr_multiplier(SimpleNamespace(config=c), step) for step in range(10)]
+    # warm start (6 steps): warmup over 2, then a warmdown over its last 3 that ends near final_lr_frac
+    assert rates == pytest.approx([0.5, 1, 1, 1, 2 / 3 + 0.1 / 3, 1 / 3 + 0.2 / 3, 0.2, 0.2, 0.2, 0.2])

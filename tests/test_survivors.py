@@ -626,7 +626,7 @@ def test_lr_schedule_edges_no_warmup_and_a_warmdown_of_under_one_step():
     to zero steps still ends at final_lr_frac only through max(1, ...): one step of warmdown, which
     is the step past the last (the schedule is 1.0 on every step that runs)."""
     from hybridchat.config import StageConfig
-    from hybridchat.loop import lr_multiplier
+    from hybridchat.stages import lr_multiplier
 
     s = StageConfig(num_steps=10, warmup_steps=0, warmdown_ratio=0.04, final_lr_frac=0.1)
     assert [lr_multiplier(i, s) for i in range(10)] == [1.0] * 10

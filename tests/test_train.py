@@ -18,10 +18,11 @@ from hybridchat.config import ModelConfig, StageConfig
 from hybridchat.context import RunContext
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.errors import UserError
-from hybridchat.loop import build_optimizers, lr_multiplier
+from hybridchat.loop import build_optimizers
 from hybridchat.model.blocks import PATTERN_PRESETS
 from hybridchat.model.lm import HybridLM
 from hybridchat.runtime import Runtime, grad_accum_steps
+from hybridchat.stages import lr_multiplier
 from hybridchat.stages.pretrain import PretrainStage
 from hybridchat.train import run, typed_config
 

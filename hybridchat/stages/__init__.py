@@ -11,6 +11,8 @@ A stage is built from the run's pieces (`RunContext`) and overrides hooks, like 
     samples(model)                          (prompt, completion) pairs shown after training
     step_metrics()                          what the last training step measured beyond its loss
                                             (refrag's rewards), logged with it
+    lr_multiplier(step)                     the learning rate's share at a step; default: warmup,
+                                            constant, warmdown over the stage (lr_multiplier below)
 
 `source` names the stage whose final checkpoint initialises this one (None: from scratch);
 `monitor` is the metric a sweep optimises and the summary reports; `milestones` are steps whose
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from hybridchat import checkpoint
+from hybridchat.config import StageConfig
 from hybridchat.context import RunContext
 from hybridchat.data.loader import Batch
 from hybridchat.errors import UserError
@@ -72,6 +75,22 @@ class Stage:
 
     def step_metrics(self) -> dict[str, float]:
         return {}
+
+    def lr_multiplier(self, step: int) -> float:
+        return lr_multiplier(step, self.config)
+
+
+def lr_multiplier(step: int, s: StageConfig, num_steps: int | None = None) -> float:
+    """Linear warmup, constant, then a linear warmdown to final_lr_frac over the last steps of
+    num_steps (default: the stage's)."""
+    num_steps = s.num_steps if num_steps is None else num_steps
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    warmdown = max(1, round(s.warmdown_ratio * num_steps))
+    if step <= num_steps - warmdown:
+        return 1.0
+    progress = (num_steps - step) / warmdown
+    return progress + (1 - progress) * s.final_lr_frac
 
 
 def evaluate_bpb(model, batches: list[Batch], ctx: RunContext) -> float:

@@ -4,7 +4,8 @@ model answers citing across every document shown, or abstains (hybridchat/multih
 Warm start (the first num_steps - rl_steps steps): 2-hop traces from the training split,
 
     question -> hop-1 documents (the gold first-hop document among retrieved distractors)
-      -> the query: the bridge entity's name (the title of gold_doc_ids[1])
+      -> the query: "[n] name", the hop-1 document naming the bridge entity, then its name (the
+         title of gold_doc_ids[1]): the reading an answer does ("[n] answer"), so rag's skill carries over
       -> what retrieval finds for it, exactly as the engine's hook would (same fitting, same search)
       -> "[n] answer" citing the document that states it (ABSTAIN when it was not found)
 
@@ -35,21 +36,22 @@ from hybridchat.data.chat import collate, example_batches
 from hybridchat.errors import UserError
 from hybridchat.model.lm import HybridLM
 from hybridchat.multihop import Hop, ModelQueries, MultiHop, QueryGenerator, Search, Trajectory
-from hybridchat.stages import evaluate_bpb
+from hybridchat.stages import evaluate_bpb, lr_multiplier
 from hybridchat.stages.rag import RagQuestion, RagStage, means, read_rag_questions
 
 REWARD_TERMS = ("em", "f1", "gold", "format", "hops")
 
 
 class _Bridge(QueryGenerator):
-    """The warm start's query: the bridge entity's name, once hop 1 shows the document naming it."""
+    """The warm start's query: the bridge entity's name, citing the hop-1 document that names it
+    (as an answer cites its source), once hop 1 shows that document."""
 
-    def __init__(self, name: str, first_gold: str):
-        self.name, self.first_gold = name, first_gold
+    def __init__(self, name: str, first_gold: str, cite_first: bool):
+        self.name, self.first_gold, self.cite_first = name, first_gold, cite_first
 
     def query(self, question: str, hops: Sequence[Hop]) -> str | None:
-        found = any(d.parent_id == self.first_gold for d in hops[0].documents)
-        return self.name if len(hops) == 1 and found else None
+        where = [n for n, d in enumerate(hops[0].documents, 1) if d.parent_id == self.first_gold]
+        return format_reply(self.name, where[0], self.cite_first) if len(hops) == 1 and where else None
 
 
 def reward_terms(answer: Answer, answers: Sequence[str], gold_doc_ids: Sequence[str]) -> dict[str, float]:
@@ -127,6 +129,8 @@ class RefragStage(RagStage):
             raise UserError(f"stage.single_hop={c.single_hop} must be in [0, 1)")
         if not 0 <= c.rl_steps <= c.num_steps:
             raise UserError(f"stage.rl_steps={c.rl_steps} must be in [0, stage.num_steps={c.num_steps}]")
+        if not 0 < c.rl_lr_frac <= 1:
+            raise UserError(f"stage.rl_lr_frac={c.rl_lr_frac} must be in (0, 1]")
         if c.rl_steps and (c.group_size < 2 or c.temperature <= 0):
             raise UserError(f"stage.group_size={c.group_size} must be >= 2 and stage.temperature={c.temperature} "
                             f"> 0 for GRPO (advantages compare samples of one question)")
@@ -190,7 +194,7 @@ class RefragStage(RagStage):
         gold = [d for d in q.candidates if d.parent_id == first_gold][:1] or self._document(first_gold)
         docs = [d for d in q.candidates if d.parent_id not in q.gold_doc_ids][:k - 1]
         docs.insert(rng.randint(0, len(docs)), gold[0])
-        hops = self.planner.plan(q.question, docs, _Bridge(self.titles[q.gold_doc_ids[1]], first_gold))
+        hops = self.planner.plan(q.question, docs, _Bridge(self.titles[q.gold_doc_ids[1]], first_gold, c.cite_first))
         shown = [d for h in hops for d in h.documents]
         where = [n for n, d in enumerate(shown, 1) if d.parent_id == answer_doc]
         reply = format_reply(q.answers[0], where[0], c.cite_first) if where and len(hops) > 1 else format_reply(None)
@@ -303,6 +307,14 @@ class RefragStage(RagStage):
     def step_metrics(self):
         metrics, self._metrics = self._metrics, {}
         return metrics
+
+    def lr_multiplier(self, step: int) -> float:
+        """The warm start has its own warmup and warmdown, so it ends settled (that checkpoint is
+        the evaluator's "after the warm start"); GRPO then runs at the constant rl_lr_frac: Muon
+        takes a step of fixed size whatever the gradient, and a policy gradient from a few sampled
+        groups is noisy (at the warm start's rate 15 steps undid most of what it taught: README)."""
+        warm = self.config.num_steps - self.config.rl_steps
+        return lr_multiplier(step, self.config, warm) if step < warm else self.config.rl_lr_frac
 
     # -- evaluation ------------------------------------------------------------------------------
 
