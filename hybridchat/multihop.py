@@ -47,11 +47,6 @@ class Hop:
     status: str = "ok"             # ok | empty | malformed | over_max_hops | no_room
     forced: bool = False           # written for the model by a rule, not by the model
 
-    @property
-    def search_text(self) -> str:
-        """What retrieval is asked: the query without the citation of the document it was read from."""
-        return search_text(self.query)
-
 
 def search_text(query: str) -> str:
     """A query may cite where its entity was read, as an answer does ("[1] Drinburg"): the model
@@ -212,7 +207,7 @@ class MultiHop:
                 query = text[start + len(self.query_start):]
                 query = query[:query.find(self.query_end)] if self.query_end in query else query
                 query = " ".join(query.split())
-                status = "ok" if search_text(query) else "empty"
+                status = "ok" if search_text(query) else "empty"  # "[1]" alone asks for nothing
             hops = state.hops
             if status == "ok" and (not self.queries.model_writes or len(hops) >= self.max_hops):
                 status = "over_max_hops"

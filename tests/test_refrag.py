@@ -21,7 +21,7 @@ from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.documents import Document
 from hybridchat.metrics import exact_match
 from hybridchat.model.lm import HybridLM
-from hybridchat.multihop import BridgeQueries, Hop, MultiHop, NoQueries, Search
+from hybridchat.multihop import BridgeQueries, Hop, MultiHop, NoQueries, Search, search_text
 from hybridchat.retrieval.base import Hit
 
 ADA = Document("person-0001", "Ada Vell", "Ada Vell was born in Vellport. She works at Kor Industries.")
@@ -128,7 +128,7 @@ def test_a_query_citing_its_source_is_searched_without_the_citation():
         mh = multihop(Scripted(tok.vocab_size, script_query_then_answer(tok, query, abstain)), tok, retriever)
         [t] = mh.rollouts([QUESTION])
         assert retriever.queries == [QUESTION, *searched]
-        assert [(h.query, h.search_text, h.status) for h in t.hops[1:]] == [(query, " ".join(searched), status)]
+        assert [(h.query, search_text(h.query), h.status) for h in t.hops[1:]] == [(query, " ".join(searched), status)]
         assert [d.id for d in t.hops[1].documents] == (["company-0002"] if searched else [])
 
 
