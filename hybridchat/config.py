@@ -139,6 +139,10 @@ class StageConfig:
     scalar_lr: float = 0.004           # AdamW: Mamba's A_log, D, dt_bias, conv, norms
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    # Stages that train on examples of varying length (mid, rag, refrag's warm start): this many
+    # batches' worth of examples are sorted by length and cut into batches, so a batch holds rows of
+    # similar length and pads less. 1: batches exactly as shuffled.
+    length_grouping: int = 8
     eval_every: int = 25
     eval_batches: int = 8              # validation batches (the same set whatever the world size)
     checkpoint_every: int = 100

@@ -161,6 +161,35 @@ def test_example_batches_cover_each_item_once_per_epoch_and_resume_and_shard_exa
     assert torch.equal(next(rank1)["inputs"], first_epoch[1]["inputs"])
 
 
+def test_length_grouping_cuts_each_pool_of_batches_by_length_and_keeps_the_epoch_and_resume():
+    lengths = random.Random(0).choices(range(2, 80), k=64)
+
+    def make(i, epoch):
+        return [i] * lengths[i], [1] * lengths[i]
+
+    def first(it, n):
+        return [[row[0] for row in next(it)["inputs"].tolist()] for _ in range(n)]
+
+    plain = first(example_batches(64, make, 4, seed=1, pad_id=0), 16)
+    grouped = first(example_batches(64, make, 4, seed=1, pad_id=0, length_grouping=8), 16)
+    for pool in (slice(0, 8), slice(8, 16)):  # the same items per pool of 8 batches as without grouping
+        mine = sorted(i for b in grouped[pool] for i in b)
+        assert mine == sorted(i for b in plain[pool] for i in b)
+        ranked = sorted(lengths[i] for i in mine)  # hand reference: consecutive runs of 4 in length order
+        runs = sorted(ranked[k:k + 4] for k in range(0, 32, 4))
+        assert sorted(sorted(lengths[i] for i in b) for b in grouped[pool]) == runs
+    assert grouped[:8] != sorted(grouped[:8], key=lambda b: max(lengths[i] for i in b))  # not shortest first
+
+    def padded(batches):
+        return sum(4 * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    again = first(example_batches(64, make, 4, seed=1, pad_id=0, start=11, length_grouping=8), 1)
+    assert again == grouped[11:12]  # resuming mid-pool
+    rank1 = first(example_batches(64, make, 4, seed=1, pad_id=0, rank=1, world_size=2, length_grouping=8), 2)
+    assert rank1 == [grouped[1], grouped[3]]
+
+
 class _Ctx:  # the pieces RagStage.documents_and_reply reads
     class config:
         class stage:

@@ -370,5 +370,7 @@ def test_bad_stage_inputs_stop_with_one_line_and_leave_checkpoints_alone(pipelin
         train(common + ["stage=rag", "stage.min_documents=5"], tmp_path / "b")
     with pytest.raises(UserError, match="retriever=bm25"):
         train(common + ["stage=rag", "retriever=none"], tmp_path / "c")
+    with pytest.raises(UserError, match=r"stage.length_grouping=0 must be >= 1"):
+        train(common + ["stage=rag", "stage.length_grouping=0"], tmp_path / "d")
     assert checkpoint.latest(out / "checkpoints" / "p" / "mid") == mid
     assert (mid / "model.safetensors").read_bytes() == before

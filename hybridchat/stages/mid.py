@@ -60,7 +60,7 @@ class MidStage(Stage):
     def train_batches(self, start, rank, world_size):
         return example_batches(len(self.train_chats), lambda i, epoch: self._example(self.train_chats[i]),
                                self.ctx.config.gpu.micro_batch, self.ctx.config.seed, self.renderer.pad_id,
-                               start, rank, world_size, self.width_limit)
+                               start, rank, world_size, self.width_limit, self.config.length_grouping)
 
     @cached_property
     def _val(self):

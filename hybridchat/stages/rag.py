@@ -154,7 +154,7 @@ class RagStage(Stage):
     def train_batches(self, start, rank, world_size):
         return example_batches(len(self.train_questions), lambda i, epoch: self._example(self.train_questions, i, epoch),
                                self.ctx.config.gpu.micro_batch, self.ctx.config.seed, self.renderer.pad_id,
-                               start, rank, world_size, self.width_limit)
+                               start, rank, world_size, self.width_limit, self.config.length_grouping)
 
     @cached_property
     def _val(self):

@@ -222,7 +222,7 @@ class RefragStage(RagStage):
             mine = sum(1 for i in range(start, warm_end) if i % world_size == rank)
             yield from islice(example_batches(len(self.train_hops) + self.n_single, self._warm_example,
                                               cfg.gpu.micro_batch, cfg.seed, self.renderer.pad_id, start, rank,
-                                              world_size, self.width_limit), mine)
+                                              world_size, self.width_limit, c.length_grouping), mine)
         yield from self._rl_batches(max(start, warm_end), rank, world_size)
 
     def _rl_batches(self, start: int, rank: int, world_size: int):
