@@ -197,6 +197,11 @@ class RefragConfig(RagConfig):
     max_query_tokens: int = 16
     hop_tokens: int = 256              # context kept free for each follow-up hop's documents
     single_hop: float = 0.5            # share of warm-start examples that are rag's single-hop ones
+    # share of those (answerable, their document shown) whose reply opens a follow-up query anyway
+    # (the opening marker given, not learned), queries the answer it holds and answers from the first
+    # documents still: a needless query costs a retrieval, not the answer (a tiny model's needless
+    # query is the answer itself, "[1] Soreiport")
+    needless_query: float = 0.5
     hop_questions: Optional[str] = None  # your 2-hop JSONL (gold_doc_ids in hop order); None: the world's
     rl_steps: int = 0                  # the last rl_steps of num_steps are GRPO steps
     rl_lr_frac: float = 0.1            # GRPO's learning rate, a constant share of the stage's

@@ -256,7 +256,7 @@ def refrag_stage(out, common, *extra):
 
 def test_warm_start_traces_query_the_bridge_and_carry_no_loss_on_retrieved_documents(smoke_checkpoints):
     out, common = smoke_checkpoints
-    stage = refrag_stage(out, common)
+    stage = refrag_stage(out, common, "stage.needless_query=0")
     tok = stage.ctx.tokenizer
     traced = answered = 0
     for i in range(12):
@@ -288,6 +288,30 @@ def test_warm_start_traces_query_the_bridge_and_carry_no_loss_on_retrieved_docum
     # the single-hop examples follow the traces
     ids, mask = stage._warm_example(len(stage.train_hops), 0)
     assert "<|query_start|>" not in tok.decode(ids)
+
+
+def test_needless_queries_are_not_taught_to_open_and_the_answer_still_cites_the_first_documents(smoke_checkpoints):
+    out, common = smoke_checkpoints
+    stage = refrag_stage(out, common, "stage.needless_query=1")
+    tok = stage.ctx.tokenizer
+    queried = 0
+    for i in range(len(stage.train_hops), len(stage.train_hops) + 16):
+        ids, mask = stage._warm_example(i, 0)
+        q = stage.train_questions[i - len(stage.train_hops)]  # epoch 0: single-hop item k is question k
+        text, written = tok.decode(ids), tok.decode([t for t, m in zip(ids, mask) if m])
+        if "<|query_start|>" not in text:  # its example would abstain: rag's example instead
+            continue
+        queried += 1
+        query = text.split("<|query_start|>")[1].split("<|query_end|>")[0]
+        source = int(query[1:query.index("]")])
+        assert query == f"[{source}] {q.answers[0]}"  # the answer itself, where it was read
+        reply = text.split("<|documents_end|>")[-1]
+        # not the opening marker, nor any document: how to go on once a query is open, not to open one
+        assert written == f"{query}<|query_end|>{reply}"
+        assert reply == f"[{source}] {q.answers[0]}<|assistant_end|>"  # from the first documents still
+        document = text.split("<|document_start|>")[source]
+        assert any(f"({g})" in document.split("\n")[0] for g in q.gold_doc_ids) and q.answers[0] in document
+    assert queried >= 6
 
 
 @pytest.fixture(scope="module")

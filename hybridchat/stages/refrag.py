@@ -10,8 +10,10 @@ Warm start (the first num_steps - rl_steps steps): 2-hop traces from the trainin
       -> "[n] answer" citing the document that states it (ABSTAIN when it was not found)
 
 mixed with rag's single-hop examples (stage.single_hop of them), so the model keeps answering at
-once when the first documents suffice. Loss on what the model writes only: the queries and the
-reply, never the retrieved documents.
+once when the first documents suffice. stage.needless_query of those query anyway, for the answer
+they already hold, and answer from the first documents: how to go on after a query that was not
+needed, without teaching to open one (its opening marker is given, not learned). Loss on what the
+model writes only: the queries and the reply, never the retrieved documents.
 
 RL (the last rl_steps steps): GRPO. Each batch is a few training questions (2-hop and, at the warm
 start's share, single-hop and unanswerable ones); every question gets a
@@ -31,7 +33,7 @@ from typing import Sequence
 import torch
 
 from hybridchat import parallel
-from hybridchat.answer import Answer, format_reply, score
+from hybridchat.answer import Answer, format_reply, parse_reply, score
 from hybridchat.data.chat import collate, example_batches
 from hybridchat.errors import UserError
 from hybridchat.model.lm import HybridLM
@@ -42,9 +44,10 @@ from hybridchat.stages.rag import RagQuestion, RagStage, means, read_rag_questio
 REWARD_TERMS = ("em", "f1", "gold", "format", "hops")
 
 
-class _Bridge(QueryGenerator):
-    """The warm start's query: the bridge entity's name, citing the hop-1 document that names it
-    (as an answer cites its source), once hop 1 shows that document."""
+class _CitingQuery(QueryGenerator):
+    """A warm-start query written for the model: a name (the bridge entity's; for a needless query,
+    the answer's), citing the hop-1 document it is read in (as an answer cites its source), once
+    hop 1 shows that document."""
 
     def __init__(self, name: str, first_gold: str, cite_first: bool):
         self.name, self.first_gold, self.cite_first = name, first_gold, cite_first
@@ -127,6 +130,8 @@ class RefragStage(RagStage):
                 raise UserError(f"stage.{key}={getattr(c, key)} must be >= 1")
         if not 0 <= c.single_hop < 1:
             raise UserError(f"stage.single_hop={c.single_hop} must be in [0, 1)")
+        if not 0 <= c.needless_query <= 1:
+            raise UserError(f"stage.needless_query={c.needless_query} must be in [0, 1]")
         if not 0 <= c.rl_steps <= c.num_steps:
             raise UserError(f"stage.rl_steps={c.rl_steps} must be in [0, stage.num_steps={c.num_steps}]")
         if not 0 < c.rl_lr_frac <= 1:
@@ -194,13 +199,32 @@ class RefragStage(RagStage):
         gold = [d for d in q.candidates if d.parent_id == first_gold][:1] or self._document(first_gold)
         docs = [d for d in q.candidates if d.parent_id not in q.gold_doc_ids][:k - 1]
         docs.insert(rng.randint(0, len(docs)), gold[0])
-        hops = self.planner.plan(q.question, docs, _Bridge(self.titles[q.gold_doc_ids[1]], first_gold, c.cite_first))
+        bridge = _CitingQuery(self.titles[q.gold_doc_ids[1]], first_gold, c.cite_first)
+        hops = self.planner.plan(q.question, docs, bridge)
         shown = [d for h in hops for d in h.documents]
         where = [n for n, d in enumerate(shown, 1) if d.parent_id == answer_doc]
         reply = format_reply(q.answers[0], where[0], c.cite_first) if where and len(hops) > 1 else format_reply(None)
         return [{"role": "user", "content": q.question, "documents": hops[0].documents},
                 {"role": "assistant", "content": reply,
                  "hops": [{"query": h.query, "documents": h.documents} for h in hops[1:]]}]
+
+    def needless_query_messages(self, q: RagQuestion, rng: random.Random) -> list[dict] | None:
+        """A single-hop conversation whose reply first queries the answer it already holds, then
+        answers from where it read it: how to go on after a follow-up query that was not needed.
+        The query's opening marker is given, not learned: the model is not taught to open one. None
+        when rag's example for q would abstain."""
+        docs, reply = self.documents_and_reply(q, rng)
+        _, cited, abstained = parse_reply(reply)
+        if abstained:
+            return None
+        gold = docs[cited[0] - 1].parent_id
+        hops = self.planner.plan(q.question, docs, _CitingQuery(q.answers[0], gold, self.config.cite_first))
+        shown = [d for h in hops for d in h.documents]
+        where = [n for n, d in enumerate(shown, 1) if d.parent_id in q.gold_doc_ids]
+        reply = format_reply(q.answers[0], where[0], self.config.cite_first) if where else format_reply(None)
+        return [{"role": "user", "content": q.question, "documents": hops[0].documents},
+                {"role": "assistant", "content": reply,
+                 "hops": [{"query": h.query, "documents": h.documents, "learn_opening": False} for h in hops[1:]]}]
 
     def _document(self, parent_id: str):
         return [d for d in self.ctx.knowledge_base.documents if d.parent_id == parent_id][:1]
@@ -212,6 +236,11 @@ class RefragStage(RagStage):
             rng = random.Random(f"{self.ctx.config.seed}/refrag/{epoch}/{i}")
             return self.renderer.render(self.trace_messages(self.train_hops[i], rng))
         j = (i - len(self.train_hops) + epoch * self.n_single) % len(self.train_questions)
+        rng = random.Random(f"{self.ctx.config.seed}/needless/{epoch}/{j}")
+        if rng.random() < self.config.needless_query:
+            messages = self.needless_query_messages(self.train_questions[j], rng)
+            if messages is not None:
+                return self.renderer.render(messages)
         return self._example(self.train_questions, j, epoch)
 
     def train_batches(self, start, rank, world_size):
