@@ -293,13 +293,15 @@ def model_choice() -> str:
 
 
 def run_stamp() -> str:
-    """The run folder's name: <date>/<time>, except under torchrun, where every rank resolves this
-    itself and two ranks could straddle a second: there all ranks share torchrun's run id (a UUID
-    with --standalone) or, failing that, their agent's pid (the ranks' common parent)."""
+    """The run folder's name: <date>/<time to the millisecond> (two runs started within one second
+    wrote into one folder), except under torchrun, where every rank resolves this itself and two
+    ranks could straddle a moment: there all ranks share torchrun's run id (a UUID with --standalone)
+    or, failing that, their agent's pid (the ranks' common parent)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         return f"torchrun-{run_id if run_id != 'none' else os.getppid()}"
-    return time.strftime("%Y-%m-%d/%H-%M-%S")
+    now = time.time()
+    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
 
 
 def rank_suffix() -> str:

@@ -1,5 +1,7 @@
 """Every option of every config group composes into a valid typed config; bad configs fail clearly."""
 
+import time
+
 import pytest
 import torch
 from conftest import compose_config, group_options
@@ -187,3 +189,16 @@ def test_one_world_for_data_and_knowledge_base_validated_at_start():
     assert (config.world.n_people, config.world.seed) == (50, 3)
     with pytest.raises(UserError, match="world.n_people"):
         typed_config(compose_config(["world.n_people=0"]))
+
+
+def test_runs_started_within_one_second_get_folders_of_their_own(monkeypatch):
+    from hybridchat.config import run_stamp
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    second = 1_800_000_000  # a whole second: the two runs start 0.25 s and 0.75 s after it
+    stamps = []
+    for offset in (0.25, 0.75):
+        monkeypatch.setattr("hybridchat.config.time.time", lambda: second + offset)
+        stamps.append(run_stamp())
+    day_time = time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(second))
+    assert stamps == [f"{day_time}.250", f"{day_time}.750"]
