@@ -57,6 +57,14 @@ class _CitingQuery(QueryGenerator):
         return format_reply(self.name, where[0], self.cite_first) if len(hops) == 1 and where else None
 
 
+def _conversation(question: str, hops: Sequence[Hop], reply: str, learn_opening: bool = True) -> list[dict]:
+    """The question with hop 1's documents, then a reply holding the later hops' queries and
+    documents before its text (the renderer's messages)."""
+    return [{"role": "user", "content": question, "documents": hops[0].documents},
+            {"role": "assistant", "content": reply,
+             "hops": [{"query": h.query, "documents": h.documents, "learn_opening": learn_opening} for h in hops[1:]]}]
+
+
 def reward_terms(answer: Answer, answers: Sequence[str], gold_doc_ids: Sequence[str]) -> dict[str, float]:
     """What a trajectory earned: exact match and F1 of its answer (on a question no document
     answers, both are 1 for abstaining), the share of gold documents it was shown, whether it is
@@ -204,9 +212,7 @@ class RefragStage(RagStage):
         shown = [d for h in hops for d in h.documents]
         where = [n for n, d in enumerate(shown, 1) if d.parent_id == answer_doc]
         reply = format_reply(q.answers[0], where[0], c.cite_first) if where and len(hops) > 1 else format_reply(None)
-        return [{"role": "user", "content": q.question, "documents": hops[0].documents},
-                {"role": "assistant", "content": reply,
-                 "hops": [{"query": h.query, "documents": h.documents} for h in hops[1:]]}]
+        return _conversation(q.question, hops, reply)
 
     def needless_query_messages(self, q: RagQuestion, rng: random.Random) -> list[dict] | None:
         """A single-hop conversation whose reply first queries the answer it already holds, then
@@ -222,9 +228,7 @@ class RefragStage(RagStage):
         shown = [d for h in hops for d in h.documents]
         where = [n for n, d in enumerate(shown, 1) if d.parent_id in q.gold_doc_ids]
         reply = format_reply(q.answers[0], where[0], self.config.cite_first) if where else format_reply(None)
-        return [{"role": "user", "content": q.question, "documents": hops[0].documents},
-                {"role": "assistant", "content": reply,
-                 "hops": [{"query": h.query, "documents": h.documents, "learn_opening": False} for h in hops[1:]]}]
+        return _conversation(q.question, hops, reply, learn_opening=False)
 
     def _document(self, parent_id: str):
         return [d for d in self.ctx.knowledge_base.documents if d.parent_id == parent_id][:1]
