@@ -86,12 +86,27 @@ def _restore_optimizers(optimizers, tensors: dict[str, torch.Tensor], described:
         opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def earlier_run(directory: Path, resume: bool, overwrite: bool) -> list[Path]:
+    """The checkpoints an earlier run left in this stage folder, which a new run (not resuming) replaces.
+
+    Pruning keeps the highest steps, so an earlier run's step 200 would outlive a new run's step 6 and
+    the next stage would start from the old weights: a new run into an occupied folder is refused
+    unless the user says overwrite=true (and then the old steps go when the new run's first one is
+    saved, so a run that fails before that loses nothing)."""
+    found = [] if resume else list_checkpoints(directory)
+    if found and not overwrite:
+        raise UserError(f"{directory} already holds checkpoints of an earlier run ({', '.join(p.name for p in found)}); "
+                        f"continue it with resume=true, train under another run_name=..., or replace them with "
+                        f"overwrite=true")
+    return found
+
+
 def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], keep: int, tokenizer,
-         write: bool = True, protect: Collection[int] = ()) -> Path | None:
-    """Write step `step`'s folder, then remove all but the last `keep` (the steps in `protect`
-    stay). Under FSDP every rank must call this (the full tensors are gathered from the shards);
-    only the one with write=True writes, and the others get None. The files are the same as a
-    one-process run's."""
+         write: bool = True, protect: Collection[int] = (), replaces: Collection[Path] = ()) -> Path | None:
+    """Write step `step`'s folder, remove the folders in `replaces` (an earlier run's, see
+    earlier_run), then all but the last `keep` (the steps in `protect` stay). Under FSDP every rank
+    must call this (the full tensors are gathered from the shards); only the one with write=True
+    writes, and the others get None. The files are the same as a one-process run's."""
     target = Path(directory) / f"step_{step:06d}"
     tensors, described = _optimizer_payload(optimizers, write)
     weights = parallel.full_tensors(model.state_dict(), write)
@@ -104,6 +119,9 @@ def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], ke
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
+    for old in replaces:
+        if Path(old) != target:  # a same-numbered step was replaced whole by the rename above
+            shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         if int(old.name.removeprefix("step_")) not in protect:
             shutil.rmtree(old, ignore_errors=True)

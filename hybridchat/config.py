@@ -273,6 +273,7 @@ class Config:
     run_name: str = "default"
     seed: int = 1337
     resume: bool = False
+    overwrite: bool = False            # a new run may replace an earlier run's checkpoints of its stage
     progress: bool = True              # tqdm progress bar on rank 0
 
 

@@ -60,6 +60,7 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
     accum = ctx.grad_accum
 
     start_step = 0
+    replaces = checkpoint.earlier_run(ckpt_dir, cfg.resume, cfg.overwrite)
     resume_from = checkpoint.latest(ckpt_dir) if cfg.resume else None
     if resume_from is None and ctx.source_checkpoint is not None:  # into the whole model, before sharding
         stage.initialise(model, ctx.source_checkpoint)
@@ -83,7 +84,8 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
         meta = {"stage": stage.name, "run_name": cfg.run_name, "tokenizer": tokenizer.fingerprint,
                 "data_position": step * accum * rt.world_size, "config": resolved_config}
         path = checkpoint.save(ckpt_dir, step, model, optimizers, meta, keep=s.keep_checkpoints, tokenizer=tokenizer,
-                               write=rt.is_main, protect=stage.milestones)
+                               write=rt.is_main, protect=stage.milestones, replaces=replaces)
+        replaces.clear()  # gone with the first save
         if rt.distributed:
             dist.barrier()
         return path

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from hybridchat import config as config_schema
-from hybridchat import loop, parallel, plan, runtime
+from hybridchat import checkpoint, loop, parallel, plan, runtime
 from hybridchat.config import Config
 from hybridchat.context import RunContext
 from hybridchat.errors import UserError, run_hydra_app, run_or_exit
@@ -47,6 +47,8 @@ def run(cfg: DictConfig) -> float:
     # Fail on sizes, pattern and batch arithmetic in the first second, not after building data.
     check_sizes(config.model)
     expand_pattern(config.model.block_pattern, config.model.n_layer)
+    checkpoint.earlier_run(checkpoint.stage_dir(config.paths.checkpoints, config.run_name, config.stage.name),
+                           config.resume, config.overwrite)
     rt = runtime.setup(config.gpu, config.seed)
     try:
         # An int is checked, `auto` becomes the largest micro-batch that fits (hybridchat.plan), once,

@@ -272,3 +272,27 @@ def test_command_lines_that_do_not_compose_are_one_error_line(app, override, nee
     code, _, err = cli(app, override, env={"OMP_NUM_THREADS": "1"})
     assert_one_error(code, err, *needles)
     assert "Config search path" not in err
+
+
+def test_training_again_under_a_run_name_is_refused_and_overwrite_replaces_the_earlier_steps(tmp_path):
+    """An earlier run's higher steps outlived a new run's (pruning keeps the highest numbers): the
+    printed checkpoint vanished and the next stage started from the old weights. A second run into an
+    occupied stage folder is refused, naming the ways on, with the earlier checkpoints untouched;
+    overwrite=true replaces them, and the printed checkpoint is the one that remains."""
+    common = ["debug=smoke", f"paths.outputs={tmp_path}", "run_name=r", f"hydra.run.dir={tmp_path}/run"]
+    stage_dir = tmp_path / "checkpoints" / "r" / "pretrain"
+    code, out, err = cli("hybridchat.train", *common, "stage.num_steps=6")
+    assert code == 0, err
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["step_000003", "step_000006"]
+    before = snapshot(stage_dir)
+
+    code, out, err = cli("hybridchat.train", *common, "stage.num_steps=2")
+    assert_one_error(code, err, str(stage_dir), "step_000003, step_000006", "resume=true", "run_name=",
+                     "overwrite=true")
+    assert snapshot(stage_dir) == before
+
+    code, out, err = cli("hybridchat.train", *common, "stage.num_steps=2", "overwrite=true")
+    assert code == 0, err
+    printed = Path(out.split("checkpoint: ")[1].split()[0])
+    assert printed == stage_dir / "step_000002" and (printed / "meta.json").is_file()
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["step_000002"]
