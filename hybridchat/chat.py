@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import replace
 
-from hybridchat.errors import UserError, run_or_exit
+from hybridchat.core.errors import UserError, run_or_exit
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 def _retriever(args, meta):
     from omegaconf import OmegaConf
 
-    from hybridchat.context import world_collection
+    from hybridchat.infra.context import world_collection
     from hybridchat.data.world import WorldConfig
     from hybridchat.retrieval.config import RetrieverConfig
     from hybridchat.retrieval.factory import open_knowledge_base
@@ -118,8 +118,8 @@ def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> No
 def run(args) -> None:
     from pathlib import Path
 
-    from hybridchat import checkpoint
-    from hybridchat.answer import Answerer
+    from hybridchat.infra import checkpoint
+    from hybridchat.rag.answer import Answerer
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
@@ -138,8 +138,8 @@ def run(args) -> None:
 
     multihop = None
     if retriever is not None and max_hops > 1:
-        from hybridchat.config import RefragConfig
-        from hybridchat.multihop import MultiHop, Search
+        from hybridchat.infra.config import RefragConfig
+        from hybridchat.rag.multihop import MultiHop, Search
 
         # -k documents per retrieval, the query and context settings the checkpoint was trained with
         multihop = MultiHop(model, tokenizer, Search(retriever, args.top_k), seq_len, max_hops=max_hops,

@@ -15,7 +15,7 @@ Writes eval.md, eval.json and eval.png to the run dir (and metrics to wandb when
 
 With hops=2 (or a questions file whose every answerable question has two gold_doc_ids, in hop
 order) the questions are 2-hop and the conditions are: closed-book; single-shot RAG (one retrieval,
-a query the model writes is refused); rule-based bridge queries (hybridchat/multihop.py
+a query the model writes is refused); rule-based bridge queries (hybridchat/rag/multihop.py
 BridgeQueries, written for the model); REFRAG (the model writes its own queries); both gold
 documents in context. Each reports EM, F1, hallucination, both gold documents shown, retrievals per
 question and seconds per answer, with bootstrap intervals, and example traces.
@@ -36,21 +36,21 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from hybridchat import checkpoint
-from hybridchat import config as config_schema
-from hybridchat.answer import Answerer, score
-from hybridchat.config import GPUConfig, LoggerConfig, ModelConfig, PathsConfig, RefragConfig
-from hybridchat.context import world_collection
+from hybridchat.infra import checkpoint
+from hybridchat.infra import config as config_schema
+from hybridchat.rag.answer import Answerer, score
+from hybridchat.infra.config import GPUConfig, LoggerConfig, ModelConfig, PathsConfig, RefragConfig
+from hybridchat.infra.context import world_collection
 from hybridchat.data.world import World, WorldConfig
-from hybridchat.documents import Document
-from hybridchat.errors import UserError, run_hydra_app, run_or_exit
-from hybridchat.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
-from hybridchat.metrics import bootstrap_auroc_ci, bootstrap_ci
-from hybridchat.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, Search
+from hybridchat.core.documents import Document
+from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
+from hybridchat.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from hybridchat.core.metrics import bootstrap_auroc_ci, bootstrap_ci
+from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, Search
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.retrieval.factory import open_knowledge_base
-from hybridchat.runtime import setup, teardown
-from hybridchat.tracking import Tracker
+from hybridchat.infra.runtime import setup, teardown
+from hybridchat.infra.tracking import Tracker
 
 log = logging.getLogger("hybridchat")
 

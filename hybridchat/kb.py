@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from hybridchat.errors import UserError, run_or_exit
+from hybridchat.core.errors import UserError, run_or_exit
 
 DEFAULT_CACHE = "outputs/cache"
 
@@ -126,7 +126,7 @@ def _open(args, for_query: bool = True):
     if args.kb is not None:
         kb = KnowledgeBase.open(args.kb)
     else:  # the (default) world's knowledge base, with the indexes the query needs (bm25 for stats)
-        from hybridchat.context import world_collection
+        from hybridchat.infra.context import world_collection
         from hybridchat.data.world import WorldConfig
 
         kb = open_knowledge_base(_retriever_config(args, None) if for_query else RetrieverConfig(kind="bm25"),
@@ -192,7 +192,7 @@ def run(args) -> None:
         for key, value in report.items():
             print(f"{key:>20}  {value:.4f}" if isinstance(value, float) else f"{key:>20}  {value}")
         if args.json:
-            from hybridchat.fsutil import atomic_write_json
+            from hybridchat.core.fsutil import atomic_write_json
 
             atomic_write_json(args.json, report)
 

@@ -28,13 +28,13 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from hybridchat import config as config_schema
-from hybridchat.config import Config, DataConfig, DistributedConfig, GPUConfig, ModelConfig, PathsConfig, StageConfig
-from hybridchat.errors import UserError, run_hydra_app, run_or_exit
-from hybridchat.fsutil import atomic_write_json
+from hybridchat.infra import config as config_schema
+from hybridchat.infra.config import Config, DataConfig, DistributedConfig, GPUConfig, ModelConfig, PathsConfig, StageConfig
+from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
+from hybridchat.core.fsutil import atomic_write_json
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM
-from hybridchat.runtime import grad_accum_steps
+from hybridchat.infra.runtime import grad_accum_steps
 
 GiB = 2**30
 FP32 = 4

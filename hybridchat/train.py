@@ -17,17 +17,19 @@ from hydra.conf import RunMode
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from hybridchat import config as config_schema
-from hybridchat import checkpoint, loop, parallel, plan, runtime
-from hybridchat.config import Config
-from hybridchat.context import RunContext
-from hybridchat.errors import UserError, run_hydra_app, run_or_exit
+from hybridchat.infra import config as config_schema
+from hybridchat.infra import checkpoint, parallel, runtime
+from hybridchat.training import loop
+from hybridchat import plan
+from hybridchat.infra.config import Config
+from hybridchat.infra.context import RunContext
+from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
 from hybridchat.model.request_match import request_markers_fit
-from hybridchat.preemption import Preempted, requeue_after_warning
-from hybridchat.stages import build_stage
-from hybridchat.tracking import Tracker, run_tags
+from hybridchat.infra.preemption import Preempted, requeue_after_warning
+from hybridchat.training.stages import build_stage
+from hybridchat.infra.tracking import Tracker, run_tags
 
 log = logging.getLogger("hybridchat")
 config_schema.register()

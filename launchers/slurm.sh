@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SLURM through Hydra's submitit launcher: one sbatch job per sweep point, submitted from the login
-# node, each running DDP across its tasks (hybridchat.runtime reads submitit's environment).
+# node, each running DDP across its tasks (hybridchat.infra.runtime reads submitit's environment).
 #   launchers/slurm.sh -m gpu=a100 model=hybrid_d12,transformer_d12 \
 #       hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=8 hydra.launcher.tasks_per_node=8
 # The defaults (1 node, 1 GPU, 1 task, 4 h) live in conf/hydra/launcher/slurm.yaml.

@@ -28,7 +28,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from hybridchat import config as config_schema  # noqa: E402
+from hybridchat.infra import config as config_schema  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 config_schema.register()
@@ -79,7 +79,7 @@ def random_model(pattern: str, n_layer: int, vocab: int, dtype=torch.float64, se
                  **options):
     """A small HybridLM (width 32) with every parameter perturbed by `perturb` x N(0, 1): zero-initialised
     output projections would make every block the identity. options: more ModelConfig keys."""
-    from hybridchat.config import ModelConfig
+    from hybridchat.infra.config import ModelConfig
     from hybridchat.model.lm import HybridLM
 
     cfg = ModelConfig(n_layer=n_layer, n_embd=32, n_head=4, n_kv_head=2, block_pattern=pattern, mlp_ratio=2,

@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
-from hybridchat.answer import ABSTAIN, fit_prompt, format_reply, parse_reply
+from hybridchat.rag.answer import ABSTAIN, fit_prompt, format_reply, parse_reply
 from hybridchat.data.chat import ChatRenderer, collate, example_batches, padded_width
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.documents import Document
+from hybridchat.core.documents import Document
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ class _Ctx:  # the pieces RagStage.documents_and_reply reads
 
 
 def _rag_stage():
-    from hybridchat.stages.rag import RagStage
+    from hybridchat.training.stages.rag import RagStage
 
     stage = RagStage.__new__(RagStage)
     stage.config = _Ctx.config.stage
@@ -205,7 +205,7 @@ def _rag_stage():
 
 
 def test_rag_examples_put_the_gold_document_at_every_rank_and_teach_abstention_without_it():
-    from hybridchat.stages.rag import RagQuestion
+    from hybridchat.training.stages.rag import RagQuestion
 
     docs = tuple(Document(f"d{i}", f"T{i}", f"text {i}") for i in range(10))
     q = RagQuestion("Where?", ("Vellport",), ("d5",), docs)

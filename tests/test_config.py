@@ -9,12 +9,12 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from hybridchat.config import Config
+from hybridchat.infra.config import Config
 from hybridchat.data.sources import build_source
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 from hybridchat.model.blocks import PATTERN_PRESETS, expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
-from hybridchat.runtime import grad_accum_steps
+from hybridchat.infra.runtime import grad_accum_steps
 from hybridchat.train import typed_config
 
 GROUPS = ["model", "model/block_pattern", "gpu", "stage", "data", "retriever", "logger", "paths", "experiment"]
@@ -171,7 +171,7 @@ def test_launcher_options_compose(launcher, target):
 
 @pytest.mark.parametrize("stage", group_options("stage"))
 def test_each_stage_has_its_own_schema_and_smoke_sizes(stage):
-    from hybridchat.config import STAGE_SCHEMAS
+    from hybridchat.infra.config import STAGE_SCHEMAS
 
     config, _ = typed_config(compose_config([f"stage={stage}", "debug=smoke"]))
     assert type(config.stage) is STAGE_SCHEMAS[stage] and config.stage.name == stage
@@ -192,13 +192,13 @@ def test_one_world_for_data_and_knowledge_base_validated_at_start():
 
 
 def test_runs_started_within_one_second_get_folders_of_their_own(monkeypatch):
-    from hybridchat.config import run_stamp
+    from hybridchat.infra.config import run_stamp
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     second = 1_800_000_000  # a whole second: the two runs start 0.25 s and 0.75 s after it
     stamps = []
     for offset in (0.25, 0.75):
-        monkeypatch.setattr("hybridchat.config.time.time", lambda: second + offset)
+        monkeypatch.setattr("hybridchat.infra.config.time.time", lambda: second + offset)
         stamps.append(run_stamp())
     day_time = time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(second))
     assert stamps == [f"{day_time}.250", f"{day_time}.750"]

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from hybridchat.data.conversations import read_conversations
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 
 USER = {"role": "user", "content": "Where was Bivi Metheita born?"}
 ASSISTANT = {"role": "assistant", "content": "Bivi Metheita was born in Barport."}

@@ -7,12 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hybridchat.config import DataConfig
+from hybridchat.infra.config import DataConfig
 from hybridchat.data.loader import token_batches
 from hybridchat.data.sources import files_source, world_source
 from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_or_train
 from hybridchat.data.world import World, WorldConfig
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

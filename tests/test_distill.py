@@ -17,14 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import compose_config
 
-from hybridchat import checkpoint
-from hybridchat.config import ModelConfig
-from hybridchat.errors import UserError
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import ModelConfig
+from hybridchat.core.errors import UserError
 from hybridchat.model.attention import CausalSelfAttention
 from hybridchat.model.convert import attention_to_mamba, convert
 from hybridchat.model.lm import HybridLM
 from hybridchat.model.mamba import Mamba2
-from hybridchat.stages.distill import aligned_error, block_io, hidden_error, token_kl
+from hybridchat.training.stages.distill import aligned_error, block_io, hidden_error, token_kl
 from hybridchat.train import run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import naive_greedy, random_model
 
-from hybridchat.engine import Engine, sample
+from hybridchat.model.engine import Engine, sample
 from hybridchat.model.lm import HybridLM
 
 PATTERNS = ["all_attention", "all_mamba", "alternating", "early_attention_late_mamba", "jamba", "nemotron"]

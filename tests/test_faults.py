@@ -87,7 +87,7 @@ def run_driver(tmp_path, script: str, *argv) -> dict[str, int]:
 # ---- knowledge base: `kb add` killed while it writes the new directory ---------------------------
 
 KB_DRIVER = """
-    from hybridchat import fsutil
+    from hybridchat.core import fsutil
     from hybridchat.kb import main
     from hybridchat.retrieval import knowledge_base as kbm
 
@@ -168,8 +168,10 @@ CKPT_DRIVER = """
     import torch
     from safetensors.torch import save_file
 
-    from hybridchat import checkpoint, fsutil
-    from hybridchat.config import ModelConfig
+    from hybridchat.infra import checkpoint
+
+    from hybridchat.core import fsutil
+    from hybridchat.infra.config import ModelConfig
     from hybridchat.model.lm import HybridLM
 
     class StubTokenizer:  # checkpoint.save may store the run's tokenizer beside the weights
@@ -237,8 +239,8 @@ def test_checkpoint_save_killed_at_any_point_keeps_the_previous_checkpoint(tmp_p
     import torch
     from safetensors.torch import load_file
 
-    from hybridchat import checkpoint
-    from hybridchat.config import ModelConfig
+    from hybridchat.infra import checkpoint
+    from hybridchat.infra.config import ModelConfig
     from hybridchat.model.lm import HybridLM
 
     script = f"MODEL = {MODEL!r}\n" + textwrap.dedent(CKPT_DRIVER)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from hybridchat import fsutil
-from hybridchat.fsutil import atomic_directory, atomic_write_text
+from hybridchat.core import fsutil
+from hybridchat.core.fsutil import atomic_directory, atomic_write_text
 
 
 def test_atomic_directory_swaps_whole_and_leaves_no_temp(tmp_path):

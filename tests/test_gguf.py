@@ -1,4 +1,4 @@
-"""GGUF import (hybridchat/gguf.py), checked against an independent NumPy Llama forward.
+"""GGUF import (hybridchat/infra/gguf.py), checked against an independent NumPy Llama forward.
 
 A tiny llama GGUF is written here the way llama.cpp's converter writes one: Q/K rows permuted for
 its interleaved RoPE, every accepted tensor type, a byte-level BPE vocabulary with control tokens.
@@ -23,11 +23,11 @@ from gguf.quants import dequantize, quantize
 from omegaconf import OmegaConf
 from tokenizers import pre_tokenizers
 
-from hybridchat.checkpoint import load_model
-from hybridchat.context import pretrained_file
-from hybridchat.engine import Engine
-from hybridchat.errors import UserError
-from hybridchat.gguf import SUPPORTED_TYPES, import_checkpoint, read_gguf
+from hybridchat.infra.checkpoint import load_model
+from hybridchat.infra.context import pretrained_file
+from hybridchat.model.engine import Engine
+from hybridchat.core.errors import UserError
+from hybridchat.infra.gguf import SUPPORTED_TYPES, import_checkpoint, read_gguf
 
 N_LAYER, D, N_HEAD, N_KV_HEAD, FFN = 2, 64, 4, 2, 96
 ROPE_BASE, EPS, CONTEXT = 5000.0, 1e-5, 4096   # a base that is not our default, so a dropped one shows

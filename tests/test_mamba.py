@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hybridchat.model.mamba as mamba_mod
-from hybridchat.config import ModelConfig
-from hybridchat.errors import UserError
+from hybridchat.infra.config import ModelConfig
+from hybridchat.core.errors import UserError
 from hybridchat.model.cache import InferenceCache
 from hybridchat.model.lm import HybridLM
 from hybridchat.model.mamba import Mamba2, cuda_kernels_available, ssd_chunked, ssd_recurrent

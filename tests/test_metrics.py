@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from hybridchat.metrics import (
+from hybridchat.core.metrics import (
     auroc,
     bootstrap_auroc_ci,
     bootstrap_ci,

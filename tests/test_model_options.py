@@ -11,11 +11,11 @@ import torch
 from conftest import compose_config, train_steps
 from safetensors import safe_open
 
-from hybridchat import checkpoint
-from hybridchat.config import ModelConfig, StageConfig
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import ModelConfig, StageConfig
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.errors import UserError
-from hybridchat.loop import build_optimizers
+from hybridchat.core.errors import UserError
+from hybridchat.training.loop import build_optimizers
 from hybridchat.model.lm import HybridLM
 from hybridchat.train import typed_config
 

@@ -1,4 +1,4 @@
-"""Fast tests for hybridchat/engine.py and hybridchat/model/*, written for mutation testing (mutmut):
+"""Fast tests for hybridchat/model/engine.py and hybridchat/model/*, written for mutation testing (mutmut):
 each compares against an independent reference (a plain full-forward greedy loop, hand values, a
 per-token recurrence, transformers' peer implementation), never our code against itself.
 
@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import naive_greedy
 
-from hybridchat.config import ModelConfig
-from hybridchat.engine import Engine
-from hybridchat.errors import UserError
+from hybridchat.infra.config import ModelConfig
+from hybridchat.model.engine import Engine
+from hybridchat.core.errors import UserError
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.cache import InferenceCache
 from hybridchat.model.convert import convert

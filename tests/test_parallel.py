@@ -14,8 +14,8 @@ import torch
 from conftest import compose_config
 from safetensors.torch import load_file
 
-from hybridchat import checkpoint
-from hybridchat.config import ModelConfig
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.train import run
 

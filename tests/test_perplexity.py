@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridchat import checkpoint
+from hybridchat.infra import checkpoint
 from hybridchat.bench import perplexity
-from hybridchat.config import ModelConfig
+from hybridchat.infra.config import ModelConfig
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 from hybridchat.model.lm import HybridLM
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf, open_dict
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from hybridchat import plan
-from hybridchat.errors import UserError, run_or_exit
-from hybridchat.loop import build_optimizers
+from hybridchat.core.errors import UserError, run_or_exit
+from hybridchat.training.loop import build_optimizers
 from hybridchat.model.lm import HybridLM
 from hybridchat.train import typed_config
 from tests.conftest import CONF_DIR, compose_config, group_options

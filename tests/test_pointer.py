@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from conftest import naive_greedy, random_model
 
-from hybridchat import checkpoint
-from hybridchat.config import StageConfig
-from hybridchat.engine import Engine
-from hybridchat.errors import UserError
-from hybridchat.loop import build_optimizers
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import StageConfig
+from hybridchat.model.engine import Engine
+from hybridchat.core.errors import UserError
+from hybridchat.training.loop import build_optimizers
 from hybridchat.model.lm import HybridLM
 
 VOCAB = 61

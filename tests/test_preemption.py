@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridchat import checkpoint
+from hybridchat.infra import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60  # ~50 ms each: the signal, sent after 3, lands long before the end

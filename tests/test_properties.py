@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hybridchat.config import DataConfig
+from hybridchat.infra.config import DataConfig
 from hybridchat.data.sources import files_source
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 from hybridchat.model.blocks import MIXERS, PATTERN_PRESETS, expand_pattern
 from hybridchat.retrieval.evaluate import read_questions
 from hybridchat.retrieval.ingest import read_documents
@@ -246,7 +246,7 @@ def test_missing_questions_file_is_a_user_error(tmp_path):
 # ---- checkpoint meta.json ---------------------------------------------------------------------------
 
 def read_meta_or_user_error(tmp: Path, content: bytes) -> None:
-    from hybridchat.checkpoint import read_meta
+    from hybridchat.infra.checkpoint import read_meta
 
     (tmp / "meta.json").write_bytes(content)
     try:

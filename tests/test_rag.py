@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import compose_config
 
-from hybridchat import checkpoint
-from hybridchat.answer import ABSTAIN, Answer, score
-from hybridchat.errors import UserError
+from hybridchat.infra import checkpoint
+from hybridchat.rag.answer import ABSTAIN, Answer, score
+from hybridchat.core.errors import UserError
 from hybridchat.evaluate import summarize
 from hybridchat.train import run
 
@@ -68,9 +68,9 @@ def test_a_stage_without_its_source_checkpoint_names_the_command_that_makes_it(t
 
 
 def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline):
-    from hybridchat.context import RunContext
-    from hybridchat.runtime import Runtime
-    from hybridchat.stages.rag import RagStage
+    from hybridchat.infra.context import RunContext
+    from hybridchat.infra.runtime import Runtime
+    from hybridchat.training.stages.rag import RagStage
     from hybridchat.train import typed_config
 
     out, common = pipeline
@@ -111,12 +111,12 @@ def test_rag_trains_on_your_knowledge_base_and_questions(pipeline, tmp_path):
     """stage.questions + retriever.kb_dir: the documents in the training inputs are the user's (ids,
     titles, text; none of the world's), the reply cites the one stating the answer, and the stage trains
     and evaluates on the questions' validation share."""
-    from hybridchat.context import RunContext
-    from hybridchat.documents import Document
+    from hybridchat.infra.context import RunContext
+    from hybridchat.core.documents import Document
     from hybridchat.retrieval.config import RetrieverConfig
     from hybridchat.retrieval.knowledge_base import KnowledgeBase
-    from hybridchat.runtime import Runtime
-    from hybridchat.stages.rag import RagStage
+    from hybridchat.infra.runtime import Runtime
+    from hybridchat.training.stages.rag import RagStage
     from hybridchat.train import typed_config
 
     out, common = pipeline
@@ -159,10 +159,10 @@ def test_under_compile_conversation_batches_come_in_a_few_padded_widths(pipeline
     """gpu.compile=true: every new batch shape recompiles the model (on an H200: mid steps as slow as
     a compilation each), so rag/mid/refrag training batches are padded to powers of two up to
     model.sequence_len. Validation runs the model uncompiled: its batches keep their exact width."""
-    from hybridchat.context import RunContext
-    from hybridchat.runtime import Runtime
-    from hybridchat.stages.mid import MidStage
-    from hybridchat.stages.rag import RagStage
+    from hybridchat.infra.context import RunContext
+    from hybridchat.infra.runtime import Runtime
+    from hybridchat.training.stages.mid import MidStage
+    from hybridchat.training.stages.rag import RagStage
     from hybridchat.train import typed_config
 
     out, common = pipeline
@@ -182,9 +182,9 @@ def test_under_compile_conversation_batches_come_in_a_few_padded_widths(pipeline
 
 
 def test_rag_can_teach_the_answer_before_its_citation(pipeline):
-    from hybridchat.context import RunContext
-    from hybridchat.runtime import Runtime
-    from hybridchat.stages.rag import RagStage
+    from hybridchat.infra.context import RunContext
+    from hybridchat.infra.runtime import Runtime
+    from hybridchat.training.stages.rag import RagStage
     from hybridchat.train import typed_config
 
     out, common = pipeline
@@ -226,14 +226,14 @@ def test_rope_mismatch_is_refused(pipeline, tmp_path):
 
 
 def _answer(reply, docs=(), abstained=False, confidence=0.5):
-    from hybridchat.answer import parse_reply
+    from hybridchat.rag.answer import parse_reply
 
     answer, cited, abstained = parse_reply(reply)
     return Answer("q", reply, answer, cited, abstained, confidence, list(docs))
 
 
 def test_scores_on_hand_made_replies():
-    from hybridchat.documents import Document
+    from hybridchat.core.documents import Document
 
     gold = Document("person-1", "Ada Vell", "Ada Vell was born in Vellport.")
     other = Document("city-2", "Kor", "Kor is a city.")
@@ -251,7 +251,7 @@ def test_scores_on_hand_made_replies():
 
 
 def test_summary_rates_and_auroc_on_hand_made_scores():
-    from hybridchat.documents import Document
+    from hybridchat.core.documents import Document
 
     gold = Document("g", "G", "It is Vellport.")
     answerable = [score(_answer("[1] Vellport", [gold], confidence=0.9), ["Vellport"], ["g"]) for _ in range(3)]
@@ -336,8 +336,8 @@ def test_rag_trains_under_torchrun_with_the_hybrid_retriever(pipeline, tmp_path)
 def test_confidence_is_one_minus_the_probability_of_the_abstention_reply(pipeline, budget, monkeypatch):
     """The batched, right-padded teacher-forced P(ABSTAIN) against a plain per-prompt loop, with the
     rows in one forward and split into one forward each by the logits budget."""
-    from hybridchat import answer
-    from hybridchat.answer import Answerer
+    from hybridchat.rag import answer
+    from hybridchat.rag.answer import Answerer
 
     monkeypatch.setattr(answer, "LOGITS_BUDGET", budget)
     out, _ = pipeline

@@ -1,7 +1,7 @@
 import random
 
 from hybridchat.bench.reading import namesakes
-from hybridchat.documents import Document
+from hybridchat.core.documents import Document
 
 
 def doc(i: int, title: str) -> Document:

@@ -1,4 +1,4 @@
-"""Multi-hop answering (hybridchat/multihop.py) and the refrag stage: the query hook round trip on a
+"""Multi-hop answering (hybridchat/rag/multihop.py) and the refrag stage: the query hook round trip on a
 tiny model, rendering of queries and retrieved documents in both chat formats, training traces
 whose retrieved tokens carry no loss, rewards and GRPO advantages on hand-made cases, and a smoke
 refrag run (warm start, then RL steps) from smoke checkpoints."""
@@ -14,14 +14,14 @@ from conftest import compose_config
 from test_rag import train
 from torch import nn
 
-from hybridchat import checkpoint
-from hybridchat.config import ModelConfig
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import ModelConfig
 from hybridchat.data.chat import ChatRenderer
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.documents import Document
-from hybridchat.metrics import exact_match
+from hybridchat.core.documents import Document
+from hybridchat.core.metrics import exact_match
 from hybridchat.model.lm import HybridLM
-from hybridchat.multihop import BridgeQueries, Hop, MultiHop, NoQueries, Search, search_text
+from hybridchat.rag.multihop import BridgeQueries, Hop, MultiHop, NoQueries, Search, search_text
 from hybridchat.retrieval.base import Hit
 
 ADA = Document("person-0001", "Ada Vell", "Ada Vell was born in Vellport. She works at Kor Industries.")
@@ -245,9 +245,9 @@ REFRAG = ["stage=refrag", "model.sequence_len=512", "stage.hop_tokens=160", "sta
 
 
 def refrag_stage(out, common, *extra):
-    from hybridchat.context import RunContext
-    from hybridchat.runtime import Runtime
-    from hybridchat.stages.refrag import RefragStage
+    from hybridchat.infra.context import RunContext
+    from hybridchat.infra.runtime import Runtime
+    from hybridchat.training.stages.refrag import RefragStage
     from hybridchat.train import typed_config
 
     config, _ = typed_config(compose_config(common + REFRAG + list(extra), output_dir=out / "stage"))
@@ -347,7 +347,7 @@ def test_refrag_smoke_run_warm_start_then_grpo_steps_from_the_rag_checkpoint(ref
 def test_rl_continues_another_runs_warm_start_named_by_its_checkpoint_folder(refrag_run, tmp_path):
     """stage.source as a path: GRPO steps in a new run from the warm start's checkpoint, without
     repeating the warm start; a path that holds no checkpoint is one error line."""
-    from hybridchat.errors import UserError
+    from hybridchat.core.errors import UserError
 
     out, _ = refrag_run
     warm = out / "checkpoints" / "p" / "refrag"
@@ -467,7 +467,7 @@ def test_a_grpo_step_samples_groups_scores_them_and_reports_rewards(smoke_checkp
     loss = stage.training_step(model, batch)
     loss.backward()
     # tok/s counts the trajectories the policy loss ran over, not the batch of question indices
-    from hybridchat.stages.refrag import policy_batch
+    from hybridchat.training.stages.refrag import policy_batch
 
     assert stage.batch_tokens(batch) == policy_batch(trajectories, stage.renderer.pad_id)["inputs"].numel() > 100
     metrics = stage.step_metrics()
@@ -513,7 +513,7 @@ def test_chat_prints_the_hop_trace():
 
 
 def _answer(reply, documents, hops=2, format_ok=True):
-    from hybridchat.answer import Answer, parse_reply
+    from hybridchat.rag.answer import Answer, parse_reply
 
     answer, cited, abstained = parse_reply(reply)
     trace = [Hop(QUESTION, documents[:1])] + [Hop(f"q{i}", documents[1:] if i == 1 else [],
@@ -522,7 +522,7 @@ def _answer(reply, documents, hops=2, format_ok=True):
 
 
 def test_reward_terms_on_hand_made_trajectories():
-    from hybridchat.stages.refrag import reward_terms
+    from hybridchat.training.stages.refrag import reward_terms
 
     gold = ("person-0001", "company-0002")
     right = reward_terms(_answer("[2] Tam Brel", [ADA, KOR]), ["Tam Brel"], gold)
@@ -540,8 +540,8 @@ def test_reward_terms_on_hand_made_trajectories():
 
 
 def test_the_reward_weighs_its_terms_and_charges_each_hop():
-    from hybridchat.config import RefragConfig
-    from hybridchat.stages.refrag import reward_weights, total_reward
+    from hybridchat.infra.config import RefragConfig
+    from hybridchat.training.stages.refrag import reward_weights, total_reward
 
     weights = reward_weights(RefragConfig(reward_em=1.0, reward_f1=0.5, reward_gold=0.25, reward_format=0.1,
                                           hop_cost=0.2))
@@ -550,7 +550,7 @@ def test_the_reward_weighs_its_terms_and_charges_each_hop():
 
 
 def test_group_advantages_on_a_hand_made_group():
-    from hybridchat.stages.refrag import group_advantages
+    from hybridchat.training.stages.refrag import group_advantages
 
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, 0.0, 1.0, 1.0]])
     # group 1: mean 0.5, population std 0.5; group 2: all equal -> 0; group 3: mean 1, std sqrt(0.5)
@@ -560,8 +560,8 @@ def test_group_advantages_on_a_hand_made_group():
 
 
 def test_the_policy_loss_counts_only_written_tokens_and_matches_a_hand_sum():
-    from hybridchat.multihop import Trajectory
-    from hybridchat.stages.refrag import grpo_loss, policy_batch, token_logprobs
+    from hybridchat.rag.multihop import Trajectory
+    from hybridchat.training.stages.refrag import grpo_loss, policy_batch, token_logprobs
 
     tok = tokenizer()
     model = tiny_lm(tok.vocab_size)
@@ -600,8 +600,8 @@ def test_two_hop_evaluation_asks_two_hop_questions_about_made_up_people_too():
 def test_the_warm_start_settles_before_grpo_runs_at_its_own_constant_rate():
     from types import SimpleNamespace
 
-    from hybridchat.config import RefragConfig
-    from hybridchat.stages.refrag import RefragStage
+    from hybridchat.infra.config import RefragConfig
+    from hybridchat.training.stages.refrag import RefragStage
 
     c = RefragConfig(num_steps=10, rl_steps=4, warmup_steps=2, warmdown_ratio=0.5, final_lr_frac=0.1, rl_lr_frac=0.2)
     rates = [RefragStage.lr_multiplier(SimpleNamespace(config=c), step) for step in range(10)]

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hybridchat.config import DataConfig
+from hybridchat.infra.config import DataConfig
 from hybridchat.data.sources import files_source
-from hybridchat.errors import UserError
-from hybridchat.fsutil import atomic_directory, atomic_write_text
+from hybridchat.core.errors import UserError
+from hybridchat.core.fsutil import atomic_directory, atomic_write_text
 
-try:  # Document moved from hybridchat.retrieval.documents to hybridchat.documents
-    from hybridchat.documents import Document
+try:  # Document moved from hybridchat.retrieval.documents to hybridchat.core.documents
+    from hybridchat.core.documents import Document
 except ImportError:  # pragma: no cover
     from hybridchat.retrieval.documents import Document
 
@@ -222,8 +222,8 @@ def test_atomic_directory_and_file_modes_follow_the_umask(tmp_path, umask, mask)
 def test_checkpoint_and_knowledge_base_folders_are_group_readable_with_umask_002(tmp_path, umask):
     import torch
 
-    from hybridchat import checkpoint
-    from hybridchat.config import ModelConfig
+    from hybridchat.infra import checkpoint
+    from hybridchat.infra.config import ModelConfig
     from hybridchat.model.lm import HybridLM
     from hybridchat.retrieval.config import RetrieverConfig
     from hybridchat.retrieval.knowledge_base import KnowledgeBase

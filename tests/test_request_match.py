@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from hybridchat import checkpoint
+from hybridchat.infra import checkpoint
 from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 from hybridchat.model.request_match import REQUEST_ENDS, REQUEST_STARTS, request_markers_fit, request_match
 from tests.conftest import random_model
 

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from hybridchat.documents import Document
-from hybridchat.errors import UserError
+from hybridchat.core.documents import Document
+from hybridchat.core.errors import UserError
 from hybridchat.retrieval import knowledge_base as kb_module
 from hybridchat.retrieval.base import MISSING
 from hybridchat.retrieval.config import Bm25Config, ChunkingConfig, DenseConfig, FusionConfig, RetrieverConfig
@@ -230,7 +230,7 @@ def test_chunking_by_model_tokens_and_eval_counts_parents_once(tmp_path, encoder
 
 
 def test_default_knowledge_base_is_the_run_world(tmp_path):
-    from hybridchat.context import world_collection
+    from hybridchat.infra.context import world_collection
     from hybridchat.data.world import World, WorldConfig
     from hybridchat.retrieval.factory import build_retriever
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from hybridchat.config import ModelConfig
-from hybridchat.errors import UserError
+from hybridchat.infra.config import ModelConfig
+from hybridchat.core.errors import UserError
 from hybridchat.model.cache import InferenceCache
 from hybridchat.model.lm import HybridLM
 from hybridchat.model.mamba import Mamba2
@@ -29,8 +29,8 @@ from hybridchat.retrieval.base import MISSING, RankedRetriever
 from hybridchat.retrieval.config import DenseConfig, FusionConfig, RetrieverConfig
 from hybridchat.retrieval.fusion import HybridRetriever
 
-try:  # Document moved from hybridchat.retrieval.documents to hybridchat.documents
-    from hybridchat.documents import Document
+try:  # Document moved from hybridchat.retrieval.documents to hybridchat.core.documents
+    from hybridchat.core.documents import Document
 except ImportError:  # pragma: no cover
     from hybridchat.retrieval.documents import Document
 
@@ -318,8 +318,8 @@ def test_hybrid_config_weights_and_depth_reach_the_fusion(tmp_path, monkeypatch)
 # ---- Tracker(None): an inactive tracker writes nothing, anywhere --------------------------------
 
 def test_inactive_tracker_writes_nothing_anywhere(tmp_path, monkeypatch):
-    from hybridchat.config import LoggerConfig
-    from hybridchat.tracking import Tracker
+    from hybridchat.infra.config import LoggerConfig
+    from hybridchat.infra.tracking import Tracker
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -388,7 +388,7 @@ def test_hybrid_defaults_are_rrf_k60_depth50():
 
 
 def test_hybrid_configuration_errors_name_the_key_and_the_allowed_values():
-    from hybridchat.errors import UserError as Error
+    from hybridchat.core.errors import UserError as Error
 
     a = FixedRanking(DOCS20, [0])
     with pytest.raises(Error) as e:
@@ -473,7 +473,7 @@ CKPT_MODEL = ModelConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_patt
 @pytest.fixture(scope="module")
 def step_folder(tmp_path_factory):
     """One saved step folder of a tiny AM model (with its config and tokenizer) and an AdamW state."""
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
     from hybridchat.data.tokenizer import Tokenizer
 
     torch.manual_seed(0)
@@ -507,7 +507,7 @@ def test_load_model_refuses_an_incomplete_or_foreign_step_folder_in_one_line(ste
     """load_model needs the model config and tokenizer.json beside the weights, a config of known
     keys, and the weights of the tokenizer saved with them; each lack is one UserError saying which
     (mutants: `meta.get("config", None)`, `or` -> `and`, messages dropped, fingerprint not checked)."""
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     def no_config(meta):
         del meta["config"]
@@ -531,7 +531,7 @@ def test_load_model_refuses_an_incomplete_or_foreign_step_folder_in_one_line(ste
 
 def test_load_model_puts_the_model_on_the_asked_device_and_ssm_backend(step_folder):
     """device and ssm_backend reach the model (mutants: model.to(None), the backend argument dropped)."""
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     model, _, _ = checkpoint.load_model(step_folder, device="meta", ssm_backend="auto")
     assert {p.device.type for p in model.parameters()} == {"meta"}
@@ -541,7 +541,7 @@ def test_load_model_puts_the_model_on_the_asked_device_and_ssm_backend(step_fold
 def test_optimizer_state_for_another_list_of_optimizers_is_refused(step_folder):
     """The step folder holds one AdamW: loading it into two AdamWs (same types where they pair up) or
     into an SGD is one UserError naming both lists (mutants: `or` -> `and`, the message dropped)."""
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     model = HybridLM(CKPT_MODEL, vocab_size=300)
     params = list(model.parameters())
@@ -555,7 +555,7 @@ def test_optimizer_state_for_another_list_of_optimizers_is_refused(step_folder):
 
 def test_find_gives_the_latest_or_the_asked_step_or_says_what_to_run(tmp_path):
     """find() against folders made by hand: only step folders with meta.json count."""
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     stage = tmp_path / "run1" / "pretrain"
     for name in ("step_000002", "step_000010"):
@@ -582,7 +582,7 @@ def test_find_gives_the_latest_or_the_asked_step_or_says_what_to_run(tmp_path):
 def test_grad_accum_steps_is_batch_tokens_over_rows_times_length_times_ranks():
     """Hand values: 4 rows x 256 tokens x 3 ranks = 3072 tokens per pass; zero, negative or ragged
     totals are one UserError naming the keys and the product."""
-    from hybridchat.runtime import grad_accum_steps
+    from hybridchat.infra.runtime import grad_accum_steps
 
     assert grad_accum_steps(5 * 3072, 4, 256, 3) == 5
     assert grad_accum_steps(3072, 4, 256, 3) == 1
@@ -599,8 +599,8 @@ def test_optimizers_follow_the_recipe_muon_for_block_matrices_adamw_for_the_rest
     """Muon (momentum 0.95, lr scaled the "original" way, stage weight decay) takes the 2-D matrices
     inside blocks; AdamW (betas 0.8/0.95, eps 1e-10, no decay) takes embedding, head and the rest, each
     group at its stage lr, in that order; initial_lr is the lr the schedule multiplies."""
-    from hybridchat.config import StageConfig
-    from hybridchat.loop import build_optimizers
+    from hybridchat.infra.config import StageConfig
+    from hybridchat.training.loop import build_optimizers
 
     model = HybridLM(dataclasses.replace(CKPT_MODEL, norm_weights=True), vocab_size=50)
     s = StageConfig(matrix_lr=0.03, embedding_lr=0.2, unembedding_lr=0.007, scalar_lr=0.5, weight_decay=0.05)
@@ -625,8 +625,8 @@ def test_lr_schedule_edges_no_warmup_and_a_warmdown_of_under_one_step():
     """Hand values: without warmup the first step runs at the full lr; a warmdown_ratio that rounds
     to zero steps still ends at final_lr_frac only through max(1, ...): one step of warmdown, which
     is the step past the last (the schedule is 1.0 on every step that runs)."""
-    from hybridchat.config import StageConfig
-    from hybridchat.stages import lr_multiplier
+    from hybridchat.infra.config import StageConfig
+    from hybridchat.training.stages import lr_multiplier
 
     s = StageConfig(num_steps=10, warmup_steps=0, warmdown_ratio=0.04, final_lr_frac=0.1)
     assert [lr_multiplier(i, s) for i in range(10)] == [1.0] * 10
@@ -650,7 +650,7 @@ def test_optimizer_state_round_trip_keeps_groups_as_saved_and_number_state(step_
     with betas a tuple again (JSON made it a list), and per-parameter state that is a Python number
     (mutants: lists never turned back into tuples, `params` turned instead, the number state dropped
     or filed under another parameter, or lost where a parameter has no tensor state)."""
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
     from hybridchat.data.tokenizer import Tokenizer
 
     def groups(opt):
@@ -693,7 +693,7 @@ def test_checkpoint_loads_into_a_one_rank_fsdp_model_with_sharded_optimizer_stat
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     weights = load_file(str(step_folder / "model.safetensors"))
     moments = load_file(str(step_folder / "optimizer.safetensors"))
@@ -742,7 +742,7 @@ class StubTokenizer:
 
 
 def toy_stage_class():
-    from hybridchat.stages import Stage
+    from hybridchat.training.stages import Stage
 
     class ToyStage(Stage):
         """Fixed random batches; records what the loop asks of it."""
@@ -789,10 +789,10 @@ def toy_stage_class():
 def toy_run(tmp_path, *, on_step=None, resume=False, micro_batch=2, gpu=None, seed=0, source=None, setup=None,
             progress=False, **stage):
     """(stage, ctx, tracker, summary or the exception) of loop.train on the toy stage."""
-    from hybridchat import loop
-    from hybridchat.config import Config, GPUConfig, PathsConfig, StageConfig
-    from hybridchat.context import RunContext
-    from hybridchat.runtime import Runtime
+    from hybridchat.training import loop
+    from hybridchat.infra.config import Config, GPUConfig, PathsConfig, StageConfig
+    from hybridchat.infra.context import RunContext
+    from hybridchat.infra.runtime import Runtime
 
     stage_cfg = StageConfig(**{"num_steps": 4, "warmup_steps": 0, "eval_every": 2, "checkpoint_every": 2,
                                "keep_checkpoints": 10, **stage})
@@ -815,7 +815,7 @@ def toy_run(tmp_path, *, on_step=None, resume=False, micro_batch=2, gpu=None, se
 
 def test_at_path_takes_a_step_folder_or_the_latest_step_of_a_stage_folder(tmp_path):
     """checkpoint.at_path against folders made by hand: only step folders with meta.json count."""
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     stage = tmp_path / "pretrain"
     for name in ("step_000003", "step_000012"):
@@ -834,7 +834,7 @@ def test_unreadable_checkpoint_metadata_is_one_line_naming_the_error(tmp_path):
     """read_meta's UserError carries the error's type and its text on one line, cut at 200 characters;
     JSON that is not an object is refused as not a checkpoint's (mutants: the type of None named, the
     words joined by something else, the text of None, 201 characters, the dict check skipped)."""
-    from hybridchat.checkpoint import read_meta
+    from hybridchat.infra.checkpoint import read_meta
 
     bad_json = tmp_path / "bad"
     bad_json.mkdir()
@@ -862,7 +862,7 @@ def test_metadata_format_version_absent_means_0_and_newer_is_refused(tmp_path):
     """meta.json without format_version is a version-0 checkpoint and loads; a version that is not an
     integer (a string, a boolean) is not a checkpoint's; a newer version than this hybridchat reads is
     one UserError asking for an upgrade (mutants: another key or default read, `or` -> `and`)."""
-    from hybridchat.checkpoint import FORMAT_VERSION, read_meta
+    from hybridchat.infra.checkpoint import FORMAT_VERSION, read_meta
 
     (tmp_path / "meta.json").write_text('{"step": 3}')
     assert read_meta(tmp_path) == {"step": 3}
@@ -891,7 +891,7 @@ def test_loop_logs_loss_gradient_norm_and_throughput_of_the_whole_accumulated_st
     tokens / seconds / peak."""
     import types
 
-    from hybridchat import loop
+    from hybridchat.training import loop
 
     clock = iter(100 + i * 0.25 for i in range(1000))
     monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
@@ -951,7 +951,7 @@ def test_loop_resumes_at_the_latest_checkpoint_its_step_weights_and_data_positio
 
     _, _, straight, _ = toy_run(tmp_path / "a", num_steps=4, checkpoint_every=2, total_batch_tokens=32)
     shutil.rmtree(tmp_path / "a" / "toy" / "toy" / "step_000004")
-    with caplog.at_level(logging.INFO, logger="hybridchat.loop"):
+    with caplog.at_level(logging.INFO, logger="hybridchat.training.loop"):
         toy, _, tracker, summary = toy_run(tmp_path / "a", resume=True, seed=1, source=tmp_path / "src",
                                            num_steps=4, checkpoint_every=2, total_batch_tokens=32)
     assert isinstance(summary, dict), summary
@@ -960,11 +960,11 @@ def test_loop_resumes_at_the_latest_checkpoint_its_step_weights_and_data_positio
     assert tracker.values("val/loss")[0] == (2, dict(straight.values("val/loss"))[2])
     assert loop_messages(caplog, summary) == [f"resumed from {tmp_path / 'a' / 'toy' / 'toy' / 'step_000002'} at step 2"]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hybridchat.loop"):  # resume=false: the checkpoints are ignored
+    with caplog.at_level(logging.INFO, logger="hybridchat.training.loop"):  # resume=false: the checkpoints are ignored
         toy, _, _, summary = toy_run(tmp_path / "a", num_steps=1)
     assert toy.starts == [(0, 0, 1)] and summary["start_step"] == 0 and loop_messages(caplog, summary) == []
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hybridchat.loop"):
+    with caplog.at_level(logging.INFO, logger="hybridchat.training.loop"):
         toy, _, _, summary = toy_run(tmp_path / "b", resume=True, num_steps=1)
     assert toy.starts == [(0, 0, 1)] and summary["start_step"] == 0
     assert loop_messages(caplog, summary) == [f"resume=true but {tmp_path / 'b' / 'toy' / 'toy'} holds no "
@@ -974,7 +974,7 @@ def test_loop_resumes_at_the_latest_checkpoint_its_step_weights_and_data_positio
 def test_loop_initialises_from_the_source_checkpoint_when_not_resuming(tmp_path, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="hybridchat.loop"):
+    with caplog.at_level(logging.INFO, logger="hybridchat.training.loop"):
         toy, ctx, _, summary = toy_run(tmp_path, source=tmp_path / "src" / "step_000009", num_steps=1)
     assert isinstance(summary, dict), summary
     assert toy.initialised == [(ctx.model, tmp_path / "src" / "step_000009")]
@@ -984,7 +984,7 @@ def test_loop_initialises_from_the_source_checkpoint_when_not_resuming(tmp_path,
 def test_loop_applies_the_schedule_to_every_optimizer_group(tmp_path, monkeypatch):
     """Hand values: 4 steps, 2 of warmup, round(0.5 x 4) = 2 of warmdown to 0.2: each group's lr is
     its initial lr times 0.5, 1, 1, 0.6 during the steps."""
-    from hybridchat import loop
+    from hybridchat.training import loop
 
     built, seen = [], []
     build = loop.build_optimizers
@@ -1029,13 +1029,13 @@ def test_loop_saves_once_and_stops_at_the_step_a_stop_signal_arrives(tmp_path, c
     import os
     import signal
 
-    from hybridchat.preemption import Preempted
+    from hybridchat.infra.preemption import Preempted
 
     def signal_at_step_2(toy, model):
         if toy.steps == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
 
-    with caplog.at_level(logging.WARNING, logger="hybridchat.loop"):
+    with caplog.at_level(logging.WARNING, logger="hybridchat.training.loop"):
         toy, _, tracker, error = toy_run(tmp_path, on_step=signal_at_step_2, num_steps=6, checkpoint_every=2)
     assert isinstance(error, Preempted) and (error.signum, error.step) == (signal.SIGUSR1, 2)
     assert caplog.messages == [f"stopped by SIGUSR1 after step 2: saved {tmp_path / 'toy' / 'toy' / 'step_000002'}; "
@@ -1050,8 +1050,8 @@ def test_loop_runs_under_the_chosen_attention_backend(tmp_path, monkeypatch):
 
     from torch.nn.attention import SDPBackend
 
-    from hybridchat import loop
-    from hybridchat.config import AttentionBackend
+    from hybridchat.training import loop
+    from hybridchat.infra.config import AttentionBackend
 
     entered = []
 
@@ -1083,7 +1083,7 @@ def small_lm(pattern="AM", seed=0):
 def test_sampling_follows_softmax_of_logits_over_temperature():
     """Frequencies of 20000 draws (one row each) against softmax(logits / T) computed by hand:
     T = 0.5 squares the probabilities, T = 2 takes their square root (mutant: logits * T)."""
-    from hybridchat.engine import sample
+    from hybridchat.model.engine import sample
 
     p = [0.5, 0.3, 0.15, 0.05]
     logits = torch.log(torch.tensor([p])).expand(20000, -1)
@@ -1098,7 +1098,7 @@ def test_sampling_follows_softmax_of_logits_over_temperature():
 def test_top_p_keeps_the_tokens_before_the_mass_is_reached():
     """Probabilities 1/2, 1/4, 1/8, 1/8 (exact in binary): top_p = 0.75 keeps the first two (the
     first two already reach 0.75, so the third is dropped: >=, not >); top_p = 1 keeps all four."""
-    from hybridchat.engine import sample
+    from hybridchat.model.engine import sample
 
     logits = torch.log(torch.tensor([[0.125, 0.5, 0.125, 0.25]])).expand(4000, -1)
     gen = torch.Generator().manual_seed(0)
@@ -1108,7 +1108,7 @@ def test_top_p_keeps_the_tokens_before_the_mass_is_reached():
 
 
 def test_generation_result_counts_and_rate():
-    from hybridchat.engine import GenerationResult
+    from hybridchat.model.engine import GenerationResult
 
     assert GenerationResult([[1]], ["stop"], generated_tokens=12, decode_seconds=4.0).tokens_per_second == 3.0
     assert GenerationResult([[1]], ["stop"], generated_tokens=12).tokens_per_second == 0.0
@@ -1118,7 +1118,7 @@ def test_prompts_are_grouped_by_length_spread_and_batch_size():
     """Hand grouping of lengths [5, 1, 2, 9, 3, 4] with spread 2 and at most 2 per batch: in length
     order, a prompt opens a new group when it is more than 2 longer than the group's first or the
     group is full."""
-    from hybridchat.engine import Engine
+    from hybridchat.model.engine import Engine
 
     engine = Engine(None, max_length_spread=2, max_batch_size=2)
     assert engine._groups([5, 1, 2, 9, 3, 4]) == [[1, 2], [4, 5], [0], [3]]
@@ -1132,8 +1132,8 @@ def test_engine_reports_prompt_tokens_cache_size_and_times_and_restores_training
     decode once per group); the model's training flag is put back."""
     import types
 
-    from hybridchat import engine as engine_module
-    from hybridchat.engine import Engine
+    from hybridchat.model import engine as engine_module
+    from hybridchat.model.engine import Engine
 
     ticks = iter(range(1000))
     monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
@@ -1149,7 +1149,7 @@ def test_engine_reports_prompt_tokens_cache_size_and_times_and_restores_training
 
 
 def test_generation_without_a_seed_differs_between_calls_and_with_one_repeats():
-    from hybridchat.engine import Engine
+    from hybridchat.model.engine import Engine
 
     model = small_lm()
     engine = Engine(model)
@@ -1161,7 +1161,7 @@ def test_generation_without_a_seed_differs_between_calls_and_with_one_repeats():
 def test_no_prompts_is_an_error_and_a_full_cache_ends_a_row_with_length():
     """A hook that injects more tokens than extra_len left room for: the row stops when the attention
     cache is full, finish reason "length", having sampled fewer than max_new_tokens."""
-    from hybridchat.engine import Engine
+    from hybridchat.model.engine import Engine
 
     with pytest.raises(ValueError, match="at least one token"):
         Engine(small_lm()).generate([], 3)
@@ -1173,7 +1173,7 @@ def test_no_prompts_is_an_error_and_a_full_cache_ends_a_row_with_length():
 
 
 def test_generation_under_autocast_keeps_the_cache_in_the_autocast_dtype():
-    from hybridchat.engine import Engine
+    from hybridchat.model.engine import Engine
 
     model = small_lm().float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -1187,7 +1187,7 @@ def test_weights_file_with_missing_or_extra_tensors_is_refused_naming_them(step_
     named)."""
     from safetensors.torch import load_file, save_file
 
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     weights = load_file(str(step_folder / "model.safetensors"))
     lacking = edited_copy(step_folder, tmp_path / "lacking")
@@ -1208,7 +1208,7 @@ def test_weights_file_with_missing_or_extra_tensors_is_refused_naming_them(step_
 def test_architecture_mismatch_lists_every_difference_and_no_architecture_fits_nothing(step_folder, tmp_path):
     """Each differing setting is named with both values, joined by '; '; a meta.json without any
     architecture matches no model (mutants: the join string, `meta.get("architecture", None)`)."""
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     other = HybridLM(dataclasses.replace(CKPT_MODEL, mlp_ratio=2, qk_norm=False), vocab_size=300)
     with pytest.raises(UserError) as e:
@@ -1227,7 +1227,7 @@ def test_architecture_mismatch_lists_every_difference_and_no_architecture_fits_n
 
 
 def tiny_save(directory, step, keep, meta=None):
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     model = HybridLM(dataclasses.replace(TOY_MODEL, block_pattern="A"), vocab_size=TOY_VOCAB)
     return checkpoint.save(directory, step, model, [], meta or {}, keep=keep, tokenizer=StubTokenizer())
@@ -1237,7 +1237,7 @@ def test_save_prunes_only_with_a_positive_keep_and_skips_what_it_cannot_delete(t
     """keep <= 0 keeps every checkpoint; keep = 1 removes the older ones, and one it cannot remove (a
     symlinked step folder: rmtree refuses links) is left without failing the save (mutants: the keep
     test dropped, rmtree errors raised)."""
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     for step, keep in ((1, 0), (2, -1), (3, 0)):
         tiny_save(tmp_path / "all", step, keep)
@@ -1256,7 +1256,7 @@ def test_meta_json_writes_values_json_cannot_hold_as_strings(tmp_path):
     import datetime
     from pathlib import Path
 
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     when = datetime.date(2026, 11, 28)
     path = tiny_save(tmp_path, 1, 1, {"source": Path("/runs/a/step_000003"), "when": when})
@@ -1268,7 +1268,7 @@ def test_meta_json_writes_values_json_cannot_hold_as_strings(tmp_path):
 def test_architecture_names_a_mixers_settings_only_where_the_pattern_has_it(step_folder):
     """Hand lists of the keys; and a Mamba setting that differs (d_state) is refused by name before any
     tensor is copied (mutants: the Mamba keys left out, or listed only for models without Mamba)."""
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     common = ["block_pattern", "vocab_size", "n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights",
               "norm_eps", "embed_norm", "tie_embeddings", "pointer", "request_match"]
@@ -1297,7 +1297,7 @@ def test_loop_saves_milestones_off_the_checkpoint_grid_and_never_prunes_them(tmp
 
 
 def test_save_never_prunes_protected_steps(tmp_path):
-    from hybridchat import checkpoint
+    from hybridchat.infra import checkpoint
 
     for step in range(1, 6):
         checkpoint_path = tiny_save(tmp_path, step, 2)

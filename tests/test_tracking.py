@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hybridchat.config import Config, LoggerConfig, ModelConfig
-from hybridchat.tracking import Tracker, run_tags
+from hybridchat.infra.config import Config, LoggerConfig, ModelConfig
+from hybridchat.infra.tracking import Tracker, run_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 

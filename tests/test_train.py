@@ -13,17 +13,17 @@ import pytest
 import torch
 from conftest import compose_config, train_steps
 
-from hybridchat import checkpoint
-from hybridchat.config import ModelConfig, StageConfig
-from hybridchat.context import RunContext
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import ModelConfig, StageConfig
+from hybridchat.infra.context import RunContext
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.errors import UserError
-from hybridchat.loop import build_optimizers
+from hybridchat.core.errors import UserError
+from hybridchat.training.loop import build_optimizers
 from hybridchat.model.blocks import PATTERN_PRESETS
 from hybridchat.model.lm import HybridLM
-from hybridchat.runtime import Runtime, grad_accum_steps
-from hybridchat.stages import lr_multiplier
-from hybridchat.stages.pretrain import PretrainStage
+from hybridchat.infra.runtime import Runtime, grad_accum_steps
+from hybridchat.training.stages import lr_multiplier
+from hybridchat.training.stages.pretrain import PretrainStage
 from hybridchat.train import run, typed_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,7 +310,7 @@ def test_bits_per_byte_is_nats_over_ln2_per_utf8_byte(smoke_run):
 
     import torch.nn.functional as F
 
-    from hybridchat.stages import evaluate_bpb
+    from hybridchat.training.stages import evaluate_bpb
 
     out, _, _ = smoke_run
     model, tok, _ = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain"))

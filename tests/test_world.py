@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from hybridchat.data.world import PHRASINGS, Question, World, WorldConfig
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

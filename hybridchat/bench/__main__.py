@@ -1,7 +1,7 @@
 import importlib
 import sys
 
-from hybridchat.errors import run_or_exit
+from hybridchat.core.errors import run_or_exit
 
 BENCHMARKS = {
     "train": "training step tokens/s and peak memory of the tiny models vs sequence length",

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from hybridchat import checkpoint
+from hybridchat.infra import checkpoint
 from hybridchat.bench import report
 from hybridchat.model.lm import HybridLM
 
@@ -37,7 +37,7 @@ def _model_config(preset: str, pattern: str, n_layer: int):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from hybridchat import config as schema
+    from hybridchat.infra import config as schema
 
     schema.register()
     GlobalHydra.instance().clear()

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from hybridchat import checkpoint
+from hybridchat.infra import checkpoint
 from hybridchat.bench import report
 from hybridchat.data.sources import TEXT_SUFFIXES, read_texts
-from hybridchat.errors import UserError
-from hybridchat.runtime import Runtime
-from hybridchat.stages import bits_per_byte
+from hybridchat.core.errors import UserError
+from hybridchat.infra.runtime import Runtime
+from hybridchat.training.stages import bits_per_byte
 
 HELDOUT_PROSE = Path(__file__).resolve().parents[2] / "data" / "heldout_prose" / "documents.jsonl"
 

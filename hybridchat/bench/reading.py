@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import random
 
-from hybridchat import checkpoint
+from hybridchat.infra import checkpoint
 from hybridchat.bench import report
 from hybridchat.data.world import World, WorldConfig
-from hybridchat.documents import Document
-from hybridchat.engine import Engine
-from hybridchat.metrics import bootstrap_ci, exact_match
+from hybridchat.core.documents import Document
+from hybridchat.model.engine import Engine
+from hybridchat.core.metrics import bootstrap_ci, exact_match
 
 
 def namesakes(gold: Document, people: list[Document], k: int, rng: random.Random) -> list[Document]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from hybridchat.fsutil import atomic_write_bytes, atomic_write_json
+from hybridchat.core.fsutil import atomic_write_bytes, atomic_write_json
 
 
 def machine() -> dict[str, Any]:

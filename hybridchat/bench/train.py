@@ -26,7 +26,7 @@ def _compose_model(model: str, gpu: str, length: int):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from hybridchat import config as schema
+    from hybridchat.infra import config as schema
 
     schema.register()
     conf_dir = Path(__file__).resolve().parents[2] / "conf"
@@ -37,8 +37,8 @@ def _compose_model(model: str, gpu: str, length: int):
 
 
 def _measure(model_name: str, gpu_name: str, length: int, batch_tokens: int, vocab: int, steps: int, queue) -> None:
-    from hybridchat import runtime
-    from hybridchat.loop import build_optimizers
+    from hybridchat.infra import runtime
+    from hybridchat.training.loop import build_optimizers
     from hybridchat.model.lm import HybridLM
 
     try:

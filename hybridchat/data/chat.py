@@ -48,7 +48,7 @@ import torch
 
 from hybridchat.data.loader import Batch
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.documents import Document
+from hybridchat.core.documents import Document
 
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 = learn to write this token)
 Ids = tuple[int, ...]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 EXAMPLE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'

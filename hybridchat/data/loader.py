@@ -15,7 +15,7 @@ import torch
 
 from hybridchat.data.sources import Source
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 
 Batch = dict[str, torch.Tensor]
 

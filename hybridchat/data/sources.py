@@ -12,9 +12,9 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from hybridchat.config import DataConfig, PathsConfig
-from hybridchat.errors import UserError
-from hybridchat.fsutil import atomic_write_bytes
+from hybridchat.infra.config import DataConfig, PathsConfig
+from hybridchat.core.errors import UserError
+from hybridchat.core.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
     from hybridchat.data.world import World

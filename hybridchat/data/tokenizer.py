@@ -15,8 +15,8 @@ import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from hybridchat.errors import UserError
-from hybridchat.fsutil import atomic_write_text
+from hybridchat.core.errors import UserError
+from hybridchat.core.fsutil import atomic_write_text
 
 SPECIAL_TOKENS = [
     "<|bos|>",

@@ -17,8 +17,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from hybridchat.documents import Document
-from hybridchat.errors import UserError
+from hybridchat.core.documents import Document
+from hybridchat.core.errors import UserError
 
 SOURCE = "synthetic-world"
 PHRASINGS = 7  # phrasings per sentence slot; renderings of one entity never share one

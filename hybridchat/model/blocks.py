@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridchat.config import ModelConfig
-from hybridchat.errors import UserError
+from hybridchat.infra.config import ModelConfig
+from hybridchat.core.errors import UserError
 from hybridchat.model.attention import CausalSelfAttention
 from hybridchat.model.mamba import Mamba2
 

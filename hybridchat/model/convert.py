@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from hybridchat.checkpoint import architecture
-from hybridchat.errors import UserError
+from hybridchat.infra.checkpoint import architecture
+from hybridchat.core.errors import UserError
 from hybridchat.model.attention import CausalSelfAttention
 from hybridchat.model.lm import HybridLM
 from hybridchat.model.mamba import Mamba2

@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hybridchat.config import ModelConfig
-from hybridchat.errors import UserError
+from hybridchat.infra.config import ModelConfig
+from hybridchat.core.errors import UserError
 from hybridchat.model.attention import rotary_cos_sin
 from hybridchat.model.blocks import MLP_KINDS, Block, expand_pattern, rms_norm
 from hybridchat.model.cache import InferenceCache
@@ -59,7 +59,7 @@ class HybridLM(nn.Module):
         self.use_rope = cfg.attn_rope and "A" in self.pattern
         # Recompute each block's activations in backward instead of storing them (less memory, about
         # one more forward of compute). A training choice (gpu.activation_checkpointing), set by
-        # hybridchat.parallel.prepare, not part of the architecture.
+        # hybridchat.infra.parallel.prepare, not part of the architecture.
         self.activation_checkpointing = False
 
     def init_weights(self) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 from hybridchat.model.cache import SSMState
 
 BACKENDS = ("auto", "torch", "cuda")

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from hybridchat.documents import Document
+from hybridchat.core.documents import Document
 
 MISSING = -1  # an empty result slot, as FAISS reports it
 

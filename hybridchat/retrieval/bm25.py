@@ -18,7 +18,7 @@ import bm25s
 import numpy as np
 import scipy.sparse as sp
 
-from hybridchat.documents import Document
+from hybridchat.core.documents import Document
 from hybridchat.retrieval.base import RankedRetriever, top_k_positive, top_k_sparse
 from hybridchat.retrieval.text import analyze, document_text
 

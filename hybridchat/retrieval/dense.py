@@ -17,8 +17,8 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from hybridchat.documents import Document
-from hybridchat.errors import UserError
+from hybridchat.core.documents import Document
+from hybridchat.core.errors import UserError
 from hybridchat.retrieval.base import RankedRetriever
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 from hybridchat.retrieval.base import Retriever
 
 KS = (1, 3, 10)

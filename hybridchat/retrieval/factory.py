@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from hybridchat.documents import Document
+from hybridchat.core.documents import Document
 from hybridchat.retrieval.base import RankedRetriever
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.retrieval.knowledge_base import KnowledgeBase, needed_indexes
 
 # (name, documents): the collection a run searches when retriever.kb_dir is not set. The caller
-# (hybridchat.context) supplies the synthetic world's; retrieval never imports the data package.
+# (hybridchat.infra.context) supplies the synthetic world's; retrieval never imports the data package.
 DefaultCollection = tuple[str, Callable[[], Sequence[Document]]]
 
 

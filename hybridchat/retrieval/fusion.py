@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 from hybridchat.retrieval.base import MISSING, RankedRetriever
 
 METHODS = ("rrf", "weighted")

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from hybridchat.documents import Document
-from hybridchat.errors import UserError
+from hybridchat.core.documents import Document
+from hybridchat.core.errors import UserError
 from hybridchat.retrieval.config import ChunkingConfig
 
 TEXT_SUFFIXES = (".txt", ".md")

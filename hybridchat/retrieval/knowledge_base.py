@@ -30,9 +30,9 @@ from typing import Iterator, Sequence
 import faiss
 import numpy as np
 
-from hybridchat.documents import Document
-from hybridchat.errors import UserError
-from hybridchat.fsutil import atomic_directory
+from hybridchat.core.documents import Document
+from hybridchat.core.errors import UserError
+from hybridchat.core.fsutil import atomic_directory
 from hybridchat.retrieval.base import RankedRetriever
 from hybridchat.retrieval.bm25 import Bm25sRetriever, RankBm25Retriever, build_bm25
 from hybridchat.retrieval.config import KINDS, ChunkingConfig, RetrieverConfig

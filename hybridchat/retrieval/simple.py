@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from hybridchat.documents import Document
+from hybridchat.core.documents import Document
 from hybridchat.retrieval.base import RankedRetriever, top_k_sparse
 from hybridchat.retrieval.text import analyze
 

@@ -1,5 +1,5 @@
 """REFRAG (recursive RAG): the model writes follow-up queries, the engine retrieves for them, the
-model answers citing across every document shown, or abstains (hybridchat/multihop.py). From `rag`.
+model answers citing across every document shown, or abstains (hybridchat/rag/multihop.py). From `rag`.
 
 Warm start (the first num_steps - rl_steps steps): 2-hop traces from the training split,
 
@@ -32,14 +32,14 @@ from typing import Sequence
 
 import torch
 
-from hybridchat import parallel
-from hybridchat.answer import Answer, format_reply, parse_reply, score
+from hybridchat.infra import parallel
+from hybridchat.rag.answer import Answer, format_reply, parse_reply, score
 from hybridchat.data.chat import collate, example_batches
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 from hybridchat.model.lm import HybridLM
-from hybridchat.multihop import Hop, ModelQueries, MultiHop, QueryGenerator, Search, Trajectory
-from hybridchat.stages import evaluate_bpb, lr_multiplier
-from hybridchat.stages.rag import RagQuestion, RagStage, means, read_rag_questions
+from hybridchat.rag.multihop import Hop, ModelQueries, MultiHop, QueryGenerator, Search, Trajectory
+from hybridchat.training.stages import evaluate_bpb, lr_multiplier
+from hybridchat.training.stages.rag import RagQuestion, RagStage, means, read_rag_questions
 
 REWARD_TERMS = ("em", "f1", "gold", "format", "hops")
 

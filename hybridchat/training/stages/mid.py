@@ -8,12 +8,12 @@ from __future__ import annotations
 import random
 from functools import cached_property
 
-from hybridchat.answer import Answerer
+from hybridchat.rag.answer import Answerer
 from hybridchat.data.chat import ChatRenderer, collate, example_batches
 from hybridchat.data.conversations import read_conversations
-from hybridchat.errors import UserError
-from hybridchat.metrics import exact_match
-from hybridchat.stages import Stage
+from hybridchat.core.errors import UserError
+from hybridchat.core.metrics import exact_match
+from hybridchat.training.stages import Stage
 
 # Who the assistant is, in a few exchanges: each is repeated so it is not drowned by the world's chats.
 SMALL_TALK = (

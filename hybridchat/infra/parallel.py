@@ -22,9 +22,9 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from hybridchat.config import Config, Strategy
+from hybridchat.infra.config import Config, Strategy
 from hybridchat.model.mamba import cuda_kernels_available
-from hybridchat.runtime import Runtime
+from hybridchat.infra.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

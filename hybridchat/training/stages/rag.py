@@ -19,11 +19,11 @@ from functools import cached_property
 
 import torch.distributed as dist
 
-from hybridchat.answer import Answerer, fit_prompt, format_reply, parse_reply, score
+from hybridchat.rag.answer import Answerer, fit_prompt, format_reply, parse_reply, score
 from hybridchat.data.chat import ChatRenderer, collate, example_batches
-from hybridchat.documents import Document
-from hybridchat.errors import UserError
-from hybridchat.stages import Stage
+from hybridchat.core.documents import Document
+from hybridchat.core.errors import UserError
+from hybridchat.training.stages import Stage
 
 
 @dataclass(frozen=True)

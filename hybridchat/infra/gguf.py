@@ -23,10 +23,10 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from hybridchat import checkpoint
-from hybridchat.config import ModelConfig
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import ModelConfig
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 from hybridchat.model.lm import HybridLM
 
 # Tensor types gguf.quants can both write and read back, so tests/test_gguf.py covers each one.

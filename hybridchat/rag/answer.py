@@ -18,9 +18,9 @@ from typing import Sequence
 import torch
 
 from hybridchat.data.chat import ChatRenderer
-from hybridchat.documents import Document
-from hybridchat.engine import Engine, TokenCallback
-from hybridchat.metrics import exact_match, normalize_answer, token_f1
+from hybridchat.core.documents import Document
+from hybridchat.model.engine import Engine, TokenCallback
+from hybridchat.core.metrics import exact_match, normalize_answer, token_f1
 
 ABSTAIN = "The documents do not say."
 LOGITS_BUDGET = 2**30  # bytes of full-vocabulary logits per forward when scoring the abstention

@@ -8,8 +8,8 @@ from itertools import islice
 import torch
 
 from hybridchat.data.loader import token_batches
-from hybridchat.engine import Engine
-from hybridchat.stages import Stage
+from hybridchat.model.engine import Engine
+from hybridchat.training.stages import Stage
 
 
 class PretrainStage(Stage):

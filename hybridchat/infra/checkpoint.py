@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hybridchat import parallel
-from hybridchat.errors import UserError
-from hybridchat.fsutil import atomic_directory
+from hybridchat.infra import parallel
+from hybridchat.core.errors import UserError
+from hybridchat.core.fsutil import atomic_directory
 
 FORMAT_VERSION = 1
 
@@ -228,7 +228,7 @@ def source(checkpoints: str | Path, run_name: str, name: str) -> Path:
 def load_model(path: str | Path, device: str | torch.device = "cpu", ssm_backend: str = "torch"):
     """(model, tokenizer, meta) from a step folder alone: the model config comes from meta.json,
     the tokenizer from the tokenizer.json saved beside the weights."""
-    from hybridchat.config import ModelConfig
+    from hybridchat.infra.config import ModelConfig
     from hybridchat.data.tokenizer import Tokenizer
     from hybridchat.model.lm import HybridLM
 

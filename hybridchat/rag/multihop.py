@@ -13,7 +13,7 @@ Three pluggable pieces:
   the newest documents that the question does not mention, so the retriever can rank the bridge
   entity's document; it knows nothing of the synthetic world's templates.
 - `Search`: the retriever call (any retriever's `search`, with optional metadata filters).
-- the reward (hybridchat/stages/refrag.py) reads the `Trajectory` this module returns.
+- the reward (hybridchat/training/stages/refrag.py) reads the `Trajectory` this module returns.
 
 A hop is one retrieval: the question's own is hop 1, so `max_hops=2` allows one follow-up query. A
 query past max_hops, an empty one, a malformed one (its end marker without a start) or one whose
@@ -32,9 +32,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from hybridchat.answer import ABSTAIN, Answer, Answerer, fit_prompt, parse_reply
-from hybridchat.documents import Document
-from hybridchat.engine import Engine
+from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, fit_prompt, parse_reply
+from hybridchat.core.documents import Document
+from hybridchat.model.engine import Engine
 
 # Capitalised word runs ("Kor Industries", "Vellport"): a generic notion of a name in English text.
 _NAME = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|van\s+)?[A-Z][\w'-]*)*")

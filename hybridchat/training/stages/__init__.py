@@ -29,12 +29,12 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from hybridchat import checkpoint
-from hybridchat.config import StageConfig
-from hybridchat.context import RunContext
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import StageConfig
+from hybridchat.infra.context import RunContext
 from hybridchat.data.loader import Batch
-from hybridchat.errors import UserError
-from hybridchat.runtime import Runtime
+from hybridchat.core.errors import UserError
+from hybridchat.infra.runtime import Runtime
 
 
 class Stage:
@@ -125,11 +125,11 @@ def bits_per_byte(model, batches: list[Batch], token_bytes: torch.Tensor, rt: Ru
 
 
 def build_stage(ctx: RunContext) -> Stage:
-    from hybridchat.stages.distill import DistillStage
-    from hybridchat.stages.mid import MidStage
-    from hybridchat.stages.pretrain import PretrainStage
-    from hybridchat.stages.rag import RagStage
-    from hybridchat.stages.refrag import RefragStage
+    from hybridchat.training.stages.distill import DistillStage
+    from hybridchat.training.stages.mid import MidStage
+    from hybridchat.training.stages.pretrain import PretrainStage
+    from hybridchat.training.stages.rag import RagStage
+    from hybridchat.training.stages.refrag import RefragStage
 
     stages = {s.name: s for s in (PretrainStage, MidStage, RagStage, RefragStage, DistillStage)}
     name = ctx.config.stage.name

@@ -2,7 +2,7 @@
 
 The stage supplies batches, the loss on a batch (training_step) and its evaluation; this loop owns
 the optimizers, LR schedule, gradient accumulation, mixed precision, when to evaluate, checkpoints
-and metrics; hybridchat.parallel lays the model out on the ranks (DDP or FSDP).
+and metrics; hybridchat.infra.parallel lays the model out on the ranks (DDP or FSDP).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from hybridchat import checkpoint, parallel, preemption
-from hybridchat.config import StageConfig
-from hybridchat.context import RunContext
-from hybridchat.errors import UserError
-from hybridchat.stages import Stage
-from hybridchat.tracking import Tracker
+from hybridchat.infra import checkpoint, parallel, preemption
+from hybridchat.infra.config import StageConfig
+from hybridchat.infra.context import RunContext
+from hybridchat.core.errors import UserError
+from hybridchat.training.stages import Stage
+from hybridchat.infra.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,15 @@ from typing import Any
 
 import torch.distributed as dist
 
-from hybridchat import checkpoint
-from hybridchat.config import Config
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import Config
 from hybridchat.data.sources import Source, build_source
 from hybridchat.data.tokenizer import Tokenizer, load_or_train
 from hybridchat.data.world import World, WorldConfig
-from hybridchat.errors import UserError
+from hybridchat.core.errors import UserError
 from hybridchat.retrieval.factory import DefaultCollection, open_knowledge_base
 from hybridchat.retrieval.knowledge_base import needed_indexes
-from hybridchat.runtime import Runtime, grad_accum_steps
+from hybridchat.infra.runtime import Runtime, grad_accum_steps
 
 PRETRAINED = "pretrained"  # stage.source naming the model's imported weights, and their stage folder
 
@@ -94,7 +94,7 @@ class RunContext:
         if not cfg.model.pretrained:
             raise UserError(f"stage.source={PRETRAINED} needs pretrained weights: model={cfg.model.name} has no "
                             f"model.pretrained (a GGUF file); choose e.g. model=smollm2_135m")
-        from hybridchat.gguf import import_checkpoint  # gguf and numpy only when importing
+        from hybridchat.infra.gguf import import_checkpoint  # gguf and numpy only when importing
 
         return import_checkpoint(pretrained_file(cfg.model.pretrained), directory)
 

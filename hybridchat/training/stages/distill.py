@@ -20,14 +20,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridchat import checkpoint
-from hybridchat.config import ConvertedOutput
-from hybridchat.errors import UserError
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import ConvertedOutput
+from hybridchat.core.errors import UserError
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.convert import convert
 from hybridchat.model.lm import HybridLM
-from hybridchat.stages import evaluate_bpb
-from hybridchat.stages.pretrain import PretrainStage
+from hybridchat.training.stages import evaluate_bpb
+from hybridchat.training.stages.pretrain import PretrainStage
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

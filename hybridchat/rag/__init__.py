@@ -1,0 +1,1 @@
+"""Answering from retrieved documents: prompts, reading a reply (citation, abstention), multi-hop search."""

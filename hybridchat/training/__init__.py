@@ -1,0 +1,1 @@
+"""The one training loop and the stages it runs (pretrain, mid, rag, refrag, distill)."""
