@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from hybridchat.infra import config as config_schema
 from hybridchat.infra import checkpoint, parallel, runtime
 from hybridchat.training import loop
-from hybridchat import plan
+from hybridchat.infra import planner
 from hybridchat.infra.config import Config
 from hybridchat.infra.context import RunContext
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
@@ -53,10 +53,10 @@ def run(cfg: DictConfig) -> float:
                            config.resume, config.overwrite)
     rt = runtime.setup(config.gpu, config.seed)
     try:
-        # An int is checked, `auto` becomes the largest micro-batch that fits (hybridchat.plan), once,
+        # An int is checked, `auto` becomes the largest micro-batch that fits (hybridchat.infra.planner), once,
         # before anything reads it; checkpoints record the value used.
-        config.gpu.micro_batch = resolved["gpu"]["micro_batch"] = plan.resolve_micro_batch(
-            config, rt.world_size, plan.device_memory(config.gpu, rt.device))
+        config.gpu.micro_batch = resolved["gpu"]["micro_batch"] = planner.resolve_micro_batch(
+            config, rt.world_size, planner.device_memory(config.gpu, rt.device))
         if rt.is_main:
             log.info("gpu.micro_batch=%d (%s)", config.gpu.micro_batch, cfg.gpu.micro_batch)
         ctx = RunContext(config, rt)

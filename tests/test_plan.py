@@ -12,6 +12,7 @@ from omegaconf import OmegaConf, open_dict
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from hybridchat import plan
+from hybridchat.infra import planner as planning
 from hybridchat.core.errors import UserError, run_or_exit
 from hybridchat.training.loop import build_optimizers
 from hybridchat.model.lm import HybridLM
@@ -39,7 +40,7 @@ def measured_peak(config, micro_batch: int) -> dict[str, int]:
     as from the second step on), counted by torch's MemTracker (the CPU's max_memory_allocated), by
     kind: Total, Parameter, Optstate, Activation, Temp, ..."""
     torch.manual_seed(0)
-    vocab = plan.vocab_size_of(config.model, config.data)
+    vocab = planning.vocab_size_of(config.model, config.data)
     model = HybridLM(config.model, vocab)
     model.init_weights()
     optimizers = build_optimizers(model, config.stage)
@@ -73,7 +74,7 @@ def one_thread():
 @pytest.mark.parametrize("model", ["hybrid_tiny", "transformer_tiny", "mamba_tiny"])
 def test_estimate_is_within_25_percent_of_measured_peak_on_cpu(model, one_thread):
     config, _ = typed_config(compose_config([f"model={model}"]))
-    estimate = plan.make_planner(config, 64 * GIB, ssm_kernels=False).memory(plan.Setup(1, "ddp", 2, False))
+    estimate = planning.make_planner(config, 64 * GIB, ssm_kernels=False).memory(planning.Setup(1, "ddp", 2, False))
     measured = measured_peak(config, micro_batch=2)
     for what, ours, theirs, tolerance in [
             ("total", estimate.tensors, measured["Total"], 0.25),
@@ -91,7 +92,7 @@ def test_micro_batch_must_be_a_positive_int_or_auto(value):
     config, _ = typed_config(compose_config([]))
     config.gpu.micro_batch = value
     with pytest.raises(UserError, match=r"gpu\.micro_batch=.* positive integer or auto"):
-        plan.resolve_micro_batch(config, 1, 8 * GIB)
+        planning.resolve_micro_batch(config, 1, 8 * GIB)
 
 
 def test_micro_batch_lots_is_one_error_line_from_the_planner_app(tmp_path, capsys):
@@ -105,38 +106,38 @@ def test_micro_batch_lots_is_one_error_line_from_the_planner_app(tmp_path, capsy
 
 def test_auto_is_the_largest_micro_batch_that_fits():
     config, _ = typed_config(compose_config(["gpu.micro_batch=auto"]))
-    planner = plan.make_planner(config, 0, ssm_kernels=False)
-    need = {m: planner.memory(plan.Setup(1, "ddp", m, False)).total for m in (4, 8)}
-    assert plan.resolve_micro_batch(config, 1, need[8]) == 8
-    assert plan.resolve_micro_batch(config, 1, need[8] - 1) == 4   # powers of two without total_batch_tokens
+    planner = planning.make_planner(config, 0, ssm_kernels=False)
+    need = {m: planner.memory(planning.Setup(1, "ddp", m, False)).total for m in (4, 8)}
+    assert planning.resolve_micro_batch(config, 1, need[8]) == 8
+    assert planning.resolve_micro_batch(config, 1, need[8] - 1) == 4   # powers of two without total_batch_tokens
     config.stage.total_batch_tokens = 6 * config.model.sequence_len
-    assert plan.resolve_micro_batch(config, 1, need[8]) == 6        # then the divisors of its rows per rank
-    assert plan.resolve_micro_batch(config, 2, need[8]) == 3
+    assert planning.resolve_micro_batch(config, 1, need[8]) == 6        # then the divisors of its rows per rank
+    assert planning.resolve_micro_batch(config, 2, need[8]) == 3
     config.gpu.micro_batch = 5
-    assert plan.resolve_micro_batch(config, 1, 1) == 5              # an int is the user's choice
+    assert planning.resolve_micro_batch(config, 1, 1) == 5              # an int is the user's choice
 
 
 def test_nothing_fits_names_the_memory_and_what_would_fit():
     config, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=rtx3070", "data=fineweb_edu"]))
     with pytest.raises(UserError) as e:
-        plan.resolve_micro_batch(config, 1, 8 * GIB, ssm_kernels=True)
+        planning.resolve_micro_batch(config, 1, 8 * GIB, ssm_kernels=True)
     message = str(e.value)
     assert message.startswith("gpu.micro_batch=auto: micro_batch=1 with 1 GPU needs")
     assert "but the device has 8.0 GiB" in message
     assert "fits: distributed.strategy=fsdp over 8 GPUs" in message
     assert "nothing fits on 1 GPU(s): use a smaller model" in message
-    planner = plan.make_planner(config, 80 * GIB, ssm_kernels=True)
-    setup = plan.Setup(1, "ddp", 64, False)
-    assert any("gpu.activation_checkpointing=true" in a for a in plan.advice(planner, setup))
+    planner = planning.make_planner(config, 80 * GIB, ssm_kernels=True)
+    setup = planning.Setup(1, "ddp", 64, False)
+    assert any("gpu.activation_checkpointing=true" in a for a in planning.advice(planner, setup))
 
 
 def test_memory_terms_shrink_as_they_should():
     config, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu"]))
-    planner = plan.make_planner(config, 80 * GIB, ssm_kernels=True)
-    one = planner.memory(plan.Setup(1, "ddp", 4, False))
-    ddp = planner.memory(plan.Setup(8, "ddp", 4, False))
-    fsdp = planner.memory(plan.Setup(8, "fsdp", 4, False))
-    ckpt = planner.memory(plan.Setup(1, "ddp", 4, True))
+    planner = planning.make_planner(config, 80 * GIB, ssm_kernels=True)
+    one = planner.memory(planning.Setup(1, "ddp", 4, False))
+    ddp = planner.memory(planning.Setup(8, "ddp", 4, False))
+    fsdp = planner.memory(planning.Setup(8, "fsdp", 4, False))
+    ckpt = planner.memory(planning.Setup(1, "ddp", 4, True))
     assert ddp.grads == 2 * one.grads                        # DDP's buckets
     assert fsdp.optimizer * 8 == pytest.approx(one.optimizer, rel=1e-6)
     assert fsdp.weights < one.weights / 2 and fsdp.grads < one.grads / 2
@@ -154,15 +155,15 @@ def test_every_gpu_preset_micro_batch_fits_the_d20_models(gpu):
     for them on the larger cards and say why not on the smaller ones."""
     for model in ("hybrid_d20", "transformer_d20", "mamba_d20"):
         config, _ = typed_config(compose_config([f"model={model}", f"gpu={gpu}", "data=fineweb_edu"]))
-        capacity = plan.gpu_capacity(config.gpu)
+        capacity = planning.gpu_capacity(config.gpu)
         if config.gpu.micro_batch != "auto":
-            planner = plan.make_planner(config, capacity, ssm_kernels=True)
-            assert planner.fits(plan.Setup(1, "ddp", config.gpu.micro_batch, False)), (gpu, model)
+            planner = planning.make_planner(config, capacity, ssm_kernels=True)
+            assert planner.fits(planning.Setup(1, "ddp", config.gpu.micro_batch, False)), (gpu, model)
         elif config.gpu.memory_gb >= 16:
-            assert plan.resolve_micro_batch(config, 1, capacity, ssm_kernels=True) >= 1
+            assert planning.resolve_micro_batch(config, 1, capacity, ssm_kernels=True) >= 1
         elif config.gpu.memory_gb <= 10:  # 6 GiB of fp32 weights, gradients and Muon/AdamW state alone
             with pytest.raises(UserError, match="fits: distributed.strategy=fsdp"):
-                plan.resolve_micro_batch(config, 1, capacity, ssm_kernels=True)
+                planning.resolve_micro_batch(config, 1, capacity, ssm_kernels=True)
 
 
 def test_planner_app_prints_the_table_and_writes_plan_json(tmp_path, capsys):
@@ -180,14 +181,14 @@ def test_planner_app_prints_the_table_and_writes_plan_json(tmp_path, capsys):
 
 def test_tokens_per_second_follow_peak_flops_and_mfu():
     config, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu"]))
-    p = plan.plan(config, [1, 8], mfu=0.5, capacity=80 * GIB, ssm_kernels=True)
-    planner = plan.make_planner(config, 80 * GIB, ssm_kernels=True)
+    p = planning.plan(config, [1, 8], mfu=0.5, capacity=80 * GIB, ssm_kernels=True)
+    planner = planning.make_planner(config, 80 * GIB, ssm_kernels=True)
     one = p.rows[0]
-    expected = 0.5 * 989e12 / plan.flops_per_token(config.model, planner.vocab_size)
+    expected = 0.5 * 989e12 / planning.flops_per_token(config.model, planner.vocab_size)
     assert one.tokens_per_s == pytest.approx(expected)
     assert p.rows[1].tokens_per_s == pytest.approx(8 * expected)
     ckpt = planner.row(replace(one.setup, activation_checkpointing=True), 989.0, 0.5)
-    assert ckpt.tokens_per_s == pytest.approx(expected / plan.RECOMPUTE_FACTOR)
+    assert ckpt.tokens_per_s == pytest.approx(expected / planning.RECOMPUTE_FACTOR)
 
 
 def test_plan_config_composes_the_training_groups():

@@ -99,7 +99,7 @@ class GPUConfig:
     dtype: DType = DType.float32       # autocast dtype for matmuls; master weights stay fp32
     memory_gb: float = 0.0
     # Rows per forward pass and rank: a positive int, or "auto": the largest that fits memory_gb by the
-    # memory planner (hybridchat.plan), resolved once before training starts.
+    # memory planner (hybridchat.infra.planner), resolved once before training starts.
     micro_batch: Any = 16
     compile: bool = False
     activation_checkpointing: bool = False   # recompute each block's activations in backward
