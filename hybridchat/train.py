@@ -7,6 +7,7 @@ config -> runtime -> run context (tokenizer, world, data, knowledge base: built 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,9 @@ def main(cfg: DictConfig) -> float:
         return run_or_exit(run, cfg)
     except Preempted as e:
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one before it began: nothing new saved
+        print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

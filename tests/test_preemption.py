@@ -79,9 +79,9 @@ def pids(run_dir: Path, *env: str) -> list[int]:
     return found
 
 
-def interrupt(out: Path, name: str, sig: signal.Signals, ddp: bool = False) -> dict:
-    """Start a run, send `sig` once it has logged 3 steps, wait for it to exit. ddp: two torchrun
-    processes on CPU, and the signal goes to rank 1 alone."""
+def interrupt(out: Path, name: str, sig: signal.Signals, ddp: bool = False, times: int = 1) -> dict:
+    """Start a run, send `sig` (`times` times, 0.2 s apart) once it has logged 3 steps, wait for it to
+    exit. ddp: two torchrun processes on CPU, and the signal goes to rank 1 alone."""
     run_dir = out / "runs" / name
     log_path = out / f"{name}.out"
     argv = command(out, name)
@@ -97,7 +97,9 @@ def interrupt(out: Path, name: str, sig: signal.Signals, ddp: bool = False) -> d
                 assert proc.poll() is None, f"exited before the signal:\n{log_path.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, "no training steps within 120 s"
                 time.sleep(0.01)
-            os.kill(pids(run_dir, "RANK=1")[0] if ddp else proc.pid, sig)
+            for i in range(times):
+                time.sleep(0.2 if i else 0)
+                os.kill(pids(run_dir, "RANK=1")[0] if ddp else proc.pid, sig)
             sent = time.monotonic()
             returncode = proc.wait(timeout=30)
             exit_seconds = time.monotonic() - sent
@@ -183,3 +185,37 @@ def test_ddp_ranks_stop_at_the_same_step_when_one_is_signalled(out):
     assert checkpoint.read_meta(ckpt)["data_position"] == 2 * run["stopped"]  # both ranks' batches
     assert f"SIGTERM after step {run['stopped']}: saved {ckpt}" in run["output"]
     assert (run["run_dir"] / "metrics.png").exists()
+
+
+def test_ctrl_c_saves_like_sigterm_and_a_second_one_quits_at_once(out):
+    """Ctrl-C once: the step's checkpoint, the resume hint, exit 130 (was a KeyboardInterrupt traceback
+    and nothing saved). Twice: out at once, a line saying nothing was saved, no traceback. Python's
+    children of a non-interactive shell may start with SIGINT ignored: the handler is set explicitly."""
+    run = interrupt(out, "ctrl_c", signal.SIGINT)
+    assert "Ctrl-C: stopping after this step and saving it" in run["output"]
+    assert_stopped_with_checkpoint(run, signal.SIGINT)
+    assert "Traceback" not in run["output"]
+
+    twice = interrupt(out, "ctrl_c_twice", signal.SIGINT, times=2)
+    assert twice["returncode"] == 130 and twice["exit_seconds"] < 10, twice["output"][-3000:]
+    assert "interrupted: nothing saved since the last checkpoint" in twice["output"]
+    assert "Traceback" not in twice["output"]
+
+
+def test_stop_flag_records_signals_inside_and_restores_every_previous_handler_after():
+    """Inside: a stop signal is recorded, not acted on. After (also after an exception): each signal has
+    the handler it had before (submitit's own, or the default that ends the process)."""
+    from hybridchat.infra.preemption import STOP_SIGNALS, stop_flag
+
+    sentinels = {sig: (lambda s, f, sig=sig: None) for sig in STOP_SIGNALS}
+    before = {sig: signal.signal(sig, handler) for sig, handler in sentinels.items()}
+    try:
+        with pytest.raises(RuntimeError), stop_flag() as flag:
+            assert all(signal.getsignal(sig) == flag._record for sig in STOP_SIGNALS)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert flag.signum == signal.SIGUSR1
+            raise RuntimeError("training failed")
+        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == sentinels
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -2,7 +2,8 @@
 
 SIGTERM is what SLURM sends on preemption, scancel and at the time limit (torchrun forwards it to its
 workers); SIGUSR1 / SIGUSR2 are the warnings requested with `sbatch --signal=USR1@120` and submitit's
-`--signal=USR2@<signal_delay_s>`, sent while there is still time to save. The handlers only record the
+`--signal=USR2@<signal_delay_s>`, sent while there is still time to save. SIGINT (Ctrl-C) is the same
+request from a person at a terminal; a second Ctrl-C stops at once, unsaved. The handlers only record the
 signal: the loop checks it after each optimizer step, saves and raises `Preempted`, and the entrypoint
 exits with 128 + signum (`Preempted.exit_code`).
 """
@@ -13,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 # Only a warning means "out of time, continue later": nothing else requeues a job that hits its limit.
 # SIGTERM is never requeued from here: after scancel the user wants the job gone, and on preemption
 # SLURM requeues a requeueable job itself.
@@ -47,6 +49,11 @@ class StopFlag:
     signum = 0  # the last stop signal received, 0 for none
 
     def _record(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:  # the second Ctrl-C: the person will not wait for the save
+                raise KeyboardInterrupt
+            os.write(sys.stderr.fileno(), b"\nCtrl-C: stopping after this step and saving it "
+                                          b"(Ctrl-C again to quit now, unsaved)\n")
         self.signum = signum  # nothing else: a handler runs between any two bytecodes, even mid-write
 
     def agreed(self, distributed: bool, device: torch.device) -> int:
