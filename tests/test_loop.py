@@ -97,8 +97,8 @@ def toy_stage_class():
     return ToyStage
 
 
-def toy_run(tmp_path, *, on_step=None, resume=False, micro_batch=2, gpu=None, seed=0, source=None, setup=None,
-            progress=False, **stage):
+def toy_run(tmp_path, *, on_step=None, resume=False, overwrite=False, micro_batch=2, gpu=None, seed=0, source=None,
+            setup=None, progress=False, **stage):
     """(stage, ctx, tracker, summary or the exception) of loop.train on the toy stage."""
     from hybridchat.infra.config import Config, GPUConfig, PathsConfig, StageConfig
     from hybridchat.infra.context import RunContext
@@ -108,7 +108,8 @@ def toy_run(tmp_path, *, on_step=None, resume=False, micro_batch=2, gpu=None, se
     stage_cfg = StageConfig(**{"num_steps": 4, "warmup_steps": 0, "eval_every": 2, "checkpoint_every": 2,
                                "keep_checkpoints": 10, **stage})
     config = Config(model=TOY_MODEL, gpu=GPUConfig(micro_batch=micro_batch, **(gpu or {})), stage=stage_cfg,
-                    paths=PathsConfig(checkpoints=str(tmp_path)), run_name="toy", resume=resume, progress=progress)
+                    paths=PathsConfig(checkpoints=str(tmp_path)), run_name="toy", resume=resume, overwrite=overwrite,
+                    progress=progress)
     torch.manual_seed(seed)
     model = HybridLM(TOY_MODEL, vocab_size=TOY_VOCAB)
     model.init_weights()
@@ -207,8 +208,10 @@ def test_loop_resumes_at_the_latest_checkpoint_its_step_weights_and_data_positio
     assert tracker.values("val/loss")[0] == (2, dict(straight.values("val/loss"))[2])
     assert loop_messages(caplog, summary) == [f"resumed from {tmp_path / 'a' / 'toy' / 'toy' / 'step_000002'} at step 2"]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hybridchat.training.loop"):  # resume=false: the checkpoints are ignored
-        toy, _, _, summary = toy_run(tmp_path / "a", num_steps=1)
+    _, _, _, error = toy_run(tmp_path / "a", num_steps=1)  # a new run (resume=false) into the folder: refused ...
+    assert isinstance(error, UserError) and "already holds checkpoints of an earlier run" in str(error)
+    with caplog.at_level(logging.INFO, logger="hybridchat.training.loop"):  # ... unless overwrite=true: not resumed
+        toy, _, _, summary = toy_run(tmp_path / "a", overwrite=True, num_steps=1)
     assert toy.starts == [(0, 0, 1)] and summary["start_step"] == 0 and loop_messages(caplog, summary) == []
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hybridchat.training.loop"):
