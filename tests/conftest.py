@@ -29,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from hybridchat.infra import config as config_schema  # noqa: E402
+from hybridchat.infra.config import ModelConfig  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 config_schema.register()
@@ -78,12 +79,13 @@ def train_steps(model, optimizers, tokens, steps: int, after_step=None) -> list[
 def random_model(pattern: str, n_layer: int, vocab: int, dtype=torch.float64, seed: int = 0, perturb: float = 0.3,
                  **options):
     """A small HybridLM (width 32) with every parameter perturbed by `perturb` x N(0, 1): zero-initialised
-    output projections would make every block the identity. options: more ModelConfig keys."""
-    from hybridchat.infra.config import ModelConfig
+    output projections would make every block the identity. options: more ModelConfig keys, or other
+    values for the ones set here."""
     from hybridchat.model.lm import HybridLM
 
-    cfg = ModelConfig(n_layer=n_layer, n_embd=32, n_head=4, n_kv_head=2, block_pattern=pattern, mlp_ratio=2,
-                      d_state=8, headdim=16, chunk_size=8, sequence_len=128, **options)
+    sizes = dict(n_layer=n_layer, n_embd=32, n_head=4, n_kv_head=2, block_pattern=pattern, mlp_ratio=2, d_state=8,
+                 headdim=16, chunk_size=8, sequence_len=128)
+    cfg = ModelConfig(**{**sizes, **options})
     torch.manual_seed(seed)
     model = HybridLM(cfg, vocab_size=vocab)
     model.init_weights()
@@ -109,3 +111,31 @@ def naive_greedy(model, prompt, n, inject=None):
                 out.extend(extra)
                 seq.extend(extra)
     return out
+
+
+TINY_VOCAB = 37
+
+
+def tiny_lm(pattern: str = "MA", seed: int = 0, **options):
+    """The fast tests' float64 model: random_model with one layer per letter of `pattern`, scan chunks of 4
+    and sequences of 64, over TINY_VOCAB tokens."""
+    return random_model(pattern, len(pattern), TINY_VOCAB, seed=seed, chunk_size=4, sequence_len=64, **options)
+
+
+# A tiny model saved as a step folder (tests/test_checkpoint.py); tests/test_loop.py builds its optimizers.
+CKPT_MODEL = ModelConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_pattern="AM", d_state=8, headdim=16,
+                         mlp_ratio=1, chunk_size=4, sequence_len=16)
+
+# The toy stage's model (tests/test_loop.py), also behind small checkpoints and engine tests.
+TOY_MODEL = ModelConfig(n_layer=2, n_embd=16, n_head=2, n_kv_head=1, block_pattern="AM", d_state=4, headdim=8,
+                        mlp_ratio=1, chunk_size=4, sequence_len=8)
+TOY_VOCAB = 40
+
+
+class StubTokenizer:
+    """What checkpoint.save asks of a tokenizer: a fingerprint for meta.json and a file beside the weights."""
+
+    fingerprint = "stub"
+
+    def save(self, path):
+        path.write_text("{}")

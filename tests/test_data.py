@@ -107,3 +107,78 @@ def test_missing_parquet_column_is_named(tmp_path):
     source = files_source(tmp_path, DataConfig(name="text", path=str(tmp_path), val_fraction=0.5))
     with pytest.raises(UserError, match="data.text_key='text'"):
         list(source("val", 0))
+
+
+def test_tokenizer_cache_is_read_not_retrained(tmp_path, monkeypatch):
+    from hybridchat.data import tokenizer as tok_module
+
+    texts = [f"The river {i} flows past the old mill and the bridge number {i * 7}." for i in range(200)]
+    first = tok_module.load_or_train(iter(texts), 400, 10_000, tmp_path)
+    cached = list((tmp_path / "tokenizers").glob("*.json"))
+    assert len(cached) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained although the cached tokenizer fits")
+
+    monkeypatch.setattr(tok_module.Tokenizer, "train", classmethod(no_training))
+    second = tok_module.load_or_train(iter(texts), 400, 10_000, tmp_path)
+    assert second.fingerprint == first.fingerprint
+    assert second.encode("the old mill") == first.encode("the old mill")
+    # ... and it is that file which is read: a damaged cache file is reported, not silently retrained
+    cached[0].write_text("{ damaged")
+    with pytest.raises(UserError, match=str(cached[0])):
+        tok_module.load_or_train(iter(texts), 400, 10_000, tmp_path)
+    with pytest.raises(AssertionError, match="retrained"):  # other settings are not cached: they would train
+        tok_module.load_or_train(iter(texts), 420, 10_000, tmp_path)
+
+
+# ---- data loader: packing against a plain reference ----------------------------------------------
+
+class CharTokenizer:
+    """Each character is its code point; <|bos|> is 0. Enough to check packing by hand."""
+
+    bos_id = 0
+
+    def encode_batch(self, texts):
+        return [[ord(c) for c in t] for t in texts]
+
+
+def reference_batches(docs_per_epoch, batch_size, seq_len, epochs):
+    stream = [tok for epoch in range(epochs) for doc in docs_per_epoch(epoch) for tok in [0] + [ord(c) for c in doc]]
+    rows = [stream[i:i + seq_len + 1] for i in range(0, len(stream) - seq_len, seq_len + 1)]
+    return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+
+
+def test_loader_packs_bos_prefixed_documents_into_rows_like_a_plain_loop():
+    from hybridchat.data.loader import token_batches
+
+    def source(split, epoch):  # a different order every epoch, as the world source does
+        docs = [f"{split}{epoch}-doc{i}:" + "xyz"[: i % 3 + 1] * (i + 1) for i in range(7)]
+        return iter(docs if epoch % 2 == 0 else docs[::-1])
+
+    batch_size, seq_len = 5, 5  # 144 tokens per epoch: 24 rows, 4 whole batches and a partial one
+    expected = reference_batches(lambda e: source("train", e), batch_size, seq_len, epochs=3)
+    got = token_batches(source, "train", CharTokenizer(), batch_size, seq_len, loop=True)
+    for index, rows in enumerate(expected[:12]):
+        batch = next(got)
+        assert batch["inputs"].shape == batch["targets"].shape == (batch_size, seq_len)
+        assert batch["inputs"].tolist() == [r[:-1] for r in rows], index
+        assert batch["targets"].tolist() == [r[1:] for r in rows], index
+    # one pass (loop=False) stops after the last whole batch of epoch 0, dropping a partial one
+    one_pass = reference_batches(lambda e: source("train", e), batch_size, seq_len, 1)
+    assert len(one_pass) == 4
+    stream = [t for doc in source("train", 0) for t in [0] + [ord(c) for c in doc]]
+    assert (len(stream) // (seq_len + 1)) % batch_size != 0  # there is a partial batch to drop
+    once = list(token_batches(source, "train", CharTokenizer(), batch_size, seq_len, loop=False))
+    assert [b["inputs"].tolist() for b in once] == [[r[:-1] for r in rows] for rows in one_pass]
+    # ranks take every world_size-th batch from `start` on
+    ranked = token_batches(source, "train", CharTokenizer(), batch_size, seq_len, rank=1, world_size=3, start=2)
+    for index in (4, 7, 10):
+        assert next(ranked)["inputs"].tolist() == [r[:-1] for r in expected[index]]
+
+
+def test_loader_with_an_empty_split_names_it():
+    from hybridchat.data.loader import token_batches
+
+    with pytest.raises(UserError, match="the 'val' split of the data source yielded no documents"):
+        next(token_batches(lambda split, epoch: iter([]), "val", CharTokenizer(), 2, 4, loop=False))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import compose_config
+from conftest import TINY_VOCAB, compose_config
 
 from hybridchat.infra import checkpoint
 from hybridchat.infra.config import ModelConfig
@@ -287,3 +287,48 @@ def test_mamba_back_to_attention_stops_with_one_error_line(distilled):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert sum(line.startswith("error: ") for line in lines) == 1
     assert lines[-1].startswith("error: model.block_pattern gives AA but the teacher is AM: layer(s) [1] are Mamba")
+
+
+# ---- conversion errors ---------------------------------------------------------------------------
+
+def conv_lm(pattern: str, **overrides) -> HybridLM:
+    """32 channels in 2 attention heads of 16; Mamba sized to hold them (expand 1, heads of 16, d_state 16,
+    one group per head)."""
+    cfg = dict(n_layer=len(pattern), n_embd=32, n_head=2, n_kv_head=1, block_pattern=pattern, mlp_ratio=2,
+               expand=1, headdim=16, d_state=16, ngroups=2, chunk_size=4)
+    cfg.update(overrides)
+    return HybridLM(ModelConfig(**cfg), vocab_size=TINY_VOCAB)
+
+
+def test_conversion_refuses_other_sizes_listing_each_difference():
+    with pytest.raises(UserError) as e:
+        convert(conv_lm("AA"), conv_lm("AM", mlp_ratio=3, qk_norm=False))
+    assert str(e.value) == ("the student must have the teacher's sizes except its block pattern: "
+                            "model.mlp_ratio=3 (teacher: 2); model.qk_norm=False (teacher: True)")
+    # Mamba settings are compared only when the teacher has Mamba layers (here it has: layer 1).
+    with pytest.raises(UserError) as e:
+        convert(conv_lm("AM"), conv_lm("MM", d_conv=3))
+    assert str(e.value) == ("the student must have the teacher's sizes except its block pattern: "
+                            "model.d_conv=3 (teacher: 4)")
+    convert(conv_lm("AA", d_conv=3), conv_lm("AM"))  # an all-attention teacher has no d_conv to compare
+
+
+def test_conversion_refuses_mamba_back_to_attention_naming_the_layers():
+    with pytest.raises(UserError) as e:
+        convert(conv_lm("AMAM"), conv_lm("MAAM"))
+    assert str(e.value) == ("model.block_pattern gives MAAM but the teacher is AMAM: layer(s) [1] are Mamba in "
+                            "the teacher and attention in the student; distillation turns A into M only")
+
+
+def test_attention_fits_a_mamba_layer_only_with_one_head_per_head_of_its_size():
+    from hybridchat.model.attention import CausalSelfAttention
+    from hybridchat.model.convert import attention_to_mamba
+    from hybridchat.model.mamba import Mamba2
+
+    attn = CausalSelfAttention(32, 2, 1)
+    with pytest.raises(UserError) as e:
+        attention_to_mamba(attn, Mamba2(32, d_state=8, expand=2, headdim=16, ngroups=1, layer_idx=3, backend="torch"))
+    assert str(e.value) == ("layer 3: a Mamba layer holds attention with 2 heads of 16 only with model.expand=1 "
+                            "model.headdim=16 model.d_state=16 model.ngroups=2 (the student has expand=2 d_state=8 "
+                            "ngroups=1)")
+    attention_to_mamba(attn, Mamba2(32, d_state=16, expand=1, headdim=16, ngroups=2, backend="torch"))

@@ -15,7 +15,7 @@ official kernel asserts (those that can be checked on CPU), and records that it 
 compute in the input dtype (float64 here; the real kernels take only float32/float16/bfloat16), so the
 "cuda" path must equal the torch path to float64 rounding.
 
-The stand-ins go into sys.modules the way tests/test_model_survivors.py does it, and
+The stand-ins go into sys.modules the way tests/test_mamba.py does it, and
 `mamba._load_cuda_kernels` is cleared before and after. `_forward_cuda` / `_step_cuda` do not check the
 device themselves, so most tests call them directly; the one test that goes through `Mamba2.forward`
 patches `Mamba2._use_cuda` (the only device check) to return True.

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config, train_steps
+from conftest import TINY_VOCAB, compose_config, train_steps
 from safetensors import safe_open
 
 from hybridchat.infra import checkpoint
@@ -230,3 +230,31 @@ def test_smollm2_135m_preset_has_smollm2_shapes():
         mapped.update({f"model.layers.{i}.{t}.weight": f"blocks.{i}.{o}.weight" for o, t in LAYER_NAMES.items()})
     assert {mapped[k]: s for k, s in theirs.items()} == {k: v.shape for k, v in ours.state_dict().items()}
     assert ours.num_params() == 134_515_008
+
+
+def test_untied_head_logits_equal_transformers_llama():
+    """Llama with its own lm_head (tie_word_embeddings=False): our lm_head, not the embedding,
+    makes the logits."""
+    transformers = pytest.importorskip("transformers")
+
+    cfg = dataclasses.replace(LLAMA, n_layer=1, tie_embeddings=False)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=1,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, rope_theta=cfg.rope_base,
+        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, max_position_embeddings=cfg.sequence_len,
+        attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.5 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) * p.shape[1] ** -0.5)
+    assert hf.lm_head.weight is not hf.model.embed_tokens.weight
+    names = {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+    names.update({f"blocks.0.{ours}.weight": f"model.layers.0.{theirs}.weight" for ours, theirs in LAYER_NAMES.items()})
+    ours = HybridLM(cfg, vocab_size=TINY_VOCAB).eval()
+    weights = hf.state_dict()
+    ours.load_state_dict({k: weights[v] for k, v in names.items()})
+    idx = torch.randint(0, TINY_VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)

@@ -258,7 +258,7 @@ def read_meta_or_user_error(tmp: Path, content: bytes) -> None:
 
 
 META_OK = [b'{"format_version": 1, "step": 3}', b"{}", b'{"format_version": 0}']
-META_CRASHES = {  # each raises something other than UserError in read_meta today (reported, not ours to fix)
+META_REFUSED = {  # each once made read_meta raise something other than UserError; now each is refused
     "list": b"[1, 2]",
     "format_version string": b'{"format_version": "2"}',
     "format_version null": b'{"format_version": null}',
@@ -273,9 +273,14 @@ def test_checkpoint_meta_that_loads(tmp_path, content):
     read_meta_or_user_error(tmp_path, content)
 
 
-@pytest.mark.parametrize("content", list(META_CRASHES.values()), ids=list(META_CRASHES))
-def test_checkpoint_meta_crashes_reported(tmp_path, content):
-    read_meta_or_user_error(tmp_path, content)
+@pytest.mark.parametrize("content", list(META_REFUSED.values()), ids=list(META_REFUSED))
+def test_checkpoint_meta_that_is_refused_in_one_line(tmp_path, content):
+    from hybridchat.infra.checkpoint import read_meta
+
+    (tmp_path / "meta.json").write_bytes(content)
+    with pytest.raises(UserError) as e:
+        read_meta(tmp_path)
+    one_line_error(e.value)
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

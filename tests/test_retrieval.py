@@ -281,3 +281,84 @@ def test_bfloat16_precision_is_recorded_close_to_float32_and_never_mixed(tmp_pat
     with pytest.raises(UserError, match="retriever.dense.precision"):
         KnowledgeBase.build(tmp_path / "kb2", CORPUS, ["dense"],
                             RetrieverConfig(kind="dense", dense=DenseConfig(precision="float16")), progress=False)
+
+
+# ---- a dense knowledge base from synthetic vectors (fake encoder: no model download, no network) ---
+
+class VectorEncoder:
+    """Stands in for the sentence-transformers encoder: each text maps to a fixed unit vector."""
+
+    def __init__(self, vectors: dict[str, np.ndarray]):
+        self.vectors = vectors
+        self.dim = len(next(iter(vectors.values())))
+        self.weights_sha256 = "f" * 64
+        self.name = "synthetic"
+
+    def encode(self, texts, batch_size=64, progress=False, precision="float32"):
+        return np.stack([self.vectors[t] for t in texts]).astype(np.float32)
+
+
+def synthetic_kb(tmp_path, monkeypatch, n=1600, dim=16, index="ivf", extra_indexes=()):
+    """A knowledge base whose dense index holds clustered random unit vectors; returns (kb, doc vectors, encoder)."""
+    from hybridchat.retrieval import knowledge_base as kbm
+    from hybridchat.retrieval.text import document_text
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(40, dim))
+    vecs = centers[rng.integers(0, 40, n)] + 0.35 * rng.normal(size=(n, dim))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    docs = [Document(f"d{i}", "", f"document number {i} word{i % 7}") for i in range(n)]
+    table = {document_text(d.title, d.text): v for d, v in zip(docs, vecs)}
+    queries = rng.normal(size=(30, dim))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    table.update({f"query {i}": q for i, q in enumerate(queries)})
+    encoder = VectorEncoder(table)
+    monkeypatch.setattr(kbm, "load_encoder", lambda *a, **k: encoder)
+    kb = kbm.KnowledgeBase.build(tmp_path / "kb", docs, ["dense", *extra_indexes],
+                                 RetrieverConfig(dense=DenseConfig(model="synthetic", index=index)), progress=False)
+    return kb, vecs.astype(np.float32), queries.astype(np.float32)
+
+
+def test_ivf_nprobe_from_config_reaches_faiss(tmp_path, monkeypatch):
+    import faiss
+
+    kb, vecs, queries = synthetic_kb(tmp_path, monkeypatch)
+    index = faiss.read_index(str(kb.path / "dense" / "index.faiss"))
+    nlist = faiss.extract_index_ivf(index).nlist
+    assert nlist == 1600 // 39  # capped so every list has >= 39 training points
+    exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]  # brute force, by hand
+
+    def recall(nprobe):
+        retriever = kb.retriever(RetrieverConfig(kind="dense", dense=DenseConfig(model="synthetic", nprobe=nprobe)))
+        hits = retriever.search([f"query {i}" for i in range(len(queries))], 10)
+        found = [[int(h.document.id[1:]) for h in row] for row in hits]
+        return np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])
+
+    r1, r4, rall = recall(1), recall(4), recall(nlist)
+    assert rall == 1.0  # visiting every list is exhaustive
+    assert r1 < r4 < rall, (r1, r4, rall)  # and fewer lists find fewer true neighbours
+    assert r1 < 0.8
+
+
+def test_hybrid_config_weights_and_depth_reach_the_fusion(tmp_path, monkeypatch):
+    from hybridchat.retrieval import knowledge_base as kbm
+
+    kb, _, _ = synthetic_kb(tmp_path, monkeypatch, n=200, index="flat", extra_indexes=("bm25",))
+    bm25_cfg = RetrieverConfig(kind="bm25")
+    dense_cfg = RetrieverConfig(kind="dense", dense=DenseConfig(model="synthetic"))
+    # A query the encoder knows and bm25 can match: reuse a document's text.
+    text = "document number 17 word3"
+    bm25_ids = [h.document.id for h in kb.retriever(bm25_cfg).search([text], 10)[0]]
+    dense_ids = [h.document.id for h in kb.retriever(dense_cfg).search([text], 10)[0]]
+    assert bm25_ids[0] == dense_ids[0] == "d17" and bm25_ids[1:4] != dense_ids[1:4]
+    for weights, winner in (([1.0, 0.0], bm25_ids), ([0.0, 1.0], dense_ids)):
+        cfg = RetrieverConfig(kind="hybrid", dense=DenseConfig(model="synthetic"),
+                              fusion=FusionConfig(weights=weights, depth=10))
+        hybrid_ids = [h.document.id for h in kb.retriever(cfg).search([text], 10)[0]]
+        assert hybrid_ids == winner, weights
+    asked = []
+    original = kbm.Bm25sRetriever.rank
+    monkeypatch.setattr(kbm.Bm25sRetriever, "rank", lambda self, q, k, m: asked.append(k) or original(self, q, k, m))
+    cfg = RetrieverConfig(kind="hybrid", dense=DenseConfig(model="synthetic"), fusion=FusionConfig(depth=37))
+    kb.retriever(cfg).search([text], 3)
+    assert asked == [37]

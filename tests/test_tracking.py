@@ -97,3 +97,20 @@ def test_inline_block_pattern_is_tagged_expanded():
     assert run_tags(config, "rag") == ["gpu=cpu", "model=custom", "pattern=MAMA", "stage=rag"]
     config.model.block_pattern, config.model.n_layer = "M", 80
     assert run_tags(config, "rag")[2] == "pattern=" + "M" * 56  # wandb's 64-character limit
+
+
+def test_inactive_tracker_writes_nothing_anywhere(tmp_path, monkeypatch):
+    from hybridchat.infra.config import LoggerConfig
+    from hybridchat.infra.tracking import Tracker
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    for logger in (None, LoggerConfig(name="none"), LoggerConfig(name="wandb", mode="offline")):
+        tracker = Tracker(None, logger)
+        tracker.log(1, **{"train/loss": 1.0})
+        assert tracker.plot() is None
+        tracker.finish()
+        assert tracker.wandb_run is None
+    assert list(tmp_path.rglob("*")) == [cwd]

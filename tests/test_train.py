@@ -342,3 +342,33 @@ def test_gradients_are_clipped_at_stage_grad_clip_and_old_checkpoints_pruned(tmp
     assert len(seen) == 6 and all(m == 0.01 and before > 0.01 and after <= 0.01 * 1.001 for m, before, after in seen)
     kept = sorted(p.name for p in (tmp_path / "checkpoints" / "clip" / "pretrain").iterdir())
     assert kept == ["step_000005", "step_000006"]
+
+
+def test_grad_accum_steps_is_batch_tokens_over_rows_times_length_times_ranks():
+    """Hand values: 4 rows x 256 tokens x 3 ranks = 3072 tokens per pass; zero, negative or ragged
+    totals are one UserError naming the keys and the product."""
+    from hybridchat.infra.runtime import grad_accum_steps
+
+    assert grad_accum_steps(5 * 3072, 4, 256, 3) == 5
+    assert grad_accum_steps(3072, 4, 256, 3) == 1
+    assert grad_accum_steps(None, 4, 256, 3) == 1
+    assert grad_accum_steps(1, 1, 1, 1) == 1  # one token per pass: a total of 1 is one pass
+    for bad in (0, -3072, 3072 + 256, 1000):
+        with pytest.raises(UserError) as e:
+            grad_accum_steps(bad, 4, 256, 3)
+        assert str(e.value) == (f"stage.total_batch_tokens={bad} must be a positive multiple of gpu.micro_batch x "
+                                f"model.sequence_len x world_size = 4 x 256 x 3 = 3072")
+
+
+def test_lr_schedule_edges_no_warmup_and_a_warmdown_of_under_one_step():
+    """Hand values: without warmup the first step runs at the full lr; a warmdown_ratio that rounds
+    to zero steps still ends at final_lr_frac only through max(1, ...): one step of warmdown, which
+    is the step past the last (the schedule is 1.0 on every step that runs)."""
+    from hybridchat.infra.config import StageConfig
+    from hybridchat.training.stages import lr_multiplier
+
+    s = StageConfig(num_steps=10, warmup_steps=0, warmdown_ratio=0.04, final_lr_frac=0.1)
+    assert [lr_multiplier(i, s) for i in range(10)] == [1.0] * 10
+    assert lr_multiplier(10, s) == pytest.approx(0.1)
+    s = StageConfig(num_steps=8, warmup_steps=4, warmdown_ratio=0.5, final_lr_frac=0.0)
+    assert [lr_multiplier(i, s) for i in range(8)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25])
