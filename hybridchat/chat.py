@@ -1,61 +1,72 @@
 """Chat with a checkpoint over a knowledge base: sources shown, the answer streamed, its citation.
 
-    python -m hybridchat.chat                                  # latest rag checkpoint of hybrid_tiny
-    python -m hybridchat.chat --run mamba_tiny --kb my_kb/     # your knowledge base (python -m hybridchat.kb)
-    python -m hybridchat.chat -p "Where was Ada Vell born?"    # one question, for scripts
-    python -m hybridchat.chat --no-rag                         # closed-book
+    python -m hybridchat.chat                                        # latest rag checkpoint of hybrid_tiny
+    python -m hybridchat.chat model=mamba_tiny retriever.kb_dir=my_kb/  # your knowledge base (python -m hybridchat.kb)
+    python -m hybridchat.chat prompt="Where was Ada Vell born?"      # one question, for scripts
+    python -m hybridchat.chat retriever=none                         # closed-book
 
-Each question is answered on its own (retrieval per question, no memory of earlier turns). Without
---kb the knowledge base is the checkpoint's synthetic world; the retriever defaults to the one the
-checkpoint was trained with. A refrag checkpoint (or --max-hops 2 and more) answers multi-hop: the
+A Hydra app sharing evaluate's names and groups (conf/chat.yaml). Each question is answered on its
+own (retrieval per question, no memory of earlier turns). Without retriever.kb_dir the knowledge
+base is the checkpoint's synthetic world; without a retriever option the retriever is the one the
+checkpoint was trained with. A refrag checkpoint (or max_hops=2 and more) answers multi-hop: the
 model may write follow-up queries, and the hop trace (each query and the documents it found) is
 printed before the answer.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
 
-from hybridchat.core.errors import UserError, run_or_exit
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hybridchat.chat", description=__doc__.split("\n")[0])
-    p.add_argument("--run", default="hybrid_tiny", help="run name (the model option it was trained with)")
-    p.add_argument("--stage", default="rag")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    p.add_argument("--checkpoint", help="a step folder, instead of --run/--stage/--step")
-    p.add_argument("--checkpoints", default="outputs/checkpoints", help="paths.checkpoints of the training run")
-    p.add_argument("--cache-dir", default="outputs/cache", help="paths.cache (where the world's knowledge base is)")
-    p.add_argument("--kb", help="knowledge base directory (default: the checkpoint's synthetic world)")
-    p.add_argument("--retriever", choices=["simple", "bm25", "dense", "hybrid"])
-    p.add_argument("-k", "--top-k", type=int, default=3, help="documents retrieved per question")
-    p.add_argument("--no-rag", action="store_true", help="closed-book: no documents")
-    p.add_argument("-p", "--prompt", help="answer this one question and exit")
-    p.add_argument("--max-tokens", type=int, default=48, help="longest reply")
-    p.add_argument("--max-hops", type=int, help="retrievals per question, the question's own included (default: "
-                                                "the checkpoint's stage.max_hops for refrag, else 1: one shot)")
-    p.add_argument("--device", default="cpu")
-    return p
+from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
+from hybridchat.infra import checkpoint
+from hybridchat.infra import config as config_schema
+from hybridchat.infra.config import RefragConfig
+from hybridchat.infra.runs import Run, RunReaderConfig, load_run
+from hybridchat.rag.answer import Answerer
+from hybridchat.rag.multihop import MultiHop, Search
+from hybridchat.retrieval.config import RetrieverConfig
 
 
-def _retriever(args, meta):
-    from omegaconf import OmegaConf
+@dataclass
+class ChatConfig(RunReaderConfig):
+    checkpoint_stage: str = "rag"
+    step: Optional[int] = None
+    checkpoint: Optional[str] = None           # a step folder, instead of run_name/checkpoint_stage/step
+    prompt: Optional[str] = None               # one question; None: interactive
+    max_answer_tokens: int = 48
+    max_hops: Optional[int] = None             # None: the checkpoint's stage.max_hops (refrag), else 1
 
-    from hybridchat.infra.context import world_collection
-    from hybridchat.data.world import WorldConfig
-    from hybridchat.retrieval.config import RetrieverConfig
-    from hybridchat.retrieval.factory import open_knowledge_base
 
-    trained = meta.get("config", {}).get("retriever") or {}
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RetrieverConfig), trained))
-    cfg = replace(cfg, kind=args.retriever or (cfg.kind if cfg.kind != "none" else "bm25"), kb_dir=args.kb,
-                  top_k=args.top_k)
-    world = WorldConfig(**meta["config"]["world"]) if "world" in meta.get("config", {}) else WorldConfig()
-    return open_knowledge_base(cfg, args.cache_dir, world_collection(world), progress=False).retriever(cfg)
+def register() -> None:
+    config_schema.register()
+    ConfigStore.instance().store(name="chat_schema", node=ChatConfig)
+
+
+def retriever_settings(cfg: DictConfig, config: ChatConfig, run: Run) -> RetrieverConfig:
+    """retriever=<option>: that option's settings, as evaluate reads them. No option: the settings
+    the checkpoint was trained with (bm25 if it had none) over the world's documents at top-3, with
+    each retriever.* key given on the command line on top."""
+    hc = HydraConfig.get()
+    if hc.runtime.choices.get("retriever") is not None:
+        return config.retriever
+    trained = run.retriever
+    settings = OmegaConf.structured(replace(trained, kind=trained.kind if trained.kind != "none" else "bm25",
+                                            kb_dir=None, top_k=RetrieverConfig.top_k))
+    for override in OverridesParser.create().parse_overrides(list(hc.overrides.task)):
+        key = override.key_or_group
+        if key.startswith("retriever."):
+            OmegaConf.update(settings, key.removeprefix("retriever."), OmegaConf.select(cfg, key))
+    return OmegaConf.to_object(settings)
 
 
 def _print_documents(documents, first: int, out) -> None:
@@ -115,46 +126,39 @@ def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> No
     _print_outcome(result, out)
 
 
-def run(args) -> None:
-    from pathlib import Path
-
-    from hybridchat.infra import checkpoint
-    from hybridchat.rag.answer import Answerer
-
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    path = Path(args.checkpoint) if args.checkpoint else checkpoint.find(args.checkpoints, args.run, args.stage,
-                                                                          args.step)
-    model, tokenizer, meta = checkpoint.load_model(path, device=args.device)
-    seq_len = meta["config"]["model"]["sequence_len"]
-    answerer = Answerer(model, tokenizer, seq_len, max_answer_tokens=args.max_tokens, batch_size=1)
-    retriever = None if args.no_rag else _retriever(args, meta)
-    trained = meta.get("config", {}).get("stage", {})
-    max_hops = args.max_hops if args.max_hops is not None else trained.get("max_hops", 1)
+def run(cfg: DictConfig) -> None:
+    config: ChatConfig = OmegaConf.to_object(cfg)
+    path = Path(config.checkpoint) if config.checkpoint else checkpoint.find(
+        config.paths.checkpoints, config.run_name, config.checkpoint_stage, config.step)
+    run = load_run(path, device=config.gpu.device.value)
+    settings = retriever_settings(cfg, config, run)
+    if settings.top_k < 1:
+        raise UserError(f"retriever.top_k must be >= 1, got {settings.top_k}")
+    seq_len = run.config.model.sequence_len
+    answerer = Answerer(run.model, run.tokenizer, seq_len, max_answer_tokens=config.max_answer_tokens, batch_size=1)
+    retriever = run.build_retriever(settings, config.paths.cache, progress=False)
+    max_hops = config.max_hops if config.max_hops is not None else getattr(run.stage, "max_hops", 1)
     if max_hops < 1:
-        raise UserError(f"--max-hops must be >= 1, got {max_hops}")
-    print(f"{path} ({'closed-book' if retriever is None else f'top-{args.top_k} retrieval'}"
+        raise UserError(f"max_hops must be >= 1, got {max_hops}")
+    print(f"{path} ({'closed-book' if retriever is None else f'top-{settings.top_k} retrieval'}"
           f"{f', up to {max_hops} hops' if retriever is not None and max_hops > 1 else ''})", file=sys.stderr)
 
     multihop = None
     if retriever is not None and max_hops > 1:
-        from hybridchat.infra.config import RefragConfig
-        from hybridchat.rag.multihop import MultiHop, Search
-
-        # -k documents per retrieval, the query and context settings the checkpoint was trained with
-        multihop = MultiHop(model, tokenizer, Search(retriever, args.top_k), seq_len, max_hops=max_hops,
-                            max_query_tokens=trained.get("max_query_tokens", RefragConfig.max_query_tokens),
-                            max_answer_tokens=args.max_tokens,
-                            hop_tokens=trained.get("hop_tokens", RefragConfig.hop_tokens), batch_size=1)
+        # top_k documents per retrieval, the query and context settings the checkpoint was trained with
+        multihop = MultiHop(run.model, run.tokenizer, Search(retriever, settings.top_k), seq_len, max_hops=max_hops,
+                            max_query_tokens=getattr(run.stage, "max_query_tokens", RefragConfig.max_query_tokens),
+                            max_answer_tokens=config.max_answer_tokens,
+                            hop_tokens=getattr(run.stage, "hop_tokens", RefragConfig.hop_tokens), batch_size=1)
 
     def ask(question: str) -> None:
         if multihop is not None:
             answer_multihop(question, multihop)
         else:
-            answer(question, answerer, retriever, args.top_k)
+            answer(question, answerer, retriever, settings.top_k)
 
-    if args.prompt is not None:
-        ask(args.prompt)
+    if config.prompt is not None:
+        ask(config.prompt)
         return
     while True:
         try:
@@ -167,14 +171,17 @@ def run(args) -> None:
             ask(question)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+register()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="chat")
+def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        run_or_exit(run, args)
+        run_or_exit(run, cfg)
     except KeyboardInterrupt:
         print(file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_app(main)

@@ -39,16 +39,14 @@ from omegaconf import DictConfig, OmegaConf
 from hybridchat.infra import checkpoint
 from hybridchat.infra import config as config_schema
 from hybridchat.rag.answer import Answerer, score
-from hybridchat.infra.config import GPUConfig, LoggerConfig, ModelConfig, PathsConfig, RefragConfig
-from hybridchat.infra.context import world_collection
-from hybridchat.data.world import World, WorldConfig
+from hybridchat.infra.config import LoggerConfig, RefragConfig
+from hybridchat.infra.runs import Run, RunReaderConfig, load_run
+from hybridchat.data.world import World
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hybridchat.core.metrics import bootstrap_auroc_ci, bootstrap_ci
 from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, Search
-from hybridchat.retrieval.config import RetrieverConfig
-from hybridchat.retrieval.factory import open_knowledge_base
 from hybridchat.infra.runtime import setup, teardown
 from hybridchat.infra.tracking import Tracker
 
@@ -68,13 +66,8 @@ HOP_SETTINGS = ("max_hops", "hop_documents", "max_query_tokens", "hop_tokens")
 
 
 @dataclass
-class EvalConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)  # names the run only: weights bring their own
-    gpu: GPUConfig = field(default_factory=GPUConfig)
-    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+class EvalConfig(RunReaderConfig):
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    run_name: str = "hybrid_tiny"
     # The stage whose checkpoint is evaluated; None: refrag for 2-hop questions, else rag. (Not
     # `stage`: on the command line that names the training config group conf/stage/.)
     checkpoint_stage: Optional[str] = None
@@ -112,9 +105,8 @@ def register() -> None:
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 
-def load(cfg: EvalConfig, run_name: str, stage: str, step: int | None = None):
-    return checkpoint.load_model(checkpoint.find(cfg.paths.checkpoints, run_name, stage, step),
-                                 device=cfg.gpu.device.value)
+def load(cfg: EvalConfig, run_name: str, stage: str, step: int | None = None) -> Run:
+    return load_run(checkpoint.find(cfg.paths.checkpoints, run_name, stage, step), device=cfg.gpu.device.value)
 
 
 def world_items(world: World, n_questions: int, n_unanswerable: int, seed: int) -> list[Item]:
@@ -167,32 +159,31 @@ def two_hop_items(world: World, n: int, n_unanswerable: int, seed: int) -> list[
     return [Item(q.question, q.answers, q.gold_doc_ids) for q in picked + made_up[:n_unanswerable]]
 
 
-def warm_start(cfg: EvalConfig, evaluated: Path, meta: dict) -> Path | None:
+def warm_start(cfg: EvalConfig, evaluated: Run) -> Path | None:
     """The checkpoint a refrag run's GRPO started from, to compare with its end: the same run's step
     num_steps - rl_steps (kept by the stage), or, for a run that was all RL, its stage.source when
     that is a refrag checkpoint. None when the checkpoint had no RL or its warm start is gone."""
-    trained = meta.get("config", {}).get("stage", {})
-    rl_steps, num_steps, source = trained.get("rl_steps") or 0, trained.get("num_steps", 0), trained.get("source")
-    if not rl_steps or meta.get("step") != num_steps:
+    trained = evaluated.stage
+    rl_steps, num_steps, source = getattr(trained, "rl_steps", 0), trained.num_steps, trained.source
+    if not rl_steps or evaluated.meta.get("step") != num_steps:
         return None
     found = None
     if rl_steps < num_steps:
-        found = evaluated.parent / f"step_{num_steps - rl_steps:06d}"
+        found = evaluated.path.parent / f"step_{num_steps - rl_steps:06d}"
     elif source:
         try:
             found = checkpoint.source(cfg.paths.checkpoints, cfg.run_name, source)
         except UserError:  # moved or deleted since: no comparison, the rest of the evaluation stands
             pass
     if found is None or not (found / "meta.json").is_file() or checkpoint.read_meta(found).get("stage") != "refrag":
-        log.warning("no warm-start checkpoint of %s to compare with (looked for %s)", evaluated, found)
+        log.warning("no warm-start checkpoint of %s to compare with (looked for %s)", evaluated.path, found)
         return None
     return found
 
 
-def hop_settings(cfg: EvalConfig, meta: dict) -> dict[str, int]:
+def hop_settings(cfg: EvalConfig, evaluated: Run) -> dict[str, int]:
     """max_hops & co.: as given, else as the checkpoint's stage was trained, else refrag's defaults."""
-    trained = meta.get("config", {}).get("stage", {})
-    return {k: getattr(cfg, k) if getattr(cfg, k) is not None else trained.get(k, getattr(RefragConfig, k))
+    return {k: getattr(cfg, k) if getattr(cfg, k) is not None else getattr(evaluated.stage, k, getattr(RefragConfig, k))
             for k in HOP_SETTINGS}
 
 
@@ -217,7 +208,7 @@ def time_to_first_token(model, prompt: list[int], repeats: int = 3) -> float:
     return best
 
 
-def context_budget(cfg: EvalConfig, models: dict[str, tuple], items: list[Item], retriever) -> list[dict]:
+def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Item], retriever) -> list[dict]:
     """EM and time to first token with k retrieved documents in context, k = cfg.context_budget; the
     context is NOT cut to the model's sequence_len here: past it is exactly what this measures."""
     answerable = [i for i in items if i.answers][:cfg.context_questions]
@@ -225,17 +216,18 @@ def context_budget(cfg: EvalConfig, models: dict[str, tuple], items: list[Item],
         return []
     hits = retriever.search([i.question for i in answerable], top_k=max(cfg.context_budget))
     rows = []
-    for name, (model, tokenizer, meta) in models.items():
-        answerer = Answerer(model, tokenizer, max_context=10**9, max_answer_tokens=cfg.max_answer_tokens,
+    for name, run in models.items():
+        model = run.model
+        answerer = Answerer(model, run.tokenizer, max_context=10**9, max_answer_tokens=cfg.max_answer_tokens,
                             batch_size=cfg.batch_size)
         for k in cfg.context_budget:
             docs = [[h.document for h in row[:k]] for row in hits]
             answers = answerer.answer([i.question for i in answerable], docs)
             em = [score(a, i.answers)["em"] for a, i in zip(answers, answerable)]
             prompts = [answerer.prompt(i.question, d)[0] for i, d in zip(answerable[:5], docs[:5])]
-            rows.append({"model": name, "pattern": meta["architecture"]["block_pattern"], "documents": k,
+            rows.append({"model": name, "pattern": run.meta["architecture"]["block_pattern"], "documents": k,
                          "context_tokens": round(statistics.mean(len(p) for p in prompts)),
-                         "trained_context": meta["config"]["model"]["sequence_len"],
+                         "trained_context": run.config.model.sequence_len,
                          "em": bootstrap_ci(em, n_resamples=cfg.bootstrap, seed=cfg.seed),
                          "ttft_ms": 1000 * statistics.median(time_to_first_token(model, p) for p in prompts)})
     return rows
@@ -248,25 +240,24 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     answerable = [i for i in mine or () if i.answers]
     two_hop = cfg.hops == 2 or (bool(answerable) and all(len(i.gold_doc_ids) == 2 for i in answerable))
     stage = cfg.checkpoint_stage or ("refrag" if two_hop else "rag")
-    evaluated = checkpoint.find(cfg.paths.checkpoints, cfg.run_name, stage, cfg.step)
-    model, tokenizer, meta = checkpoint.load_model(evaluated, device=cfg.gpu.device.value)
-    world_cfg = WorldConfig(**meta["config"]["world"])
-    seq_len = meta["config"]["model"]["sequence_len"]
+    evaluated = load(cfg, cfg.run_name, stage, cfg.step)
+    model, tokenizer, meta = evaluated.model, evaluated.tokenizer, evaluated.meta
+    seq_len = evaluated.config.model.sequence_len
     if mine is not None:
         items = mine
     elif two_hop:
-        items, two_hop = two_hop_items(World.generate(world_cfg), cfg.n_questions, cfg.n_unanswerable, cfg.seed), True
+        items, two_hop = two_hop_items(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed), True
     else:
-        items, two_hop = world_items(World.generate(world_cfg), cfg.n_questions, cfg.n_unanswerable, cfg.seed), False
+        items, two_hop = world_items(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed), False
     if cfg.retriever.kind == "none":
         raise UserError("evaluate needs a retriever for the RAG condition: retriever=bm25|dense|hybrid|simple")
-    kb = open_knowledge_base(cfg.retriever, cfg.paths.cache, world_collection(world_cfg))
+    kb = evaluated.knowledge_base(cfg.retriever, cfg.paths.cache)
     retriever = kb.retriever(cfg.retriever)
     questions = [i.question for i in items]
     top = retriever.search(questions, top_k=cfg.retriever.top_k)
     retrieved = [[h.document for h in row] for row in top]
 
-    settings = hop_settings(cfg, meta)
+    settings = hop_settings(cfg, evaluated)
 
     def run(condition: str, answer_model, docs, subset=lambda item: True, queries=None) -> dict[str, Any]:
         """queries: a QueryGenerator for multi-hop answering (2-hop questions), None for one shot."""
@@ -298,7 +289,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.closed_book_stage and cfg.closed_book_stage != stage:
         path = checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, cfg.closed_book_stage)
         if checkpoint.latest(path) is not None:
-            closed_model = load(cfg, cfg.run_name, cfg.closed_book_stage)[0]
+            closed_model = load(cfg, cfg.run_name, cfg.closed_book_stage).model
             closed_name = cfg.closed_book_stage
         else:
             log.warning("no %s checkpoint in %s: the closed-book condition uses the %s model without documents",
@@ -308,9 +299,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     conditions.append(run(f"RAG, {cfg.retriever.kind} top-{cfg.retriever.top_k}", model, retrieved))
     if two_hop:
         conditions.append(run("rule-based bridge queries", model, retrieved, queries=BridgeQueries()))
-        warm = warm_start(cfg, evaluated, meta)
+        warm = warm_start(cfg, evaluated)
         if warm is not None:
-            warm_model = checkpoint.load_model(warm, device=cfg.gpu.device.value)[0]
+            warm_model = load_run(warm, device=cfg.gpu.device.value).model
             conditions.append(run(f"REFRAG after warm start ({'/'.join(warm.parts[-3:])})", warm_model,
                                   retrieved, queries=ModelQueries()))
         primary = len(conditions)
@@ -320,7 +311,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         conditions.append(run("gold documents", model, gold_documents(kb.documents, items),
                               lambda item: bool(item.gold_doc_ids)))
     others = {name: load(cfg, name, stage) for name in cfg.compare}
-    budget = [] if two_hop else context_budget(cfg, {cfg.run_name: (model, tokenizer, meta), **others}, items,
+    budget = [] if two_hop else context_budget(cfg, {cfg.run_name: evaluated, **others}, items,
                                                 retriever)
     return {"run_name": cfg.run_name, "stage": stage, "checkpoint": meta.get("step"),
             "retriever": cfg.retriever.kind, "top_k": cfg.retriever.top_k, "sequence_len": seq_len,

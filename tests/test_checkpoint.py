@@ -9,6 +9,7 @@ import torch
 from conftest import CKPT_MODEL, TOY_MODEL, TOY_VOCAB, StubTokenizer
 
 from hybridchat.core.errors import UserError
+from hybridchat.infra.runs import load_run
 from hybridchat.model.lm import HybridLM
 
 # ---- a saved step folder of a tiny model ---------------------------------------------------------
@@ -48,11 +49,10 @@ def edited_copy(src, dst, edit=None, drop=None):
 
 # ---- loading -------------------------------------------------------------------------------------
 
-def test_load_model_refuses_an_incomplete_or_foreign_step_folder_in_one_line(step_folder, tmp_path):
-    """load_model needs the model config and tokenizer.json beside the weights, a config of known
+def test_load_run_refuses_an_incomplete_or_foreign_step_folder_in_one_line(step_folder, tmp_path):
+    """load_run needs the model config and tokenizer.json beside the weights, a config of known
     keys, and the weights of the tokenizer saved with them; each lack is one UserError saying which
     (mutants: `meta.get("config", None)`, `or` -> `and`, messages dropped, fingerprint not checked)."""
-    from hybridchat.infra import checkpoint
 
     def no_config(meta):
         del meta["config"]
@@ -69,16 +69,16 @@ def test_load_model_refuses_an_incomplete_or_foreign_step_folder_in_one_line(ste
              (edited_copy(step_folder, tmp_path / "d", other_tokenizer), "trained with tokenizer 0123456789abcdef")]
     for path, message in cases:
         with pytest.raises(UserError, match=message):
-            checkpoint.load_model(path)
-    model, tokenizer, meta = checkpoint.load_model(step_folder)  # the untouched folder loads
+            load_run(path)
+    run = load_run(step_folder)  # the untouched folder loads
+    model, meta = run.model, run.meta
     assert meta["step"] == 7 and meta["format_version"] == 1 and not model.training
 
 
-def test_load_model_puts_the_model_on_the_asked_device_and_ssm_backend(step_folder):
+def test_load_run_puts_the_model_on_the_asked_device_and_ssm_backend(step_folder):
     """device and ssm_backend reach the model (mutants: model.to(None), the backend argument dropped)."""
-    from hybridchat.infra import checkpoint
 
-    model, _, _ = checkpoint.load_model(step_folder, device="meta", ssm_backend="auto")
+    model = load_run(step_folder, device="meta", ssm_backend="auto").model
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert [b.mixer.backend for b in model.blocks if b.kind == "M"] == ["auto"]
 
@@ -119,7 +119,7 @@ def test_optimizer_state_round_trip_keeps_groups_as_saved_and_number_state(step_
     def groups(opt):
         return [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
 
-    model, _, _ = checkpoint.load_model(step_folder)
+    model = load_run(step_folder).model
     params = list(model.parameters())
     as_saved = groups(torch.optim.AdamW(params, lr=1e-3))  # the fixture's optimizer, built alike
     assert type(as_saved[0]["betas"]) is tuple

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import TINY_VOCAB, compose_config
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.infra.config import ModelConfig
 from hybridchat.core.errors import UserError
 from hybridchat.model.attention import CausalSelfAttention
@@ -240,7 +241,8 @@ def test_distill_run_lowers_the_kl_and_writes_the_student(distilled):
     assert all(r["val/teacher_bpb"] == pytest.approx(teacher_bpb) for r in evals)  # same val batches
     ckpt = checkpoint.latest(distilled / "checkpoints" / "distill" / "distill")
     assert ckpt is not None and ckpt.name == "step_000009"
-    student, _, meta = checkpoint.load_model(ckpt)
+    run = load_run(ckpt)
+    student, meta = run.model, run.meta
     assert student.pattern == "AM" and meta["stage"] == "distill"
 
 

@@ -102,7 +102,7 @@ KB_DRIVER = """
 
     def add(point):
         KILL_POINTS[point]()
-        main(["add", sys.argv[1], "--kb", f"{sys.argv[2]}/{point}/kb"])
+        main(["add", f"inputs=[{sys.argv[1]}]", f"retriever.kb_dir={sys.argv[2]}/{point}/kb"])
 
     fork_each(sys.argv[3].split(","), add)
 """
@@ -140,7 +140,7 @@ def test_kb_add_killed_at_any_point_leaves_a_whole_knowledge_base(tmp_path, caps
     kbs = {}
     for point in KB_POINTS + ["none"]:
         kbs[point] = tmp_path / point / "kb"
-        assert kb_main(["build", src, "--kb", kbs[point], "--retrievers", "bm25,simple"]) == 0
+        assert kb_main(["build", f"inputs=[{src}]", f"retriever.kb_dir={kbs[point]}", "indexes=[bm25,simple]"]) == 0
     codes = run_driver(tmp_path, KB_DRIVER, new, tmp_path, ",".join(KB_POINTS + ["none"]))
     assert codes.pop("none") == 0  # the driver itself works: without a kill point the add completes
     assert codes == {p: -signal.SIGKILL for p in KB_POINTS}
@@ -153,10 +153,10 @@ def test_kb_add_killed_at_any_point_leaves_a_whole_knowledge_base(tmp_path, caps
             assert top_hit(kb, "magma lava volcanoes", kind) == "d1", (point, kind)
         # The lock died with the child, leftovers of the killed write do not get in the way.
         if point != "after_swap":
-            assert kb_main(["add", new, "--kb", kb]) == 0, (point, capsys.readouterr().err)
+            assert kb_main(["add", f"inputs=[{new}]", f"retriever.kb_dir={kb}"]) == 0, (point, capsys.readouterr().err)
         assert kb_ids(kb) == ["d1", "d2", "d3", "d4"]
         assert top_hit(kb, "moon gravity tides") == "d4" and top_hit(kb, "moon gravity tides", "simple") == "d4"
-        assert kb_main(["delete", "d2", "--kb", kb]) == 0 and kb_ids(kb) == ["d1", "d3", "d4"]
+        assert kb_main(["delete", "ids=[d2]", f"retriever.kb_dir={kb}"]) == 0 and kb_ids(kb) == ["d1", "d3", "d4"]
 
 
 # ---- checkpoints: checkpoint.save killed while it writes step 2 ----------------------------------

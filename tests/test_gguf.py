@@ -23,7 +23,7 @@ from gguf.quants import dequantize, quantize
 from omegaconf import OmegaConf
 from tokenizers import pre_tokenizers
 
-from hybridchat.infra.checkpoint import load_model
+from hybridchat.infra.runs import load_run
 from hybridchat.infra.context import pretrained_file
 from hybridchat.model.engine import Engine
 from hybridchat.core.errors import UserError
@@ -217,7 +217,8 @@ def test_import_checkpoint_round_trip(tiny, tmp_path):
     imported = read_gguf(tiny)
     step = import_checkpoint(tiny, tmp_path / "imported")
     assert step == tmp_path / "imported" / "step_000000"
-    model, tok, meta = load_model(step)
+    run = load_run(step)
+    model, tok, meta = run.model, run.tokenizer, run.meta
     assert meta["source"] == f"gguf:{tiny.name}" and meta["config"]["model"] == imported.config
     assert tok.fingerprint == imported.tokenizer.fingerprint
     assert tok.encode("the 12 <tool>") == imported.tokenizer.encode("the 12 <tool>")
@@ -277,9 +278,10 @@ def test_stage_source_pretrained_imports_the_file_once_and_tunes_it(tiny, tmp_pa
     run(compose_config(overrides, output_dir=tmp_path / "run1"))
     imported = tmp_path / "checkpoints" / "imported" / "pretrained" / "step_000000"
     tuned = tmp_path / "checkpoints" / "imported" / "rag" / "step_000002"
-    model, tok, meta = load_model(tuned)
+    run = load_run(tuned)
+    model, tok, meta = run.model, run.tokenizer, run.meta
     assert meta["config"]["stage"]["source"] == "pretrained" and tok.fingerprint == read_gguf(tiny).tokenizer.fingerprint
-    assert not np.array_equal(_logits(model, IDS), _logits(load_model(imported)[0], IDS))  # it trained
+    assert not np.array_equal(_logits(model, IDS), _logits(load_run(imported).model, IDS))  # it trained
     stamp = (imported / "model.safetensors").stat().st_mtime_ns
     run(compose_config(overrides + ["stage.num_steps=1"], output_dir=tmp_path / "run2"))
     assert (imported / "model.safetensors").stat().st_mtime_ns == stamp  # imported once, then reused

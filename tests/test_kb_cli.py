@@ -1,4 +1,4 @@
-"""python -m hybridchat.kb: the commands, and one clear error for each kind of bad input."""
+"""python -m hybridchat.kb COMMAND key=value ...: the commands, and one clear error for each kind of bad input."""
 
 import os
 
@@ -41,29 +41,29 @@ def snapshot(path):
 @pytest.fixture
 def kb(tmp_path, capsys):
     src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
-    code, out, err = run(["build", src, "--kb", tmp_path / "kb", "--retrievers", "bm25,simple"], capsys)
+    code, out, err = run(["build", f"inputs=[{src}]", f"retriever.kb_dir={tmp_path / 'kb'}", "indexes=[bm25,simple]"], capsys)
     assert code == 0, err
     return tmp_path / "kb"
 
 
 def test_build_search_add_delete_stats_eval(kb, tmp_path, capsys):
-    code, out, _ = run(["search", "magma lava", "--kb", kb, "-k", "2"], capsys)
+    code, out, _ = run(["search", "query=magma lava", f"retriever.kb_dir={kb}", "retriever.top_k=2"], capsys)
     assert code == 0 and out.splitlines()[0].startswith(" 1. Volcanoes  [d1]  score=")
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "tides.md").write_text("# Ocean tides\nThe moon's gravity raises tides twice a day.\n")
-    assert run(["add", folder, "--kb", kb], capsys)[0] == 0
-    code, out, _ = run(["search", "moon gravity tides", "--kb", kb, "--retriever", "simple"], capsys)
+    assert run(["add", f"inputs=[{folder}]", f"retriever.kb_dir={kb}"], capsys)[0] == 0
+    code, out, _ = run(["search", "query=moon gravity tides", f"retriever.kb_dir={kb}", "retriever=simple"], capsys)
     assert "Ocean tides  [tides]" in out.splitlines()[0]
-    code, out, _ = run(["search", "hot sand", "--kb", kb, "--filter", "hot=yes"], capsys)
+    code, out, _ = run(["search", "query=hot sand", f"retriever.kb_dir={kb}", "filter={hot:yes}"], capsys)
     assert "[d3]" in out and "[d1]" not in out
-    assert run(["delete", "tides", "--kb", kb], capsys)[0] == 0
-    code, out, _ = run(["stats", "--kb", kb], capsys)
+    assert run(["delete", "ids=[tides]", f"retriever.kb_dir={kb}"], capsys)[0] == 0
+    code, out, _ = run(["stats", f"retriever.kb_dir={kb}"], capsys)
     assert json.loads(out)["documents"] == 3 and set(json.loads(out)["indexes"]) == {"bm25", "simple"}
     questions = write_jsonl(tmp_path / "q.jsonl", [
         {"question": "where does lava come from", "answers": ["volcanoes"], "gold_doc_ids": ["d1"]},
         {"question": "ice valleys and dunes", "answers": [], "gold_doc_ids": ["d2", "d3"]}])
-    code, out, _ = run(["eval", "--questions", questions, "--kb", kb, "--json", tmp_path / "r.json"], capsys)
+    code, out, _ = run(["eval", f"questions={questions}", f"retriever.kb_dir={kb}", f"json={tmp_path / 'r.json'}"], capsys)
     report = json.loads((tmp_path / "r.json").read_text())
     assert code == 0 and report["retriever"] == "bm25" and report["recall@3"] == 1.0 and report["both@3"] == 1.0
 
@@ -77,7 +77,7 @@ def test_build_search_add_delete_stats_eval(kb, tmp_path, capsys):
 def test_bad_jsonl_line_names_file_and_line_and_leaves_kb_intact(kb, tmp_path, capsys, line, reason):
     before = snapshot(kb)
     src = write_jsonl(tmp_path / "bad.jsonl", [{"id": "ok", "text": "fine"}, line])
-    for cmd in (["build", src, "--kb", kb], ["add", src, "--kb", kb]):
+    for cmd in (["build", f"inputs=[{src}]", f"retriever.kb_dir={kb}"], ["add", f"inputs=[{src}]", f"retriever.kb_dir={kb}"]):
         code, _, err = run(cmd, capsys)
         assert code == 2
         assert err.startswith(f"error: {src}:2: ") and reason in err and err.count("\n") == 1
@@ -87,7 +87,7 @@ def test_bad_jsonl_line_names_file_and_line_and_leaves_kb_intact(kb, tmp_path, c
 def test_skip_bad_counts_skipped_lines(kb, tmp_path, capsys):
     src = write_jsonl(tmp_path / "mixed.jsonl", ['{"id": "new", "text": "Rivers flow to the sea."}', "{oops",
                                                  {"id": "dup", "text": "Rivers flow to the sea."}])
-    code, _, err = run(["add", src, "--kb", kb, "--skip-bad"], capsys)
+    code, _, err = run(["add", f"inputs=[{src}]", f"retriever.kb_dir={kb}", "skip_bad=true"], capsys)
     assert code == 0 and "1 documents read, 1 bad records skipped, 1 exact duplicates dropped" in err
     assert f"skipped {src}:2: invalid JSON" in err
 
@@ -96,13 +96,15 @@ def test_one_clear_error_each(kb, tmp_path, capsys):
     before = snapshot(kb)
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
     cases = [
-        (["build", bad, "--kb", kb, "--skip-bad"], "would be empty"),
-        (["add", write_jsonl(tmp_path / "d.jsonl", DOCS[:1]), "--kb", kb], "already in the knowledge base"),
-        (["delete", "nope", "--kb", kb], "no document with id 'nope'"),
-        (["search", "lava", "--kb", kb, "--retriever", "dense"], "needs the dense index"),
-        (["search", "lava", "--kb", tmp_path / "missing"], "not a knowledge base"),
-        (["build", tmp_path / "x.csv", "--kb", kb], "unsupported input"),
-        (["search", "lava", "--kb", kb, "--filter", "nokey"], "expected KEY=VALUE"),
+        (["build", f"inputs=[{bad}]", f"retriever.kb_dir={kb}", "skip_bad=true"], "would be empty"),
+        (["add", f"inputs=[{write_jsonl(tmp_path / 'd.jsonl', DOCS[:1])}]", f"retriever.kb_dir={kb}"],
+         "already in the knowledge base"),
+        (["delete", "ids=[nope]", f"retriever.kb_dir={kb}"], "no document with id 'nope'"),
+        (["search", "query=lava", f"retriever.kb_dir={kb}", "retriever=dense"], "needs the dense index"),
+        (["search", "query=lava", f"retriever.kb_dir={tmp_path / 'missing'}"], "not a knowledge base"),
+        (["build", f"inputs=[{tmp_path / 'x.csv'}]", f"retriever.kb_dir={kb}"], "unsupported input"),
+        (["search", "query=lava", f"retriever.kb_dir={kb}", "filter=nokey"], "expected {key:value,...}"),
+        (["build", f"inputs=[{bad}]"], "build needs retriever.kb_dir="),
     ]
     (tmp_path / "x.csv").write_text("a,b\n")
     for argv, message in cases:
@@ -116,25 +118,25 @@ def test_one_clear_error_each(kb, tmp_path, capsys):
 def test_newer_format_version_is_refused(kb, capsys):
     manifest = json.loads((kb / "manifest.json").read_text())
     (kb / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
-    code, _, err = run(["stats", "--kb", kb], capsys)
+    code, _, err = run(["stats", f"retriever.kb_dir={kb}"], capsys)
     assert code == 2 and "format version 99 is newer" in err
 
 
 def test_changed_embedding_model_is_refused(tmp_path, capsys):
     src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     kb = tmp_path / "kb"
-    assert run(["build", src, "--kb", kb, "--retrievers", "dense"], capsys)[0] == 0
+    assert run(["build", f"inputs=[{src}]", f"retriever.kb_dir={kb}", "indexes=[dense]"], capsys)[0] == 0
     manifest = json.loads((kb / "manifest.json").read_text())
     manifest["indexes"]["dense"]["weights_sha256"] = "0" * 64  # as if the model's weights had changed
     (kb / "manifest.json").write_text(json.dumps(manifest))
     before = snapshot(kb)
-    for argv in (["search", "lava", "--kb", kb], ["add", write_jsonl(tmp_path / "n.jsonl", [
-            {"id": "n", "text": "new"}]), "--kb", kb]):
+    new = write_jsonl(tmp_path / "n.jsonl", [{"id": "n", "text": "new"}])
+    for argv in (["search", "query=lava", f"retriever.kb_dir={kb}"], ["add", f"inputs=[{new}]", f"retriever.kb_dir={kb}"]):
         code, _, err = run(argv, capsys)
         assert code == 2 and "dense index was built with 'all-MiniLM-L6-v2'" in err and "sha256 000000000000" in err
     manifest["indexes"]["dense"]["dim"] = 512
     (kb / "manifest.json").write_text(json.dumps(manifest))
-    code, _, err = run(["search", "lava", "--kb", kb], capsys)
+    code, _, err = run(["search", "query=lava", f"retriever.kb_dir={kb}"], capsys)
     assert code == 2 and "dim 512" in err
     after = snapshot(kb)
     assert after.keys() == before.keys()

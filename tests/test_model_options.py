@@ -12,6 +12,7 @@ from conftest import TINY_VOCAB, compose_config, train_steps
 from safetensors import safe_open
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.infra.config import ModelConfig, StageConfig
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.errors import UserError
@@ -166,7 +167,7 @@ def test_tied_embeddings_train_once_at_the_embedding_lr():
 
 def test_tied_checkpoint_round_trip(tmp_path):
     """safetensors refuses two names for one tensor: the tied matrix is saved once, as wte.weight,
-    and load_model rebuilds the model (still tied) and its optimizer state from the step folder."""
+    and load_run rebuilds the model (still tied) and its optimizer state from the step folder."""
     model = HybridLM(LLAMA, vocab_size=VOCAB)
     model.init_weights()
     optimizers = build_optimizers(model, StageConfig())
@@ -180,7 +181,7 @@ def test_tied_checkpoint_round_trip(tmp_path):
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == set(model.state_dict()) and "lm_head.weight" not in f.keys()
 
-    loaded, _, _ = checkpoint.load_model(path)
+    loaded = load_run(path).model
     assert loaded.config == LLAMA and loaded.lm_head is None
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name

@@ -15,6 +15,7 @@ from conftest import compose_config
 from safetensors.torch import load_file
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.infra.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.train import run
@@ -55,7 +56,7 @@ def two_processes(out: Path, name: str, *overrides: str) -> Path:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.load_model(path)[0].state_dict()
+    return load_run(path).model.state_dict()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import naive_greedy, random_model
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.infra.config import StageConfig
 from hybridchat.model.engine import Engine
 from hybridchat.core.errors import UserError
@@ -144,7 +145,7 @@ def test_checkpoint_records_the_pointer(tmp_path):
     plain = pointer_model(pointer=False, dtype=torch.float32)
     with pytest.raises(UserError, match="pointer: checkpoint True vs config False"):
         checkpoint.load(saved, plain)
-    loaded, _, _ = checkpoint.load_model(saved)
+    loaded = load_run(saved).model
     assert loaded.pointer is not None
     idx = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -13,6 +13,7 @@ import torch
 from conftest import compose_config
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.rag.answer import ABSTAIN, Answer, score
 from hybridchat.core.errors import UserError
 from hybridchat.evaluate import summarize
@@ -203,19 +204,20 @@ def test_rag_can_teach_the_answer_before_its_citation(pipeline):
     assert answered > 0
 
 
-def test_load_model_needs_nothing_but_the_step_folder(pipeline, tmp_path):
+def test_load_run_needs_nothing_but_the_step_folder(pipeline, tmp_path):
     out, _ = pipeline
     source = checkpoint.latest(out / "checkpoints" / "p" / "rag")
     moved = tmp_path / "elsewhere" / "step"
     shutil.copytree(source, moved)
-    model, tokenizer, meta = checkpoint.load_model(moved)
-    reference, _, _ = checkpoint.load_model(source)
+    run = load_run(moved)
+    model, tokenizer, meta = run.model, run.tokenizer, run.meta
+    reference = load_run(source).model
     idx = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("Where was Ada born?")])
     assert torch.equal(model(idx), reference(idx))
     assert meta["stage"] == "rag" and tokenizer.fingerprint == meta["tokenizer"]
     (moved / "tokenizer.json").unlink()
     with pytest.raises(UserError, match="tokenizer.json"):
-        checkpoint.load_model(moved)
+        load_run(moved)
 
 
 def test_rope_mismatch_is_refused(pipeline, tmp_path):
@@ -301,14 +303,14 @@ def test_evaluate_on_your_questions_and_bad_inputs(pipeline, tmp_path):
 
 def test_chat_one_shot_prints_sources_answer_and_exits_zero(pipeline):
     out, _ = pipeline
-    result = cli("hybridchat.chat", "--run", "p", "--checkpoints", f"{out}/checkpoints", "--cache-dir", f"{out}/cache",
-                 "-k", "2", "--max-tokens", "8", "-p", "Where does Meba Romais live?")
+    result = cli("hybridchat.chat", "run_name=p", f"paths.outputs={out}", "retriever.top_k=2", "max_answer_tokens=8",
+                 "prompt=Where does Meba Romais live?")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sources:" in result.stdout and "answer: " in result.stdout and "confidence:" in result.stdout
-    closed = cli("hybridchat.chat", "--run", "p", "--checkpoints", f"{out}/checkpoints", "--no-rag",
-                 "--max-tokens", "4", "-p", "Hello?")
+    closed = cli("hybridchat.chat", "run_name=p", f"paths.outputs={out}", "retriever=none", "max_answer_tokens=4",
+                 "prompt=Hello?")
     assert closed.returncode == 0 and "sources:" not in closed.stdout
-    missing = cli("hybridchat.chat", "--run", "nobody", "--checkpoints", f"{out}/checkpoints", "-p", "x")
+    missing = cli("hybridchat.chat", "run_name=nobody", f"paths.outputs={out}", "prompt=x")
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
@@ -341,7 +343,8 @@ def test_confidence_is_one_minus_the_probability_of_the_abstention_reply(pipelin
 
     monkeypatch.setattr(answer, "LOGITS_BUDGET", budget)
     out, _ = pipeline
-    model, tokenizer, _ = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "p" / "rag"))
+    run = load_run(checkpoint.latest(out / "checkpoints" / "p" / "rag"))
+    model, tokenizer = run.model, run.tokenizer
     answerer = Answerer(model, tokenizer, 256)
     prompts = [answerer.prompt(q, None)[0] for q in ("Hi?", "Where was Ada Vell born, and when exactly?", "Why?")]
     batched = answerer.abstain_probability(prompts)

@@ -15,6 +15,7 @@ from test_rag import train
 from torch import nn
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.infra.config import ModelConfig
 from hybridchat.data.chat import ChatRenderer
 from hybridchat.data.tokenizer import Tokenizer
@@ -444,7 +445,7 @@ def test_a_grpo_step_samples_groups_scores_them_and_reports_rewards(smoke_checkp
     out, common = smoke_checkpoints
     stage = refrag_stage(out, common, "stage.rl_steps=6", "stage.group_size=2", "stage.reward_format=1.0",
                          "stage.hop_cost=0.25", "stage.kl_coef=0.5")
-    model, _, _ = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "p" / "rag"))
+    model = load_run(checkpoint.latest(out / "checkpoints" / "p" / "rag")).model
     stage.ctx.model = model.train()
     batch = next(stage.train_batches(0, 0, 1))  # rl_steps == num_steps: RL from the first batch
     assert "targets" not in batch and len(batch["inputs"]) == 2  # micro_batch 4 // group_size 2 questions
@@ -486,7 +487,7 @@ def test_under_compile_warm_start_and_policy_batches_come_in_padded_widths(smoke
               for e, p in zip(islice(exact.train_batches(0, 0, 1), 4), islice(padded.train_batches(0, 0, 1), 4))]
     assert all(p == min(1 << (e - 1).bit_length(), 512) for e, p in widths) and any(e != p for e, p in widths)
     stage = refrag_stage(out, common, "gpu.compile=true", "stage.rl_steps=6", "stage.group_size=2")
-    stage.ctx.model = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "p" / "rag"))[0].train()
+    stage.ctx.model = load_run(checkpoint.latest(out / "checkpoints" / "p" / "rag")).model.train()
     batch = next(stage.train_batches(0, 0, 1))
     stage.training_step(stage.ctx.model, batch)
     width = stage.batch_tokens(batch) // 4  # 2 questions x group_size 2 trajectories

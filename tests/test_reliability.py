@@ -66,7 +66,7 @@ def write_jsonl(path, rows):
 def built_kb(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("built")
     src = write_jsonl(tmp / "docs.jsonl", DOCS)
-    code, _, err = cli("hybridchat.kb", "build", src, "--kb", tmp / "kb", "--retrievers", "bm25,simple")
+    code, _, err = cli("hybridchat.kb", "build", f"inputs=[{src}]", f"retriever.kb_dir={tmp / 'kb'}", "indexes=[bm25,simple]")
     assert code == 0, err
     return tmp / "kb"
 
@@ -153,8 +153,9 @@ def test_damaged_documents_jsonl_is_one_error_naming_file_and_line(kb, damage, w
     docs = kb / "documents.jsonl"
     docs.write_text("\n".join(damage(docs.read_text().splitlines())) + "\n")
     before = snapshot(kb)
-    for argv in (["search", "lava", "--kb", kb], ["stats", "--kb", kb],
-                 ["add", write_jsonl(kb.parent / "new.jsonl", [{"id": "n", "text": "new"}]), "--kb", kb]):
+    new = write_jsonl(kb.parent / "new.jsonl", [{"id": "n", "text": "new"}])
+    for argv in (["search", "query=lava", f"retriever.kb_dir={kb}"], ["stats", f"retriever.kb_dir={kb}"],
+                 ["add", f"inputs=[{new}]", f"retriever.kb_dir={kb}"]):
         code, _, err = cli("hybridchat.kb", *argv)
         assert_one_error(code, err, where, "rebuild")
     assert snapshot(kb) == before
@@ -163,32 +164,33 @@ def test_damaged_documents_jsonl_is_one_error_naming_file_and_line(kb, damage, w
 def test_damaged_manifest_and_index_files_are_one_error_each(kb):
     manifest = json.loads((kb / "manifest.json").read_text())
     (kb / "manifest.json").write_text(json.dumps({**manifest, "indexes": ["bm25"]}))
-    assert_one_error(*cli("hybridchat.kb", "stats", "--kb", kb)[::2], "manifest.json: unreadable")
+    assert_one_error(*cli("hybridchat.kb", "stats", f"retriever.kb_dir={kb}")[::2], "manifest.json: unreadable")
     (kb / "manifest.json").write_text(json.dumps(manifest))
     for f in (kb / "bm25").iterdir():
         f.write_bytes(b"\x00garbage")
     (kb / "simple" / "postings.npz").write_bytes(b"PK\x03\x04 not a zip")
-    assert_one_error(*cli("hybridchat.kb", "search", "lava", "--kb", kb)[::2], "bm25 index is damaged")
-    assert_one_error(*cli("hybridchat.kb", "search", "lava", "--kb", kb, "--retriever", "simple")[::2],
+    assert_one_error(*cli("hybridchat.kb", "search", "query=lava", f"retriever.kb_dir={kb}")[::2], "bm25 index is damaged")
+    assert_one_error(*cli("hybridchat.kb", "search", "query=lava", f"retriever.kb_dir={kb}", "retriever=simple")[::2],
                      "simple index is damaged")
 
 
 def test_eval_with_missing_or_bad_questions_file(kb, tmp_path):
     missing = tmp_path / "missing.jsonl"
-    assert_one_error(*cli("hybridchat.kb", "eval", "--questions", missing, "--kb", kb)[::2],
+    assert_one_error(*cli("hybridchat.kb", "eval", f"questions={missing}", f"retriever.kb_dir={kb}")[::2],
                      f"--questions {missing}: cannot be read")
     bad = write_jsonl(tmp_path / "q.jsonl", [{"question": "lava?", "gold_doc_ids": ["d1"], "answers": 5}])
-    assert_one_error(*cli("hybridchat.kb", "eval", "--questions", bad, "--kb", kb)[::2],
+    assert_one_error(*cli("hybridchat.kb", "eval", f"questions={bad}", f"retriever.kb_dir={kb}")[::2],
                      f"{bad}:1: 'answers' must be a list")
 
 
-@pytest.mark.parametrize("option", [["-k", "0"], ["-k", "-3"], ["--nprobe", "0"]])
+@pytest.mark.parametrize("option", ["retriever.top_k=0", "retriever.top_k=-3", "retriever.dense.nprobe=0"])
 def test_search_counts_below_one_are_refused(kb, option):
-    assert_one_error(*cli("hybridchat.kb", "search", "lava", "--kb", kb, *option)[::2], option[0], "must be >= 1")
+    assert_one_error(*cli("hybridchat.kb", "search", "query=lava", f"retriever.kb_dir={kb}", option)[::2], option,
+                     "must be >= 1")
 
 
 def test_search_k1_still_returns_one_hit(kb):
-    code, out, err = cli("hybridchat.kb", "search", "magma lava", "--kb", kb, "-k", "1")
+    code, out, err = cli("hybridchat.kb", "search", "query=magma lava", f"retriever.kb_dir={kb}", "retriever.top_k=1")
     assert code == 0, err
     assert out.splitlines()[0].startswith(" 1. Volcanoes  [d1]") and " 2. " not in out
 
@@ -249,11 +251,12 @@ def test_filter_over_list_metadata_matches_any_element():
     assert filter_mask(docs, {"tags": "x"}).tolist() == [True, True, False, False]
 
 
-@pytest.mark.parametrize("argv, needle", [(["search", "lava", "-k", "abc"], "invalid int value: 'abc'"),
-                                          ([], "required: command"), (["frob"], "invalid choice: 'frob'")])
+@pytest.mark.parametrize("argv, needle", [
+    (["search", "query=lava", "retriever.top_k=abc"], "retriever.top_k=abc"), (["search", "k=3"], "Key 'k' not in 'KbConfig'"),
+    ([], "the first word is the command"), (["frob"], "got 'frob'"), (["search"], "search needs query=")])
 def test_kb_usage_mistakes_are_one_error_line_too(argv, needle):
     code, _, err = cli("hybridchat.kb", *argv)
-    assert_one_error(code, err, needle, "--help")
+    assert_one_error(code, err, needle)
     assert err.count("\n") == 1  # no usage block before it
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from hybridchat.core.errors import UserError
 from hybridchat.model.request_match import REQUEST_ENDS, REQUEST_STARTS, request_markers_fit, request_match
@@ -85,7 +86,7 @@ def test_checkpoints_record_it_load_it_back_and_refuse_a_mismatch(tmp_path):
     meta = {"config": {"model": dataclasses.asdict(model.config)}, "tokenizer": tokenizer.fingerprint}
     path = checkpoint.save(tmp_path / "run", 1, model, [], meta, keep=1, tokenizer=tokenizer)
     assert checkpoint.read_meta(path)["architecture"]["request_match"] is True
-    loaded, _, _ = checkpoint.load_model(path)
+    loaded = load_run(path).model
     ids = torch.tensor([[0, USER_START, 20, 21, USER_END, 30, 21, 31, 20]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)

@@ -14,6 +14,7 @@ import torch
 from conftest import compose_config, train_steps
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.infra.config import ModelConfig, StageConfig
 from hybridchat.infra.context import RunContext
 from hybridchat.data.tokenizer import Tokenizer
@@ -99,7 +100,8 @@ def test_a_compiled_run_trains_like_the_eager_one(smoke_run, tmp_path):
 def test_samples_are_greedy_continuations_up_to_a_document_boundary(smoke_run):
     """The pretrain stage's samples against a plain loop: full forward, argmax, stop at <|bos|>."""
     out, overrides, _ = smoke_run
-    model, tokenizer, _ = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain"))
+    run = load_run(checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain"))
+    model, tokenizer = run.model, run.tokenizer
     config, _ = typed_config(compose_config(overrides, output_dir=out / "run"))
     ctx = RunContext(config, Runtime(torch.device("cpu"), None), model)
     completions = PretrainStage(ctx).samples(model, max_new_tokens=8)
@@ -313,7 +315,8 @@ def test_bits_per_byte_is_nats_over_ln2_per_utf8_byte(smoke_run):
     from hybridchat.training.stages import evaluate_bpb
 
     out, _, _ = smoke_run
-    model, tok, _ = checkpoint.load_model(checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain"))
+    run = load_run(checkpoint.latest(out / "checkpoints" / "smoke" / "pretrain"))
+    model, tok = run.model, run.tokenizer
     text = "Settlers founded the city of Vellport in 1203."
     ids = [tok.bos_id] + tok.encode(text)
     inputs, targets = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])

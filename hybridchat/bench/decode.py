@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.bench import report
 from hybridchat.model.lm import HybridLM
 
@@ -95,7 +96,7 @@ def _models(args) -> dict[str, Callable[[], HybridLM]]:
     student), else the tiny presets with fresh weights (decode cost does not depend on them)."""
     if args.checkpoints:
         def load(path: Path) -> HybridLM:
-            return checkpoint.load_model(path)[0]
+            return load_run(path).model
 
         paths = [Path(p) if (Path(p) / "meta.json").is_file() else checkpoint.latest(Path(p)) or Path(p)
                  for p in args.checkpoints]

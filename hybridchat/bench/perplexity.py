@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.bench import report
 from hybridchat.data.sources import TEXT_SUFFIXES, read_texts
 from hybridchat.core.errors import UserError
@@ -62,7 +63,8 @@ def windows(stream: list[int], seq_len: int, batch: int) -> list[dict[str, torch
 
 
 def score(path: Path, texts: dict[str, list[str]], seq_len: int, max_tokens: int, batch: int) -> list[dict]:
-    model, tok, meta = checkpoint.load_model(path)
+    run = load_run(path)
+    model, tok, meta = run.model, run.tokenizer, run.meta
     runtime = Runtime(device=torch.device("cpu"), autocast_dtype=None)
     length = min(seq_len, model.config.sequence_len)
     token_bytes = tok.token_bytes()

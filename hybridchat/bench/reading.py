@@ -15,8 +15,8 @@ import argparse
 import random
 
 from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.bench import report
-from hybridchat.data.world import World, WorldConfig
 from hybridchat.core.documents import Document
 from hybridchat.model.engine import Engine
 from hybridchat.core.metrics import bootstrap_ci, exact_match
@@ -34,8 +34,8 @@ def namesakes(gold: Document, people: list[Document], k: int, rng: random.Random
 
 
 def probe(path, n: int, k: int = 1) -> dict:
-    model, tok, meta = checkpoint.load_model(path)
-    world = World.generate(WorldConfig(**meta["config"]["world"]))
+    run = load_run(path)
+    model, tok, meta, world = run.model, run.tokenizer, run.meta, run.world
     documents = {d.id: d for d in world.documents()}
     people = [d for d in documents.values() if d.metadata["type"] == "person"]
     rng = random.Random(0)

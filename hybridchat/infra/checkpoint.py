@@ -2,8 +2,8 @@
 
 Layout: <paths.checkpoints>/<run_name>/<stage>/step_000600/ holding model.safetensors,
 optimizer.safetensors, tokenizer.json and meta.json (with the run's resolved config). A step folder
-is self-contained: `load_model` rebuilds model and tokenizer from it alone. It is built under a temp
-name and renamed into place whole, and meta.json is the last file written, so a directory without it
+is self-contained: hybridchat.infra.runs.load_run rebuilds the run (model, tokenizer, typed config)
+from it alone. It is built under a temp name and renamed into place whole, and meta.json is the last file written, so a directory without it
 never counts as a checkpoint. The files hold full tensors whatever the run's layout: an FSDP run
 gathers its shards to save and cuts them again on load, so one folder moves between one process,
 DDP and FSDP.
@@ -223,27 +223,3 @@ def source(checkpoints: str | Path, run_name: str, name: str) -> Path:
     """stage.source's checkpoint: a path (it holds a /) names a folder of any run; otherwise the
     latest of run_name's stage `name`."""
     return at_path(name) if "/" in name else find(checkpoints, run_name, name)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu", ssm_backend: str = "torch"):
-    """(model, tokenizer, meta) from a step folder alone: the model config comes from meta.json,
-    the tokenizer from the tokenizer.json saved beside the weights."""
-    from hybridchat.infra.config import ModelConfig
-    from hybridchat.data.tokenizer import Tokenizer
-    from hybridchat.model.lm import HybridLM
-
-    path = Path(path)
-    meta = read_meta(path)
-    model_cfg = meta.get("config", {}).get("model")
-    if not isinstance(model_cfg, dict) or not (path / "tokenizer.json").is_file():
-        raise UserError(f"checkpoint {path} lacks its model config or tokenizer.json (saved by an older "
-                        f"hybridchat?); it cannot be loaded on its own")
-    try:
-        config = ModelConfig(**model_cfg)
-    except TypeError as e:
-        raise UserError(f"checkpoint {path}: model config in meta.json does not fit this hybridchat ({e})") from e
-    tokenizer = Tokenizer.load(path / "tokenizer.json")
-    model = HybridLM(config, meta["architecture"]["vocab_size"], ssm_backend=ssm_backend)
-    load(path, model, None, tokenizer.fingerprint)
-    model.to(device).eval()
-    return model, tokenizer, meta

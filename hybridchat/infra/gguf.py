@@ -2,7 +2,7 @@
 
 `read_gguf` turns the file into a complete model config, a float32 state dict in HybridLM's names
 and the tokenizer; `import_checkpoint` writes that as an ordinary step folder, so training stages,
-`checkpoint.load_model`, chat and evaluation take an imported model like one trained here.
+`runs.load_run`, chat and evaluation take an imported model like one trained here.
 
 Everything is read from the file's metadata, nothing assumed from the model's name. What HybridLM
 cannot compute the same way (another architecture, RoPE scaling, partial rotary, extra tensors,
@@ -204,7 +204,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
 
 def import_checkpoint(gguf_path: str | Path, directory: str | Path) -> Path:
     """Write the GGUF model as step 0 of a checkpoint folder under `directory`; returns the step
-    folder, which `checkpoint.load_model` (and stage.source) reads like any other."""
+    folder, which `runs.load_run` (and stage.source) reads like any other."""
     imported = read_gguf(gguf_path)
     meta = {"config": {"model": imported.config}, "tokenizer": imported.tokenizer.fingerprint,
             "source": f"gguf:{Path(gguf_path).name}"}

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridchat.infra import checkpoint
+from hybridchat.infra.runs import load_run
 from hybridchat.infra.config import ConvertedOutput
 from hybridchat.core.errors import UserError
 from hybridchat.model.blocks import expand_pattern
@@ -99,9 +99,9 @@ class DistillStage(PretrainStage):
         # Loaded on first use, not in initialise: a resumed run skips initialise and still needs it.
         if self.ctx.source_checkpoint is None:
             raise UserError("stage=distill needs a teacher: set stage.source to the stage whose checkpoint to distil")
-        teacher, _, _ = checkpoint.load_model(self.ctx.source_checkpoint, self.ctx.runtime.device,
-                                              self.ctx.config.gpu.ssm_backend.value)
-        return teacher.requires_grad_(False)  # load_model leaves it in eval mode
+        teacher = load_run(self.ctx.source_checkpoint, self.ctx.runtime.device,
+                           self.ctx.config.gpu.ssm_backend.value).model
+        return teacher.requires_grad_(False)  # load_run leaves it in eval mode
 
     @cached_property
     def converted_layers(self) -> list[int]:

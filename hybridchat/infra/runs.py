@@ -1,0 +1,111 @@
+"""A trained run as one object, loaded from one checkpoint step folder: the model and tokenizer, the
+metadata, and the settings the run was trained with, typed by the config schema.
+
+    run = load_run(checkpoint.find(paths.checkpoints, "hybrid_tiny", "rag"))
+    run.model, run.tokenizer, run.config.model.sequence_len, run.config.stage, run.world
+
+The only reader of a checkpoint's meta["config"] (the resolved training config the loop saves):
+chat, evaluation, the benchmarks and the distill stage's teacher all come through here, so the world,
+the retriever and the stage settings of a checkpoint are parsed one way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hybridchat.core.errors import UserError
+from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.data.world import World
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import STAGE_SCHEMAS, Config, GPUConfig, ModelConfig, PathsConfig, StageConfig
+from hybridchat.infra.context import world_collection
+from hybridchat.model.lm import HybridLM
+from hybridchat.retrieval.config import RetrieverConfig
+from hybridchat.retrieval.factory import build_retriever, open_knowledge_base
+from hybridchat.retrieval.knowledge_base import KnowledgeBase
+
+
+@dataclass
+class RunReaderConfig:
+    """The schema every app that reads a trained run shares (evaluate, chat): training's groups, and
+    the run it reads named the same way."""
+    model: ModelConfig = field(default_factory=ModelConfig)  # names the run only: weights bring their own
+    gpu: GPUConfig = field(default_factory=GPUConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_name: str = "hybrid_tiny"
+
+
+@dataclass
+class Run:
+    path: Path                # the step folder
+    model: HybridLM           # in eval mode
+    tokenizer: Tokenizer
+    meta: dict[str, Any]      # meta.json as written (step, stage, architecture, ...)
+    # meta["config"] typed; a section the checkpoint lacks (an imported model has only `model`) is the
+    # schema's default, so its world is the default world and its retriever kind "none".
+    config: Config
+
+    @property
+    def stage(self) -> StageConfig:
+        """The stage settings it was trained with (RagConfig, RefragConfig, ...: its stage's schema)."""
+        return self.config.stage
+
+    @property
+    def retriever(self) -> RetrieverConfig:
+        """The retriever settings it was trained with."""
+        return self.config.retriever
+
+    @cached_property
+    def world(self) -> World:
+        """The synthetic world it was trained on, generated on first use (seconds for 1000 people)."""
+        return World.generate(self.config.world)
+
+    def knowledge_base(self, retriever: RetrieverConfig, cache_dir: str | Path, progress: bool = True) -> KnowledgeBase:
+        """retriever.kb_dir, else this run's world's documents (indexed under cache_dir on first use)."""
+        return open_knowledge_base(retriever, cache_dir, self._world_collection(), progress)
+
+    def build_retriever(self, retriever: RetrieverConfig, cache_dir: str | Path, progress: bool = True):
+        """The retriever `retriever` over knowledge_base(...); None for kind "none"."""
+        return build_retriever(retriever, cache_dir, self._world_collection(), progress)
+
+    def _world_collection(self):
+        # The world's index name, and its documents from the world this run already generated.
+        return world_collection(self.config.world)[0], lambda: self.world.documents()
+
+
+def parse_config(values: dict[str, Any], where: Path) -> Config:
+    """meta["config"] on the schema: the stage section on its own stage's class, so a refrag
+    checkpoint's max_hops is typed. A key this hybridchat does not know is one UserError."""
+    stage = STAGE_SCHEMAS.get(str((values.get("stage") or {}).get("name")), StageConfig)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
+                                                   {"stage": OmegaConf.structured(stage)}, values))
+    except OmegaConfBaseException as e:
+        raise UserError(f"checkpoint {where}: config in meta.json does not fit this hybridchat "
+                        f"({str(e).splitlines()[0]})") from e
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu", ssm_backend: str = "torch") -> Run:
+    """The run whose checkpoint is the step folder `path`, from that folder alone: the model config
+    comes from meta.json, the tokenizer from the tokenizer.json saved beside the weights."""
+    path = Path(path)
+    meta = checkpoint.read_meta(path)
+    values = meta.get("config", {})
+    if not isinstance(values, dict) or not isinstance(values.get("model"), dict) \
+            or not (path / "tokenizer.json").is_file():
+        raise UserError(f"checkpoint {path} lacks its model config or tokenizer.json (saved by an older "
+                        f"hybridchat?); it cannot be loaded on its own")
+    config = parse_config(values, path)
+    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    model = HybridLM(config.model, meta["architecture"]["vocab_size"], ssm_backend=ssm_backend)
+    checkpoint.load(path, model, None, tokenizer.fingerprint)
+    model.to(device).eval()
+    return Run(path, model, tokenizer, meta, config)
