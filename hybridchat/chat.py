@@ -25,7 +25,7 @@ from hybridchat.core.errors import UserError, run_or_exit
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hybridchat.chat", description=__doc__.split("\n")[0])
     p.add_argument("--run", default="hybrid_tiny", help="run name (the model option it was trained with)")
-    p.add_argument("--stage", default="rag")
+    p.add_argument("--stage", help="the checkpoint's stage (default: the one that answers from documents, rag)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--checkpoint", help="a step folder, instead of --run/--stage/--step")
     p.add_argument("--checkpoints", default="outputs/checkpoints", help="paths.checkpoints of the training run")
@@ -120,11 +120,12 @@ def run(args) -> None:
 
     from hybridchat.infra import checkpoint
     from hybridchat.rag.answer import Answerer
+    from hybridchat.training.stages import answering_stage
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    path = Path(args.checkpoint) if args.checkpoint else checkpoint.find(args.checkpoints, args.run, args.stage,
-                                                                          args.step)
+    stage = args.stage or answering_stage(1).name
+    path = Path(args.checkpoint) if args.checkpoint else checkpoint.find(args.checkpoints, args.run, stage, args.step)
     model, tokenizer, meta = checkpoint.load_model(path, device=args.device)
     seq_len = meta["config"]["model"]["sequence_len"]
     answerer = Answerer(model, tokenizer, seq_len, max_answer_tokens=args.max_tokens, batch_size=1)
@@ -138,14 +139,15 @@ def run(args) -> None:
 
     multihop = None
     if retriever is not None and max_hops > 1:
-        from hybridchat.infra.config import RefragConfig
         from hybridchat.rag.multihop import MultiHop, Search
 
         # -k documents per retrieval, the query and context settings the checkpoint was trained with
+        # (else the multi-hop stage's defaults)
+        defaults = answering_stage(2).config_class
         multihop = MultiHop(model, tokenizer, Search(retriever, args.top_k), seq_len, max_hops=max_hops,
-                            max_query_tokens=trained.get("max_query_tokens", RefragConfig.max_query_tokens),
+                            max_query_tokens=trained.get("max_query_tokens", defaults.max_query_tokens),
                             max_answer_tokens=args.max_tokens,
-                            hop_tokens=trained.get("hop_tokens", RefragConfig.hop_tokens), batch_size=1)
+                            hop_tokens=trained.get("hop_tokens", defaults.hop_tokens), batch_size=1)
 
     def ask(question: str) -> None:
         if multihop is not None:

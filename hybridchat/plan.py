@@ -35,6 +35,7 @@ from hybridchat.core.fsutil import atomic_write_json
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM
 from hybridchat.infra.runtime import grad_accum_steps
+from hybridchat.training.stages import stage_schemas
 
 GiB = 2**30
 FP32 = 4
@@ -480,7 +481,7 @@ class PlanConfig:
 
 
 def register() -> None:
-    config_schema.register()
+    config_schema.register(stage_schemas())
     ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
 
 
