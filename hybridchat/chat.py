@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.infra import checkpoint
 from hybridchat.infra import config as config_schema
-from hybridchat.infra.config import RefragConfig
-from hybridchat.infra.runs import Run, RunReaderConfig, load_run
+from hybridchat.training.runs import Run, RunReaderConfig, load_run
+from hybridchat.training.stages import answering_stage, stage_schemas
 from hybridchat.rag.answer import Answerer
 from hybridchat.rag.multihop import MultiHop, Search
 from hybridchat.retrieval.config import RetrieverConfig
@@ -39,7 +39,7 @@ from hybridchat.retrieval.config import RetrieverConfig
 
 @dataclass
 class ChatConfig(RunReaderConfig):
-    checkpoint_stage: str = "rag"
+    checkpoint_stage: Optional[str] = None     # None: the stage that answers from documents (rag)
     step: Optional[int] = None
     checkpoint: Optional[str] = None           # a step folder, instead of run_name/checkpoint_stage/step
     prompt: Optional[str] = None               # one question; None: interactive
@@ -48,7 +48,7 @@ class ChatConfig(RunReaderConfig):
 
 
 def register() -> None:
-    config_schema.register()
+    config_schema.register(stage_schemas())
     ConfigStore.instance().store(name="chat_schema", node=ChatConfig)
 
 
@@ -129,7 +129,7 @@ def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> No
 def run(cfg: DictConfig) -> None:
     config: ChatConfig = OmegaConf.to_object(cfg)
     path = Path(config.checkpoint) if config.checkpoint else checkpoint.find(
-        config.paths.checkpoints, config.run_name, config.checkpoint_stage, config.step)
+        config.paths.checkpoints, config.run_name, config.checkpoint_stage or answering_stage(1).name, config.step)
     run = load_run(path, device=config.gpu.device.value)
     settings = retriever_settings(cfg, config, run)
     if settings.top_k < 1:
@@ -146,10 +146,12 @@ def run(cfg: DictConfig) -> None:
     multihop = None
     if retriever is not None and max_hops > 1:
         # top_k documents per retrieval, the query and context settings the checkpoint was trained with
+        # (else the multi-hop stage's defaults)
+        defaults = answering_stage(2).config_class
         multihop = MultiHop(run.model, run.tokenizer, Search(retriever, settings.top_k), seq_len, max_hops=max_hops,
-                            max_query_tokens=getattr(run.stage, "max_query_tokens", RefragConfig.max_query_tokens),
+                            max_query_tokens=getattr(run.stage, "max_query_tokens", defaults.max_query_tokens),
                             max_answer_tokens=config.max_answer_tokens,
-                            hop_tokens=getattr(run.stage, "hop_tokens", RefragConfig.hop_tokens), batch_size=1)
+                            hop_tokens=getattr(run.stage, "hop_tokens", defaults.hop_tokens), batch_size=1)
 
     def ask(question: str) -> None:
         if multihop is not None:

@@ -39,8 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 from hybridchat.infra import checkpoint
 from hybridchat.infra import config as config_schema
 from hybridchat.rag.answer import Answerer, score
-from hybridchat.infra.config import LoggerConfig, RefragConfig
-from hybridchat.infra.runs import Run, RunReaderConfig, load_run
+from hybridchat.infra.config import LoggerConfig
+from hybridchat.training.runs import Run, RunReaderConfig, load_run
 from hybridchat.data.world import World
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
@@ -49,6 +49,7 @@ from hybridchat.core.metrics import bootstrap_auroc_ci, bootstrap_ci
 from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, Search
 from hybridchat.infra.runtime import setup, teardown
 from hybridchat.infra.tracking import Tracker
+from hybridchat.training.stages import answering_stage, stage_schemas
 
 log = logging.getLogger("hybridchat")
 
@@ -68,8 +69,9 @@ HOP_SETTINGS = ("max_hops", "hop_documents", "max_query_tokens", "hop_tokens")
 @dataclass
 class EvalConfig(RunReaderConfig):
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    # The stage whose checkpoint is evaluated; None: refrag for 2-hop questions, else rag. (Not
-    # `stage`: on the command line that names the training config group conf/stage/.)
+    # The stage whose checkpoint is evaluated; None: the one that answers the questions' hops (refrag
+    # for 2-hop questions, else rag). (Not `stage`: on the command line that names the training config
+    # group conf/stage/.)
     checkpoint_stage: Optional[str] = None
     step: Optional[int] = None                 # None: the stage's latest checkpoint
     closed_book_stage: Optional[str] = "mid"   # closed-book baseline; None: the evaluated model itself
@@ -84,7 +86,7 @@ class EvalConfig(RunReaderConfig):
     context_questions: int = 100               # questions per point of the context budget
     compare: list[str] = field(default_factory=list)  # other run names (same stage) in the context budget
     hops: int = 1                              # 2: 2-hop questions and the multi-hop conditions
-    # Multi-hop settings; None: the evaluated checkpoint's stage values (refrag), else RefragConfig's defaults.
+    # Multi-hop settings; None: the evaluated checkpoint's stage values (refrag), else the multi-hop stage's defaults.
     max_hops: Optional[int] = None             # retrievals per question, the question's own included
     hop_documents: Optional[int] = None        # documents retrieved per follow-up query
     max_query_tokens: Optional[int] = None
@@ -99,7 +101,7 @@ class Item:
 
 
 def register() -> None:
-    config_schema.register()
+    config_schema.register(stage_schemas())
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
@@ -175,15 +177,18 @@ def warm_start(cfg: EvalConfig, evaluated: Run) -> Path | None:
             found = checkpoint.source(cfg.paths.checkpoints, cfg.run_name, source)
         except UserError:  # moved or deleted since: no comparison, the rest of the evaluation stands
             pass
-    if found is None or not (found / "meta.json").is_file() or checkpoint.read_meta(found).get("stage") != "refrag":
+    multihop = answering_stage(2).name
+    if found is None or not (found / "meta.json").is_file() or checkpoint.read_meta(found).get("stage") != multihop:
         log.warning("no warm-start checkpoint of %s to compare with (looked for %s)", evaluated.path, found)
         return None
     return found
 
 
 def hop_settings(cfg: EvalConfig, evaluated: Run) -> dict[str, int]:
-    """max_hops & co.: as given, else as the checkpoint's stage was trained, else refrag's defaults."""
-    return {k: getattr(cfg, k) if getattr(cfg, k) is not None else getattr(evaluated.stage, k, getattr(RefragConfig, k))
+    """max_hops & co.: as given, else as the checkpoint's stage was trained, else the multi-hop stage's
+    defaults."""
+    defaults = answering_stage(2).config_class
+    return {k: getattr(cfg, k) if getattr(cfg, k) is not None else getattr(evaluated.stage, k, getattr(defaults, k))
             for k in HOP_SETTINGS}
 
 
@@ -239,7 +244,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     mine = user_items(cfg.questions) if cfg.questions else None
     answerable = [i for i in mine or () if i.answers]
     two_hop = cfg.hops == 2 or (bool(answerable) and all(len(i.gold_doc_ids) == 2 for i in answerable))
-    stage = cfg.checkpoint_stage or ("refrag" if two_hop else "rag")
+    stage = cfg.checkpoint_stage or answering_stage(2 if two_hop else 1).name
     evaluated = load(cfg, cfg.run_name, stage, cfg.step)
     model, tokenizer, meta = evaluated.model, evaluated.tokenizer, evaluated.meta
     seq_len = evaluated.config.model.sequence_len

@@ -23,6 +23,7 @@ from hybridchat.core.fsutil import atomic_write_json
 from hybridchat.infra import config as config_schema
 from hybridchat.infra.config import DataConfig, DistributedConfig, GPUConfig, ModelConfig, PathsConfig, StageConfig
 from hybridchat.infra.planner import OVERHEAD_FIXED, OVERHEAD_FRACTION, RECOMPUTE_FACTOR, GiB, Plan, plan
+from hybridchat.training.stages import stage_schemas
 
 
 def _gib(b: float) -> str:
@@ -73,7 +74,7 @@ class PlanConfig:
 
 
 def register() -> None:
-    config_schema.register()
+    config_schema.register(stage_schemas())
     ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
 
 

@@ -29,11 +29,11 @@ from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
 from hybridchat.model.request_match import request_markers_fit
 from hybridchat.infra.preemption import Preempted, requeue_after_warning
-from hybridchat.training.stages import build_stage
+from hybridchat.training.stages import build_stage, stage_schemas
 from hybridchat.infra.tracking import Tracker, run_tags
 
 log = logging.getLogger("hybridchat")
-config_schema.register()
+config_schema.register(stage_schemas())
 
 
 def typed_config(cfg: DictConfig) -> tuple[Config, dict[str, Any]]:

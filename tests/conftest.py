@@ -30,16 +30,17 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from hybridchat.infra import config as config_schema  # noqa: E402
 from hybridchat.infra.config import ModelConfig  # noqa: E402
+from hybridchat.training.stages import stage_schemas  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-config_schema.register()
+config_schema.register(stage_schemas())
 
 
-def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+def compose_config(overrides: list[str], output_dir: Path | None = None, config_dir: Path = CONF_DIR) -> DictConfig:
     """Compose like `python -m hybridchat.train <overrides>` does, with HydraConfig set so that
     ${hydra:...} interpolations resolve; returns the job config (without the hydra node)."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir or Path.cwd())

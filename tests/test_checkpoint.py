@@ -9,7 +9,7 @@ import torch
 from conftest import CKPT_MODEL, TOY_MODEL, TOY_VOCAB, StubTokenizer
 
 from hybridchat.core.errors import UserError
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.model.lm import HybridLM
 
 # ---- a saved step folder of a tiny model ---------------------------------------------------------

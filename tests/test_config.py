@@ -171,10 +171,10 @@ def test_launcher_options_compose(launcher, target):
 
 @pytest.mark.parametrize("stage", group_options("stage"))
 def test_each_stage_has_its_own_schema_and_smoke_sizes(stage):
-    from hybridchat.infra.config import STAGE_SCHEMAS
+    from hybridchat.training.stages import stage_classes
 
     config, _ = typed_config(compose_config([f"stage={stage}", "debug=smoke"]))
-    assert type(config.stage) is STAGE_SCHEMAS[stage] and config.stage.name == stage
+    assert type(config.stage) is stage_classes()[stage].config_class and config.stage.name == stage
     assert config.stage.num_steps <= 10
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import TINY_VOCAB, compose_config
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.infra.config import ModelConfig
 from hybridchat.core.errors import UserError
 from hybridchat.model.attention import CausalSelfAttention

@@ -23,7 +23,7 @@ from gguf.quants import dequantize, quantize
 from omegaconf import OmegaConf
 from tokenizers import pre_tokenizers
 
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.infra.context import pretrained_file
 from hybridchat.model.engine import Engine
 from hybridchat.core.errors import UserError

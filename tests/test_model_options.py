@@ -12,7 +12,7 @@ from conftest import TINY_VOCAB, compose_config, train_steps
 from safetensors import safe_open
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.infra.config import ModelConfig, StageConfig
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.errors import UserError

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import naive_greedy, random_model
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.infra.config import StageConfig
 from hybridchat.model.engine import Engine
 from hybridchat.core.errors import UserError

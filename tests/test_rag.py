@@ -13,7 +13,7 @@ import torch
 from conftest import compose_config
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.rag.answer import ABSTAIN, Answer, score
 from hybridchat.core.errors import UserError
 from hybridchat.evaluate import summarize

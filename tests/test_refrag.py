@@ -15,7 +15,7 @@ from test_rag import train
 from torch import nn
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.infra.config import ModelConfig
 from hybridchat.data.chat import ChatRenderer
 from hybridchat.data.tokenizer import Tokenizer
@@ -261,7 +261,7 @@ def test_warm_start_traces_query_the_bridge_and_carry_no_loss_on_retrieved_docum
     tok = stage.ctx.tokenizer
     traced = answered = 0
     for i in range(12):
-        ids, mask = stage._warm_example(i, 0)
+        ids, mask = stage.warm_start.example(i, 0)
         q = stage.train_hops[i]
         text = tok.decode(ids)
         written = tok.decode([t for t, m in zip(ids, mask) if m])
@@ -287,7 +287,7 @@ def test_warm_start_traces_query_the_bridge_and_carry_no_loss_on_retrieved_docum
             answered += 1
     assert traced >= 8 and answered >= 4
     # the single-hop examples follow the traces
-    ids, mask = stage._warm_example(len(stage.train_hops), 0)
+    ids, mask = stage.warm_start.example(len(stage.train_hops), 0)
     assert "<|query_start|>" not in tok.decode(ids)
 
 
@@ -297,7 +297,7 @@ def test_needless_queries_are_not_taught_to_open_and_the_answer_still_cites_the_
     tok = stage.ctx.tokenizer
     queried = 0
     for i in range(len(stage.train_hops), len(stage.train_hops) + 16):
-        ids, mask = stage._warm_example(i, 0)
+        ids, mask = stage.warm_start.example(i, 0)
         q = stage.train_questions[i - len(stage.train_hops)]  # epoch 0: single-hop item k is question k
         text, written = tok.decode(ids), tok.decode([t for t, m in zip(ids, mask) if m])
         if "<|query_start|>" not in text:  # its example would abstain: rag's example instead
@@ -456,9 +456,9 @@ def test_a_grpo_step_samples_groups_scores_them_and_reports_rewards(smoke_checkp
     picked = {i for b in islice(stage.train_batches(0, 0, 1), 40) for i in b["inputs"].tolist()}
     assert any(i >= len(stage.train_hops) for i in picked) and any(i < len(stage.train_hops) for i in picked)
     questions = [stage.rl_questions[i] for i in batch["inputs"].tolist()]
-    trajectories = stage.rollouts(questions, seed=0)
+    trajectories = stage.grpo.rollouts(questions, seed=0)
     assert [t.index for t in trajectories] == [0, 0, 1, 1]
-    rewards, terms = stage.rewards(questions, trajectories)
+    rewards, terms = stage.grpo.rewards(questions, trajectories)
     # reward = em + format - 0.25 x follow-up retrievals, from the trajectories themselves
     answers = [stage.planner.to_answer(questions[t.index].question, t) for t in trajectories]
     hand = [float(a.format_ok) + (not a.abstained and exact_match(a.answer, questions[t.index].answers)
@@ -468,7 +468,7 @@ def test_a_grpo_step_samples_groups_scores_them_and_reports_rewards(smoke_checkp
     loss = stage.training_step(model, batch)
     loss.backward()
     # tok/s counts the trajectories the policy loss ran over, not the batch of question indices
-    from hybridchat.training.stages.refrag import policy_batch
+    from hybridchat.training.stages.refrag.grpo import policy_batch
 
     assert stage.batch_tokens(batch) == policy_batch(trajectories, stage.renderer.pad_id)["inputs"].numel() > 100
     metrics = stage.step_metrics()
@@ -523,7 +523,7 @@ def _answer(reply, documents, hops=2, format_ok=True):
 
 
 def test_reward_terms_on_hand_made_trajectories():
-    from hybridchat.training.stages.refrag import reward_terms
+    from hybridchat.training.stages.refrag.grpo import reward_terms
 
     gold = ("person-0001", "company-0002")
     right = reward_terms(_answer("[2] Tam Brel", [ADA, KOR]), ["Tam Brel"], gold)
@@ -541,8 +541,8 @@ def test_reward_terms_on_hand_made_trajectories():
 
 
 def test_the_reward_weighs_its_terms_and_charges_each_hop():
-    from hybridchat.infra.config import RefragConfig
-    from hybridchat.training.stages.refrag import reward_weights, total_reward
+    from hybridchat.training.stages.refrag import RefragConfig
+    from hybridchat.training.stages.refrag.grpo import reward_weights, total_reward
 
     weights = reward_weights(RefragConfig(reward_em=1.0, reward_f1=0.5, reward_gold=0.25, reward_format=0.1,
                                           hop_cost=0.2))
@@ -551,7 +551,7 @@ def test_the_reward_weighs_its_terms_and_charges_each_hop():
 
 
 def test_group_advantages_on_a_hand_made_group():
-    from hybridchat.training.stages.refrag import group_advantages
+    from hybridchat.training.stages.refrag.grpo import group_advantages
 
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, 0.0, 1.0, 1.0]])
     # group 1: mean 0.5, population std 0.5; group 2: all equal -> 0; group 3: mean 1, std sqrt(0.5)
@@ -562,7 +562,7 @@ def test_group_advantages_on_a_hand_made_group():
 
 def test_the_policy_loss_counts_only_written_tokens_and_matches_a_hand_sum():
     from hybridchat.rag.multihop import Trajectory
-    from hybridchat.training.stages.refrag import grpo_loss, policy_batch, token_logprobs
+    from hybridchat.training.stages.refrag.grpo import grpo_loss, policy_batch, token_logprobs
 
     tok = tokenizer()
     model = tiny_lm(tok.vocab_size)
@@ -601,7 +601,7 @@ def test_two_hop_evaluation_asks_two_hop_questions_about_made_up_people_too():
 def test_the_warm_start_settles_before_grpo_runs_at_its_own_constant_rate():
     from types import SimpleNamespace
 
-    from hybridchat.infra.config import RefragConfig
+    from hybridchat.training.stages.refrag import RefragConfig
     from hybridchat.training.stages.refrag import RefragStage
 
     c = RefragConfig(num_steps=10, rl_steps=4, warmup_steps=2, warmdown_ratio=0.5, final_lr_frac=0.1, rl_lr_frac=0.2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from hybridchat.core.errors import UserError
 from hybridchat.model.request_match import REQUEST_ENDS, REQUEST_STARTS, request_markers_fit, request_match

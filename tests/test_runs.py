@@ -1,4 +1,4 @@
-"""hybridchat.infra.runs.load_run: a checkpoint's model, tokenizer and typed training config from its
+"""hybridchat.training.runs.load_run: a checkpoint's model, tokenizer and typed training config from its
 step folder, and the entry points' spelling for chat (conf/chat.yaml)."""
 
 import os
@@ -14,8 +14,9 @@ from hybridchat.core.errors import UserError
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.data.world import World, WorldConfig
 from hybridchat.infra import checkpoint
-from hybridchat.infra.config import Config, ModelConfig, RefragConfig
-from hybridchat.infra.runs import load_run
+from hybridchat.infra.config import Config, ModelConfig
+from hybridchat.training.stages.refrag import RefragConfig
+from hybridchat.training.runs import load_run
 from hybridchat.model.lm import HybridLM
 from hybridchat.retrieval.config import RetrieverConfig
 

@@ -14,7 +14,7 @@ import torch
 from conftest import compose_config, train_steps
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.infra.config import ModelConfig, StageConfig
 from hybridchat.infra.context import RunContext
 from hybridchat.data.tokenizer import Tokenizer

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.bench import report
 from hybridchat.model.lm import HybridLM
 
@@ -39,8 +39,9 @@ def _model_config(preset: str, pattern: str, n_layer: int):
     from omegaconf import OmegaConf
 
     from hybridchat.infra import config as schema
+    from hybridchat.training.stages import stage_schemas
 
-    schema.register()
+    schema.register(stage_schemas())
     GlobalHydra.instance().clear()
     conf_dir = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.bench import report
 from hybridchat.data.sources import TEXT_SUFFIXES, read_texts
 from hybridchat.core.errors import UserError

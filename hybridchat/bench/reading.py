@@ -15,7 +15,7 @@ import argparse
 import random
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.runs import load_run
+from hybridchat.training.runs import load_run
 from hybridchat.bench import report
 from hybridchat.core.documents import Document
 from hybridchat.model.engine import Engine

@@ -27,8 +27,9 @@ def _compose_model(model: str, gpu: str, length: int):
     from omegaconf import OmegaConf
 
     from hybridchat.infra import config as schema
+    from hybridchat.training.stages import stage_schemas
 
-    schema.register()
+    schema.register(stage_schemas())
     conf_dir = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={model}", f"gpu={gpu}", f"model.sequence_len={length}",

@@ -2,7 +2,7 @@
 
 Layout: <paths.checkpoints>/<run_name>/<stage>/step_000600/ holding model.safetensors,
 optimizer.safetensors, tokenizer.json and meta.json (with the run's resolved config). A step folder
-is self-contained: hybridchat.infra.runs.load_run rebuilds the run (model, tokenizer, typed config)
+is self-contained: hybridchat.training.runs.load_run rebuilds the run (model, tokenizer, typed config)
 from it alone. It is built under a temp name and renamed into place whole, and meta.json is the last file written, so a directory without it
 never counts as a checkpoint. The files hold full tensors whatever the run's layout: an FSDP run
 gathers its shards to save and cuts them again on load, so one folder moves between one process,

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from hydra.conf import RunMode
 from hydra.core.config_store import ConfigStore
@@ -37,11 +37,6 @@ class SSMBackend(str, Enum):
     auto = "auto"    # mamba_ssm kernels on CUDA tensors when they import, else torch
     torch = "torch"  # our chunked SSD scan, runs everywhere
     cuda = "cuda"    # mamba_ssm kernels, fail loudly if missing
-
-
-class ConvertedOutput(str, Enum):
-    attention = "attention"  # out_proj = the attention's O ("The Mamba in the Llama")
-    zero = "zero"            # out_proj = 0: each converted layer starts as a no-op and grows in
 
 
 class AttentionBackend(str, Enum):
@@ -121,7 +116,8 @@ class DistributedConfig:
 @dataclass
 class StageConfig:
     """What every stage has: where it starts, the optimizer, the schedule, evaluation, checkpoints.
-    Each stage option (conf/stage/*.yaml) has its own subclass below for what only it needs."""
+    Each stage option (conf/stage/*.yaml) has its own subclass, next to its stage class
+    (hybridchat/training/stages/), for what only it needs."""
     name: str = "pretrain"
     # The checkpoint that initialises this one: a stage of this run (its latest), `pretrained`, or a
     # checkpoint folder of any run (a path: step_* or its stage folder). None: from scratch.
@@ -147,87 +143,6 @@ class StageConfig:
     eval_batches: int = 8              # validation batches (the same set whatever the world size)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-
-
-@dataclass
-class PretrainConfig(StageConfig):
-    pass
-
-
-@dataclass
-class MidConfig(StageConfig):
-    """Chat format: conversations rendered with the special tokens, loss on assistant tokens."""
-    name: str = "mid"
-    source: Optional[str] = "pretrain"
-    world_conversations: bool = True   # the world's closed-book chats about its training entities
-    conversations: Optional[str] = None  # your JSONL of {"messages": [{"role", "content"}, ...]}
-    val_fraction: float = 0.05         # share of conversations held out for validation
-    eval_questions: int = 100          # closed-book questions answered at each evaluation
-
-
-@dataclass
-class RagConfig(StageConfig):
-    """Answer from retrieved documents with a citation, or abstain when they do not hold the answer."""
-    name: str = "rag"
-    source: Optional[str] = "mid"
-    min_documents: int = 1             # documents per training example: uniform in [min, max]
-    max_documents: int = 4
-    candidates: int = 10               # retrieved per question; distractors come from these
-    gold_missing: float = 0.2          # share of answerable examples whose gold document is removed
-    unanswerable: float = 0.15         # share of examples about entities that exist nowhere
-    questions_per_example: int = 3     # the retrieved question + follow-ups about the same documents
-    questions: Optional[str] = None    # your JSONL (question, answers, gold_doc_ids); None: the world's
-    val_fraction: float = 0.05         # share of training questions held out for validation loss
-    eval_questions: int = 100          # held-out questions answered at each evaluation
-    max_answer_tokens: int = 24
-    cite_first: bool = True            # "[2] Vellport"; False: "Vellport [2]" (answer, then its source)
-
-
-@dataclass
-class RefragConfig(RagConfig):
-    """Multi-hop: the model writes follow-up queries between the query tokens, the engine retrieves
-    for them, the model answers with citations across all documents shown (or abstains). The first
-    num_steps - rl_steps steps are a supervised warm start on 2-hop traces (plus rag's single-hop
-    examples), the last rl_steps are GRPO with the engine in the loop. The rag keys it inherits set
-    the single-hop examples and the hop-1 documents of a trace."""
-    name: str = "refrag"
-    source: Optional[str] = "rag"
-    max_hops: int = 2                  # retrievals per question, the question's own included
-    hop_documents: int = 2             # documents retrieved per follow-up query
-    max_query_tokens: int = 16
-    hop_tokens: int = 256              # context kept free for each follow-up hop's documents
-    single_hop: float = 0.5            # share of warm-start examples that are rag's single-hop ones
-    # share of those (answerable, their document shown) whose reply opens a follow-up query anyway
-    # (the opening marker given, not learned), queries the answer it holds and answers from the first
-    # documents still: a needless query costs a retrieval, not the answer (a tiny model's needless
-    # query is the answer itself, "[1] Soreiport")
-    needless_query: float = 0.5
-    hop_questions: Optional[str] = None  # your 2-hop JSONL (gold_doc_ids in hop order); None: the world's
-    rl_steps: int = 0                  # the last rl_steps of num_steps are GRPO steps
-    rl_lr_frac: float = 0.1            # GRPO's learning rate, a constant share of the stage's
-    group_size: int = 4                # trajectories sampled per question (GRPO group)
-    temperature: float = 1.0           # sampling temperature of the rollouts
-    kl_coef: float = 0.0               # KL (k3 estimator) to the policy at the start of RL; 0: none
-    reward_em: float = 1.0             # reward terms: exact match of the answer
-    reward_f1: float = 0.0             # token F1 of the answer
-    reward_gold: float = 0.0           # share of the gold documents among those shown
-    reward_format: float = 0.0         # well-formed trajectory (queries closed, valid citation or abstention)
-    hop_cost: float = 0.0              # subtracted per follow-up retrieval
-
-
-@dataclass
-class DistillConfig(StageConfig):
-    """The source checkpoint is the teacher; the run's model (its sizes, with some A letters of the
-    block pattern turned into M) is the student, initialised from it and trained to match it."""
-    name: str = "distill"
-    source: Optional[str] = "pretrain"
-    temperature: float = 1.0           # both distributions softened by it; the KL is scaled by its square
-    ce_weight: float = 0.0             # loss = KL + ce_weight x next-token cross-entropy on the text
-    # + hidden_weight x the converted layers' relative squared error against the teacher's layers, each
-    # run on the teacher's hidden state entering it: a signal at every replaced layer, not only at the logits
-    hidden_weight: float = 0.0
-    # How a converted layer's output projection starts; its in_proj holds Q, K, V either way
-    converted_output: ConvertedOutput = ConvertedOutput.attention
 
 
 @dataclass
@@ -315,16 +230,14 @@ def rank_suffix() -> str:
     return ""
 
 
-STAGE_SCHEMAS = {"pretrain": PretrainConfig, "mid": MidConfig, "rag": RagConfig,
-                 "distill": DistillConfig, "refrag": RefragConfig}
-
-
-def register() -> None:
+def register(stage_schemas: Mapping[str, type[StageConfig]]) -> None:
+    """The schema and the resolvers in Hydra's stores; stage_schemas: each stage's config class by name
+    (hybridchat.training.stages.stage_schemas: the stages live in a higher layer)."""
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
     # conf/stage/<name>.yaml starts with `defaults: [<name>_schema]`: its keys are checked against
     # that stage's own class, so a rag-only key is a typo anywhere else.
-    for name, schema in STAGE_SCHEMAS.items():
+    for name, schema in stage_schemas.items():
         store.store(group="stage", name=f"{name}_schema", node=schema)
     if not OmegaConf.has_resolver("hc.run_name"):
         OmegaConf.register_new_resolver("hc.run_name", default_run_name)

@@ -1,6 +1,6 @@
 """A knowledge base and its retriever from a RetrieverConfig: what the training stages (through the
 run context, hybridchat.infra.context), chat and evaluation (through the run loader,
-hybridchat.infra.runs) and the retrieval benchmark call to get one."""
+hybridchat.training.runs) and the retrieval benchmark call to get one."""
 
 from __future__ import annotations
 

@@ -18,11 +18,18 @@ A stage is built from the run's pieces (`RunContext`) and overrides hooks, like 
 `monitor` is the metric a sweep optimises and the summary reports; `milestones` are steps whose
 checkpoints are saved whatever stage.checkpoint_every says and never pruned (refrag's end of warm
 start, which the evaluator compares with the end of RL).
+
+A stage is one module of this package, its config dataclass (a StageConfig subclass: the keys only it
+has) next to its class, decorated with @registered, plus conf/stage/<name>.yaml, which starts with
+`defaults: [<name>_schema]`. The package finds its modules itself (stage_classes): no list of stages
+is kept by hand, and the entry points register every stage's config class with Hydra from here.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
 from pathlib import Path
 from typing import Iterator
 
@@ -39,8 +46,13 @@ from hybridchat.infra.runtime import Runtime
 
 class Stage:
     name = "stage"
+    config_class: type[StageConfig] = StageConfig   # checks conf/stage/<name>.yaml (the stage's own keys)
     reads_documents = False            # uses the `retriever` group
     monitor = "val/bpb"
+    # The questions its checkpoints answer from retrieved documents: 1 single-hop, 2 multi-hop; 0 none.
+    # Chat and the evaluator open the stage that answers the questions asked (answering_stage), so one
+    # registered stage at most answers each.
+    answers_hops = 0
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -124,14 +136,38 @@ def bits_per_byte(model, batches: list[Batch], token_bytes: torch.Tensor, rt: Ru
     return (totals[0] / (math.log(2) * totals[1].clamp(min=1))).item()
 
 
-def build_stage(ctx: RunContext) -> Stage:
-    from hybridchat.training.stages.distill import DistillStage
-    from hybridchat.training.stages.mid import MidStage
-    from hybridchat.training.stages.pretrain import PretrainStage
-    from hybridchat.training.stages.rag import RagStage
-    from hybridchat.training.stages.refrag import RefragStage
+_REGISTERED: dict[str, type[Stage]] = {}
 
-    stages = {s.name: s for s in (PretrainStage, MidStage, RagStage, RefragStage, DistillStage)}
+
+def registered(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: `cls` is the stage called cls.name (stage=<name>, built by build_stage)."""
+    _REGISTERED[cls.name] = cls
+    return cls
+
+
+def stage_classes() -> dict[str, type[Stage]]:
+    """Every stage by name: importing this package's modules registers the stages they define."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return dict(_REGISTERED)
+
+
+def stage_schemas() -> dict[str, type[StageConfig]]:
+    """Each stage's config class by name: what infra.config.register stores as stage/<name>_schema."""
+    return {name: cls.config_class for name, cls in stage_classes().items()}
+
+
+def answering_stage(hops: int) -> type[Stage]:
+    """The stage whose checkpoints answer `hops`-hop questions from retrieved documents."""
+    found = [cls for cls in stage_classes().values() if cls.answers_hops == hops]
+    if len(found) != 1:
+        raise RuntimeError(f"{len(found)} stages answer {hops}-hop questions ({[c.name for c in found]}); "
+                           f"answers_hops must pick one")
+    return found[0]
+
+
+def build_stage(ctx: RunContext) -> Stage:
+    stages = stage_classes()
     name = ctx.config.stage.name
     if name not in stages:
         raise UserError(f"stage.name={name!r} is unknown; allowed: {sorted(stages)}")

@@ -12,22 +12,44 @@ to stand in for its attention layer on its own, whatever the layers below still 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
 from functools import cached_property
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridchat.infra.runs import load_run
-from hybridchat.infra.config import ConvertedOutput
+from hybridchat.infra.config import StageConfig
+from hybridchat.training.runs import load_run
 from hybridchat.core.errors import UserError
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.convert import convert
 from hybridchat.model.lm import HybridLM
-from hybridchat.training.stages import evaluate_bpb
+from hybridchat.training.stages import evaluate_bpb, registered
 from hybridchat.training.stages.pretrain import PretrainStage
+
+
+class ConvertedOutput(str, Enum):
+    attention = "attention"  # out_proj = the attention's O ("The Mamba in the Llama")
+    zero = "zero"            # out_proj = 0: each converted layer starts as a no-op and grows in
+
+
+@dataclass
+class DistillConfig(StageConfig):
+    """The source checkpoint is the teacher; the run's model (its sizes, with some A letters of the
+    block pattern turned into M) is the student, initialised from it and trained to match it."""
+    name: str = "distill"
+    source: Optional[str] = "pretrain"
+    temperature: float = 1.0           # both distributions softened by it; the KL is scaled by its square
+    ce_weight: float = 0.0             # loss = KL + ce_weight x next-token cross-entropy on the text
+    # + hidden_weight x the converted layers' relative squared error against the teacher's layers, each
+    # run on the teacher's hidden state entering it: a signal at every replaced layer, not only at the logits
+    hidden_weight: float = 0.0
+    # How a converted layer's output projection starts; its in_proj holds Q, K, V either way
+    converted_output: ConvertedOutput = ConvertedOutput.attention
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -82,9 +104,11 @@ def aligned_error(model: nn.Module, teacher_io: dict[int, tuple[torch.Tensor, to
     return hidden_error(student, {i: y for i, (_, y) in teacher_io.items()}, mask)
 
 
+@registered
 class DistillStage(PretrainStage):
     """Pretraining's batches, validation text and samples; the teacher's distributions as targets."""
     name = "distill"
+    config_class = DistillConfig
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -6,14 +6,17 @@ identity and small talk, and your own conversations (stage.conversations=file.js
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 from hybridchat.rag.answer import Answerer
 from hybridchat.data.chat import ChatRenderer, collate, example_batches
 from hybridchat.data.conversations import read_conversations
 from hybridchat.core.errors import UserError
 from hybridchat.core.metrics import exact_match
-from hybridchat.training.stages import Stage
+from hybridchat.infra.config import StageConfig
+from hybridchat.training.stages import Stage, registered
 
 # Who the assistant is, in a few exchanges: each is repeated so it is not drowned by the world's chats.
 SMALL_TALK = (
@@ -26,8 +29,21 @@ SMALL_TALK = (
 SMALL_TALK_COPIES = 10
 
 
+@dataclass
+class MidConfig(StageConfig):
+    """Chat format: conversations rendered with the special tokens, loss on assistant tokens."""
+    name: str = "mid"
+    source: Optional[str] = "pretrain"
+    world_conversations: bool = True   # the world's closed-book chats about its training entities
+    conversations: Optional[str] = None  # your JSONL of {"messages": [{"role", "content"}, ...]}
+    val_fraction: float = 0.05         # share of conversations held out for validation
+    eval_questions: int = 100          # closed-book questions answered at each evaluation
+
+
+@registered
 class MidStage(Stage):
     name = "mid"
+    config_class = MidConfig
 
     def __init__(self, ctx):
         super().__init__(ctx)

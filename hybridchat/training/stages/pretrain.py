@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 from itertools import islice
 
 import torch
 
 from hybridchat.data.loader import token_batches
+from hybridchat.infra.config import StageConfig
 from hybridchat.model.engine import Engine
-from hybridchat.training.stages import Stage
+from hybridchat.training.stages import Stage, registered
 
 
+@dataclass
+class PretrainConfig(StageConfig):
+    """Every stage's keys, nothing more: StageConfig's defaults are pretraining's."""
+
+
+@registered
 class PretrainStage(Stage):
     name = "pretrain"
+    config_class = PretrainConfig
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -23,7 +24,26 @@ from hybridchat.rag.answer import Answerer, fit_prompt, format_reply, parse_repl
 from hybridchat.data.chat import ChatRenderer, collate, example_batches
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError
-from hybridchat.training.stages import Stage
+from hybridchat.infra.config import StageConfig
+from hybridchat.training.stages import Stage, registered
+
+
+@dataclass
+class RagConfig(StageConfig):
+    """Answer from retrieved documents with a citation, or abstain when they do not hold the answer."""
+    name: str = "rag"
+    source: Optional[str] = "mid"
+    min_documents: int = 1             # documents per training example: uniform in [min, max]
+    max_documents: int = 4
+    candidates: int = 10               # retrieved per question; distractors come from these
+    gold_missing: float = 0.2          # share of answerable examples whose gold document is removed
+    unanswerable: float = 0.15         # share of examples about entities that exist nowhere
+    questions_per_example: int = 3     # the retrieved question + follow-ups about the same documents
+    questions: Optional[str] = None    # your JSONL (question, answers, gold_doc_ids); None: the world's
+    val_fraction: float = 0.05         # share of training questions held out for validation loss
+    eval_questions: int = 100          # held-out questions answered at each evaluation
+    max_answer_tokens: int = 24
+    cite_first: bool = True            # "[2] Vellport"; False: "Vellport [2]" (answer, then its source)
 
 
 @dataclass(frozen=True)
@@ -41,10 +61,13 @@ def read_rag_questions(path: str) -> list[RagQuestion]:
             for q in read_questions(path, require_gold=False)]
 
 
+@registered
 class RagStage(Stage):
     name = "rag"
+    config_class = RagConfig
     reads_documents = True
     monitor = "val/em"
+    answers_hops = 1
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -147,12 +170,14 @@ class RagStage(Stage):
                   if self.train_questions[i].question != q.question]
         return rng.sample(others, min(len(others), self.config.questions_per_example - 1))
 
-    def _example(self, questions: list[RagQuestion], i: int, epoch: int, follow: bool = True):
+    def epoch_example(self, questions: list[RagQuestion], i: int, epoch: int, follow: bool = True):
+        """questions[i]'s example in epoch `epoch`: its draws seeded by (seed, epoch, i)."""
         rng = random.Random(f"{self.ctx.config.seed}/{epoch}/{i}")
         return self.example(questions[i], rng, self._follow_ups(questions[i], rng) if follow else [])
 
     def train_batches(self, start, rank, world_size):
-        return example_batches(len(self.train_questions), lambda i, epoch: self._example(self.train_questions, i, epoch),
+        return example_batches(len(self.train_questions),
+                               lambda i, epoch: self.epoch_example(self.train_questions, i, epoch),
                                self.ctx.config.gpu.micro_batch, self.ctx.config.seed, self.renderer.pad_id,
                                start, rank, world_size, self.width_limit, self.config.length_grouping)
 
@@ -160,7 +185,7 @@ class RagStage(Stage):
     def _val(self):
         size = self.ctx.config.gpu.micro_batch
         n = min(len(self.val_questions), size * self.config.eval_batches)
-        examples = [self._example(self.val_questions, i, 0, follow=False) for i in range(n)]
+        examples = [self.epoch_example(self.val_questions, i, 0, follow=False) for i in range(n)]
         return [collate(examples[i:i + size], self.renderer.pad_id) for i in range(0, n, size)]
 
     def val_batches(self):

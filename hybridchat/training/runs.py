@@ -24,12 +24,13 @@ from hybridchat.core.errors import UserError
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.data.world import World
 from hybridchat.infra import checkpoint
-from hybridchat.infra.config import STAGE_SCHEMAS, Config, GPUConfig, ModelConfig, PathsConfig, StageConfig
+from hybridchat.infra.config import Config, GPUConfig, ModelConfig, PathsConfig, StageConfig
 from hybridchat.infra.context import world_collection
 from hybridchat.model.lm import HybridLM
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.retrieval.factory import build_retriever, open_knowledge_base
 from hybridchat.retrieval.knowledge_base import KnowledgeBase
+from hybridchat.training.stages import stage_schemas
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Run:
 def parse_config(values: dict[str, Any], where: Path) -> Config:
     """meta["config"] on the schema: the stage section on its own stage's class, so a refrag
     checkpoint's max_hops is typed. A key this hybridchat does not know is one UserError."""
-    stage = STAGE_SCHEMAS.get(str((values.get("stage") or {}).get("name")), StageConfig)
+    stage = stage_schemas().get(str((values.get("stage") or {}).get("name")), StageConfig)
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
                                                    {"stage": OmegaConf.structured(stage)}, values))
