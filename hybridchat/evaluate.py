@@ -39,7 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 from hybridchat.infra import checkpoint
 from hybridchat.infra import config as config_schema
 from hybridchat.rag.answer import Answerer, score
-from hybridchat.infra.config import GPUConfig, LoggerConfig, ModelConfig, PathsConfig, RefragConfig
+from hybridchat.infra.config import GPUConfig, LoggerConfig, PathsConfig, RefragConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.infra.context import world_collection
 from hybridchat.data.world import World, WorldConfig
 from hybridchat.core.documents import Document

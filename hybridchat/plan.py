@@ -29,7 +29,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from hybridchat.infra import config as config_schema
-from hybridchat.infra.config import Config, DataConfig, DistributedConfig, GPUConfig, ModelConfig, PathsConfig, StageConfig
+from hybridchat.data.sources import DataConfig
+from hybridchat.infra.config import Config, DistributedConfig, GPUConfig, PathsConfig, StageConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.core.fsutil import atomic_write_json
 from hybridchat.model.blocks import expand_pattern

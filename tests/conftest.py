@@ -79,13 +79,13 @@ def random_model(pattern: str, n_layer: int, vocab: int, dtype=torch.float64, se
                  **options):
     """A small HybridLM (width 32) with every parameter perturbed by `perturb` x N(0, 1): zero-initialised
     output projections would make every block the identity. options: more ModelConfig keys."""
-    from hybridchat.infra.config import ModelConfig
-    from hybridchat.model.lm import HybridLM
+    from hybridchat.infra.build import build_model
+    from hybridchat.model.config import ModelConfig
 
     cfg = ModelConfig(n_layer=n_layer, n_embd=32, n_head=4, n_kv_head=2, block_pattern=pattern, mlp_ratio=2,
                       d_state=8, headdim=16, chunk_size=8, sequence_len=128, **options)
     torch.manual_seed(seed)
-    model = HybridLM(cfg, vocab_size=vocab)
+    model = build_model(cfg, vocab)
     model.init_weights()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import compose_config
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.core.errors import UserError
 from hybridchat.model.attention import CausalSelfAttention
 from hybridchat.model.convert import attention_to_mamba, convert

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hybridchat.model.mamba as mamba_mod
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.core.errors import UserError
 from hybridchat.model.cache import InferenceCache
 from hybridchat.model.lm import HybridLM

@@ -12,7 +12,8 @@ from conftest import compose_config, train_steps
 from safetensors import safe_open
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.config import ModelConfig, StageConfig
+from hybridchat.infra.config import StageConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.errors import UserError
 from hybridchat.training.loop import build_optimizers

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import naive_greedy
 
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.engine import Engine
 from hybridchat.core.errors import UserError
 from hybridchat.model.blocks import expand_pattern

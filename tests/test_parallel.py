@@ -15,7 +15,7 @@ from conftest import compose_config
 from safetensors.torch import load_file
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.train import run
 

@@ -15,7 +15,7 @@ from test_rag import train
 from torch import nn
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.data.chat import ChatRenderer
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.documents import Document
