@@ -22,12 +22,12 @@ from hybridchat.infra import config as config_schema
 from hybridchat.infra import checkpoint, parallel, runtime
 from hybridchat.training import loop
 from hybridchat.infra import planner
+from hybridchat.infra.build import build_model
 from hybridchat.infra.config import Config
 from hybridchat.infra.context import RunContext
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.model.blocks import expand_pattern
-from hybridchat.model.lm import HybridLM, check_sizes
-from hybridchat.model.request_match import request_markers_fit
+from hybridchat.model.lm import check_sizes
 from hybridchat.infra.preemption import Preempted, requeue_after_warning
 from hybridchat.training.stages import build_stage, stage_schemas
 from hybridchat.infra.tracking import Tracker, run_tags
@@ -68,10 +68,7 @@ def run(cfg: DictConfig) -> float:
         vocab_size = config.model.vocab_size or tokenizer.vocab_size
         if vocab_size < tokenizer.vocab_size:
             raise UserError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-        if config.model.request_match and not request_markers_fit(tokenizer):
-            raise UserError("model.request_match=true needs hybridchat's chat tokens at their reserved ids "
-                            "(<|user_start|>, <|query_start|>, ...); this tokenizer has its own: set it false")
-        model = HybridLM(config.model, vocab_size, ssm_backend=config.gpu.ssm_backend.value)
+        model = build_model(config.model, vocab_size, tokenizer, ssm_backend=config.gpu.ssm_backend.value)
         model.init_weights()
         ctx.model = model.to(rt.device)
         if rt.is_main:

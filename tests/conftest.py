@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from hybridchat.infra import config as config_schema  # noqa: E402
-from hybridchat.infra.config import ModelConfig  # noqa: E402
+from hybridchat.model.config import ModelConfig  # noqa: E402
 from hybridchat.training.stages import stage_schemas  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -82,13 +82,14 @@ def random_model(pattern: str, n_layer: int, vocab: int, dtype=torch.float64, se
     """A small HybridLM (width 32) with every parameter perturbed by `perturb` x N(0, 1): zero-initialised
     output projections would make every block the identity. options: more ModelConfig keys, or other
     values for the ones set here."""
-    from hybridchat.model.lm import HybridLM
+    from hybridchat.infra.build import build_model
+    from hybridchat.model.config import ModelConfig
 
     sizes = dict(n_layer=n_layer, n_embd=32, n_head=4, n_kv_head=2, block_pattern=pattern, mlp_ratio=2, d_state=8,
                  headdim=16, chunk_size=8, sequence_len=128)
     cfg = ModelConfig(**{**sizes, **options})
     torch.manual_seed(seed)
-    model = HybridLM(cfg, vocab_size=vocab)
+    model = build_model(cfg, vocab)
     model.init_weights()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

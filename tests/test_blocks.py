@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_VOCAB
 
 from hybridchat.core.errors import UserError
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import HybridLM
 

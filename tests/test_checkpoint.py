@@ -235,10 +235,10 @@ def test_architecture_names_a_mixers_settings_only_where_the_pattern_has_it(step
     mamba = ["mamba_mlp", "d_state", "d_conv", "expand", "headdim", "ngroups"]
     for pattern, keys in (("A", common + attention), ("M", common + mamba), ("AM", common + attention + mamba)):
         model = HybridLM(dataclasses.replace(CKPT_MODEL, block_pattern=pattern), vocab_size=300)
-        assert list(checkpoint.architecture(model)) == keys, pattern
+        assert list(model.architecture()) == keys, pattern
     # The pointer's width is n_embd / n_head: a pure Mamba model with a pointer names n_head too.
     pointed = HybridLM(dataclasses.replace(CKPT_MODEL, block_pattern="M", pointer=True), vocab_size=300)
-    assert list(checkpoint.architecture(pointed)) == common + ["n_head"] + mamba
+    assert list(pointed.architecture()) == common + ["n_head"] + mamba
     with pytest.raises(UserError, match=r"does not fit this model \(d_state: checkpoint 8 vs config 16\)"):
         checkpoint.load(step_folder, HybridLM(dataclasses.replace(CKPT_MODEL, d_state=16), vocab_size=300))
 

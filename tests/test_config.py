@@ -1,6 +1,7 @@
 """Every option of every config group composes into a valid typed config; bad configs fail clearly."""
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,13 +134,13 @@ def test_unknown_group_option_names_the_available_ones():
 def test_missing_data_path_is_reported_by_key():
     config, _ = typed_config(compose_config(["data=text"]))
     with pytest.raises(UserError, match="data.path"):
-        build_source(config.data, config.paths, world=None)
+        build_source(config.data, Path(config.paths.data), world=None)
 
 
 def test_nonexistent_data_path_is_reported(tmp_path):
     config, _ = typed_config(compose_config(["data=text", f"data.path={tmp_path}/nowhere"]))
     with pytest.raises(UserError, match="does not exist"):
-        build_source(config.data, config.paths, world=None)
+        build_source(config.data, Path(config.paths.data), world=None)
 
 
 def test_run_name_defaults_to_the_model_choice():

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hybridchat.infra.config import DataConfig
+from hybridchat.data.sources import DataConfig
 from hybridchat.data.loader import token_batches
 from hybridchat.data.sources import files_source, world_source
 from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_or_train

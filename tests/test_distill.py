@@ -19,7 +19,7 @@ from conftest import TINY_VOCAB, compose_config
 
 from hybridchat.infra import checkpoint
 from hybridchat.training.runs import load_run
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.core.errors import UserError
 from hybridchat.model.attention import CausalSelfAttention
 from hybridchat.model.convert import attention_to_mamba, convert

@@ -171,7 +171,7 @@ CKPT_DRIVER = """
     from hybridchat.infra import checkpoint
 
     from hybridchat.core import fsutil
-    from hybridchat.infra.config import ModelConfig
+    from hybridchat.model.config import ModelConfig
     from hybridchat.model.lm import HybridLM
 
     class StubTokenizer:  # checkpoint.save may store the run's tokenizer beside the weights
@@ -240,7 +240,7 @@ def test_checkpoint_save_killed_at_any_point_keeps_the_previous_checkpoint(tmp_p
     from safetensors.torch import load_file
 
     from hybridchat.infra import checkpoint
-    from hybridchat.infra.config import ModelConfig
+    from hybridchat.model.config import ModelConfig
     from hybridchat.model.lm import HybridLM
 
     script = f"MODEL = {MODEL!r}\n" + textwrap.dedent(CKPT_DRIVER)

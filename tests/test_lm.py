@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_VOCAB, tiny_lm
 
 from hybridchat.core.errors import UserError
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 
 # ---- loss masking --------------------------------------------------------------------------------

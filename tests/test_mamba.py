@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_VOCAB, tiny_lm
 
 import hybridchat.model.mamba as mamba_mod
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.core.errors import UserError
 from hybridchat.model.cache import InferenceCache
 from hybridchat.model.lm import HybridLM

@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from hybridchat.infra import checkpoint
 from hybridchat.training.runs import load_run
-from hybridchat.infra.config import ModelConfig, StageConfig
+from hybridchat.infra.config import StageConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.errors import UserError
 from hybridchat.training.loop import build_optimizers

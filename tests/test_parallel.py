@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from hybridchat.infra import checkpoint
 from hybridchat.training.runs import load_run
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.train import run
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hybridchat.infra import checkpoint
 from hybridchat.bench import perplexity
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.errors import UserError
 from hybridchat.model.lm import HybridLM

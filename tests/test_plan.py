@@ -15,7 +15,7 @@ from hybridchat import plan
 from hybridchat.infra import planner as planning
 from hybridchat.core.errors import UserError, run_or_exit
 from hybridchat.training.loop import build_optimizers
-from hybridchat.model.lm import HybridLM
+from hybridchat.infra.build import build_model
 from hybridchat.train import typed_config
 from tests.conftest import CONF_DIR, compose_config, group_options
 
@@ -41,7 +41,7 @@ def measured_peak(config, micro_batch: int) -> dict[str, int]:
     kind: Total, Parameter, Optstate, Activation, Temp, ..."""
     torch.manual_seed(0)
     vocab = planning.vocab_size_of(config.model, config.data)
-    model = HybridLM(config.model, vocab)
+    model = build_model(config.model, vocab)
     model.init_weights()
     optimizers = build_optimizers(model, config.stage)
     tokens = torch.randint(0, vocab, (micro_batch, config.model.sequence_len + 1))

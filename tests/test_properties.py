@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hybridchat.infra.config import DataConfig
+from hybridchat.data.sources import DataConfig
 from hybridchat.data.sources import files_source
 from hybridchat.core.errors import UserError
 from hybridchat.model.blocks import MIXERS, PATTERN_PRESETS, expand_pattern

@@ -16,7 +16,7 @@ from torch import nn
 
 from hybridchat.infra import checkpoint
 from hybridchat.training.runs import load_run
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.data.chat import ChatRenderer
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.documents import Document

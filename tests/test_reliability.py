@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hybridchat.infra.config import DataConfig
+from hybridchat.data.sources import DataConfig
 from hybridchat.data.sources import files_source
 from hybridchat.core.errors import UserError
 from hybridchat.core.fsutil import atomic_directory, atomic_write_text
@@ -225,7 +225,7 @@ def test_checkpoint_and_knowledge_base_folders_are_group_readable_with_umask_002
     import torch
 
     from hybridchat.infra import checkpoint
-    from hybridchat.infra.config import ModelConfig
+    from hybridchat.model.config import ModelConfig
     from hybridchat.model.lm import HybridLM
     from hybridchat.retrieval.config import RetrieverConfig
     from hybridchat.retrieval.knowledge_base import KnowledgeBase

@@ -6,27 +6,34 @@ import random
 
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
 from hybridchat.infra import checkpoint
 from hybridchat.training.runs import load_run
 from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from hybridchat.core.errors import UserError
-from hybridchat.model.request_match import REQUEST_ENDS, REQUEST_STARTS, request_markers_fit, request_match
+from hybridchat.infra.build import request_markers
+from hybridchat.model.config import ModelConfig
+from hybridchat.model.lm import HybridLM
+from hybridchat.model.request_match import RequestMarkers, request_match
 from tests.conftest import random_model
 
+# Every tokenizer trained here reserves the first ids for SPECIAL_TOKENS, in order.
 USER_START, USER_END = SPECIAL_TOKENS.index("<|user_start|>"), SPECIAL_TOKENS.index("<|user_end|>")
 QUERY_START, QUERY_END = SPECIAL_TOKENS.index("<|query_start|>"), SPECIAL_TOKENS.index("<|query_end|>")
+MARKERS = RequestMarkers(starts=(USER_START, QUERY_START), ends=(USER_END, QUERY_END))
 
 
-def reference(ids: list[int]) -> list[bool]:
+def reference(ids: list[int], markers: RequestMarkers = MARKERS) -> list[bool]:
     """Token by token: a start opens a new request, an end closes it; outside, a token is marked when
     the latest request holds it."""
     marked, inside, request = [], False, set()
     for t in ids:
-        if t in REQUEST_STARTS:
+        if t in markers.starts:
             inside, request = True, set()
             marked.append(False)
-        elif t in REQUEST_ENDS:
+        elif t in markers.ends:
             inside = False
             marked.append(t in request)
         elif inside:
@@ -41,7 +48,7 @@ def test_a_hand_made_conversation():
     ids = [0, USER_START, 20, 21, 22, USER_END, 5, 7, 30, 21, 31, 22, 8, 6, 3, 21, QUERY_START, 40, 21, QUERY_END,
            40, 22, 21]
     want = [0] * 9 + [1, 0, 1, 0, 0, 0, 1] + [0] * 4 + [1, 0, 1]  # after the query, 22 is no longer asked for
-    assert request_match(torch.tensor([ids])).int().tolist() == [want]
+    assert request_match(torch.tensor([ids]), MARKERS).int().tolist() == [want]
     assert reference(ids) == [bool(w) for w in want]
 
 
@@ -50,7 +57,7 @@ def test_random_sequences_match_the_plain_loop():
     markers = [USER_START, USER_END, QUERY_START, QUERY_END]
     rows = [[rng.choice(markers) if rng.random() < 0.12 else rng.randrange(16, 24) for _ in range(60)]
             for _ in range(40)]  # stray ends, starts twice, requests left open: all in here
-    got = request_match(torch.tensor(rows)).tolist()
+    got = request_match(torch.tensor(rows), MARKERS).tolist()
     assert got == [reference(r) for r in rows]
     assert 0.05 < sum(map(sum, got)) / (40 * 60) < 0.8
 
@@ -94,21 +101,40 @@ def test_checkpoints_record_it_load_it_back_and_refuse_a_mismatch(tmp_path):
         checkpoint.load(path, random_model("MAMA", 4, 300, torch.float32, 0, 0.0, pointer=True))
 
 
-def test_only_tokenizers_with_our_markers_at_their_ids_fit():
-    class Vocab:
-        def __init__(self, ids):
-            self.ids = ids
+def test_the_markers_are_a_tokenizer_of_ours_reserved_ids():
+    """What the model was built with before the ids were passed in: a tokenizer trained here, and a
+    model run on token ids alone (tokenizer None), get the same reserved ids."""
+    assert request_markers(Tokenizer.train(["some text"], 300)) == MARKERS
+    assert request_markers(None) == MARKERS
 
-        def has_token(self, t):
-            return t in self.ids
 
-        def token_id(self, t):
-            return self.ids[t]
+def test_the_markers_are_read_from_the_tokenizer_and_a_tokenizer_without_them_is_one_line():
+    """The special tokens in another order: the markers follow the tokenizer's ids, and the mask follows
+    the markers (no id is built in). A ChatML vocabulary, or one of neither format, has no markers."""
+    shuffled = list(reversed(SPECIAL_TOKENS))
+    vocab = {t: i for i, t in enumerate(shuffled + list("abcdefgh"))}
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="a"))
+    hf.add_special_tokens(shuffled)
+    markers = request_markers(Tokenizer(hf))
+    assert markers == RequestMarkers(starts=(shuffled.index("<|user_start|>"), shuffled.index("<|query_start|>")),
+                                     ends=(shuffled.index("<|user_end|>"), shuffled.index("<|query_end|>")))
+    rng = random.Random(2)
+    rows = [[rng.choice(markers.starts + markers.ends) if rng.random() < 0.12 else rng.randrange(16, 24)
+             for _ in range(40)] for _ in range(10)]
+    assert request_match(torch.tensor(rows), markers).tolist() == [reference(r, markers) for r in rows]
+    for specials in (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["<|endoftext|>"]):
+        hf = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(specials + ["a"])}, unk_token="a"))
+        hf.add_special_tokens(specials)
+        with pytest.raises(UserError, match=r"model.request_match=true needs hybridchat's chat tokens"):
+            request_markers(Tokenizer(hf))
 
-    ours = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    assert request_markers_fit(Vocab(ours))
-    assert not request_markers_fit(Vocab({**ours, "<|query_end|>": 4000}))
-    assert not request_markers_fit(Vocab({"<|im_start|>": 1}))
+
+def test_a_model_built_without_markers_is_sized_but_refuses_to_run():
+    cfg = ModelConfig(n_layer=1, n_embd=32, n_head=4, n_kv_head=2, block_pattern="A", request_match=True)
+    model = HybridLM(cfg, vocab_size=64)
+    assert model.request_match.weight.numel() == 32
+    with pytest.raises(ValueError, match="request markers"):
+        model(torch.tensor([[0, USER_START, 20, USER_END, 20]]))
 
 
 def test_the_last_positions_alone_equal_the_whole_mask():
@@ -116,6 +142,6 @@ def test_the_last_positions_alone_equal_the_whole_mask():
     markers = [USER_START, USER_END, QUERY_START, QUERY_END]
     ids = torch.tensor([[rng.choice(markers) if rng.random() < 0.12 else rng.randrange(16, 24) for _ in range(50)]
                         for _ in range(8)])
-    whole = request_match(ids)
+    whole = request_match(ids, MARKERS)
     for new in (1, 7, 50):
-        assert torch.equal(request_match(ids, new), whole[:, -new:])
+        assert torch.equal(request_match(ids, MARKERS, new), whole[:, -new:])

@@ -14,7 +14,8 @@ from hybridchat.core.errors import UserError
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.data.world import World, WorldConfig
 from hybridchat.infra import checkpoint
-from hybridchat.infra.config import Config, ModelConfig
+from hybridchat.infra.config import Config
+from hybridchat.model.config import ModelConfig
 from hybridchat.training.stages.refrag import RefragConfig
 from hybridchat.training.runs import load_run
 from hybridchat.model.lm import HybridLM

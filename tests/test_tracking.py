@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hybridchat.infra.config import Config, LoggerConfig, ModelConfig
+from hybridchat.infra.config import Config, LoggerConfig
 from hybridchat.infra.tracking import Tracker, run_tags
+from hybridchat.model.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

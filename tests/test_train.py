@@ -15,7 +15,8 @@ from conftest import compose_config, train_steps
 
 from hybridchat.infra import checkpoint
 from hybridchat.training.runs import load_run
-from hybridchat.infra.config import ModelConfig, StageConfig
+from hybridchat.infra.config import StageConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.infra.context import RunContext
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.errors import UserError

@@ -26,6 +26,7 @@ import torch
 
 from hybridchat.infra import checkpoint
 from hybridchat.training.runs import load_run
+from hybridchat.infra.build import build_model
 from hybridchat.bench import report
 from hybridchat.model.lm import HybridLM
 
@@ -105,7 +106,7 @@ def _models(args) -> dict[str, Callable[[], HybridLM]]:
 
     def fresh(preset: str, pattern: str) -> HybridLM:
         torch.manual_seed(0)
-        model = HybridLM(_model_config(preset, pattern, args.n_layer), args.vocab)
+        model = build_model(_model_config(preset, pattern, args.n_layer), args.vocab)
         model.init_weights()
         return model
 

@@ -39,13 +39,13 @@ def _compose_model(model: str, gpu: str, length: int):
 
 def _measure(model_name: str, gpu_name: str, length: int, batch_tokens: int, vocab: int, steps: int, queue) -> None:
     from hybridchat.infra import runtime
+    from hybridchat.infra.build import build_model
     from hybridchat.training.loop import build_optimizers
-    from hybridchat.model.lm import HybridLM
 
     try:
         model_cfg, gpu_cfg, stage_cfg = _compose_model(model_name, gpu_name, length)
         rt = runtime.setup(gpu_cfg, seed=0)
-        model = HybridLM(model_cfg, vocab, ssm_backend=gpu_cfg.ssm_backend.value).to(rt.device)
+        model = build_model(model_cfg, vocab, ssm_backend=gpu_cfg.ssm_backend.value).to(rt.device)
         model.init_weights()
         optimizers = build_optimizers(model, stage_cfg)
         batch = max(1, batch_tokens // length)

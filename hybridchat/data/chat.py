@@ -47,7 +47,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from hybridchat.data.loader import Batch
-from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from hybridchat.core.documents import Document
 
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 = learn to write this token)
@@ -67,21 +67,33 @@ class ChatFormat:
     query: tuple[Ids, Ids]         # around a follow-up query the model writes (learned)
     results: tuple[Ids, Ids]       # around the documents retrieved for it, inside the reply (given)
     system: tuple[Ids, Ids] | None = None  # around a system message; None: folded into the next user turn
+    # (starts, ends): the tokens that open and close a request (a user message, a follow-up query), one
+    # token each and used for nothing else, what the model's request match reads (model/request_match.py).
+    # None: the format has no such tokens (ChatML opens every turn with one token, its queries are text).
+    request_markers: tuple[Ids, Ids] | None = None
 
     @property
     def stop_token(self) -> int:
         return self.assistant[1][-1]
 
     @classmethod
+    def ours(cls, t: Callable[[str], int] = SPECIAL_TOKENS.index) -> "ChatFormat":
+        """Ours, every part marked by a special token; t gives a token's id. The default is the id every
+        tokenizer trained here has (the special tokens come first, in order): ours without one at hand,
+        for models run on token ids alone (benchmarks, tests)."""
+        return cls(begin=(t("<|bos|>"),), user=((t("<|user_start|>"),), (t("<|user_end|>"),)),
+                   assistant=((t("<|assistant_start|>"),), (t("<|assistant_end|>"),)), after_assistant=(),
+                   documents=((t("<|documents_start|>"),), (t("<|documents_end|>"),)),
+                   document=((t("<|document_start|>"),), (t("<|document_end|>"),)), documents_in_user_turn=False,
+                   query=((t("<|query_start|>"),), (t("<|query_end|>"),)),
+                   results=((t("<|documents_start|>"),), (t("<|documents_end|>"),)),
+                   request_markers=((t("<|user_start|>"), t("<|query_start|>")),
+                                    (t("<|user_end|>"), t("<|query_end|>"))))
+
+    @classmethod
     def for_tokenizer(cls, tok: Tokenizer) -> "ChatFormat":
         if tok.has_token("<|user_start|>"):
-            t = tok.token_id
-            return cls(begin=(tok.bos_id,), user=((t("<|user_start|>"),), (t("<|user_end|>"),)),
-                       assistant=((t("<|assistant_start|>"),), (t("<|assistant_end|>"),)), after_assistant=(),
-                       documents=((t("<|documents_start|>"),), (t("<|documents_end|>"),)),
-                       document=((t("<|document_start|>"),), (t("<|document_end|>"),)), documents_in_user_turn=False,
-                       query=((t("<|query_start|>"),), (t("<|query_end|>"),)),
-                       results=((t("<|documents_start|>"),), (t("<|documents_end|>"),)))
+            return cls.ours(tok.token_id)
         if tok.has_token("<|im_start|>"):
             start, end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
 

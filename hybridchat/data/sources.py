@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import random
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
-from hybridchat.infra.config import DataConfig, PathsConfig
 from hybridchat.core.errors import UserError
 from hybridchat.core.fsutil import atomic_write_bytes
 
@@ -23,6 +23,19 @@ TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
 
 Source = Callable[[str, int], Iterator[str]]  # (split, epoch) -> documents
+
+
+@dataclass
+class DataConfig:
+    """The `data` node of the config tree (conf/data/*.yaml): the pretraining text and the tokenizer
+    trained on it."""
+    name: str = "world"                # world (the `world` node) | text | fineweb_edu
+    path: Optional[str] = None         # text: a file or folder of .txt/.jsonl/.parquet
+    text_key: str = "text"             # field holding the text in jsonl/parquet
+    val_fraction: float = 0.02         # text: share of documents held out for validation
+    num_shards: int = 8                # fineweb_edu: shards to download (~100 MB each)
+    tokenizer_vocab_size: int = 4096
+    tokenizer_train_chars: int = 20_000_000
 
 
 def world_source(world: "World") -> Source:
@@ -152,9 +165,10 @@ def files_source(path: Path, cfg: DataConfig) -> Source:
     return docs
 
 
-def download_fineweb(cfg: DataConfig, paths: PathsConfig) -> Path:
-    """Fetch the first num_shards FineWeb-Edu shards once (atomic: a partial download never counts)."""
-    folder = Path(paths.data) / "fineweb_edu"
+def download_fineweb(cfg: DataConfig, data_dir: Path) -> Path:
+    """Fetch the first num_shards FineWeb-Edu shards into data_dir once (atomic: a partial download
+    never counts)."""
+    folder = data_dir / "fineweb_edu"
     for i in range(cfg.num_shards):
         target = folder / f"shard_{i:05d}.parquet"
         if target.exists():
@@ -169,8 +183,9 @@ def download_fineweb(cfg: DataConfig, paths: PathsConfig) -> Path:
     return folder
 
 
-def build_source(cfg: DataConfig, paths: PathsConfig, world: Callable[[], "World"]) -> Source:
-    """The pretraining text source; `world` is called only for data=world (the run's one world)."""
+def build_source(cfg: DataConfig, data_dir: Path, world: Callable[[], "World"]) -> Source:
+    """The pretraining text source; downloads go under data_dir (paths.data); `world` is called only
+    for data=world (the run's one world)."""
     if cfg.name == "world":
         return world_source(world())
     if cfg.name == "text":
@@ -178,5 +193,5 @@ def build_source(cfg: DataConfig, paths: PathsConfig, world: Callable[[], "World
             raise UserError("data=text needs data.path=<file or folder of .txt/.md/.jsonl/.parquet>")
         return files_source(Path(cfg.path).expanduser(), cfg)
     if cfg.name == "fineweb_edu":
-        return files_source(download_fineweb(cfg, paths), cfg)
+        return files_source(download_fineweb(cfg, data_dir), cfg)
     raise UserError(f"data.name={cfg.name!r} is unknown; allowed: world, text, fineweb_edu")

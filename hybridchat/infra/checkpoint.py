@@ -20,32 +20,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hybridchat.infra import parallel
 from hybridchat.core.errors import UserError
 from hybridchat.core.fsutil import atomic_directory
+from hybridchat.infra import parallel
 
 FORMAT_VERSION = 1
 
 
 def stage_dir(checkpoints: str | Path, run_name: str, stage: str) -> Path:
     return Path(checkpoints) / run_name / stage
-
-
-def architecture(model) -> dict[str, Any]:
-    """What must match for weights to load: the expanded block pattern, sizes, positions, vocabulary, and
-    the layer recipe (MLP kind, norms, tying). rope, eps and norms matter even where the shapes agree: a
-    model trained without rotary positions or QK-norm computes garbage with them."""
-    c = model.config
-    keys = ["n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights", "norm_eps", "embed_norm",
-            "tie_embeddings", "pointer", "request_match"]
-    # A mixer's settings matter only where the pattern has that mixer (a transformer has no d_state).
-    if "A" in model.pattern:
-        keys += ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm"]
-    elif c.pointer:  # the pointer's head width is n_embd / n_head
-        keys += ["n_head"]
-    if "M" in model.pattern:
-        keys += ["mamba_mlp", "d_state", "d_conv", "expand", "headdim", "ngroups"]
-    return {"block_pattern": model.pattern, "vocab_size": model.vocab_size, **{k: getattr(c, k) for k in keys}}
 
 
 def _optimizer_payload(optimizers: list[torch.optim.Optimizer], keep: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -112,7 +95,7 @@ def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], ke
     weights = parallel.full_tensors(model.state_dict(), write)
     if not write:
         return None
-    full_meta = {"format_version": FORMAT_VERSION, "step": step, "architecture": architecture(model),
+    full_meta = {"format_version": FORMAT_VERSION, "step": step, "architecture": model.architecture(),
                  "optimizers": described, **meta}
     with atomic_directory(target) as tmp:
         save_file(weights, str(tmp / "model.safetensors"))
@@ -172,7 +155,7 @@ def load(path: Path, model, optimizers=None, tokenizer_fingerprint: str | None =
     before_options = {"mlp": "relu2", "mlp_hidden": None, "qk_norm": True, "norm_weights": False, "norm_eps": None,
                       "embed_norm": True, "tie_embeddings": False, "pointer": False,
                       "request_match": False}
-    saved, current = {**before_options, **meta.get("architecture", {})}, architecture(model)
+    saved, current = {**before_options, **meta.get("architecture", {})}, model.architecture()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:
         raise UserError(f"checkpoint {path} does not fit this model ({'; '.join(diffs)}); choose the matching "

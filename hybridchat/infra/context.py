@@ -72,7 +72,7 @@ class RunContext:
     @cached_property
     def text(self) -> Source:
         """The pretraining text source (data group)."""
-        return build_source(self.config.data, self.config.paths, lambda: self.world)
+        return build_source(self.config.data, Path(self.config.paths.data), lambda: self.world)
 
     @cached_property
     def source_checkpoint(self) -> Path | None:

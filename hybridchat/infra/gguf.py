@@ -24,7 +24,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from hybridchat.infra import checkpoint
-from hybridchat.infra.config import ModelConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.errors import UserError
 from hybridchat.model.lm import HybridLM

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridchat.infra.config import ModelConfig
 from hybridchat.core.errors import UserError
 from hybridchat.model.attention import CausalSelfAttention
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.mamba import Mamba2
 
 

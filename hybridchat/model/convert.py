@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from hybridchat.infra.checkpoint import architecture
 from hybridchat.core.errors import UserError
 from hybridchat.model.attention import CausalSelfAttention
 from hybridchat.model.lm import HybridLM
@@ -70,7 +69,7 @@ def attention_to_mamba(attn: CausalSelfAttention, mamba: Mamba2, copy_output: bo
 
 
 def _check_compatible(teacher: HybridLM, student: HybridLM) -> None:
-    t_arch, s_arch = architecture(teacher), architecture(student)
+    t_arch, s_arch = teacher.architecture(), student.architecture()
     # A mixer's settings are compared only where both have that mixer (architecture() lists them only
     # then): Mamba settings where the teacher has Mamba layers to copy; a converted layer's own fit is
     # checked by attention_to_mamba.

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hybridchat.infra.config import ModelConfig
 from hybridchat.core.errors import UserError
 from hybridchat.model.attention import rotary_cos_sin
 from hybridchat.model.blocks import MLP_KINDS, Block, expand_pattern, rms_norm
 from hybridchat.model.cache import InferenceCache
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.pointer import Pointer
-from hybridchat.model.request_match import RequestMatch
+from hybridchat.model.request_match import RequestMarkers, RequestMatch
 
 
 def check_sizes(cfg: ModelConfig) -> None:
@@ -41,11 +43,15 @@ def check_sizes(cfg: ModelConfig) -> None:
 
 
 class HybridLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, ssm_backend: str = "torch"):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, ssm_backend: str = "torch",
+                 request_markers: RequestMarkers | None = None):
+        """request_markers: the tokenizer's ids that open and close a request, which model.request_match
+        reads (model/request_match.py); without them such a model can be sized and loaded, not run."""
         super().__init__()
         check_sizes(cfg)
         self.config = cfg
         self.vocab_size = vocab_size
+        self.request_markers = request_markers
         self.pattern = expand_pattern(cfg.block_pattern, cfg.n_layer)
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)
         self.norm_embed = rms_norm(cfg, weights=False) if cfg.embed_norm else nn.Identity()
@@ -55,12 +61,28 @@ class HybridLM(nn.Module):
         # wte.weight (safetensors refuses two names for one tensor), and loads without a missing key.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.pointer = Pointer(cfg.n_embd, cfg.n_embd // cfg.n_head) if cfg.pointer else None
-        self.request_match = RequestMatch(cfg.n_embd) if cfg.request_match else None
+        self.request_match = RequestMatch(cfg.n_embd, request_markers) if cfg.request_match else None
         self.use_rope = cfg.attn_rope and "A" in self.pattern
         # Recompute each block's activations in backward instead of storing them (less memory, about
         # one more forward of compute). A training choice (gpu.activation_checkpointing), set by
         # hybridchat.infra.parallel.prepare, not part of the architecture.
         self.activation_checkpointing = False
+
+    def architecture(self) -> dict[str, Any]:
+        """What must match for weights to load: the expanded block pattern, sizes, positions, vocabulary,
+        and the layer recipe (MLP kind, norms, tying). rope, eps and norms matter even where the shapes
+        agree: a model trained without rotary positions or QK-norm computes garbage with them."""
+        c = self.config
+        keys = ["n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights", "norm_eps", "embed_norm",
+                "tie_embeddings", "pointer", "request_match"]
+        # A mixer's settings matter only where the pattern has that mixer (a transformer has no d_state).
+        if "A" in self.pattern:
+            keys += ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm"]
+        elif c.pointer:  # the pointer's head width is n_embd / n_head
+            keys += ["n_head"]
+        if "M" in self.pattern:
+            keys += ["mamba_mlp", "d_state", "d_conv", "expand", "headdim", "ngroups"]
+        return {"block_pattern": self.pattern, "vocab_size": self.vocab_size, **{k: getattr(c, k) for k in keys}}
 
     def init_weights(self) -> None:
         if self.lm_head is None:

@@ -26,26 +26,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from hybridchat.data.tokenizer import SPECIAL_TOKENS
 
-# Our tokenizers put the special tokens first, in SPECIAL_TOKENS order (data/tokenizer.py).
-_STARTS, _ENDS = ("<|user_start|>", "<|query_start|>"), ("<|user_end|>", "<|query_end|>")
-REQUEST_STARTS = tuple(SPECIAL_TOKENS.index(t) for t in _STARTS)
-REQUEST_ENDS = tuple(SPECIAL_TOKENS.index(t) for t in _ENDS)
-
-
-def request_markers_fit(tokenizer) -> bool:
-    """Whether the tokenizer's request markers have the ids this module looks for."""
-    return all(tokenizer.has_token(t) and tokenizer.token_id(t) == SPECIAL_TOKENS.index(t) for t in _STARTS + _ENDS)
+@dataclass(frozen=True)
+class RequestMarkers:
+    """The token ids around a request, from the tokenizer's chat format (data/chat.py): given by whoever
+    pairs the model with its tokenizer, since the model knows no token by name."""
+    starts: tuple[int, ...]  # open a request: a user message, a follow-up query
+    ends: tuple[int, ...]    # close one
 
 
-def request_match(ids: torch.Tensor, new: int | None = None) -> torch.Tensor:
+def request_match(ids: torch.Tensor, markers: RequestMarkers, new: int | None = None) -> torch.Tensor:
     """(B, new) bool for the last `new` positions of ids (B, L) (None: all): token t occurs in the
     latest request that started before it, and t is not inside that request. Each of those positions
     is compared with every position: (B, new, L), like the pointer's equality mask in training, one
     row per generated token in decoding."""
-    starts = torch.isin(ids, torch.tensor(REQUEST_STARTS, device=ids.device))
-    ends = torch.isin(ids, torch.tensor(REQUEST_ENDS, device=ids.device))
+    starts = torch.isin(ids, torch.tensor(markers.starts, device=ids.device))
+    ends = torch.isin(ids, torch.tensor(markers.ends, device=ids.device))
     positions = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
     last_start = torch.where(starts, positions, -1).cummax(1).values
     last_end = torch.where(ends, positions, -1).cummax(1).values
@@ -63,9 +59,10 @@ class RequestMatchCache:
 
 
 class RequestMatch(nn.Module):
-    def __init__(self, n_embd: int):
+    def __init__(self, n_embd: int, markers: RequestMarkers | None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_embd))
+        self.markers = markers  # None: built to be sized or to load weights into (HybridLM)
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.weight, std=std)
@@ -76,6 +73,9 @@ class RequestMatch(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, cache: RequestMatchCache | None = None,
                 pos: int = 0) -> torch.Tensor:
         """x (B, T, C) embeddings of idx (B, T), the new tokens at positions [pos, pos + T)."""
+        if self.markers is None:
+            raise ValueError("model.request_match needs the tokenizer's request markers: build the model with "
+                             "HybridLM(..., request_markers=...)")
         if cache is not None:
             T = idx.size(1)
             if pos + T > cache.ids.size(1):
@@ -83,5 +83,5 @@ class RequestMatch(nn.Module):
                                  f"max_len={cache.ids.size(1)}")
             cache.ids[:, pos:pos + T] = idx
             idx = cache.ids[:, :pos + T]
-        marked = request_match(idx, x.size(1))
+        marked = request_match(idx, self.markers, x.size(1))
         return x + marked.unsqueeze(-1).to(x.dtype) * self.weight.to(x.dtype)

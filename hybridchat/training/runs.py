@@ -24,7 +24,9 @@ from hybridchat.core.errors import UserError
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.data.world import World
 from hybridchat.infra import checkpoint
-from hybridchat.infra.config import Config, GPUConfig, ModelConfig, PathsConfig, StageConfig
+from hybridchat.infra.build import build_model
+from hybridchat.infra.config import Config, GPUConfig, PathsConfig, StageConfig
+from hybridchat.model.config import ModelConfig
 from hybridchat.infra.context import world_collection
 from hybridchat.model.lm import HybridLM
 from hybridchat.retrieval.config import RetrieverConfig
@@ -106,7 +108,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", ssm_backend: 
                         f"hybridchat?); it cannot be loaded on its own")
     config = parse_config(values, path)
     tokenizer = Tokenizer.load(path / "tokenizer.json")
-    model = HybridLM(config.model, meta["architecture"]["vocab_size"], ssm_backend=ssm_backend)
+    model = build_model(config.model, meta["architecture"]["vocab_size"], tokenizer, ssm_backend=ssm_backend)
     checkpoint.load(path, model, None, tokenizer.fingerprint)
     model.to(device).eval()
     return Run(path, model, tokenizer, meta, config)

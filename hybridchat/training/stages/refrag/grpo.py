@@ -157,7 +157,8 @@ class GRPO:
     def _frozen_policy(self) -> HybridLM:
         """The policy as it is now, whole on every rank (gathered under FSDP), for the KL term."""
         policy, cfg = self.ctx.model, self.ctx.config
-        reference = HybridLM(policy.config, policy.vocab_size, ssm_backend=cfg.gpu.ssm_backend.value)
+        reference = HybridLM(policy.config, policy.vocab_size, ssm_backend=cfg.gpu.ssm_backend.value,
+                             request_markers=policy.request_markers)
         reference.load_state_dict(parallel.full_tensors(policy.state_dict()))
         return reference.to(self.ctx.runtime.device).eval().requires_grad_(False)
 
