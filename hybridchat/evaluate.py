@@ -74,7 +74,7 @@ class EvalConfig:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    run_name: str = "hybrid_tiny"
+    run_name: str = "${hc.model_choice:}"      # the `model` option chosen (a sweep over retrievers keeps it)
     # The stage whose checkpoint is evaluated; None: refrag for 2-hop questions, else rag. (Not
     # `stage`: on the command line that names the training config group conf/stage/.)
     checkpoint_stage: Optional[str] = None
@@ -89,7 +89,9 @@ class EvalConfig:
     seed: int = 0
     context_budget: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     context_questions: int = 100               # questions per point of the context budget
-    compare: list[str] = field(default_factory=list)  # other run names (same stage) in the context budget
+    # Other run names, e.g. [transformer_tiny, mamba_tiny]: their checkpoints of the same stage join the
+    # context budget.
+    compare: list[str] = field(default_factory=list)
     hops: int = 1                              # 2: 2-hop questions and the multi-hop conditions
     # Multi-hop settings; None: the evaluated checkpoint's stage values (refrag), else RefragConfig's defaults.
     max_hops: Optional[int] = None             # retrievals per question, the question's own included
