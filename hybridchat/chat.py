@@ -40,7 +40,7 @@ from hybridchat.retrieval.config import RetrieverConfig
 @dataclass
 class ChatConfig(RunReaderConfig):
     checkpoint_stage: Optional[str] = None     # None: the stage that answers from documents (rag)
-    step: Optional[int] = None
+    step: Optional[int] = None                 # None: the stage's latest checkpoint
     checkpoint: Optional[str] = None           # a step folder, instead of run_name/checkpoint_stage/step
     prompt: Optional[str] = None               # one question; None: interactive
     max_answer_tokens: int = 48

@@ -84,7 +84,9 @@ class EvalConfig(RunReaderConfig):
     seed: int = 0
     context_budget: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     context_questions: int = 100               # questions per point of the context budget
-    compare: list[str] = field(default_factory=list)  # other run names (same stage) in the context budget
+    # Other run names, e.g. [transformer_tiny, mamba_tiny]: their checkpoints of the same stage join the
+    # context budget.
+    compare: list[str] = field(default_factory=list)
     hops: int = 1                              # 2: 2-hop questions and the multi-hop conditions
     # Multi-hop settings; None: the evaluated checkpoint's stage values (refrag), else the multi-hop stage's defaults.
     max_hops: Optional[int] = None             # retrievals per question, the question's own included

@@ -34,25 +34,32 @@ COMMANDS = ("build", "add", "delete", "search", "stats", "eval")
 class KbConfig:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    inputs: List[str] = field(default_factory=list)
-    skip_bad: bool = False
-    indexes: List[str] = field(default_factory=lambda: ["bm25", "dense"])
-    replace: bool = False
-    ids: List[str] = field(default_factory=list)
-    query: Optional[str] = None
-    filter: Any = None  # {key: value}; Any: a typed dict node would take no new keys without a +
-    questions: Optional[str] = None
-    json: Optional[str] = None
+    inputs: List[str] = field(default_factory=list)   # build, add: .jsonl files, .txt/.md files or folders of them
+    skip_bad: bool = False             # build, add: skip (and report) bad records instead of failing
+    indexes: List[str] = field(default_factory=lambda: ["bm25", "dense"])   # build: any of simple, bm25, dense
+    replace: bool = False              # add: update documents whose id exists
+    ids: List[str] = field(default_factory=list)      # delete: document ids
+    query: Optional[str] = None        # search
+    # search: only documents whose metadata matches, e.g. filter={lang:en}. Any: a typed dict node would
+    # take no new keys without a +
+    filter: Any = None
+    questions: Optional[str] = None    # eval: JSONL with question, answers, gold_doc_ids
+    json: Optional[str] = None         # eval: also write the report to this file
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="kb_schema", node=KbConfig)
 
 
 def compose(overrides: list[str]) -> KbConfig:
     """conf/kb.yaml with the command line's overrides, checked against KbConfig."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="kb_schema", node=KbConfig)
+    register()
     with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
         return OmegaConf.to_object(hydra_compose("kb", overrides))
 

@@ -71,8 +71,8 @@ class PlanConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     data: DataConfig = field(default_factory=DataConfig)   # the tokenizer's vocabulary size
     paths: PathsConfig = field(default_factory=PathsConfig)
-    n_gpus: list[int] = field(default_factory=lambda: [1, 8])
-    mfu: float = 0.4
+    n_gpus: list[int] = field(default_factory=lambda: [1, 8])   # one row per count; DDP and FSDP rows for counts > 1
+    mfu: float = 0.4     # assumed model FLOPs utilisation for tokens/s (stated in the output)
 
 
 def register() -> None:

@@ -1,15 +1,26 @@
 """Every option of every config group composes into a valid typed config; bad configs fail clearly."""
 
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, group_options
+from conftest import CONF_DIR, compose_config, group_options
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
+import hybridchat.chat  # noqa: F401  registers chat_schema (conf/chat.yaml's)
+import hybridchat.evaluate  # noqa: F401  registers eval_schema (conf/eval.yaml's)
+import hybridchat.kb
+import hybridchat.plan  # noqa: F401  registers plan_schema (conf/plan.yaml's)
 from hybridchat.infra.config import Config
 from hybridchat.data.sources import build_source
 from hybridchat.core.errors import UserError
@@ -18,7 +29,7 @@ from hybridchat.model.lm import HybridLM, check_sizes
 from hybridchat.infra.runtime import grad_accum_steps
 from hybridchat.train import typed_config
 
-GROUPS = ["model", "model/block_pattern", "gpu", "stage", "data", "retriever", "logger", "paths", "experiment"]
+GROUPS = ["model", "model/block_pattern", "gpu", "stage", "data", "retriever", "logger", "experiment"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
@@ -156,6 +167,48 @@ def test_experiment_only_states_differences():
         assert changed, f"experiment={option} changes nothing"
 
 
+# Option groups whose files are merged onto one node of their app's schema; experiment/ and debug/ are
+# left out: they override other options, so a value equal to the schema's may be an override there.
+OPTION_FILES = sorted(str(p.relative_to(CONF_DIR)) for p in CONF_DIR.glob("*/**/*.yaml")
+                      if p.relative_to(CONF_DIR).parts[0] not in ("hydra", "experiment", "debug"))
+PRIMARY_FILES = ["config.yaml", "eval.yaml", "plan.yaml", "chat.yaml", "kb.yaml"]
+hybridchat.kb.register()  # kb_schema (conf/kb.yaml's): kb registers it when it composes
+
+
+def restated_defaults(values: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """The keys of `values` (a yaml file's) that repeat `defaults` (the schema's) word for word."""
+    found = []
+    for key, value in values.items():
+        default = defaults.get(key, KeyError)
+        if isinstance(value, dict) and isinstance(default, dict):
+            found += restated_defaults(value, default, f"{prefix}{key}.")
+        elif value == default:
+            found.append(prefix + key)
+    return found
+
+
+def stored_schema(name: str) -> dict:
+    """A schema as registered in Hydra's ConfigStore (what `defaults: [<name>]` merges onto)."""
+    return OmegaConf.to_container(ConfigStore.instance().load(f"{name}.yaml").node)
+
+
+@pytest.mark.parametrize("path", OPTION_FILES + PRIMARY_FILES)
+def test_yaml_files_state_only_what_differs_from_the_schema(path):
+    """Every default lives in the dataclass schema alone: a yaml key equal to it is a second copy
+    that silently goes stale when the schema's default changes."""
+    values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / path)) or {}
+    own_schema = [d for d in values.pop("defaults", []) if isinstance(d, str) and d.endswith(("_schema", "base_config"))]
+    if path in PRIMARY_FILES:  # its own keys; the groups' nodes are their option files' business
+        groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+        values = {k: v for k, v in values.items() if k not in groups}
+        schema = stored_schema(own_schema[0])
+    elif own_schema:  # conf/stage/<name>.yaml: its own stage class
+        schema = stored_schema(f"{path.split('/')[0]}/{own_schema[0]}")
+    else:  # merged onto the training schema's node of its group (model/block_pattern is @package model)
+        schema = stored_schema("base_config")[path.split("/")[0]]
+    assert restated_defaults(values, schema) == []
+
+
 def test_smoke_debug_shrinks_everything():
     config, _ = typed_config(compose_config(["debug=smoke"]))
     assert config.stage.num_steps <= 10 and config.model.n_embd <= 64
@@ -203,3 +256,29 @@ def test_runs_started_within_one_second_get_folders_of_their_own(monkeypatch):
         stamps.append(run_stamp())
     day_time = time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(second))
     assert stamps == [f"{day_time}.250", f"{day_time}.750"]
+
+
+@pytest.mark.parametrize("app,run,sweep", [("config", "runs/{}", "sweeps/{}"), ("eval", "runs/{}", "sweeps/{}"),
+                                           ("plan", "plans/{}", "plans/{}-multirun")])
+def test_run_and_sweep_folders_of_every_app_are_named_to_the_millisecond(app, run, sweep, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("HYBRIDCHAT_RUN_DIR", raising=False)
+    second = 1_800_000_000
+    monkeypatch.setattr("hybridchat.infra.config.time.time", lambda: second + 0.25)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        hydra = compose(app, overrides=["paths.outputs=out"], return_hydra_config=True).hydra
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(second)) + ".250"
+    assert (hydra.run.dir, hydra.sweep.dir) == ("out/" + run.format(stamp), "out/" + sweep.format(stamp))
+
+
+def test_the_jobs_of_one_sweep_share_its_folder(tmp_path):
+    """The stamp is resolved when the launcher makes the sweep folder and Hydra hands that resolution
+    to every job: a stamp resolved per job would split the sweep, one folder a millisecond."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYBRIDCHAT_RUN_DIR", "WORLD_SIZE")}
+    result = subprocess.run([sys.executable, "-m", "hybridchat.plan", "-m", "n_gpus=[1],[2]", f"paths.outputs={tmp_path}"],
+                            cwd=CONF_DIR.parent, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sweeps = list((tmp_path / "plans").glob("*/*"))
+    assert len(sweeps) == 1 and re.fullmatch(r"\d\d-\d\d-\d\d\.\d{3}-multirun", sweeps[0].name), sweeps
+    assert sorted(p.parent.name for p in sweeps[0].glob("*/plan.json")) == ["0", "1"]

@@ -17,7 +17,7 @@ from hybridchat.core.errors import UserError
 
 @pytest.fixture(scope="module")
 def world_docs():
-    return world_source(World.generate(WorldConfig(n_people=60, texts_per_entity=6)))
+    return world_source(World.generate(WorldConfig(n_people=60)))
 
 
 @pytest.fixture(scope="module")

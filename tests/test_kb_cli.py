@@ -141,3 +141,24 @@ def test_changed_embedding_model_is_refused(tmp_path, capsys):
     after = snapshot(kb)
     assert after.keys() == before.keys()
     assert all(after[p] == before[p] for p in before if p.name != "manifest.json")  # no index was rewritten
+
+
+def test_without_kb_it_opens_the_knowledge_base_of_the_world_training_composes(tmp_path, monkeypatch, capsys):
+    """One world: `kb stats` without --kb opens the index training built, not a second one of its own."""
+    from types import SimpleNamespace
+
+    from conftest import compose_config
+
+    from hybridchat.infra.context import world_collection
+    from hybridchat.train import typed_config
+
+    opened = []
+
+    def open_knowledge_base(cfg, cache_dir, default, progress=True):
+        opened.append(default[0])
+        return SimpleNamespace(stats=dict)
+
+    monkeypatch.setattr("hybridchat.retrieval.factory.open_knowledge_base", open_knowledge_base)
+    assert run(["stats", "--cache-dir", tmp_path], capsys)[0] == 0
+    config, _ = typed_config(compose_config([]))
+    assert opened == [world_collection(config.world)[0]]

@@ -283,7 +283,7 @@ def test_pretrain_on_your_own_jsonl_files(tmp_path):
     from hybridchat.data.sources import world_source
     from hybridchat.data.world import World, WorldConfig
 
-    texts = list(world_source(World.generate(WorldConfig(n_people=60, texts_per_entity=6)))("train", 0))
+    texts = list(world_source(World.generate(WorldConfig(n_people=60)))("train", 0))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "part1.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[:150]))

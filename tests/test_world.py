@@ -222,9 +222,10 @@ def test_default_sizes(world):
     assert len(docs) == 1000 + 60 + 12 + 120 + 30
     n_train_entities = sum(d.metadata["split"] == "train" for d in docs)
     train, val = world.pretraining_texts("train"), world.pretraining_texts("val")
-    assert len(train) == 3 * n_train_entities and len(val) == n_train_entities
+    # six renderings per entity and 4000 reading-practice texts: the world every run trains on
+    assert len(train) == 6 * n_train_entities + 4000 and len(val) == n_train_entities
     size = sum(len(t.encode()) for t in train)
-    assert 0.8e6 < size < 3e6, size
+    assert 4e6 < size < 8e6, size
     assert len(world.questions("heldout", 1)) == 200 * 11
     assert all(t.isascii() for t in train + val + [d.text for d in docs])
 
@@ -235,7 +236,8 @@ def test_renderings_differ(world):
     assert not set(train) & set(val)
     # Rendering k uses phrasing offset + k of each slot: with the most texts per entity, the
     # sentences of one person's training and validation texts are still pairwise distinct.
-    w = World.generate(WorldConfig(n_people=20, texts_per_entity=PHRASINGS - 1))
+    w = World.generate(WorldConfig(n_people=20, texts_per_entity=PHRASINGS - 1, questions_per_text=0,
+                                   practice_texts=0))
     person = next(e for e in w.entities if e.kind == "person" and e.split == "train")
     texts = [t for split in ("train", "val") for t in w.pretraining_texts(split) if person.facts["birth_date"] in t]
     sentences = [s for t in texts for s in re.split(r"(?<=\.) ", t)]
@@ -311,7 +313,7 @@ def test_bad_arguments(world):
 
 def test_reading_practice_texts_state_their_answers_about_people_who_exist_nowhere():
     w = World.generate(WorldConfig(n_people=200, n_companies=20, questions_per_text=3, practice_texts=50))
-    base = World.generate(WorldConfig(n_people=200, n_companies=20, questions_per_text=3))
+    base = World.generate(WorldConfig(n_people=200, n_companies=20, questions_per_text=3, practice_texts=0))
     practice = sorted(set(w.pretraining_texts("train")) - set(base.pretraining_texts("train")))
     assert len(practice) == 50 and w.pretraining_texts("val") == base.pretraining_texts("val")
     world_words = {word for e in w.entities for word in e.name.split()}

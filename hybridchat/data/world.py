@@ -38,8 +38,10 @@ _LIMITS = {
 
 @dataclass
 class WorldConfig:
-    """The `world` node of the run config: data sources and the default knowledge base both read
-    this one world, so question person-0000 and document person-0000 are the same person."""
+    """The `world` node of the run config: data=world pretrains on it, the default knowledge base
+    holds its documents and the mid/rag stages ask its questions. One node, so question person-0000
+    and document person-0000 are the same person. These defaults are the world every run trains on
+    (and `python -m hybridchat.kb` opens without --kb)."""
 
     seed: int = 0
     n_people: int = 1000
@@ -47,16 +49,16 @@ class WorldConfig:
     n_countries: int = 12
     n_companies: int = 120
     heldout_fraction: float = 0.2  # share of PEOPLE held out (never in pretraining/training text)
-    texts_per_entity: int = 3  # differently-phrased pretraining texts per train entity
+    texts_per_entity: int = 6  # differently-phrased pretraining texts per train entity (1-6)
     # Questions about a pretraining text appended to it, with their answers ("Question: ... Answer:
     # ..."): reading practice in pretraining, so looking a fact up in context is already a skill
-    # when the rag stage asks for it on documents (as instruction-augmented pretraining does).
-    questions_per_text: int = 0
+    # when the rag stage asks for it on documents (as instruction-augmented pretraining does). 0-5.
+    questions_per_text: int = 3
     # Training texts about people who exist nowhere (fresh names, facts recombined from training
     # people), each followed by questions_per_text questions and answers. Their facts cannot be
     # remembered from anywhere else: only reading the text in front of it predicts the answers, the
     # skill the rag stage needs (a model learns to look up in context only where memory cannot help).
-    practice_texts: int = 0
+    practice_texts: int = 4000
     n_universities: int = 30
 
     def __post_init__(self) -> None:

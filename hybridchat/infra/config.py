@@ -85,7 +85,8 @@ class StageConfig:
     source: Optional[str] = None
     num_steps: int = 200
     # Tokens per optimizer step across micro-batches and ranks; None: one micro-batch per rank
-    # (gpu.micro_batch x model.sequence_len x world size), so any model runs on any preset.
+    # (gpu.micro_batch x model.sequence_len x world size), so any model runs on any preset. Set it
+    # (e.g. 524288) to keep the batch fixed across hardware: accumulation follows.
     total_batch_tokens: Optional[int] = None
     warmup_steps: int = 20
     warmdown_ratio: float = 0.3        # last fraction of steps decays linearly to final_lr_frac
@@ -117,11 +118,11 @@ class LoggerConfig:
 
 @dataclass
 class PathsConfig:
-    root: str = "."
+    """Relative paths resolve against the directory you launch from (Hydra does not chdir)."""
     outputs: str = "outputs"
-    checkpoints: str = "outputs/checkpoints"
-    cache: str = "outputs/cache"
-    data: str = "outputs/data"
+    checkpoints: str = "${paths.outputs}/checkpoints"
+    cache: str = "${paths.outputs}/cache"    # tokenizers, knowledge bases, tokenized data
+    data: str = "${paths.outputs}/data"      # downloaded datasets (fineweb_edu)
 
 
 @dataclass
@@ -135,7 +136,9 @@ class Config:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    run_name: str = "default"
+    # Checkpoints live in ${paths.checkpoints}/${run_name}/<stage>/, independent of Hydra's run dir,
+    # so later stages find their source. Default: the model choice (+ the job's overrides in a sweep).
+    run_name: str = "${hc.run_name:}"
     seed: int = 1337
     resume: bool = False
     overwrite: bool = False            # a new run may replace an earlier run's checkpoints of its stage
@@ -144,7 +147,7 @@ class Config:
 
 def default_run_name() -> str:
     """The model choice; in a multirun, plus the job's overrides, so sweep jobs never share a
-    checkpoint folder (resume/run_name are excluded from override_dirname in conf/config.yaml)."""
+    checkpoint folder (resume/run_name are excluded from override_dirname in conf/hydra/default.yaml)."""
     hc = HydraConfig.get()
     name = hc.runtime.choices.get("model") or "model"
     if hc.mode == RunMode.MULTIRUN:
@@ -159,10 +162,10 @@ def model_choice() -> str:
 
 
 def run_stamp() -> str:
-    """The run folder's name: <date>/<time to the millisecond> (two runs started within one second
-    wrote into one folder), except under torchrun, where every rank resolves this itself and two
-    ranks could straddle a moment: there all ranks share torchrun's run id (a UUID with --standalone)
-    or, failing that, their agent's pid (the ranks' common parent)."""
+    """The run, sweep and plan folders' name: <date>/<time to the millisecond> (two runs started
+    within one second wrote into one folder), except under torchrun, where every rank resolves this
+    itself and two ranks could straddle a moment: there all ranks share torchrun's run id (a UUID
+    with --standalone) or, failing that, their agent's pid (the ranks' common parent)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         return f"torchrun-{run_id if run_id != 'none' else os.getppid()}"
@@ -193,4 +196,6 @@ def register(stage_schemas: Mapping[str, type[StageConfig]]) -> None:
         OmegaConf.register_new_resolver("hc.run_name", default_run_name)
         OmegaConf.register_new_resolver("hc.model_choice", model_choice)
         OmegaConf.register_new_resolver("hc.rank_suffix", rank_suffix)
+        # Cached: a sweep's launcher resolves hydra.sweep.dir once and Hydra copies the resolver cache
+        # into every job's config, so all jobs of one sweep share one folder.
         OmegaConf.register_new_resolver("hc.run_stamp", run_stamp, use_cache=True)

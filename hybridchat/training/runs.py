@@ -43,7 +43,7 @@ class RunReaderConfig:
     gpu: GPUConfig = field(default_factory=GPUConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    run_name: str = "hybrid_tiny"
+    run_name: str = "${hc.model_choice:}"      # the `model` option chosen (a sweep over retrievers keeps it)
 
 
 @dataclass

@@ -38,7 +38,8 @@ class RagConfig(StageConfig):
     candidates: int = 10               # retrieved per question; distractors come from these
     gold_missing: float = 0.2          # share of answerable examples whose gold document is removed
     unanswerable: float = 0.15         # share of examples about entities that exist nowhere
-    questions_per_example: int = 3     # the retrieved question + follow-ups about the same documents
+    # the retrieved question + follow-ups about the same documents: more to learn per document read
+    questions_per_example: int = 3
     questions: Optional[str] = None    # your JSONL (question, answers, gold_doc_ids); None: the world's
     val_fraction: float = 0.05         # share of training questions held out for validation loss
     eval_questions: int = 100          # held-out questions answered at each evaluation

@@ -43,7 +43,8 @@ class RefragConfig(RagConfig):
     needless_query: float = 0.5
     hop_questions: Optional[str] = None  # your 2-hop JSONL (gold_doc_ids in hop order); None: the world's
     rl_steps: int = 0                  # the last rl_steps of num_steps are GRPO steps
-    rl_lr_frac: float = 0.1            # GRPO's learning rate, a constant share of the stage's
+    # GRPO's learning rate, a constant share of the stage's (small: noisy gradients, Muon's fixed-size steps)
+    rl_lr_frac: float = 0.1
     group_size: int = 4                # trajectories sampled per question (GRPO group)
     temperature: float = 1.0           # sampling temperature of the rollouts
     kl_coef: float = 0.0               # KL (k3 estimator) to the policy at the start of RL; 0: none
