@@ -184,7 +184,8 @@ def run(args) -> None:
             print(f"{h.rank:>2}. {h.document.title or '(untitled)'}  [{h.document.id}]  score={h.score:.4f}\n"
                   f"    {snippet[:160]}{'...' if len(snippet) > 160 else ''}")
     elif args.command == "eval":
-        from hybridchat.retrieval.evaluate import evaluate, read_questions
+        from hybridchat.core.questions import read_questions
+        from hybridchat.retrieval.evaluate import evaluate
 
         questions = read_questions(args.questions)
         kb, cfg = _open(args)

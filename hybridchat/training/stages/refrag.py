@@ -36,10 +36,11 @@ from hybridchat.infra import parallel
 from hybridchat.rag.answer import Answer, format_reply, parse_reply, score
 from hybridchat.data.chat import collate, example_batches
 from hybridchat.core.errors import UserError
+from hybridchat.core.questions import Question, read_questions
 from hybridchat.model.lm import HybridLM
 from hybridchat.rag.multihop import Hop, ModelQueries, MultiHop, QueryGenerator, Search, Trajectory
 from hybridchat.training.stages import evaluate_bpb, lr_multiplier
-from hybridchat.training.stages.rag import RagQuestion, RagStage, means, read_rag_questions
+from hybridchat.training.stages.rag import RagStage, means
 
 REWARD_TERMS = ("em", "f1", "gold", "format", "hops")
 
@@ -172,23 +173,21 @@ class RefragStage(RagStage):
     def train_filters(self):
         return None if self.config.questions or self.config.hop_questions else {"split": "train"}
 
-    def _hop_questions(self) -> tuple[list[RagQuestion], list[RagQuestion]]:
+    def _hop_questions(self) -> tuple[list[Question], list[Question]]:
         """(2-hop training questions, held-out 2-hop evaluation questions)."""
         c = self.config
         if c.hop_questions:
-            questions = read_rag_questions(c.hop_questions)
-            for n, q in enumerate(questions, 1):
+            questions = read_questions(c.hop_questions)
+            for q in questions:
                 if len(q.gold_doc_ids) != 2 or not q.answers or any(g not in self.titles for g in q.gold_doc_ids):
-                    raise UserError(f"stage.hop_questions={c.hop_questions}: question {n} needs an answer and two "
-                                    f"gold_doc_ids (in hop order) of documents in the knowledge base, got "
-                                    f"{list(q.gold_doc_ids)}")
+                    raise UserError(f"stage.hop_questions: {q.id}: needs an answer and two gold_doc_ids (in hop "
+                                    f"order) of documents in the knowledge base, got {list(q.gold_doc_ids)}")
             return questions, []
         world = self.ctx.world
         heldout = world.questions("heldout", 2)
         heldout = random.Random(f"{self.ctx.config.seed}/refrag-eval").sample(heldout, min(c.eval_questions,
                                                                                             len(heldout)))
-        return ([RagQuestion(q.question, q.answers, q.gold_doc_ids) for q in world.questions("train", 2)],
-                [RagQuestion(q.question, q.answers, q.gold_doc_ids) for q in heldout])
+        return world.questions("train", 2), heldout
 
     def multihop(self, model, filters, queries: QueryGenerator | None = None) -> MultiHop:
         c = self.config
@@ -198,7 +197,7 @@ class RefragStage(RagStage):
 
     # -- warm start ------------------------------------------------------------------------------
 
-    def trace_messages(self, q: RagQuestion, rng: random.Random) -> list[dict]:
+    def trace_messages(self, q: Question, rng: random.Random) -> list[dict]:
         """One 2-hop training conversation: the hop-1 documents with the first gold document at a
         random rank, the bridge query, its documents as the engine retrieves them, the cited answer."""
         c = self.config
@@ -214,7 +213,7 @@ class RefragStage(RagStage):
         reply = format_reply(q.answers[0], where[0], c.cite_first) if where and len(hops) > 1 else format_reply(None)
         return _conversation(q.question, hops, reply)
 
-    def needless_query_messages(self, q: RagQuestion, rng: random.Random) -> list[dict] | None:
+    def needless_query_messages(self, q: Question, rng: random.Random) -> list[dict] | None:
         """A single-hop conversation whose reply first queries the answer it already holds, then
         answers from where it read it: how to go on after a follow-up query that was not needed.
         The query's opening marker is given, not learned: the model is not taught to open one. None
@@ -285,14 +284,14 @@ class RefragStage(RagStage):
             return super().training_step(model, batch)
         return self.grpo_step(model, batch["inputs"].tolist(), int(batch["index"][0]))
 
-    def rollouts(self, questions: list[RagQuestion], seed: int) -> list[Trajectory]:
+    def rollouts(self, questions: list[Question], seed: int) -> list[Trajectory]:
         c, policy = self.config, self.ctx.model
         top_k = self.ctx.config.retriever.top_k
         return self.multihop(policy, self.train_filters).rollouts(
             [q.question for q in questions], [list(q.candidates[:top_k]) for q in questions],
             num_samples=c.group_size, temperature=c.temperature, seed=seed)
 
-    def rewards(self, questions: list[RagQuestion], trajectories: list[Trajectory]) -> tuple[torch.Tensor, dict]:
+    def rewards(self, questions: list[Question], trajectories: list[Trajectory]) -> tuple[torch.Tensor, dict]:
         """(rewards (questions, group_size), mean of every term)."""
         terms = [reward_terms(self.planner.to_answer(questions[t.index].question, t), questions[t.index].answers,
                               questions[t.index].gold_doc_ids) for t in trajectories]
@@ -352,7 +351,7 @@ class RefragStage(RagStage):
     # -- evaluation ------------------------------------------------------------------------------
 
     @cached_property
-    def _hop_eval_set(self) -> list[RagQuestion]:
+    def _hop_eval_set(self) -> list[Question]:
         return self.with_top_k(self.heldout_hops)
 
     def evaluate(self, model):
