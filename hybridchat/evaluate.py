@@ -44,6 +44,7 @@ from hybridchat.training.runs import Run, RunReaderConfig, load_run
 from hybridchat.data.world import World
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
+from hybridchat.core.questions import Question, read_questions
 from hybridchat.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hybridchat.core.metrics import bootstrap_auroc_ci, bootstrap_ci
 from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, Search
@@ -95,13 +96,6 @@ class EvalConfig(RunReaderConfig):
     hop_tokens: Optional[int] = None           # context kept free per follow-up hop
 
 
-@dataclass
-class Item:
-    question: str
-    answers: tuple[str, ...]
-    gold_doc_ids: tuple[str, ...]
-
-
 def register() -> None:
     config_schema.register(stage_schemas())
     from hydra.core.config_store import ConfigStore
@@ -113,17 +107,10 @@ def load(cfg: EvalConfig, run_name: str, stage: str, step: int | None = None) ->
     return load_run(checkpoint.find(cfg.paths.checkpoints, run_name, stage, step), device=cfg.gpu.device.value)
 
 
-def world_items(world: World, n_questions: int, n_unanswerable: int, seed: int) -> list[Item]:
+def world_questions(world: World, n_questions: int, n_unanswerable: int, seed: int) -> list[Question]:
     if not world.questions("heldout", 1):
         raise UserError("the checkpoint's world has no held-out people (world.heldout_fraction=0): nothing to evaluate")
-    return [Item(q.question, q.answers, q.gold_doc_ids) for q in world.evaluation_questions(n_questions, n_unanswerable,
-                                                                                             seed)]
-
-
-def user_items(path: str) -> list[Item]:
-    from hybridchat.retrieval.evaluate import read_questions
-
-    return [Item(q.question, tuple(q.answers), tuple(q.gold_doc_ids)) for q in read_questions(path, require_gold=False)]
+    return world.evaluation_questions(n_questions, n_unanswerable, seed)
 
 
 def summarize(scores: list[dict], n_resamples: int, seed: int, rates: tuple[str, ...] = ANSWERABLE_RATES
@@ -147,7 +134,7 @@ def summarize(scores: list[dict], n_resamples: int, seed: int, rates: tuple[str,
     return out
 
 
-def two_hop_items(world: World, n: int, n_unanswerable: int, seed: int) -> list[Item]:
+def two_hop_questions(world: World, n: int, n_unanswerable: int, seed: int) -> list[Question]:
     """n held-out 2-hop questions, then up to n_unanswerable 2-hop questions about made-up people
     (the held-out fifth of them): the first hop finds no one, so there is no bridge to follow."""
     heldout = world.questions("heldout", 2)
@@ -160,7 +147,7 @@ def two_hop_items(world: World, n: int, n_unanswerable: int, seed: int) -> list[
         if len(made_up) >= n_unanswerable or asked >= limit:
             break
         asked *= 2
-    return [Item(q.question, q.answers, q.gold_doc_ids) for q in picked + made_up[:n_unanswerable]]
+    return picked + made_up[:n_unanswerable]
 
 
 def warm_start(cfg: EvalConfig, evaluated: Run) -> Path | None:
@@ -194,7 +181,7 @@ def hop_settings(cfg: EvalConfig, evaluated: Run) -> dict[str, int]:
             for k in HOP_SETTINGS}
 
 
-def gold_documents(kb_documents: list[Document], items: list[Item]) -> list[list[Document]]:
+def gold_documents(kb_documents: list[Document], items: list[Question]) -> list[list[Document]]:
     by_parent: dict[str, list[Document]] = {}
     for d in kb_documents:
         by_parent.setdefault(d.parent_id, []).append(d)
@@ -215,7 +202,7 @@ def time_to_first_token(model, prompt: list[int], repeats: int = 3) -> float:
     return best
 
 
-def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Item], retriever) -> list[dict]:
+def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Question], retriever) -> list[dict]:
     """EM and time to first token with k retrieved documents in context, k = cfg.context_budget; the
     context is NOT cut to the model's sequence_len here: past it is exactly what this measures."""
     answerable = [i for i in items if i.answers][:cfg.context_questions]
@@ -243,7 +230,7 @@ def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Item], r
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.hops not in (1, 2):
         raise UserError(f"hops={cfg.hops} must be 1 or 2")
-    mine = user_items(cfg.questions) if cfg.questions else None
+    mine = read_questions(cfg.questions) if cfg.questions else None
     answerable = [i for i in mine or () if i.answers]
     two_hop = cfg.hops == 2 or (bool(answerable) and all(len(i.gold_doc_ids) == 2 for i in answerable))
     stage = cfg.checkpoint_stage or answering_stage(2 if two_hop else 1).name
@@ -253,9 +240,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if mine is not None:
         items = mine
     elif two_hop:
-        items, two_hop = two_hop_items(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed), True
+        items, two_hop = two_hop_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed), True
     else:
-        items, two_hop = world_items(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed), False
+        items, two_hop = world_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed), False
     if cfg.retriever.kind == "none":
         raise UserError("evaluate needs a retriever for the RAG condition: retriever=bm25|dense|hybrid|simple")
     kb = evaluated.knowledge_base(cfg.retriever, cfg.paths.cache)

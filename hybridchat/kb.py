@@ -155,7 +155,8 @@ def run(command: str, cfg: KbConfig) -> None:
             print(f"{h.rank:>2}. {h.document.title or '(untitled)'}  [{h.document.id}]  score={h.score:.4f}\n"
                   f"    {snippet[:160]}{'...' if len(snippet) > 160 else ''}")
     elif command == "eval":
-        from hybridchat.retrieval.evaluate import evaluate, read_questions
+        from hybridchat.core.questions import read_questions
+        from hybridchat.retrieval.evaluate import evaluate
 
         questions = read_questions(cfg.questions)
         kb, settings = _open(cfg)

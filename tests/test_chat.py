@@ -205,10 +205,10 @@ def _rag_stage():
 
 
 def test_rag_examples_put_the_gold_document_at_every_rank_and_teach_abstention_without_it():
-    from hybridchat.training.stages.rag import RagQuestion
+    from hybridchat.core.questions import Question
 
     docs = tuple(Document(f"d{i}", f"T{i}", f"text {i}") for i in range(10))
-    q = RagQuestion("Where?", ("Vellport",), ("d5",), docs)
+    q = Question("Where?", ("Vellport",), ("d5",), docs)
     stage, rng = _rag_stage(), random.Random(0)
     positions, abstain = Counter(), 0
     for _ in range(2000):
@@ -224,7 +224,7 @@ def test_rag_examples_put_the_gold_document_at_every_rank_and_teach_abstention_w
             positions[cited[0]] += 1
     assert set(positions) == {1, 2, 3, 4}
     assert 0.15 < abstain / 2000 < 0.25  # stage.gold_missing = 0.2
-    missed = RagQuestion("Where?", ("Vellport",), ("elsewhere",), docs)
+    missed = Question("Where?", ("Vellport",), ("elsewhere",), docs)
     assert all(parse_reply(stage.documents_and_reply(missed, rng)[1])[2] for _ in range(50))
-    unanswerable = RagQuestion("Where?", (), (), docs)
+    unanswerable = Question("Where?", (), (), docs)
     assert all(parse_reply(stage.documents_and_reply(unanswerable, rng)[1])[2] for _ in range(50))

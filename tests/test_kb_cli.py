@@ -68,6 +68,27 @@ def test_build_search_add_delete_stats_eval(kb, tmp_path, capsys):
     assert code == 0 and report["retriever"] == "bm25" and report["recall@3"] == 1.0 and report["both@3"] == 1.0
 
 
+def test_eval_leaves_questions_without_gold_documents_out_of_recall_and_counts_them(kb, tmp_path, capsys):
+    """The questions file `evaluate` reads (unanswerable rows: no gold_doc_ids) is one kb eval reads."""
+    asked = [{"question": "where does lava come from", "answers": ["volcanoes"], "gold_doc_ids": ["d1"]},
+             {"question": "where do glaciers carve valleys", "answers": ["downhill"], "gold_doc_ids": ["d3"]}]
+    unanswerable = [{"question": "where does the moon keep its lava", "answers": [], "gold_doc_ids": []},
+                    {"question": "who sails the dunes"}]
+    reports = []
+    for name, rows in (("gold", asked), ("mixed", [unanswerable[0], asked[0], unanswerable[1], asked[1]])):
+        code, out, err = run(["eval", "--questions", write_jsonl(tmp_path / f"{name}.jsonl", rows), "--kb", kb,
+                              "--json", tmp_path / f"{name}.json"], capsys)
+        assert code == 0, err
+        reports.append(json.loads((tmp_path / f"{name}.json").read_text()))
+    gold, mixed = reports
+    # by hand: d1 is found first for lava; the glacier question's gold d3 is not its best hit
+    assert gold["questions"] == 2 and gold["recall@1"] == 0.5 and "without_gold" not in gold
+    assert mixed == {**gold, "without_gold": 2}
+    code, _, err = run(["eval", "--questions", write_jsonl(tmp_path / "none.jsonl", unanswerable), "--kb", kb],
+                       capsys)
+    assert code == 2 and err.startswith("error: no question has gold_doc_ids") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("line, reason", [
     ('{"id": "x", "text": ', "invalid JSON"),
     ('["not", "an", "object"]', "expected a JSON object"),

@@ -20,7 +20,7 @@ from hybridchat.data.sources import DataConfig
 from hybridchat.data.sources import files_source
 from hybridchat.core.errors import UserError
 from hybridchat.model.blocks import MIXERS, PATTERN_PRESETS, expand_pattern
-from hybridchat.retrieval.evaluate import read_questions
+from hybridchat.core.questions import read_questions
 from hybridchat.retrieval.ingest import read_documents
 
 # HYPOTHESIS_EXAMPLES=2000 for a deeper search than the suite's few seconds.
@@ -230,7 +230,7 @@ def test_questions_read_or_raise_user_error(content):
             return
         for q in questions:
             assert isinstance(q.question, str) and q.question.strip()
-            assert q.gold_doc_ids and all(isinstance(g, str) for g in q.gold_doc_ids)
+            assert isinstance(q.gold_doc_ids, tuple) and all(isinstance(g, str) for g in q.gold_doc_ids)
             assert all(isinstance(a, str) for a in q.answers)
 
     in_tmp(check)

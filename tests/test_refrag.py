@@ -291,6 +291,28 @@ def test_warm_start_traces_query_the_bridge_and_carry_no_loss_on_retrieved_docum
     assert "<|query_start|>" not in tok.decode(ids)
 
 
+def test_your_2_hop_questions_are_read_as_written_and_a_row_without_two_gold_ids_is_named_by_line(smoke_checkpoints,
+                                                                                                   tmp_path):
+    from hybridchat.core.errors import UserError
+    from hybridchat.data.world import World, WorldConfig
+
+    out, common = smoke_checkpoints
+    meta = checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "p" / "rag"))
+    asked = World.generate(WorldConfig(**meta["config"]["world"])).questions("train", 2)[:12]
+    rows = [json.dumps({"question": q.question, "answers": list(q.answers), "gold_doc_ids": list(q.gold_doc_ids)})
+            for q in asked]
+    good = tmp_path / "q2.jsonl"
+    good.write_text("\n".join(rows) + "\n")
+    stage = refrag_stage(out, common, f"stage.hop_questions={good}")
+    read = sorted((q.question, q.answers, q.gold_doc_ids) for q in stage.val_hops + stage.train_hops)
+    assert read == sorted((q.question, q.answers, q.gold_doc_ids) for q in asked)
+    bad = tmp_path / "bad.jsonl"
+    one_gold = json.loads(rows[1]) | {"gold_doc_ids": [asked[1].gold_doc_ids[0]]}
+    bad.write_text("\n".join([rows[0], "", json.dumps(one_gold)]) + "\n")
+    with pytest.raises(UserError, match=rf"^stage.hop_questions: {bad}:3: needs an answer and two gold_doc_ids"):
+        refrag_stage(out, common, f"stage.hop_questions={bad}")
+
+
 def test_needless_queries_are_not_taught_to_open_and_the_answer_still_cites_the_first_documents(smoke_checkpoints):
     out, common = smoke_checkpoints
     stage = refrag_stage(out, common, "stage.needless_query=1")
@@ -588,10 +610,10 @@ def test_the_policy_loss_counts_only_written_tokens_and_matches_a_hand_sum():
 
 def test_two_hop_evaluation_asks_two_hop_questions_about_made_up_people_too():
     from hybridchat.data.world import World, WorldConfig
-    from hybridchat.evaluate import two_hop_items
+    from hybridchat.evaluate import two_hop_questions
 
     world = World.generate(WorldConfig(n_people=60))
-    items = two_hop_items(world, 5, 7, seed=0)
+    items = two_hop_questions(world, 5, 7, seed=0)
     answerable, made_up = items[:5], items[5:]
     assert all(len(i.gold_doc_ids) == 2 and i.answers for i in answerable)
     hops = {q.question: q.hops for q in world.unanswerable_questions(world.unanswerable_capacity())}

@@ -177,7 +177,7 @@ def test_damaged_manifest_and_index_files_are_one_error_each(kb):
 def test_eval_with_missing_or_bad_questions_file(kb, tmp_path):
     missing = tmp_path / "missing.jsonl"
     assert_one_error(*cli("hybridchat.kb", "eval", f"questions={missing}", f"retriever.kb_dir={kb}")[::2],
-                     f"--questions {missing}: cannot be read")
+                     f"{missing}: cannot be read")
     bad = write_jsonl(tmp_path / "q.jsonl", [{"question": "lava?", "gold_doc_ids": ["d1"], "answers": 5}])
     assert_one_error(*cli("hybridchat.kb", "eval", f"questions={bad}", f"retriever.kb_dir={kb}")[::2],
                      f"{bad}:1: 'answers' must be a list")

@@ -211,8 +211,9 @@ def test_chunking_by_words_keeps_parent_ids_and_overlaps():
 
 
 def test_chunking_by_model_tokens_and_eval_counts_parents_once(tmp_path, encoder):
+    from hybridchat.core.questions import Question
     from hybridchat.retrieval.dense import resolve_model
-    from hybridchat.retrieval.evaluate import GoldQuestion, evaluate
+    from hybridchat.retrieval.evaluate import evaluate
 
     split = token_spans(resolve_model("all-MiniLM-L6-v2"))
     assert len(split(["Unbelievably"])[0]) > 1  # word pieces, not words
@@ -221,9 +222,9 @@ def test_chunking_by_model_tokens_and_eval_counts_parents_once(tmp_path, encoder
     kb = KnowledgeBase.build(tmp_path / "kb", CORPUS + [Document("long", "Volcanoes", "lava " * 200)], ["bm25"],
                              cfg("bm25", chunking=ChunkingConfig("words", 20, 5)), progress=False)
     assert kb.manifest["num_documents"] == len(CORPUS) + 1 and kb.manifest["num_chunks"] > len(CORPUS) + 5
-    report = evaluate(kb.retriever(cfg("bm25")), [GoldQuestion("lava volcano", [], ["long"]),
-                                                  GoldQuestion("bees honey and baking bread", [], ["honey", "bake"]),
-                                                  GoldQuestion("guitar strings", [], ["chess"])])
+    report = evaluate(kb.retriever(cfg("bm25")), [Question("lava volcano", (), ("long",)),
+                                                  Question("bees honey and baking bread", (), ("honey", "bake")),
+                                                  Question("guitar strings", (), ("chess",))])
     assert report["recall@1"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert report["recall@3"] == pytest.approx(2 / 3) and report["both@3"] == 1.0
     assert report["two_gold_questions"] == 1

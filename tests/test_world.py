@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from hybridchat.data.world import PHRASINGS, Question, World, WorldConfig
+from hybridchat.core.questions import Question
+from hybridchat.data.world import PHRASINGS, World, WorldConfig
 from hybridchat.core.errors import UserError
 
 

@@ -110,15 +110,14 @@ def world_recall(kb_dir: Path) -> dict:
     from hybridchat.infra.context import world_collection
     from hybridchat.data.world import World, WorldConfig
     from hybridchat.retrieval.config import RetrieverConfig
-    from hybridchat.retrieval.evaluate import GoldQuestion, evaluate
+    from hybridchat.retrieval.evaluate import evaluate
     from hybridchat.retrieval.factory import build_retriever
 
     world = World.generate(WorldConfig(seed=0))
     collection = world_collection(world.config)
     out = {}
     for hops in (1, 2):
-        qs = [GoldQuestion(q.question, list(q.answers), list(q.gold_doc_ids))
-              for split in ("train", "heldout") for q in world.questions(split, hops)]
+        qs = [q for split in ("train", "heldout") for q in world.questions(split, hops)]
         out[f"hops={hops}"] = evaluate(build_retriever(RetrieverConfig(kind="hybrid"), kb_dir, collection), qs)
     return out
 

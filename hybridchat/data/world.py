@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError
+from hybridchat.core.questions import Question
 
 SOURCE = "synthetic-world"
 PHRASINGS = 7  # phrasings per sentence slot; renderings of one entity never share one
@@ -77,26 +78,6 @@ class WorldConfig:
                 f"world.n_cities must be >= world.n_countries ({self.n_countries}) so that every "
                 f"country has a capital, got {self.n_cities}"
             )
-
-
-@dataclass(frozen=True)
-class Question:
-    id: str
-    question: str
-    answers: tuple[str, ...]  # accepted answer strings, the first is canonical
-    gold_doc_ids: tuple[str, ...]  # documents to read, in hop order
-    hops: int
-    split: str  # "train", "heldout" or "unanswerable"
-
-    def to_json(self) -> dict:
-        return {
-            "id": self.id,
-            "question": self.question,
-            "answers": list(self.answers),
-            "gold_doc_ids": list(self.gold_doc_ids),
-            "hops": self.hops,
-            "split": self.split,
-        }
 
 
 @dataclass(frozen=True)

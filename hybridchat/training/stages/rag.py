@@ -25,6 +25,7 @@ from hybridchat.data.chat import ChatRenderer, collate, example_batches
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError
 from hybridchat.infra.config import StageConfig
+from hybridchat.core.questions import Question, read_questions
 from hybridchat.training.stages import Stage, registered
 
 
@@ -45,21 +46,6 @@ class RagConfig(StageConfig):
     eval_questions: int = 100          # held-out questions answered at each evaluation
     max_answer_tokens: int = 24
     cite_first: bool = True            # "[2] Vellport"; False: "Vellport [2]" (answer, then its source)
-
-
-@dataclass(frozen=True)
-class RagQuestion:
-    question: str
-    answers: tuple[str, ...]         # empty: unanswerable
-    gold_doc_ids: tuple[str, ...]
-    candidates: tuple[Document, ...] = ()  # retrieved, best first
-
-
-def read_rag_questions(path: str) -> list[RagQuestion]:
-    from hybridchat.retrieval.evaluate import read_questions
-
-    return [RagQuestion(q.question, tuple(q.answers), tuple(q.gold_doc_ids))
-            for q in read_questions(path, require_gold=False)]
 
 
 @registered
@@ -93,19 +79,18 @@ class RagStage(Stage):
             raise UserError(f"stage=rag: {len(self.train_questions)} training questions do not fill one batch of "
                             f"gpu.micro_batch={ctx.config.gpu.micro_batch}")
 
-    def _questions(self) -> tuple[list[RagQuestion], list[RagQuestion]]:
+    def _questions(self) -> tuple[list[Question], list[Question]]:
         """(training questions incl. unanswerable ones, held-out evaluation questions)."""
         c = self.config
         if c.questions:  # the user's: no held-out entities to speak of; evaluation uses the validation share
-            return read_rag_questions(c.questions), []
+            return read_questions(c.questions), []
         world = self.ctx.world
-        answerable = [RagQuestion(q.question, q.answers, q.gold_doc_ids) for q in world.questions("train", 1)]
+        answerable = world.questions("train", 1)
         # A small world has few free names to make people up from: the held-out fifth comes first.
         n_unanswerable = min(round(len(answerable) * c.unanswerable / (1 - c.unanswerable)),
                              world.unanswerable_capacity() * 3 // 5)
-        unanswerable = [RagQuestion(q.question, (), ()) for q in world.unanswerable_split("train", n_unanswerable)]
-        heldout = [RagQuestion(q.question, q.answers, q.gold_doc_ids) for q in
-                   world.evaluation_questions(c.eval_questions, max(1, c.eval_questions // 4), self.ctx.config.seed)]
+        unanswerable = world.unanswerable_split("train", n_unanswerable)
+        heldout = world.evaluation_questions(c.eval_questions, max(1, c.eval_questions // 4), self.ctx.config.seed)
         return answerable + unanswerable, heldout
 
     @property
@@ -114,13 +99,12 @@ class RagStage(Stage):
         user's knowledge base has no split)."""
         return None if self.config.questions else {"split": "train"}
 
-    def _retrieve(self, questions: list[RagQuestion]) -> list[RagQuestion]:
+    def _retrieve(self, questions: list[Question]) -> list[Question]:
         hits = self.ctx.retriever.search([q.question for q in questions], top_k=self.config.candidates,
                                          filters=self.train_filters)
-        return [RagQuestion(q.question, q.answers, q.gold_doc_ids, tuple(h.document for h in row))
-                for q, row in zip(questions, hits)]
+        return [q.with_candidates(h.document for h in row) for q, row in zip(questions, hits)]
 
-    def documents_and_reply(self, q: RagQuestion, rng: random.Random) -> tuple[list[Document], str]:
+    def documents_and_reply(self, q: Question, rng: random.Random) -> tuple[list[Document], str]:
         """The documents one example shows, best first, and the reply it teaches."""
         c = self.config
         k = rng.randint(c.min_documents, c.max_documents)
@@ -133,7 +117,7 @@ class RagStage(Stage):
         docs.insert(position, gold[0])
         return docs, format_reply(q.answers[0], position + 1, c.cite_first)
 
-    def example(self, q: RagQuestion, rng: random.Random, follow_ups: list[RagQuestion] = ()):
+    def example(self, q: Question, rng: random.Random, follow_ups: list[Question] = ()):
         """One training conversation: q with its documents and reply, then follow-up questions about
         the same documents (each reply cites where the document holding its answer is shown, or
         abstains). Follow-ups multiply what one set of documents teaches at a few tokens each."""
@@ -164,14 +148,14 @@ class RagStage(Stage):
                 groups.setdefault(q.gold_doc_ids, []).append(i)
         return groups
 
-    def _follow_ups(self, q: RagQuestion, rng: random.Random) -> list[RagQuestion]:
+    def _follow_ups(self, q: Question, rng: random.Random) -> list[Question]:
         if not q.answers or self.config.questions_per_example <= 1:
             return []
         others = [self.train_questions[i] for i in self._same_gold.get(q.gold_doc_ids, [])
                   if self.train_questions[i].question != q.question]
         return rng.sample(others, min(len(others), self.config.questions_per_example - 1))
 
-    def epoch_example(self, questions: list[RagQuestion], i: int, epoch: int, follow: bool = True):
+    def epoch_example(self, questions: list[Question], i: int, epoch: int, follow: bool = True):
         """questions[i]'s example in epoch `epoch`: its draws seeded by (seed, epoch, i)."""
         rng = random.Random(f"{self.ctx.config.seed}/{epoch}/{i}")
         return self.example(questions[i], rng, self._follow_ups(questions[i], rng) if follow else [])
@@ -193,18 +177,17 @@ class RagStage(Stage):
         return self._val
 
     @cached_property
-    def _eval_set(self) -> list[RagQuestion]:
+    def _eval_set(self) -> list[Question]:
         """Held-out questions (the validation share for a user's questions), with top_k retrieved."""
         return self.with_top_k(self.heldout or self.val_questions[:self.config.eval_questions])
 
-    def with_top_k(self, questions: list[RagQuestion]) -> list[RagQuestion]:
+    def with_top_k(self, questions: list[Question]) -> list[Question]:
         """The questions with what the configured retriever finds for them (top_k, unfiltered: as a
         user asking would get)."""
         hits = self.ctx.retriever.search([q.question for q in questions], top_k=self.ctx.config.retriever.top_k)
-        return [RagQuestion(q.question, q.answers, q.gold_doc_ids, tuple(h.document for h in row))
-                for q, row in zip(questions, hits)]
+        return [q.with_candidates(h.document for h in row) for q, row in zip(questions, hits)]
 
-    def sharded_scores(self, questions: list[RagQuestion], answer) -> list[tuple[RagQuestion, dict]]:
+    def sharded_scores(self, questions: list[Question], answer) -> list[tuple[Question, dict]]:
         """Each rank answers its share (answer(questions) -> Answers); every rank gets all
         (question, score) pairs, in the same order."""
         rt = self.ctx.runtime

@@ -17,7 +17,8 @@ from typing import Optional
 from hybridchat.core.errors import UserError
 from hybridchat.rag.multihop import ModelQueries, MultiHop, QueryGenerator, Search
 from hybridchat.training.stages import evaluate_bpb, lr_multiplier, registered
-from hybridchat.training.stages.rag import RagConfig, RagQuestion, RagStage, means, read_rag_questions
+from hybridchat.core.questions import Question, read_questions
+from hybridchat.training.stages.rag import RagConfig, RagStage, means
 from hybridchat.training.stages.refrag.grpo import GRPO
 from hybridchat.training.stages.refrag.warm_start import WarmStart
 
@@ -105,23 +106,21 @@ class RefragStage(RagStage):
     def train_filters(self):
         return None if self.config.questions or self.config.hop_questions else {"split": "train"}
 
-    def _hop_questions(self) -> tuple[list[RagQuestion], list[RagQuestion]]:
+    def _hop_questions(self) -> tuple[list[Question], list[Question]]:
         """(2-hop training questions, held-out 2-hop evaluation questions)."""
         c = self.config
         if c.hop_questions:
-            questions = read_rag_questions(c.hop_questions)
-            for n, q in enumerate(questions, 1):
+            questions = read_questions(c.hop_questions)
+            for q in questions:
                 if len(q.gold_doc_ids) != 2 or not q.answers or any(g not in self.titles for g in q.gold_doc_ids):
-                    raise UserError(f"stage.hop_questions={c.hop_questions}: question {n} needs an answer and two "
-                                    f"gold_doc_ids (in hop order) of documents in the knowledge base, got "
-                                    f"{list(q.gold_doc_ids)}")
+                    raise UserError(f"stage.hop_questions: {q.id}: needs an answer and two gold_doc_ids (in hop "
+                                    f"order) of documents in the knowledge base, got {list(q.gold_doc_ids)}")
             return questions, []
         world = self.ctx.world
         heldout = world.questions("heldout", 2)
         heldout = random.Random(f"{self.ctx.config.seed}/refrag-eval").sample(heldout, min(c.eval_questions,
                                                                                             len(heldout)))
-        return ([RagQuestion(q.question, q.answers, q.gold_doc_ids) for q in world.questions("train", 2)],
-                [RagQuestion(q.question, q.answers, q.gold_doc_ids) for q in heldout])
+        return world.questions("train", 2), heldout
 
     def multihop(self, model, filters, queries: QueryGenerator | None = None) -> MultiHop:
         c = self.config
@@ -165,7 +164,7 @@ class RefragStage(RagStage):
     # -- evaluation ------------------------------------------------------------------------------
 
     @cached_property
-    def _hop_eval_set(self) -> list[RagQuestion]:
+    def _hop_eval_set(self) -> list[Question]:
         return self.with_top_k(self.heldout_hops)
 
     def evaluate(self, model):

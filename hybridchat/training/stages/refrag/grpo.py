@@ -22,7 +22,7 @@ from hybridchat.infra.context import RunContext
 from hybridchat.model.lm import HybridLM
 from hybridchat.rag.answer import Answer, score
 from hybridchat.rag.multihop import MultiHop, Trajectory
-from hybridchat.training.stages.rag import RagQuestion
+from hybridchat.core.questions import Question
 
 REWARD_TERMS = ("em", "f1", "gold", "format", "hops")
 
@@ -94,7 +94,7 @@ class GRPO:
     multi-hop engine that samples the policy's trajectories; planner: that engine without a model
     (reads a trajectory as an answer); pad_id and width_limit: how the policy batch is padded."""
 
-    def __init__(self, ctx: RunContext, config, questions: list[RagQuestion], engine: Callable[[nn.Module], MultiHop],
+    def __init__(self, ctx: RunContext, config, questions: list[Question], engine: Callable[[nn.Module], MultiHop],
                  planner: MultiHop, pad_id: int, width_limit: int | None):
         self.ctx, self.config, self.questions = ctx, config, questions
         self.engine, self.planner, self.pad_id, self.width_limit = engine, planner, pad_id, width_limit
@@ -111,14 +111,14 @@ class GRPO:
                 picked = random.Random(f"{self.ctx.config.seed}/rl/{index}").sample(range(len(self.questions)), n)
                 yield {"inputs": torch.tensor(picked), "index": torch.tensor([index])}
 
-    def rollouts(self, questions: list[RagQuestion], seed: int) -> list[Trajectory]:
+    def rollouts(self, questions: list[Question], seed: int) -> list[Trajectory]:
         c = self.config
         top_k = self.ctx.config.retriever.top_k
         return self.engine(self.ctx.model).rollouts(
             [q.question for q in questions], [list(q.candidates[:top_k]) for q in questions],
             num_samples=c.group_size, temperature=c.temperature, seed=seed)
 
-    def rewards(self, questions: list[RagQuestion], trajectories: list[Trajectory]) -> tuple[torch.Tensor, dict]:
+    def rewards(self, questions: list[Question], trajectories: list[Trajectory]) -> tuple[torch.Tensor, dict]:
         """(rewards (questions, group_size), mean of every term)."""
         terms = [reward_terms(self.planner.to_answer(questions[t.index].question, t), questions[t.index].answers,
                               questions[t.index].gold_doc_ids) for t in trajectories]

@@ -24,7 +24,8 @@ from hybridchat.data.chat import collate, example_batches
 from hybridchat.data.loader import Batch
 from hybridchat.rag.answer import format_reply, parse_reply
 from hybridchat.rag.multihop import Hop, MultiHop, QueryGenerator
-from hybridchat.training.stages.rag import RagQuestion, RagStage
+from hybridchat.core.questions import Question
+from hybridchat.training.stages.rag import RagStage
 
 
 class _CitingQuery(QueryGenerator):
@@ -56,13 +57,13 @@ class WarmStart:
     planner: the engine without a model, which retrieves for a trace's query as inference would;
     titles: each knowledge-base document's title by parent id (a bridge entity's name)."""
 
-    def __init__(self, rag: RagStage, hops: list[RagQuestion], val_hops: list[RagQuestion], n_single: int,
+    def __init__(self, rag: RagStage, hops: list[Question], val_hops: list[Question], n_single: int,
                  planner: MultiHop, titles: dict[str, str]):
         self.rag, self.config, self.seed = rag, rag.config, rag.ctx.config.seed
         self.hops, self.val_hops, self.n_single = hops, val_hops, n_single
         self.planner, self.titles = planner, titles
 
-    def trace_messages(self, q: RagQuestion, rng: random.Random) -> list[dict]:
+    def trace_messages(self, q: Question, rng: random.Random) -> list[dict]:
         """One 2-hop training conversation: the hop-1 documents with the first gold document at a
         random rank, the bridge query, its documents as the engine retrieves them, the cited answer."""
         c = self.config
@@ -78,7 +79,7 @@ class WarmStart:
         reply = format_reply(q.answers[0], where[0], c.cite_first) if where and len(hops) > 1 else format_reply(None)
         return _conversation(q.question, hops, reply)
 
-    def needless_query_messages(self, q: RagQuestion, rng: random.Random) -> list[dict] | None:
+    def needless_query_messages(self, q: Question, rng: random.Random) -> list[dict] | None:
         """A single-hop conversation whose reply first queries the answer it already holds, then
         answers from where it read it: how to go on after a follow-up query that was not needed.
         The query's opening marker is given, not learned: the model is not taught to open one. None
