@@ -270,12 +270,12 @@ def test_hidden_weight_adds_the_converted_layers_error_and_lowers_it(distilled):
 
 
 def test_student_of_other_sizes_or_mamba_settings_is_refused(distilled):
-    common = SMOKE + STUDENT + [f"paths.outputs={distilled}", "model.block_pattern=AM"]
+    common = SMOKE + STUDENT + [f"paths.outputs={distilled}", "model.block_pattern=AM", "overwrite=true"]
     with pytest.raises(UserError, match=r"model\.n_layer=4 \(teacher: 2\)"):
         run(compose_config(common + ["model.n_layer=4"], output_dir=distilled / "bad"))
     needed = "model.expand=1 model.headdim=32 model.d_state=32 model.ngroups=2"
     with pytest.raises(UserError, match=f"layer 1: .* only with {needed} \\(the student has expand=2"):
-        run(compose_config(SMOKE + ["stage=distill", f"paths.outputs={distilled}", "model.block_pattern=AM"],
+        run(compose_config(SMOKE + ["stage=distill", f"paths.outputs={distilled}", "model.block_pattern=AM", "overwrite=true"],
                            output_dir=distilled / "bad"))
 
 
@@ -283,7 +283,7 @@ def test_mamba_back_to_attention_stops_with_one_error_line(distilled):
     """From the distilled AM student as teacher, AA would turn Mamba back into attention."""
     result = subprocess.run(
         [sys.executable, "-m", "hybridchat.train", *SMOKE, *STUDENT, f"paths.outputs={distilled}",
-         "model.block_pattern=AA", "stage.source=distill"],
+         "model.block_pattern=AA", "stage.source=distill", "overwrite=true"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -278,12 +278,12 @@ def test_stage_source_pretrained_imports_the_file_once_and_tunes_it(tiny, tmp_pa
     run(compose_config(overrides, output_dir=tmp_path / "run1"))
     imported = tmp_path / "checkpoints" / "imported" / "pretrained" / "step_000000"
     tuned = tmp_path / "checkpoints" / "imported" / "rag" / "step_000002"
-    run = load_run(tuned)
-    model, tok, meta = run.model, run.tokenizer, run.meta
+    loaded = load_run(tuned)
+    model, tok, meta = loaded.model, loaded.tokenizer, loaded.meta
     assert meta["config"]["stage"]["source"] == "pretrained" and tok.fingerprint == read_gguf(tiny).tokenizer.fingerprint
     assert not np.array_equal(_logits(model, IDS), _logits(load_run(imported).model, IDS))  # it trained
     stamp = (imported / "model.safetensors").stat().st_mtime_ns
-    run(compose_config(overrides + ["stage.num_steps=1"], output_dir=tmp_path / "run2"))
+    run(compose_config(overrides + ["stage.num_steps=1", "overwrite=true"], output_dir=tmp_path / "run2"))
     assert (imported / "model.safetensors").stat().st_mtime_ns == stamp  # imported once, then reused
 
 

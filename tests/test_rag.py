@@ -224,7 +224,7 @@ def test_rope_mismatch_is_refused(pipeline, tmp_path):
     out, common = pipeline
     with pytest.raises(UserError, match="attn_rope"):
         train(common + ["stage=rag", "model.attn_rope=false", f"paths.checkpoints={out}/checkpoints",
-                        f"paths.cache={out}/cache", "run_name=p"], tmp_path / "run")
+                        f"paths.cache={out}/cache", "run_name=p", "overwrite=true"], tmp_path / "run")
 
 
 def _answer(reply, docs=(), abstained=False, confidence=0.5):
@@ -364,7 +364,9 @@ def test_confidence_is_one_minus_the_probability_of_the_abstention_reply(pipelin
 
 
 def test_bad_stage_inputs_stop_with_one_line_and_leave_checkpoints_alone(pipeline, tmp_path):
+    """Also with overwrite=true: the earlier run's checkpoints go only when the new run saves its first."""
     out, common = pipeline
+    common = common + ["overwrite=true"]
     mid = checkpoint.latest(out / "checkpoints" / "p" / "mid")
     before = (mid / "model.safetensors").read_bytes()
     bad = tmp_path / "chats.jsonl"
