@@ -16,7 +16,7 @@ from hybridchat.infra import checkpoint
 from hybridchat.training.runs import load_run
 from hybridchat.rag.answer import ABSTAIN, Answer, score
 from hybridchat.core.errors import UserError
-from hybridchat.evaluate import summarize
+from hybridchat.rag.report import summarize
 from hybridchat.train import run
 
 ROOT = Path(__file__).resolve().parents[1]

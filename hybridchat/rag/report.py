@@ -1,0 +1,122 @@
+"""An evaluation's report: mean and 95% bootstrap interval of every rate (score dicts from
+hybridchat.rag.answer.score), the markdown table and the figure that python -m hybridchat.evaluate
+writes (eval.md, eval.png)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hybridchat.core.metrics import bootstrap_auroc_ci, bootstrap_ci
+
+ANSWERABLE_RATES = ("em", "f1", "hallucination", "false_abstention", "citation", "gold_in_context")
+COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("false_abstention", "false abstention"),
+           ("citation", "citation"), ("gold_in_context", "gold in context"),
+           ("abstain_unanswerable", "abstains (unanswerable)"),
+           ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
+HOP_RATES = ("em", "f1", "hallucination", "false_abstention", "all_gold_in_context", "hops", "seconds")
+HOP_COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("false_abstention", "false abstention"),
+               ("all_gold_in_context", "both gold documents shown"), ("hops", "retrievals per question"),
+               ("seconds", "seconds per answer"), ("abstain_unanswerable", "abstains (unanswerable)"),
+               ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
+
+
+def summarize(scores: list[dict], n_resamples: int, seed: int, rates: tuple[str, ...] = ANSWERABLE_RATES
+              ) -> dict[str, Any]:
+    """Mean and 95% interval of every rate (answerable and unanswerable questions apart), and the
+    AUROC of confidence separating them."""
+    answerable = [s for s in scores if s["em"] is not None]
+    unanswerable = [s for s in scores if s["em"] is None]
+    out: dict[str, Any] = {"answerable": len(answerable), "unanswerable": len(unanswerable)}
+    for key in rates:
+        values = [s[key] for s in answerable]
+        if any(v is not None for v in values):
+            out[key] = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
+    for key in ("abstain", "hallucination"):
+        if unanswerable:
+            out[f"{key}_unanswerable"] = bootstrap_ci([s[key] for s in unanswerable], n_resamples=n_resamples,
+                                                      seed=seed)
+    if answerable and unanswerable:
+        out["auroc"] = bootstrap_auroc_ci([s["confidence"] for s in answerable],
+                                          [s["confidence"] for s in unanswerable], n_resamples=n_resamples, seed=seed)
+    return out
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        mean, lo, hi = value
+        return "-" if mean != mean else f"{mean:.3f} [{lo:.2f}, {hi:.2f}]"
+    return "-"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    two_hop = report.get("hops") == 2
+    columns = HOP_COLUMNS if two_hop else COLUMNS
+    kind = "2-hop" if two_hop else "answerable"
+    lines = [f"# Evaluation: {report['run_name']} / {report['stage']} (step {report['checkpoint']})", "",
+             f"{report['answerable']} {kind} held-out questions, {report['unanswerable']} unanswerable; "
+             f"retriever {report['retriever']} top-{report['top_k']}; 95% bootstrap intervals.", "",
+             "| condition | " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for c in report["conditions"]:
+        lines.append(f"| {c['condition']} | " + " | ".join(_fmt(c.get(k)) for k, _ in columns) + " |")
+    if two_hop:
+        lines += ["", f"Multi-hop settings: {report['multihop']}. Retrievals per question: 0 closed-book, 1 "
+                  "single-shot, one more per followed query. Both gold documents shown: the first hop's and the "
+                  "answer's document among all the documents the model was shown. Hallucination: answered, not "
+                  "abstained, and wrong.", "", "## Example traces", ""]
+        for c in report["conditions"][1:report["primary"] + 1]:
+            for e in c["examples"][:2]:
+                hops = " -> ".join([str(e["hops"][0]["documents"])] + [
+                    f"query {h['query']!r} {h['documents']}" + ("" if h["status"] == "ok" else f" ({h['status']})")
+                    for h in e["hops"][1:]])
+                lines.append(f"- {c['condition']}: {e['question']} {hops} => {e['reply']!r} (gold {e['gold']})")
+        return "\n".join(lines) + "\n"
+    lines += ["", "On answerable questions: EM and F1 (SQuAD-normalised), hallucination (answered, not abstained, "
+              "and wrong), false abstention, citation accuracy (correct answers whose cited document states the "
+              "answer), gold in context (the gold document among those shown). On unanswerable questions: "
+              "abstention, and hallucination (any answer). AUROC: the confidence 1 - P(abstain) separating "
+              "answerable from unanswerable questions."]
+    if report["context_budget"]:
+        lines += ["", "## Context budget", "", "| model | pattern | documents | context tokens | trained context | "
+                  "EM | time to first token (ms) |", "|" + "---|" * 7]
+        for r in report["context_budget"]:
+            lines.append(f"| {r['model']} | {r['pattern']} | {r['documents']} | {r['context_tokens']} | "
+                         f"{r['trained_context']} | {_fmt(r['em'])} | {r['ttft_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budget = report["context_budget"]
+    fig, axes = plt.subplots(1, 3 if budget else 1, figsize=(15 if budget else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    names = [c["condition"] for c in report["conditions"]]
+    for offset, key in ((-0.2, "em"), (0.2, "hallucination")):
+        means = [c[key][0] if key in c else 0 for c in report["conditions"]]
+        errs = [[m - c[key][1] if key in c else 0 for m, c in zip(means, report["conditions"])],
+                [c[key][2] - m if key in c else 0 for m, c in zip(means, report["conditions"])]]
+        ax.bar([i + offset for i in range(len(names))], means, 0.4, yerr=errs, label=key, capsize=3)
+    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("held-out questions")
+    if budget:
+        for model in dict.fromkeys(r["model"] for r in budget):
+            rows = [r for r in budget if r["model"] == model]
+            axes[0][1].plot([r["documents"] for r in rows], [r["em"][0] for r in rows], marker="o", label=model)
+            axes[0][2].plot([r["documents"] for r in rows], [r["ttft_ms"] for r in rows], marker="o", label=model)
+        for ax, title in ((axes[0][1], "exact match"), (axes[0][2], "time to first token (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("documents in context")
+            ax.set_title(title)
+            ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
