@@ -38,7 +38,7 @@ def save(folder: Path, config: dict, stage: str = "refrag") -> Path:
 
 def training_config(**retriever) -> dict:
     """meta["config"] as the training loop writes it: the composed Config, resolved, enums as text."""
-    config = Config(model=MODEL, stage=RefragConfig(max_hops=3, hop_tokens=99), world=WORLD,
+    config = Config(model=MODEL, stage=RefragConfig(max_hops=3, hop_tokens=99), world=WORLD, run_name="r",
                     retriever=RetrieverConfig(**retriever))
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True, enum_to_str=True)
 

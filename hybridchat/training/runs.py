@@ -88,9 +88,12 @@ def parse_config(values: dict[str, Any], where: Path) -> Config:
     """meta["config"] on the schema: the stage section on its own stage's class, so a refrag
     checkpoint's max_hops is typed. A key this hybridchat does not know is one UserError."""
     stage = stage_schemas().get(str((values.get("stage") or {}).get("name")), StageConfig)
+    # The schema's run_name default is a Hydra resolver (the model choice), which only a composing app
+    # can resolve; a checkpoint without one (an imported model's) is named by its folder.
+    named = {"run_name": where.parent.parent.name}
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config),
-                                                   {"stage": OmegaConf.structured(stage)}, values))
+                                                   {"stage": OmegaConf.structured(stage)}, named, values))
     except OmegaConfBaseException as e:
         raise UserError(f"checkpoint {where}: config in meta.json does not fit this hybridchat "
                         f"({str(e).splitlines()[0]})") from e
