@@ -1,12 +1,15 @@
 """Retrievers, fusion, knowledge-base persistence, updates and atomicity (dense: the packaged MiniLM)."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,3 +366,27 @@ def test_hybrid_config_weights_and_depth_reach_the_fusion(tmp_path, monkeypatch)
     cfg = RetrieverConfig(kind="hybrid", dense=DenseConfig(model="synthetic"), fusion=FusionConfig(depth=37))
     kb.retriever(cfg).search([text], 3)
     assert asked == [37]
+
+
+def test_bm25_ranks_alike_whatever_python_hash_seed_the_process_got(tmp_path):
+    """bm25s numbered the terms in set order, which string hashing changes per process: the same
+    documents and questions ranked near-ties differently from run to run (and so rag trained on other
+    examples). Two processes with other hash seeds build and rank identically."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import sys, tempfile\n"
+        "from pathlib import Path\n"
+        "from hybridchat.data.world import World, WorldConfig\n"
+        "from hybridchat.retrieval.bm25 import Bm25sRetriever, build_bm25\n"
+        "from hybridchat.retrieval.text import document_text\n"
+        "world = World.generate(WorldConfig(n_people=60))\n"
+        "docs = world.documents()\n"
+        "index = Path(tempfile.mkdtemp())\n"
+        "build_bm25([document_text(d.title, d.text) for d in docs], index, 1.5, 0.75)\n"
+        "ids, scores = Bm25sRetriever(docs, index).rank([q.question for q in world.questions('train', 1)], 10, None)\n"
+        "sys.stdout.write(ids.tobytes().hex() + scores.tobytes().hex())\n")
+    root = Path(__file__).resolve().parents[1]
+    outputs = {subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root), "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2", "3")}
+    assert len(outputs) == 1

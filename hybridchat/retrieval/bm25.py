@@ -24,8 +24,14 @@ from hybridchat.retrieval.text import analyze, document_text
 
 
 def build_bm25(texts: list[str], out_dir: Path, k1: float, b: float) -> None:
+    # Our own vocabulary, in sorted order: bm25s numbers the terms of token lists in set order, which
+    # Python's per-process string hashing changes from run to run; the term order is the order a query's
+    # scores are summed in, so near-ties ranked differently and "the same" run retrieved other documents.
+    tokens = analyze(texts)
+    vocab = {term: i for i, term in enumerate(sorted({t for doc in tokens for t in doc}))}
     model = bm25s.BM25(k1=k1, b=b, method="lucene")
-    model.index(analyze(texts), show_progress=False)
+    model.index(bm25s.tokenization.Tokenized(ids=[[vocab[t] for t in doc] for doc in tokens], vocab=vocab),
+                show_progress=False)
     model.save(str(out_dir), show_progress=False)
 
 
