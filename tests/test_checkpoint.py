@@ -385,3 +385,31 @@ def test_save_never_prunes_protected_steps(tmp_path):
     for step in range(6, 10):
         checkpoint.save(tmp_path, step, model, [], {}, keep=1, tokenizer=StubTokenizer(), protect={4, 7})
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000004", "step_000007", "step_000009"]
+
+
+def test_bytes_damaged_inside_a_file_are_refused_by_name_and_older_folders_without_checksums_load(
+        step_folder, tmp_path):
+    """4 KB of random bytes inside model.safetensors (size unchanged) loaded without complaint and the
+    model answered garbage at confidence nan; a changed tokenizer.json or optimizer state likewise.
+    Checked against hashlib over the files as saved, not against the code's own recording."""
+    import hashlib
+    import json
+
+    from hybridchat.infra import checkpoint
+
+    meta = json.loads((step_folder / "meta.json").read_text())
+    assert meta["sha256"] == {name: hashlib.sha256((step_folder / name).read_bytes()).hexdigest()
+                              for name in ("model.safetensors", "optimizer.safetensors", "tokenizer.json")}
+    for name in ("model.safetensors", "optimizer.safetensors", "tokenizer.json"):
+        damaged = edited_copy(step_folder, tmp_path / name)
+        data = bytearray((damaged / name).read_bytes())
+        middle = len(data) // 2
+        size = min(4096, len(data) // 4)
+        data[middle:middle + size] = bytes(b ^ 0x5A for b in data[middle:middle + size])
+        (damaged / name).write_bytes(bytes(data))
+        model = HybridLM(CKPT_MODEL, vocab_size=300)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with pytest.raises(UserError, match=f"{damaged / name} is corrupted: its sha256 differs"):
+            checkpoint.load(damaged, model, [opt])
+    older = edited_copy(step_folder, tmp_path / "older", edit=lambda m: m.pop("sha256"))
+    assert load_run(older).meta["step"] == 7

@@ -3,14 +3,16 @@
 Layout: <paths.checkpoints>/<run_name>/<stage>/step_000600/ holding model.safetensors,
 optimizer.safetensors, tokenizer.json and meta.json (with the run's resolved config). A step folder
 is self-contained: hybridchat.training.runs.load_run rebuilds the run (model, tokenizer, typed config)
-from it alone. It is built under a temp name and renamed into place whole, and meta.json is the last file written, so a directory without it
-never counts as a checkpoint. The files hold full tensors whatever the run's layout: an FSDP run
+from it alone. It is built under a temp name and renamed into place whole, and meta.json is the last
+file written (with a sha256 of each other file, checked on load), so a directory without it never
+counts as a checkpoint and damaged bytes are refused. The files hold full tensors whatever the run's layout: an FSDP run
 gathers its shards to save and cuts them again on load, so one folder moves between one process,
 DDP and FSDP.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Collection
@@ -25,6 +27,7 @@ from hybridchat.core.fsutil import atomic_directory
 from hybridchat.infra import parallel
 
 FORMAT_VERSION = 1
+CHECKSUMMED = ("model.safetensors", "optimizer.safetensors", "tokenizer.json")
 
 
 def stage_dir(checkpoints: str | Path, run_name: str, stage: str) -> Path:
@@ -101,6 +104,9 @@ def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], ke
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         tokenizer.save(tmp / "tokenizer.json")
+        # A checksum per file: bytes damaged on disk (same size, still parseable) would load as a model
+        # that answers garbage with full confidence; load() refuses them instead.
+        full_meta["sha256"] = {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in CHECKSUMMED}
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
     for old in replaces:
         if Path(old) != target:  # a same-numbered step was replaced whole by the rename above
@@ -140,7 +146,21 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def verify(file: Path, meta: dict[str, Any]) -> None:
+    """Refuse a file whose bytes differ from the checksum meta.json recorded at save (checkpoints saved
+    before checksums have none)."""
+    expected = meta.get("sha256", {}).get(file.name)
+    try:
+        found = hashlib.sha256(file.read_bytes()).hexdigest() if expected else None
+    except OSError as e:
+        raise UserError(f"checkpoint file {file} cannot be read ({e.strerror})") from None
+    if found != expected:
+        raise UserError(f"checkpoint file {file} is corrupted: its sha256 differs from the one meta.json recorded "
+                        f"when it was saved")
+
+
+def _load_tensors(file: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    verify(file, meta)
     try:
         return load_file(str(file))
     except Exception as e:  # safetensors raises SafetensorError / OSError on truncated or foreign files
@@ -163,7 +183,8 @@ def load(path: Path, model, optimizers=None, tokenizer_fingerprint: str | None =
     if tokenizer_fingerprint and meta.get("tokenizer") not in (None, tokenizer_fingerprint):
         raise UserError(f"checkpoint {path} was trained with tokenizer {meta['tokenizer']}, this run built "
                         f"{tokenizer_fingerprint}: the data/tokenizer settings differ from the checkpoint's")
-    weights = _load_tensors(path / "model.safetensors")
+    verify(path / "tokenizer.json", meta)
+    weights = _load_tensors(path / "model.safetensors", meta)
     current = model.state_dict()  # under FSDP: this rank's shards, to cut the full tensors like them
     weights = {k: parallel.shard_like(v, current[k]) if k in current else v for k, v in weights.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -171,7 +192,7 @@ def load(path: Path, model, optimizers=None, tokenizer_fingerprint: str | None =
         raise UserError(f"checkpoint {path}/model.safetensors does not match the model: missing {missing[:5]}, "
                         f"unexpected {unexpected[:5]}")
     if optimizers is not None:
-        _restore_optimizers(optimizers, _load_tensors(path / "optimizer.safetensors"), meta["optimizers"])
+        _restore_optimizers(optimizers, _load_tensors(path / "optimizer.safetensors", meta), meta["optimizers"])
     return meta
 
 
