@@ -30,11 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.infra import checkpoint
 from hybridchat.infra import config as config_schema
-from hybridchat.training.runs import Run, RunReaderConfig, load_run
-from hybridchat.training.stages import answering_stage, stage_schemas
 from hybridchat.rag.answer import Answerer
 from hybridchat.rag.multihop import MultiHop, Search
 from hybridchat.retrieval.config import RetrieverConfig
+from hybridchat.training.runs import Run, RunReaderConfig, load_run
+from hybridchat.training.stages import answering_stage, stage_schemas
 
 
 @dataclass

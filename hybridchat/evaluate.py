@@ -37,21 +37,21 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from hybridchat.infra import checkpoint
-from hybridchat.infra import config as config_schema
-from hybridchat.rag.answer import Answerer, score
-from hybridchat.infra.config import LoggerConfig
-from hybridchat.training.runs import Run, RunReaderConfig, load_run
-from hybridchat.data.world import World
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
-from hybridchat.core.questions import Question, read_questions
 from hybridchat.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
-from hybridchat.rag.report import ANSWERABLE_RATES, COLUMNS, HOP_COLUMNS, HOP_RATES, markdown, plot, summarize
-from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, Search
-from hybridchat.infra.runtime import setup, teardown
 from hybridchat.core.metrics import bootstrap_ci
+from hybridchat.core.questions import Question, read_questions
+from hybridchat.data.world import World
+from hybridchat.infra import checkpoint
+from hybridchat.infra import config as config_schema
+from hybridchat.infra.config import LoggerConfig
+from hybridchat.infra.runtime import setup, teardown
 from hybridchat.infra.tracking import Tracker
+from hybridchat.rag.answer import Answerer, score
+from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, Search
+from hybridchat.rag.report import ANSWERABLE_RATES, COLUMNS, HOP_COLUMNS, HOP_RATES, markdown, plot, summarize
+from hybridchat.training.runs import Run, RunReaderConfig, load_run
 from hybridchat.training.stages import answering_stage, stage_schemas
 
 log = logging.getLogger("hybridchat")

@@ -20,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.core.fsutil import atomic_write_json
-from hybridchat.infra import config as config_schema
 from hybridchat.data.sources import DataConfig
+from hybridchat.infra import config as config_schema
 from hybridchat.infra.config import DistributedConfig, GPUConfig, PathsConfig, StageConfig
-from hybridchat.model.config import ModelConfig
 from hybridchat.infra.planner import OVERHEAD_FIXED, OVERHEAD_FRACTION, RECOMPUTE_FACTOR, GiB, Plan, plan
+from hybridchat.model.config import ModelConfig
 from hybridchat.training.stages import stage_schemas
 
 

@@ -18,19 +18,18 @@ from hydra.conf import RunMode
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
+from hybridchat.infra import checkpoint, parallel, planner, runtime
 from hybridchat.infra import config as config_schema
-from hybridchat.infra import checkpoint, parallel, runtime
-from hybridchat.training import loop
-from hybridchat.infra import planner
 from hybridchat.infra.build import build_model
 from hybridchat.infra.config import Config
 from hybridchat.infra.context import RunContext
-from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
+from hybridchat.infra.preemption import Preempted, requeue_after_warning
+from hybridchat.infra.tracking import Tracker, run_tags
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.lm import check_sizes
-from hybridchat.infra.preemption import Preempted, requeue_after_warning
+from hybridchat.training import loop
 from hybridchat.training.stages import build_stage, stage_schemas
-from hybridchat.infra.tracking import Tracker, run_tags
 
 log = logging.getLogger("hybridchat")
 config_schema.register(stage_schemas())

@@ -8,8 +8,8 @@ import torch
 from conftest import TINY_VOCAB
 
 from hybridchat.core.errors import UserError
-from hybridchat.model.config import ModelConfig
 from hybridchat.model.blocks import expand_pattern
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 
 # ---- block patterns ------------------------------------------------------------------------------

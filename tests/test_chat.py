@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
-from hybridchat.rag.answer import ABSTAIN, fit_prompt, format_reply, parse_reply
+from hybridchat.core.documents import Document
 from hybridchat.data.chat import ChatRenderer, collate, example_batches, padded_width
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.core.documents import Document
+from hybridchat.rag.answer import ABSTAIN, fit_prompt, format_reply, parse_reply
 
 
 @pytest.fixture(scope="module")

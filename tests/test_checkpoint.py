@@ -9,8 +9,8 @@ import torch
 from conftest import CKPT_MODEL, TOY_MODEL, TOY_VOCAB, StubTokenizer
 
 from hybridchat.core.errors import UserError
-from hybridchat.training.runs import load_run
 from hybridchat.model.lm import HybridLM
+from hybridchat.training.runs import load_run
 
 # ---- a saved step folder of a tiny model ---------------------------------------------------------
 

@@ -21,12 +21,12 @@ import hybridchat.chat  # noqa: F401  registers chat_schema (conf/chat.yaml's)
 import hybridchat.evaluate  # noqa: F401  registers eval_schema (conf/eval.yaml's)
 import hybridchat.kb
 import hybridchat.plan  # noqa: F401  registers plan_schema (conf/plan.yaml's)
-from hybridchat.infra.config import Config
-from hybridchat.data.sources import build_source
 from hybridchat.core.errors import UserError
+from hybridchat.data.sources import build_source
+from hybridchat.infra.config import Config
+from hybridchat.infra.runtime import grad_accum_steps
 from hybridchat.model.blocks import PATTERN_PRESETS, expand_pattern
 from hybridchat.model.lm import HybridLM, check_sizes
-from hybridchat.infra.runtime import grad_accum_steps
 from hybridchat.train import typed_config
 
 GROUPS = ["model", "model/block_pattern", "gpu", "stage", "data", "retriever", "logger", "experiment"]

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from hybridchat.data.conversations import read_conversations
 from hybridchat.core.errors import UserError
+from hybridchat.data.conversations import read_conversations
 
 USER = {"role": "user", "content": "Where was Bivi Metheita born?"}
 ASSISTANT = {"role": "assistant", "content": "Bivi Metheita was born in Barport."}

@@ -7,12 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hybridchat.data.sources import DataConfig
+from hybridchat.core.errors import UserError
 from hybridchat.data.loader import token_batches
-from hybridchat.data.sources import files_source, world_source
+from hybridchat.data.sources import DataConfig, files_source, world_source
 from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_or_train
 from hybridchat.data.world import World, WorldConfig
-from hybridchat.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import TINY_VOCAB, compose_config
 
-from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
-from hybridchat.model.config import ModelConfig
 from hybridchat.core.errors import UserError
+from hybridchat.infra import checkpoint
 from hybridchat.model.attention import CausalSelfAttention
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.convert import attention_to_mamba, convert
 from hybridchat.model.lm import HybridLM
 from hybridchat.model.mamba import Mamba2
-from hybridchat.training.stages.distill import aligned_error, block_io, hidden_error, token_kl
 from hybridchat.train import run
+from hybridchat.training.runs import load_run
+from hybridchat.training.stages.distill import aligned_error, block_io, hidden_error, token_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 D, N_HEAD, N_KV, HD = 64, 4, 2, 16  # GQA: query heads 0, 1 read KV head 0; heads 2, 3 read KV head 1

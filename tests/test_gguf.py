@@ -23,11 +23,11 @@ from gguf.quants import dequantize, quantize
 from omegaconf import OmegaConf
 from tokenizers import pre_tokenizers
 
-from hybridchat.training.runs import load_run
-from hybridchat.infra.context import pretrained_file
-from hybridchat.model.engine import Engine
 from hybridchat.core.errors import UserError
+from hybridchat.infra.context import pretrained_file
 from hybridchat.infra.gguf import SUPPORTED_TYPES, import_checkpoint, read_gguf
+from hybridchat.model.engine import Engine
+from hybridchat.training.runs import load_run
 
 N_LAYER, D, N_HEAD, N_KV_HEAD, FFN = 2, 64, 4, 2, 96
 ROPE_BASE, EPS, CONTEXT = 5000.0, 1e-5, 4096   # a base that is not our default, so a dropped one shows

@@ -4,7 +4,6 @@ or inside a function, is checked against the layer table below."""
 import ast
 from pathlib import Path
 
-
 # The layers, low to high, and what each may import besides itself. model, data and retrieval sit
 # side by side on core and know nothing of each other; infra wires them up without the answering
 # (rag) or training built on it. Each entry point (a top-level module or package run with

@@ -9,9 +9,9 @@ import torch
 from conftest import TINY_VOCAB, tiny_lm
 
 import hybridchat.model.mamba as mamba_mod
-from hybridchat.model.config import ModelConfig
 from hybridchat.core.errors import UserError
 from hybridchat.model.cache import InferenceCache
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.model.mamba import Mamba2, cuda_kernels_available, ssd_chunked, ssd_recurrent
 

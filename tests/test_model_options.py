@@ -11,15 +11,15 @@ import torch
 from conftest import TINY_VOCAB, compose_config, train_steps
 from safetensors import safe_open
 
+from hybridchat.core.errors import UserError
+from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
 from hybridchat.infra.config import StageConfig
 from hybridchat.model.config import ModelConfig
-from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.core.errors import UserError
-from hybridchat.training.loop import build_optimizers
 from hybridchat.model.lm import HybridLM
 from hybridchat.train import typed_config
+from hybridchat.training.loop import build_optimizers
+from hybridchat.training.runs import load_run
 
 VOCAB = 100
 LLAMA = ModelConfig(name="llama_tiny", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_pattern="all_attention",

@@ -15,10 +15,10 @@ from conftest import compose_config
 from safetensors.torch import load_file
 
 from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
 from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.train import run
+from hybridchat.training.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # Smoke rows are 4 x 256 tokens: one process runs 4 micro-batches a step, two run 2 each, and the

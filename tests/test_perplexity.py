@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridchat.infra import checkpoint
 from hybridchat.bench import perplexity
-from hybridchat.model.config import ModelConfig
-from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.errors import UserError
+from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.infra import checkpoint
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,11 +12,11 @@ from omegaconf import OmegaConf, open_dict
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from hybridchat import plan
-from hybridchat.infra import planner as planning
 from hybridchat.core.errors import UserError, run_or_exit
-from hybridchat.training.loop import build_optimizers
+from hybridchat.infra import planner as planning
 from hybridchat.infra.build import build_model
 from hybridchat.train import typed_config
+from hybridchat.training.loop import build_optimizers
 from tests.conftest import CONF_DIR, compose_config, group_options
 
 GIB = 2**30

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from conftest import naive_greedy, random_model
 
+from hybridchat.core.errors import UserError
 from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
 from hybridchat.infra.config import StageConfig
 from hybridchat.model.engine import Engine
-from hybridchat.core.errors import UserError
-from hybridchat.training.loop import build_optimizers
 from hybridchat.model.lm import HybridLM
+from hybridchat.training.loop import build_optimizers
+from hybridchat.training.runs import load_run
 
 VOCAB = 61
 

@@ -16,11 +16,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hybridchat.data.sources import DataConfig
-from hybridchat.data.sources import files_source
 from hybridchat.core.errors import UserError
-from hybridchat.model.blocks import MIXERS, PATTERN_PRESETS, expand_pattern
 from hybridchat.core.questions import read_questions
+from hybridchat.data.sources import DataConfig, files_source
+from hybridchat.model.blocks import MIXERS, PATTERN_PRESETS, expand_pattern
 from hybridchat.retrieval.ingest import read_documents
 
 # HYPOTHESIS_EXAMPLES=2000 for a deeper search than the suite's few seconds.

@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import compose_config
 
-from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
-from hybridchat.rag.answer import ABSTAIN, Answer, score
 from hybridchat.core.errors import UserError
+from hybridchat.infra import checkpoint
+from hybridchat.rag.answer import ABSTAIN, Answer, score
 from hybridchat.rag.report import summarize
 from hybridchat.train import run
+from hybridchat.training.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_EVAL = ["stage.eval_questions=8", "stage.eval_every=6"]
@@ -71,8 +71,8 @@ def test_a_stage_without_its_source_checkpoint_names_the_command_that_makes_it(t
 def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline):
     from hybridchat.infra.context import RunContext
     from hybridchat.infra.runtime import Runtime
-    from hybridchat.training.stages.rag import RagStage
     from hybridchat.train import typed_config
+    from hybridchat.training.stages.rag import RagStage
 
     out, common = pipeline
     config, _ = typed_config(compose_config(common + ["stage=rag"], output_dir=out / "x"))
@@ -112,13 +112,13 @@ def test_rag_trains_on_your_knowledge_base_and_questions(pipeline, tmp_path):
     """stage.questions + retriever.kb_dir: the documents in the training inputs are the user's (ids,
     titles, text; none of the world's), the reply cites the one stating the answer, and the stage trains
     and evaluates on the questions' validation share."""
-    from hybridchat.infra.context import RunContext
     from hybridchat.core.documents import Document
+    from hybridchat.infra.context import RunContext
+    from hybridchat.infra.runtime import Runtime
     from hybridchat.retrieval.config import RetrieverConfig
     from hybridchat.retrieval.knowledge_base import KnowledgeBase
-    from hybridchat.infra.runtime import Runtime
-    from hybridchat.training.stages.rag import RagStage
     from hybridchat.train import typed_config
+    from hybridchat.training.stages.rag import RagStage
 
     out, common = pipeline
     docs = [Document(f"shop-{i}", f"{name} bakery", f"The {name} bakery on {street} was founded in {year} by {who}.")
@@ -162,9 +162,9 @@ def test_under_compile_conversation_batches_come_in_a_few_padded_widths(pipeline
     model.sequence_len. Validation runs the model uncompiled: its batches keep their exact width."""
     from hybridchat.infra.context import RunContext
     from hybridchat.infra.runtime import Runtime
+    from hybridchat.train import typed_config
     from hybridchat.training.stages.mid import MidStage
     from hybridchat.training.stages.rag import RagStage
-    from hybridchat.train import typed_config
 
     out, common = pipeline
     for stage_cls, stage in ((RagStage, "rag"), (MidStage, "mid")):
@@ -185,8 +185,8 @@ def test_under_compile_conversation_batches_come_in_a_few_padded_widths(pipeline
 def test_rag_can_teach_the_answer_before_its_citation(pipeline):
     from hybridchat.infra.context import RunContext
     from hybridchat.infra.runtime import Runtime
-    from hybridchat.training.stages.rag import RagStage
     from hybridchat.train import typed_config
+    from hybridchat.training.stages.rag import RagStage
 
     out, common = pipeline
     config, _ = typed_config(compose_config(common + ["stage=rag", "stage.cite_first=false"], output_dir=out / "y"))

@@ -14,16 +14,16 @@ from conftest import compose_config
 from test_rag import train
 from torch import nn
 
-from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
-from hybridchat.model.config import ModelConfig
-from hybridchat.data.chat import ChatRenderer
-from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.documents import Document
 from hybridchat.core.metrics import exact_match
+from hybridchat.data.chat import ChatRenderer
+from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.infra import checkpoint
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.rag.multihop import BridgeQueries, Hop, MultiHop, NoQueries, Search, search_text
 from hybridchat.retrieval.base import Hit
+from hybridchat.training.runs import load_run
 
 ADA = Document("person-0001", "Ada Vell", "Ada Vell was born in Vellport. She works at Kor Industries.")
 KOR = Document("company-0002", "Kor Industries", "Kor Industries was founded by Tam Brel in Vellport.")
@@ -248,8 +248,8 @@ REFRAG = ["stage=refrag", "model.sequence_len=512", "stage.hop_tokens=160", "sta
 def refrag_stage(out, common, *extra):
     from hybridchat.infra.context import RunContext
     from hybridchat.infra.runtime import Runtime
-    from hybridchat.training.stages.refrag import RefragStage
     from hybridchat.train import typed_config
+    from hybridchat.training.stages.refrag import RefragStage
 
     config, _ = typed_config(compose_config(common + REFRAG + list(extra), output_dir=out / "stage"))
     return RefragStage(RunContext(config, Runtime(torch.device("cpu"), None)))
@@ -623,8 +623,7 @@ def test_two_hop_evaluation_asks_two_hop_questions_about_made_up_people_too():
 def test_the_warm_start_settles_before_grpo_runs_at_its_own_constant_rate():
     from types import SimpleNamespace
 
-    from hybridchat.training.stages.refrag import RefragConfig
-    from hybridchat.training.stages.refrag import RefragStage
+    from hybridchat.training.stages.refrag import RefragConfig, RefragStage
 
     c = RefragConfig(num_steps=10, rl_steps=4, warmup_steps=2, warmdown_ratio=0.5, final_lr_frac=0.1, rl_lr_frac=0.2)
     rates = [RefragStage.lr_multiplier(SimpleNamespace(config=c), step) for step in range(10)]

@@ -16,10 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hybridchat.data.sources import DataConfig
-from hybridchat.data.sources import files_source
 from hybridchat.core.errors import UserError
 from hybridchat.core.fsutil import atomic_directory, atomic_write_text
+from hybridchat.data.sources import DataConfig, files_source
 
 try:  # Document moved from hybridchat.retrieval.documents to hybridchat.core.documents
     from hybridchat.core.documents import Document

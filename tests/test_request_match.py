@@ -9,14 +9,14 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
-from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
-from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from hybridchat.core.errors import UserError
+from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from hybridchat.infra import checkpoint
 from hybridchat.infra.build import request_markers
 from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.model.request_match import RequestMarkers, request_match
+from hybridchat.training.runs import load_run
 from tests.conftest import random_model
 
 # Every tokenizer trained here reserves the first ids for SPECIAL_TOKENS, in order.

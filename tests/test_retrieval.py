@@ -234,8 +234,8 @@ def test_chunking_by_model_tokens_and_eval_counts_parents_once(tmp_path, encoder
 
 
 def test_default_knowledge_base_is_the_run_world(tmp_path):
-    from hybridchat.infra.context import world_collection
     from hybridchat.data.world import World, WorldConfig
+    from hybridchat.infra.context import world_collection
     from hybridchat.retrieval.factory import build_retriever
 
     assert build_retriever(cfg("none"), tmp_path) is None

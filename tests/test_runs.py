@@ -16,10 +16,10 @@ from hybridchat.data.world import World, WorldConfig
 from hybridchat.infra import checkpoint
 from hybridchat.infra.config import Config
 from hybridchat.model.config import ModelConfig
-from hybridchat.training.stages.refrag import RefragConfig
-from hybridchat.training.runs import load_run
 from hybridchat.model.lm import HybridLM
 from hybridchat.retrieval.config import RetrieverConfig
+from hybridchat.training.runs import load_run
+from hybridchat.training.stages.refrag import RefragConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, block_pattern="AM", d_state=8, headdim=16,

@@ -13,20 +13,20 @@ import pytest
 import torch
 from conftest import compose_config, train_steps
 
-from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
-from hybridchat.infra.config import StageConfig
-from hybridchat.model.config import ModelConfig
-from hybridchat.infra.context import RunContext
-from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.core.errors import UserError
-from hybridchat.training.loop import build_optimizers
-from hybridchat.model.blocks import PATTERN_PRESETS
-from hybridchat.model.lm import HybridLM
+from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import StageConfig
+from hybridchat.infra.context import RunContext
 from hybridchat.infra.runtime import Runtime, grad_accum_steps
+from hybridchat.model.blocks import PATTERN_PRESETS
+from hybridchat.model.config import ModelConfig
+from hybridchat.model.lm import HybridLM
+from hybridchat.train import run, typed_config
+from hybridchat.training.loop import build_optimizers
+from hybridchat.training.runs import load_run
 from hybridchat.training.stages import lr_multiplier
 from hybridchat.training.stages.pretrain import PretrainStage
-from hybridchat.train import run, typed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

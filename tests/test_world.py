@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from hybridchat.core.errors import UserError
 from hybridchat.core.questions import Question
 from hybridchat.data.world import PHRASINGS, World, WorldConfig
-from hybridchat.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

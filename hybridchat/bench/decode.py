@@ -24,11 +24,11 @@ from typing import Callable
 
 import torch
 
-from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
-from hybridchat.infra.build import build_model
 from hybridchat.bench import report
+from hybridchat.infra import checkpoint
+from hybridchat.infra.build import build_model
 from hybridchat.model.lm import HybridLM
+from hybridchat.training.runs import load_run
 
 MODELS = {"transformer": ("transformer_tiny", "all_attention"), "mamba": ("mamba_tiny", "all_mamba"),
           "hybrid": ("hybrid_tiny", "jamba")}

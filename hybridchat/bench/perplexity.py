@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
 from hybridchat.bench import report
-from hybridchat.data.sources import TEXT_SUFFIXES, read_texts
 from hybridchat.core.errors import UserError
+from hybridchat.data.sources import TEXT_SUFFIXES, read_texts
+from hybridchat.infra import checkpoint
 from hybridchat.infra.runtime import Runtime
+from hybridchat.training.runs import load_run
 from hybridchat.training.stages import bits_per_byte
 
 HELDOUT_PROSE = Path(__file__).resolve().parents[2] / "data" / "heldout_prose" / "documents.jsonl"

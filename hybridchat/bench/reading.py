@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import random
 
-from hybridchat.infra import checkpoint
-from hybridchat.training.runs import load_run
 from hybridchat.bench import report
 from hybridchat.core.documents import Document
-from hybridchat.model.engine import Engine
 from hybridchat.core.metrics import bootstrap_ci, exact_match
+from hybridchat.infra import checkpoint
+from hybridchat.model.engine import Engine
+from hybridchat.training.runs import load_run
 
 
 def namesakes(gold: Document, people: list[Document], k: int, rng: random.Random) -> list[Document]:

@@ -107,8 +107,8 @@ def _baseline_rss(queue) -> None:
 
 def world_recall(kb_dir: Path) -> dict:
     """recall@3 of the hybrid retriever on the synthetic world's single-hop questions."""
-    from hybridchat.infra.context import world_collection
     from hybridchat.data.world import World, WorldConfig
+    from hybridchat.infra.context import world_collection
     from hybridchat.retrieval.config import RetrieverConfig
     from hybridchat.retrieval.evaluate import evaluate
     from hybridchat.retrieval.factory import build_retriever

@@ -46,9 +46,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from hybridchat.core.documents import Document
 from hybridchat.data.loader import Batch
 from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
-from hybridchat.core.documents import Document
 
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 = learn to write this token)
 Ids = tuple[int, ...]

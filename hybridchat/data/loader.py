@@ -13,9 +13,9 @@ from typing import Iterator
 
 import torch
 
+from hybridchat.core.errors import UserError
 from hybridchat.data.sources import Source
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.core.errors import UserError
 
 Batch = dict[str, torch.Tensor]
 

@@ -14,15 +14,15 @@ from typing import Any
 
 import torch.distributed as dist
 
-from hybridchat.infra import checkpoint
-from hybridchat.infra.config import Config
+from hybridchat.core.errors import UserError
 from hybridchat.data.sources import Source, build_source
 from hybridchat.data.tokenizer import Tokenizer, load_or_train
 from hybridchat.data.world import World, WorldConfig
-from hybridchat.core.errors import UserError
+from hybridchat.infra import checkpoint
+from hybridchat.infra.config import Config
+from hybridchat.infra.runtime import Runtime, grad_accum_steps
 from hybridchat.retrieval.factory import DefaultCollection, open_knowledge_base
 from hybridchat.retrieval.knowledge_base import needed_indexes
-from hybridchat.infra.runtime import Runtime, grad_accum_steps
 
 PRETRAINED = "pretrained"  # stage.source naming the model's imported weights, and their stage folder
 

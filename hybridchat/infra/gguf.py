@@ -23,10 +23,10 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from hybridchat.core.errors import UserError
+from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.infra import checkpoint
 from hybridchat.model.config import ModelConfig
-from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.core.errors import UserError
 from hybridchat.model.lm import HybridLM
 
 # Tensor types gguf.quants can both write and read back, so tests/test_gguf.py covers each one.

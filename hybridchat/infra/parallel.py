@@ -23,8 +23,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from hybridchat.infra.config import Config, Strategy
-from hybridchat.model.mamba import cuda_kernels_available
 from hybridchat.infra.runtime import Runtime
+from hybridchat.model.mamba import cuda_kernels_available
 
 log = logging.getLogger(__name__)
 

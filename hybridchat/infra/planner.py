@@ -22,9 +22,9 @@ import torch
 from hybridchat.core.errors import UserError
 from hybridchat.data.sources import DataConfig
 from hybridchat.infra.config import Config, GPUConfig, StageConfig
-from hybridchat.model.config import ModelConfig
 from hybridchat.infra.runtime import grad_accum_steps
 from hybridchat.model.blocks import expand_pattern
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 
 GiB = 2**30

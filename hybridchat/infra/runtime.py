@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hybridchat.infra.config import GPUConfig
 from hybridchat.core.errors import UserError
+from hybridchat.infra.config import GPUConfig
 
 
 @dataclass(frozen=True)

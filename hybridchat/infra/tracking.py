@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hybridchat.infra.config import Config, LoggerConfig
 from hybridchat.core.fsutil import atomic_write_bytes
+from hybridchat.infra.config import Config, LoggerConfig
 from hybridchat.model.blocks import PATTERN_PRESETS, expand_pattern
 
 WANDB_TAG_MAX = 64  # wandb.init raises on a longer tag

@@ -17,10 +17,10 @@ from typing import Sequence
 
 import torch
 
-from hybridchat.data.chat import ChatRenderer
 from hybridchat.core.documents import Document
-from hybridchat.model.engine import Engine, TokenCallback
 from hybridchat.core.metrics import exact_match, normalize_answer, token_f1
+from hybridchat.data.chat import ChatRenderer
+from hybridchat.model.engine import Engine, TokenCallback
 
 ABSTAIN = "The documents do not say."
 LOGITS_BUDGET = 2**30  # bytes of full-vocabulary logits per forward when scoring the abstention

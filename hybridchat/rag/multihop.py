@@ -32,9 +32,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, fit_prompt, parse_reply
 from hybridchat.core.documents import Document
 from hybridchat.model.engine import Engine
+from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, fit_prompt, parse_reply
 
 # Capitalised word runs ("Kor Industries", "Vellport"): a generic notion of a name in English text.
 _NAME = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|van\s+)?[A-Z][\w'-]*)*")

@@ -19,12 +19,12 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from hybridchat.core.errors import UserError
 from hybridchat.infra import checkpoint, parallel, preemption
 from hybridchat.infra.config import StageConfig
 from hybridchat.infra.context import RunContext
-from hybridchat.core.errors import UserError
-from hybridchat.training.stages import Stage
 from hybridchat.infra.tracking import Tracker
+from hybridchat.training.stages import Stage
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from hybridchat.data.world import World
 from hybridchat.infra import checkpoint
 from hybridchat.infra.build import build_model
 from hybridchat.infra.config import Config, GPUConfig, PathsConfig, StageConfig
-from hybridchat.model.config import ModelConfig
 from hybridchat.infra.context import world_collection
+from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.retrieval.factory import build_retriever, open_knowledge_base

@@ -36,11 +36,11 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from hybridchat.core.errors import UserError
+from hybridchat.data.loader import Batch
 from hybridchat.infra import checkpoint
 from hybridchat.infra.config import StageConfig
 from hybridchat.infra.context import RunContext
-from hybridchat.data.loader import Batch
-from hybridchat.core.errors import UserError
 from hybridchat.infra.runtime import Runtime
 
 

@@ -22,12 +22,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hybridchat.infra.config import StageConfig
-from hybridchat.training.runs import load_run
 from hybridchat.core.errors import UserError
+from hybridchat.infra.config import StageConfig
 from hybridchat.model.blocks import expand_pattern
 from hybridchat.model.convert import convert
 from hybridchat.model.lm import HybridLM
+from hybridchat.training.runs import load_run
 from hybridchat.training.stages import evaluate_bpb, registered
 from hybridchat.training.stages.pretrain import PretrainStage
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
 
-from hybridchat.rag.answer import Answerer
-from hybridchat.data.chat import ChatRenderer, collate, example_batches
-from hybridchat.data.conversations import read_conversations
 from hybridchat.core.errors import UserError
 from hybridchat.core.metrics import exact_match
+from hybridchat.data.chat import ChatRenderer, collate, example_batches
+from hybridchat.data.conversations import read_conversations
 from hybridchat.infra.config import StageConfig
+from hybridchat.rag.answer import Answerer
 from hybridchat.training.stages import Stage, registered
 
 # Who the assistant is, in a few exchanges: each is repeated so it is not drowned by the world's chats.

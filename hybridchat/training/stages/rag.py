@@ -20,12 +20,12 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from hybridchat.rag.answer import Answerer, fit_prompt, format_reply, parse_reply, score
-from hybridchat.data.chat import ChatRenderer, collate, example_batches
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError
-from hybridchat.infra.config import StageConfig
 from hybridchat.core.questions import Question, read_questions
+from hybridchat.data.chat import ChatRenderer, collate, example_batches
+from hybridchat.infra.config import StageConfig
+from hybridchat.rag.answer import Answerer, fit_prompt, format_reply, parse_reply, score
 from hybridchat.training.stages import Stage, registered
 
 

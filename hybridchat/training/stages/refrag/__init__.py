@@ -15,9 +15,9 @@ from functools import cached_property
 from typing import Optional
 
 from hybridchat.core.errors import UserError
+from hybridchat.core.questions import Question, read_questions
 from hybridchat.rag.multihop import ModelQueries, MultiHop, QueryGenerator, Search
 from hybridchat.training.stages import evaluate_bpb, lr_multiplier, registered
-from hybridchat.core.questions import Question, read_questions
 from hybridchat.training.stages.rag import RagConfig, RagStage, means
 from hybridchat.training.stages.refrag.grpo import GRPO
 from hybridchat.training.stages.refrag.warm_start import WarmStart

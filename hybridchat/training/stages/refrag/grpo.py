@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from hybridchat.core.questions import Question
 from hybridchat.data.chat import collate
 from hybridchat.data.loader import Batch
 from hybridchat.infra import parallel
@@ -22,7 +23,6 @@ from hybridchat.infra.context import RunContext
 from hybridchat.model.lm import HybridLM
 from hybridchat.rag.answer import Answer, score
 from hybridchat.rag.multihop import MultiHop, Trajectory
-from hybridchat.core.questions import Question
 
 REWARD_TERMS = ("em", "f1", "gold", "format", "hops")
 

@@ -20,11 +20,11 @@ from functools import cached_property
 from itertools import islice
 from typing import Iterator, Sequence
 
+from hybridchat.core.questions import Question
 from hybridchat.data.chat import collate, example_batches
 from hybridchat.data.loader import Batch
 from hybridchat.rag.answer import format_reply, parse_reply
 from hybridchat.rag.multihop import Hop, MultiHop, QueryGenerator
-from hybridchat.core.questions import Question
 from hybridchat.training.stages.rag import RagStage
 
 
