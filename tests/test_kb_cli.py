@@ -76,16 +76,16 @@ def test_eval_leaves_questions_without_gold_documents_out_of_recall_and_counts_t
                     {"question": "who sails the dunes"}]
     reports = []
     for name, rows in (("gold", asked), ("mixed", [unanswerable[0], asked[0], unanswerable[1], asked[1]])):
-        code, out, err = run(["eval", "--questions", write_jsonl(tmp_path / f"{name}.jsonl", rows), "--kb", kb,
-                              "--json", tmp_path / f"{name}.json"], capsys)
+        code, out, err = run(["eval", f"questions={write_jsonl(tmp_path / f'{name}.jsonl', rows)}",
+                              f"retriever.kb_dir={kb}", f"json={tmp_path / f'{name}.json'}"], capsys)
         assert code == 0, err
         reports.append(json.loads((tmp_path / f"{name}.json").read_text()))
     gold, mixed = reports
     # by hand: d1 is found first for lava; the glacier question's gold d3 is not its best hit
     assert gold["questions"] == 2 and gold["recall@1"] == 0.5 and "without_gold" not in gold
     assert mixed == {**gold, "without_gold": 2}
-    code, _, err = run(["eval", "--questions", write_jsonl(tmp_path / "none.jsonl", unanswerable), "--kb", kb],
-                       capsys)
+    code, _, err = run(["eval", f"questions={write_jsonl(tmp_path / 'none.jsonl', unanswerable)}",
+                        f"retriever.kb_dir={kb}"], capsys)
     assert code == 2 and err.startswith("error: no question has gold_doc_ids") and err.count("\n") == 1
 
 
@@ -165,7 +165,7 @@ def test_changed_embedding_model_is_refused(tmp_path, capsys):
 
 
 def test_without_kb_it_opens_the_knowledge_base_of_the_world_training_composes(tmp_path, monkeypatch, capsys):
-    """One world: `kb stats` without --kb opens the index training built, not a second one of its own."""
+    """One world: `kb stats` without retriever.kb_dir opens the index training built, not a second one."""
     from types import SimpleNamespace
 
     from conftest import compose_config
@@ -180,6 +180,6 @@ def test_without_kb_it_opens_the_knowledge_base_of_the_world_training_composes(t
         return SimpleNamespace(stats=dict)
 
     monkeypatch.setattr("hybridchat.retrieval.factory.open_knowledge_base", open_knowledge_base)
-    assert run(["stats", "--cache-dir", tmp_path], capsys)[0] == 0
+    assert run(["stats", f"paths.cache={tmp_path}"], capsys)[0] == 0
     config, _ = typed_config(compose_config([]))
     assert opened == [world_collection(config.world)[0]]
