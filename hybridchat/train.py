@@ -41,7 +41,9 @@ def typed_config(cfg: DictConfig) -> tuple[Config, dict[str, Any]]:
     if missing:
         raise UserError(f"missing required value(s): {', '.join(missing)}; set them on the command line, "
                         f"e.g. {missing[0]}=...")
-    return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config = OmegaConf.to_object(cfg)
+    config.stage.check()
+    return config, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def run(cfg: DictConfig) -> float:

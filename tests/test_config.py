@@ -282,3 +282,26 @@ def test_the_jobs_of_one_sweep_share_its_folder(tmp_path):
     sweeps = list((tmp_path / "plans").glob("*/*"))
     assert len(sweeps) == 1 and re.fullmatch(r"\d\d-\d\d-\d\d\.\d{3}-multirun", sweeps[0].name), sweeps
     assert sorted(p.parent.name for p in sweeps[0].glob("*/plan.json")) == ["0", "1"]
+
+
+@pytest.mark.parametrize("override, says", [
+    ("stage.num_steps=0", "stage.num_steps=0 must be >= 1"),
+    ("stage.num_steps=-3", "stage.num_steps=-3 must be >= 1"),
+    ("stage.matrix_lr=-0.01", "stage.matrix_lr=-0.01 must be >= 0"),
+    ("stage.embedding_lr=-0.01", "stage.embedding_lr=-0.01 must be >= 0"),
+    ("stage.eval_every=0", "stage.eval_every=0 must be >= 1"),
+    ("stage.warmdown_ratio=1.5", "stage.warmdown_ratio=1.5 must be in [0, 1]"),
+    ("stage.grad_clip=0", "stage.grad_clip=0.0 must be > 0"),
+    ("stage.total_batch_tokens=0", "stage.total_batch_tokens=0 must be >= 1"),
+])
+def test_stage_keys_out_of_range_are_one_line_before_anything_is_built(override, says):
+    """Were: the optimizer's ValueError traceback (matrix_lr), accepted silently (embedding_lr), a
+    folder step_-00003 (num_steps=-3)."""
+    with pytest.raises(UserError, match=re.escape(says)):
+        typed_config(compose_config(["stage=rag", override]))
+
+
+def test_stage_keys_at_their_bounds_are_accepted():
+    config, _ = typed_config(compose_config(["stage.num_steps=1", "stage.warmup_steps=0", "stage.matrix_lr=0",
+                                             "stage.keep_checkpoints=0", "stage.final_lr_frac=1"]))
+    assert config.stage.num_steps == 1 and config.stage.keep_checkpoints == 0

@@ -267,6 +267,7 @@ def test_kb_usage_mistakes_are_one_error_line_too(argv, needle):
     ("hybridchat.train", "seed=[", ["no viable alternative at input '['"]),                    # bad override syntax
     ("hybridchat.evaluate", "n_questionz=3", ["n_questionz", "not in 'EvalConfig'"]),
     ("hybridchat.plan", "model=foo", ["model/foo", "Available options in 'model'"]),
+    ("hybridchat.train", "stage.matrix_lr=-0.01", ["stage.matrix_lr=-0.01 must be >= 0"]),     # out of range
 ])
 def test_command_lines_that_do_not_compose_are_one_error_line(app, override, needles):
     """Hydra's own report is several lines and exit code 1; ours is one line naming the key and what

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from hybridchat.core.errors import UserError
 from hybridchat.data.sources import DataConfig
 from hybridchat.data.world import WorldConfig
 from hybridchat.model.config import ModelConfig
@@ -104,7 +105,24 @@ class StageConfig:
     eval_every: int = 25
     eval_batches: int = 8              # validation batches (the same set whatever the world size)
     checkpoint_every: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2          # 0: keep every step
+
+    def check(self) -> None:
+        """The ranges of the keys every stage has, before anything is built: one line naming the key
+        (a negative learning rate was the optimizer's traceback, num_steps=-3 wrote step_-00003)."""
+        at_least = {"num_steps": 1, "warmup_steps": 0, "length_grouping": 1, "eval_every": 1, "eval_batches": 1,
+                    "checkpoint_every": 1, "keep_checkpoints": 0, "matrix_lr": 0, "embedding_lr": 0,
+                    "unembedding_lr": 0, "scalar_lr": 0, "weight_decay": 0}
+        for key, low in at_least.items():
+            if getattr(self, key) < low:
+                raise UserError(f"stage.{key}={getattr(self, key)} must be >= {low}")
+        for key in ("warmdown_ratio", "final_lr_frac"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise UserError(f"stage.{key}={getattr(self, key)} must be in [0, 1]")
+        if not self.grad_clip > 0:
+            raise UserError(f"stage.grad_clip={self.grad_clip} must be > 0")
+        if self.total_batch_tokens is not None and self.total_batch_tokens < 1:
+            raise UserError(f"stage.total_batch_tokens={self.total_batch_tokens} must be >= 1 (or null)")
 
 
 @dataclass

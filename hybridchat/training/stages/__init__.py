@@ -62,8 +62,6 @@ class Stage:
         # Training batches of varying width (conversations) come in a few padded widths under
         # torch.compile (evaluation runs the model uncompiled: its batches keep their exact width).
         self.width_limit = ctx.config.model.sequence_len if ctx.config.gpu.compile else None
-        if self.config.length_grouping < 1:
-            raise UserError(f"stage.length_grouping={self.config.length_grouping} must be >= 1 (1: no grouping)")
 
     def initialise(self, model, source: Path) -> None:
         checkpoint.load(source, model, None, self.ctx.tokenizer.fingerprint)
