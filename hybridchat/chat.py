@@ -15,6 +15,7 @@ printed before the answer.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -79,7 +80,10 @@ def _print_outcome(result, out) -> None:
         print("(abstained: the documents shown do not hold the answer)", file=out)
     for n, d in zip(result.citations, result.cited):
         print(f"cited: [{n}] {d.title} ({d.id})", file=out)
-    print(f"confidence: {result.confidence:.2f}", file=out)
+    # Never a number that is not one: damaged weights gave "confidence: nan" beside a fluent answer.
+    finite = math.isfinite(result.confidence)
+    print(f"confidence: {result.confidence:.2f}" if finite else "confidence: undefined (the model's "
+          "probabilities are not finite numbers: are its weights damaged?)", file=out)
 
 
 def answer_multihop(question: str, multihop, out=sys.stdout) -> None:
@@ -128,6 +132,8 @@ def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> No
 
 def run(cfg: DictConfig) -> None:
     config: ChatConfig = OmegaConf.to_object(cfg)
+    if config.prompt is not None and not config.prompt.strip():
+        raise UserError("prompt= is empty: give a question, or leave prompt out to chat")
     path = Path(config.checkpoint) if config.checkpoint else checkpoint.find(
         config.paths.checkpoints, config.run_name, config.checkpoint_stage or answering_stage(1).name, config.step)
     run = load_run(path, device=config.gpu.device.value)

@@ -201,6 +201,8 @@ def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Question
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.hops not in (1, 2):
         raise UserError(f"hops={cfg.hops} must be 1 or 2")
+    if cfg.n_questions < 1 or cfg.n_unanswerable < 0:
+        raise UserError(f"n_questions={cfg.n_questions} must be >= 1 and n_unanswerable={cfg.n_unanswerable} >= 0")
     mine = read_questions(cfg.questions) if cfg.questions else None
     answerable = [i for i in mine or () if i.answers]
     two_hop = cfg.hops == 2 or (bool(answerable) and all(len(i.gold_doc_ids) == 2 for i in answerable))

@@ -299,3 +299,36 @@ def test_training_again_under_a_run_name_is_refused_and_overwrite_replaces_the_e
     printed = Path(out.split("checkpoint: ")[1].split()[0])
     assert printed == stage_dir / "step_000002" and (printed / "meta.json").is_file()
     assert sorted(p.name for p in stage_dir.iterdir()) == ["step_000002"]
+
+
+@pytest.mark.parametrize("command", ["build", "add"])
+def test_kb_input_that_does_not_exist_is_one_line_naming_it(kb, tmp_path, command):
+    """Was a FileNotFoundError traceback for a missing .jsonl; nothing is written."""
+    missing = tmp_path / "nowhere.jsonl"
+    target = kb if command == "add" else tmp_path / "new_kb"
+    before = snapshot(kb)
+    assert_one_error(*cli("hybridchat.kb", command, f"inputs=[{missing}]", f"retriever.kb_dir={target}")[::2],
+                     f"{missing}: no such file or folder")
+    assert snapshot(kb) == before and not (tmp_path / "new_kb").exists()
+
+
+@pytest.mark.parametrize("app, override, needle", [
+    ("hybridchat.evaluate", "n_questions=0", "n_questions=0 must be >= 1"),  # was: every question evaluated
+    ("hybridchat.chat", "prompt='   '", "prompt= is empty"),                # was: the model answered nothing
+])
+def test_empty_requests_are_refused_before_any_model_runs(app, override, needle, tmp_path):
+    assert_one_error(*cli(app, override, f"paths.outputs={tmp_path}")[::2], needle)
+
+
+def test_a_confidence_that_is_not_a_number_is_never_printed_as_one():
+    """Damaged weights answered with "confidence: nan" beside a fluent reply."""
+    import io
+    from types import SimpleNamespace
+
+    from hybridchat.chat import _print_outcome
+
+    for value, shown in ((0.8123, "confidence: 0.81"), (float("nan"), "confidence: undefined"),
+                         (float("inf"), "confidence: undefined")):
+        out = io.StringIO()
+        _print_outcome(SimpleNamespace(abstained=False, citations=[], cited=[], confidence=value), out)
+        assert shown in out.getvalue() and "nan" not in out.getvalue() and "inf" not in out.getvalue()

@@ -98,6 +98,8 @@ def _read_text_file(path: Path, root: Path) -> tuple[str, Document | ValueError]
 
 
 def _read_path(path: Path) -> Iterator[tuple[str, Document | ValueError]]:
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
@@ -108,8 +110,6 @@ def _read_path(path: Path) -> Iterator[tuple[str, Document | ValueError]]:
         yield from _read_jsonl(path)
     elif path.suffix in TEXT_SUFFIXES:
         yield _read_text_file(path, path)
-    elif not path.exists():
-        raise UserError(f"{path}: no such file or folder")
     else:
         raise UserError(f"{path}: unsupported input; expected a .jsonl file, a .txt/.md file or a folder")
 
@@ -126,7 +126,7 @@ def read_documents(paths: Iterable[str | Path], skip_bad: bool = False) -> tuple
                 item = ValueError(f"duplicate id {item.id!r} (first seen at {first_seen[item.id]})")
             if isinstance(item, ValueError):
                 if not skip_bad:
-                    raise UserError(f"{where}: {item} (use --skip-bad to skip bad records)")
+                    raise UserError(f"{where}: {item} (skip_bad=true skips bad records)")
                 report.skipped.append(f"{where}: {item}")
                 continue
             first_seen[item.id] = where
