@@ -5,18 +5,52 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 
+def _temp_prefix(path: Path) -> str:
+    # Temporaries carry their writer (host and pid), so one left by a killed process can be told from
+    # one being written right now (remove_stale_temporaries).
+    return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that atomic writes of processes on this host that no longer run left in
+    `directory` (a kill -9 mid-save); those of running processes and other hosts stay. Returns them."""
+    stale = re.compile(rf"^\..+\.{re.escape(socket.gethostname())}-(\d+)\.[^.]+\.tmp$")
+    removed = []
+    for entry in Path(directory).glob(".*.tmp") if Path(directory).is_dir() else ():
+        match = stale.match(entry.name)
+        if match and not _running(int(match.group(1))):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over the target."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; give the mode open() would
         with os.fdopen(fd, "wb") as f:
@@ -72,7 +106,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         # mkdtemp makes it 0700; the finished directory gets the mode of any directory the user
         # creates (0777 & ~umask), so a group can read checkpoints and knowledge bases on shared disks.

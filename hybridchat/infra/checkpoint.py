@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hybridchat.core.errors import UserError
-from hybridchat.core.fsutil import atomic_directory
+from hybridchat.core.fsutil import atomic_directory, remove_stale_temporaries
 from hybridchat.infra import parallel
 
 FORMAT_VERSION = 1
@@ -98,6 +98,7 @@ def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], ke
     weights = parallel.full_tensors(model.state_dict(), write)
     if not write:
         return None
+    remove_stale_temporaries(directory)  # a save killed half-way (kill -9) left its temp folder here
     full_meta = {"format_version": FORMAT_VERSION, "step": step, "architecture": model.architecture(),
                  "optimizers": described, **meta}
     with atomic_directory(target) as tmp:
