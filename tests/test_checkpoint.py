@@ -188,14 +188,15 @@ def test_weights_file_with_missing_or_extra_tensors_is_refused_naming_them(step_
     from hybridchat.infra import checkpoint
 
     weights = load_file(str(step_folder / "model.safetensors"))
-    lacking = edited_copy(step_folder, tmp_path / "lacking")
+    unchecked = edited_copy(step_folder, tmp_path / "unchecked", edit=lambda m: m.pop("sha256"))  # no checksums
+    lacking = edited_copy(unchecked, tmp_path / "lacking")
     save_file({k: v for k, v in weights.items() if not k.startswith("blocks.1.")}, str(lacking / "model.safetensors"))
     with pytest.raises(UserError) as e:
         checkpoint.load(lacking, HybridLM(CKPT_MODEL, vocab_size=300))
     first_five = ["dt_bias", "A_log", "D", "in_proj.weight", "conv1d.weight"]  # of 10, in registration order
     assert str(e.value) == (f"checkpoint {lacking}/model.safetensors does not match the model: missing "
                             f"{['blocks.1.mixer.' + name for name in first_five]}, unexpected []")
-    extra = edited_copy(step_folder, tmp_path / "extra")
+    extra = edited_copy(unchecked, tmp_path / "extra")
     save_file({**weights, **{f"extra{i}": torch.zeros(2) for i in range(7)}}, str(extra / "model.safetensors"))
     with pytest.raises(UserError) as e:
         checkpoint.load(extra, HybridLM(CKPT_MODEL, vocab_size=300))

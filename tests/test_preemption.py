@@ -79,12 +79,14 @@ def pids(run_dir: Path, *env: str) -> list[int]:
     return found
 
 
-def interrupt(out: Path, name: str, sig: signal.Signals, ddp: bool = False, times: int = 1) -> dict:
-    """Start a run, send `sig` (`times` times, 0.2 s apart) once it has logged 3 steps, wait for it to
-    exit. ddp: two torchrun processes on CPU, and the signal goes to rank 1 alone."""
+def interrupt(out: Path, name: str, sig: signal.Signals, ddp: bool = False, again_after: str | None = None,
+              extra: tuple[str, ...] = ()) -> dict:
+    """Start a run, send `sig` once it has logged 3 steps, wait for it to exit. ddp: two torchrun
+    processes on CPU, and the signal goes to rank 1 alone. again_after: send `sig` once more as soon as
+    the run's output shows this text (the first signal handled)."""
     run_dir = out / "runs" / name
     log_path = out / f"{name}.out"
-    argv = command(out, name)
+    argv = command(out, name, *extra)
     if ddp:
         argv[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hybridchat.train",
                      "stage.total_batch_tokens=2048"]
@@ -97,9 +99,11 @@ def interrupt(out: Path, name: str, sig: signal.Signals, ddp: bool = False, time
                 assert proc.poll() is None, f"exited before the signal:\n{log_path.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, "no training steps within 120 s"
                 time.sleep(0.01)
-            for i in range(times):
-                time.sleep(0.2 if i else 0)
-                os.kill(pids(run_dir, "RANK=1")[0] if ddp else proc.pid, sig)
+            os.kill(pids(run_dir, "RANK=1")[0] if ddp else proc.pid, sig)
+            while again_after is not None and again_after not in log_path.read_text() and proc.poll() is None:
+                time.sleep(0.001)
+            if again_after is not None:
+                os.kill(proc.pid, sig)
             sent = time.monotonic()
             returncode = proc.wait(timeout=30)
             exit_seconds = time.monotonic() - sent
@@ -196,8 +200,9 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_one_quits_at_once(out):
     assert_stopped_with_checkpoint(run, signal.SIGINT)
     assert "Traceback" not in run["output"]
 
-    twice = interrupt(out, "ctrl_c_twice", signal.SIGINT, times=2)
-    assert twice["returncode"] == 130 and twice["exit_seconds"] < 10, twice["output"][-3000:]
+    # Steps of ~a second (64 rows): the second Ctrl-C lands in the step the first one asked to end.
+    twice = interrupt(out, "ctrl_c_twice", signal.SIGINT, again_after="Ctrl-C: stopping", extra=("gpu.micro_batch=64",))
+    assert twice["returncode"] == 130 and twice["exit_seconds"] < 30, twice["output"][-3000:]  # 60 steps: > 60 s
     assert "interrupted: nothing saved since the last checkpoint" in twice["output"]
     assert "Traceback" not in twice["output"]
 

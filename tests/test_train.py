@@ -168,10 +168,14 @@ def test_corrupted_checkpoint_is_one_clear_error(smoke_run, tmp_path):
     bad = tmp_path / "step_000006"
     bad.mkdir()
     (bad / "meta.json").write_bytes((src / "meta.json").read_bytes())
+    (bad / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
     data = (src / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     meta = checkpoint.read_meta(src)
     model = HybridLM(ModelConfig(**meta["config"]["model"]), meta["architecture"]["vocab_size"])
+    with pytest.raises(UserError, match="model.safetensors is corrupted: its sha256 differs"):
+        checkpoint.load(bad, model)
+    (bad / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))  # before checksums
     with pytest.raises(UserError, match="truncated or corrupted"):
         checkpoint.load(bad, model)
     (bad / "meta.json").write_text("{not json")
