@@ -151,11 +151,16 @@ def verify(file: Path, meta: dict[str, Any]) -> None:
     """Refuse a file whose bytes differ from the checksum meta.json recorded at save (checkpoints saved
     before checksums have none)."""
     expected = meta.get("sha256", {}).get(file.name)
+    if expected is None:
+        return
+    digest = hashlib.sha256()
     try:
-        found = hashlib.sha256(file.read_bytes()).hexdigest() if expected else None
+        with file.open("rb") as f:  # in 1 MiB pieces: a large model's weights are not held twice in memory
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                digest.update(piece)
     except OSError as e:
         raise UserError(f"checkpoint file {file} cannot be read ({e.strerror})") from None
-    if found != expected:
+    if digest.hexdigest() != expected:
         raise UserError(f"checkpoint file {file} is corrupted: its sha256 differs from the one meta.json recorded "
                         f"when it was saved")
 
