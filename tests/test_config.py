@@ -20,6 +20,7 @@ from omegaconf.errors import ValidationError
 import hybridchat.chat  # noqa: F401  registers chat_schema (conf/chat.yaml's)
 import hybridchat.evaluate  # noqa: F401  registers eval_schema (conf/eval.yaml's)
 import hybridchat.kb
+import hybridchat.qa
 import hybridchat.plan  # noqa: F401  registers plan_schema (conf/plan.yaml's)
 from hybridchat.core.errors import UserError
 from hybridchat.data.sources import build_source
@@ -171,8 +172,9 @@ def test_experiment_only_states_differences():
 # left out: they override other options, so a value equal to the schema's may be an override there.
 OPTION_FILES = sorted(str(p.relative_to(CONF_DIR)) for p in CONF_DIR.glob("*/**/*.yaml")
                       if p.relative_to(CONF_DIR).parts[0] not in ("hydra", "experiment", "debug"))
-PRIMARY_FILES = ["config.yaml", "eval.yaml", "plan.yaml", "chat.yaml", "kb.yaml"]
+PRIMARY_FILES = ["config.yaml", "eval.yaml", "plan.yaml", "chat.yaml", "kb.yaml", "qa.yaml"]
 hybridchat.kb.register()  # kb_schema (conf/kb.yaml's): kb registers it when it composes
+hybridchat.qa.register()  # qa_schema, likewise
 
 
 def restated_defaults(values: dict, defaults: dict, prefix: str = "") -> list[str]:

@@ -17,7 +17,7 @@ MAY_IMPORT = {
     "infra": {"core", "model", "data", "retrieval"},
     "training": {"core", "model", "data", "retrieval", "rag", "infra"},
 }
-ENTRY_POINTS = {"train", "evaluate", "chat", "kb", "plan", "bench"}
+ENTRY_POINTS = {"train", "evaluate", "chat", "kb", "qa", "plan", "bench"}
 PACKAGE = Path(__file__).resolve().parents[1] / "hybridchat"
 
 

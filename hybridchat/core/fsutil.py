@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import hashlib
 import os
 import re
 import shutil
@@ -124,3 +125,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256, read in 1 MiB pieces (a model's weights are not held twice in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()

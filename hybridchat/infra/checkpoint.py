@@ -12,7 +12,6 @@ DDP and FSDP.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Collection
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hybridchat.core.errors import UserError
-from hybridchat.core.fsutil import atomic_directory, remove_stale_temporaries
+from hybridchat.core.fsutil import atomic_directory, remove_stale_temporaries, sha256_file
 from hybridchat.infra import parallel
 
 FORMAT_VERSION = 1
@@ -107,7 +106,7 @@ def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], ke
         tokenizer.save(tmp / "tokenizer.json")
         # A checksum per file: bytes damaged on disk (same size, still parseable) would load as a model
         # that answers garbage with full confidence; load() refuses them instead.
-        full_meta["sha256"] = {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in CHECKSUMMED}
+        full_meta["sha256"] = {name: sha256_file(tmp / name) for name in CHECKSUMMED}
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
     for old in replaces:
         if Path(old) != target:  # a same-numbered step was replaced whole by the rename above
@@ -153,14 +152,11 @@ def verify(file: Path, meta: dict[str, Any]) -> None:
     expected = meta.get("sha256", {}).get(file.name)
     if expected is None:
         return
-    digest = hashlib.sha256()
     try:
-        with file.open("rb") as f:  # in 1 MiB pieces: a large model's weights are not held twice in memory
-            for piece in iter(lambda: f.read(1 << 20), b""):
-                digest.update(piece)
+        actual = sha256_file(file)
     except OSError as e:
         raise UserError(f"checkpoint file {file} cannot be read ({e.strerror})") from None
-    if digest.hexdigest() != expected:
+    if actual != expected:
         raise UserError(f"checkpoint file {file} is corrupted: its sha256 differs from the one meta.json recorded "
                         f"when it was saved")
 

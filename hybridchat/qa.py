@@ -1,0 +1,166 @@
+"""Question sets for RAG training and evaluation: python -m hybridchat.qa COMMAND [key=value ...],
+then Hydra overrides of conf/qa.yaml:
+
+    python -m hybridchat.qa build sources=[foldoc,jargon,elements,python_docs] out=data/realtext
+    python -m hybridchat.qa build sources=[my_docs.jsonl] out=data/mine max_documents=500
+
+build: documents split by document (train / test / missing), questions whose answers are spans of
+their gold document, unanswerable ones about made-up names and gold-missing ones (see
+hybridchat/data/qa_builder.py). Sources are the names below (real text installed on the machine,
+never downloaded) or your own documents (.jsonl, .txt/.md files or folders, as `kb build` reads):
+    foldoc           FOLDOC, the computing dictionary (Debian package dict-foldoc)
+    jargon           the Jargon File (dict-jargon)
+    elements         the chemical elements (dict-elements)
+    debian_packages  every package apt knows about (apt-cache dumpavail)
+    python_docs      the Python language reference (pydoc_data, in every Python)
+
+It writes, in `out`:
+    train_documents.jsonl   the training knowledge base (train documents only)
+    documents.jsonl         the evaluation knowledge base (train + test documents)
+    train.jsonl, test.jsonl questions (question, answers, gold_doc_ids, hops, split, kind)
+    manifest.json           sources (package, version, license, sha256 of what was read), settings, counts
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
+
+COMMANDS = ("build",)
+OUTPUTS = ("train_documents.jsonl", "documents.jsonl", "train.jsonl", "test.jsonl", "manifest.json")
+
+
+@dataclass
+class QaConfig:
+    sources: List[str] = field(default_factory=list)  # build: source names or paths of your documents
+    out: Optional[str] = None            # build: the folder written
+    overwrite: bool = False              # build: replace a question set already in `out`
+    max_documents: int = 2000            # build: documents asked about, per source (a hash of the id picks them)
+    max_words: int = 120                 # build: documents are cut to their leading sentences, this many words
+    per_document: int = 3                # build: single-hop questions per document at most
+    unanswerable: float = 0.3            # build: made-up-name questions per answerable question
+    test: float = 0.1                    # build: share of documents held out for evaluation
+    missing: float = 0.05                # build: share kept out of every knowledge base (gold-missing questions)
+    seed: int = 0
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="qa_schema", node=QaConfig)
+
+
+def compose(overrides: list[str]) -> QaConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register()
+    with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose("qa", overrides))
+
+
+def _corpus(source: str):
+    from hybridchat.core.fsutil import sha256_file
+    from hybridchat.data.corpora import SOURCES, Corpus
+
+    if source in SOURCES:
+        return SOURCES[source]()
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"sources: {source!r} is neither a source ({', '.join(SOURCES)}) nor an existing "
+                        f"file or folder of documents")
+    from hybridchat.retrieval.ingest import read_documents
+
+    documents, _ = read_documents([path])
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return Corpus(path.name, documents, {"path": str(path.resolve()), "files": {str(p): sha256_file(p) for p in files}})
+
+
+def _check(cfg: QaConfig) -> None:
+    if not cfg.sources:
+        raise UserError("build needs sources=[...] (see python -m hybridchat.qa --help)")
+    if not cfg.out:
+        raise UserError("build needs out=FOLDER")
+    for key in ("max_documents", "max_words", "per_document"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key}={getattr(cfg, key)} must be >= 1")
+    for key in ("unanswerable", "test", "missing"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise UserError(f"{key}={getattr(cfg, key)} must be in [0, 1)")
+    if cfg.test + cfg.missing >= 1:
+        raise UserError(f"test={cfg.test} + missing={cfg.missing} must leave documents to train on (< 1)")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out={cfg.out} is a file; give a folder")
+    if not cfg.overwrite and any((out / name).exists() for name in OUTPUTS):
+        raise UserError(f"out={cfg.out} already holds a question set; overwrite=true replaces it")
+
+
+def build(cfg: QaConfig) -> dict:
+    """Build and write the question set; returns the manifest."""
+    from hybridchat.core.fsutil import atomic_directory, sha256_file
+    from hybridchat.data import qa_builder
+
+    _check(cfg)
+    corpora = [_corpus(s) for s in cfg.sources]
+    names = [c.name for c in corpora]
+    if len(set(names)) != len(names):
+        raise UserError(f"sources: two sources are named alike ({', '.join(names)}); give each once")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("sources", "out", "overwrite")}
+    qs = qa_builder.build(corpora, **settings)
+    manifest = {"sources": {c.name: {**c.provenance, "documents": len(c.documents)} for c in corpora},
+                "settings": settings,
+                "documents": {s: len(d) for s, d in qs.documents.items()},
+                "questions": {s: dict(Counter(q.kind for q in qs.questions[s])) for s in qs.questions}}
+    # Everything or nothing: the folder is written aside and swapped in whole.
+    with atomic_directory(cfg.out) as tmp:
+        _write_jsonl(tmp / "train_documents.jsonl", (d.to_json() for d in qs.documents["train"]))
+        _write_jsonl(tmp / "documents.jsonl", (d.to_json() for s in ("train", "test") for d in qs.documents[s]))
+        for s in ("train", "test"):
+            _write_jsonl(tmp / f"{s}.jsonl", (q.to_json(s) for q in qs.questions[s]))
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run(command: str, cfg: QaConfig) -> None:
+    if command == "build":
+        m = build(cfg)
+        q = {s: sum(c.values()) for s, c in m["questions"].items()}
+        print(f"{cfg.out}: {m['documents']['train']} training and {m['documents']['test']} test documents "
+              f"({m['documents']['missing']} kept out); {q['train']} training and {q['test']} test questions")
+        for s, kinds in m["questions"].items():
+            print(f"  {s}: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
+    if not argv or argv[0] not in COMMANDS:
+        print(f"error: python -m hybridchat.qa: the first word is the command, one of {', '.join(COMMANDS)} "
+              f"(got {argv[0] if argv else 'nothing'!r}; see python -m hybridchat.qa --help)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        run_hydra_app(lambda: run_or_exit(lambda: run(argv[0], compose(argv[1:]))))
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
