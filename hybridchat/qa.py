@@ -17,7 +17,9 @@ never downloaded) or your own documents (.jsonl, .txt/.md files or folders, as `
 It writes, in `out`:
     train_documents.jsonl   the training knowledge base (train documents only)
     documents.jsonl         the evaluation knowledge base (train + test documents)
-    train.jsonl, test.jsonl questions (question, answers, gold_doc_ids, hops, split, kind)
+    train.jsonl, test.jsonl questions (question, answers, gold_doc_ids, hops, split, kind): single-hop,
+                            unanswerable and (test) gold-missing ones
+    train_2hop.jsonl, test_2hop.jsonl   2-hop questions along cross-references (evaluate hops=2)
     manifest.json           sources (package, version, license, sha256 of what was read), settings, counts
 """
 
@@ -33,7 +35,8 @@ from typing import List, Optional
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
 
 COMMANDS = ("build",)
-OUTPUTS = ("train_documents.jsonl", "documents.jsonl", "train.jsonl", "test.jsonl", "manifest.json")
+OUTPUTS = ("train_documents.jsonl", "documents.jsonl", "train.jsonl", "test.jsonl", "train_2hop.jsonl",
+           "test_2hop.jsonl", "manifest.json")
 
 
 @dataclass
@@ -123,8 +126,10 @@ def build(cfg: QaConfig) -> dict:
     with atomic_directory(cfg.out) as tmp:
         _write_jsonl(tmp / "train_documents.jsonl", (d.to_json() for d in qs.documents["train"]))
         _write_jsonl(tmp / "documents.jsonl", (d.to_json() for s in ("train", "test") for d in qs.documents[s]))
+        # 2-hop questions apart: the rag stage and a single-hop evaluation read one document per answer
         for s in ("train", "test"):
-            _write_jsonl(tmp / f"{s}.jsonl", (q.to_json(s) for q in qs.questions[s]))
+            _write_jsonl(tmp / f"{s}.jsonl", (q.to_json(s) for q in qs.questions[s] if q.hops == 1))
+            _write_jsonl(tmp / f"{s}_2hop.jsonl", (q.to_json(s) for q in qs.questions[s] if q.hops == 2))
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest

@@ -198,6 +198,12 @@ def test_the_command_builds_from_your_documents_and_never_overwrites_unasked(tmp
     from hybridchat.core.questions import read_questions
 
     assert read_questions(out / "test.jsonl") and read_questions(out / "train.jsonl")
+    rows = {name: [json.loads(line) for line in (out / name).read_text().splitlines()]
+            for name in ("train.jsonl", "test.jsonl", "train_2hop.jsonl")}
+    assert all(len(r["gold_doc_ids"]) <= 1 for r in rows["train.jsonl"] + rows["test.jsonl"])
+    assert rows["train_2hop.jsonl"] and all(len(r["gold_doc_ids"]) == 2 for r in rows["train_2hop.jsonl"])
+    train_docs = {json.loads(line)["id"] for line in (out / "train_documents.jsonl").read_text().splitlines()}
+    assert {g for r in rows["train.jsonl"] + rows["train_2hop.jsonl"] for g in r["gold_doc_ids"]} <= train_docs
     before = (out / "train.jsonl").read_bytes()
     r = run_qa("build", f"sources=[{docs}]", f"out={out}", "seed=3")
     assert r.returncode == 2 and r.stderr.startswith("error: out=") and len(r.stderr.splitlines()) == 1

@@ -149,6 +149,27 @@ def test_every_block_pattern_trains():
         assert losses[-1] < losses[0] - 0.1, f"{name}: {losses}"
 
 
+def test_matrix_optimizer_adamw_moves_each_matrix_weight_by_its_learning_rate_on_the_first_step():
+    """AdamW's first step is lr x sign(gradient) for every weight (bias-corrected m / sqrt(v) = g / |g|);
+    Muon's orthogonalised update is not. The hand value tells which optimizer the matrices got."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_embd=64, n_head=2, n_kv_head=1, block_pattern="all_attention", sequence_len=16)
+    model = HybridLM(cfg, vocab_size=97)
+    model.init_weights()
+    (opt,) = build_optimizers(model, StageConfig(matrix_optimizer="adamw", matrix_lr=1e-3, weight_decay=0.0))
+    matrices = model.param_groups()["matrix"]
+    before = [p.detach().clone() for p in matrices]
+    loss = model(torch.randint(0, 97, (2, 16)), targets=torch.randint(0, 97, (2, 16)))
+    loss.backward()
+    opt.step()
+    for p, b in zip(matrices, before):
+        moved = (p.detach() - b).abs()
+        moved = moved[p.grad.abs() > 1e-6]
+        assert torch.allclose(moved, torch.full_like(moved, 1e-3), rtol=1e-3), moved
+    with pytest.raises(UserError, match="stage.matrix_optimizer='sgd'"):
+        StageConfig(matrix_optimizer="sgd").check()
+
+
 def test_grad_accumulation_must_divide():
     assert grad_accum_steps(8192, 8, 256, 2) == 2
     assert grad_accum_steps(None, 8, 256, 2) == 1

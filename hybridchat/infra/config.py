@@ -92,7 +92,11 @@ class StageConfig:
     warmup_steps: int = 20
     warmdown_ratio: float = 0.3        # last fraction of steps decays linearly to final_lr_frac
     final_lr_frac: float = 0.05
-    matrix_lr: float = 0.02            # Muon, 2-D weights inside blocks
+    matrix_lr: float = 0.02            # 2-D weights inside blocks (Muon's, or AdamW's: matrix_optimizer)
+    # muon: orthogonalised momentum (pretraining's choice); adamw: AdamW for the matrices too, for
+    # fine-tuning on CPUs, where Muon's Newton-Schulz iterations cost as much as the forward and
+    # backward pass of a 135M model (measured on 2 cores, docs/realtext.md)
+    matrix_optimizer: str = "muon"
     embedding_lr: float = 0.01         # AdamW
     unembedding_lr: float = 0.004      # AdamW
     scalar_lr: float = 0.004           # AdamW: Mamba's A_log, D, dt_bias, conv, norms
@@ -119,6 +123,8 @@ class StageConfig:
         for key in ("warmdown_ratio", "final_lr_frac"):
             if not 0 <= getattr(self, key) <= 1:
                 raise UserError(f"stage.{key}={getattr(self, key)} must be in [0, 1]")
+        if self.matrix_optimizer not in ("muon", "adamw"):
+            raise UserError(f"stage.matrix_optimizer={self.matrix_optimizer!r}: choose muon or adamw")
         if not self.grad_clip > 0:
             raise UserError(f"stage.grad_clip={self.grad_clip} must be > 0")
         if self.total_batch_tokens is not None and self.total_batch_tokens < 1:

@@ -34,13 +34,16 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
 
 def build_optimizers(model, s: StageConfig) -> list[torch.optim.Optimizer]:
     groups = model.param_groups()
-    muon = torch.optim.Muon(groups["matrix"], lr=s.matrix_lr, momentum=0.95, weight_decay=s.weight_decay,
-                            adjust_lr_fn="original")
-    adam_groups = [{"params": groups[name], "lr": lr} for name, lr in
+    adam_groups = [{"params": groups[name], "lr": lr, "weight_decay": 0.0} for name, lr in
                    [("embedding", s.embedding_lr), ("unembedding", s.unembedding_lr), ("scalar", s.scalar_lr)]
                    if groups[name]]
-    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
-    optimizers = [muon, adamw]
+    if s.matrix_optimizer == "adamw":
+        adam_groups.insert(0, {"params": groups["matrix"], "lr": s.matrix_lr, "weight_decay": s.weight_decay})
+        optimizers = [torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10)]
+    else:
+        muon = torch.optim.Muon(groups["matrix"], lr=s.matrix_lr, momentum=0.95, weight_decay=s.weight_decay,
+                                adjust_lr_fn="original")
+        optimizers = [muon, torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10)]
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
