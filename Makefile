@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu run smoke test test-gpu lint bench clean wheels gpu-check
+.PHONY: install install-gpu run smoke realtext realtext-data test test-gpu lint bench clean wheels gpu-check
 
 install: $(STAMP)
 
@@ -47,6 +47,30 @@ smoke: install
 		REFRAG_ARGS="stage.rl_steps=2 $(REFRAG_ARGS)" \
 		EVAL_ARGS="paths.outputs=outputs/smoke n_questions=30 n_unanswerable=20 context_budget=[1,2] \
 		context_questions=10 bootstrap=200 $(EVAL_ARGS)"
+
+# Real text (docs/realtext.md), not part of `make run`: question sets built from the dictionaries and
+# documentation installed on this machine (Debian packages dict-foldoc, dict-jargon, dict-elements:
+# `apt-get install dict-foldoc dict-jargon dict-elements`; apt's package list; Python's own reference),
+# SmolLM2-135M-Instruct RAG-tuned on them, then evaluated on documents no training step saw, and on
+# data/heldout_prose/, which no recipe trains on. ARGS go to training, EVAL_ARGS to both evaluations.
+REALTEXT ?= outputs/realtext
+REALTEXT_SOURCES ?= [foldoc,jargon,elements,python_docs,debian_packages]
+realtext-data: install
+	$(BIN)/python -m hybridchat.qa build sources=$(REALTEXT_SOURCES) out=$(REALTEXT)/data \
+		max_documents=1500 per_document=2 test=0.06 overwrite=true
+	$(BIN)/python -m hybridchat.kb build inputs=[$(REALTEXT)/data/train_documents.jsonl] \
+		retriever.kb_dir=$(REALTEXT)/kb_train indexes=[bm25]
+	$(BIN)/python -m hybridchat.kb build inputs=[$(REALTEXT)/data/documents.jsonl] \
+		retriever.kb_dir=$(REALTEXT)/kb_eval indexes=[bm25]
+	$(BIN)/python -m hybridchat.kb build inputs=[data/heldout_prose/documents.jsonl] \
+		retriever.kb_dir=$(REALTEXT)/kb_prose indexes=[bm25]
+
+REALTEXT_EVAL = $(BIN)/python -m hybridchat.evaluate model=smollm2_135m run_name=smollm2_realtext \
+	closed_book_stage=pretrained context_budget=[] retriever.top_k=3
+realtext: realtext-data
+	$(BIN)/python -m hybridchat.train experiment=smollm2_realtext $(ARGS)
+	$(REALTEXT_EVAL) questions=$(REALTEXT)/data/test.jsonl retriever.kb_dir=$(REALTEXT)/kb_eval $(EVAL_ARGS)
+	$(REALTEXT_EVAL) questions=data/heldout_prose/questions.jsonl retriever.kb_dir=$(REALTEXT)/kb_prose $(EVAL_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -212,3 +212,13 @@ def test_the_command_builds_from_your_documents_and_never_overwrites_unasked(tmp
     assert r.returncode == 2 and "no_such_source" in r.stderr and not (tmp_path / "x").exists()
     r = run_qa("build", f"sources=[{docs}]", f"out={tmp_path / 'y'}", "test=0.6", "missing=0.5")
     assert r.returncode == 2 and "test=0.6 + missing=0.5" in r.stderr
+
+
+def test_python_docs_are_prose_paragraphs_of_the_running_pythons_reference():
+    corpus = corpora.read_python_docs()
+    assert corpus.provenance["version"] == sys.version.split()[0]
+    assert len(corpus.documents) > 100
+    for d in corpus.documents:
+        assert len(d.text.split()) >= 12 and "::=" not in d.text  # grammar and code blocks left out
+    assert any(d.title == 'The "if" statement' and d.text.startswith("It selects exactly one of the suites by evaluating")
+               for d in corpus.documents)

@@ -173,12 +173,12 @@ def _paragraphs(text: str) -> list[str]:
     """Prose paragraphs of a reStructuredText-like page: headings, rules and indented code left out."""
     out = []
     for block in re.split(r"\n\s*\n", text):
-        lines = block.split("\n")
+        lines = block.strip("\n").split("\n")
         if not lines[0].strip() or lines[0].startswith((" ", "\t")):
             continue  # code, grammar, indented examples
         if len(lines) > 1 and set(lines[-1].strip()) <= set("*=-~^"):
             continue  # a heading
-        paragraph = " ".join(line.strip() for line in lines)
+        paragraph = " ".join(" ".join(lines).split())
         if len(paragraph.split()) >= 12:
             out.append(paragraph)
     return out
