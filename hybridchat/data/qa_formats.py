@@ -329,6 +329,7 @@ def _unknown(path: str | Path, found: str) -> NoReturn:
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NUMBER_CHARS = re.compile(r"[-+.eE0-9]*")
 _DECODER = json.JSONDecoder()
 
 
@@ -344,23 +345,29 @@ class _JsonStream:
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.buf, self.pos, self.eof = "", 0, False
         self.offset = 0  # bytes read so far
+        self.broken = ""  # the error of a byte that is not UTF-8, read but not yet reached
         self.line = 1  # the line of self.buf[0]
 
     def _more(self) -> bool:
         """Read the next chunk into the buffer (dropping what was consumed); False at the end."""
+        if self.broken:
+            raise UserError(self.broken)
         if self.eof:
             return False
         data = self.f.read(self.CHUNK)
-        pending = len(self.decoder.getstate()[0])
+        pending = self.decoder.getstate()[0]
         try:
             text = self.decoder.decode(data, final=not data)
         except UnicodeDecodeError as e:
-            raise UserError(f"{self.path}: not UTF-8 text ({e.reason} at byte {self.offset - pending + e.start}); "
-                            f"allowed formats: {ALLOWED}") from None
+            # raised once the text before the bad byte is used up: detecting a JSONL file's format
+            # reads its first line only, and a later bad line is reported by its number
+            self.broken = (f"{self.path}: not UTF-8 text ({e.reason} at byte {self.offset - len(pending) + e.start}); "
+                           f"allowed formats: {ALLOWED}")
+            text = (pending + data)[:e.start].decode("utf-8")
         if self.offset == 0:
             text = text.removeprefix("\ufeff")
         self.offset += len(data)
-        self.eof = not data
+        self.eof = not data and not self.broken
         self.line += self.buf.count("\n", 0, self.pos)
         self.buf, self.pos = self.buf[self.pos:] + text, 0
         return True
@@ -415,7 +422,9 @@ class _JsonStream:
             except (ValueError, RecursionError) as e:  # integers too long to convert, nesting too deep
                 self._error(" ".join(str(e).split()))
             else:
-                if end == len(self.buf) and self._more():  # a number cut at the chunk's end: read on
+                # a number the chunk's end cut ("1." of "1.25") decodes as another: read on to its end
+                number = isinstance(obj, (int, float)) and not isinstance(obj, bool)
+                if number and _NUMBER_CHARS.match(self.buf, end).end() == len(self.buf) and self._more():
                     continue
                 self.pos = end
                 return obj
