@@ -9,13 +9,13 @@ once retrieved, the documents a retriever found for it. A neutral module, like d
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional
 
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError
+from hybridchat.core.jsonl import json_lines
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,9 @@ def read_questions(path: str | Path) -> list[Question]:
     list of strings or numbers; empty or left out: unanswerable) and 'gold_doc_ids' (a list of
     document ids; may be empty or left out). Other keys are ignored. Every problem is one UserError
     naming the file, the line and the key."""
-    out = []
     try:
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                out.extend(_question(path, lineno, raw))
+            out = [_question(where, obj) for where, obj in json_lines(f, path)]
     except OSError as e:
         raise UserError(f"{path}: cannot be read ({e.strerror or e}); give a JSONL file with "
                         f"question, answers, gold_doc_ids") from None
@@ -55,21 +53,8 @@ def read_questions(path: str | Path) -> list[Question]:
     return out
 
 
-def _question(path, lineno: int, raw: bytes) -> list[Question]:
-    """The question on one line ([] for a blank line)."""
-    where = f"{path}:{lineno}"
-    try:
-        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{where}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
-    if not line.strip():
-        return []
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-    except (ValueError, RecursionError) as e:  # integers too long to convert, nesting too deep
-        raise UserError(f"{where}: invalid JSON ({type(e).__name__}: {' '.join(str(e).split())})") from None
+def _question(where: str, obj) -> Question:
+    """The question of one line."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object with 'question', 'answers' and 'gold_doc_ids'")
     q = obj.get("question")
@@ -83,4 +68,4 @@ def _question(path, lineno: int, raw: bytes) -> list[Question]:
     if not isinstance(answers, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
                                                 for a in answers):
         raise UserError(f"{where}: 'answers' must be a list of strings (or left out)")
-    return [Question(q, tuple(str(a) for a in answers), tuple(gold), id=where)]
+    return Question(q, tuple(str(a) for a in answers), tuple(gold), id=where)

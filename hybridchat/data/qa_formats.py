@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, NoReturn
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError
 from hybridchat.core.fsutil import atomic_writer
+from hybridchat.core.jsonl import json_lines
 from hybridchat.core.questions import Question
 
 FORMATS = ("squad", "hotpotqa", "2wiki", "flashrag", "nq")
@@ -290,19 +291,7 @@ def _read_multihop(stream: "_JsonStream", out: _Collected, kind: str) -> None:
 
 
 def _read_jsonl(f: BinaryIO, path: str | Path, out: _Collected, kind: str) -> None:
-    for lineno, raw in enumerate(f, 1):
-        where = f"{path}:{lineno}"
-        try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{where}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as e:  # also integers too long to convert, nesting too deep
-            raise UserError(f"{where}: invalid JSON ({' '.join(str(e).split())}); {kind} is JSONL, "
-                            f"one object per line") from None
+    for where, obj in json_lines(f, path):
         obj = _object(obj, where, "a JSON object")
         question = _text(obj, "question", where)
         if kind == "flashrag":
