@@ -3,6 +3,7 @@ then Hydra overrides of conf/qa.yaml:
 
     python -m hybridchat.qa build sources=[foldoc,jargon,elements,python_docs] out=data/realtext
     python -m hybridchat.qa build sources=[my_docs.jsonl] out=data/mine max_documents=500
+    python -m hybridchat.qa convert input=hotpot_dev_distractor_v1.json out=data/hotpot [format=auto]
 
 build: documents split by document (train / test / missing), questions whose answers are spans of
 their gold document, unanswerable ones about made-up names and gold-missing ones (see
@@ -21,6 +22,10 @@ It writes, in `out`:
                             unanswerable and (test) gold-missing ones
     train_2hop.jsonl, test_2hop.jsonl   2-hop questions along cross-references (evaluate hops=2)
     manifest.json           sources (package, version, license, sha256 of what was read), settings, counts
+
+convert: a standard QA dataset file (format auto, squad, hotpotqa, 2wiki, flashrag or nq; see
+docs/qa.md and hybridchat/data/qa_formats.py) as out/documents.jsonl (for kb build; left out when the
+format has no contexts) and out/questions.jsonl (for evaluate, kb eval, stage.questions).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import List, Optional
 
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
 
-COMMANDS = ("build",)
+COMMANDS = ("build", "convert")
 OUTPUTS = ("train_documents.jsonl", "documents.jsonl", "train.jsonl", "test.jsonl", "train_2hop.jsonl",
            "test_2hop.jsonl", "manifest.json")
 
@@ -42,8 +47,10 @@ OUTPUTS = ("train_documents.jsonl", "documents.jsonl", "train.jsonl", "test.json
 @dataclass
 class QaConfig:
     sources: List[str] = field(default_factory=list)  # build: source names or paths of your documents
-    out: Optional[str] = None            # build: the folder written
-    overwrite: bool = False              # build: replace a question set already in `out`
+    out: Optional[str] = None            # build, convert: the folder written
+    overwrite: bool = False              # build, convert: replace a question set already in `out`
+    input: Optional[str] = None          # convert: the dataset file
+    format: str = "auto"                 # convert: auto, squad, hotpotqa, 2wiki, flashrag, nq
     max_documents: int = 2000            # build: documents asked about, per source (a hash of the id picks them)
     max_words: int = 120                 # build: documents are cut to their leading sentences, this many words
     per_document: int = 3                # build: single-hop questions per document at most
@@ -116,7 +123,7 @@ def build(cfg: QaConfig) -> dict:
     names = [c.name for c in corpora]
     if len(set(names)) != len(names):
         raise UserError(f"sources: two sources are named alike ({', '.join(names)}); give each once")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("sources", "out", "overwrite")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("sources", "out", "overwrite", "input", "format")}
     qs = qa_builder.build(corpora, **settings)
     manifest = {"sources": {c.name: {**c.provenance, "documents": len(c.documents)} for c in corpora},
                 "settings": settings,
@@ -149,6 +156,12 @@ def run(command: str, cfg: QaConfig) -> None:
               f"({m['documents']['missing']} kept out); {q['train']} training and {q['test']} test questions")
         for s, kinds in m["questions"].items():
             print(f"  {s}: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    elif command == "convert":
+        from hybridchat.data.qa_formats import convert
+
+        if not cfg.input or not cfg.out:
+            raise UserError("convert needs input=FILE and out=FOLDER (see python -m hybridchat.qa --help)")
+        print(convert(cfg.input, cfg.out, cfg.format, cfg.overwrite))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -412,3 +412,51 @@ def test_a_converted_squad_file_builds_a_knowledge_base_holding_the_gold_documen
     kb_main(["eval", f"questions={out / 'questions.jsonl'}", f"retriever.kb_dir={tmp_path / 'kb'}",
              f"json={tmp_path / 'report.json'}"])
     assert json.loads((tmp_path / "report.json").read_text())["recall@3"] == 1.0  # every gold id is found
+
+
+# The command -------------------------------------------------------------------------------------------
+
+
+def run_qa(argv, capsys):
+    """(exit code, stdout, stderr) of python -m hybridchat.qa."""
+    from hybridchat.qa import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_convert_command_writes_the_files_and_refuses_to_replace_them(tmp_path, capsys):
+    src, out = write_json(tmp_path / "dev.json", HOTPOT), tmp_path / "out"
+    code, stdout, err = run_qa(["convert", f"input={src}", f"out={out}"], capsys)
+    assert code == 0, err
+    assert stdout == f"{src} (hotpotqa) -> {out}: 3 documents, 2 questions (2 answerable, 0 unanswerable), hops 2: 2\n"
+    assert [q.answers for q in read_questions(out / "questions.jsonl")] == [("yes",), ("Scott Derrickson",)]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, stdout, err = run_qa(["convert", f"input={src}", f"out={out}", "format=2wiki"], capsys)
+    assert (code, stdout) == (2, "") and err == (f"error: out={out}: already holds documents.jsonl, questions.jsonl; "
+                                                 f"overwrite=true replaces them, or give another out\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    code, stdout, err = run_qa(["convert", f"input={src}", f"out={out}", "format=2wiki", "overwrite=true"], capsys)
+    assert code == 0 and stdout.startswith(f"{src} (2wiki) -> {out}: 3 documents"), err
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda src, out: [f"out={out}"], "error: convert needs input=FILE and out=FOLDER"),
+    (lambda src, out: [f"input={src}"], "error: convert needs input=FILE and out=FOLDER"),
+    (lambda src, out: [f"input={src}", f"out={out}", "format=csv"], "error: format='csv': allowed values are auto, squad"),
+    (lambda src, out: [f"input={src}", f"out={out}", "format=nq"], "error: {src}:1: expected a JSON object, got a list"),
+    (lambda src, out: [f"input={src.with_name('bad.json')}", f"out={out}"],
+     "error: {bad}: data[0].paragraphs[1].qas[1]: 'question' must be a non-empty string"),
+])
+def test_a_bad_convert_command_is_one_error_line_and_exit_code_2(tmp_path, capsys, make_args, message):
+    src, out = write_json(tmp_path / "dev.json", HOTPOT), tmp_path / "out"
+    bad = write_json(tmp_path / "bad.json", squad_with(question=""))
+    code, stdout, err = run_qa(["convert", *make_args(src, out)], capsys)
+    assert code == 2 and stdout == "" and len(err.splitlines()) == 1
+    assert err.startswith(message.format(src=src, bad=bad))
+    assert not out.exists()
