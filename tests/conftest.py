@@ -36,6 +36,17 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 config_schema.register(stage_schemas())
 
 
+def command_result(main, argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a command's main(argv), as `python -m hybridchat.X argv` ends."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def compose_config(overrides: list[str], output_dir: Path | None = None, config_dir: Path = CONF_DIR) -> DictConfig:
     """Compose like `python -m hybridchat.train <overrides>` does, with HydraConfig set so that
     ${hydra:...} interpolations resolve; returns the job config (without the hydra node)."""

@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import json
 
 import pytest
+from conftest import command_result
 
 from hybridchat.kb import main
 
@@ -25,13 +26,7 @@ def write_jsonl(path, rows):
 
 def run(argv, capsys):
     """(exit code, stdout, stderr) of one command."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return command_result(main, argv, capsys)
 
 
 def snapshot(path):

@@ -10,6 +10,7 @@ import json
 import re
 
 import pytest
+from conftest import command_result
 
 from hybridchat.core import fsutil
 from hybridchat.core.errors import UserError
@@ -421,13 +422,7 @@ def run_qa(argv, capsys):
     """(exit code, stdout, stderr) of python -m hybridchat.qa."""
     from hybridchat.qa import main
 
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return command_result(main, argv, capsys)
 
 
 def test_the_convert_command_writes_the_files_and_refuses_to_replace_them(tmp_path, capsys):
