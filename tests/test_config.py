@@ -20,8 +20,8 @@ from omegaconf.errors import ValidationError
 import hybridchat.chat  # noqa: F401  registers chat_schema (conf/chat.yaml's)
 import hybridchat.evaluate  # noqa: F401  registers eval_schema (conf/eval.yaml's)
 import hybridchat.kb
-import hybridchat.qa
 import hybridchat.plan  # noqa: F401  registers plan_schema (conf/plan.yaml's)
+import hybridchat.qa
 from hybridchat.core.errors import UserError
 from hybridchat.data.sources import build_source
 from hybridchat.infra.config import Config
