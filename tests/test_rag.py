@@ -269,6 +269,14 @@ def test_summary_rates_and_auroc_on_hand_made_scores():
     assert s["auroc"][0] == pytest.approx(7 / 8)
 
 
+def test_a_rate_without_an_interval_reads_as_such_in_the_table():
+    from hybridchat.rag.report import _fmt
+
+    assert _fmt((0.5, 0.25, 0.75)) == "0.500 [0.25, 0.75]"
+    assert _fmt((1.0, float("nan"), float("nan"))) == "1.000 [no interval]"  # was "1.000 [nan, nan]"
+    assert _fmt((float("nan"),) * 3) == "-"
+
+
 def test_evaluate_writes_table_json_and_plot(pipeline):
     out, _ = pipeline
     result = cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=p", "n_questions=12", "n_unanswerable=6",

@@ -82,7 +82,9 @@ def bootstrap_ci(values: Sequence[float | None], n_resamples: int = 1000, confid
     None marks an item where the metric is undefined (citation accuracy on a wrong answer). Items,
     defined or not, are resampled with replacement and each resample averages only its defined
     items, so the interval also carries the randomness of how many items are defined. Resamples
-    without a defined item are skipped; with no defined item at all the result is (nan, nan, nan).
+    without a defined item are skipped; when no resample holds one (few defined items, few
+    resamples) the interval is undefined, (mean, nan, nan); with no defined item at all the result
+    is (nan, nan, nan).
     """
     _check_bootstrap_args(n_resamples, confidence)
     values = list(values)  # read twice below; a generator would be empty the second time
@@ -97,8 +99,10 @@ def bootstrap_ci(values: Sequence[float | None], n_resamples: int = 1000, confid
     sums = filled[idx].sum(axis=1)
     counts = defined[idx].sum(axis=1)
     means = sums[counts > 0] / counts[counts > 0]
-    low, high = _percentile_bounds(means, confidence)
-    return float(filled[defined].mean()), low, high
+    mean = float(filled[defined].mean())
+    if not len(means):
+        return mean, float("nan"), float("nan")
+    return (mean, *_percentile_bounds(means, confidence))
 
 
 def _scores(scores: Sequence[float], name: str) -> np.ndarray:

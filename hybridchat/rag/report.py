@@ -44,7 +44,10 @@ def summarize(scores: list[dict], n_resamples: int, seed: int, rates: tuple[str,
 def _fmt(value) -> str:
     if isinstance(value, (list, tuple)) and len(value) == 3:
         mean, lo, hi = value
-        return "-" if mean != mean else f"{mean:.3f} [{lo:.2f}, {hi:.2f}]"
+        if mean != mean:
+            return "-"
+        # No resample held a defined item (bootstrap_ci): a rate, but no interval around it.
+        return f"{mean:.3f} [no interval]" if lo != lo else f"{mean:.3f} [{lo:.2f}, {hi:.2f}]"
     return "-"
 
 
