@@ -21,7 +21,7 @@ from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.infra import checkpoint
 from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
-from hybridchat.rag.multihop import BridgeQueries, Hop, MultiHop, NoQueries, Search, search_text
+from hybridchat.rag.multihop import BridgeQueries, Hop, MultiHop, NoQueries, QueryGenerator, Search, search_text
 from hybridchat.retrieval.base import Hit
 from hybridchat.training.runs import load_run
 
@@ -186,6 +186,31 @@ def test_single_shot_refuses_model_queries_and_bridge_queries_are_written_for_th
     renderer = ChatRenderer(tok)
     forced = renderer.query(query) + renderer.results(t.hops[1].documents, 2)
     assert t.prompt[-len(forced):] == forced
+
+
+def test_written_and_forced_hops_get_the_same_room_for_their_documents():
+    """A hop's documents are shown when the prompt, the reply so far and their results section (its
+    markers included) leave max_answer_tokens + 1 tokens free. The hook counted the section's two
+    markers twice, so a query the model wrote lost documents that the same query forced kept."""
+    tok = tokenizer()
+    renderer = ChatRenderer(tok)
+    query = "Kor Industries"
+
+    class Forced(QueryGenerator):
+        def query(self, question, hops):
+            return query
+
+    prompt = len(renderer.prompt([{"role": "user", "content": QUESTION, "documents": [ADA]}]))
+    exact = prompt + len(renderer.query(query)) + len(renderer.results([KOR], 2)) + 8 + 1  # by hand: no token to spare
+    for max_context, fits in ((exact, True), (exact - 1, False)):
+        model = Scripted(tok.vocab_size, script_query_then_answer(tok, query, "[2] Tam Brel"))
+        mh = multihop(model, tok, TitleRetriever(), max_context=max_context, max_answer_tokens=8, hop_tokens=1)
+        [t] = mh.rollouts([QUESTION], first=[[ADA]])
+        assert [d.id for d in t.hops[0].documents] == ["person-0001"]
+        shown = ["company-0002"] if fits else []
+        assert (t.hops[1].status, [d.id for d in t.hops[1].documents]) == ("ok" if fits else "no_room", shown)
+        forced = mh.plan(QUESTION, [ADA], queries=Forced())
+        assert [(h.query, [d.id for d in h.documents]) for h in forced[1:]] == [(query, shown)]
 
 
 def test_random_models_never_break_the_trace():

@@ -215,7 +215,7 @@ class MultiHop:
             documents: list[Document] = []
             if status == "ok":
                 found = self.search([search_text(query)], [self._shown(hops)])[0]
-                used = state.prompt_len + len(out) + 2  # + the section's own markers
+                used = state.prompt_len + len(out)  # _fit counts the results section, its markers included
                 documents = self._fit(found, used, self.max_hops - len(hops) - 1, first)
                 if found and not documents:
                     status = "no_room"
