@@ -214,6 +214,7 @@ def test_yaml_files_state_only_what_differs_from_the_schema(path):
 def test_smoke_debug_shrinks_everything():
     config, _ = typed_config(compose_config(["debug=smoke"]))
     assert config.stage.num_steps <= 10 and config.model.n_embd <= 64
+    assert config.progress  # a smoke run is watched too: it turned the progress bar off
 
 
 @pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
