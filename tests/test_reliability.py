@@ -220,7 +220,7 @@ def test_atomic_directory_and_file_modes_follow_the_umask(tmp_path, umask, mask)
     assert mode(tmp_path / "step_000001") == 0o777 & ~mask
 
 
-def test_checkpoint_and_knowledge_base_folders_are_group_readable_with_umask_002(tmp_path, umask):
+def test_checkpoint_and_knowledge_base_folders_and_files_are_group_readable_with_umask_002(tmp_path, umask):
     import torch
 
     from hybridchat.infra import checkpoint
@@ -240,6 +240,10 @@ def test_checkpoint_and_knowledge_base_folders_are_group_readable_with_umask_002
                              RetrieverConfig(), progress=False)
     for folder in (step, kb.path, kb.path / "bm25"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o775, folder
+    # every file too: safetensors wrote the weights 0600 beside a 0664 meta.json
+    files = [p for folder in (step, kb.path) for p in folder.rglob("*") if p.is_file()]
+    assert {"model.safetensors", "optimizer.safetensors", "meta.json"} <= {p.name for p in files}
+    assert {str(p): stat.S_IMODE(p.stat().st_mode) for p in files} == {str(p): 0o664 for p in files}
 
 
 def test_filter_over_list_metadata_matches_any_element():

@@ -13,6 +13,7 @@ DDP and FSDP.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Collection
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hybridchat.core.errors import UserError
-from hybridchat.core.fsutil import atomic_directory, remove_stale_temporaries, sha256_file
+from hybridchat.core.fsutil import atomic_directory, current_umask, remove_stale_temporaries, sha256_file
 from hybridchat.infra import parallel
 
 FORMAT_VERSION = 1
@@ -101,8 +102,10 @@ def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], ke
     full_meta = {"format_version": FORMAT_VERSION, "step": step, "architecture": model.architecture(),
                  "optimizers": described, **meta}
     with atomic_directory(target) as tmp:
-        save_file(weights, str(tmp / "model.safetensors"))
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        for name, payload in (("model.safetensors", weights), ("optimizer.safetensors", tensors)):
+            save_file(payload, str(tmp / name))
+            # safetensors creates its files 0600; give the mode any other file gets (meta.json's)
+            os.chmod(tmp / name, 0o666 & ~current_umask())
         tokenizer.save(tmp / "tokenizer.json")
         # A checksum per file: bytes damaged on disk (same size, still parseable) would load as a model
         # that answers garbage with full confidence; load() refuses them instead.
