@@ -46,6 +46,15 @@ def typed_config(cfg: DictConfig) -> tuple[Config, dict[str, Any]]:
     return config, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
+def monitor_report(monitor: str, summary: dict[str, Any]) -> str:
+    """The monitored metric from this run's first evaluation to its last. A resumed run may have
+    evaluated only at its end: one value, said as such (it printed "val/bpb 3.2737 -> 3.2737")."""
+    if "first" in summary:
+        return f"{monitor} {summary['first']:.4f} -> {summary['final']:.4f}"
+    return (f"{monitor} {summary['final']:.4f} (resumed at step {summary['start_step']}: no evaluation before the "
+            f"last to compare with)")
+
+
 def run(cfg: DictConfig) -> float:
     config, resolved = typed_config(cfg)
     # Fail on sizes, pattern and batch arithmetic in the first second, not after building data.
@@ -102,7 +111,7 @@ def run(cfg: DictConfig) -> float:
         if rt.is_main:
             for prompt, completion in samples:
                 print(f"sample: {prompt} >>> {completion}")
-            print(f"{stage.monitor} {summary['first']:.4f} -> {summary['final']:.4f}\n"
+            print(f"{monitor_report(stage.monitor, summary)}\n"
                   f"checkpoint: {summary['checkpoint']}\n"
                   f"metrics:    {tracker.metrics_path}\n"
                   f"plot:       {tracker.plot_path}")

@@ -383,8 +383,8 @@ def test_loop_leaves_parameters_outside_a_steps_loss_untouched(tmp_path):
 
 
 def test_loop_summary_of_a_resumed_run_without_an_evaluation_before_the_end(tmp_path):
-    """Resumed at step 3 of 4 with eval_every=2: no evaluation falls inside the steps run, so the first
-    value of the monitored metric is the final one, both that of the final evaluation."""
+    """Resumed at step 3 of 4 with eval_every=2: no evaluation falls inside the steps run, so there is
+    no first value of the monitored metric, only the final evaluation's."""
     import shutil
 
     toy_run(tmp_path, num_steps=4, checkpoint_every=3)
@@ -392,4 +392,4 @@ def test_loop_summary_of_a_resumed_run_without_an_evaluation_before_the_end(tmp_
     toy, _, tracker, summary = toy_run(tmp_path, resume=True, num_steps=4, checkpoint_every=3)
     assert isinstance(summary, dict), summary
     assert summary["start_step"] == 3 and tracker.values("val/loss") == [(4, summary["final"])]
-    assert summary["first"] == summary["final"] == summary["metrics"]["val/loss"] and toy.evaluated == 1
+    assert "first" not in summary and summary["final"] == summary["metrics"]["val/loss"] and toy.evaluated == 1

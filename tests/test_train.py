@@ -118,13 +118,26 @@ def test_samples_are_greedy_continuations_up_to_a_document_boundary(smoke_run):
         assert new and completion == tokenizer.decode(new).strip()
 
 
-def test_resume_gives_the_same_loss_curve(tmp_path):
+def monitor_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("val/bpb"))
+
+
+def test_resume_gives_the_same_loss_curve(tmp_path, capsys):
     common = ["debug=smoke", f"paths.outputs={tmp_path}", "stage.checkpoint_every=3", "stage.eval_every=2"]
     train(common + ["run_name=straight"], tmp_path / "straight")
     # Interrupt after step 3: a run that has only the step-3 checkpoint, resumed with resume=true.
     ckpts = tmp_path / "checkpoints"
     shutil.copytree(ckpts / "straight" / "pretrain" / "step_000003", ckpts / "resumed" / "pretrain" / "step_000003")
+    capsys.readouterr()
     train(common + ["run_name=resumed", "resume=true"], tmp_path / "resumed")
+    bpb = {r["step"]: r["val/bpb"] for r in read_metrics(tmp_path / "resumed") if "val/bpb" in r}
+    assert monitor_line(capsys.readouterr().out) == f"val/bpb {bpb[4]:.4f} -> {bpb[6]:.4f}"
+    # Resumed where no evaluation falls before the last: one value, not "val/bpb x -> x".
+    shutil.copytree(ckpts / "straight" / "pretrain" / "step_000003", ckpts / "late" / "pretrain" / "step_000003")
+    train(common + ["run_name=late", "resume=true", "stage.eval_every=6"], tmp_path / "late")
+    [late] = [r["val/bpb"] for r in read_metrics(tmp_path / "late") if "val/bpb" in r]
+    assert monitor_line(capsys.readouterr().out) == (f"val/bpb {late:.4f} (resumed at step 3: no evaluation before "
+                                                     f"the last to compare with)")
     straight = {(r["step"], k): v for r in read_metrics(tmp_path / "straight") for k, v in r.items()
                 if k in ("train/loss", "val/bpb")}
     resumed = {(r["step"], k): v for r in read_metrics(tmp_path / "resumed") for k, v in r.items()

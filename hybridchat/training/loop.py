@@ -56,7 +56,8 @@ def _param_checksum(model) -> float:
 
 def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict[str, Any]) -> dict[str, Any]:
     """Train ctx.model through `stage` to stage.num_steps. Returns the monitored metric first and
-    last (summary["first"], summary["final"]), every final metric and the final checkpoint."""
+    last (summary["first"], summary["final"]; no "first" when a resumed run evaluated nothing before
+    its last step), every final metric and the final checkpoint."""
     model, cfg, rt, tokenizer = ctx.model, ctx.config, ctx.runtime, ctx.tokenizer
     s = cfg.stage
     ckpt_dir = checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, stage.name)
@@ -162,7 +163,6 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
     summary["checkpoint"] = str(save(s.num_steps))
     summary["metrics"] = evaluate(s.num_steps)
     summary["final"] = summary["metrics"][stage.monitor]
-    summary.setdefault("first", summary["final"])  # a resumed run past its last eval
     # Of the whole model also under FSDP, so it compares with a one-process run's. There the ranks agree
     # by construction (one gathered copy); under DDP they must stay equal: check instead of trusting.
     with parallel.full_weights(model):
