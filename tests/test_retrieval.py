@@ -201,6 +201,36 @@ def test_concurrent_writers_wait_for_the_lock(tmp_path):
     assert done and done[0].manifest["num_chunks"] == len(CORPUS)
 
 
+def test_the_lock_file_goes_with_its_holder_and_a_waiter_then_locks_the_new_one(tmp_path):
+    """.kb.lock files were left beside knowledge bases. The holder now removes it; a waiter that was
+    blocked on the removed file must not count it as held (else it and a newcomer would both write)."""
+    import fcntl
+
+    path, lock = tmp_path / "kb", tmp_path / ".kb.lock"
+    holding, release = threading.Event(), threading.Event()
+
+    def waiter():
+        with kb_lock(path):
+            holding.set()
+            release.wait(30)
+
+    with kb_lock(path):
+        assert lock.exists()
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.5)  # the waiter is blocked on this lock file
+        assert not holding.is_set()
+    assert holding.wait(30)
+    with open(lock, "a+") as newcomer:  # a third writer, arriving now, finds the lock held
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(newcomer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    release.set()
+    t.join(30)
+    assert not lock.exists()
+    KnowledgeBase.build(path, CORPUS, ["bm25"], RetrieverConfig(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kb"]
+
+
 def test_chunking_by_words_keeps_parent_ids_and_overlaps():
     doc = Document("long", "T", " ".join(f"w{i}" for i in range(10)), {"lang": "en"})
     short = Document("short", "", "two words")

@@ -54,20 +54,45 @@ INDEXES = ("simple", "bm25", "dense")
 BUILT_KEYS = ("dim", "weights_sha256", "encoded")  # recorded by a build, not asked for by a config
 
 
+def _names(f, file: Path) -> bool:
+    """Whether `file` is still the name of the open file f (a holder removes its lock file)."""
+    try:
+        here, there = os.fstat(f.fileno()), os.stat(file)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 @contextmanager
 def kb_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock on a sibling lock file (the directory itself is replaced, so it can't be locked)."""
+    """Exclusive lock on a sibling lock file (the directory itself is replaced, so it can't be locked),
+    removed on release so none is left beside the knowledge base. The holder removes it while still
+    holding it; a process that was waiting on that file finds, once it has the lock, that the name
+    no longer leads to it and locks the file now at that name instead. So two processes never hold
+    locks on two files of one name, and no lock a live process holds is ever removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a+") as f:
+    file, said = path.parent / f".{path.name}.lock", False
+    while True:
+        f = open(file, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another command writing {path} ...", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not said:
+                    print(f"waiting for another command writing {path} ...", file=sys.stderr)
+                    said = True
+                fcntl.flock(f, fcntl.LOCK_EX)
+            if _names(f, file):
+                break
+        except BaseException:
+            f.close()
+            raise
+        f.close()
+    try:
+        yield
+    finally:
+        file.unlink(missing_ok=True)
+        f.close()  # releases the lock
 
 
 def needed_indexes(cfg: RetrieverConfig) -> list[str]:
