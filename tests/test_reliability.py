@@ -281,6 +281,16 @@ def test_command_lines_that_do_not_compose_are_one_error_line(app, override, nee
     assert "Config search path" not in err
 
 
+@pytest.mark.parametrize("app", ["hybridchat.train", "hybridchat.evaluate", "hybridchat.chat", "hybridchat.plan"])
+@pytest.mark.parametrize("flags, needle", [(["-m", "model=transformer_tiny,mamba_tiny", "--cfg", "job"], "--multirun"),
+                                           (["--resolve"], "--resolve")])
+def test_hydra_flags_that_do_not_go_together_are_one_error_line(app, flags, needle):
+    """`train -m ... --cfg job` was Hydra's ValueError traceback."""
+    code, out, err = cli(app, *flags, env={"OMP_NUM_THREADS": "1"})
+    assert_one_error(code, err, needle, "leave out -m")
+    assert out == ""
+
+
 def test_training_again_under_a_run_name_is_refused_and_overwrite_replaces_the_earlier_steps(tmp_path):
     """An earlier run's higher steps outlived a new run's (pruning keeps the highest numbers): the
     printed checkpoint vanished and the next stage started from the old weights. A second run into an

@@ -31,6 +31,22 @@ def run_hydra_app(main) -> None:
             parts.append(str(e.__cause__).strip().splitlines()[0])
         print("error: " + "; ".join(parts), file=sys.stderr)
         sys.exit(2)
+    except ValueError as e:
+        if not _raised_by_hydras_flag_checks(e):
+            raise
+        # -m with --cfg ("--cfg job" of a sweep), --resolve without --cfg: Hydra's traceback before.
+        print(f"error: {e} (--cfg and --info show one run's config: leave out -m/--multirun and give each swept "
+              f"key one value)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _raised_by_hydras_flag_checks(e: BaseException) -> bool:
+    """Whether Hydra itself raised e while checking its command-line flags, before the app ran."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and (tb.tb_frame.f_globals.get("__name__"), tb.tb_frame.f_code.co_name) == (
+        "hydra._internal.utils", "_run_hydra")
 
 
 def run_or_exit(fn, *args):
