@@ -10,7 +10,7 @@ import torch
 from hybridchat.core.documents import Document
 from hybridchat.data.chat import ChatRenderer, collate, example_batches, padded_width
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.rag.answer import ABSTAIN, fit_prompt, format_reply, parse_reply
+from hybridchat.rag.answer import ABSTAIN, CHARS_PER_TOKEN, fit_prompt, fit_question, format_reply, parse_reply
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +142,39 @@ def test_fit_prompt_drops_the_lowest_ranked_documents_first(tok):
     assert kept == DOCS[:1] and len(one) < len(full)
     _, kept = fit_prompt(r, "Where?", DOCS, 5)
     assert kept == []
+
+
+def longest_fitting_prefix(r, question, max_tokens):
+    """By hand: the longest prefix whose prompt (with an empty documents section) fits, every length
+    tried (a longer prefix can take fewer tokens: " bor" is two, " born" one)."""
+    return max((question[:k] for k in range(len(question) + 1)
+                if len(r.prompt([{"role": "user", "content": question[:k], "documents": []}])) <= max_tokens), key=len)
+
+
+def test_a_question_longer_than_the_context_is_cut_without_being_tokenized_whole(tok, monkeypatch):
+    """A 5 MB question ran the model over a million tokens (evaluate: 10 minutes, 12.8 GB; chat: out
+    of memory); fit_prompt dropped the documents but never cut the question."""
+    r = ChatRenderer(tok)
+    question = "Where was Ada Vell born? " * 200_000
+    lengths, encode = [], tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text: lengths.append(len(text)) or encode(text))
+    cut = fit_question(r, question, 40)
+    assert max(lengths) <= 40 * CHARS_PER_TOKEN  # the question was never tokenized whole
+    monkeypatch.undo()
+    reference = longest_fitting_prefix(r, question[:400], 40)
+    assert question.startswith(cut) and len(reference) - 12 <= len(cut) <= len(reference)
+    ids, kept = fit_prompt(r, question, DOCS, 40)
+    assert kept == [] and ids == r.prompt([{"role": "user", "content": cut, "documents": []}]) and len(ids) <= 40
+    assert fit_question(r, "Where?", 40) == "Where?"  # a question that fits is left alone
+
+
+def test_a_question_cut_inside_a_character_still_fits(tok):
+    r = ChatRenderer(tok)
+    assert len(tok.encode("é")) == 2 and len(tok.encode(tok.decode(tok.encode("é")[:1]))) > 1
+    overhead = len(r.prompt([{"role": "user", "content": "", "documents": []}]))
+    for room in (7, 8):  # 7: the seventh token is half an "é", whose replacement character takes more room
+        cut = fit_question(r, "é" * 1000, overhead + room)
+        assert cut == "é" * (room // 2)
 
 
 def test_example_batches_cover_each_item_once_per_epoch_and_resume_and_shard_exactly():

@@ -213,6 +213,20 @@ def test_written_and_forced_hops_get_the_same_room_for_their_documents():
         assert [(h.query, [d.id for d in h.documents]) for h in forced[1:]] == [(query, shown)]
 
 
+def test_a_question_longer_than_the_first_hop_s_room_is_cut_before_the_model_runs():
+    tok = tokenizer()
+    model = Scripted(tok.vocab_size, script_query_then_answer(tok, "Kor Industries", "[2] Tam Brel"))
+    retriever = TitleRetriever()
+    mh = multihop(model, tok, retriever, max_context=200)
+    long = QUESTION + " Kor Industries" * 100_000
+    [t] = mh.rollouts([long])
+    room = 200 - (8 + 1 + 8 + 2 + 64)  # by hand: max_context less the answer's and one more hop's room
+    assert len(t.prompt) <= room and long.startswith(t.hops[0].query) and len(t.hops[0].query) > len(QUESTION)
+    assert retriever.queries[0] == t.hops[0].query  # retrieval searched what the model read
+    [a] = mh.answer([long])
+    assert a.question == long and a.hops[0].query == t.hops[0].query
+
+
 def test_random_models_never_break_the_trace():
     """Sampling from untrained models: whatever they write, retrievals stay within max_hops, the
     injected tokens are exactly the results sections, and every trajectory is parsed."""

@@ -24,6 +24,9 @@ from hybridchat.model.engine import Engine, TokenCallback
 
 ABSTAIN = "The documents do not say."
 LOGITS_BUDGET = 2**30  # bytes of full-vocabulary logits per forward when scoring the abstention
+# Characters of a question tokenized per token of room: more than any run of tokens here averages, so
+# a question is never cut shorter than its room (whitespace runs, the longest tokens, do not fill one).
+CHARS_PER_TOKEN = 32
 _CITATION = re.compile(r"\s*\[(\d+)\]\s*")
 
 
@@ -45,10 +48,32 @@ def parse_reply(reply: str) -> tuple[str, list[int], bool]:
     return answer, citations, answer == ABSTAIN
 
 
+def fit_question(renderer: ChatRenderer, question: str, max_tokens: int) -> str:
+    """The question, its end cut off where its prompt with an empty documents section would pass
+    max_tokens. Only its first max_tokens * CHARS_PER_TOKEN characters are ever tokenized, so a 5 MB
+    question costs what a fitting one does (it ran the model over a million tokens, memory growing
+    past 12 GB)."""
+    tokenizer = renderer.tokenizer
+    room = max(0, max_tokens - len(renderer.prompt([{"role": "user", "content": "", "documents": []}])))
+    head = question[:room * CHARS_PER_TOKEN]
+    ids = tokenizer.encode(head)
+    if head == question and len(ids) <= room:
+        return question
+    keep = room
+    while True:
+        # A cut inside a character decodes to U+FFFD, which can take more tokens than the piece it replaced.
+        cut = tokenizer.decode(ids[:keep])
+        if len(tokenizer.encode(cut)) <= room:
+            return cut
+        keep -= 1
+
+
 def fit_prompt(renderer: ChatRenderer, question: str, documents: Sequence[Document] | None,
                max_tokens: int) -> tuple[list[int], list[Document]]:
-    """The prompt and the documents it holds: the lowest-ranked are dropped until it fits max_tokens
-    (documents=None: closed-book, no documents section at all)."""
+    """The prompt and the documents it holds: the question cut to fit (fit_question), then the
+    lowest-ranked documents dropped until it fits max_tokens (documents=None: closed-book, no
+    documents section at all)."""
+    question = fit_question(renderer, question, max_tokens)
     if documents is None:
         return renderer.prompt([{"role": "user", "content": question}]), []
     docs = list(documents)
@@ -93,8 +118,16 @@ class Answerer:
         self.max_context, self.max_answer_tokens, self.batch_size = max_context, max_answer_tokens, batch_size
         self.abstain_ids = tokenizer.encode(ABSTAIN) + [self.renderer.stop_token]
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's share of the context; the rest is the reply's."""
+        return self.max_context - self.max_answer_tokens - 1
+
     def prompt(self, question: str, documents: Sequence[Document] | None) -> tuple[list[int], list[Document]]:
-        return fit_prompt(self.renderer, question, documents, self.max_context - self.max_answer_tokens - 1)
+        return fit_prompt(self.renderer, question, documents, self.prompt_tokens)
+
+    def fit_question(self, question: str) -> str:
+        return fit_question(self.renderer, question, self.prompt_tokens)
 
     @torch.no_grad()
     def answer(self, questions: Sequence[str], documents: Sequence[Sequence[Document]] | None = None,

@@ -34,7 +34,7 @@ import torch
 
 from hybridchat.core.documents import Document
 from hybridchat.model.engine import Engine
-from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, fit_prompt, parse_reply
+from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, fit_prompt, fit_question, parse_reply
 
 # Capitalised word runs ("Kor Industries", "Vellport"): a generic notion of a name in English text.
 _NAME = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|van\s+)?[A-Z][\w'-]*)*")
@@ -157,11 +157,20 @@ class MultiHop:
         """Tokens kept free for what is still to be written and retrieved."""
         return self.max_answer_tokens + 1 + hops_left * (self.max_query_tokens + 2 + self.hop_tokens)
 
+    @property
+    def _first_hop_tokens(self) -> int:
+        return self.max_context - self._room(self.max_hops - 1)
+
+    def fit_question(self, question: str) -> str:
+        """The question cut to what hop 1's prompt holds, room kept for the hops to come."""
+        return fit_question(self.renderer, question, self._first_hop_tokens)
+
     def plan(self, question: str, first: Sequence[Document], queries: QueryGenerator | None = None) -> list[Hop]:
         """Hop 1 (the question's documents that fit, leaving room for the hops to come), then the
-        queries the generator writes for the model, each with the documents retrieval finds for it."""
+        queries the generator writes for the model, each with the documents retrieval finds for it.
+        The question must fit already (fit_question)."""
         queries = queries or self.queries
-        _, shown = fit_prompt(self.renderer, question, first, self.max_context - self._room(self.max_hops - 1))
+        _, shown = fit_prompt(self.renderer, question, first, self._first_hop_tokens)
         hops = [Hop(question, shown)]
         while len(hops) < self.max_hops and (query := queries.query(question, hops)) is not None:
             used = len(self.prompt(question, hops)) + len(self.renderer.query(query))
@@ -232,7 +241,9 @@ class MultiHop:
                  num_samples: int = 1, temperature: float = 0.0, top_k: int | None = None,
                  seed: int | None = None) -> list[Trajectory]:
         """num_samples trajectories per question (sequence i * num_samples + s is sample s of question
-        i); `first`: the hop-1 documents per question (None: retrieved here)."""
+        i); `first`: the hop-1 documents per question (None: retrieved here). A question too long for
+        the context is cut (fit_question)."""
+        questions = [self.fit_question(q) for q in questions]
         first = list(first) if first is not None else self.search(questions)
         plans = [self.plan(q, d) for q, d in zip(questions, first)]
         prompts = [self.prompt(q, hops) for q, hops in zip(questions, plans)]
