@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
+from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit, undecodable
 from hybridchat.infra import checkpoint
 from hybridchat.infra import config as config_schema
 from hybridchat.rag.answer import Answerer
@@ -160,6 +160,11 @@ def run(cfg: DictConfig) -> None:
                             hop_tokens=getattr(run.stage, "hop_tokens", defaults.hop_tokens), batch_size=1)
 
     def ask(question: str) -> None:
+        fitted = (multihop or answerer).fit_question(question)
+        if fitted != question:
+            print(f"(the question's {len(question):,} characters do not fit the model's {seq_len}-token context: "
+                  f"cut to its first {len(fitted):,})", file=sys.stderr)
+            question = fitted
         if multihop is not None:
             answer_multihop(question, multihop)
         else:
@@ -168,15 +173,31 @@ def run(cfg: DictConfig) -> None:
     if config.prompt is not None:
         ask(config.prompt)
         return
+    # Bytes that are not UTF-8 reach converse() as surrogates, also where the locale decodes strictly
+    # (which raised UnicodeDecodeError)
+    sys.stdin.reconfigure(errors="surrogateescape")
+    converse(ask)
+
+
+def converse(ask, read=input, err=sys.stderr) -> None:
+    """A question per line until Ctrl-D, `quit` or `exit`, or Ctrl-C at the prompt. Ctrl-C during a
+    reply stops that reply only; a line that is not UTF-8 text is refused, and the chat goes on."""
+    print("(a question per line; Ctrl-C stops a reply, Ctrl-D or quit ends the chat)", file=err)
     while True:
         try:
-            question = input("\nyou> ").strip()
-        except EOFError:
+            question = read("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=err)
             return
         if question in ("exit", "quit"):
             return
-        if question:
-            ask(question)
+        if where := undecodable(question):
+            print(f"(not UTF-8 text: {where}; ask again in UTF-8)", file=err)
+        elif question:
+            try:
+                ask(question)
+            except KeyboardInterrupt:
+                print("\n(reply stopped; Ctrl-D or quit ends the chat)", file=err)
 
 
 register()

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        run_hydra_app(lambda: run_or_exit(lambda: run(argv[0], compose(argv[1:]))))
+        run_hydra_app(lambda: run_or_exit(lambda: run(argv[0], compose(argv[1:]))), argv)
     except KeyboardInterrupt:
         print("interrupted; the knowledge base on disk is unchanged", file=sys.stderr)
         sys.exit(130)

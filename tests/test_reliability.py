@@ -281,6 +281,20 @@ def test_command_lines_that_do_not_compose_are_one_error_line(app, override, nee
     assert "Config search path" not in err
 
 
+@pytest.mark.parametrize("quoted", [False, True])
+def test_arguments_that_are_not_utf8_are_one_error_line(kb, quoted):
+    """Bytes that are not UTF-8 in a kb search query or chat's prompt were a TypeError traceback from
+    the tokenizer (quoted) or Hydra's lexer error (unquoted); the argument is shown with its byte."""
+    q = "'" if quoted else ""
+    for app, argv, shown in (("hybridchat.kb", ["search", f"query={q}caf\udce9{q}", f"retriever.kb_dir={kb}"],
+                              f"query={q}caf\\xe9{q}"),
+                             ("hybridchat.chat", [f"prompt={q}caf\udce9?{q}"], f"prompt={q}caf\\xe9?{q}")):
+        code, out, err = cli(app, *argv)
+        assert_one_error(code, err, f"the argument {shown} is not UTF-8 text (byte 0xe9 at character",
+                         "give text in UTF-8")
+        assert out == ""
+
+
 @pytest.mark.parametrize("app", ["hybridchat.train", "hybridchat.evaluate", "hybridchat.chat", "hybridchat.plan"])
 @pytest.mark.parametrize("flags, needle", [(["-m", "model=transformer_tiny,mamba_tiny", "--cfg", "job"], "--multirun"),
                                            (["--resolve"], "--resolve")])

@@ -84,11 +84,12 @@ def test_an_unknown_key_anywhere_in_the_config_is_one_user_error(tmp_path):
         load_run(save(tmp_path, config))
 
 
-def chat(*argv):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", "hybridchat.chat", *map(str, argv)], capture_output=True, text=True,
-                       cwd=ROOT, env=env, timeout=300)
-    return p.returncode, p.stdout, p.stderr
+def chat(*argv, stdin: bytes | None = None, env: dict | None = None):
+    """(exit code, stdout, stderr) of python -m hybridchat.chat; stdin: what is typed (interactive)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
+    p = subprocess.run([sys.executable, "-m", "hybridchat.chat", *map(str, argv)], capture_output=True,
+                       input=stdin if stdin is not None else b"", cwd=ROOT, env=env, timeout=300)
+    return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 
 
 def test_chat_takes_the_hydra_apps_names_and_defaults_to_the_trained_retriever(step, tmp_path):
@@ -109,3 +110,67 @@ def test_chat_takes_the_hydra_apps_names_and_defaults_to_the_trained_retriever(s
         code, _, err = chat(*args, "prompt=x")
         lines = err.strip().splitlines()
         assert code == 2 and lines[-1].startswith("error: ") and needle in lines[-1] and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def world_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_interactive_chat_cuts_a_long_question_once_and_refuses_a_line_that_is_not_utf8(step, world_cache):
+    """A 100 KB question was still running after 90 s (a 5 MB one ran out of memory); bytes that are
+    not UTF-8 were a TypeError traceback, or a UnicodeDecodeError where the locale decodes strictly."""
+    long = "Where was Ada Vell born? " * 4000
+    typed = long.encode() + b"\ncaf\xe9?\nWhere was Ada Vell born?\n"
+    for encoding in ({}, {"PYTHONIOENCODING": "utf-8:strict"}):
+        code, out, err = chat(f"checkpoint={step}", f"paths.cache={world_cache}", "max_hops=1", "max_answer_tokens=3",
+                              stdin=typed, env=encoding)
+        assert code == 0 and "Traceback" not in err, err
+        assert out.count("answer: ") == 2  # the long question, cut, and the last one
+        assert err.count("do not fit the model's 64-token context: cut to its first") == 1, err
+        assert err.count("(not UTF-8 text: byte 0xe9 at character 4; ask again in UTF-8)") == 1, err
+
+
+def test_ctrl_c_during_a_reply_stops_that_reply_and_the_chat_goes_on():
+    import io
+
+    from hybridchat.chat import converse
+
+    typed, asked, err = iter(["first", "second", "quit", "never read"]), [], io.StringIO()
+
+    def ask(question):
+        asked.append(question)
+        if question == "first":
+            raise KeyboardInterrupt  # Ctrl-C mid-reply
+
+    try:
+        converse(ask, read=lambda prompt: next(typed), err=err)
+    except KeyboardInterrupt:  # caught here: pytest would take it for the user's and stop the session
+        pytest.fail("Ctrl-C during a reply ended the chat")
+    assert asked == ["first", "second"] and next(typed) == "never read"
+    assert err.getvalue().count("(reply stopped; Ctrl-D or quit ends the chat)") == 1
+    assert "Ctrl-D or quit ends the chat" in err.getvalue().splitlines()[0]  # said before the first question
+
+    def interrupted(prompt):
+        raise KeyboardInterrupt  # Ctrl-C at the prompt
+
+    try:
+        converse(lambda q: asked.append(q), read=interrupted, err=io.StringIO())  # returns: the chat ends
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C at the prompt was not handled by the chat")
+    assert asked == ["first", "second"]
+
+
+def test_ctrl_c_at_the_prompt_ends_the_chat_cleanly(step, world_cache):
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "hybridchat.chat", f"checkpoint={step}", f"paths.cache={world_cache}"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    try:
+        assert p.stdout.read(6) == b"\nyou> "  # waiting at the prompt
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and b"Traceback" not in err, err.decode(errors="replace")

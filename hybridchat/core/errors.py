@@ -9,16 +9,32 @@ class UserError(Exception):
     pass
 
 
-def run_hydra_app(main) -> None:
+def undecodable(text: str) -> str | None:
+    """Where `text` holds bytes that are not UTF-8 ("byte 0xe9 at character 4"), else None. Python
+    keeps such bytes of argv (and of stdin, decoded with surrogateescape) as lone surrogates
+    U+DC80..U+DCFF, which the tokenizers refuse with a TypeError."""
+    for i, ch in enumerate(text, 1):
+        if "\udc80" <= ch <= "\udcff":
+            return f"byte 0x{ord(ch) - 0xdc00:02x} at character {i}"
+    return None
+
+
+def run_hydra_app(main, argv: list[str] | None = None) -> None:
     """Call a @hydra.main function as a command: a command line that does not compose (a key that
-    does not exist, a value of the wrong type, an unknown group option, bad override syntax) ends
-    like every other user error, one line and exit code 2, instead of Hydra's report of several
-    lines and exit code 1."""
+    does not exist, a value of the wrong type, an unknown group option, bad override syntax), or
+    holds bytes that are not UTF-8, ends like every other user error, one line and exit code 2,
+    instead of Hydra's report of several lines and exit code 1. argv: the arguments (sys.argv's)."""
     import os
     import sys
 
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
+    for arg in sys.argv[1:] if argv is None else argv:
+        if where := undecodable(arg):
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            print(f"error: the argument {shown[:80]}{'...' if len(shown) > 80 else ''} is not UTF-8 text ({where}); "
+                  f"give text in UTF-8", file=sys.stderr)
+            sys.exit(2)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing and exiting
     try:
         main()
