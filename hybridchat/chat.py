@@ -34,6 +34,7 @@ from hybridchat.infra import config as config_schema
 from hybridchat.rag.answer import Answerer
 from hybridchat.rag.multihop import MultiHop, Search
 from hybridchat.retrieval.config import RetrieverConfig
+from hybridchat.retrieval.knowledge_base import KnowledgeBase, kind_for, needed_indexes
 from hybridchat.training.runs import Run, RunReaderConfig, load_run
 from hybridchat.training.stages import answering_stage, stage_schemas
 
@@ -67,7 +68,22 @@ def retriever_settings(cfg: DictConfig, config: ChatConfig, run: Run) -> Retriev
         key = override.key_or_group
         if key.startswith("retriever."):
             OmegaConf.update(settings, key.removeprefix("retriever."), OmegaConf.select(cfg, key))
-    return OmegaConf.to_object(settings)
+    return served_by_your_knowledge_base(OmegaConf.to_object(settings))
+
+
+def served_by_your_knowledge_base(settings: RetrieverConfig) -> RetrieverConfig:
+    """The checkpoint's retriever, unless your knowledge base (retriever.kb_dir) lacks its index: then
+    the retriever the knowledge base has, said on stderr (a bm25 index was added to a dense-only one)."""
+    if settings.kb_dir is None:
+        return settings
+    have = KnowledgeBase.read_manifest(settings.kb_dir)["indexes"]
+    missing = [n for n in needed_indexes(settings) if n not in have]
+    if not missing or not have:
+        return settings
+    kind = kind_for(have)
+    print(f"retriever={kind}: {settings.kb_dir} has no {', '.join(missing)} index for the checkpoint's "
+          f"retriever={settings.kind} (name retriever={settings.kind} to add it)", file=sys.stderr)
+    return replace(settings, kind=kind)
 
 
 def _print_documents(documents, first: int, out) -> None:

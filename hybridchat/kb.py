@@ -91,13 +91,10 @@ def _read_inputs(cfg: KbConfig):
 
 
 def _query_settings(cfg: KbConfig, indexes) -> RetrieverConfig:
-    """cfg.retriever, its kind chosen from the knowledge base's indexes when none is given: hybrid
-    if it has bm25 and dense, else the one it has."""
-    kind = cfg.retriever.kind
-    if kind == "none":
-        have = set(indexes)
-        kind = "hybrid" if {"bm25", "dense"} <= have else next(k for k in ("dense", "bm25", "simple") if k in have)
-    return replace(cfg.retriever, kind=kind)
+    """cfg.retriever, its kind chosen from the knowledge base's indexes when none is given."""
+    from hybridchat.retrieval.knowledge_base import kind_for
+
+    return replace(cfg.retriever, kind=kind_for(indexes) if cfg.retriever.kind == "none" else cfg.retriever.kind)
 
 
 def _open(cfg: KbConfig, for_query: bool = True):

@@ -174,3 +174,26 @@ def test_ctrl_c_at_the_prompt_ends_the_chat_cleanly(step, world_cache):
     finally:
         p.kill()
     assert p.returncode == 0 and b"Traceback" not in err, err.decode(errors="replace")
+
+
+def test_chat_on_your_knowledge_base_uses_the_index_it_has_and_says_so(step, tmp_path):
+    """The checkpoint's retriever (here simple) needs an index your knowledge base lacks: chat added it
+    to your knowledge base without a word (bm25 to a dense-only one). Now it searches with the index
+    the knowledge base has and says so; naming the retriever adds its index, also said."""
+    from hybridchat.core.documents import Document
+    from hybridchat.retrieval.knowledge_base import KnowledgeBase
+
+    kb = tmp_path / "kb"
+    KnowledgeBase.build(kb, [Document("d1", "Lava", "Lava erupts from volcanoes."),
+                             Document("d2", "Ice", "Glaciers carve valleys.")], ["bm25"], RetrieverConfig(), progress=False)
+    before = {p: p.read_bytes() for p in kb.rglob("*") if p.is_file()}
+    args = [f"checkpoint={step}", f"retriever.kb_dir={kb}", "max_hops=1", "max_answer_tokens=3", "prompt=Where is lava?"]
+    code, out, err = chat(*args)
+    assert code == 0, err
+    assert f"retriever=bm25: {kb} has no simple index for the checkpoint's retriever=simple" in err
+    assert "[1] Lava (d1)" in out
+    assert {p: p.read_bytes() for p in kb.rglob("*") if p.is_file()} == before
+    code, out, err = chat(*args, "retriever=simple")
+    assert code == 0, err
+    assert f"{kb}: adding the simple index that retriever.kind=simple needs (it has bm25)" in err
+    assert sorted(KnowledgeBase.open(kb).indexes) == ["bm25", "simple"]

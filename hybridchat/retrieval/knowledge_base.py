@@ -106,6 +106,13 @@ def needed_indexes(cfg: RetrieverConfig) -> list[str]:
             "hybrid": bm25 + ["dense"]}[cfg.kind]
 
 
+def kind_for(indexes) -> str:
+    """The retriever a knowledge base with these indexes serves best: hybrid if it has bm25 and dense,
+    else the one it has."""
+    have = set(indexes)
+    return "hybrid" if {"bm25", "dense"} <= have else next(k for k in ("dense", "bm25", "simple") if k in have)
+
+
 def index_settings(name: str, cfg: RetrieverConfig) -> dict:
     """The build settings of one index, as recorded in the manifest."""
     if name == "simple":
@@ -172,6 +179,18 @@ class KnowledgeBase:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "KnowledgeBase":
         path = Path(path)
+        manifest = cls.read_manifest(path)
+        documents = _read_documents(path / "documents.jsonl")
+        if len(documents) != manifest["num_chunks"]:
+            raise UserError(f"{path}/documents.jsonl: holds {len(documents)} documents but manifest.json says "
+                            f"{manifest['num_chunks']}: the knowledge base is damaged; rebuild it "
+                            f"(python -m hybridchat.kb build FILES --kb {path})")
+        return cls(path, manifest, documents)
+
+    @staticmethod
+    def read_manifest(path: str | os.PathLike) -> dict:
+        """manifest.json, checked (what indexes a knowledge base has, without reading its documents)."""
+        path = Path(path)
         if not (path / "manifest.json").exists():
             raise UserError(f"{path}: not a knowledge base (no manifest.json); create one with "
                             f"`python -m hybridchat.kb build FILES --kb {path}`")
@@ -190,12 +209,7 @@ class KnowledgeBase:
         if version > FORMAT_VERSION:
             raise UserError(f"{path}: knowledge base format version {version} is newer than this "
                             f"hybridchat reads (<= {FORMAT_VERSION}); upgrade hybridchat or rebuild it")
-        documents = _read_documents(path / "documents.jsonl")
-        if len(documents) != manifest["num_chunks"]:
-            raise UserError(f"{path}/documents.jsonl: holds {len(documents)} documents but manifest.json says "
-                            f"{manifest['num_chunks']}: the knowledge base is damaged; rebuild it "
-                            f"(python -m hybridchat.kb build FILES --kb {path})")
-        return cls(path, manifest, documents)
+        return manifest
 
     @property
     def indexes(self) -> dict[str, dict]:
@@ -310,6 +324,10 @@ class KnowledgeBase:
             kb = cls._open_if_valid(path) if documents is not None else cls.open(path)
             if not cls._stale(kb, cfg, documents):  # another process built it while we waited
                 return kb
+            if documents is None:  # the user's own knowledge base changes: say so (chat added bm25 silently)
+                added = [n for n in needed_indexes(cfg) if n not in kb.indexes]
+                print(f"{path}: adding the {', '.join(added)} index that retriever.kind={cfg.kind} needs (it has "
+                      f"{', '.join(kb.indexes) or 'none'})", file=sys.stderr)
             chunks = (prepare_documents(documents, cfg.chunking, cfg.dense.model) if documents is not None
                       else kb.documents)
             chunking = asdict(cfg.chunking) if documents is not None else kb.manifest["chunking"]
