@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
               f"(got {argv[0] if argv else 'nothing'!r}; see python -m hybridchat.qa --help)", file=sys.stderr)
         sys.exit(2)
     try:
-        run_hydra_app(lambda: run_or_exit(lambda: run(argv[0], compose(argv[1:]))))
+        run_hydra_app(lambda: run_or_exit(lambda: run(argv[0], compose(argv[1:]))), argv)
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         sys.exit(130)
