@@ -20,10 +20,10 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, List, Optional
 
-from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
+from hybridchat.core.errors import UserError
+from hybridchat.infra import commands
 from hybridchat.infra.config import PathsConfig
 from hybridchat.retrieval.config import RetrieverConfig
 
@@ -55,13 +55,7 @@ def register() -> None:
 
 def compose(overrides: list[str]) -> KbConfig:
     """conf/kb.yaml with the command line's overrides, checked against KbConfig."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    register()
-    with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose("kb", overrides))
+    return commands.compose("kb", "kb_schema", KbConfig, overrides)
 
 
 def _filters(cfg: KbConfig) -> dict[str, str]:
@@ -167,20 +161,9 @@ def run(command: str, cfg: KbConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
-        return
-    if not argv or argv[0] not in COMMANDS:
-        print(f"error: python -m hybridchat.kb: the first word is the command, one of {', '.join(COMMANDS)} "
-              f"(got {argv[0] if argv else 'nothing'!r}; see python -m hybridchat.kb --help)", file=sys.stderr)
-        sys.exit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        run_hydra_app(lambda: run_or_exit(lambda: run(argv[0], compose(argv[1:]))), argv)
-    except KeyboardInterrupt:
-        print("interrupted; the knowledge base on disk is unchanged", file=sys.stderr)
-        sys.exit(130)
+    commands.main("hybridchat.kb", __doc__, COMMANDS, lambda command, overrides: run(command, compose(overrides)),
+                  "the knowledge base on disk is unchanged", argv)
 
 
 if __name__ == "__main__":

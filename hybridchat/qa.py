@@ -31,13 +31,13 @@ format has no contexts) and out/questions.jsonl (for evaluate, kb eval, stage.qu
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
+from hybridchat.core.errors import UserError
+from hybridchat.infra import commands
 
 COMMANDS = ("build", "convert")
 OUTPUTS = ("train_documents.jsonl", "documents.jsonl", "train.jsonl", "test.jsonl", "train_2hop.jsonl",
@@ -67,13 +67,8 @@ def register() -> None:
 
 
 def compose(overrides: list[str]) -> QaConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    register()
-    with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose("qa", overrides))
+    """conf/qa.yaml with the command line's overrides, checked against QaConfig."""
+    return commands.compose("qa", "qa_schema", QaConfig, overrides)
 
 
 def _corpus(source: str):
@@ -165,19 +160,8 @@ def run(command: str, cfg: QaConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
-        return
-    if not argv or argv[0] not in COMMANDS:
-        print(f"error: python -m hybridchat.qa: the first word is the command, one of {', '.join(COMMANDS)} "
-              f"(got {argv[0] if argv else 'nothing'!r}; see python -m hybridchat.qa --help)", file=sys.stderr)
-        sys.exit(2)
-    try:
-        run_hydra_app(lambda: run_or_exit(lambda: run(argv[0], compose(argv[1:]))), argv)
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
+    commands.main("hybridchat.qa", __doc__, COMMANDS, lambda command, overrides: run(command, compose(overrides)),
+                  "nothing was written", argv)
 
 
 if __name__ == "__main__":
