@@ -23,7 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hybridchat.core.errors import UserError
-from hybridchat.core.fsutil import atomic_directory, current_umask, remove_stale_temporaries, sha256_file
+from hybridchat.core.fsutil import (
+    atomic_directory,
+    atomic_write_text,
+    current_umask,
+    remove_stale_temporaries,
+    sha256_file,
+)
 from hybridchat.infra import parallel
 
 FORMAT_VERSION = 1
@@ -110,7 +116,7 @@ def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], ke
         # A checksum per file: bytes damaged on disk (same size, still parseable) would load as a model
         # that answers garbage with full confidence; load() refuses them instead.
         full_meta["sha256"] = {name: sha256_file(tmp / name) for name in CHECKSUMMED}
-        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
+        (tmp / "meta.json").write_text(_meta_text(full_meta))
     for old in replaces:
         if Path(old) != target:  # a same-numbered step was replaced whole by the rename above
             shutil.rmtree(old, ignore_errors=True)
@@ -118,6 +124,19 @@ def save(directory: Path, step: int, model, optimizers, meta: dict[str, Any], ke
         if int(old.name.removeprefix("step_")) not in protect:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _meta_text(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, indent=2, default=str) + "\n"
+
+
+def update_meta(path: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Set `fields` in step folder `path`'s meta.json (atomically: a reader sees the old or the new
+    file whole), keeping everything else, the checksums of the weight files included: what is
+    learned about a checkpoint after its save (its abstention threshold) lives with it."""
+    meta = {**read_meta(path), **fields}
+    atomic_write_text(Path(path) / "meta.json", _meta_text(meta))
+    return meta
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

@@ -21,6 +21,7 @@ from hybridchat.core.documents import Document
 from hybridchat.core.metrics import exact_match, normalize_answer, token_f1
 from hybridchat.data.chat import ChatRenderer
 from hybridchat.model.engine import Engine, TokenCallback
+from hybridchat.rag.abstention import below
 
 ABSTAIN = "The documents do not say."
 LOGITS_BUDGET = 2**30  # bytes of full-vocabulary logits per forward when scoring the abstention
@@ -98,6 +99,9 @@ class Answer:
     closed_book: bool = False  # asked without a documents section
     hops: list = field(default_factory=list)  # multi-hop: the trace (multihop.Hop: query, documents), hop 1 first
     format_ok: bool = True     # multi-hop: every query followed, the reply closed, a valid citation or abstention
+    # abstained because the confidence is below the abstention threshold (rag/abstention.py); the reply
+    # is then ABSTAIN (single-hop: none was generated)
+    below_threshold: bool = False
 
     @property
     def n_hops(self) -> int:
@@ -112,10 +116,15 @@ class Answer:
 
 
 class Answerer:
-    def __init__(self, model, tokenizer, max_context: int, max_answer_tokens: int = 24, batch_size: int = 32):
+    """threshold: abstain also where the confidence is below it (None: only where the model writes
+    ABSTAIN); those questions are not generated for."""
+
+    def __init__(self, model, tokenizer, max_context: int, max_answer_tokens: int = 24, batch_size: int = 32,
+                 threshold: float | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.renderer = ChatRenderer(tokenizer)
         self.max_context, self.max_answer_tokens, self.batch_size = max_context, max_answer_tokens, batch_size
+        self.threshold = threshold
         self.abstain_ids = tokenizer.encode(ABSTAIN) + [self.renderer.stop_token]
 
     @property
@@ -140,18 +149,31 @@ class Answerer:
             shown = [None] * len(batch) if documents is None else documents[lo:lo + self.batch_size]
             prompts = [self.prompt(q, d) for q, d in zip(batch, shown)]
             t0 = time.perf_counter()
-            result = Engine(self.model).generate([p for p, _ in prompts], max_new_tokens=self.max_answer_tokens,
-                                                 temperature=0, stop_tokens=[self.renderer.stop_token],
-                                                 on_token=on_token)
-            confidence = 1 - self.abstain_probability([p for p, _ in prompts])
+            # With a threshold the confidence comes first: a question below it is not generated for.
+            # Without one, after generation, so that chat's first streamed token is not delayed.
+            confidence = self.confidence([p for p, _ in prompts]).tolist() if self.threshold is not None else None
+            generated = [i for i in range(len(batch)) if confidence is None or not below(confidence[i], self.threshold)]
+            replies = dict.fromkeys(range(len(batch)), ABSTAIN)  # what the threshold leaves ungenerated
+            if generated:
+                result = Engine(self.model).generate(
+                    [prompts[i][0] for i in generated], max_new_tokens=self.max_answer_tokens, temperature=0,
+                    stop_tokens=[self.renderer.stop_token],
+                    on_token=None if on_token is None else lambda j, token: on_token(generated[j], token))
+                replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(generated, result.tokens)})
+            if confidence is None:
+                confidence = self.confidence([p for p, _ in prompts]).tolist()
             seconds = (time.perf_counter() - t0) / len(batch)
-            for i, (q, (_, docs), tokens) in enumerate(zip(batch, prompts, result.tokens)):
-                reply = self.tokenizer.decode(tokens).strip()
-                answer, citations, abstained = parse_reply(reply)
+            for i, (q, (_, docs)) in enumerate(zip(batch, prompts)):
+                answer, citations, abstained = parse_reply(replies[i])
                 given = 0 if shown[i] is None else len(shown[i])
-                out.append(Answer(q, reply, answer, citations, abstained, float(confidence[i]), docs,
-                                  given - len(docs), seconds, closed_book=shown[i] is None))
+                out.append(Answer(q, replies[i], answer, citations, abstained, confidence[i], docs,
+                                  given - len(docs), seconds, closed_book=shown[i] is None,
+                                  below_threshold=below(confidence[i], self.threshold)))
         return out
+
+    def confidence(self, prompts: Sequence[list[int]]) -> torch.Tensor:
+        """1 - P(reply == ABSTAIN | prompt) per prompt: high = sure the documents answer it."""
+        return 1 - self.abstain_probability(prompts)
 
     @torch.no_grad()  # also when called outside answer() (multi-hop scores its own prefixes)
     def abstain_probability(self, prompts: Sequence[list[int]]) -> torch.Tensor:

@@ -27,13 +27,14 @@ from __future__ import annotations
 import re
 import time
 from abc import ABC
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from hybridchat.core.documents import Document
 from hybridchat.model.engine import Engine
+from hybridchat.rag.abstention import below
 from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, fit_prompt, fit_question, parse_reply
 
 # Capitalised word runs ("Kor Industries", "Vellport"): a generic notion of a name in English text.
@@ -132,14 +133,16 @@ class _RowState:
 
 class MultiHop:
     """Multi-hop generation over a batch of questions; `answer` for greedy replies (evaluation,
-    chat), `rollouts` for sampled trajectories (GRPO)."""
+    chat), `rollouts` for sampled trajectories (GRPO). threshold: `answer` abstains also where the
+    confidence after the last hop is below it (None: only where the model writes ABSTAIN)."""
 
     def __init__(self, model, tokenizer, search: Callable[..., list[list[Document]]], max_context: int,
                  queries: QueryGenerator | None = None, max_hops: int = 2, max_query_tokens: int = 16,
-                 max_answer_tokens: int = 24, hop_tokens: int = 256, batch_size: int = 32):
+                 max_answer_tokens: int = 24, hop_tokens: int = 256, batch_size: int = 32,
+                 threshold: float | None = None):
         if max_hops < 1:
             raise ValueError(f"max_hops={max_hops} must be >= 1")
-        self.answerer = Answerer(model, tokenizer, max_context, max_answer_tokens, batch_size)
+        self.answerer = Answerer(model, tokenizer, max_context, max_answer_tokens, batch_size, threshold)
         self.model, self.tokenizer, self.renderer = model, tokenizer, self.answerer.renderer
         self.search, self.queries = search, queries or ModelQueries()
         self.max_context, self.max_hops, self.max_query_tokens = max_context, max_hops, max_query_tokens
@@ -286,15 +289,22 @@ class MultiHop:
             t0 = time.perf_counter()
             trajectories = self.rollouts(batch, None if first is None else first[lo:lo + self.batch_size])
             prefixes = [t.prompt + t.tokens[:t.answer_start] for t in trajectories]
-            confidence = 1 - self.answerer.abstain_probability(prefixes)
+            confidence = self.answerer.confidence(prefixes)
             seconds = (time.perf_counter() - t0) / len(batch)
             out += [self.to_answer(q, t, c, seconds) for q, t, c in zip(batch, trajectories, confidence.tolist())]
         return out
+
+    @property
+    def threshold(self) -> float | None:
+        return self.answerer.threshold
 
     def to_answer(self, question: str, t: Trajectory, confidence: float = float("nan"), seconds: float = 0.0) -> Answer:
         text, ok = self.reply(t)
         answer, citations, abstained = parse_reply(text)
         if self.query_start in text:  # ran out of tokens inside a query: no answer given
             answer, citations, abstained = ABSTAIN, [], True
-        return Answer(question, text, answer, citations, abstained, float(confidence), t.documents, 0, seconds,
-                      hops=t.hops, format_ok=ok)
+        result = Answer(question, text, answer, citations, abstained, float(confidence), t.documents, 0, seconds,
+                        hops=t.hops, format_ok=ok)
+        if below(result.confidence, self.threshold):  # known only once the hops are done: the reply is withheld
+            return replace(result, reply=ABSTAIN, answer=ABSTAIN, citations=[], abstained=True, below_threshold=True)
+        return result

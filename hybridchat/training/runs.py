@@ -29,10 +29,13 @@ from hybridchat.infra.config import Config, GPUConfig, PathsConfig, StageConfig
 from hybridchat.infra.context import world_collection
 from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
+from hybridchat.rag.abstention import Calibration, is_threshold
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.retrieval.factory import build_retriever, open_knowledge_base
 from hybridchat.retrieval.knowledge_base import KnowledgeBase
 from hybridchat.training.stages import stage_schemas
+
+CHECKPOINT = "checkpoint"  # abstain_threshold's default: the checkpoint's own
 
 
 @dataclass
@@ -44,6 +47,18 @@ class RunReaderConfig:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     run_name: str = "${hc.model_choice:}"      # the `model` option chosen (a sweep over retrievers keeps it)
+    # Answer or abstain: abstain also where the confidence 1 - P(ABSTAIN) is below this. A number in
+    # [0, 1]; null: only where the model writes ABSTAIN; checkpoint: the threshold stored with the
+    # checkpoint (stage.target_false_abstention, evaluate calibrate=true), null where it has none.
+    abstain_threshold: Any = CHECKPOINT
+
+
+def threshold_setting(value: Any) -> float | str | None:
+    """abstain_threshold as given, or one UserError saying what it may be."""
+    if value is None or value == CHECKPOINT or is_threshold(value):
+        return value
+    raise UserError(f"abstain_threshold={value!r} must be a number in [0, 1], null (abstain only where the model "
+                    f"writes ABSTAIN) or {CHECKPOINT} (the threshold stored with the checkpoint; the default)")
 
 
 @dataclass
@@ -65,6 +80,24 @@ class Run:
     def retriever(self) -> RetrieverConfig:
         """The retriever settings it was trained with."""
         return self.config.retriever
+
+    @cached_property
+    def calibration(self) -> Calibration | None:
+        """The abstention threshold stored with the checkpoint, as chosen (None: it has none)."""
+        record = self.meta.get("abstention")
+        if record is None:
+            return None
+        try:
+            return Calibration.from_meta(record)
+        except ValueError as e:
+            raise UserError(f"checkpoint metadata {self.path / 'meta.json'}: {e}") from None
+
+    def abstain_threshold(self, setting: Any = CHECKPOINT) -> float | None:
+        """The threshold to answer with: `setting` (the apps' abstain_threshold) where it is a number
+        or None; the stored one for "checkpoint" (None where there is none)."""
+        if threshold_setting(setting) != CHECKPOINT:
+            return setting
+        return self.calibration.threshold if self.calibration is not None else None
 
     @cached_property
     def world(self) -> World:
