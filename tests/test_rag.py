@@ -1,5 +1,6 @@
 """mid and rag stages end to end at smoke size, the self-contained checkpoint, the evaluator and chat."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -390,3 +391,52 @@ def test_bad_stage_inputs_stop_with_one_line_and_leave_checkpoints_alone(pipelin
         train(common + ["stage=rag", "stage.length_grouping=0"], tmp_path / "d")
     assert checkpoint.latest(out / "checkpoints" / "p" / "mid") == mid
     assert (mid / "model.safetensors").read_bytes() == before
+
+
+# -- the abstention threshold: chosen by the stage, stored, applied by the evaluator and chat ----------
+
+def spread_confidence(self, prompts):
+    """Answerer.confidence spread over (0, 1) by a hash of each prompt: a smoke model's own P(ABSTAIN)
+    is so small that every confidence is 1.0, and so would be any threshold, whatever questions it was
+    chosen on."""
+    return torch.tensor([int(hashlib.sha256(str(p).encode()).hexdigest()[:8], 16) / 2**32 for p in prompts],
+                        dtype=torch.float64)
+
+
+def test_rag_stores_the_threshold_chosen_on_its_validation_questions(pipeline, tmp_path, monkeypatch):
+    """stage.target_false_abstention: each evaluation chooses the threshold on validation questions
+    (never the held-out ones it evaluates on) and the checkpoint of the same step stores it."""
+    from test_abstention import plain_search
+
+    from hybridchat.infra.context import RunContext
+    from hybridchat.infra.runtime import Runtime
+    from hybridchat.rag.answer import Answerer
+    from hybridchat.train import typed_config
+    from hybridchat.training.stages.rag import RagStage
+
+    monkeypatch.setattr(Answerer, "confidence", spread_confidence)
+    out, common = pipeline
+    args = common + ["stage=rag", "run_name=p_threshold", "stage.source=${paths.checkpoints}/p/mid",
+                     "stage.num_steps=2", "stage.eval_every=2", "stage.checkpoint_every=1", "stage.eval_questions=10",
+                     "stage.target_false_abstention=0.3"]
+    train(args, tmp_path / "run")
+    folder = out / "checkpoints" / "p_threshold" / "rag"
+    assert "abstention" not in checkpoint.read_meta(folder / "step_000001")  # no evaluation saw those weights
+    stored = checkpoint.read_meta(folder / "step_000002")["abstention"]
+    final = [r for r in metrics(tmp_path / "run") if "val/em" in r][-1]
+    assert final["step"] == 2 and final["val/abstain_threshold"] == stored["threshold"]
+    # The reference: the validation questions answered afresh by the saved model, the plain search on them.
+    config, _ = typed_config(compose_config(args, output_dir=tmp_path / "x"))
+    ctx = RunContext(config, Runtime(torch.device("cpu"), None))
+    stage = RagStage(ctx)
+    validation = stage.val_questions[:10]
+    assert not {q.question for q in validation} & {q.question for q in stage.heldout}
+    documents = [[h.document for h in row] for row in ctx.retriever.search([q.question for q in validation], top_k=3)]
+    saved = load_run(folder / "step_000002")
+    answers = Answerer(saved.model, saved.tokenizer, config.model.sequence_len, stage.config.max_answer_tokens).answer(
+        [q.question for q in validation], documents)
+    mine = [(a.confidence, a.abstained) for a, q in zip(answers, validation) if q.answers]
+    assert (stored["questions"], stored["unanswerable"]) == (len(mine), len(validation) - len(mine))
+    assert stored["threshold"] == plain_search([c for c, _ in mine], [a for _, a in mine], 0.3)
+    assert stored["false_abstention"] == sum(a or c < stored["threshold"] for c, a in mine) / len(mine) <= 0.3
+    assert stored["target_false_abstention"] == 0.3 and "rag stage's validation questions" in stored["chosen_on"]

@@ -502,6 +502,28 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
     assert mine["conditions"][mine["primary"]]["condition"] == "REFRAG (model-written queries)"
 
 
+def test_refrag_chooses_its_abstention_threshold_on_2_hop_validation_questions(smoke_checkpoints, monkeypatch):
+    """Answered multi-hop, as the refrag checkpoint answers 2-hop questions; never the held-out ones."""
+    from test_abstention import plain_search
+
+    from hybridchat.rag.answer import Answerer
+
+    monkeypatch.setattr(Answerer, "confidence", test_rag.spread_confidence)
+    out, common = smoke_checkpoints
+    stage = refrag_stage(out, common, "stage.target_false_abstention=0.5")
+    model = load_run(checkpoint.latest(out / "checkpoints" / "p" / "rag")).model
+    metrics = stage.evaluate(model)
+    found = stage.checkpoint_meta()["abstention"]
+    validation = stage.val_hops[:6]  # stage.eval_questions=6
+    assert not {q.question for q in validation} & {q.question for q in stage.heldout_hops}
+    hits = stage.ctx.retriever.search([q.question for q in validation], top_k=3)
+    answers = stage.multihop(model, None).answer([q.question for q in validation],
+                                                 [[h.document for h in row] for row in hits])
+    assert (found["questions"], found["unanswerable"]) == (6, 0) and "refrag" in found["chosen_on"]
+    assert found["threshold"] == metrics["val/abstain_threshold"] == plain_search(
+        [a.confidence for a in answers], [a.abstained for a in answers], 0.5)
+
+
 def test_a_grpo_step_samples_groups_scores_them_and_reports_rewards(smoke_checkpoints):
     out, common = smoke_checkpoints
     stage = refrag_stage(out, common, "stage.rl_steps=6", "stage.group_size=2", "stage.reward_format=1.0",

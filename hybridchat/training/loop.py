@@ -82,14 +82,18 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
                         f"sequence of model.sequence_len={cfg.model.sequence_len} tokens)")
     batches = stage.train_batches(start_step * accum * rt.world_size, rt.rank, rt.world_size)
     peak_flops = cfg.gpu.peak_tflops_bf16 * 1e12 * rt.world_size
+    # The latest checkpoint as (step, folder): an evaluation of the same step adds stage.checkpoint_meta() to it.
+    saved: tuple[int, Path] | None = (start_step, resume_from) if resume_from is not None else None
 
     def save(step: int) -> Path | None:
+        nonlocal saved
         # Every rank takes part (FSDP gathers the shards); rank 0 writes.
         meta = {"stage": stage.name, "run_name": cfg.run_name, "tokenizer": tokenizer.fingerprint,
                 "data_position": step * accum * rt.world_size, "config": resolved_config}
         path = checkpoint.save(ckpt_dir, step, model, optimizers, meta, keep=s.keep_checkpoints, tokenizer=tokenizer,
                                write=rt.is_main, protect=stage.milestones, replaces=replaces)
         replaces.clear()  # gone with the first save
+        saved = (step, path) if path is not None else None
         if rt.distributed:
             dist.barrier()
         return path
@@ -98,6 +102,9 @@ def train(stage: Stage, ctx: RunContext, tracker: Tracker, resolved_config: dict
         with parallel.full_weights(model):  # ranks may differ in their number of forwards (generation)
             metrics = stage.evaluate(model)
         tracker.log(step, **metrics)
+        extra = stage.checkpoint_meta()
+        if extra and rt.is_main and saved is not None and saved[0] == step:
+            checkpoint.update_meta(saved[1], extra)
         return metrics
 
     summary: dict[str, Any] = {"start_step": start_step, "checkpoint_dir": str(ckpt_dir), "monitor": stage.monitor}

@@ -9,6 +9,9 @@ A stage is built from the run's pieces (`RunContext`) and overrides hooks, like 
     val_batches()                           one fixed validation set, the same on every world size
     evaluate(model)                         metrics dict; default: bits per byte on val_batches()
     samples(model)                          (prompt, completion) pairs shown after training
+    checkpoint_meta()                       what the last evaluate() learned about the weights it saw,
+                                            for the meta.json of their checkpoint (rag's abstention
+                                            threshold); default: nothing
     step_metrics()                          what the last training step measured beyond its loss
                                             (refrag's rewards), logged with it
     lr_multiplier(step)                     the learning rate's share at a step; default: warmup,
@@ -84,6 +87,12 @@ class Stage:
 
     def samples(self, model) -> list[tuple[str, str]]:
         return []
+
+    def checkpoint_meta(self) -> dict:
+        """Fields for the meta.json of the checkpoint of the weights the last evaluate() saw: the loop
+        adds them where it saved that checkpoint (evaluation comes after the save: a failed
+        evaluation must not cost the run its training)."""
+        return {}
 
     def step_metrics(self) -> dict[str, float]:
         return {}

@@ -9,6 +9,13 @@ entities that exist nowhere, with what retrieval finds for them, and the reply A
 stage.questions_per_example - 1 follow-up questions about the same entity then ask about the same
 documents. Loss only on the replies. Held-out entities (the world's held-out people, the held-out made-up names) never
 appear in a training example; evaluation asks about them.
+
+With stage.target_false_abstention (e.g. 0.1) each evaluation also chooses the abstention threshold
+(hybridchat/rag/abstention.py) on up to stage.eval_questions validation questions, never the held-out
+ones: the largest confidence threshold at which at most that share of the answerable ones abstain.
+The loop stores it in the meta.json of the checkpoint of the same step (those saved at an evaluation
+step: every eval_every steps and the last); chat and the evaluator apply it. For a user's questions the
+validation questions are the ones the stage evaluates on anyway: no extra generation.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from hybridchat.core.errors import UserError
 from hybridchat.core.questions import Question, read_questions
 from hybridchat.data.chat import ChatRenderer, collate, example_batches
 from hybridchat.infra.config import StageConfig
+from hybridchat.rag.abstention import Calibration, calibrate
 from hybridchat.rag.answer import Answerer, fit_prompt, format_reply, parse_reply, score
 from hybridchat.training.stages import Stage, registered
 
@@ -46,6 +54,15 @@ class RagConfig(StageConfig):
     eval_questions: int = 100          # held-out questions answered at each evaluation
     max_answer_tokens: int = 24
     cite_first: bool = True            # "[2] Vellport"; False: "Vellport [2]" (answer, then its source)
+    # The abstention threshold stored with each evaluated checkpoint is chosen for this false-abstention
+    # rate on validation questions (e.g. 0.1); None: none is chosen, the model abstains only by writing ABSTAIN.
+    target_false_abstention: Optional[float] = None
+
+    def check(self) -> None:
+        super().check()
+        t = self.target_false_abstention
+        if t is not None and not 0 <= t < 1:
+            raise UserError(f"stage.target_false_abstention={t} must be in [0, 1) or null (no threshold)")
 
 
 @registered
@@ -70,6 +87,7 @@ class RagStage(Stage):
         if ctx.retriever is None:
             raise UserError("stage=rag reads documents: choose a retriever (retriever=bm25|dense|hybrid|simple)")
         self.renderer = ChatRenderer(ctx.tokenizer)
+        self.calibration: Calibration | None = None  # chosen by the last evaluate()
         train, self.heldout = self._questions()
         rng = random.Random(ctx.config.seed)
         rng.shuffle(train)
@@ -177,9 +195,14 @@ class RagStage(Stage):
         return self._val
 
     @cached_property
+    def _calibration_set(self) -> list[Question]:
+        """Validation questions the abstention threshold is chosen on, with top_k retrieved."""
+        return self.with_top_k(self.val_questions[:self.config.eval_questions])
+
+    @cached_property
     def _eval_set(self) -> list[Question]:
         """Held-out questions (the validation share for a user's questions), with top_k retrieved."""
-        return self.with_top_k(self.heldout or self.val_questions[:self.config.eval_questions])
+        return self.with_top_k(self.heldout) if self.heldout else self._calibration_set
 
     def with_top_k(self, questions: list[Question]) -> list[Question]:
         """The questions with what the configured retriever finds for them (top_k, unfiltered: as a
@@ -206,14 +229,36 @@ class RagStage(Stage):
         """Answer-token bpb, and what generation gets right on held-out questions: exact match,
         hallucination and false abstention on answerable ones, abstention on unanswerable ones."""
         metrics = super().evaluate(model)
-        scored = self.sharded_scores(self._eval_set, lambda qs: self._answerer(model).answer(
-            [q.question for q in qs], [list(q.candidates) for q in qs]))
+
+        def answer(qs):
+            return self._answerer(model).answer([q.question for q in qs], [list(q.candidates) for q in qs])
+
+        scored = self.sharded_scores(self._eval_set, answer)
         answerable = [s for q, s in scored if q.answers]
         unanswerable = [s for q, s in scored if not q.answers]
         metrics.update(means("val", answerable, ("em", "f1", "hallucination", "false_abstention", "citation")))
         if unanswerable:
             metrics["val/abstain_unanswerable"] = sum(s["abstain"] for s in unanswerable) / len(unanswerable)
+        reused = scored if self._calibration_set is self._eval_set else None  # a user's questions: the same set
+        metrics.update(self.choose_abstention_threshold(self._calibration_set, answer, reused))
         return metrics
+
+    def choose_abstention_threshold(self, questions: list[Question], answer, scored=None) -> dict[str, float]:
+        """Choose the abstention threshold on validation `questions` (answer(questions) -> the model's
+        own Answers; `scored`: their (question, score) pairs where evaluation already made them)."""
+        target = self.config.target_false_abstention
+        self.calibration = None
+        if target is None:
+            return {}
+        scored = self.sharded_scores(questions, answer) if scored is None else scored
+        self.calibration = calibrate([s for _, s in scored], target, f"the {self.name} stage's validation questions")
+        c = self.calibration
+        found = {"abstain_threshold": c.threshold, "threshold_false_abstention": c.false_abstention,
+                 "threshold_abstain_unanswerable": c.abstain_unanswerable}
+        return {f"val/{k}": v for k, v in found.items() if v is not None}
+
+    def checkpoint_meta(self) -> dict:
+        return {"abstention": self.calibration.to_meta()} if self.calibration is not None else {}
 
     def samples(self, model):
         questions = self._eval_set[:2] + [q for q in self._eval_set if not q.answers][:1]

@@ -29,7 +29,8 @@ class RefragConfig(RagConfig):
     for them, the model answers with citations across all documents shown (or abstains). The first
     num_steps - rl_steps steps are a supervised warm start on 2-hop traces (plus rag's single-hop
     examples), the last rl_steps are GRPO with the engine in the loop. The rag keys it inherits set
-    the single-hop examples and the hop-1 documents of a trace."""
+    the single-hop examples and the hop-1 documents of a trace. The abstention threshold
+    (stage.target_false_abstention) is chosen on 2-hop validation questions, answered multi-hop."""
     name: str = "refrag"
     source: Optional[str] = "rag"
     max_hops: int = 2                  # retrievals per question, the question's own included
@@ -87,7 +88,7 @@ class RefragStage(RagStage):
         random.Random(cfg.seed).shuffle(train)
         n_val = max(1, round(len(train) * c.val_fraction))
         self.val_hops, self.train_hops = self._retrieve(train[:n_val]), self._retrieve(train[n_val:])
-        self.heldout_hops = heldout or self.val_hops[:c.eval_questions]
+        self.heldout_hops = heldout
         self.n_single = min(len(self.train_questions), round(len(self.train_hops) * c.single_hop / (1 - c.single_hop)))
         if len(self.train_hops) < cfg.gpu.micro_batch:
             raise UserError(f"stage=refrag: {len(self.train_hops)} 2-hop training questions do not fill one batch "
@@ -164,8 +165,13 @@ class RefragStage(RagStage):
     # -- evaluation ------------------------------------------------------------------------------
 
     @cached_property
+    def _hop_calibration_set(self) -> list[Question]:
+        return self.with_top_k(self.val_hops[:self.config.eval_questions])
+
+    @cached_property
     def _hop_eval_set(self) -> list[Question]:
-        return self.with_top_k(self.heldout_hops)
+        """Held-out 2-hop questions (the validation share for a user's hop_questions)."""
+        return self.with_top_k(self.heldout_hops) if self.heldout_hops else self._hop_calibration_set
 
     def evaluate(self, model):
         """Trace bits per byte, then generation with model-written queries: on held-out 2-hop
@@ -177,7 +183,8 @@ class RefragStage(RagStage):
         def answer(qs):
             return mh.answer([q.question for q in qs], [list(q.candidates) for q in qs])
 
-        two_hop = [s for _, s in self.sharded_scores(self._hop_eval_set, answer)]
+        scored = self.sharded_scores(self._hop_eval_set, answer)
+        two_hop = [s for _, s in scored]
         metrics.update(means("val", two_hop, ("em", "f1", "hallucination", "hops")))
         metrics.update({k.replace("all_gold_in_context", "both_gold"): v
                         for k, v in means("val", two_hop, ("all_gold_in_context",)).items()})
@@ -185,6 +192,8 @@ class RefragStage(RagStage):
         if one_hop:
             metrics["val/em_1hop"] = sum(s["em"] for s in one_hop) / len(one_hop)
             metrics["val/queried_1hop"] = sum(s["hops"] > 1 for s in one_hop) / len(one_hop)
+        reused = scored if self._hop_calibration_set is self._hop_eval_set else None  # a user's questions: the same set
+        metrics.update(self.choose_abstention_threshold(self._hop_calibration_set, answer, reused))
         return metrics
 
     def samples(self, model):
