@@ -35,7 +35,7 @@ from hybridchat.rag.answer import Answerer
 from hybridchat.rag.multihop import MultiHop, Search
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.retrieval.knowledge_base import KnowledgeBase, kind_for, needed_indexes
-from hybridchat.training.runs import Run, RunReaderConfig, load_run
+from hybridchat.training.runs import Run, RunReaderConfig, load_run, threshold_setting
 from hybridchat.training.stages import answering_stage, stage_schemas
 
 
@@ -91,8 +91,10 @@ def _print_documents(documents, first: int, out) -> None:
         print(f"  [{i}] {d.title} ({d.id}): {' '.join(d.text.split())[:100]}", file=out)
 
 
-def _print_outcome(result, out) -> None:
-    if result.abstained:
+def _print_outcome(result, out, threshold: float | None) -> None:
+    if result.below_threshold:
+        print(f"(abstained: the confidence is below the abstention threshold {threshold:.4g})", file=out)
+    elif result.abstained:
         print("(abstained: the documents shown do not hold the answer)", file=out)
     for n, d in zip(result.citations, result.cited):
         print(f"cited: [{n}] {d.title} ({d.id})", file=out)
@@ -116,7 +118,7 @@ def answer_multihop(question: str, multihop, out=sys.stdout) -> None:
         _print_documents(hop.documents, first, out)
         first += len(hop.documents)
     print(f"answer: {result.reply}", file=out)
-    _print_outcome(result, out)
+    _print_outcome(result, out, multihop.threshold)
 
 
 def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> None:
@@ -142,14 +144,15 @@ def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> No
         printed = len(text)
 
     result = answerer.answer([question], None if documents is None else [documents], on_token=on_token)[0]
-    print(file=out)
-    _print_outcome(result, out)
+    print("" if streamed else result.reply, file=out)  # below the threshold nothing was generated
+    _print_outcome(result, out, answerer.threshold)
 
 
 def run(cfg: DictConfig) -> None:
     config: ChatConfig = OmegaConf.to_object(cfg)
     if config.prompt is not None and not config.prompt.strip():
         raise UserError("prompt= is empty: give a question, or leave prompt out to chat")
+    threshold_setting(config.abstain_threshold)  # before the model loads
     path = Path(config.checkpoint) if config.checkpoint else checkpoint.find(
         config.paths.checkpoints, config.run_name, config.checkpoint_stage or answering_stage(1).name, config.step)
     run = load_run(path, device=config.gpu.device.value)
@@ -157,13 +160,16 @@ def run(cfg: DictConfig) -> None:
     if settings.top_k < 1:
         raise UserError(f"retriever.top_k must be >= 1, got {settings.top_k}")
     seq_len = run.config.model.sequence_len
-    answerer = Answerer(run.model, run.tokenizer, seq_len, max_answer_tokens=config.max_answer_tokens, batch_size=1)
+    threshold = run.abstain_threshold(config.abstain_threshold)
+    answerer = Answerer(run.model, run.tokenizer, seq_len, max_answer_tokens=config.max_answer_tokens, batch_size=1,
+                        threshold=threshold)
     retriever = run.build_retriever(settings, config.paths.cache, progress=False)
     max_hops = config.max_hops if config.max_hops is not None else getattr(run.stage, "max_hops", 1)
     if max_hops < 1:
         raise UserError(f"max_hops must be >= 1, got {max_hops}")
     print(f"{path} ({'closed-book' if retriever is None else f'top-{settings.top_k} retrieval'}"
-          f"{f', up to {max_hops} hops' if retriever is not None and max_hops > 1 else ''})", file=sys.stderr)
+          f"{f', up to {max_hops} hops' if retriever is not None and max_hops > 1 else ''}"
+          f"{f', abstains below confidence {threshold:.4g}' if threshold is not None else ''})", file=sys.stderr)
 
     multihop = None
     if retriever is not None and max_hops > 1:
@@ -173,7 +179,8 @@ def run(cfg: DictConfig) -> None:
         multihop = MultiHop(run.model, run.tokenizer, Search(retriever, settings.top_k), seq_len, max_hops=max_hops,
                             max_query_tokens=getattr(run.stage, "max_query_tokens", defaults.max_query_tokens),
                             max_answer_tokens=config.max_answer_tokens,
-                            hop_tokens=getattr(run.stage, "hop_tokens", defaults.hop_tokens), batch_size=1)
+                            hop_tokens=getattr(run.stage, "hop_tokens", defaults.hop_tokens), batch_size=1,
+                            threshold=threshold)
 
     def ask(question: str) -> None:
         fitted = (multihop or answerer).fit_question(question)

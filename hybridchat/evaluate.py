@@ -4,6 +4,7 @@
     python -m hybridchat.evaluate -m retriever=bm25,dense,hybrid
     python -m hybridchat.evaluate retriever.kb_dir=kb/ questions=q.jsonl   # your documents and questions
     python -m hybridchat.evaluate hops=2                   # 2-hop questions, the run's refrag checkpoint
+    python -m hybridchat.evaluate calibrate=true questions=val.jsonl   # store an abstention threshold instead
 
 A Hydra app sharing the training config groups (conf/eval.yaml). Conditions, each on the same
 questions: closed-book (the run's chat model before RAG training: what you have without retrieval),
@@ -12,7 +13,8 @@ questions (about entities that exist nowhere) run closed-book and with RAG. Ever
 95% bootstrap interval. The context budget section measures exact match and time to first token
 against the number of documents in context, for this model and any others named in `compare`.
 Writes eval.md, eval.json and eval.png to the run dir (hybridchat/rag/report.py renders them; metrics go to
-wandb when logger=wandb).
+wandb when logger=wandb). Each model answers with its checkpoint's abstention threshold, or
+abstain_threshold= (docs/answers.md); calibrate=true chooses one on questions=FILE and stores it.
 
 With hops=2 (or a questions file whose every answerable question has two gold_doc_ids, in hop
 order) the questions are 2-hop and the conditions are: closed-book; single-shot RAG (one retrieval,
@@ -39,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
-from hybridchat.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from hybridchat.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from hybridchat.core.metrics import bootstrap_ci
 from hybridchat.core.questions import Question, read_questions
 from hybridchat.data.world import World
@@ -48,10 +50,12 @@ from hybridchat.infra import config as config_schema
 from hybridchat.infra.config import LoggerConfig
 from hybridchat.infra.runtime import setup, teardown
 from hybridchat.infra.tracking import Tracker
+from hybridchat.rag.abstention import Calibration, calibrate
 from hybridchat.rag.answer import Answerer, score
-from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, Search
+from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, QueryGenerator, Search
 from hybridchat.rag.report import ANSWERABLE_RATES, COLUMNS, HOP_COLUMNS, HOP_RATES, markdown, plot, summarize
-from hybridchat.training.runs import Run, RunReaderConfig, load_run
+from hybridchat.retrieval.knowledge_base import KnowledgeBase
+from hybridchat.training.runs import CHECKPOINT, Run, RunReaderConfig, load_run, threshold_setting
 from hybridchat.training.stages import answering_stage, stage_schemas
 
 log = logging.getLogger("hybridchat")
@@ -86,6 +90,10 @@ class EvalConfig(RunReaderConfig):
     hop_documents: Optional[int] = None        # documents retrieved per follow-up query
     max_query_tokens: Optional[int] = None
     hop_tokens: Optional[int] = None           # context kept free per follow-up hop
+    # Instead of evaluating: choose the checkpoint's abstention threshold on questions=FILE (validation
+    # questions, never the ones you evaluate on) for this false-abstention rate, and store it in its meta.json.
+    calibrate: bool = False
+    target_false_abstention: float = 0.1
 
 
 def register() -> None:
@@ -184,7 +192,7 @@ def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Question
     for name, run in models.items():
         model = run.model
         answerer = Answerer(model, run.tokenizer, max_context=10**9, max_answer_tokens=cfg.max_answer_tokens,
-                            batch_size=cfg.batch_size)
+                            batch_size=cfg.batch_size, threshold=run.abstain_threshold(cfg.abstain_threshold))
         for k in cfg.context_budget:
             docs = [[h.document for h in row[:k]] for row in hits]
             answers = answerer.answer([i.question for i in answerable], docs)
@@ -198,46 +206,74 @@ def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Question
     return rows
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+@dataclass
+class Prepared:
+    """What the conditions of an evaluation (and a calibration) share: the questions, the checkpoint
+    evaluated, the retriever and its documents for each question."""
+    cfg: EvalConfig
+    items: list[Question]
+    two_hop: bool
+    stage: str
+    evaluated: Run
+    kb: KnowledgeBase
+    retriever: Any
+    retrieved: list[list[Document]]
+    settings: dict[str, int]       # multi-hop settings
+
+    @property
+    def questions(self) -> list[str]:
+        return [i.question for i in self.items]
+
+    def asker(self, model, threshold: float | None, documents: bool = True, queries: QueryGenerator | None = None):
+        """answer(questions, documents) for `model` answering at `threshold`: multi-hop for 2-hop
+        questions shown documents (queries: who writes the follow-ups; None: one shot), else one reply."""
+        cfg, settings = self.cfg, self.settings
+        tokenizer, seq_len = self.evaluated.tokenizer, self.evaluated.config.model.sequence_len
+        if self.two_hop and documents:
+            return MultiHop(model, tokenizer, Search(self.retriever, settings["hop_documents"]), seq_len,
+                            # one shot: the whole context for the first documents, no query followed
+                            queries or NoQueries(), settings["max_hops"] if queries else 1,
+                            settings["max_query_tokens"], cfg.max_answer_tokens, settings["hop_tokens"],
+                            cfg.batch_size, threshold).answer
+        return Answerer(model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size, threshold).answer
+
+
+def prepare(cfg: EvalConfig) -> Prepared:
     if cfg.hops not in (1, 2):
         raise UserError(f"hops={cfg.hops} must be 1 or 2")
     if cfg.n_questions < 1 or cfg.n_unanswerable < 0:
         raise UserError(f"n_questions={cfg.n_questions} must be >= 1 and n_unanswerable={cfg.n_unanswerable} >= 0")
+    threshold_setting(cfg.abstain_threshold)
     mine = read_questions(cfg.questions) if cfg.questions else None
     answerable = [i for i in mine or () if i.answers]
     two_hop = cfg.hops == 2 or (bool(answerable) and all(len(i.gold_doc_ids) == 2 for i in answerable))
     stage = cfg.checkpoint_stage or answering_stage(2 if two_hop else 1).name
     evaluated = load(cfg, cfg.run_name, stage, cfg.step)
-    model, tokenizer, meta = evaluated.model, evaluated.tokenizer, evaluated.meta
-    seq_len = evaluated.config.model.sequence_len
     if mine is not None:
         items = mine
     elif two_hop:
-        items, two_hop = two_hop_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed), True
+        items = two_hop_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed)
     else:
-        items, two_hop = world_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed), False
+        items = world_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed)
     if cfg.retriever.kind == "none":
         raise UserError("evaluate needs a retriever for the RAG condition: retriever=bm25|dense|hybrid|simple")
     kb = evaluated.knowledge_base(cfg.retriever, cfg.paths.cache)
     retriever = kb.retriever(cfg.retriever)
-    questions = [i.question for i in items]
-    top = retriever.search(questions, top_k=cfg.retriever.top_k)
-    retrieved = [[h.document for h in row] for row in top]
+    top = retriever.search([i.question for i in items], top_k=cfg.retriever.top_k)
+    return Prepared(cfg, items, two_hop, stage, evaluated, kb, retriever, [[h.document for h in row] for row in top],
+                    hop_settings(cfg, evaluated))
 
-    settings = hop_settings(cfg, evaluated)
 
-    def run(condition: str, answer_model, docs, subset=lambda item: True, queries=None) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    prepared = prepare(cfg)
+    items, two_hop, stage, evaluated = prepared.items, prepared.two_hop, prepared.stage, prepared.evaluated
+    questions, retrieved = prepared.questions, prepared.retrieved
+
+    def run(condition: str, answer_run: Run, docs, subset=lambda item: True, queries=None) -> dict[str, Any]:
         """queries: a QueryGenerator for multi-hop answering (2-hop questions), None for one shot."""
         chosen = [i for i, item in enumerate(items) if subset(item)]
-        if two_hop and docs is not None:
-            answerer = MultiHop(answer_model, tokenizer, Search(retriever, settings["hop_documents"]), seq_len,
-                                # one shot: the whole context for the first documents, no query followed
-                                queries or NoQueries(), settings["max_hops"] if queries else 1,
-                                settings["max_query_tokens"],
-                                cfg.max_answer_tokens, settings["hop_tokens"], cfg.batch_size)
-            ask = answerer.answer
-        else:
-            ask = Answerer(answer_model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size).answer
+        ask = prepared.asker(answer_run.model, answer_run.abstain_threshold(cfg.abstain_threshold), docs is not None,
+                             queries)
         t0 = time.perf_counter()
         answers = ask([questions[i] for i in chosen], None if docs is None else [docs[i] for i in chosen])
         seconds = time.perf_counter() - t0
@@ -251,40 +287,75 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         return {"condition": condition, **summary, "total_seconds": seconds, "examples": examples}
 
     conditions = []
-    closed_model = model
+    closed_run = evaluated
     closed_name = f"{stage} (no documents)"
     if cfg.closed_book_stage and cfg.closed_book_stage != stage:
         path = checkpoint.stage_dir(cfg.paths.checkpoints, cfg.run_name, cfg.closed_book_stage)
         if checkpoint.latest(path) is not None:
-            closed_model = load(cfg, cfg.run_name, cfg.closed_book_stage).model
+            closed_run = load(cfg, cfg.run_name, cfg.closed_book_stage)
             closed_name = cfg.closed_book_stage
         else:
             log.warning("no %s checkpoint in %s: the closed-book condition uses the %s model without documents",
                         cfg.closed_book_stage, path, stage)
-    conditions.append(run(f"closed-book ({closed_name} model)", closed_model, None))
+    conditions.append(run(f"closed-book ({closed_name} model)", closed_run, None))
     primary = 1  # the row logged to wandb and returned to a sweep: RAG, or REFRAG for 2-hop questions
-    conditions.append(run(f"RAG, {cfg.retriever.kind} top-{cfg.retriever.top_k}", model, retrieved))
+    conditions.append(run(f"RAG, {cfg.retriever.kind} top-{cfg.retriever.top_k}", evaluated, retrieved))
     if two_hop:
-        conditions.append(run("rule-based bridge queries", model, retrieved, queries=BridgeQueries()))
+        conditions.append(run("rule-based bridge queries", evaluated, retrieved, queries=BridgeQueries()))
         warm = warm_start(cfg, evaluated)
         if warm is not None:
-            warm_model = load_run(warm, device=cfg.gpu.device.value).model
-            conditions.append(run(f"REFRAG after warm start ({'/'.join(warm.parts[-3:])})", warm_model,
-                                  retrieved, queries=ModelQueries()))
+            conditions.append(run(f"REFRAG after warm start ({'/'.join(warm.parts[-3:])})",
+                                  load_run(warm, device=cfg.gpu.device.value), retrieved, queries=ModelQueries()))
         primary = len(conditions)
         conditions.append(run("REFRAG after RL (model-written queries)" if warm is not None else
-                              "REFRAG (model-written queries)", model, retrieved, queries=ModelQueries()))
+                              "REFRAG (model-written queries)", evaluated, retrieved, queries=ModelQueries()))
     if any(i.gold_doc_ids for i in items):
-        conditions.append(run("gold documents", model, gold_documents(kb.documents, items),
+        conditions.append(run("gold documents", evaluated, gold_documents(prepared.kb.documents, items),
                               lambda item: bool(item.gold_doc_ids)))
     others = {name: load(cfg, name, stage) for name in cfg.compare}
-    budget = [] if two_hop else context_budget(cfg, {cfg.run_name: evaluated, **others}, items,
-                                                retriever)
-    return {"run_name": cfg.run_name, "stage": stage, "checkpoint": meta.get("step"),
-            "retriever": cfg.retriever.kind, "top_k": cfg.retriever.top_k, "sequence_len": seq_len,
+    budget = [] if two_hop else context_budget(cfg, {cfg.run_name: evaluated, **others}, items, prepared.retriever)
+    return {"run_name": cfg.run_name, "stage": stage, "checkpoint": evaluated.meta.get("step"),
+            "retriever": cfg.retriever.kind, "top_k": cfg.retriever.top_k,
+            "sequence_len": evaluated.config.model.sequence_len,
             "answerable": sum(bool(i.answers) for i in items), "unanswerable": sum(not i.answers for i in items),
-            "hops": 2 if two_hop else 1, **({"multihop": settings} if two_hop else {}),
+            "hops": 2 if two_hop else 1, **({"multihop": prepared.settings} if two_hop else {}),
+            "abstain_threshold": threshold_report(cfg, evaluated),
             "primary": primary, "conditions": conditions, "context_budget": budget}
+
+
+def threshold_report(cfg: EvalConfig, evaluated: Run) -> dict[str, Any]:
+    """Which abstention threshold the evaluated checkpoint answered with, and where it came from."""
+    stored = evaluated.calibration
+    value = evaluated.abstain_threshold(cfg.abstain_threshold)
+    if cfg.abstain_threshold != CHECKPOINT:
+        source = f"abstain_threshold={cfg.abstain_threshold if value is not None else 'null'}"
+    elif stored is not None:
+        source = f"stored with the checkpoint, {stored.describe()}"
+    else:
+        source = "none stored with the checkpoint"
+    leak = (stored is not None and stored.questions_sha256 is not None and cfg.questions is not None
+            and sha256_file(cfg.questions) == stored.questions_sha256)
+    return {"value": value, "source": source, "chosen_on_these_questions": leak}
+
+
+def calibrate_checkpoint(cfg: EvalConfig) -> tuple[Path, Calibration]:
+    """calibrate=true: choose the abstention threshold on questions=FILE (validation questions, never
+    the ones evaluated on) for target_false_abstention, from the model's own replies as the RAG (or,
+    for 2-hop questions, REFRAG) condition answers them, and store it in the checkpoint's meta.json."""
+    if not cfg.questions:
+        raise UserError("calibrate=true chooses the abstention threshold on questions=FILE: validation questions "
+                        "with answers (never the ones you evaluate on)")
+    if not 0 <= cfg.target_false_abstention < 1:
+        raise UserError(f"target_false_abstention={cfg.target_false_abstention} must be in [0, 1)")
+    prepared = prepare(cfg)
+    if not any(i.answers for i in prepared.items):
+        raise UserError(f"questions={cfg.questions} holds no answerable question to choose a threshold on")
+    ask = prepared.asker(prepared.evaluated.model, None, queries=ModelQueries() if prepared.two_hop else None)
+    answers = ask(prepared.questions, prepared.retrieved)
+    scores = [score(a, i.answers, i.gold_doc_ids) for a, i in zip(answers, prepared.items)]
+    found = calibrate(scores, cfg.target_false_abstention, f"questions={cfg.questions}", sha256_file(cfg.questions))
+    checkpoint.update_meta(prepared.evaluated.path, {"abstention": found.to_meta()})
+    return prepared.evaluated.path, found
 
 
 def run(cfg: DictConfig) -> float:
@@ -294,9 +365,15 @@ def run(cfg: DictConfig) -> float:
     config: EvalConfig = OmegaConf.to_object(cfg)
     setup(config.gpu, config.seed)
     try:
-        report = evaluate(config)
+        if config.calibrate:
+            path, found = calibrate_checkpoint(config)
+        else:
+            report = evaluate(config)
     finally:
         teardown()
+    if config.calibrate:
+        print(f"abstain_threshold {found.threshold} stored in {path / 'meta.json'}, {found.describe()}")
+        return found.threshold
     out = Path(HydraConfig.get().runtime.output_dir)
     table = markdown(report)
     atomic_write_text(out / "eval.md", table)

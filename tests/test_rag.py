@@ -440,3 +440,95 @@ def test_rag_stores_the_threshold_chosen_on_its_validation_questions(pipeline, t
     assert stored["threshold"] == plain_search([c for c, _ in mine], [a for _, a in mine], 0.3)
     assert stored["false_abstention"] == sum(a or c < stored["threshold"] for c, a in mine) / len(mine) <= 0.3
     assert stored["target_false_abstention"] == 0.3 and "rag stage's validation questions" in stored["chosen_on"]
+
+
+FAKE_CONFIDENCE = '''
+import json, os, runpy, sys
+import torch
+from hybridchat.rag import answer
+
+table = json.loads(os.environ["FAKE_CONFIDENCE"])  # question -> confidence; any other prompt: 1.0
+
+
+def confidence(self, prompts):
+    texts = [self.tokenizer.decode(p) for p in prompts]
+    return torch.tensor([next((c for q, c in table.items() if q in t), 1.0) for t in texts], dtype=torch.float64)
+
+
+answer.Answerer.confidence = confidence
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+'''
+
+
+def test_calibrate_stores_a_threshold_that_evaluate_and_chat_apply_unless_told_otherwise(pipeline, tmp_path):
+    """evaluate calibrate=true on a questions file stores the threshold in the checkpoint's meta.json;
+    the evaluator then answers with it (its report says so, and warns when evaluated on the same
+    questions), abstain_threshold=null answers as without one, chat abstains below it; a bad value
+    is one error line naming the key."""
+    import os
+    import random
+
+    from test_reliability import assert_one_error
+
+    from hybridchat.data.world import World, WorldConfig
+
+    out, _ = pipeline
+    for stage in ("mid", "rag"):  # a copy: the threshold is written into the checkpoint
+        shutil.copytree(out / "checkpoints" / "p" / stage, tmp_path / "checkpoints" / "p" / stage)
+    world = World.generate(WorldConfig(**checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "p" / "rag"))
+                                       ["config"]["world"]))
+    items = world.evaluation_questions(8, 3, seed=5)
+    questions = tmp_path / "val.jsonl"
+    questions.write_text("".join(json.dumps(q.to_json()) + "\n" for q in items))
+    rng = random.Random(0)
+    table = {q.question: round(rng.uniform(0.05, 0.95), 3) for q in items}
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_CONFIDENCE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_CONFIDENCE": json.dumps(table)}
+
+    def app(module, *args):
+        return subprocess.run([sys.executable, str(script), module, f"paths.outputs={out}",
+                               f"paths.checkpoints={tmp_path}/checkpoints", "run_name=p", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    def rag_row(name, *args):
+        result = app("hybridchat.evaluate", f"questions={questions}", "context_budget=[]", "bootstrap=20",
+                     f"hydra.run.dir={tmp_path}/{name}", *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((tmp_path / name / "eval.json").read_text())
+        return report, report["conditions"][1], (tmp_path / name / "eval.md").read_text()
+
+    result = app("hybridchat.evaluate", "calibrate=true", f"questions={questions}", "target_false_abstention=0.25",
+                 f"hydra.run.dir={tmp_path}/calibrate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = checkpoint.latest(tmp_path / "checkpoints" / "p" / "rag")
+    stored = checkpoint.read_meta(step)["abstention"]
+    assert f"abstain_threshold {stored['threshold']} stored in {step / 'meta.json'}" in result.stdout
+    assert (stored["questions"], stored["unanswerable"], stored["target_false_abstention"]) == (8, 3, 0.25)
+    assert stored["chosen_on"] == f"questions={questions}"
+    assert stored["questions_sha256"] == hashlib.sha256(questions.read_bytes()).hexdigest()
+    assert stored["threshold"] in set(table.values()) | {0.0, 1.0} and stored["false_abstention"] <= 0.25
+    load_run(step)  # the weights' checksums still hold
+
+    report, applied, md = rag_row("stored")
+    assert report["abstain_threshold"]["value"] == stored["threshold"]
+    assert f"below {stored['threshold']:.4g} (stored with the checkpoint, chosen on questions={questions}" in md
+    assert "chosen on these same questions" in md
+    # the same questions, the same replies: the rates the calibration recorded
+    assert applied["false_abstention"][0] == pytest.approx(stored["false_abstention"])
+    assert applied["abstain_unanswerable"][0] == pytest.approx(stored["abstain_unanswerable"])
+    report, own, md = rag_row("null", "abstain_threshold=null")  # the model's own abstentions only
+    assert report["abstain_threshold"]["value"] is None
+    assert "Abstains only where the model writes the abstention (abstain_threshold=null)" in md
+    assert applied["false_abstention"][0] > own["false_abstention"][0]  # the threshold made a difference
+
+    below = min(table, key=table.get)
+    assert table[below] < stored["threshold"]
+    chat = app("hybridchat.chat", f"prompt={below}", "retriever.top_k=2", "max_answer_tokens=8")
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert f"abstains below confidence {stored['threshold']:.4g}" in chat.stderr
+    assert "answer: The documents do not say.\n(abstained: the confidence is below the abstention threshold" in chat.stdout
+    for module, extra in (("hybridchat.evaluate", f"hydra.run.dir={tmp_path}/bad"), ("hybridchat.chat", "prompt=x")):
+        bad = app(module, "abstain_threshold=1.5", extra)
+        assert_one_error(bad.returncode, bad.stderr, "abstain_threshold=1.5 must be a number in [0, 1]")

@@ -51,6 +51,20 @@ def _fmt(value) -> str:
     return "-"
 
 
+def threshold_lines(used: dict[str, Any] | None) -> list[str]:
+    """What decided answer or abstain (evaluate's report["abstain_threshold"]), and a warning where
+    the threshold was chosen on the questions evaluated."""
+    if used is None:
+        return []
+    rule = ("only where the model writes the abstention" if used["value"] is None else
+            f"where the model writes the abstention or its confidence is below {used['value']:.4g}")
+    lines = [f"Abstains {rule} ({used['source']})."]
+    if used.get("chosen_on_these_questions"):
+        lines.append("**Warning: the threshold was chosen on these same questions: the rates below are optimistic; "
+                     "calibrate on validation questions apart from the ones you evaluate on.**")
+    return lines + [""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     two_hop = report.get("hops") == 2
     columns = HOP_COLUMNS if two_hop else COLUMNS
@@ -58,6 +72,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation: {report['run_name']} / {report['stage']} (step {report['checkpoint']})", "",
              f"{report['answerable']} {kind} held-out questions, {report['unanswerable']} unanswerable; "
              f"retriever {report['retriever']} top-{report['top_k']}; 95% bootstrap intervals.", "",
+             *threshold_lines(report.get("abstain_threshold")),
              "| condition | " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for c in report["conditions"]:
         lines.append(f"| {c['condition']} | " + " | ".join(_fmt(c.get(k)) for k, _ in columns) + " |")
