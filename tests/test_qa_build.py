@@ -222,3 +222,12 @@ def test_python_docs_are_prose_paragraphs_of_the_running_pythons_reference():
         assert len(d.text.split()) >= 12 and "::=" not in d.text  # grammar and code blocks left out
     assert any(d.title == 'The "if" statement' and d.text.startswith("It selects exactly one of the suites by evaluating")
                for d in corpus.documents)
+
+
+def test_a_made_up_name_is_never_a_word_of_the_corpus():
+    """Every recombination of these titles but one ("korumi") is a word of the corpus: whatever
+    the draws, the name made is that one, or none."""
+    taken = "koora kora korora korra koumi komi kormi lumi"
+    names = qa_builder.NameMaker([Document("a", "Kora", f"Words: {taken}."), Document("b", "Lumi", "x")])
+    made = {names.make("Kora", random.Random(seed)) for seed in range(40)}
+    assert made <= {"Korumi", None} and "Korumi" in made
