@@ -57,7 +57,7 @@ REALTEXT ?= outputs/realtext
 REALTEXT_SOURCES ?= [foldoc,jargon,elements,python_docs,debian_packages]
 realtext-data: install
 	$(BIN)/python -m hybridchat.qa build sources=$(REALTEXT_SOURCES) out=$(REALTEXT)/data \
-		max_documents=1500 per_document=2 test=0.06 overwrite=true
+		max_documents=1500 per_document=2 test=0.06 unanswerable=0.15 overwrite=true
 	$(BIN)/python -m hybridchat.kb build inputs=[$(REALTEXT)/data/train_documents.jsonl] \
 		retriever.kb_dir=$(REALTEXT)/kb_train indexes=[bm25]
 	$(BIN)/python -m hybridchat.kb build inputs=[$(REALTEXT)/data/documents.jsonl] \
@@ -65,12 +65,19 @@ realtext-data: install
 	$(BIN)/python -m hybridchat.kb build inputs=[data/heldout_prose/documents.jsonl] \
 		retriever.kb_dir=$(REALTEXT)/kb_prose indexes=[bm25]
 
-REALTEXT_EVAL = $(BIN)/python -m hybridchat.evaluate model=smollm2_135m run_name=smollm2_realtext \
-	closed_book_stage=pretrained context_budget=[] retriever.top_k=3
+# $(call realtext_eval,RUN,CLOSED_BOOK_STAGE): RUN's rag checkpoint on the held-out documents' questions, then
+# on data/heldout_prose; the closed-book row is RUN's model before RAG-tuning.
+realtext_eval = for set in "$(REALTEXT)/data/test.jsonl $(REALTEXT)/kb_eval" \
+		"data/heldout_prose/questions.jsonl $(REALTEXT)/kb_prose"; do set -- $$set; \
+	$(BIN)/python -m hybridchat.evaluate model=smollm2_135m run_name=$(1) closed_book_stage=$(2) \
+		context_budget=[] retriever.top_k=3 questions=$$1 retriever.kb_dir=$$2 $(EVAL_ARGS) || exit 1; done
+# The attention teacher, then its hybrid (8 of 30 layers Mamba-2): distilled from it, RAG-tuned as it was.
 realtext: realtext-data
 	$(BIN)/python -m hybridchat.train experiment=smollm2_realtext $(ARGS)
-	$(REALTEXT_EVAL) questions=$(REALTEXT)/data/test.jsonl retriever.kb_dir=$(REALTEXT)/kb_eval $(EVAL_ARGS)
-	$(REALTEXT_EVAL) questions=data/heldout_prose/questions.jsonl retriever.kb_dir=$(REALTEXT)/kb_prose $(EVAL_ARGS)
+	$(BIN)/python -m hybridchat.train experiment=smollm2_realtext_distill $(ARGS)
+	$(BIN)/python -m hybridchat.train experiment=smollm2_realtext_hybrid $(ARGS)
+	$(call realtext_eval,smollm2_realtext,pretrained)
+	$(call realtext_eval,smollm2_realtext_hybrid,distill)
 
 test: install
 	$(BIN)/python -m pytest -q

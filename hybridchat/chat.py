@@ -94,6 +94,9 @@ def _print_documents(documents, first: int, out) -> None:
 def _print_outcome(result, out, threshold: float | None) -> None:
     if result.below_threshold:
         print(f"(abstained: the confidence is below the abstention threshold {threshold:.4g})", file=out)
+    elif result.over_abstention:
+        print(f"(answered: the model began to abstain, but its confidence is at or above the abstention threshold "
+              f"{threshold:.4g}; this is its most likely other reply)", file=out)
     elif result.abstained:
         print("(abstained: the documents shown do not hold the answer)", file=out)
     for n, d in zip(result.citations, result.cited):
@@ -144,7 +147,10 @@ def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> No
         printed = len(text)
 
     result = answerer.answer([question], None if documents is None else [documents], on_token=on_token)[0]
-    print("" if streamed else result.reply, file=out)  # below the threshold nothing was generated
+    if result.over_abstention:  # the abstention streamed above was replaced
+        print(f"\nanswer instead: {result.reply}", file=out)
+    else:
+        print("" if streamed else result.reply, file=out)  # below the threshold nothing was generated
     _print_outcome(result, out, answerer.threshold)
 
 

@@ -26,6 +26,7 @@ question and seconds per answer, with bootstrap intervals, and example traces.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import statistics
@@ -60,6 +61,7 @@ from hybridchat.training.stages import answering_stage, stage_schemas
 
 log = logging.getLogger("hybridchat")
 
+ANSWERS = "answers"  # a condition's every reply, written to answers.jsonl rather than eval.json
 HOP_SETTINGS = ("max_hops", "hop_documents", "max_query_tokens", "hop_tokens")
 
 
@@ -73,6 +75,9 @@ class EvalConfig(RunReaderConfig):
     step: Optional[int] = None                 # None: the stage's latest checkpoint
     closed_book_stage: Optional[str] = "mid"   # closed-book baseline; None: the evaluated model itself
     questions: Optional[str] = None            # your JSONL (question, answers, gold_doc_ids); None: the world's
+    # questions=FILE: evaluate this many of them, a seeded sample keeping the file's share of unanswerable
+    # ones (None: all of them)
+    sample: Optional[int] = None
     n_questions: int = 300                     # answerable held-out questions (world)
     n_unanswerable: int = 300                  # questions about entities that exist nowhere (world)
     max_answer_tokens: int = 24
@@ -111,6 +116,19 @@ def world_questions(world: World, n_questions: int, n_unanswerable: int, seed: i
     if not world.questions("heldout", 1):
         raise UserError("the checkpoint's world has no held-out people (world.heldout_fraction=0): nothing to evaluate")
     return world.evaluation_questions(n_questions, n_unanswerable, seed)
+
+
+def sample_questions(items: list[Question], n: int, seed: int) -> list[Question]:
+    """n of the questions, drawn with the seed, answerable and unanswerable ones in the file's
+    proportion (the unanswerable count rounded), in the file's order; all of them when n >= their number."""
+    if n >= len(items):
+        return items
+    unanswerable = [i for i, q in enumerate(items) if not q.answers]
+    answerable = [i for i, q in enumerate(items) if q.answers]
+    k = round(n * len(unanswerable) / len(items))
+    rng = random.Random(seed)
+    chosen = set(rng.sample(unanswerable, k)) | set(rng.sample(answerable, n - k))
+    return [q for i, q in enumerate(items) if i in chosen]
 
 
 def two_hop_questions(world: World, n: int, n_unanswerable: int, seed: int) -> list[Question]:
@@ -244,7 +262,12 @@ def prepare(cfg: EvalConfig) -> Prepared:
     if cfg.n_questions < 1 or cfg.n_unanswerable < 0:
         raise UserError(f"n_questions={cfg.n_questions} must be >= 1 and n_unanswerable={cfg.n_unanswerable} >= 0")
     threshold_setting(cfg.abstain_threshold)
+    if cfg.sample is not None and (cfg.sample < 1 or not cfg.questions):
+        raise UserError(f"sample={cfg.sample}: a number >= 1 of questions to evaluate from questions=FILE "
+                        "(or null: all of them)")
     mine = read_questions(cfg.questions) if cfg.questions else None
+    if mine is not None and cfg.sample is not None:
+        mine = sample_questions(mine, cfg.sample, cfg.seed)
     answerable = [i for i in mine or () if i.answers]
     two_hop = cfg.hops == 2 or (bool(answerable) and all(len(i.gold_doc_ids) == 2 for i in answerable))
     stage = cfg.checkpoint_stage or answering_stage(2 if two_hop else 1).name
@@ -279,12 +302,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         scores = [score(a, items[i].answers, items[i].gold_doc_ids) for a, i in zip(answers, chosen)]
         log.info("%s: %d questions in %.1f s", condition, len(chosen), seconds)
-        examples = [{"question": a.question, "reply": a.reply, "gold": list(items[i].answers),
-                     "cited": [d.id for d in a.cited], "dropped": a.dropped,
-                     "hops": [{"query": h.query, "documents": [d.id for d in h.documents], "status": h.status}
-                              for h in a.hops]} for a, i in list(zip(answers, chosen))[:5]]
+        records = [{"question": a.question, "reply": a.reply, "gold": list(items[i].answers),
+                    "cited": [d.id for d in a.cited], "dropped": a.dropped,
+                    "hops": [{"query": h.query, "documents": [d.id for d in h.documents], "status": h.status}
+                             for h in a.hops]} for a, i in zip(answers, chosen)]
         summary = summarize(scores, cfg.bootstrap, cfg.seed, HOP_RATES if two_hop else ANSWERABLE_RATES)
-        return {"condition": condition, **summary, "total_seconds": seconds, "examples": examples}
+        # Every question's reply goes to answers.jsonl (evaluate's run dir), the first five to eval.json.
+        answered = [{"condition": condition, **r, "confidence": a.confidence, "abstained": a.abstained,
+                     "below_threshold": a.below_threshold, "over_abstention": a.over_abstention, "em": s["em"]}
+                    for r, a, s in zip(records, answers, scores)]
+        return {"condition": condition, **summary, "total_seconds": seconds, "examples": records[:5],
+                ANSWERS: answered}
 
     conditions = []
     closed_run = evaluated
@@ -376,8 +404,10 @@ def run(cfg: DictConfig) -> float:
         return found.threshold
     out = Path(HydraConfig.get().runtime.output_dir)
     table = markdown(report)
+    answered = [a for c in report["conditions"] for a in c.pop(ANSWERS)]
     atomic_write_text(out / "eval.md", table)
     atomic_write_json(out / "eval.json", report)
+    atomic_write_text(out / "answers.jsonl", "".join(json.dumps(a) + "\n" for a in answered))
     atomic_write_bytes(out / "eval.png", plot(report))
     tracker = Tracker(out, config.logger, OmegaConf.to_container(cfg, resolve=True), job_type="eval",
                       name=f"{config.run_name}-eval")

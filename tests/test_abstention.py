@@ -27,34 +27,32 @@ from hybridchat.training.runs import load_run, threshold_setting
 NAN = float("nan")
 
 
-def plain_search(confidences, abstained, target):
+def plain_search(confidences, target):
     """The reference: every candidate threshold (each confidence, 0 and 1) tried in turn, the largest
-    whose share of abstaining answerable questions is at most the target, in exact fractions (the
+    whose share of answerable questions below it is at most the target, in exact fractions (the
     target as the decimal written: 0.29 is 29/100)."""
     if not confidences:
         return None
     feasible = [t for t in {0.0, 1.0, *(c for c in confidences if math.isfinite(c))}
-                if Fraction(sum(a or c < t for c, a in zip(confidences, abstained)), len(confidences))
-                <= Fraction(str(target))]
+                if Fraction(sum(c < t for c in confidences), len(confidences)) <= Fraction(str(target))]
     return max(feasible, default=0.0)
 
 
-@pytest.mark.parametrize("confidences, abstained, target, expected", [
-    # 10 answering: 2 may abstain -> the third-lowest confidence
-    ([0.9, 0.2, 0.5, 0.7, 0.3, 0.95, 0.6, 0.8, 0.4, 0.85], [False] * 10, 0.2, 0.4),
-    ([0.2, 0.5, 0.5, 0.9], [False] * 4, 0.5, 0.5),        # ties at the threshold stay answered
-    ([0.7, 0.7, 0.7, 0.7], [False] * 4, 0.25, 0.7),       # all tied: none can go alone
-    ([0.9, 0.8, 0.3, 0.1], [False, False, False, True], 0.5, 0.8),  # the model's own abstention counts
-    ([0.9, 0.8], [True, True], 0.5, 0.0),                  # all abstaining: nothing to add
-    ([], [], 0.1, None),                                   # no questions: no threshold
-    ([0.6, 0.3, 0.9], [False] * 3, 0.0, 0.3),              # target 0: none may abstain
-    ([0.6, 0.3, 0.9], [False, True, False], 0.0, 0.0),     # ... and one already does
-    ([i / 100 for i in range(100)], [False] * 100, 0.29, 0.29),  # 0.29 x 100 is 29 questions, not 28
-    ([NAN, 0.5, 0.7], [False] * 3, 0.34, 0.7),             # NaN is never below a threshold
+@pytest.mark.parametrize("confidences, target, expected", [
+    # 10 questions: 2 may abstain -> the third-lowest confidence
+    ([0.9, 0.2, 0.5, 0.7, 0.3, 0.95, 0.6, 0.8, 0.4, 0.85], 0.2, 0.4),
+    ([0.2, 0.5, 0.5, 0.9], 0.5, 0.5),        # ties at the threshold stay answered
+    ([0.7, 0.7, 0.7, 0.7], 0.25, 0.7),       # all tied: none can go alone
+    ([0.9, 0.8, 0.3, 0.1], 0.5, 0.8),
+    ([], 0.1, None),                         # no questions: no threshold
+    ([0.6, 0.3, 0.9], 0.0, 0.3),             # target 0: none may abstain
+    ([0.6, 0.3, 0.9], 1.0, 1.0),             # target 1: all may
+    ([i / 100 for i in range(100)], 0.29, 0.29),  # 0.29 x 100 is 29 questions, not 28
+    ([NAN, 0.5, 0.7], 0.34, 0.7),            # NaN is never below a threshold
 ])
-def test_the_threshold_on_hand_computed_cases(confidences, abstained, target, expected):
-    assert choose_threshold(confidences, abstained, target) == expected
-    assert plain_search(confidences, abstained, target) == expected
+def test_the_threshold_on_hand_computed_cases(confidences, target, expected):
+    assert choose_threshold(confidences, target) == expected
+    assert plain_search(confidences, target) == expected
 
 
 def test_the_threshold_equals_a_plain_search_on_random_cases():
@@ -62,10 +60,8 @@ def test_the_threshold_equals_a_plain_search_on_random_cases():
     for _ in range(500):
         n = rng.randint(1, 12)
         confidences = [round(rng.random(), 1) for _ in range(n)]  # one decimal: many ties
-        abstained = [rng.random() < 0.2 for _ in range(n)]
         target = rng.choice([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.7, 0.9])  # as typed: decimals
-        assert choose_threshold(confidences, abstained, target) == plain_search(confidences, abstained, target), (
-            confidences, abstained, target)
+        assert choose_threshold(confidences, target) == plain_search(confidences, target), (confidences, target)
 
 
 def _scored(confidence, abstained, answerable=True):
@@ -80,8 +76,10 @@ def test_calibrate_records_the_rates_the_threshold_reaches():
     answerable = [_scored(0.9, False), _scored(0.4, False), _scored(0.6, False), _scored(0.2, True)]
     unanswerable = [_scored(0.3, False, False), _scored(0.7, False, False), _scored(0.1, True, False)]
     found = calibrate(answerable + unanswerable, 0.5, "v.jsonl", "ab12")
-    # 4 answerable, 2 may abstain, 1 does: the second-lowest answering confidence, 0.6
+    # 4 answerable, 2 may abstain: the third-lowest confidence, 0.6, whether or not the model wrote
+    # ABSTAIN (at 0.6 and above it answers anyway); 0.3 and 0.1 of the unanswerable ones fall below
     assert found == Calibration(0.6, 0.5, 4, 2 / 4, 3, 2 / 3, "v.jsonl", "ab12")
+    assert calibrate([_scored(0.2, True), _scored(0.9, True)], 0.5, "v").threshold == 0.9
     assert Calibration.from_meta(json.loads(json.dumps(found.to_meta()))) == found
     only_unanswerable = calibrate(unanswerable, 0.1, "u")
     assert only_unanswerable.threshold is None and only_unanswerable.questions == 0
@@ -162,6 +160,79 @@ def test_multi_hop_withholds_a_reply_below_the_threshold(tok, model, fake_confid
     assert (cut[1].reply, cut[1].abstained, cut[1].citations) == (ABSTAIN, True, [])
     assert cut[1].hops == plain[1].hops and cut[1].confidence == 0.2
     assert [a.reply for a in cut[::2]] == [a.reply for a in plain[::2]]
+
+
+class AlwaysAbstains(torch.nn.Module):
+    """The test model with its logits pushed toward writing ABSTAIN: after the reply's first position
+    (the prompt's last token) the abstention's first token, after each abstention token the next one.
+    Where that first token is ruled out, the model's own logits decide from then on."""
+
+    def __init__(self, model, tok, prompt_end: int, stop: int):
+        super().__init__()
+        self.model = model
+        ids = tok.encode(ABSTAIN)
+        self.next = dict(zip([prompt_end] + ids, ids + [stop]))
+
+    def forward(self, idx, cache=None, last_only=False):
+        logits = self.model(idx, cache=cache, last_only=last_only).clone()
+        tokens = idx[:, -1:] if last_only else idx
+        for (b, t), token in zip(torch.cartesian_prod(torch.arange(tokens.size(0)), torch.arange(tokens.size(1))),
+                                 tokens.flatten().tolist()):
+            if token in self.next:
+                logits[b, t, self.next[token]] += 100.0
+        return logits
+
+    def allocate_cache(self, *args, **kwargs):
+        return self.model.allocate_cache(*args, **kwargs)
+
+
+def greedy_without_first(model, prompt, banned, stop, max_new):
+    """The reference: full forwards, no cache; the first token is the best one not banned."""
+    out = []
+    for step in range(max_new):
+        logits = model(torch.tensor([prompt + out]))[0, -1].clone()
+        if step == 0:
+            logits[banned] = -float("inf")
+        token = int(logits.argmax())
+        if token == stop:
+            break
+        out.append(token)
+    return out
+
+
+@pytest.fixture
+def abstaining(tok, model):
+    answerer = Answerer(model, tok, 256, max_answer_tokens=6)
+    prompt_end = answerer.prompt(list(QUESTIONS)[0], DOCS)[0][-1]
+    return AlwaysAbstains(model, tok, prompt_end, answerer.renderer.stop_token).eval()
+
+
+def test_at_or_above_the_threshold_the_model_answers_where_it_would_abstain(tok, abstaining, fake_confidence):
+    questions, docs = list(QUESTIONS), [DOCS] * 3
+    plain = Answerer(abstaining, tok, 256, max_answer_tokens=6).answer(questions, docs)
+    assert [a.reply for a in plain] == [ABSTAIN] * 3 and not any(a.over_abstention for a in plain)
+    answerer = Answerer(abstaining, tok, 256, max_answer_tokens=6, threshold=0.5)
+    answers = answerer.answer(questions, docs)
+    assert [a.over_abstention for a in answers] == [True, False, True]
+    assert [a.below_threshold for a in answers] == [False, True, False]
+    assert answers[1].reply == ABSTAIN
+    stop, banned = answerer.renderer.stop_token, tok.encode(ABSTAIN)[:1]
+    for i in (0, 2):
+        expected = greedy_without_first(abstaining, answerer.prompt(questions[i], DOCS)[0], banned, stop, 6)
+        assert expected[0] != banned[0] and answers[i].reply == tok.decode(expected).strip()
+        assert not answers[i].abstained
+
+
+def test_multi_hop_answers_where_it_would_abstain_at_or_above_the_threshold(tok, abstaining, fake_confidence):
+    def search(queries, shown=()):
+        return [list(DOCS) for _ in queries]
+
+    mh = MultiHop(abstaining, tok, search, 256, NoQueries(), max_hops=1, max_answer_tokens=6, threshold=0.5)
+    answers = mh.answer(list(QUESTIONS), [DOCS] * 3)
+    single = Answerer(abstaining, tok, 256, max_answer_tokens=6, threshold=0.5).answer(list(QUESTIONS), [DOCS] * 3)
+    assert [a.over_abstention for a in answers] == [True, False, True]
+    assert [a.reply for a in answers] == [a.reply for a in single]  # one hop: the same prompt, the same reply
+    assert answers[1].below_threshold and answers[1].reply == ABSTAIN
 
 
 # -- stored with the checkpoint, read back, and the setting -------------------------------------------

@@ -154,6 +154,27 @@ def test_staggered_prompts_greedy_equal_a_full_forward_loop(pattern):
         assert res.finish_reasons == ["length"] * 3 and res.generated_tokens == 21
 
 
+def test_suppressed_tokens_are_never_the_first_and_only_the_first_token_sampled():
+    """Staggered prompts (each row samples its first token at a different step) with each row's own
+    greedy first token and one of its later tokens suppressed: each row starts with the best other
+    first token, then continues as a plain full-forward greedy loop from there, the suppressed tokens
+    allowed again."""
+    model = tiny_lm("MA")
+    prompts = [[1, 5, 9, 3, 7, 2, 8, 4, 6, 10, 11], [4, 2], [7, 7, 7, 1, 2, 3]]
+    plain = [naive_greedy(model, p, 7) for p in prompts]
+    suppressed = sorted({t[0] for t in plain} | {plain[0][3]})
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            logits = model(torch.tensor([p]))[0, -1].clone()
+            logits[suppressed] = -float("inf")
+            first = int(logits.argmax())
+            expected.append([first] + naive_greedy(model, p + [first], 6))
+    assert all(e[0] not in suppressed for e in expected) and expected != plain
+    res = Engine(model, prefill_chunk=4).generate(prompts, 7, temperature=0, begin_suppress_tokens=suppressed)
+    assert res.tokens == expected
+
+
 def test_stop_token_ends_its_row_only_and_streams_every_sampled_token():
     """Three rows; the stop token is one the first row's greedy continuation reaches and the others'
     do not: that row ends "stop" before it (the stop token is neither returned nor streamed) and the

@@ -91,11 +91,34 @@ def test_a_package_stanza_becomes_a_document_linking_its_dependencies():
 
 def test_cloze_questions_ask_for_a_span_of_the_sentence_and_name_the_entity():
     doc = Document("d1", "Pascal", "It was designed by Niklaus Wirth in 1970. It is small.")
-    seen = {(qa.question, qa.answers) for seed in range(30)
+    seen = {(qa.question, qa.answers) for seed in range(200)
             for qa in qa_builder.cloze_questions(doc, random.Random(seed))}
     assert seen == {("Pascal was designed by whom in 1970?", ("Niklaus Wirth",)),
+                    ("By whom was Pascal designed in 1970?", ("Niklaus Wirth",)),
                     ("Pascal was designed by Niklaus Wirth in what year?", ("1970",)),
-                    ("Pascal was designed by Niklaus Wirth in which year?", ("1970",))}
+                    ("In what year was Pascal designed by Niklaus Wirth?", ("1970",)),
+                    ("Pascal was designed by Niklaus Wirth in which year?", ("1970",)),
+                    ("In which year was Pascal designed by Niklaus Wirth?", ("1970",))}
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("The lantern was cast by whom?", "By whom was the lantern cast?"),
+    ("Pascal was released in which year after a long delay?", "In which year was Pascal released after a long delay?"),
+    ("The council published a plan in what year?", None),       # no is/was to invert: "did ... publish"
+    ("The man who was tall was seen by whom?", None),           # the first "was" is a clause of its own
+    ("In May what year, the council met?", None),
+])
+def test_fronting_the_wh_phrase_by_hand(question, expected):
+    assert qa_builder.fronted(question) == expected
+
+
+def test_a_parenthetical_is_not_repeated_and_a_joined_name_is_not_asked():
+    doc = Document("d", "Prolog++", "Prolog++ (after C++) was extended by Phil Vasey in 1989.")
+    asked = {qa.question for seed in range(20) for qa in qa_builder.cloze_questions(doc, random.Random(seed))}
+    assert asked and not any("after C++" in q for q in asked)
+    joined = Document("d", "Foo", "Foo was written by Ada (born Byron) Lovelace in 1843.")
+    answers = {qa.answers for seed in range(20) for qa in qa_builder.cloze_questions(joined, random.Random(seed))}
+    assert ("Ada Lovelace",) not in answers and ("1843",) in answers
 
 
 def test_counts_fields_and_definitions_by_hand():
@@ -108,6 +131,17 @@ def test_counts_fields_and_definitions_by_hand():
     pkg = Document("p", "foo", "Package: foo. Maintainer: Jane Roe <jane@example.org>. Section: utils. Description: x")
     fields = {qa.answers for qa in qa_builder.field_questions(pkg, rng)}
     assert fields == {("Jane Roe", "Jane Roe <jane@example.org>"), ("utils",)}
+
+
+def test_a_document_gets_at_most_one_field_question_and_the_rest_from_its_prose():
+    pkg = Document("p", "foo", "Package: foo. Maintainer: Jane Roe <jane@example.org>. Section: utils. "
+                   "Version: 1.2. Homepage: example.org. Foo was written by Ada Lovelace in 1843. "
+                   "It was later ported to 12 platforms.")
+    for seed in range(10):
+        asked = qa_builder.document_questions(pkg, {}, "package", "depends on", 4, random.Random(seed))
+        kinds = [qa.kind for qa in asked]
+        # 4 fields and 2 prose sentences (one cloze question each) on offer: one field, both cloze
+        assert sorted(kinds) == ["cloze", "cloze", "field"], kinds
 
 
 def test_a_two_hop_question_asks_through_the_single_link_without_naming_its_target():

@@ -292,6 +292,15 @@ def test_evaluate_writes_table_json_and_plot(pipeline):
     assert [r["documents"] for r in report["context_budget"]] == [1, 2]
     assert (out / "eval" / "eval.png").stat().st_size > 1000
     assert "| RAG, bm25 top-3 | " in (out / "eval" / "eval.md").read_text()
+    # Every reply, per condition, in answers.jsonl: its rates recomputed by hand equal the table's.
+    rows = [json.loads(line) for line in (out / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert [sum(r["condition"] == n for r in rows) for n in names] == [18, 18, 12]
+    rag = [r for r in rows if r["condition"] == names[1]]
+    answerable = [r for r in rag if r["gold"]]
+    assert sum(r["em"] for r in answerable) / 12 == pytest.approx(report["conditions"][1]["em"][0])
+    assert sum(r["abstained"] for r in rag if not r["gold"]) / 6 == pytest.approx(
+        report["conditions"][1]["abstain_unanswerable"][0])
+    assert all(0 <= r["confidence"] <= 1 and r["em"] is None for r in rag if not r["gold"])
 
 
 def test_evaluate_on_your_questions_and_bad_inputs(pipeline, tmp_path):
@@ -305,7 +314,9 @@ def test_evaluate_on_your_questions_and_bad_inputs(pipeline, tmp_path):
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert (report["answerable"], report["unanswerable"]) == (1, 1)
     for args, needle in ((["run_name=absent"], "stage=rag run_name=absent"),
-                         (["run_name=p", f"questions={tmp_path}/missing.jsonl"], "missing.jsonl")):
+                         (["run_name=p", f"questions={tmp_path}/missing.jsonl"], "missing.jsonl"),
+                         (["run_name=p", f"questions={questions}", "sample=0"], "sample=0"),
+                         (["run_name=p", "sample=5"], "sample=5: a number >= 1 of questions to evaluate from")):
         bad = cli("hybridchat.evaluate", f"paths.outputs={out}", *args, f"hydra.run.dir={tmp_path}/bad")
         assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
 
@@ -437,8 +448,8 @@ def test_rag_stores_the_threshold_chosen_on_its_validation_questions(pipeline, t
         [q.question for q in validation], documents)
     mine = [(a.confidence, a.abstained) for a, q in zip(answers, validation) if q.answers]
     assert (stored["questions"], stored["unanswerable"]) == (len(mine), len(validation) - len(mine))
-    assert stored["threshold"] == plain_search([c for c, _ in mine], [a for _, a in mine], 0.3)
-    assert stored["false_abstention"] == sum(a or c < stored["threshold"] for c, a in mine) / len(mine) <= 0.3
+    assert stored["threshold"] == plain_search([c for c, _ in mine], 0.3)
+    assert stored["false_abstention"] == sum(c < stored["threshold"] for c, _ in mine) / len(mine) <= 0.3
     assert stored["target_false_abstention"] == 0.3 and "rag stage's validation questions" in stored["chosen_on"]
 
 
@@ -532,3 +543,16 @@ def test_calibrate_stores_a_threshold_that_evaluate_and_chat_apply_unless_told_o
     for module, extra in (("hybridchat.evaluate", f"hydra.run.dir={tmp_path}/bad"), ("hybridchat.chat", "prompt=x")):
         bad = app(module, "abstain_threshold=1.5", extra)
         assert_one_error(bad.returncode, bad.stderr, "abstain_threshold=1.5 must be a number in [0, 1]")
+
+
+def test_a_sample_of_your_questions_keeps_their_share_of_unanswerable_ones():
+    from hybridchat.core.questions import Question
+    from hybridchat.evaluate import sample_questions
+
+    items = [Question(f"q{i}?", () if i % 5 < 2 else ("a",)) for i in range(50)]  # 20 unanswerable, 30 answerable
+    picked = sample_questions(items, 10, seed=3)
+    assert (sum(not q.answers for q in picked), sum(bool(q.answers) for q in picked)) == (4, 6)
+    order = [items.index(q) for q in picked]
+    assert order == sorted(order) and len(set(order)) == 10  # the file's order, no repeats
+    assert sample_questions(items, 10, seed=3) == picked and sample_questions(items, 10, seed=4) != picked
+    assert sample_questions(items, 50, seed=0) == items and sample_questions(items, 80, seed=0) == items

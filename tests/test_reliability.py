@@ -358,6 +358,6 @@ def test_a_confidence_that_is_not_a_number_is_never_printed_as_one():
     for value, shown in ((0.8123, "confidence: 0.81"), (float("nan"), "confidence: undefined"),
                          (float("inf"), "confidence: undefined")):
         out = io.StringIO()
-        _print_outcome(SimpleNamespace(abstained=False, below_threshold=False, citations=[], cited=[],
+        _print_outcome(SimpleNamespace(abstained=False, below_threshold=False, over_abstention=False, citations=[], cited=[],
                                        confidence=value), out, None)
         assert shown in out.getvalue() and "nan" not in out.getvalue() and "inf" not in out.getvalue()

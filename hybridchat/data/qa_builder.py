@@ -44,6 +44,10 @@ _POS = re.compile(r"^(?:n|v|adj|adv|vt|vi|interj|prep|pron|abbrev)\.(?:,\s*(?:n|
 _OR = re.compile(r'^\((?:Or|or|Also|also)\s[^)]*\)\s*')
 _CAPITALISED_STARTS = {"The", "A", "An", "It", "This", "In", "On", "At", "For", "Its", "Some", "Most", "Many",
                        "When", "If", "As", "One", "Two", "There", "These", "Those", "Each", "All", "After", "Before"}
+_INVERTIBLE = re.compile(r"^(?P<subject>[A-Z][^,;:?]*?) (?P<aux>is|are|was|were) (?P<rest>.+)$")
+_AUX = re.compile(r"\b(?:is|are|was|were)\b")
+_FRONTABLE = re.compile(r"\bby whom\b|\bin (?:what|which) year\b")
+_PARENTHETICAL = re.compile(r"\s*\([^()]*\)")
 _FIELD_NOUNS = {"maintainer": "who", "homepage": "what", "section": "which", "version": "which", "source": "which"}
 
 _PREFIXES = ("In {title}, {q}", "According to the entry on {title}, {q}", "About {title}: {q}",
@@ -115,12 +119,40 @@ def _with_entity(question: str, title: str, rng: random.Random) -> Optional[str]
     return rng.choice(_PREFIXES).format(title=title, q=q)
 
 
+def fronted(question: str) -> Optional[str]:
+    """The question as people ask it, its wh-phrase first and the verb before the subject: "Pascal was
+    designed by whom in 1970?" -> "By whom was Pascal designed in 1970?", "... in what year?" -> "In
+    what year was ...?". None where it does not begin "<subject> is|are|was|were" (inverting any
+    other verb needs its base form: "did ... design")."""
+    m = _INVERTIBLE.match(question.rstrip("?"))
+    if not m:
+        return None
+    phrase = _FRONTABLE.search(m.group("rest"))
+    # A second verb before the phrase, or a long subject, may be a clause of its own ("the man who was
+    # tall was seen by whom"): left as it is.
+    if not phrase or _AUX.search(m.group("rest")[:phrase.start()]) or len(m.group("subject").split()) > 8:
+        return None
+    rest = " ".join((m.group("rest")[:phrase.start()] + m.group("rest")[phrase.end():]).split())
+    subject = m.group("subject")
+    if subject.split(" ", 1)[0] in _CAPITALISED_STARTS:
+        subject = subject[0].lower() + subject[1:]
+    return f"{phrase.group(0)[0].upper()}{phrase.group(0)[1:]} {m.group('aux')} {subject} {rest}".rstrip() + "?"
+
+
+def _askable_clause(sentence: str) -> str:
+    """The sentence without its parentheticals (asides, glosses: "(After C++)"), which questions do not
+    repeat."""
+    return " ".join(_PARENTHETICAL.sub("", sentence).split())
+
+
 def cloze_questions(document: Document, rng: random.Random) -> list[QA]:
-    """One candidate per sentence: a year, a count or a name in it asked for."""
+    """One candidate per sentence: a year, a count or a name in it asked for; the wh-phrase fronted
+    (fronted) for half of those that allow it."""
     out = []
     for s in sentences(document.text):
         if _NOT_PROSE.search(s) or _NOT_ASKABLE.search(s) or not 6 <= len(s.split()) <= 45 or _FIELD.match(s):
             continue
+        s = _askable_clause(s)
         spans = []
         for m in _YEAR.finditer(s):
             spans.append((m.start(1), m.end(1), rng.choice(("what year", "which year")), (m.group(1),)))
@@ -138,7 +170,10 @@ def cloze_questions(document: Document, rng: random.Random) -> list[QA]:
         start, end, wh, answers = rng.choice(spans)
         q = (s[:start] + wh + s[end:]).rstrip(" .!?;:") + "?"
         q = _with_entity(q, document.title, rng)
-        if q and not any(a.lower() in q.lower() for a in answers):
+        if q and rng.random() < 0.5:
+            q = fronted(q) or q
+        # A parenthetical cut out can join a name's parts into one the document never writes.
+        if q and not any(a.lower() in q.lower() for a in answers) and all(a in document.text for a in answers):
             out.append(QA(q, answers, (document.id,), "cloze"))
     return out
 
@@ -237,11 +272,14 @@ def document_questions(document: Document, by_title: dict[str, Document], noun: 
                        per_document: int, rng: random.Random, defines_title: bool = True) -> list[QA]:
     """Up to per_document single-hop questions about one document (one of each kind first), and
     its 2-hop question when it has one. defines_title: the document is its title's only entry
-    (not one paragraph of a page), so "what is <title>?" asks for its first sentence."""
+    (not one paragraph of a page), so "what is <title>?" asks for its first sentence. At most one
+    field question: a package's fields are many and alike, and a reader taught mostly to look up
+    "Key: value" lines does not learn to read prose."""
     kinds = [definition_question(document, rng) if defines_title else [], field_questions(document, rng),
              cloze_questions(document, rng)]
     for k in kinds:
         rng.shuffle(k)
+    del kinds[1][1:]
     chosen: list[QA] = []
     while len(chosen) < per_document and any(kinds):
         for k in kinds:

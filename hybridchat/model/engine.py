@@ -103,10 +103,13 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
                  num_samples: int = 1, seed: int | None = None, on_token: TokenCallback | None = None,
-                 query_hook: QueryHook | None = None, extra_len: int = 0) -> GenerationResult:
+                 query_hook: QueryHook | None = None, extra_len: int = 0,
+                 begin_suppress_tokens: Iterable[int] = ()) -> GenerationResult:
         """Generate up to max_new_tokens sampled tokens for every prompt, num_samples times each.
         Sequence i * num_samples + s is sample s of prompt i. `extra_len` reserves cache room for
-        tokens a query_hook injects (attention layers only; a row that runs out finishes "length")."""
+        tokens a query_hook injects (attention layers only; a row that runs out finishes "length").
+        begin_suppress_tokens are never the first token sampled (e.g. the first token of a reply the
+        caller rules out)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (e.g. BOS)")
         device = next(self.model.parameters()).device
@@ -120,18 +123,19 @@ class Engine:
                                   prompt_tokens=sum(len(p) for p in prompts))
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         stops = set(stop_tokens)
+        suppressed = sorted(set(begin_suppress_tokens))
         was_training = self.model.training
         self.model.eval()
         try:
             for group in self._groups([len(p) for p in prompts]):
                 self._generate_group([list(prompts[i]) for i in group], group, max_new_tokens, num_samples,
-                                     stops, opts, on_token, query_hook, extra_len, device, result)
+                                     stops, suppressed, opts, on_token, query_hook, extra_len, device, result)
         finally:
             self.model.train(was_training)
         return result
 
-    def _generate_group(self, prompts, prompt_ids, max_new_tokens, num_samples, stops, opts, on_token, query_hook,
-                        extra_len, device, result: GenerationResult) -> None:
+    def _generate_group(self, prompts, prompt_ids, max_new_tokens, num_samples, stops, suppressed, opts, on_token,
+                        query_hook, extra_len, device, result: GenerationResult) -> None:
         model = self.model
         capacity = max(len(p) for p in prompts) + max_new_tokens + extra_len
         cache = model.allocate_cache(len(prompts), capacity, dtype=self._cache_dtype(device))
@@ -163,7 +167,12 @@ class Engine:
             ready = [i for i, r in enumerate(rows) if not r.pending]
             finished = set()
             if ready:
-                tokens = sample(logits[ready], **opts).tolist()
+                step = logits[ready]
+                first = [j for j, i in enumerate(ready) if rows[i].sampled == 0]
+                if suppressed and first:
+                    step = step.clone()
+                    step[torch.tensor(first, device=device)[:, None], torch.tensor(suppressed, device=device)] = -float("inf")
+                tokens = sample(step, **opts).tolist()
                 for i, tok in zip(ready, tokens):
                     r = rows[i]
                     if tok in stops:

@@ -1,12 +1,14 @@
 """The answer-or-abstain decision made on a calibrated threshold.
 
-A model abstains by writing ABSTAIN; on documents unlike its training data it may never do so, or
-answer everything at full confidence. A threshold t on its confidence (1 - P(reply == ABSTAIN),
-hybridchat.rag.answer) makes the decision robust: answer only when the model does not abstain and
-its confidence is >= t. t is chosen on validation questions for a target false-abstention rate: the
-largest t such that at most that share of the answerable ones abstain (the model wrote ABSTAIN, or
-its confidence is below t). It is never chosen on the questions it is then evaluated on: the rates
-it reaches there would be optimistic.
+A model abstains by writing ABSTAIN; on documents unlike its training data it may abstain on almost
+everything, never do so, or answer everything at full confidence. A threshold t on its confidence
+(1 - P(reply == ABSTAIN), hybridchat.rag.answer) makes the decision robust: answer exactly where the
+confidence is >= t. Below t the reply is ABSTAIN; at or above it, where the model would still write
+ABSTAIN, its most likely reply that does not begin as ABSTAIN does is given instead (the model was
+taught to abstain more often than this corpus needs). t is chosen on validation questions for a
+target false-abstention rate: the largest t below which at most that share of the answerable ones
+fall. It is never chosen on the questions it is then evaluated on: the rates it reaches there would
+be optimistic.
 
 The choice is stored with the checkpoint (meta.json "abstention", by the rag and refrag stages or
 `python -m hybridchat.evaluate calibrate=true`); chat and the evaluator apply it
@@ -20,21 +22,18 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 
-def choose_threshold(confidences: Sequence[float], abstained: Sequence[bool], target: float) -> float | None:
+def choose_threshold(confidences: Sequence[float], target: float) -> float | None:
     """The largest t in [0, 1] such that, of these answerable questions, at most a share `target`
-    abstain: the model wrote ABSTAIN or its confidence is < t. None without questions; 0.0 (no
-    abstention beyond the model's own) where the model's own abstentions already exceed the target.
-    A non-finite confidence is never below a threshold (a comparison with NaN is false)."""
+    have a confidence < t (and so abstain). None without questions. A non-finite confidence is never
+    below a threshold (a comparison with NaN is false), so it never counts against the target."""
     n = len(confidences)
     if n == 0:
         return None
-    # Answers the threshold may still turn into abstentions; the epsilon keeps 0.29 x 100 at 29, not 28.
-    allowed = math.floor(target * n + 1e-9) - sum(bool(a) for a in abstained)
-    if allowed < 0:
-        return 0.0
-    answering = sorted(c for c, a in zip(confidences, abstained) if not a and math.isfinite(c))
+    # The epsilon keeps 0.29 x 100 at 29, not 28.
+    allowed = math.floor(target * n + 1e-9)
+    finite = sorted(c for c in confidences if math.isfinite(c))
     # Below the (allowed + 1)-th smallest confidence lie at most `allowed` of them (ties stay above).
-    return answering[allowed] if allowed < len(answering) else 1.0
+    return finite[allowed] if allowed < len(finite) else 1.0
 
 
 def below(confidence: float, threshold: float | None) -> bool:
@@ -87,15 +86,15 @@ def calibrate(scores: Sequence[dict], target: float, chosen_on: str, questions_s
               ) -> Calibration:
     """The threshold for `target` on scored validation questions (hybridchat.rag.answer.score of the
     model's own replies, no threshold applied: "em" None marks an unanswerable question), and the
-    rates it reaches on them."""
+    rates it reaches on them: where a question abstains depends only on its confidence."""
     answerable = [s for s in scores if s["em"] is not None]
     unanswerable = [s for s in scores if s["em"] is None]
-    t = choose_threshold([s["confidence"] for s in answerable], [bool(s["abstain"]) for s in answerable], target)
+    t = choose_threshold([s["confidence"] for s in answerable], target)
 
     def abstaining(group: list[dict]) -> float | None:
         if not group or t is None:
             return None
-        return sum(bool(s["abstain"]) or below(s["confidence"], t) for s in group) / len(group)
+        return sum(below(s["confidence"], t) for s in group) / len(group)
 
     return Calibration(t, target, len(answerable), abstaining(answerable), len(unanswerable), abstaining(unanswerable),
                        chosen_on, questions_sha256)

@@ -102,6 +102,9 @@ class Answer:
     # abstained because the confidence is below the abstention threshold (rag/abstention.py); the reply
     # is then ABSTAIN (single-hop: none was generated)
     below_threshold: bool = False
+    # answered although the model wrote ABSTAIN: its confidence is at or above the threshold, so the
+    # reply is its most likely one that does not begin as the abstention does
+    over_abstention: bool = False
 
     @property
     def n_hops(self) -> int:
@@ -116,8 +119,9 @@ class Answer:
 
 
 class Answerer:
-    """threshold: abstain also where the confidence is below it (None: only where the model writes
-    ABSTAIN); those questions are not generated for."""
+    """threshold: answer exactly where the confidence is at or above it (rag/abstention.py): below it
+    the reply is ABSTAIN and nothing is generated; at or above it a reply the model began as ABSTAIN is
+    replaced by its best reply that does not. None: the model's own decision."""
 
     def __init__(self, model, tokenizer, max_context: int, max_answer_tokens: int = 24, batch_size: int = 32,
                  threshold: float | None = None):
@@ -155,11 +159,13 @@ class Answerer:
             generated = [i for i in range(len(batch)) if confidence is None or not below(confidence[i], self.threshold)]
             replies = dict.fromkeys(range(len(batch)), ABSTAIN)  # what the threshold leaves ungenerated
             if generated:
-                result = Engine(self.model).generate(
-                    [prompts[i][0] for i in generated], max_new_tokens=self.max_answer_tokens, temperature=0,
-                    stop_tokens=[self.renderer.stop_token],
-                    on_token=None if on_token is None else lambda j, token: on_token(generated[j], token))
+                result = self._generate([prompts[i][0] for i in generated],
+                                        None if on_token is None else lambda j, token: on_token(generated[j], token))
                 replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(generated, result.tokens)})
+            overruled = [i for i in generated if self.threshold is not None and parse_reply(replies[i])[2]]
+            if overruled:
+                result = self.answers_instead([prompts[i][0] for i in overruled])
+                replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(overruled, result.tokens)})
             if confidence is None:
                 confidence = self.confidence([p for p, _ in prompts]).tolist()
             seconds = (time.perf_counter() - t0) / len(batch)
@@ -168,8 +174,22 @@ class Answerer:
                 given = 0 if shown[i] is None else len(shown[i])
                 out.append(Answer(q, replies[i], answer, citations, abstained, confidence[i], docs,
                                   given - len(docs), seconds, closed_book=shown[i] is None,
-                                  below_threshold=below(confidence[i], self.threshold)))
+                                  below_threshold=below(confidence[i], self.threshold),
+                                  over_abstention=i in overruled))
         return out
+
+    def _generate(self, prompts: Sequence[list[int]], on_token: TokenCallback | None = None,
+                  suppress: Sequence[int] = ()):
+        return Engine(self.model).generate(prompts, max_new_tokens=self.max_answer_tokens, temperature=0,
+                                           stop_tokens=[self.renderer.stop_token], on_token=on_token,
+                                           begin_suppress_tokens=suppress)
+
+    def answers_instead(self, prompts: Sequence[list[int]]):
+        """Greedy replies that do not begin as ABSTAIN does (its first token is ruled out): what the
+        model answers where it would abstain but the threshold says to answer. A reply beginning with
+        that token but going on otherwise ("The Beatles [2]") is never asked for again: only replies
+        that are exactly ABSTAIN are."""
+        return self._generate(prompts, suppress=self.abstain_ids[:1])
 
     def confidence(self, prompts: Sequence[list[int]]) -> torch.Tensor:
         """1 - P(reply == ABSTAIN | prompt) per prompt: high = sure the documents answer it."""

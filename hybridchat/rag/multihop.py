@@ -133,8 +133,8 @@ class _RowState:
 
 class MultiHop:
     """Multi-hop generation over a batch of questions; `answer` for greedy replies (evaluation,
-    chat), `rollouts` for sampled trajectories (GRPO). threshold: `answer` abstains also where the
-    confidence after the last hop is below it (None: only where the model writes ABSTAIN)."""
+    chat), `rollouts` for sampled trajectories (GRPO). threshold: `answer` answers exactly where the
+    confidence after the last hop is at or above it, as Answerer does (None: the model's own decision)."""
 
     def __init__(self, model, tokenizer, search: Callable[..., list[list[Document]]], max_context: int,
                  queries: QueryGenerator | None = None, max_hops: int = 2, max_query_tokens: int = 16,
@@ -289,10 +289,27 @@ class MultiHop:
             t0 = time.perf_counter()
             trajectories = self.rollouts(batch, None if first is None else first[lo:lo + self.batch_size])
             prefixes = [t.prompt + t.tokens[:t.answer_start] for t in trajectories]
-            confidence = self.answerer.confidence(prefixes)
+            confidence = self.answerer.confidence(prefixes).tolist()
+            overruled = [j for j, t in enumerate(trajectories) if self._overrules(t, confidence[j])]
+            if overruled:
+                instead = self.answerer.answers_instead([prefixes[j] for j in overruled])
+                for j, tokens, finish in zip(overruled, instead.tokens, instead.finish_reasons):
+                    t = trajectories[j]
+                    stop = [self.renderer.stop_token] if finish == "stop" else []
+                    trajectories[j] = replace(t, tokens=t.tokens[:t.answer_start] + tokens + stop,
+                                              written=t.written[:t.answer_start] + [1] * (len(tokens) + len(stop)),
+                                              finish=finish)
             seconds = (time.perf_counter() - t0) / len(batch)
-            out += [self.to_answer(q, t, c, seconds) for q, t, c in zip(batch, trajectories, confidence.tolist())]
+            out += [replace(self.to_answer(q, t, c, seconds), over_abstention=j in overruled)
+                    for j, (q, t, c) in enumerate(zip(batch, trajectories, confidence))]
         return out
+
+    def _overrules(self, t: Trajectory, confidence: float) -> bool:
+        """The model's final answer is the abstention, but its confidence is at or above the threshold."""
+        if self.threshold is None or below(confidence, self.threshold):
+            return False
+        text, _ = self.reply(t)
+        return self.query_start not in text and parse_reply(text)[2]
 
     @property
     def threshold(self) -> float | None:

@@ -56,9 +56,11 @@ def threshold_lines(used: dict[str, Any] | None) -> list[str]:
     the threshold was chosen on the questions evaluated."""
     if used is None:
         return []
-    rule = ("only where the model writes the abstention" if used["value"] is None else
-            f"where the model writes the abstention or its confidence is below {used['value']:.4g}")
-    lines = [f"Abstains {rule} ({used['source']})."]
+    if used["value"] is None:
+        lines = [f"Abstains only where the model writes the abstention ({used['source']})."]
+    else:
+        lines = [f"Abstains exactly where the confidence is below {used['value']:.4g} ({used['source']}); at or above "
+                 "it, where the model writes the abstention, its most likely other reply is given."]
     if used.get("chosen_on_these_questions"):
         lines.append("**Warning: the threshold was chosen on these same questions: the rates below are optimistic; "
                      "calibrate on validation questions apart from the ones you evaluate on.**")
