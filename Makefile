@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu run smoke realtext realtext-data test test-gpu lint bench clean wheels gpu-check
+.PHONY: install install-gpu run smoke realtext realtext-data test test-gpu lint bench clean wheels gpu-check results
 
 install: $(STAMP)
 
@@ -81,6 +81,11 @@ realtext: realtext-data
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# docs/results.md from the result records in docs/results/*.json (each: command, commit, config hash,
+# machine, date, wall time, seeds, table); a record whose command composes differently today is marked stale.
+results: install
+	$(BIN)/python -m hybridchat.results render
 
 lint: install
 	$(BIN)/ruff check hybridchat tests
