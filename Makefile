@@ -31,7 +31,7 @@ install-gpu: install
 # EVAL_ARGS to both evaluations (the same model=/run_name= choice, plus e.g. retriever=hybrid),
 # REFRAG_ARGS to the refrag stage alone (its own keys, e.g. stage.rl_steps=0 for no GRPO).
 # The context budget stops at 8 documents (694 tokens, past the trained 512): 16 and 32 took 2.5 of
-# the evaluation's 4.4 minutes to measure 0.000 (README); context_budget=[1,2,4,8,16,32] asks for them.
+# the evaluation's 4.4 minutes to measure 0.000 (docs/results.md); context_budget=[1,2,4,8,16,32] asks for them.
 REFRAG_ARGS ?=
 run: install
 	for stage in pretrain mid rag refrag; do \

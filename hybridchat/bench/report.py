@@ -37,7 +37,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def save(name: str, rows: list[dict[str, Any]], columns: list[str], out_dir: str | Path, figure=None,
          **extra: Any) -> Path:
-    """Print the table (markdown, pasteable into the README), write <out_dir>/<name>.json and .png."""
+    """Print the table (markdown, pasteable into a result record), write <out_dir>/<name>.json and .png."""
     out_dir = Path(out_dir)
     print(format_table(rows, columns))
     path = out_dir / f"{name}.json"

@@ -8,7 +8,7 @@ first name is marked, and in a namesake's it is not: which document answers beco
 model reads off each token instead of a comparison it must first learn to make.
 
 Why it is needed: a 5.5M model given three namesakes' documents (bm25's top 3 for a full name share
-the surname) read the asked-for one at chance, whatever the training (README). Telling the asked
+the surname) read the asked-for one at chance, whatever the training (docs/results.md). Telling the asked
 name from a namesake's means matching tokens across hundreds of positions, a circuit whose two halves
 (a query holding the asked name, keys holding each document's) only pay off together; in a few
 hundred steps neither forms. With the match given, citing and abstaining are learned in 100 rag steps.

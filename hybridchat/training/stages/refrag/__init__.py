@@ -158,7 +158,7 @@ class RefragStage(RagStage):
         """The warm start has its own warmup and warmdown, so it ends settled (that checkpoint is
         the evaluator's "after the warm start"); GRPO then runs at the constant rl_lr_frac: Muon
         takes a step of fixed size whatever the gradient, and a policy gradient from a few sampled
-        groups is noisy (at the warm start's rate 15 steps undid most of what it taught: README)."""
+        groups is noisy (at the warm start's rate 15 steps undid most of what it taught: docs/results.md)."""
         warm = self.config.num_steps - self.config.rl_steps
         return lr_multiplier(step, self.config, warm) if step < warm else self.config.rl_lr_frac
 
