@@ -166,3 +166,24 @@ def test_the_command_line_says_bad_input_in_one_line(tmp_path):
     hashing.register_schemas()
     assert run.stdout.strip() == hashing.config_hash([AppConfig("train", ("stage=rag",)),
                                                       AppConfig("evaluate", ("hops=2",))])
+
+
+def test_the_readme_headline_table_is_the_make_run_record():
+    """README.md's table is a copy of columns of a record: the numbers there are the record's."""
+    from hybridchat.results.render import format_cell
+
+    r = load(ROOT / "docs" / "results" / "10-make-run-single-hop.json")
+    shown = ["condition", "EM", "hallucination", "false abstention", "abstains (unanswerable)", "AUROC"]
+    index = [[c.name for c in r.columns].index(name) for name in shown]
+    expected = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    expected += ["| " + " | ".join(format_cell(row[i], r.columns[i]) for i in index) + " |" for row in r.rows]
+    assert "\n".join(expected) in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_path_interpolated_into_the_config_is_hashed_by_name_not_by_where_it_is():
+    """experiment=smollm2_refrag_rl starts from ${paths.checkpoints}/...: another outputs folder is the
+    same computation, another source checkpoint is not."""
+    hashing.register_schemas()
+    rl = hashing.config_hash([AppConfig("train", ("experiment=smollm2_refrag_rl",))])
+    assert rl == hashing.config_hash([AppConfig("train", ("experiment=smollm2_refrag_rl", "paths.outputs=/data/x"))])
+    assert rl != hashing.config_hash([AppConfig("train", ("experiment=smollm2_refrag_rl", "stage.source=/data/x"))])

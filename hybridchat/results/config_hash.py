@@ -35,7 +35,7 @@ def register_schemas() -> None:
 
 def composed(config_name: str, overrides: Iterable[str], config_dir: Path = CONF_DIR) -> dict[str, Any]:
     """conf/<config_name>.yaml with the overrides, resolved as a run of it would resolve it (HydraConfig
-    set: run_name's default reads the model choice), without the hydra node and NOT_HASHED."""
+    set: run_name's default reads the model choice; paths by name), without the hydra node and NOT_HASHED."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -54,9 +54,13 @@ def composed(config_name: str, overrides: Iterable[str], config_dir: Path = CONF
             cfg.hydra.mode = RunMode.RUN
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
-            for key in ("hydra", *NOT_HASHED):
-                cfg.pop(key, None)
-        return OmegaConf.to_container(cfg, resolve=True)
+            cfg.pop("hydra")
+            # Keys that interpolate a path (a stage.source under ${paths.checkpoints}) resolve to its
+            # name, not to where this machine keeps it.
+            for key in cfg.get("paths") or {}:
+                cfg.paths[key] = f"<paths.{key}>"
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        return {key: value for key, value in resolved.items() if key not in NOT_HASHED}
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{config_name}.yaml with {' '.join(overrides) or 'no overrides'} does not compose: {first}") \
