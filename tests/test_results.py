@@ -75,7 +75,7 @@ def test_stale_historical_and_mean_over_seeds_are_said(tmp_path):
     old = load(write(tmp_path, "old", record(status="historical", configs=[], config_hash=None, seeds=None,
                                              wall_time_s=None)))
     lines = section(old, None)
-    assert lines[2] == "**Historical observation, not reproducible with today's code** (measured at `8610379`)."
+    assert lines[2] == "**Historical observation, not reproducible with today's code** (recorded at `8610379`)."
     assert "- config: no Hydra command to hash" in lines
     assert lines[-4].endswith("wall time not recorded; one run: an observation, not a mean over seeds")
 

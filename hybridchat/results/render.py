@@ -15,8 +15,9 @@ HEADER = """# Results
 edit the records, not this file. tests/test_results.py fails when the two differ. -->
 
 Every table here is a record under [results/](results/): the command that produced it, the commit
-the code was at, the hash of the config that command composed, the machine, the date, the wall time
-and the seeds. One seed is one run, an observation; a claim is a mean over seeds with an interval,
+the code was at (for a historical observation, the commit that recorded it: the code measured was
+at or before it), the hash of the config that command composed, the machine, the date, the wall
+time and the seeds. One seed is one run, an observation; a claim is a mean over seeds with an interval,
 and its record says how many. Intervals in brackets are 95% bootstrap intervals over questions.
 
 - **Stale** marks a record whose command composes to a different config with today's defaults
@@ -81,7 +82,7 @@ def config_line(record: Record, today: str | None) -> str:
 def section(record: Record, today: str | None) -> list[str]:
     lines = [f"### {record.title}", ""]
     if record.status == "historical":
-        lines += [f"**Historical observation, not reproducible with today's code** (measured at "
+        lines += [f"**Historical observation, not reproducible with today's code** (recorded at "
                   f"`{record.commit}`).", ""]
     elif record.config_hash is not None and today != record.config_hash:
         lines += ["**Stale**: today's defaults compose a different config for this command.", ""]
