@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit
 from hybridchat.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from hybridchat.core.metrics import bootstrap_ci
 from hybridchat.core.questions import Question, read_questions
+from hybridchat.core.seeds import EVALUATION, python_rng
 from hybridchat.data.world import World
 from hybridchat.infra import checkpoint
 from hybridchat.infra import config as config_schema
@@ -137,7 +137,7 @@ def two_hop_questions(world: World, n: int, n_unanswerable: int, seed: int) -> l
     heldout = world.questions("heldout", 2)
     if not heldout:
         raise UserError("the checkpoint's world has no held-out people (world.heldout_fraction=0): nothing to evaluate")
-    picked = random.Random(f"{seed}/eval2").sample(heldout, min(n, len(heldout)))
+    picked = python_rng(seed, EVALUATION, "2-hop-heldout").sample(heldout, min(n, len(heldout)))
     limit, asked = world.unanswerable_capacity() // 5, 4 * n_unanswerable  # about a third of them are 2-hop
     while True:
         made_up = [q for q in world.unanswerable_split("heldout", min(asked, limit)) if q.hops == 2]
@@ -342,7 +342,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               lambda item: bool(item.gold_doc_ids)))
     others = {name: load(cfg, name, stage) for name in cfg.compare}
     budget = [] if two_hop else context_budget(cfg, {cfg.run_name: evaluated, **others}, items, prepared.retriever)
-    return {"run_name": cfg.run_name, "stage": stage, "checkpoint": evaluated.meta.get("step"),
+    return {"run_name": cfg.run_name, "stage": stage, "checkpoint": evaluated.meta.get("step"), "seed": cfg.seed,
             "retriever": cfg.retriever.kind, "top_k": cfg.retriever.top_k,
             "sequence_len": evaluated.config.model.sequence_len,
             "answerable": sum(bool(i.answers) for i in items), "unanswerable": sum(not i.answers for i in items),

@@ -20,8 +20,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+import json  # noqa: E402
+import pickle  # noqa: E402
+import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.conf import RunMode  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
@@ -152,3 +156,32 @@ class StubTokenizer:
 
     def save(self, path):
         path.write_text("{}")
+
+
+def train_at_eval_cadence(train, overrides: list[str], out: Path, runs: Path, stage: str, every: int):
+    """Train `overrides` (checkpoints and caches under `out`, run folder under `runs`) evaluating every
+    `every` steps; (final weights, the global generators' states after it, evaluations run). Python's
+    and NumPy's global generators are put in one state before (the run seeds PyTorch's itself), so
+    runs that leave them alike drew alike from them."""
+    from safetensors.torch import load_file
+
+    from hybridchat.infra import checkpoint
+
+    random.seed(0)
+    np.random.seed(0)
+    name = f"every{every}"
+    train(overrides + [f"paths.outputs={out}", f"run_name={name}", f"stage.eval_every={every}"], runs / name)
+    weights = load_file(checkpoint.latest(out / "checkpoints" / name / stage) / "model.safetensors")
+    states = pickle.dumps((random.getstate(), np.random.get_state(), torch.get_rng_state()))
+    records = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    return weights, states, sum("val/bpb" in r for r in records)
+
+
+def assert_evaluation_changed_no_training(often, seldom) -> None:
+    """Two train_at_eval_cadence results: more evaluations, yet bit-identical weights and global
+    generators left alike."""
+    assert often[2] > seldom[2]
+    assert often[0].keys() == seldom[0].keys()
+    assert all(torch.equal(often[0][k], seldom[0][k]) for k in often[0]), \
+        [k for k in often[0] if not torch.equal(often[0][k], seldom[0][k])]
+    assert often[1] == seldom[1], "evaluation drew from a global random generator"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import assert_evaluation_changed_no_training, compose_config, train_at_eval_cadence
 
 from hybridchat.core.errors import UserError
 from hybridchat.infra import checkpoint
@@ -62,6 +62,16 @@ def test_mid_and_rag_start_from_the_previous_stage_and_train(pipeline):
     # measured on the new stage's data, so it is far below what a fresh model gets.
     mid_meta = checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "p" / "mid"))
     assert mid_meta["stage"] == "mid" and mid_meta["config"]["stage"]["source"] == "pretrain"
+
+
+def test_evaluating_more_often_trains_the_same_rag_weights(pipeline, tmp_path):
+    """Evaluation (greedy answers, the abstention threshold chosen on validation questions) changes
+    nothing training draws: the same weights whether it runs every step or twice."""
+    out, _ = pipeline
+    overrides = ["debug=smoke", "stage=rag", "stage.eval_questions=8", "stage.target_false_abstention=0.1",
+                 f"stage.source={out / 'checkpoints' / 'p' / 'mid'}"]
+    runs = [train_at_eval_cadence(train, overrides, out, tmp_path, "rag", every) for every in (1, 6)]
+    assert_evaluation_changed_no_training(*runs)
 
 
 def test_a_stage_without_its_source_checkpoint_names_the_command_that_makes_it(tmp_path):

@@ -10,7 +10,7 @@ from itertools import islice
 import pytest
 import test_rag
 import torch
-from conftest import compose_config
+from conftest import assert_evaluation_changed_no_training, compose_config, train_at_eval_cadence
 from test_rag import train
 from torch import nn
 
@@ -404,6 +404,16 @@ def test_refrag_smoke_run_warm_start_then_grpo_steps_from_the_rag_checkpoint(ref
     # the warm start's end (step 4: no checkpoint_every multiple) is saved and outlives keep_checkpoints=1
     kept = [p.name for p in checkpoint.list_checkpoints(latest.parent)]
     assert kept == ["step_000004", "step_000006"]
+
+
+def test_evaluating_more_often_trains_the_same_weights_through_warm_start_and_grpo(smoke_checkpoints, tmp_path):
+    """Multi-hop evaluation between GRPO steps takes nothing from the rollouts' streams: the same
+    weights whether it runs every other step or only at both ends."""
+    out, _ = smoke_checkpoints
+    overrides = ["debug=smoke", *REFRAG, "stage.eval_questions=4", "stage.rl_steps=2", "stage.group_size=2",
+                 f"stage.source={out / 'checkpoints' / 'p' / 'rag'}"]
+    runs = [train_at_eval_cadence(train, overrides, out, tmp_path, "refrag", every) for every in (2, 100)]
+    assert_evaluation_changed_no_training(*runs)
 
 
 def test_rl_continues_another_runs_warm_start_named_by_its_checkpoint_folder(refrag_run, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, train_steps
+from conftest import assert_evaluation_changed_no_training, compose_config, train_at_eval_cadence, train_steps
 
 from hybridchat.core.errors import UserError
 from hybridchat.data.tokenizer import Tokenizer
@@ -96,6 +96,28 @@ def test_a_compiled_run_trains_like_the_eager_one(smoke_run, tmp_path):
     train(compiled, tmp_path / "run")
     losses = [[r["train/loss"] for r in read_metrics(d) if "train/loss" in r] for d in (out / "run", tmp_path / "run")]
     assert len(losses[1]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+def test_evaluating_more_often_trains_the_same_weights(tmp_path):
+    """stage.eval_every changes when the model is judged, never what it learns: evaluation draws from
+    no stream training draws from (hybridchat/core/seeds.py)."""
+    runs = [train_at_eval_cadence(train, ["debug=smoke"], tmp_path, tmp_path, "pretrain", every) for every in (1, 6)]
+    assert_evaluation_changed_no_training(*runs)
+
+
+def test_the_run_seed_orders_the_pretraining_text_and_the_tokenizer_reads_it_unshuffled():
+    from hybridchat.data.sources import world_source
+    from hybridchat.data.world import World, WorldConfig
+
+    world = World.generate(WorldConfig(n_people=60))
+    own = world.pretraining_texts("train")
+    orders = {seed: list(world_source(world, seed)("train", 0)) for seed in (0, 1)}
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted(own)  # every text once, whatever the seed
+    assert orders[0] != orders[1] and orders[0] != own
+    assert list(world_source(world, 0)("train", 0)) == orders[0]  # the same seed, the same order
+    assert list(world_source(world, 0)("train", 1)) not in (orders[0], own)  # a fresh order each epoch
+    assert list(world_source(world)("train", 3)) == own  # no seed: the world's own order (the tokenizer's)
+    assert list(world_source(world, 0)("val", 2)) == world.pretraining_texts("val")  # validation never moves
 
 
 def test_samples_are_greedy_continuations_up_to_a_document_boundary(smoke_run):

@@ -38,7 +38,6 @@ line before the reply. Both markers are ordinary text there, so parsing them rea
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import count
@@ -47,6 +46,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from hybridchat.core.documents import Document
+from hybridchat.core.seeds import DATA_ORDER, python_rng
 from hybridchat.data.loader import Batch
 from hybridchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -252,7 +252,7 @@ def example_batches(n_items: int, make: Callable[[int, int], Example], batch_siz
         epoch, offset = divmod(index, per_epoch)
         if epoch != order_epoch:
             order_epoch, order = epoch, list(range(n_items))
-            random.Random(seed * 1000 + epoch).shuffle(order)
+            python_rng(seed, DATA_ORDER, "epoch", epoch).shuffle(order)
         first = offset - offset % group
         if pool_key != (epoch, first):
             last = min(first + group, per_epoch)
@@ -262,5 +262,5 @@ def example_batches(n_items: int, make: Callable[[int, int], Example], batch_siz
             else:
                 by_length = sorted(range(len(pool)), key=lambda j: len(pool[j][0]))
                 pool_batches = [by_length[b * batch_size:(b + 1) * batch_size] for b in range(last - first)]
-                random.Random(f"{seed}/{epoch}/{first}").shuffle(pool_batches)
+                python_rng(seed, DATA_ORDER, "pool", epoch, first).shuffle(pool_batches)
         yield collate([pool[j] for j in pool_batches[offset - first]], pad_id, width_limit)

@@ -7,7 +7,6 @@ sees the same stream.
 from __future__ import annotations
 
 import json
-import random
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from hybridchat.core.errors import UserError
 from hybridchat.core.fsutil import atomic_write_bytes
+from hybridchat.core.seeds import DATA_ORDER, python_rng
 
 if TYPE_CHECKING:
     from hybridchat.data.world import World
@@ -38,13 +38,16 @@ class DataConfig:
     tokenizer_train_chars: int = 20_000_000
 
 
-def world_source(world: "World") -> Source:
+def world_source(world: "World", seed: int | None = None) -> Source:
+    """The world's pretraining texts. With a run seed, the training split comes in a fresh order every
+    epoch from that seed's data-order stream (the same on every rank and on resume); without one, in
+    the world's own order (what the tokenizer is trained on: the same whatever the run seed)."""
     texts = {"train": world.pretraining_texts("train"), "val": world.pretraining_texts("val")}
 
     def docs(split: str, epoch: int) -> Iterator[str]:
         order = list(texts[split])
-        if split == "train":  # a fresh order every epoch, the same order on every rank and on resume
-            random.Random(world.config.seed * 1000 + epoch).shuffle(order)
+        if split == "train" and seed is not None:
+            python_rng(seed, DATA_ORDER, "documents", epoch).shuffle(order)
         return iter(order)
 
     return docs
@@ -183,11 +186,12 @@ def download_fineweb(cfg: DataConfig, data_dir: Path) -> Path:
     return folder
 
 
-def build_source(cfg: DataConfig, data_dir: Path, world: Callable[[], "World"]) -> Source:
+def build_source(cfg: DataConfig, data_dir: Path, world: Callable[[], "World"], seed: int | None = None) -> Source:
     """The pretraining text source; downloads go under data_dir (paths.data); `world` is called only
-    for data=world (the run's one world)."""
+    for data=world (the run's one world), whose training texts `seed` (the run's) shuffles every
+    epoch (files are read in their order)."""
     if cfg.name == "world":
-        return world_source(world())
+        return world_source(world(), seed)
     if cfg.name == "text":
         if not cfg.path:
             raise UserError("data=text needs data.path=<file or folder of .txt/.md/.jsonl/.parquet>")

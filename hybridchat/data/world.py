@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError
 from hybridchat.core.questions import Question
+from hybridchat.core.seeds import EVALUATION, python_rng
 
 SOURCE = "synthetic-world"
 PHRASINGS = 7  # phrasings per sentence slot; renderings of one entity never share one
@@ -719,11 +720,11 @@ class World:
         return out
 
     def evaluation_questions(self, n_answerable: int, n_unanswerable: int, seed: int = 0) -> list[Question]:
-        """The held-out evaluation set: a seeded sample of n_answerable single-hop questions about
-        held-out people, then n_unanswerable about made-up people of the held-out fifth (fewer when
-        a small world cannot name that many)."""
+        """The held-out evaluation set: a sample (from the evaluation stream of the run seed `seed`) of
+        n_answerable single-hop questions about held-out people, then n_unanswerable about made-up
+        people of the held-out fifth (fewer when a small world cannot name that many)."""
         heldout = self.questions("heldout", 1)
-        picked = random.Random(f"{seed}/eval").sample(heldout, min(n_answerable, len(heldout)))
+        picked = python_rng(seed, EVALUATION, "single-hop-heldout").sample(heldout, min(n_answerable, len(heldout)))
         return picked + self.unanswerable_split("heldout", min(n_unanswerable, self.unanswerable_capacity() // 5))
 
     def unanswerable_capacity(self) -> int:

@@ -71,8 +71,11 @@ class RunContext:
 
     @cached_property
     def text(self) -> Source:
-        """The pretraining text source (data group)."""
-        return build_source(self.config.data, Path(self.config.paths.data), lambda: self.world)
+        """The pretraining text source (data group), its training split in the run seed's order."""
+        return self._text_source(self.config.seed)
+
+    def _text_source(self, seed: int | None) -> Source:
+        return build_source(self.config.data, Path(self.config.paths.data), lambda: self.world, seed)
 
     @cached_property
     def source_checkpoint(self) -> Path | None:
@@ -101,11 +104,11 @@ class RunContext:
     @cached_property
     def tokenizer(self) -> Tokenizer:
         """The source checkpoint's tokenizer (a stage never changes the vocabulary), else one trained
-        on (or cached for) the pretraining text."""
+        on (or cached for) the pretraining text in its own order: one tokenizer whatever the run seed."""
         if self.source_checkpoint is not None:
             return Tokenizer.load(self.source_checkpoint / "tokenizer.json")
         data = self.config.data
-        return self._rank0_first(lambda: load_or_train(self.text("train", 0), data.tokenizer_vocab_size,
+        return self._rank0_first(lambda: load_or_train(self._text_source(None)("train", 0), data.tokenizer_vocab_size,
                                                        data.tokenizer_train_chars, self.config.paths.cache))
 
     def _rank0_first(self, build):

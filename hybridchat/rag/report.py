@@ -73,7 +73,8 @@ def markdown(report: dict[str, Any]) -> str:
     kind = "2-hop" if two_hop else "answerable"
     lines = [f"# Evaluation: {report['run_name']} / {report['stage']} (step {report['checkpoint']})", "",
              f"{report['answerable']} {kind} held-out questions, {report['unanswerable']} unanswerable; "
-             f"retriever {report['retriever']} top-{report['top_k']}; 95% bootstrap intervals.", "",
+             f"retriever {report['retriever']} top-{report['top_k']}; 95% bootstrap intervals; seed "
+             f"{report.get('seed', '?')} (the questions drawn and the bootstrap).", "",
              *threshold_lines(report.get("abstain_threshold")),
              "| condition | " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for c in report["conditions"]:

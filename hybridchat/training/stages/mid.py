@@ -5,13 +5,13 @@ identity and small talk, and your own conversations (stage.conversations=file.js
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
 
 from hybridchat.core.errors import UserError
 from hybridchat.core.metrics import exact_match
+from hybridchat.core.seeds import SPLIT, python_rng
 from hybridchat.data.chat import ChatRenderer, collate, example_batches
 from hybridchat.data.conversations import read_conversations
 from hybridchat.infra.config import StageConfig
@@ -62,7 +62,7 @@ class MidStage(Stage):
                             "stage.conversations=<file.jsonl>")
         if not 0 < self.config.val_fraction < 1:
             raise UserError(f"stage.val_fraction={self.config.val_fraction} must be in (0, 1)")
-        random.Random(cfg.seed).shuffle(chats)
+        python_rng(cfg.seed, SPLIT, "conversations").shuffle(chats)
         n_val = max(1, round(len(chats) * self.config.val_fraction))
         self.val_chats, self.train_chats = chats[:n_val], chats[n_val:]
         if len(self.train_chats) < cfg.gpu.micro_batch:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError
 from hybridchat.core.questions import Question, read_questions
+from hybridchat.core.seeds import EVALUATION, EXAMPLES, SPLIT, python_rng
 from hybridchat.data.chat import ChatRenderer, collate, example_batches
 from hybridchat.infra.config import StageConfig
 from hybridchat.rag.abstention import Calibration, calibrate
@@ -89,8 +90,7 @@ class RagStage(Stage):
         self.renderer = ChatRenderer(ctx.tokenizer)
         self.calibration: Calibration | None = None  # chosen by the last evaluate()
         train, self.heldout = self._questions()
-        rng = random.Random(ctx.config.seed)
-        rng.shuffle(train)
+        python_rng(ctx.config.seed, SPLIT, "single-hop").shuffle(train)
         n_val = max(1, round(len(train) * c.val_fraction))
         self.val_questions, self.train_questions = self._retrieve(train[:n_val]), self._retrieve(train[n_val:])
         if len(self.train_questions) < ctx.config.gpu.micro_batch:
@@ -173,10 +173,10 @@ class RagStage(Stage):
                   if self.train_questions[i].question != q.question]
         return rng.sample(others, min(len(others), self.config.questions_per_example - 1))
 
-    def epoch_example(self, questions: list[Question], i: int, epoch: int, follow: bool = True):
-        """questions[i]'s example in epoch `epoch`: its draws seeded by (seed, epoch, i)."""
-        rng = random.Random(f"{self.ctx.config.seed}/{epoch}/{i}")
-        return self.example(questions[i], rng, self._follow_ups(questions[i], rng) if follow else [])
+    def epoch_example(self, questions: list[Question], i: int, epoch: int):
+        """questions[i]'s training example in epoch `epoch`: its draws from the examples stream at (epoch, i)."""
+        rng = python_rng(self.ctx.config.seed, EXAMPLES, "single-hop", epoch, i)
+        return self.example(questions[i], rng, self._follow_ups(questions[i], rng))
 
     def train_batches(self, start, rank, world_size):
         return example_batches(len(self.train_questions),
@@ -188,7 +188,8 @@ class RagStage(Stage):
     def _val(self):
         size = self.ctx.config.gpu.micro_batch
         n = min(len(self.val_questions), size * self.config.eval_batches)
-        examples = [self.epoch_example(self.val_questions, i, 0, follow=False) for i in range(n)]
+        examples = [self.example(q, python_rng(self.ctx.config.seed, EVALUATION, "single-hop-validation", i))
+                    for i, q in enumerate(self.val_questions[:n])]
         return [collate(examples[i:i + size], self.renderer.pad_id) for i in range(0, n, size)]
 
     def val_batches(self):

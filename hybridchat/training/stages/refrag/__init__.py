@@ -9,13 +9,13 @@ loop runs both phases, a batch says which phase it is.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
 
 from hybridchat.core.errors import UserError
 from hybridchat.core.questions import Question, read_questions
+from hybridchat.core.seeds import EVALUATION, SPLIT, python_rng
 from hybridchat.rag.multihop import ModelQueries, MultiHop, QueryGenerator, Search
 from hybridchat.training.stages import evaluate_bpb, lr_multiplier, registered
 from hybridchat.training.stages.rag import RagConfig, RagStage, means
@@ -85,7 +85,7 @@ class RefragStage(RagStage):
         cfg = ctx.config
         self.titles = {d.parent_id: d.title for d in ctx.knowledge_base.documents}
         train, heldout = self._hop_questions()
-        random.Random(cfg.seed).shuffle(train)
+        python_rng(cfg.seed, SPLIT, "2-hop").shuffle(train)
         n_val = max(1, round(len(train) * c.val_fraction))
         self.val_hops, self.train_hops = self._retrieve(train[:n_val]), self._retrieve(train[n_val:])
         self.heldout_hops = heldout
@@ -119,8 +119,8 @@ class RefragStage(RagStage):
             return questions, []
         world = self.ctx.world
         heldout = world.questions("heldout", 2)
-        heldout = random.Random(f"{self.ctx.config.seed}/refrag-eval").sample(heldout, min(c.eval_questions,
-                                                                                            len(heldout)))
+        heldout = python_rng(self.ctx.config.seed, EVALUATION, "2-hop-heldout").sample(heldout, min(c.eval_questions,
+                                                                                              len(heldout)))
         return world.questions("train", 2), heldout
 
     def multihop(self, model, filters, queries: QueryGenerator | None = None) -> MultiHop:

@@ -8,7 +8,6 @@ to the policy at the start of RL.
 
 from __future__ import annotations
 
-import random
 from itertools import count
 from typing import Callable, Iterator, Sequence
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from hybridchat.core.questions import Question
+from hybridchat.core.seeds import DATA_ORDER, ROLLOUTS, python_rng, stream_seed
 from hybridchat.data.chat import collate
 from hybridchat.data.loader import Batch
 from hybridchat.infra import parallel
@@ -108,7 +108,7 @@ class GRPO:
         n = max(1, self.ctx.config.gpu.micro_batch // self.config.group_size)
         for index in count(start):
             if index % world_size == rank:
-                picked = random.Random(f"{self.ctx.config.seed}/rl/{index}").sample(range(len(self.questions)), n)
+                picked = python_rng(self.ctx.config.seed, DATA_ORDER, "rl", index).sample(range(len(self.questions)), n)
                 yield {"inputs": torch.tensor(picked), "index": torch.tensor([index])}
 
     def rollouts(self, questions: list[Question], seed: int) -> list[Trajectory]:
@@ -137,7 +137,7 @@ class GRPO:
         # Ranks sample trajectories of different lengths: under FSDP the rollouts run on the whole
         # weights (no all-gathers to keep in step); entering is collective, every rank does.
         with parallel.full_weights(self.ctx.model):
-            trajectories = self.rollouts(questions, seed=self.ctx.config.seed * 100_003 + index)
+            trajectories = self.rollouts(questions, seed=stream_seed(self.ctx.config.seed, ROLLOUTS, index))
         rewards, terms = self.rewards(questions, trajectories)
         advantages = group_advantages(rewards).view(-1)
         batch = policy_batch(trajectories, self.pad_id, self.width_limit)

@@ -21,6 +21,7 @@ from itertools import islice
 from typing import Iterator, Sequence
 
 from hybridchat.core.questions import Question
+from hybridchat.core.seeds import EVALUATION, EXAMPLES, python_rng
 from hybridchat.data.chat import collate, example_batches
 from hybridchat.data.loader import Batch
 from hybridchat.rag.answer import format_reply, parse_reply
@@ -102,11 +103,11 @@ class WarmStart:
         """Item i of epoch `epoch` rendered: (token ids, loss mask)."""
         renderer = self.rag.renderer
         if i < len(self.hops):
-            rng = random.Random(f"{self.seed}/refrag/{epoch}/{i}")
+            rng = python_rng(self.seed, EXAMPLES, "2-hop", epoch, i)
             return renderer.render(self.trace_messages(self.hops[i], rng))
         questions = self.rag.train_questions
         j = (i - len(self.hops) + epoch * self.n_single) % len(questions)
-        rng = random.Random(f"{self.seed}/needless/{epoch}/{j}")
+        rng = python_rng(self.seed, EXAMPLES, "needless-query", epoch, j)
         if rng.random() < self.config.needless_query:
             messages = self.needless_query_messages(questions[j], rng)
             if messages is not None:
@@ -126,6 +127,6 @@ class WarmStart:
         """Traces of the validation questions (eval_batches batches at most), the same every time."""
         size, pad_id = self.rag.ctx.config.gpu.micro_batch, self.rag.renderer.pad_id
         n = min(len(self.val_hops), size * self.config.eval_batches)
-        examples = [self.rag.renderer.render(self.trace_messages(q, random.Random(f"val/{i}")))
+        examples = [self.rag.renderer.render(self.trace_messages(q, python_rng(self.seed, EVALUATION, "2-hop-validation", i)))
                     for i, q in enumerate(self.val_hops[:n])]
         return [collate(examples[i:i + size], pad_id) for i in range(0, n, size)]
