@@ -164,3 +164,22 @@ def bootstrap_auroc_ci(positive_scores: Sequence[float], negative_scores: Sequen
     aucs = (pos_counts * (below + 0.5 * tied)).sum(axis=1) / (len(pos) * len(neg))
     low, high = _percentile_bounds(aucs, confidence)
     return _auroc(pos, neg), low, high
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of independent runs' values (one per seed) and its Student-t
+    interval, mean +- t((1 + confidence) / 2, n - 1) x s / sqrt(n), s the sample standard deviation.
+    A handful of seeds are too few for a bootstrap; the t-interval assumes roughly normal values.
+    One value: (value, nan, nan), no interval."""
+    from scipy.stats import t
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    array = np.asarray(values, dtype=float)
+    if array.ndim != 1 or not len(array):
+        raise ValueError(f"values must be a non-empty list of numbers, got shape {array.shape}")
+    mean = float(array.mean())
+    if len(array) == 1:
+        return mean, float("nan"), float("nan")
+    half = float(t.ppf((1 + confidence) / 2, len(array) - 1) * array.std(ddof=1) / np.sqrt(len(array)))
+    return mean, mean - half, mean + half
