@@ -238,6 +238,17 @@ def log_to_wandb(logger: LoggerConfig, table: list[list[Any]], out: Path, png: P
     run.finish()
 
 
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="report_schema", node=ReportConfig)
+
+
+def compose(options: list[str]) -> ReportConfig:
+    """conf/report.yaml with the command line's options, checked against ReportConfig."""
+    return commands.compose("report", "report_schema", ReportConfig, options)
+
+
 def default_out(paths: list[Path]) -> Path:
     """The deepest folder holding every PATH (a file's folder for a file)."""
     folders = [str((p if p.is_dir() else p.parent).resolve()) for p in paths]
@@ -272,7 +283,7 @@ def run(argv: list[str]) -> None:
     if not paths:
         raise UserError("give one or more PATHs: sweep or run folders, or eval.json files "
                         "(python -m hybridchat.report --help)")
-    print(report(commands.compose("report", "report_schema", ReportConfig, options), paths), end="")
+    print(report(compose(options), paths), end="")
 
 
 def main(argv: list[str] | None = None) -> None:
