@@ -85,9 +85,10 @@ def launched_with(job_dir: Path) -> tuple[tuple[str, ...], Any]:
         raise UserError(f"{job_dir / '.hydra' / 'overrides.yaml'}: expected a list of key=value overrides")
     kept = tuple(sorted(o for o in overrides if _key(o).split(".")[0] not in IGNORED_KEYS))
     config = _hydra_file(job_dir, "config.yaml")
-    seed = config.get("seed") if isinstance(config, dict) else None
+    if isinstance(config, dict) and "seed" in config:  # the value the job ran with
+        return kept, config["seed"]
     given = [o.split("=", 1)[1] for o in overrides if _key(o) == "seed"]
-    return kept, given[-1] if given and seed is None else seed
+    return kept, given[-1] if given else None
 
 
 def _number(value: Any) -> bool:
