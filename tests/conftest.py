@@ -21,7 +21,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 import json  # noqa: E402
-import pickle  # noqa: E402
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -172,7 +171,8 @@ def train_at_eval_cadence(train, overrides: list[str], out: Path, runs: Path, st
     name = f"every{every}"
     train(overrides + [f"paths.outputs={out}", f"run_name={name}", f"stage.eval_every={every}"], runs / name)
     weights = load_file(checkpoint.latest(out / "checkpoints" / name / stage) / "model.safetensors")
-    states = pickle.dumps((random.getstate(), np.random.get_state(), torch.get_rng_state()))
+    kind, keys, *position = np.random.get_state()
+    states = (random.getstate(), (kind, keys.tolist(), *position), torch.get_rng_state().tolist())
     records = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
     return weights, states, sum("val/bpb" in r for r in records)
 

@@ -313,6 +313,25 @@ def test_evaluate_writes_table_json_and_plot(pipeline):
     assert all(0 <= r["confidence"] <= 1 and r["em"] is None for r in rag if not r["gold"])
 
 
+def test_evaluate_seeds_sweep_samples_other_questions_records_its_seed_and_reports_across_seeds(pipeline, tmp_path):
+    """python -m hybridchat.evaluate -m seed=0,1 is a Hydra multirun like any other: one job per seed,
+    each eval.json holding its seed and its own question sample; the seeds report reads the sweep."""
+    out, _ = pipeline
+    result = cli("hybridchat.evaluate", "-m", "seed=0,1", f"paths.outputs={out}", "run_name=p", "n_questions=8",
+                 "n_unanswerable=2", "context_budget=[]", "bootstrap=50", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / "sweep" / job / "eval.json").read_text()) for job in ("0", "1")]
+    assert [r["seed"] for r in reports] == [0, 1]
+    asked = [[e["question"] for e in r["conditions"][1]["examples"]] for r in reports]
+    assert asked[0] != asked[1]  # the seed draws the held-out questions
+    report = cli("hybridchat.report", f"{tmp_path}/sweep")
+    assert report.returncode == 0, report.stderr[-3000:]
+    row = next(line for line in report.stdout.splitlines() if line.startswith("| RAG, bm25 top-3: em | eval: "))
+    n, mean, seeds = (row.split(" | ")[i] for i in (2, 3, 5))
+    assert (n, seeds) == ("2", "0, 1")
+    assert float(mean) == pytest.approx(sum(r["conditions"][1]["em"][0] for r in reports) / 2, abs=1e-3)
+
+
 def test_evaluate_on_your_questions_and_bad_inputs(pipeline, tmp_path):
     out, _ = pipeline
     questions = tmp_path / "q.jsonl"
