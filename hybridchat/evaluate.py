@@ -126,7 +126,7 @@ def sample_questions(items: list[Question], n: int, seed: int) -> list[Question]
     unanswerable = [i for i, q in enumerate(items) if not q.answers]
     answerable = [i for i, q in enumerate(items) if q.answers]
     k = round(n * len(unanswerable) / len(items))
-    rng = random.Random(seed)
+    rng = python_rng(seed, EVALUATION, "questions-file")
     chosen = set(rng.sample(unanswerable, k)) | set(rng.sample(answerable, n - k))
     return [q for i, q in enumerate(items) if i in chosen]
 
