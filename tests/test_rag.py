@@ -66,10 +66,11 @@ def test_mid_and_rag_start_from_the_previous_stage_and_train(pipeline):
 
 def test_evaluating_more_often_trains_the_same_rag_weights(pipeline, tmp_path):
     """Evaluation (greedy answers, the abstention threshold chosen on validation questions) changes
-    nothing training draws: the same weights whether it runs every step or twice."""
+    nothing training draws: the same weights whether it runs every step or twice. Each batch's examples
+    are made at its step (length_grouping=1), between evaluations, where a shared stream would show."""
     out, _ = pipeline
     overrides = ["debug=smoke", "stage=rag", "stage.eval_questions=8", "stage.target_false_abstention=0.1",
-                 f"stage.source={out / 'checkpoints' / 'p' / 'mid'}"]
+                 "stage.length_grouping=1", f"stage.source={out / 'checkpoints' / 'p' / 'mid'}"]
     runs = [train_at_eval_cadence(train, overrides, out, tmp_path, "rag", every) for every in (1, 6)]
     assert_evaluation_changed_no_training(*runs)
 
