@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu run smoke realtext realtext-data test test-gpu lint bench clean wheels gpu-check results
+.PHONY: install install-gpu run seeds smoke realtext realtext-data test test-gpu lint bench clean wheels gpu-check results
 
 install: $(STAMP)
 
@@ -39,6 +39,23 @@ run: install
 		$(BIN)/python -m hybridchat.train stage=$$stage $(ARGS) $$only || exit 1; done
 	$(BIN)/python -m hybridchat.evaluate context_budget=[1,2,4,8] $(EVAL_ARGS)
 	$(BIN)/python -m hybridchat.evaluate hops=2 $(EVAL_ARGS)
+
+# make run's pipeline over several seeds (docs/seeds.md), a separate command from make run: one
+# Hydra sweep per stage, each seed's run named headline/s<seed>, then both evaluations as sweeps (the
+# evaluator's seed = the run's) and a report of the means with 95% intervals across seeds in each.
+SEEDS ?= 0,1,2
+SEEDS_OUT ?= outputs/seeds
+seeds: install
+	for stage in pretrain mid rag refrag; do \
+		only=$$([ $$stage = refrag ] && echo "$(REFRAG_ARGS)"); \
+		$(BIN)/python -m hybridchat.train -m seed=$(SEEDS) 'run_name=headline/s$${seed}' stage=$$stage \
+			hydra.sweep.dir=$(SEEDS_OUT)/$$stage $(ARGS) $$only || exit 1; done
+	$(BIN)/python -m hybridchat.evaluate -m seed=$(SEEDS) 'run_name=headline/s$${seed}' context_budget=[1,2,4,8] \
+		hydra.sweep.dir=$(SEEDS_OUT)/evaluate $(EVAL_ARGS)
+	$(BIN)/python -m hybridchat.evaluate -m seed=$(SEEDS) 'run_name=headline/s$${seed}' hops=2 \
+		hydra.sweep.dir=$(SEEDS_OUT)/evaluate_2hop $(EVAL_ARGS)
+	for part in rag refrag evaluate evaluate_2hop; do \
+		$(BIN)/python -m hybridchat.report $(SEEDS_OUT)/$$part || exit 1; done
 
 # The same pipeline at smoke sizes, in outputs/smoke: every piece runs, nothing is learned.
 # 512 tokens: room for a follow-up hop's documents (refrag's stage.hop_tokens) beside the first ones.

@@ -122,7 +122,9 @@ def read_evaluation(eval_file: Path) -> Job:
         metrics = {f"{c['condition']}: {key}": float(value[0]) for c in report["conditions"]
                    for key, value in c.items() if isinstance(value, list) and len(value) == 3 and _number(value[0])}
         for row in report.get("context_budget", []):
-            metrics[f"{row['model']} with {row['documents']} documents: em"] = float(row["em"][0])
+            # The evaluated run by its role, not its name: runs named per seed (headline/s0, ...) meet in one row.
+            model = "evaluated model" if row["model"] == report["run_name"] else row["model"]
+            metrics[f"{model} with {row['documents']} documents: em"] = float(row["em"][0])
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise UserError(f"{eval_file}: not an eval.json of python -m hybridchat.evaluate "
                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None

@@ -148,10 +148,10 @@ def test_rag_trains_on_your_knowledge_base_and_questions(pipeline, tmp_path):
                      "stage.source=${paths.checkpoints}/p/mid"]
     config, _ = typed_config(compose_config(user, output_dir=tmp_path / "x"))
     ctx = RunContext(config, Runtime(torch.device("cpu"), None))
-    batch = next(RagStage(ctx).train_batches(0, 0, 1))
+    batches = list(islice(RagStage(ctx).train_batches(0, 0, 1), 3))  # one batch can hold only abstentions
     world_titles = {d.title for d in ctx.world.documents()}
     cited = 0
-    for inputs, targets in zip(batch["inputs"].tolist(), batch["targets"].tolist()):
+    for inputs, targets in ((i, t) for b in batches for i, t in zip(b["inputs"].tolist(), b["targets"].tolist())):
         text = ctx.tokenizer.decode(inputs)
         documents = text.split("<|document_start|>")[1:]
         assert documents and all("bakery" in d for d in documents)
@@ -586,3 +586,25 @@ def test_a_sample_of_your_questions_keeps_their_share_of_unanswerable_ones():
     assert order == sorted(order) and len(set(order)) == 10  # the file's order, no repeats
     assert sample_questions(items, 10, seed=3) == picked and sample_questions(items, 10, seed=4) != picked
     assert sample_questions(items, 50, seed=0) == items and sample_questions(items, 80, seed=0) == items
+
+
+def test_validation_split_holds_out_each_kind_apart_and_always_an_answerable_question():
+    """Answerable and unanswerable questions are held out in their own shares (by hand: 20% of 10
+    answerable = 2, 20% of 5 unanswerable = 1); with one answerable question among many unanswerable
+    ones, a plain shuffled split could hold out only unanswerable ones and leave no exact match."""
+    import random
+
+    from hybridchat.core.questions import Question
+    from hybridchat.training.stages.rag import validation_split
+
+    answerable = [Question(f"a{i}?", (f"x{i}",), (f"d{i}",)) for i in range(10)]
+    unanswerable = [Question(f"u{i}?", (), ()) for i in range(5)]
+    val, train = validation_split(answerable + unanswerable, 0.2, random.Random(0))
+    assert sorted(q.question for q in val + train) == sorted(q.question for q in answerable + unanswerable)
+    assert (sum(bool(q.answers) for q in val), sum(not q.answers for q in val)) == (2, 1)
+    one = [answerable[0]] + [Question(f"v{i}?", (), ()) for i in range(40)]
+    for seed in range(5):
+        val, train = validation_split(list(one), 0.05, random.Random(seed))
+        assert val[0] is answerable[0] and sum(not q.answers for q in val) == 2 and len(train) == 38
+    with pytest.raises(UserError, match="no training question has an answer"):
+        validation_split(unanswerable, 0.2, random.Random(0))

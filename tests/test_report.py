@@ -43,10 +43,12 @@ def training(final_bpb: float, final_loss: float) -> list[dict]:
 
 
 def evaluation(em: float, seed: int) -> dict:
-    return {"run_name": "p", "seed": seed, "conditions": [
+    """An eval.json of run p/s<seed> (runs named per seed), with one compared model, t, in its context budget."""
+    return {"run_name": f"p/s{seed}", "seed": seed, "conditions": [
         {"condition": "RAG, bm25 top-3", "answerable": 12, "em": [em, em - 0.1, em + 0.1], "total_seconds": 3.0},
         {"condition": "gold documents", "em": [1.0, 1.0, 1.0]}],
-        "context_budget": [{"model": "p", "documents": 2, "em": [em / 2, 0.0, 1.0], "ttft_ms": 4.0}]}
+        "context_budget": [{"model": f"p/s{seed}", "documents": 2, "em": [em / 2, 0.0, 1.0], "ttft_ms": 4.0},
+                           {"model": "t", "documents": 2, "em": [em / 4, 0.0, 1.0], "ttft_ms": 4.0}]}
 
 
 def table(out: str) -> dict[tuple[str, str], list[str]]:
@@ -126,7 +128,9 @@ def test_evaluations_report_each_conditions_rates_given_as_files_or_folders(tmp_
     n, mean, ci, seeds = cells["RAG, bm25 top-3: em", "eval: retriever=bm25"]  # 0.5, 0.7: mean 0.6, s = 0.1 sqrt(2)
     assert (n, float(mean), seeds) == ("2", 0.6, "0, 1")
     assert interval(ci) == pytest.approx((0.6 - T_975[1] * 0.1, 0.6 + T_975[1] * 0.1), abs=1e-3)
-    assert cells["p with 2 documents: em", "eval: retriever=bm25"][1] == "0.3"
+    # the evaluated run's points meet across seeds whatever its per-seed name; a compared model keeps its name
+    assert cells["evaluated model with 2 documents: em", "eval: retriever=bm25"][:2] == ["2", "0.3"]
+    assert cells["t with 2 documents: em", "eval: retriever=bm25"][:2] == ["2", "0.15"]
     assert cells["RAG, bm25 top-3: em", "eval: (defaults)"] == ["1", "0.25", "n=1: no interval", "4"]
     assert not any(metric.startswith("eval/") for metric, _ in cells)  # the eval's metrics.jsonl is not a run
     assert "plot:   none" in out and not (tmp_path / "out" / "report.png").exists()

@@ -90,9 +90,8 @@ class RagStage(Stage):
         self.renderer = ChatRenderer(ctx.tokenizer)
         self.calibration: Calibration | None = None  # chosen by the last evaluate()
         train, self.heldout = self._questions()
-        python_rng(ctx.config.seed, SPLIT, "single-hop").shuffle(train)
-        n_val = max(1, round(len(train) * c.val_fraction))
-        self.val_questions, self.train_questions = self._retrieve(train[:n_val]), self._retrieve(train[n_val:])
+        val, train = validation_split(train, c.val_fraction, python_rng(ctx.config.seed, SPLIT, "single-hop"))
+        self.val_questions, self.train_questions = self._retrieve(val), self._retrieve(train)
         if len(self.train_questions) < ctx.config.gpu.micro_batch:
             raise UserError(f"stage=rag: {len(self.train_questions)} training questions do not fill one batch of "
                             f"gpu.micro_batch={ctx.config.gpu.micro_batch}")
@@ -275,3 +274,19 @@ def means(prefix: str, scores: list[dict], keys) -> dict[str, float]:
         if values:
             out[f"{prefix}/{key}"] = sum(values) / len(values)
     return out
+
+
+def validation_split(questions: list[Question], fraction: float, rng: random.Random) -> tuple[list[Question], list[Question]]:
+    """(validation, training): `fraction` of the answerable and of the unanswerable questions held out
+    apart, at least one answerable one (the exact match every evaluation reports, and the stage is
+    judged by, needs one); each kind in an order shuffled by `rng`."""
+    answerable = [q for q in questions if q.answers]
+    unanswerable = [q for q in questions if not q.answers]
+    if not answerable:
+        raise UserError("stage=rag: no training question has an answer (every row's answers is empty); "
+                        "it needs answerable questions to learn from and to validate on")
+    rng.shuffle(answerable)
+    rng.shuffle(unanswerable)
+    n_answerable, n_unanswerable = max(1, round(len(answerable) * fraction)), round(len(unanswerable) * fraction)
+    return (answerable[:n_answerable] + unanswerable[:n_unanswerable],
+            answerable[n_answerable:] + unanswerable[n_unanswerable:])
