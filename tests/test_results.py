@@ -68,8 +68,8 @@ def test_stale_historical_and_mean_over_seeds_are_said(tmp_path):
         "cpu": "Xeon", "cores": None, "gpu": "NVIDIA H100"})))
     lines = section(stale, "b" * 64)
     assert lines[2] == "**Stale**: today's defaults compose a different config for this command."
-    assert ("- commit `8610379`, 2026-11-29, Xeon, GPU NVIDIA H100; wall time 95 s; mean over 3 seeds (1, 2, 3)"
-            in lines)
+    assert ("- commit `8610379`, 2026-11-29, Xeon, GPU NVIDIA H100; wall time 95 s; mean over 3 seeds (1, 2, 3), "
+            "intervals 95% Student-t across seeds") in lines
     assert ("- **stale**: config hash `aaaaaaaaaaaa` when measured, `bbbbbbbbbbbb` with today's defaults: "
             "measure it again") in lines
     old = load(write(tmp_path, "old", record(status="historical", configs=[], config_hash=None, seeds=None,

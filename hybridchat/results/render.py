@@ -18,7 +18,8 @@ Every table here is a record under [results/](results/): the command that produc
 the code was at (for a historical observation, the commit that recorded it: the code measured was
 at or before it), the hash of the config that command composed, the machine, the date, the wall
 time and the seeds. One seed is one run, an observation; a claim is a mean over seeds with an interval,
-and its record says how many. Intervals in brackets are 95% bootstrap intervals over questions.
+and its record says how many. Intervals in brackets are 95% intervals: over questions (bootstrap) for
+one run, across seeds (Student-t) for a mean over seeds.
 
 - **Stale** marks a record whose command composes to a different config with today's defaults
   than when it was measured (the config hash: sha256 of the composed, resolved configs without
@@ -67,7 +68,7 @@ def machine(m: Mapping) -> str:
 def runs(seeds: tuple[int, ...] | None) -> str:
     if seeds is None or len(seeds) == 1:
         return "one run" + (f" (seed {seeds[0]})" if seeds else "") + ": an observation, not a mean over seeds"
-    return f"mean over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    return f"mean over {len(seeds)} seeds ({', '.join(map(str, seeds))}), intervals 95% Student-t across seeds"
 
 
 def config_line(record: Record, today: str | None) -> str:
