@@ -256,6 +256,13 @@ class Prepared:
         return Answerer(model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size, threshold).answer
 
 
+def is_multi_hop(question: Question) -> bool:
+    """A question answered by reading documents in turn: its hops where the file says (qa build and
+    the QA converters write them: a 2WikiMultiHopQA comparison of two people's facts reads both, a
+    bridge comparison four), else two gold documents."""
+    return question.hops >= 2 if question.hops is not None else len(question.gold_doc_ids) == 2
+
+
 def prepare(cfg: EvalConfig) -> Prepared:
     if cfg.hops not in (1, 2):
         raise UserError(f"hops={cfg.hops} must be 1 or 2")
@@ -269,7 +276,7 @@ def prepare(cfg: EvalConfig) -> Prepared:
     if mine is not None and cfg.sample is not None:
         mine = sample_questions(mine, cfg.sample, cfg.seed)
     answerable = [i for i in mine or () if i.answers]
-    two_hop = cfg.hops == 2 or (bool(answerable) and all(len(i.gold_doc_ids) == 2 for i in answerable))
+    two_hop = cfg.hops == 2 or (bool(answerable) and all(is_multi_hop(i) for i in answerable))
     stage = cfg.checkpoint_stage or answering_stage(2 if two_hop else 1).name
     evaluated = load(cfg, cfg.run_name, stage, cfg.step)
     if mine is not None:
@@ -302,7 +309,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         scores = [score(a, items[i].answers, items[i].gold_doc_ids) for a, i in zip(answers, chosen)]
         log.info("%s: %d questions in %.1f s", condition, len(chosen), seconds)
-        records = [{"question": a.question, "reply": a.reply, "gold": list(items[i].answers),
+        records = [{"id": items[i].id, "question": a.question, "reply": a.reply, "gold": list(items[i].answers),
                     "cited": [d.id for d in a.cited], "dropped": a.dropped,
                     "hops": [{"query": h.query, "documents": [d.id for d in h.documents], "status": h.status}
                              for h in a.hops]} for a, i in zip(answers, chosen)]

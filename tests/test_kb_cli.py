@@ -178,3 +178,19 @@ def test_without_kb_it_opens_the_knowledge_base_of_the_world_training_composes(t
     assert run(["stats", f"paths.cache={tmp_path}"], capsys)[0] == 0
     config, _ = typed_config(compose_config([]))
     assert opened == [world_collection(config.world)[0]]
+
+
+def test_a_knowledge_base_with_no_index_is_refused_at_build_and_at_search(kb, tmp_path, capsys):
+    """indexes=[] would build a knowledge base nothing can search: refused, nothing written. One built
+    so anyway (an edited manifest) is one error line at search, not a StopIteration."""
+    src = write_jsonl(tmp_path / "more.jsonl", DOCS)
+    before = snapshot(kb)
+    code, _, err = run(["build", f"inputs=[{src}]", f"retriever.kb_dir={kb}", "indexes=[]"], capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("error: indexes=[] builds nothing to search")
+    assert snapshot(kb) == before
+    code, _, err = run(["build", f"inputs=[{src}]", f"retriever.kb_dir={tmp_path / 'new'}", "indexes=[bm26]"], capsys)
+    assert code == 2 and "unknown index 'bm26'" in err and not (tmp_path / "new").exists()
+    manifest = json.loads((kb / "manifest.json").read_text())
+    (kb / "manifest.json").write_text(json.dumps({**manifest, "indexes": {}}))
+    code, _, err = run(["search", "query=lava", f"retriever.kb_dir={kb}"], capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("error: this knowledge base has no index to search")

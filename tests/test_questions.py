@@ -85,12 +85,31 @@ def test_the_worlds_questions_written_out_read_back_the_same(tmp_path):
     asked = world.questions("heldout", 2) + world.questions("train", 1) + world.unanswerable_questions(5)
     path = write(tmp_path / "world.jsonl", [q.to_json() for q in asked])
     read = read_questions(path)
-    assert [(q.question, q.answers, q.gold_doc_ids) for q in read] == [
-        (q.question, q.answers, q.gold_doc_ids) for q in asked]
-    assert [q.id for q in read] == [f"{path}:{n}" for n in range(1, len(asked) + 1)]
-    # a question read from a file, written out again, reads back equal but for where it was read
+    # id and hops come back (what evaluate's 2-hop detection and answers.jsonl read); split is the world's own
+    assert [(q.question, q.answers, q.gold_doc_ids, q.id, q.hops) for q in read] == [
+        (q.question, q.answers, q.gold_doc_ids, q.id, q.hops) for q in asked]
+    assert {q.hops for q in read} == {1, 2} and all(q.id.startswith("person-") for q in read[:3])
     again = read_questions(write(tmp_path / "again.jsonl", [q.to_json() for q in read]))
-    assert [q.to_json() | {"id": ""} for q in again] == [q.to_json() | {"id": ""} for q in read]
+    assert again == read
+
+
+@pytest.mark.parametrize("row, key, reason", [
+    ({**GOOD, "id": 7}, "id", "must be a non-empty string"),
+    ({**GOOD, "id": " "}, "id", "must be a non-empty string"),
+    ({**GOOD, "hops": 0}, "hops", "must be an integer >= 1"),
+    ({**GOOD, "hops": "2"}, "hops", "must be an integer >= 1"),
+    ({**GOOD, "hops": True}, "hops", "must be an integer >= 1"),
+    ({**GOOD, "hops": 1.5}, "hops", "must be an integer >= 1"),
+])
+def test_a_bad_id_or_hops_is_one_error_naming_file_line_and_key(tmp_path, row, key, reason):
+    path = write(tmp_path / "q.jsonl", [row])
+    assert re.fullmatch(rf"{re.escape(path)}:1: '{key}' {reason}.*", error_of(path))
+
+
+def test_id_and_hops_are_read_where_given(tmp_path):
+    """By hand: a row's own id replaces where it was read; hops null is unknown, as left out."""
+    path = write(tmp_path / "q.jsonl", [{**GOOD, "id": "hq-1", "hops": 2}, {**GOOD, "hops": None}])
+    assert [(q.id, q.hops) for q in read_questions(path)] == [("hq-1", 2), (f"{path}:2", None)]
 
 
 def test_the_worlds_json_row_holds_the_documented_keys_and_where_it_comes_from():
@@ -98,3 +117,16 @@ def test_the_worlds_json_row_holds_the_documented_keys_and_where_it_comes_from()
     assert q.to_json() == {"id": q.id, "question": q.question, "answers": list(q.answers),
                            "gold_doc_ids": list(q.gold_doc_ids), "hops": 2, "split": "heldout"}
     assert len(q.gold_doc_ids) == 2 and q.candidates == ()
+
+
+def test_a_question_is_multi_hop_by_its_hops_where_given_else_by_two_gold_documents():
+    """evaluate's detection, by hand: a 2Wiki bridge comparison (hops 4, four gold documents) and a
+    comparison (hops 2) are multi-hop; a row without hops is by its two gold documents; SQuAD's hops 1
+    with two gold ids (a paragraph listed twice over) is not."""
+    from hybridchat.evaluate import is_multi_hop
+
+    assert is_multi_hop(Question("q", ("a",), ("d1", "d2", "d3", "d4"), hops=4))
+    assert is_multi_hop(Question("q", ("a",), ("d1", "d2"), hops=2))
+    assert is_multi_hop(Question("q", ("a",), ("d1", "d2")))
+    assert not is_multi_hop(Question("q", ("a",), ("d1", "d2", "d3")))
+    assert not is_multi_hop(Question("q", ("a",), ("d1", "d2"), hops=1))

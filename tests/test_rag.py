@@ -312,6 +312,7 @@ def test_evaluate_writes_table_json_and_plot(pipeline):
     assert sum(r["abstained"] for r in rag if not r["gold"]) / 6 == pytest.approx(
         report["conditions"][1]["abstain_unanswerable"][0])
     assert all(0 <= r["confidence"] <= 1 and r["em"] is None for r in rag if not r["gold"])
+    assert all(r["id"].startswith("person-") for r in answerable)  # the world's question ids, e.g. person-0012/birth_city
 
 
 def test_evaluate_seeds_sweep_samples_other_questions_records_its_seed_and_reports_across_seeds(pipeline, tmp_path):

@@ -40,7 +40,9 @@ class Question:
 def read_questions(path: str | Path) -> list[Question]:
     """A questions JSONL file: one object per line with a non-empty 'question' string, 'answers' (a
     list of strings or numbers; empty or left out: unanswerable) and 'gold_doc_ids' (a list of
-    document ids; may be empty or left out). Other keys are ignored. Every problem is one UserError
+    document ids; may be empty or left out), optionally 'id' (a string; default "file:line") and 'hops'
+    (the documents read in turn to answer: an integer >= 1; default unknown), as Question.to_json and
+    `python -m hybridchat.qa` write them. Other keys are ignored. Every problem is one UserError
     naming the file, the line and the key."""
     try:
         with open(path, "rb") as f:
@@ -68,4 +70,9 @@ def _question(where: str, obj) -> Question:
     if not isinstance(answers, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
                                                 for a in answers):
         raise UserError(f"{where}: 'answers' must be a list of strings (or left out)")
-    return Question(q, tuple(str(a) for a in answers), tuple(gold), id=where)
+    qid, hops = obj.get("id"), obj.get("hops")
+    if qid is not None and (not isinstance(qid, str) or not qid.strip()):
+        raise UserError(f"{where}: 'id' must be a non-empty string (or left out)")
+    if hops is not None and (not isinstance(hops, int) or isinstance(hops, bool) or hops < 1):
+        raise UserError(f"{where}: 'hops' must be an integer >= 1 (or left out)")
+    return Question(q, tuple(str(a) for a in answers), tuple(gold), id=qid or where, hops=hops)

@@ -110,6 +110,9 @@ def kind_for(indexes) -> str:
     """The retriever a knowledge base with these indexes serves best: hybrid if it has bm25 and dense,
     else the one it has."""
     have = set(indexes)
+    if not have & set(INDEXES):
+        raise UserError(f"this knowledge base has no index to search (it has: {', '.join(have) or 'none'}); "
+                        f"build it with indexes=[...], any of {', '.join(INDEXES)}")
     return "hybrid" if {"bm25", "dense"} <= have else next(k for k in ("dense", "bm25", "simple") if k in have)
 
 
@@ -275,12 +278,13 @@ class KnowledgeBase:
               cfg: RetrieverConfig, progress: bool = True) -> "KnowledgeBase":
         """Create or replace the knowledge base at path (embeddings of unchanged text are reused)."""
         path = Path(path)
+        if not indexes:  # nothing could search it: refused before anything is written
+            raise UserError(f"indexes=[] builds nothing to search {path} with; give one or more of {', '.join(INDEXES)}")
+        settings = {n: index_settings(n, cfg) for n in indexes}  # an unknown name is refused before chunking
         chunks = prepare_documents(documents, cfg.chunking, cfg.dense.model)
         with kb_lock(path):
             previous = cls._open_if_valid(path)
-            return cls._write(path, chunks, asdict(cfg.chunking),
-                              {n: index_settings(n, cfg) for n in indexes}, previous, progress,
-                              cfg.dense.batch_size)
+            return cls._write(path, chunks, asdict(cfg.chunking), settings, previous, progress, cfg.dense.batch_size)
 
     def add(self, documents: Sequence[Document], replace: bool = False, progress: bool = True) -> "KnowledgeBase":
         """Add documents; an id already present is an error unless replace (then it is updated)."""
