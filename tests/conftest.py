@@ -185,3 +185,34 @@ def assert_evaluation_changed_no_training(often, seldom) -> None:
     assert all(torch.equal(often[0][k], seldom[0][k]) for k in often[0]), \
         [k for k in often[0] if not torch.equal(often[0][k], seldom[0][k])]
     assert often[1] == seldom[1], "evaluation drew from a global random generator"
+
+
+def _rank_main(rank: int, world_size: int, init_file: str, target, args, results) -> None:
+    import torch.distributed as dist
+
+    # The parent's OpenMP pool does not survive the fork: a parallel region would wait for it forever.
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        results.put((rank, target(rank, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def in_ranks(target, world_size: int, init_file, *args) -> dict:
+    """target(rank, *args) in world_size forked processes joined in one gloo group (init_file: a path
+    that does not exist yet); what each returned, by rank. Forked: the test process's imports (and,
+    under mutmut, its mutant) carry over, so a rank starts in milliseconds."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    ranks = [context.Process(target=_rank_main, args=(r, world_size, str(init_file), target, args, results))
+             for r in range(world_size)]
+    for p in ranks:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in ranks)
+    for p in ranks:
+        p.join(30)
+        assert p.exitcode == 0
+    return got
