@@ -57,6 +57,8 @@ def test_an_abstention_that_cites_a_document_is_still_an_abstention():
     assert scores["abstain"] == scores["false_abstention"] == 1.0
     assert scores["hallucination"] == 0.0 and scores["em"] == scores["f1"] == 0.0 and scores["citation"] is None
     assert score(reply, [])["hallucination"] == 0.0  # unanswerable: the right call
+    # Its F1 is 0 even against an answer that shares its words ("say").
+    assert score(reply, ["They say so"])["f1"] == 0.0 and score(_reply("[1] say so"), ["They say so"])["f1"] > 0
     assert parse_reply(f"{ABSTAIN} Vellport")[2] is False  # more than the abstention is an answer
 
 

@@ -403,3 +403,31 @@ def test_the_batch_order_is_the_documented_derivation_from_seed_and_epoch():
         random.Random(f"3/0/{first}").shuffle(batches)
         want += batches
     assert grouped == want
+
+
+def test_each_item_is_made_for_its_epoch_and_a_run_resumed_in_a_later_epoch_sees_the_same_batches():
+    made = []
+
+    def make(i, epoch):
+        made.append((i, epoch))
+        return [i] * (2 + i % 3), [0, 1] + [1] * (i % 3)
+
+    straight = example_batches(6, make, 2, seed=5, pad_id=0, width_limit=16)
+    batches = [next(straight) for _ in range(7)]  # 3 per epoch: into the third epoch
+    assert [e for _, e in made] == [0] * 6 + [1] * 6 + [2] * 2
+    assert sorted(i for i, _ in made[:6]) == list(range(6)) == sorted(i for i, _ in made[6:12])
+    # Resumed at the first batch of epoch 1: that epoch's own order, not the items in index order.
+    resumed = example_batches(6, make, 2, seed=5, pad_id=0, start=3, width_limit=16)
+    for want in batches[3:7]:
+        got = next(resumed)
+        assert torch.equal(got["inputs"], want["inputs"]) and torch.equal(got["targets"], want["targets"])
+    # width_limit reaches the batches: rows of 1-3 inputs padded to 4 (the next power of two), never past 16.
+    assert {b["inputs"].shape[1] for b in batches} <= {1, 2, 4} and any(b["inputs"].shape[1] == 4 for b in batches)
+
+
+def test_tokens_given_not_learned_are_targets_of_minus_one_the_loss_ignores():
+    ids, mask = [5, 6, 7, 8, 9], [0, 1, 0, 1, 1]
+    batch = collate([(ids, mask), ([3, 4], [0, 0])], pad_id=2)
+    assert batch["inputs"].tolist() == [[5, 6, 7, 8], [3, 2, 2, 2]]
+    assert batch["targets"].tolist() == [[6, -1, 8, 9], [-1, -1, -1, -1]]
+    assert batch["inputs"].dtype == batch["targets"].dtype == torch.long

@@ -3,9 +3,19 @@ that writes bridge queries, what makes a reply well-formed, and batches of answe
 (The query hook's round trip with a scripted model is in tests/test_refrag.py.)"""
 
 import pytest
-import torch
-from test_refrag import ADA, DOCS, KOR, QUESTION, VELLPORT, Scripted, TitleRetriever, chain, multihop, \
-    script_query_then_answer, tokenizer
+from test_refrag import (
+    ADA,
+    DOCS,
+    KOR,
+    QUESTION,
+    VELLPORT,
+    Scripted,
+    TitleRetriever,
+    chain,
+    multihop,
+    script_query_then_answer,
+    tokenizer,
+)
 
 from hybridchat.core.documents import Document
 from hybridchat.data.chat import ChatRenderer

@@ -95,7 +95,7 @@ def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline)
             for row in zip(batch["inputs"].tolist(), batch["targets"].tolist())]
     tok = ctx.tokenizer
     heldout = {e.name for e in ctx.world.entities if e.split == "heldout"}
-    seen_documents = 0
+    seen_documents = answered = 0
     for inputs, targets in rows:
         text = tok.decode(inputs)
         replies = tok.decode([t for t in targets if t >= 0]).split("<|assistant_end|>")
@@ -111,8 +111,13 @@ def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline)
                 number, value = answer[1:].split("] ", 1)
                 assert documents[int(number) - 1].startswith(f"[{number}] ")
                 assert value in documents[int(number) - 1]
+                answered += 1
         assert not [name for name in heldout if name in text]  # held-out people never in training
-    assert seen_documents > 0
+    # Both targets are taught: answers citing a document, and abstentions (a batch of only ABSTAIN
+    # replies would pass every check above).
+    reply_count = sum(len(tok.decode([t for t in targets if t >= 0]).split("<|assistant_end|>")) - 1
+                      for _, targets in rows)
+    assert seen_documents > 0 and 0 < answered < reply_count
 
 
 SHOPS = [("Quillon", "Marrow Lane", "Edda Varn", 1911), ("Brasket", "Tolley Row", "Omar Fenk", 1923),

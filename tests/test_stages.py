@@ -130,10 +130,11 @@ def test_initialise_loads_the_source_checkpoint_of_the_same_tokenizer_only(tmp_p
 
 
 def test_the_schedule_can_be_asked_for_another_length():
-    s = StageConfig(num_steps=100, warmup_steps=0, warmdown_ratio=0.5, final_lr_frac=0.0)
-    # 10 steps with half of them warmdown, whatever the stage's own 100 say.
+    s = StageConfig(num_steps=100, warmup_steps=0, warmdown_ratio=0.5, final_lr_frac=0.1)
+    # 10 steps with half of them warmdown, whatever the stage's own 100 say: progress p = (10 - step) / 5
+    # of the way from final_lr_frac to 1, i.e. p + (1 - p) 0.1.
     assert [lr_multiplier(i, s, num_steps=10) for i in range(10)] == pytest.approx(
-        [1.0] * 6 + [0.8, 0.6, 0.4, 0.2])
+        [1.0] * 6 + [0.82, 0.64, 0.46, 0.28])
     assert lr_multiplier(6, s) == 1.0
 
 
@@ -153,3 +154,21 @@ def test_exactly_one_stage_must_answer_each_kind_of_question(monkeypatch):
     assert stages.stage_schemas()["another"] is StageConfig and stages.stage_schemas()["rag"].__name__ == "RagConfig"
     with pytest.raises(RuntimeError, match=r"^2 stages answer 1-hop questions \(\['rag', 'another'\]\)"):
         stages.answering_stage(1)
+
+
+def test_a_stage_is_built_by_its_name_from_the_run_context(monkeypatch):
+    stages.stage_classes()
+    monkeypatch.setattr(stages, "_REGISTERED", dict(stages._REGISTERED))
+
+    @stages.registered
+    class Light(Stage):
+        name = "light"
+
+    ctx = _context()
+    ctx.config.stage = StageConfig(name="light")
+    built = stages.build_stage(ctx)
+    assert type(built) is Light and built.ctx is ctx and built.config is ctx.config.stage
+    ctx.config.stage = StageConfig(name="nope")
+    with pytest.raises(UserError, match=r"^stage.name='nope' is unknown; allowed: \['distill', 'light', 'mid', "
+                                        r"'pretrain', 'rag', 'refrag'\]$"):
+        stages.build_stage(ctx)
