@@ -1,6 +1,8 @@
 """Chat rendering at token level, and the rag stage's examples: documents reach the input, only the
 reply carries loss, gold documents land at every rank, and abstention is taught when they are absent."""
 
+import hashlib
+import json
 import random
 from collections import Counter
 
@@ -377,8 +379,14 @@ def test_too_few_examples_for_one_batch_is_an_error_and_grouping_below_one_is_no
 
 def test_the_batch_order_is_the_documented_derivation_from_seed_and_epoch():
     """Pinned by hand, as a resumed run depends on it: a checkpoint's data position means the same
-    batches to the next version. Epoch e's order is random.Random(seed * 1000 + e).shuffle; with
-    length grouping, each pool's batches are shuffled by random.Random(f"{seed}/{epoch}/{first batch}")."""
+    batches to the next version. Epoch e's order is random.Random(s).shuffle, s the data-order stream's
+    seed at ("epoch", e): the first 8 bytes of SHA-256 of the JSON [seed, "data_order", "epoch", e],
+    big-endian, shifted right by one (core/seeds.py); with length grouping, each pool's batches are
+    shuffled by the stream's generator at ("pool", epoch, first batch)."""
+    def stream(*keys):
+        digest = hashlib.sha256(json.dumps(list(keys)).encode()).digest()
+        return random.Random(int.from_bytes(digest[:8], "big") >> 1)
+
     def make(i, epoch):
         return [i] * (2 + i % 5), [1] * (2 + i % 5)
 
@@ -389,18 +397,18 @@ def test_the_batch_order_is_the_documented_derivation_from_seed_and_epoch():
     want = []
     for epoch in (0, 1):
         order = list(range(9))
-        random.Random(4 * 1000 + epoch).shuffle(order)
+        stream(4, "data_order", "epoch", epoch).shuffle(order)
         want += [order[k:k + 3] for k in (0, 3, 6)]
     assert got == want
     grouped = rows(example_batches(12, make, 2, seed=3, pad_id=0, length_grouping=3), 6)
     order = list(range(12))
-    random.Random(3000).shuffle(order)
+    stream(3, "data_order", "epoch", 0).shuffle(order)
     want = []
     for first in (0, 3):
         pool = order[first * 2:(first + 3) * 2]
         by_length = sorted(pool, key=lambda i: 2 + i % 5)
         batches = [by_length[k:k + 2] for k in (0, 2, 4)]
-        random.Random(f"3/0/{first}").shuffle(batches)
+        stream(3, "data_order", "pool", 0, first).shuffle(batches)
         want += batches
     assert grouped == want
 
