@@ -89,6 +89,20 @@ def test_bridge_queries_name_what_the_newest_documents_add():
     assert BridgeQueries().query(question, [Hop(question, [])]) is None
 
 
+def test_bridge_queries_know_every_earlier_hop_s_titles_and_two_letter_names_are_names():
+    """Three hops: the titles of both earlier hops' documents are known (not only the first's), the
+    newest hop's are read for news; a two-letter name ("Bo") is a name, a one-letter one ("X") not."""
+    question = "Who runs the mill Ada Vell sold?"
+    hops = [Hop(question, [Document("a", "Ada Vell", "Ada Vell sold Quarrow Mill.")]),
+            Hop("Quarrow Mill", [Document("t", "Tessaly Works", "Tessaly Works bought Quarrow Mill.")]),
+            Hop("Tessaly Works", [Document("j", "Jep Holdings", "Jep Holdings owns Tessaly Works; Bo runs it "
+                                                                "with X.")])]
+    assert BridgeQueries().query(question, hops) == f"{question} Bo"
+    # The second hop's title is known from its document, not only from a query that named it.
+    hops[2] = Hop("Jep", hops[2].documents)
+    assert BridgeQueries().query(question, hops) == f"{question} Bo"
+
+
 def _trajectory(tok, text: str, hops=None, finish="stop", documents=2) -> Trajectory:
     renderer = ChatRenderer(tok)
     tokens = tok.encode(text) + ([renderer.stop_token] if finish == "stop" else [])
