@@ -185,3 +185,44 @@ def assert_evaluation_changed_no_training(often, seldom) -> None:
     assert all(torch.equal(often[0][k], seldom[0][k]) for k in often[0]), \
         [k for k in often[0] if not torch.equal(often[0][k], seldom[0][k])]
     assert often[1] == seldom[1], "evaluation drew from a global random generator"
+
+
+def _in_group(rank: int, world_size: int, init_file: str, target, args):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        return target(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _forked_rank(rank: int, world_size: int, init_file: str, target, args, results) -> None:
+    # The parent's OpenMP pool does not survive the fork: a parallel region would wait for it forever.
+    torch.set_num_threads(1)
+    results.put((rank, _in_group(rank, world_size, init_file, target, args)))
+
+
+def in_ranks(target, world_size: int, init_file, *args) -> dict:
+    """target(rank, *args) on world_size ranks joined in one gloo group (init_file: a path that does not
+    exist yet); what each returned, by rank. Rank 0 is this process (so mutmut's coverage of the test
+    sees the calls), the others are forked from it: its imports (and, under mutmut, its mutant) carry
+    over, so a rank starts in milliseconds."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    others = [context.Process(target=_forked_rank, args=(r, world_size, str(init_file), target, args, results))
+              for r in range(1, world_size)]
+    for p in others:
+        p.start()
+    try:
+        got = {0: _in_group(0, world_size, str(init_file), target, args)}
+        got.update(results.get(timeout=120) for _ in others)
+    finally:
+        for p in others:
+            p.join(30)
+            if p.exitcode is None:  # rank 0 failed and left it waiting in a collective
+                p.kill()
+    assert [p.exitcode for p in others] == [0] * len(others)
+    return got

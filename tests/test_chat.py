@@ -1,6 +1,8 @@
 """Chat rendering at token level, and the rag stage's examples: documents reach the input, only the
 reply carries loss, gold documents land at every rank, and abstention is taught when they are absent."""
 
+import hashlib
+import json
 import random
 from collections import Counter
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 from hybridchat.core.documents import Document
-from hybridchat.data.chat import ChatRenderer, collate, example_batches, padded_width
+from hybridchat.data.chat import ChatFormat, ChatRenderer, collate, example_batches, padded_width
 from hybridchat.data.tokenizer import Tokenizer
 from hybridchat.rag.answer import ABSTAIN, CHARS_PER_TOKEN, fit_prompt, fit_question, format_reply, parse_reply
 
@@ -261,3 +263,179 @@ def test_rag_examples_put_the_gold_document_at_every_rank_and_teach_abstention_w
     assert all(parse_reply(stage.documents_and_reply(missed, rng)[1])[2] for _ in range(50))
     unanswerable = Question("Where?", (), (), docs)
     assert all(parse_reply(stage.documents_and_reply(unanswerable, rng)[1])[2] for _ in range(50))
+
+
+# ---------------------------------------------------------------------------------------------
+# Past one hop and one turn; the format's parts; the batch order's derivation (mutation testing)
+
+
+def _documents(*names):
+    return [Document(f"d-{n}", n, f"{n} text.") for n in names]
+
+
+def test_retrieved_documents_number_on_across_hops_and_turns_and_a_new_section_starts_again(tok):
+    """Citations count every document shown since the latest user section: hop documents number on from
+    it and from the hops before, in this reply and the next (a turn without documents keeps them);
+    a user turn with documents starts again at 1."""
+    r = ChatRenderer(tok)
+    conversation = [
+        {"role": "user", "content": "Q1", "documents": _documents("A", "B")},
+        {"role": "assistant", "content": "[4] x", "hops": [{"query": "k1", "documents": _documents("C")},
+                                                          {"query": "k2", "documents": _documents("D", "E")}]},
+        {"role": "user", "content": "Q2"},  # no documents: the numbering goes on
+        {"role": "assistant", "content": "[6] y", "hops": [{"query": "k3", "documents": _documents("F")},
+                                                          {"query": "k4", "documents": []}]},
+        {"role": "user", "content": "Q3", "documents": _documents("G")},
+        {"role": "assistant", "content": "[2] z", "hops": [{"query": "k5", "documents": _documents("H")}]},
+    ]
+    text = tok.decode(r.render(conversation)[0])
+    numbered = [line.split("<|document_start|>")[-1] for line in text.split("\n") if "(d-" in line]
+    assert numbered == ["[1] A (d-A)", "[2] B (d-B)", "[3] C (d-C)", "[4] D (d-D)", "[5] E (d-E)", "[6] F (d-F)",
+                        "[1] G (d-G)", "[2] H (d-H)"]
+    # An empty result is a closed, empty section, given like any other.
+    assert "<|query_start|>k4<|query_end|><|documents_start|><|documents_end|>[6] y<|assistant_end|>" in text
+
+
+def test_a_query_whose_opening_is_not_taught_still_teaches_its_words(tok):
+    r = ChatRenderer(tok)
+    t = tok.token_id
+    ids, mask = r.render([{"role": "user", "content": "Q"},
+                          {"role": "assistant", "content": "A", "hops": [
+                              {"query": "k", "documents": [], "learn_opening": False},
+                              {"query": "m", "documents": []}]}])
+    learned = [i for i, m in zip(ids, mask) if m]
+    assert learned == [*tok.encode("k"), t("<|query_end|>"), t("<|query_start|>"), *tok.encode("m"),
+                       t("<|query_end|>"), *tok.encode("A"), t("<|assistant_end|>")]
+
+
+def test_a_system_message_is_rendered_once_before_the_first_user_turn_only(tok):
+    r = ChatRenderer(tok)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    ids, mask = r.render(conversation)
+    t = tok.token_id
+    assert ids == [t("<|bos|>"), t("<|user_start|>"), *tok.encode("Be brief.\n\nHi"), t("<|user_end|>"),
+                   t("<|assistant_start|>"), *tok.encode("Hello"), t("<|assistant_end|>"),
+                   t("<|user_start|>"), *tok.encode("Bye"), t("<|user_end|>")]
+    assert sum(mask) == len(tok.encode("Hello")) + 1
+    # Of two system messages before a user turn, the later one is folded in.
+    later = r.render([{"role": "system", "content": "Old."}, {"role": "system", "content": "New."},
+                      {"role": "user", "content": "Hi"}])[0]
+    assert tok.decode(later) == "<|bos|><|user_start|>New.\n\nHi<|user_end|>"
+    chatml = chatml_tokenizer()
+    text = chatml.decode(ChatRenderer(chatml).render(conversation)[0])
+    assert text.count("Be brief.") == 1 and text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert "<|im_start|>user\nBye<|im_end|>\n" in text
+
+
+def test_a_prompt_ends_with_a_user_or_system_message(tok):
+    r = ChatRenderer(tok)
+    for messages in ([], [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]):
+        with pytest.raises(ValueError, match="^a prompt ends with a user message$"):
+            r.prompt(messages)
+    assert tok.decode(r.prompt([{"role": "system", "content": "S"}])) == "<|bos|><|assistant_start|>"
+
+
+def test_our_format_by_token_name_and_a_vocabulary_of_neither_format_is_refused(tok):
+    r = ChatRenderer(tok)
+    f = r.format
+    names = {name: tok.token_id(name) for name in tok.special_tokens}
+    assert f.begin == (names["<|bos|>"],) and f.after_assistant == () and f.system is None
+    assert f.user == ((names["<|user_start|>"],), (names["<|user_end|>"],))
+    assert f.assistant == ((names["<|assistant_start|>"],), (names["<|assistant_end|>"],))
+    assert f.documents == f.results == ((names["<|documents_start|>"],), (names["<|documents_end|>"],))
+    assert f.document == ((names["<|document_start|>"],), (names["<|document_end|>"],))
+    assert f.query == ((names["<|query_start|>"],), (names["<|query_end|>"],)) and not f.documents_in_user_turn
+    assert f.request_markers == ((names["<|user_start|>"], names["<|query_start|>"]),
+                                 (names["<|user_end|>"], names["<|query_end|>"]))
+    assert r.stop_token == f.stop_token == names["<|assistant_end|>"] and r.pad_id == tok.bos_id
+    assert r.query_markers == ("<|query_start|>", "<|query_end|>")
+    assert r.results([], 3) == [names["<|documents_start|>"], names["<|documents_end|>"]]
+    assert r.documents_section(DOCS[1:], first=4) == [
+        names["<|documents_start|>"], names["<|document_start|>"], *tok.encode("[4] Vellport (city-0002)\nVellport is a city."),
+        names["<|document_end|>"], names["<|documents_end|>"]]
+    assert ChatFormat.ours() == f  # a tokenizer trained here has the reserved ids first, in order
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    plain = HFTokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="a"))
+    plain.add_special_tokens(["<|endoftext|>"])
+    with pytest.raises(ValueError, match=r"^the tokenizer has neither hybridchat's chat tokens \(<\|user_start\|>\) "
+                                         r"nor ChatML's \(<\|im_start\|>\)$"):
+        ChatRenderer(Tokenizer(plain))
+
+
+def test_too_few_examples_for_one_batch_is_an_error_and_grouping_below_one_is_none():
+    def make(i, epoch):
+        return [i, i], [1, 1]
+
+    with pytest.raises(ValueError, match="^3 examples do not fill one batch of 4$"):
+        next(example_batches(3, make, 4, seed=0, pad_id=0))
+    plain = [next(b)["inputs"].tolist() for b in [example_batches(12, make, 4, seed=2, pad_id=0)] for _ in range(3)]
+    for grouping in (0, -1):
+        grouped = example_batches(12, make, 4, seed=2, pad_id=0, length_grouping=grouping)
+        assert [next(grouped)["inputs"].tolist() for _ in range(3)] == plain
+
+
+def test_the_batch_order_is_the_documented_derivation_from_seed_and_epoch():
+    """Pinned by hand, as a resumed run depends on it: a checkpoint's data position means the same
+    batches to the next version. Epoch e's order is random.Random(s).shuffle, s the data-order stream's
+    seed at ("epoch", e): the first 8 bytes of SHA-256 of the JSON [seed, "data_order", "epoch", e],
+    big-endian, shifted right by one (core/seeds.py); with length grouping, each pool's batches are
+    shuffled by the stream's generator at ("pool", epoch, first batch)."""
+    def stream(*keys):
+        digest = hashlib.sha256(json.dumps(list(keys)).encode()).digest()
+        return random.Random(int.from_bytes(digest[:8], "big") >> 1)
+
+    def make(i, epoch):
+        return [i] * (2 + i % 5), [1] * (2 + i % 5)
+
+    def rows(it, n):
+        return [[row[0] for row in next(it)["inputs"].tolist()] for _ in range(n)]
+
+    got = rows(example_batches(9, make, 3, seed=4, pad_id=0), 6)
+    want = []
+    for epoch in (0, 1):
+        order = list(range(9))
+        stream(4, "data_order", "epoch", epoch).shuffle(order)
+        want += [order[k:k + 3] for k in (0, 3, 6)]
+    assert got == want
+    grouped = rows(example_batches(12, make, 2, seed=3, pad_id=0, length_grouping=3), 6)
+    order = list(range(12))
+    stream(3, "data_order", "epoch", 0).shuffle(order)
+    want = []
+    for first in (0, 3):
+        pool = order[first * 2:(first + 3) * 2]
+        by_length = sorted(pool, key=lambda i: 2 + i % 5)
+        batches = [by_length[k:k + 2] for k in (0, 2, 4)]
+        stream(3, "data_order", "pool", 0, first).shuffle(batches)
+        want += batches
+    assert grouped == want
+
+
+def test_each_item_is_made_for_its_epoch_and_a_run_resumed_in_a_later_epoch_sees_the_same_batches():
+    made = []
+
+    def make(i, epoch):
+        made.append((i, epoch))
+        return [i] * (2 + i % 3), [0, 1] + [1] * (i % 3)
+
+    straight = example_batches(6, make, 2, seed=5, pad_id=0, width_limit=16)
+    batches = [next(straight) for _ in range(7)]  # 3 per epoch: into the third epoch
+    assert [e for _, e in made] == [0] * 6 + [1] * 6 + [2] * 2
+    assert sorted(i for i, _ in made[:6]) == list(range(6)) == sorted(i for i, _ in made[6:12])
+    # Resumed at the first batch of epoch 1: that epoch's own order, not the items in index order.
+    resumed = example_batches(6, make, 2, seed=5, pad_id=0, start=3, width_limit=16)
+    for want in batches[3:7]:
+        got = next(resumed)
+        assert torch.equal(got["inputs"], want["inputs"]) and torch.equal(got["targets"], want["targets"])
+    # width_limit reaches the batches: rows of 1-3 inputs padded to 4 (the next power of two), never past 16.
+    assert {b["inputs"].shape[1] for b in batches} <= {1, 2, 4} and any(b["inputs"].shape[1] == 4 for b in batches)
+
+
+def test_tokens_given_not_learned_are_targets_of_minus_one_the_loss_ignores():
+    ids, mask = [5, 6, 7, 8, 9], [0, 1, 0, 1, 1]
+    batch = collate([(ids, mask), ([3, 4], [0, 0])], pad_id=2)
+    assert batch["inputs"].tolist() == [[5, 6, 7, 8], [3, 2, 2, 2]]
+    assert batch["targets"].tolist() == [[6, -1, 8, 9], [-1, -1, -1, -1]]
+    assert batch["inputs"].dtype == batch["targets"].dtype == torch.long

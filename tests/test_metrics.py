@@ -1,6 +1,7 @@
 """Answer metrics against hand-computed values and plain-loop reference implementations."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -191,18 +192,22 @@ def test_auroc_empty_side_is_nan():
     assert all(math.isnan(x) for x in bootstrap_auroc_ci([1.0], []))
 
 
+def reference_bootstrap_auroc(pos, neg, n_resamples, confidence, seed):
+    """Each resample drawn as plain index rows (positives first, then negatives) and scored by the double loop."""
+    draws = np.random.default_rng(seed)
+    pos_rows = draws.integers(0, len(pos), size=(n_resamples, len(pos)))
+    neg_rows = draws.integers(0, len(neg), size=(n_resamples, len(neg)))
+    aucs = [reference_auroc(pos[p], neg[n]) for p, n in zip(pos_rows, neg_rows)]
+    tail = 100 * (1 - confidence) / 2
+    return (reference_auroc(pos, neg), *np.percentile(aucs, [tail, 100 - tail]))
+
+
 def test_bootstrap_auroc_matches_the_plain_loop():
     rng = np.random.default_rng(0)
     pos = rng.integers(0, 5, size=15).astype(float) + 1
     neg = rng.integers(0, 5, size=12).astype(float)
-    n_resamples, confidence, seed = 300, 0.9, 11
-    draws = np.random.default_rng(seed)  # same draws: positives first, then negatives
-    pos_rows = draws.integers(0, len(pos), size=(n_resamples, len(pos)))
-    neg_rows = draws.integers(0, len(neg), size=(n_resamples, len(neg)))
-    aucs = [reference_auroc(pos[p], neg[n]) for p, n in zip(pos_rows, neg_rows)]
-    expected = (reference_auroc(pos, neg), *np.percentile(aucs, [5, 95]))
-    got = bootstrap_auroc_ci(pos, neg, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    assert got == pytest.approx(expected, abs=1e-12)
+    got = bootstrap_auroc_ci(pos, neg, n_resamples=300, confidence=0.9, seed=11)
+    assert got == pytest.approx(reference_bootstrap_auroc(pos, neg, 300, 0.9, 11), abs=1e-12)
 
 
 def test_bootstrap_auroc_interval():
@@ -213,3 +218,63 @@ def test_bootstrap_auroc_interval():
     assert low < auc < high
     assert bootstrap_auroc_ci(pos, neg, seed=4) == (auc, low, high)
     assert bootstrap_auroc_ci([2, 3, 4], [0, 1]) == (1.0, 1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults, single items, empty sides and messages (mutation testing found these unpinned)
+
+
+def test_the_defaults_are_1000_resamples_at_95_percent_with_seed_0():
+    # Continuous values: another resample count or seed moves the percentiles.
+    rng = np.random.default_rng(5)
+    values = [None if rng.random() < 0.2 else float(x) for x in rng.random(40)]
+    assert bootstrap_ci(values) == pytest.approx(reference_bootstrap(values, 1000, 0.95, 0), abs=1e-12)
+    pos, neg = rng.random(30) + 0.2, rng.random(25)
+    assert bootstrap_auroc_ci(pos, neg) == pytest.approx(reference_bootstrap_auroc(pos, neg, 1000, 0.95, 0),
+                                                         abs=1e-12)
+
+
+def test_one_item_on_a_side_is_scored_and_an_empty_side_is_nan_without_a_warning():
+    # One positive, one negative: AUROC is defined (never a single-item shortcut to nan).
+    assert auroc([0.5], [0.1, 0.9]) == 0.5
+    assert bootstrap_auroc_ci([0.5], [0.1, 0.9], n_resamples=50)[0] == 0.5
+    assert bootstrap_auroc_ci([2, 3], [1]) == (1.0, 1.0, 1.0)
+    # An empty side is answered before any arithmetic: no 0/0 RuntimeWarning (fatal under -W error).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for pos, neg in (([], [1.0]), ([1.0], []), ([], [])):
+            assert math.isnan(auroc(pos, neg))
+            result = bootstrap_auroc_ci(pos, neg, n_resamples=20)
+            assert len(result) == 3 and all(math.isnan(x) for x in result)
+    result = bootstrap_ci([None, None])
+    assert len(result) == 3 and all(math.isnan(x) for x in result)
+
+
+@pytest.mark.parametrize("confidence", [0, 1, 1.5, -0.1])
+def test_confidence_must_be_strictly_between_0_and_1(confidence):
+    for call in (lambda: bootstrap_ci([1.0, 0.0], confidence=confidence),
+                 lambda: bootstrap_auroc_ci([1.0], [0.0], confidence=confidence)):
+        with pytest.raises(ValueError, match=rf"^confidence must be in \(0, 1\), got {confidence}$"):
+            call()
+
+
+def test_every_refusal_says_what_and_which_argument():
+    with pytest.raises(ValueError, match="^n_resamples must be at least 1, got 0$"):
+        bootstrap_ci([1.0], n_resamples=0)
+    with pytest.raises(ValueError, match="^values contain NaN; use None for items where the metric is undefined$"):
+        bootstrap_ci([1.0, float("nan")])
+    for metric in (auroc, bootstrap_auroc_ci):
+        with pytest.raises(ValueError, match=r"^positive_scores must be one-dimensional, got shape \(1, 2\)$"):
+            metric([[1.0, 2.0]], [0.0])
+        with pytest.raises(ValueError, match=r"^negative_scores must be one-dimensional, got shape \(2, 1\)$"):
+            metric([1.0], [[0.0], [1.0]])
+        with pytest.raises(ValueError, match="^positive_scores contain NaN, which has no order$"):
+            metric([float("nan")], [0.0])
+        with pytest.raises(ValueError, match="^negative_scores contain NaN, which has no order$"):
+            metric([1.0], [0.0, float("nan")])
+    # The bare string is quoted, cut at 40 characters.
+    long_answer = "abcdefghij" * 5
+    with pytest.raises(TypeError) as refused:
+        exact_match("x", long_answer)
+    assert str(refused.value) == (f"answers must be a sequence of strings, not the string {long_answer[:40]!r}; "
+                                  "wrap it in a list")

@@ -151,3 +151,84 @@ def test_checkpoint_records_the_pointer(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), model(idx))
     assert F.softmax(loaded(idx), -1).sum(-1).sub(1).abs().max() < 1e-4  # log-probabilities: rows sum to 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The Pointer module alone (mutation testing): its start, its cache, its dtypes.
+
+
+def test_init_draws_uniform_query_and_key_weights_and_starts_mostly_generating():
+    from hybridchat.model.pointer import Pointer
+
+    torch.manual_seed(0)
+    pointer = Pointer(d_model=48, head_dim=16)
+    pointer.init_weights()
+    bound = math.sqrt(3.0 / 48)  # the variance of a unit-variance input's dot product: 1 / d_model
+    for weight in (pointer.c_q.weight, pointer.c_k.weight):
+        assert weight.shape == (16, 48)
+        assert weight.abs().max() <= bound and weight.abs().max() > 0.97 * bound  # 768 draws reach the edge
+        assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.08)
+    assert not torch.equal(pointer.c_q.weight, pointer.c_k.weight)
+    assert torch.equal(pointer.c_gate.weight, torch.zeros(1, 48))
+    assert pointer.c_gate.bias.tolist() == [-2.0]  # g = sigmoid(-2) = 0.12 for every input
+
+
+def _pointer(d_model: int = 12, head_dim: int = 4, dtype=torch.float64):
+    from hybridchat.model.pointer import Pointer
+
+    torch.manual_seed(1)
+    pointer = Pointer(d_model, head_dim)
+    pointer.init_weights()
+    with torch.no_grad():
+        pointer.c_gate.weight.normal_()  # a gate that depends on the position
+    return pointer.to(dtype)
+
+
+def test_the_cache_holds_exactly_max_len_tokens_and_refuses_one_more():
+    pointer = _pointer()
+    cache = pointer.allocate_cache(2, 5, torch.device("cpu"), torch.float64)
+    assert cache.keys.shape == (2, 5, 4) and cache.keys.dtype == torch.float64
+    assert cache.ids.shape == (2, 5) and cache.ids.dtype == torch.long
+    assert not cache.keys.any() and not cache.ids.any()
+    h = torch.randn(2, 5, 12, dtype=torch.float64)
+    idx = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    logits = torch.randn(2, 5, 10, dtype=torch.float64)
+    pointer.log_probs(h[:, :3], logits[:, :3], idx[:, :3], cache, 0)
+    pointer.log_probs(h[:, 3:], logits[:, 3:], idx[:, 3:], cache, 3)  # 3 + 2 = 5: full, not over
+    assert torch.equal(cache.ids, idx)
+    torch.testing.assert_close(cache.keys, pointer.c_k(h))
+    with pytest.raises(ValueError, match=r"^pointer cache is full: 4 cached \+ 2 new tokens > max_len=5$"):
+        pointer.log_probs(h[:, :2], logits[:, :2], idx[:, :2], cache, 4)
+    bf16 = pointer.allocate_cache(1, 3, torch.device("cpu"), torch.bfloat16)
+    assert bf16.keys.dtype == torch.bfloat16 and bf16.ids.dtype == torch.long  # ids stay exact
+
+
+@pytest.mark.parametrize("dtype, wide", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                         (torch.float64, torch.float64)])
+def test_probabilities_are_at_least_float32_and_float64_is_kept(dtype, wide):
+    pointer = _pointer(dtype=dtype)
+    h = torch.randn(1, 6, 12).to(dtype)
+    idx = torch.tensor([[1, 2, 1, 3, 2, 1]])
+    logits = torch.randn(1, 6, 5).to(dtype)
+    with torch.no_grad():
+        log_p = pointer.log_probs(h, logits, idx)
+        nll = pointer.nll(h, logits, idx, torch.tensor([[2, 1, 3, 2, 1, -1]]))
+    assert log_p.dtype == wide and nll.dtype == wide
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(1, 6, dtype=wide), rtol=0, atol=1e-2)
+
+
+def test_a_target_absent_from_the_context_costs_its_vocabulary_share_and_gives_finite_gradients():
+    """Copy probability 0: the mixture is (1 - g) p_vocab + g * 1e-30 (the clamp), by hand, and its
+    gradient is finite (log 0 would make it NaN)."""
+    pointer = _pointer()
+    h = torch.randn(1, 3, 12, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[1, 2, 1]])
+    logits = torch.zeros(1, 3, 6, dtype=torch.float64)
+    logits[0, :, 5] = -1000.0  # token 5: no vocabulary share either, so only the clamp is left
+    targets = torch.tensor([[4, 5, 2]])
+    nll = pointer.nll(h, logits, idx, targets)
+    g = torch.sigmoid(pointer.c_gate(h)).squeeze(-1)[0].detach()
+    assert nll[0, 0].item() == pytest.approx(-math.log((1 - g[0]) / 5 + g[0] * 1e-30), rel=1e-12)
+    assert nll[0, 1].item() == pytest.approx(-math.log(g[1] * 1e-30), rel=1e-12)
+    nll.sum().backward()
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0

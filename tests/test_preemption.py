@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import in_ranks
 
 from hybridchat.infra import checkpoint
 
@@ -224,3 +226,108 @@ def test_stop_flag_records_signals_inside_and_restores_every_previous_handler_af
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces in this process (fast; what mutation testing runs): the exception, the handler, the
+# agreement between ranks, the requeue.
+
+
+def test_preempted_names_the_signal_and_step_and_exits_128_plus_signum():
+    from hybridchat.infra.preemption import Preempted
+
+    stop = Preempted(signal.SIGTERM, 7)
+    assert str(stop) == "stopped by SIGTERM after step 7"
+    assert (stop.signum, stop.step, stop.exit_code) == (signal.SIGTERM, 7, 143)
+    assert Preempted(signal.SIGUSR1, 0).exit_code == 128 + 10
+
+
+def test_the_handler_records_the_last_signal_and_a_second_ctrl_c_quits(capfd):
+    from hybridchat.infra.preemption import StopFlag
+
+    flag = StopFlag()
+    assert flag.signum == 0 and flag.agreed(False, torch.device("cpu")) == 0
+    flag._record(signal.SIGUSR2, None)
+    assert flag.signum == signal.SIGUSR2 and capfd.readouterr().err == ""  # a warning is silent
+    flag._record(signal.SIGINT, None)  # Ctrl-C after a warning: the first Ctrl-C, saves
+    assert flag.signum == signal.SIGINT
+    assert capfd.readouterr().err == "\nCtrl-C: stopping after this step and saving it (Ctrl-C again to quit now, unsaved)\n"
+    with pytest.raises(KeyboardInterrupt):
+        flag._record(signal.SIGINT, None)
+    flag = StopFlag()
+    flag._record(signal.SIGINT, None)
+    flag._record(signal.SIGTERM, None)  # the last signal wins; a Ctrl-C after it saves again
+    assert flag.signum == signal.SIGTERM and flag.agreed(False, torch.device("cpu")) == signal.SIGTERM
+    flag._record(signal.SIGINT, None)
+    assert flag.signum == signal.SIGINT
+
+
+def _agree(rank: int, signums: list[int]) -> int:
+    from hybridchat.infra.preemption import StopFlag
+
+    flag = StopFlag()
+    flag.signum = signums[rank]
+    return flag.agreed(True, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("signums", [[0, signal.SIGUSR1], [signal.SIGTERM, signal.SIGUSR1], [0, 0]])
+def test_ranks_agree_on_the_largest_signal_any_of_them_received(tmp_path, signums):
+    """Two gloo ranks: a signal on one rank stops both, at one value."""
+    assert in_ranks(_agree, 2, tmp_path / "init", signums) == {0: max(signums), 1: max(signums)}
+
+
+@pytest.fixture
+def fake_scontrol(tmp_path, monkeypatch):
+    """An `scontrol` first on PATH that records its arguments (exit status and stderr settable)."""
+    def install(status: int = 0, stderr: str = ""):
+        (tmp_path / "bin").mkdir(exist_ok=True)
+        script = tmp_path / "bin" / "scontrol"
+        script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\necho "{stderr}" >&2\nexit {status}\n')
+        script.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+        return tmp_path / "calls"
+    return install
+
+
+def test_a_time_limit_warning_requeues_the_job_once_and_nothing_else_does(fake_scontrol, monkeypatch, caplog):
+    import logging
+
+    from hybridchat.infra.preemption import requeue_after_warning
+
+    calls = fake_scontrol()
+    caplog.set_level(logging.INFO, logger="hybridchat.infra.preemption")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    requeue_after_warning(signal.SIGUSR1)  # not under SLURM
+    monkeypatch.setenv("SLURM_JOB_ID", "")
+    requeue_after_warning(signal.SIGUSR1)
+    monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    for sig in (signal.SIGTERM, signal.SIGINT, 0):  # scancel, Ctrl-C, no signal: never requeued from here
+        requeue_after_warning(sig)
+    assert not calls.exists() and caplog.records == []
+    # The call is bounded: a hung scontrol cannot keep the job past its end.
+    seen = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: seen.append(kw) or real_run(*a, **kw))
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        requeue_after_warning(sig)
+    assert calls.read_text() == f"requeue {JOB}\n" * 2
+    assert [r.getMessage() for r in caplog.records] == [f"requeued SLURM job {JOB}"] * 2
+    assert seen == [{"check": True, "timeout": 60, "capture_output": True, "text": True}] * 2
+
+
+def test_a_refused_or_missing_scontrol_is_a_warning_naming_the_job_and_the_reason(fake_scontrol, monkeypatch,
+                                                                                caplog):
+    from hybridchat.infra.preemption import requeue_after_warning
+
+    monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    fake_scontrol(status=1, stderr="Requested operation is disabled")  # e.g. submitted with --no-requeue
+    requeue_after_warning(signal.SIGUSR2)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", f"could not requeue SLURM job {JOB} (Requested operation is disabled\n): resubmit it with "
+                    "resume=true")]
+    caplog.clear()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    requeue_after_warning(signal.SIGUSR1)
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage().startswith(f"could not requeue SLURM job {JOB} ([Errno 2] No such file or directory")

@@ -58,10 +58,14 @@ def test_mid_and_rag_start_from_the_previous_stage_and_train(pipeline):
     rag_eval = [r for r in metrics(out / "rag") if "val/em" in r]
     assert rag_eval and {"val/bpb", "val/hallucination", "val/abstain_unanswerable"} <= set(rag_eval[-1])
     assert "val/closed_book_em" in [r for r in metrics(out / "mid") if "val/bpb" in r][-1]
-    # Each stage starts where the previous one ended: its first validation loss is the source's last,
-    # measured on the new stage's data, so it is far below what a fresh model gets.
-    mid_meta = checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "p" / "mid"))
-    assert mid_meta["stage"] == "mid" and mid_meta["config"]["stage"]["source"] == "pretrain"
+    # Each stage starts from the previous one's last checkpoint (its meta.json names the source) and
+    # lowers its own validation loss: the step-0 evaluation (the source's weights on the new stage's
+    # data) against the last one.
+    for stage, source in (("mid", "pretrain"), ("rag", "mid")):
+        meta = checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "p" / stage))
+        assert meta["stage"] == stage and meta["config"]["stage"]["source"] == source
+        bpb = [(r["step"], r["val/bpb"]) for r in metrics(out / stage) if "val/bpb" in r]
+        assert bpb[0][0] == 0 and bpb[-1][0] == 6 and bpb[-1][1] < bpb[0][1], (stage, bpb)
 
 
 def test_evaluating_more_often_trains_the_same_rag_weights(pipeline, tmp_path):
@@ -95,7 +99,8 @@ def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline)
             for row in zip(batch["inputs"].tolist(), batch["targets"].tolist())]
     tok = ctx.tokenizer
     heldout = {e.name for e in ctx.world.entities if e.split == "heldout"}
-    seen_documents = 0
+    by_question = {q.question: q for q in stage.train_questions}
+    seen_documents = answered = 0
     for inputs, targets in rows:
         text = tok.decode(inputs)
         replies = tok.decode([t for t in targets if t >= 0]).split("<|assistant_end|>")
@@ -106,13 +111,26 @@ def test_rag_batches_show_retrieved_documents_and_train_only_the_reply(pipeline)
         assert text.count("<|documents_start|>") == 1  # follow-ups ask about the same documents
         seen_documents += text.count("<|document_start|>")
         documents = text.split("<|document_start|>")[1:]
+        # An abstention is taught only where no shown document is the question's gold one (each
+        # shown as "[n] title (id)"; the world's documents are whole, their id the parent id).
+        asked = [turn.split("<|user_end|>")[0] for turn in text.split("<|user_start|>")[1:]]
+        assert len(asked) == len(replies)
+        for question, answer in zip(asked, replies):
+            q = by_question[question]
+            shown_gold = [g for g in q.gold_doc_ids if any(f" ({g})\n" in d for d in documents)]
+            assert (answer == ABSTAIN) == (not q.answers or not shown_gold), (question, answer, shown_gold)
         for answer in replies:
             if answer != ABSTAIN:  # the cited document is in the input and states the answer
                 number, value = answer[1:].split("] ", 1)
                 assert documents[int(number) - 1].startswith(f"[{number}] ")
                 assert value in documents[int(number) - 1]
+                answered += 1
         assert not [name for name in heldout if name in text]  # held-out people never in training
-    assert seen_documents > 0
+    # Both targets are taught: answers citing a document, and abstentions (a batch of only ABSTAIN
+    # replies would pass every check above).
+    reply_count = sum(len(tok.decode([t for t in targets if t >= 0]).split("<|assistant_end|>")) - 1
+                      for _, targets in rows)
+    assert seen_documents > 0 and 0 < answered < reply_count
 
 
 SHOPS = [("Quillon", "Marrow Lane", "Edda Varn", 1911), ("Brasket", "Tolley Row", "Omar Fenk", 1923),
@@ -609,3 +627,23 @@ def test_validation_split_holds_out_each_kind_apart_and_always_an_answerable_que
         assert val[0] is answerable[0] and sum(not q.answers for q in val) == 2 and len(train) == 38
     with pytest.raises(UserError, match="no training question has an answer"):
         validation_split(unanswerable, 0.2, random.Random(0))
+
+
+def test_on_the_default_world_the_unanswerable_share_of_training_questions_is_stage_unanswerable():
+    """stage.unanswerable is a share of all training questions, answerable ones included (by hand:
+    u / (1 - u) unanswerable per answerable one), not of the answerable ones alone; the default world
+    has made-up names enough that its capacity does not cut the default short (it does cut 0.3: 17%)."""
+    from types import SimpleNamespace
+
+    from hybridchat.data.world import World, WorldConfig
+    from hybridchat.training.stages.rag import RagConfig, RagStage
+
+    world = World.generate(WorldConfig())
+    for share in (RagConfig().unanswerable, 0.05):
+        stage = SimpleNamespace(config=RagConfig(unanswerable=share, eval_questions=8),
+                                ctx=SimpleNamespace(world=world, config=SimpleNamespace(seed=0)))
+        train, _ = RagStage._questions(stage)
+        n_unanswerable = sum(not q.answers for q in train)
+        assert n_unanswerable / len(train) == pytest.approx(share, abs=1 / len(train)), share
+        assert sum(bool(q.answers) for q in train) == len(world.questions("train", 1))
+        assert all(not q.gold_doc_ids for q in train if not q.answers)

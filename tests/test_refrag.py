@@ -249,7 +249,12 @@ def test_random_models_never_break_the_trace():
             first += len(h.documents)
         assert injected == expected
         fired += len(t.hops) - 1
-        mh.reply(t)
+        # Every trajectory reads back: the reply is the text after the last injection (its end token
+        # dropped), and one that ran out or had a query refused is never well-formed.
+        text, ok = mh.reply(t)
+        tail = t.tokens[t.answer_start:len(t.tokens) - (t.finish == "stop")]
+        assert text == tok.decode(tail).strip()
+        assert not ok or (t.finish == "stop" and all(h.status == "ok" for h in t.hops))
     assert fired > 0
 
 

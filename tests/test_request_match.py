@@ -145,3 +145,26 @@ def test_the_last_positions_alone_equal_the_whole_mask():
     whole = request_match(ids, MARKERS)
     for new in (1, 7, 50):
         assert torch.equal(request_match(ids, MARKERS, new), whole[:, -new:])
+
+
+def test_the_module_alone_init_scale_cache_ids_and_default_position():
+    """RequestMatch outside a model (mutmut's survivors): init_weights draws N(0, std); the decoding
+    cache holds token ids exactly (int64: ids past 2^24 stay distinct, which float32 would merge) on
+    the device asked for, also under another default device; forward's default position is 0."""
+    from hybridchat.model.request_match import RequestMatch
+
+    module = RequestMatch(4096, MARKERS)
+    torch.manual_seed(0)
+    module.init_weights(0.02)
+    assert module.weight.std().item() == pytest.approx(0.02, rel=0.05) and abs(module.weight.mean()) < 0.002
+    with torch.device("meta"):
+        cache = module.allocate_cache(1, 8, device=torch.device("cpu"))
+    assert cache.ids.device == torch.device("cpu") and cache.ids.shape == (1, 8)
+    # 2^24 + 1 rounds to 2^24 in float32: the asked id and a different one would match.
+    big, other = 2**24 + 1, 2**24
+    ids = torch.tensor([[USER_START, big, USER_END, other, big]])
+    x = torch.zeros(1, 5, 4096, dtype=torch.float64)
+    out = module(x, ids, cache)  # no pos: the tokens are the first ones
+    assert cache.ids[0, :5].tolist() == ids[0].tolist() and cache.ids[0, 5:].tolist() == [0, 0, 0]
+    marked = (out != 0).all(-1)[0].tolist()
+    assert marked == reference(ids[0].tolist()) == [False, False, False, False, True]

@@ -1,0 +1,264 @@
+"""rag/answer.py on its own: reading a reply (citations anywhere, an abstention that cites), whether a
+cited document states the answer (whole words after normalisation), the per-question scores by hand,
+the Answerer's batches, threshold and context budget with a scripted tiny model, and P(ABSTAIN)
+against a plain per-prompt loop. (The prompt fitting is in tests/test_chat.py; a trained model's
+answers in tests/test_rag.py.)"""
+
+import math
+
+import pytest
+import torch
+from test_refrag import Scripted, chain, tiny_lm
+
+from hybridchat.core.documents import Document
+from hybridchat.data.tokenizer import Tokenizer
+from hybridchat.rag import answer as answer_module
+from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, fit_prompt, format_reply, holds, parse_reply, score
+from hybridchat.rag.multihop import Hop
+
+ADA = Document("person-1", "Ada Vell", "Ada Vell was born in Vellport, on the coast.")
+KOR = Document("company-2", "Kor Industries", "Kor Industries was founded by Tam Brel.")
+PORT = Document("city-3", "Vellportia", "Vellportia is a port town.")
+CHUNK = Document("person-1#2", "Ada Vell", "She moved to Kor.", metadata={"parent_id": "person-1"})
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    texts = [f"{d.title} {d.text}" for d in (ADA, KOR, PORT)] + [ABSTAIN, "Where was Ada Vell born? [1] [2] [3]"]
+    return Tokenizer.train(texts * 20, 400)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reply format
+
+
+def test_a_reply_without_a_citation_is_the_answer_alone_and_none_is_the_abstention():
+    assert format_reply("Vellport") == "Vellport"
+    assert format_reply("Vellport", None, cite_first=False) == "Vellport"
+    assert format_reply(None, 3) == ABSTAIN == "The documents do not say."
+    assert format_reply("Vellport", 0) == "[0] Vellport"  # 0 is a number, not "no citation"
+
+
+def test_citations_anywhere_are_read_in_order_and_cut_out_of_the_answer():
+    assert parse_reply("[1] Vell  port [3]") == ("Vell port", [1, 3], False)
+    assert parse_reply("[12]Vellport[2]") == ("Vellport", [12, 2], False)
+    assert parse_reply("  Vellport\n") == ("Vellport", [], False)
+    assert parse_reply("") == ("", [], False)
+    assert parse_reply("[x] Vellport") == ("[x] Vellport", [], False)  # only numbers are citations
+
+
+def test_an_abstention_that_cites_a_document_is_still_an_abstention():
+    """A reply may hold both: the citation is read (a reward can see it) but the reply abstains, and it
+    scores as an abstention, not as a wrong answer."""
+    answer, citations, abstained = parse_reply(f"[2] {ABSTAIN}")
+    assert (answer, citations, abstained) == (ABSTAIN, [2], True)
+    reply = Answer("q", f"[2] {ABSTAIN}", answer, citations, abstained, 0.5, [ADA, KOR])
+    scores = score(reply, ["Vellport"], ["person-1"])
+    assert scores["abstain"] == scores["false_abstention"] == 1.0
+    assert scores["hallucination"] == 0.0 and scores["em"] == scores["f1"] == 0.0 and scores["citation"] is None
+    assert score(reply, [])["hallucination"] == 0.0  # unanswerable: the right call
+    # Its F1 is 0 even against an answer that shares its words ("say").
+    assert score(reply, ["They say so"])["f1"] == 0.0 and score(_reply("[1] say so"), ["They say so"])["f1"] > 0
+    assert parse_reply(f"{ABSTAIN} Vellport")[2] is False  # more than the abstention is an answer
+
+
+# ---------------------------------------------------------------------------------------------
+# Whether a document states the answer
+
+
+@pytest.mark.parametrize("answer, stated", [
+    ("Vellport", True),
+    ("vellport!", True),          # normalised: case and punctuation
+    ("born in Vellport", True),   # several words, in order
+    ("Ada Vell", True),           # at the start of the text
+    ("the coast", True),          # at the end, its article dropped on both sides
+    ("Vell", True),               # a whole word of the text
+    ("Vellpor", False),           # a prefix of a word is not the word
+    ("port", False),              # nor a suffix
+    ("llport", False),
+    ("Vellport, on", True),       # the comma is deleted on both sides (SQuAD): a run of words
+    ("coast Ada", False),         # the words, but not in this order
+    ("", False),                  # nothing is never stated
+    ("The", False),               # an answer that normalises to nothing
+])
+def test_a_document_holds_an_answer_only_as_whole_words(answer, stated):
+    assert holds(ADA, answer) is stated
+
+
+def test_a_town_whose_name_contains_the_answer_does_not_hold_it():
+    assert not holds(PORT, "Vellport") and not holds(PORT, "port town is")
+    assert holds(PORT, "a port town")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores by hand
+
+
+def _reply(text: str, documents=(), confidence: float = 0.5, **fields) -> Answer:
+    answer, citations, abstained = parse_reply(text)
+    return Answer("q", text, answer, citations, abstained, confidence, list(documents), **fields)
+
+
+def test_citation_counts_only_a_cited_document_that_states_the_answer():
+    right = score(_reply("[1] Vellport", [ADA, PORT]), ["Vellport"])
+    assert right["citation"] == 1.0
+    substring = score(_reply("[2] Vellport", [ADA, PORT]), ["Vellport"])  # Vellportia's text: not the word
+    assert substring["em"] == 1.0 and substring["citation"] == 0.0
+    assert score(_reply("[3] Vellport", [ADA, PORT]), ["Vellport"])["citation"] == 0.0  # no document 3
+    assert score(_reply("[0] Vellport", [ADA, PORT]), ["Vellport"])["citation"] == 0.0  # numbers start at 1
+    assert score(_reply("Vellport", [ADA]), ["Vellport"])["citation"] == 0.0  # nothing cited
+    # Any alias stated by any cited document: the second answer, the second citation.
+    assert score(_reply("[2] [1] Vellport", [KOR, ADA]), ["Tulvania", "Vellport"])["citation"] == 1.0
+
+
+def test_cited_documents_follow_the_citations_and_skip_numbers_out_of_range():
+    reply = _reply("[2] [5] [1] [2] [0] x", [ADA, KOR])
+    assert reply.cited == [KOR, ADA, KOR]
+
+
+def test_every_score_of_an_answerable_question_by_hand():
+    partial = score(_reply("[1] Vellport harbour", [ADA], confidence=0.25, seconds=1.5), ["Vellport"], ["person-1"])
+    assert partial == {"em": 0.0, "f1": 2 / 3, "hallucination": 1.0, "abstain": 0.0, "false_abstention": 0.0,
+                       "citation": None, "gold_in_context": 1.0, "all_gold_in_context": 1.0, "hops": 1.0,
+                       "seconds": 1.5, "confidence": 0.25}
+    # Two gold documents, one shown (as a chunk: its parent's id counts).
+    right = score(_reply("[1] Vellport", [CHUNK, PORT]), ["Vellport"], ["person-1", "company-2"])
+    assert right["gold_in_context"] == 1.0 and right["all_gold_in_context"] == 0.0
+    both = score(_reply("[1] x", [CHUNK, KOR]), ["Vellport"], ["person-1", "company-2"])
+    assert both["gold_in_context"] == both["all_gold_in_context"] == 1.0
+    none = score(_reply("[1] x", [PORT]), ["Vellport"], ["person-1"])
+    assert none["gold_in_context"] == none["all_gold_in_context"] == 0.0
+    # Without gold ids, or asked closed-book, there is no context to count gold in.
+    assert score(_reply("[1] Vellport", [ADA]), ["Vellport"])["gold_in_context"] is None
+    closed = score(_reply("Vellport", closed_book=True), ["Vellport"], ["person-1"])
+    assert closed["gold_in_context"] is None and closed["all_gold_in_context"] is None and closed["hops"] == 0.0
+
+
+def test_every_score_of_an_unanswerable_question_by_hand():
+    answered = score(_reply("[1] Vellport", [ADA], confidence=0.75), [], [])
+    assert answered == {"em": None, "f1": None, "hallucination": 1.0, "abstain": 0.0, "false_abstention": None,
+                        "citation": None, "gold_in_context": None, "all_gold_in_context": None, "hops": 1.0,
+                        "seconds": 0.0, "confidence": 0.75}
+    abstained = score(_reply(ABSTAIN, [ADA]), [])
+    assert abstained["hallucination"] == 0.0 and abstained["abstain"] == 1.0
+
+
+def test_hops_count_the_retrievals_that_were_made():
+    trace = [Hop("q", [ADA]), Hop("Kor", [KOR]), Hop("", [], "empty"), Hop("x", [], "over_max_hops")]
+    assert _reply("x", hops=trace).n_hops == 2
+    assert _reply("x", hops=trace[:1]).n_hops == 1
+    assert _reply("x").n_hops == 1 and _reply("x", closed_book=True).n_hops == 0
+    assert score(_reply("x", hops=trace), ["x"])["hops"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The Answerer with a scripted model
+
+
+def scripted(tok: Tokenizer, reply: str, stop: bool = True) -> Scripted:
+    """A tiny model that writes `reply` after the assistant header (then its end token, or nothing)."""
+    t = tok.token_id
+    tail = [t("<|assistant_end|>")] if stop else []
+    return Scripted(tok.vocab_size, chain([t("<|assistant_start|>"), *tok.encode(reply), *tail]))
+
+
+def test_the_context_is_shared_between_prompt_and_reply(tok):
+    model = scripted(tok, "[1] Vellport")
+    assert Answerer(model, tok, 100).prompt_tokens == 100 - 24 - 1  # default reply room: 24 tokens
+    answerer = Answerer(model, tok, 60, max_answer_tokens=10)
+    assert answerer.prompt_tokens == 49
+    assert answerer.abstain_ids == tok.encode(ABSTAIN) + [tok.token_id("<|assistant_end|>")]
+    ids, kept = answerer.prompt("Where was Ada Vell born?", [ADA, KOR, PORT])
+    assert (ids, kept) == fit_prompt(answerer.renderer, "Where was Ada Vell born?", [ADA, KOR, PORT], 49)
+    assert len(ids) <= 49 and 0 < len(kept) < 3
+    long = "Where was Ada Vell born? " * 40
+    assert answerer.fit_question(long) == answer_module.fit_question(answerer.renderer, long, 49)
+
+
+def test_answers_are_greedy_replies_batch_by_batch_with_what_each_question_was_shown(tok):
+    model = scripted(tok, "[1] Vellport")
+    answerer = Answerer(model, tok, 70, max_answer_tokens=8, batch_size=2)
+    streamed = []
+    documents = [[ADA, KOR, PORT], [KOR], []]
+    answers = answerer.answer(["Where was Ada Vell born?", "Who?", "Why?"], documents,
+                              on_token=lambda i, token: streamed.append(i))
+    for a, q, given in zip(answers, ["Where was Ada Vell born?", "Who?", "Why?"], documents):
+        assert (a.question, a.reply, a.answer, a.citations, a.abstained) == (q, "[1] Vellport", "Vellport", [1], False)
+        assert a.documents == answerer.prompt(q, given)[1] and a.dropped == len(given) - len(a.documents)
+        assert not a.closed_book and not a.below_threshold and a.seconds > 0
+    assert answers[0].dropped > 0 and answers[1].dropped == 0
+    # on_token counts within a batch: questions 0 and 1, then question 2 as row 0 of the second batch.
+    per_reply = len(tok.encode("[1] Vellport"))  # the end token is not streamed
+    assert sorted(streamed) == [0] * 2 * per_reply + [1] * per_reply
+    prompts = [answerer.prompt(q, d)[0] for q, d in zip(["Where was Ada Vell born?", "Who?", "Why?"], documents)]
+    want = (1 - answerer.abstain_probability(prompts)).tolist()
+    assert [a.confidence for a in answers] == pytest.approx(want, rel=1e-9)
+    closed = answerer.answer(["Where was Ada Vell born?"])[0]
+    assert closed.closed_book and closed.documents == [] and closed.dropped == 0 and closed.n_hops == 0
+
+
+def test_the_default_batch_is_32_questions(tok):
+    streamed = []
+    Answerer(scripted(tok, "[1] Vellport"), tok, 40, max_answer_tokens=4).answer(
+        [f"Q{i}?" for i in range(33)], on_token=lambda i, token: streamed.append(i))
+    assert max(streamed) == 31 and streamed.count(0) == 2 * streamed.count(1)
+
+
+def test_a_reply_stops_at_its_end_token_or_at_the_reply_room(tok):
+    kor = tok.encode("Kor")[0]
+    endless = Scripted(tok.vocab_size, {tok.token_id("<|assistant_start|>"): kor, kor: kor})  # never ends
+    streamed = []
+    Answerer(endless, tok, 60, max_answer_tokens=6).answer(["Who?"], on_token=lambda i, token: streamed.append(token))
+    assert streamed == [kor] * 6  # cut at max_answer_tokens
+    stopped = Answerer(scripted(tok, "[2] Kor"), tok, 120, max_answer_tokens=6).answer(["Who?"], [[ADA, KOR]])
+    assert stopped[0].reply == "[2] Kor" and stopped[0].cited == [KOR]
+
+
+def test_below_the_threshold_nothing_is_generated_and_the_reply_is_the_abstention(tok, monkeypatch):
+    confidences = {"A?": 0.9, "B?": 0.2, "C?": 0.5, "D?": 0.49}
+    monkeypatch.setattr(Answerer, "confidence", lambda self, prompts: torch.tensor(
+        [confidences[tok.decode(p).split("<|user_start|>")[-1].split("<|user_end|>")[0].strip()] for p in prompts],
+        dtype=torch.float64))
+    answerer = Answerer(scripted(tok, "[1] Vellport"), tok, 60, max_answer_tokens=8, threshold=0.5)
+    streamed = []
+    answers = answerer.answer(list(confidences), on_token=lambda i, token: streamed.append(i))
+    assert [a.reply for a in answers] == ["[1] Vellport", ABSTAIN, "[1] Vellport", ABSTAIN]
+    assert [a.abstained for a in answers] == [False, True, False, True]
+    assert [a.below_threshold for a in answers] == [False, True, False, True]  # 0.5 itself is not below
+    assert [a.confidence for a in answers] == [0.9, 0.2, 0.5, 0.49]
+    assert set(streamed) == {0, 2}  # callbacks name the question, not the row of the generated subset
+    streamed.clear()
+    none = answerer.answer(["B?", "D?"], on_token=lambda i, token: streamed.append(i))
+    assert [a.reply for a in none] == [ABSTAIN, ABSTAIN] and streamed == []
+
+
+def _plain_abstain_probability(model, prompt: list[int], abstain: list[int]) -> float:
+    """Teacher-forced, one full forward per abstention token, in float64."""
+    logp = 0.0
+    with torch.no_grad():
+        for i, token in enumerate(abstain):
+            logits = model(torch.tensor([prompt + abstain[:i]]))[0, -1].double()
+            logp += float(logits.log_softmax(-1)[token])
+    return math.exp(logp)
+
+
+@pytest.mark.parametrize("budget", [2**30, 1, 2 * 40 * 400 * 4])  # all rows at once | one per forward | two
+def test_abstain_probability_equals_a_plain_loop_and_restores_the_training_mode(tok, budget, monkeypatch):
+    monkeypatch.setattr(answer_module, "LOGITS_BUDGET", budget)
+    model = tiny_lm(tok.vocab_size, seed=3).double()
+    with torch.no_grad():
+        for p in model.parameters():  # a random model far from uniform, so every position matters
+            p.add_(torch.randn_like(p) * 0.5)
+    answerer = Answerer(model, tok, 60)
+    prompts = [answerer.prompt(q, d)[0] for q, d in (("Hi?", None), ("Where was Ada Vell born?", [ADA]),
+                                                      ("Why?", [KOR]))]
+    model.train()
+    got = answerer.abstain_probability(prompts)
+    assert model.training and got.dtype == torch.float64 and not got.requires_grad
+    want = [_plain_abstain_probability(model.eval(), p, answerer.abstain_ids) for p in prompts]
+    # The log-softmax is taken in float32 (a float64 model too): 1e-7 of a 60-nat sum.
+    assert [math.log(g) for g in got.tolist()] == pytest.approx([math.log(w) for w in want], rel=1e-6)
+    assert len(set(got.tolist())) == 3
+    answerer.abstain_probability(prompts[:1])
+    assert not model.training  # eval stays eval
+    torch.testing.assert_close(answerer.confidence(prompts), 1 - got)
