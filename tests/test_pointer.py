@@ -201,6 +201,9 @@ def test_the_cache_holds_exactly_max_len_tokens_and_refuses_one_more():
         pointer.log_probs(h[:, :2], logits[:, :2], idx[:, :2], cache, 4)
     bf16 = pointer.allocate_cache(1, 3, torch.device("cpu"), torch.bfloat16)
     assert bf16.keys.dtype == torch.bfloat16 and bf16.ids.dtype == torch.long  # ids stay exact
+    with torch.device("meta"):  # on the device asked for, whatever the default
+        elsewhere = pointer.allocate_cache(1, 3, torch.device("cpu"), torch.float32)
+    assert elsewhere.keys.device == elsewhere.ids.device == torch.device("cpu")
 
 
 @pytest.mark.parametrize("dtype, wide", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),

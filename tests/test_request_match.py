@@ -168,3 +168,33 @@ def test_the_module_alone_init_scale_cache_ids_and_default_position():
     assert cache.ids[0, :5].tolist() == ids[0].tolist() and cache.ids[0, 5:].tolist() == [0, 0, 0]
     marked = (out != 0).all(-1)[0].tolist()
     assert marked == reference(ids[0].tolist()) == [False, False, False, False, True]
+
+
+def test_the_mask_needs_no_default_device_and_the_module_keeps_the_input_dtype_and_its_messages():
+    """request_match makes every tensor on the ids' device (under another default device too); the
+    module adds its vector (not subtracts) in the embeddings' dtype, fills its cache up to max_len
+    exactly and refuses one token more, and says what a model built without markers lacks."""
+    from hybridchat.model.request_match import RequestMatch
+
+    ids = [0, USER_START, 20, 21, USER_END, 21, 22, QUERY_START, 22, QUERY_END, 20, 22]
+    with torch.device("meta"):
+        got = request_match(torch.tensor([ids], device="cpu"), MARKERS)
+    assert got.device == torch.device("cpu") and got[0].tolist() == reference(ids)
+    module = RequestMatch(8, MARKERS)
+    module.init_weights(1.0)
+    x = torch.randn(1, len(ids), 8).to(torch.bfloat16)
+    out = module(x, torch.tensor([ids]))
+    assert out.dtype == torch.bfloat16
+    want = x + torch.tensor(reference(ids))[None, :, None] * module.weight.detach().to(torch.bfloat16)
+    assert torch.equal(out.detach(), want)
+    cache = module.allocate_cache(1, len(ids))
+    module(x[:, :4], torch.tensor([ids[:4]]), cache, pos=0)
+    module(x[:, 4:], torch.tensor([ids[4:]]), cache, pos=4)  # exactly full
+    assert cache.ids[0].tolist() == ids
+    with pytest.raises(ValueError, match=r"^request-match cache is full: 12 cached \+ 1 new tokens > max_len=12$"):
+        module(x[:, :1], torch.tensor([[20]]), cache, pos=12)
+    with pytest.raises(ValueError, match=r"^request-match cache is full: 2 cached \+ 11 new tokens > max_len=12$"):
+        module(x[:, :11], torch.tensor([ids[:11]]), cache, pos=2)
+    with pytest.raises(ValueError, match=r"^model\.request_match needs the tokenizer's request markers: build the "
+                                         r"model with HybridLM\(\.\.\., request_markers=\.\.\.\)$"):
+        RequestMatch(8, None)(x, torch.tensor([ids]))
