@@ -35,7 +35,8 @@ CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_DEFINED = ["<tool>"]
 FLOATS = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64}  # written as numpy arrays, not blocks
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "1 2", "Ġ Ġ"]
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # Every accepted type at least once; the norms stay F32 as llama.cpp keeps them.
 TYPES = {
     "token_embd": Q.Q8_0, "output": Q.F16,

@@ -1,8 +1,9 @@
 """Import a Llama-architecture GGUF checkpoint (llama.cpp's format, e.g. SmolLM2) into HybridLM.
 
-`read_gguf` turns the file into a complete model config, a float32 state dict in HybridLM's names
-and the tokenizer; `import_checkpoint` writes that as an ordinary step folder, so training stages,
-`runs.load_run`, chat and evaluation take an imported model like one trained here.
+`read_gguf` turns the file into an ImportedModel (infra/imported.py: a complete model config, a
+float32 state dict in HybridLM's names and the tokenizer); `import_checkpoint` writes that as an
+ordinary step folder, so training stages, `runs.load_run`, chat and evaluation take an imported
+model like one trained here.
 
 Everything is read from the file's metadata, nothing assumed from the model's name. What HybridLM
 cannot compute the same way (another architecture, RoPE scaling, partial rotary, extra tensors,
@@ -11,10 +12,8 @@ another pre-tokenizer) is refused with a one-line UserError rather than imported
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +24,14 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from hybridchat.core.errors import UserError
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.infra import checkpoint
-from hybridchat.model.config import ModelConfig
-from hybridchat.model.lm import HybridLM
+from hybridchat.infra.imported import (
+    ImportedModel,
+    chat_template_difference,
+    layer_names,
+    llama_config,
+    llama_shapes,
+    write_checkpoint,
+)
 
 # Tensor types gguf.quants can both write and read back, so tests/test_gguf.py covers each one.
 # K-quants (Q4_K_M files) use 256-value blocks a small test model cannot hold: not accepted yet.
@@ -45,22 +49,6 @@ def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 # tokenizer.ggml.pre names the original tokenizer's pre-tokenization; the vocabulary and merges
 # are only right with the same one, so an unknown name is refused, not guessed.
 PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
-
-
-@dataclass
-class GGUFModel:
-    config: dict[str, Any]                 # every ModelConfig field: ModelConfig(**config) rebuilds it
-    state_dict: dict[str, torch.Tensor]    # HybridLM names, float32, Q/K in rotate-half order
-    tokenizer: Tokenizer
-    chat_template: Optional[str]           # the file's Jinja chat template (tokenizer.chat_template)
-
-    def model(self) -> HybridLM:
-        """The HybridLM, in eval mode, whose parameters ARE the state dict's tensors (not copies:
-        copying or random-initialising 135M floats costs seconds on a small CPU)."""
-        with torch.device("meta"):
-            model = HybridLM(ModelConfig(**self.config), self.config["vocab_size"])
-        model.load_state_dict(self.state_dict, assign=True)  # read_gguf checked names and shapes
-        return model.eval()
 
 
 class _File:
@@ -126,7 +114,6 @@ def _settings(f: _File, n_vocab: int, tie: bool) -> dict[str, Any]:
         return float(str(np.float32(value))) if isinstance(value, float) else value
 
     n_embd, n_head = number("embedding_length"), number("attention.head_count")
-    n_kv_head = number("attention.head_count_kv", n_head)
     head_dim = n_embd // n_head
     if (rotary := number("rope.dimension_count", head_dim)) != head_dim:
         raise f.error(f"llama.rope.dimension_count={rotary} (partial rotary) is not "
@@ -134,55 +121,47 @@ def _settings(f: _File, n_vocab: int, tie: bool) -> dict[str, Any]:
     if (scaling := f.get("llama.rope.scaling.type", "none")) != "none":
         raise f.error(f"llama.rope.scaling.type={scaling!r} is not supported (only plain RoPE)")
     basename, size = f.get("general.basename", None), f.get("general.size_label", None)
-    config = ModelConfig(
-        # "smollm2_135m", like conf/model/smollm2_135m.yaml; the file's stem when the metadata is silent.
-        name=f"{basename}_{size}".lower() if basename and size else f.path.name.split(".")[0],
-        n_layer=number("block_count"), n_embd=n_embd, n_head=n_head,
-        n_kv_head=n_kv_head, block_pattern="all_attention", mlp="swiglu", mlp_hidden=number("feed_forward_length"),
-        attn_rope=True, rope_base=number("rope.freq_base", 10000.0), qk_norm=False, norm_weights=True,
-        norm_eps=number("attention.layer_norm_rms_epsilon"), embed_norm=False, tie_embeddings=tie,
-        # The trained context can be long (8192); training windows here default to at most 2048.
-        sequence_len=min(number("context_length"), 2048), vocab_size=n_vocab,
-        # Unused by all-attention blocks: the Mamba-2 shape an attention -> Mamba conversion
-        # (stage=distill) needs: one head of head_dim per attention head, d_state = head_dim, B and C
-        # per head (hybridchat.model.convert), as conf/model/smollm2_135m.yaml sets them.
-        expand=n_head * head_dim // n_embd, headdim=head_dim, d_state=head_dim, ngroups=n_head)
-    return dataclasses.asdict(config)
+    try:
+        # name: "smollm2_135m", like conf/model/smollm2_135m.yaml; the file's stem when the metadata is silent.
+        return llama_config(
+            name=f"{basename}_{size}".lower() if basename and size else f.path.name.split(".")[0],
+            n_layer=number("block_count"), n_embd=n_embd, n_head=n_head,
+            n_kv_head=number("attention.head_count_kv", n_head), mlp_hidden=number("feed_forward_length"),
+            rope_base=number("rope.freq_base", 10000.0), norm_eps=number("attention.layer_norm_rms_epsilon"),
+            context=number("context_length"), vocab_size=n_vocab, tie=tie)
+    except UserError as e:
+        raise f.error(f"its sizes do not fit HybridLM: {e}") from None
 
 
-def _expected(cfg: dict[str, Any], tie: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+# GGUF's names of a layer's tensors -> ours (convert_hf_to_gguf's tensor map for llama).
+LAYER = {"attn_norm.weight": "norm_mixer.weight", "attn_q.weight": "mixer.c_q.weight",
+         "attn_k.weight": "mixer.c_k.weight", "attn_v.weight": "mixer.c_v.weight",
+         "attn_output.weight": "mixer.c_proj.weight", "ffn_norm.weight": "norm_mlp.weight",
+         "ffn_gate.weight": "mlp.c_gate.weight", "ffn_up.weight": "mlp.c_fc.weight",
+         "ffn_down.weight": "mlp.c_proj.weight"}
+GLOBAL = {"token_embd.weight": "wte.weight", "output_norm.weight": "norm_f.weight", "output.weight": "lm_head.weight"}
+
+
+def _expected(cfg: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """GGUF tensor name -> (HybridLM name, shape as dequantized: (out, in) for matrices)."""
-    d, hd, v, ffn = cfg["n_embd"], cfg["n_embd"] // cfg["n_head"], cfg["vocab_size"], cfg["mlp_hidden"]
-    q, kv = cfg["n_head"] * hd, cfg["n_kv_head"] * hd
-    names = {"token_embd.weight": ("wte.weight", (v, d)), "output_norm.weight": ("norm_f.weight", (d,))}
-    if not tie:
-        names["output.weight"] = ("lm_head.weight", (v, d))
-    for i in range(cfg["n_layer"]):
-        b = f"blocks.{i}."
-        names |= {f"blk.{i}.{gguf_name}": (b + ours, shape) for gguf_name, ours, shape in [
-            ("attn_norm.weight", "norm_mixer.weight", (d,)),
-            ("attn_q.weight", "mixer.c_q.weight", (q, d)),
-            ("attn_k.weight", "mixer.c_k.weight", (kv, d)),
-            ("attn_v.weight", "mixer.c_v.weight", (kv, d)),
-            ("attn_output.weight", "mixer.c_proj.weight", (d, q)),
-            ("ffn_norm.weight", "norm_mlp.weight", (d,)),
-            ("ffn_gate.weight", "mlp.c_gate.weight", (ffn, d)),
-            ("ffn_up.weight", "mlp.c_fc.weight", (ffn, d)),
-            ("ffn_down.weight", "mlp.c_proj.weight", (d, ffn)),
-        ]}
-    return names
+    shapes = llama_shapes(cfg)
+    return {theirs: (ours, shapes[ours]) for theirs, ours in layer_names(LAYER, cfg["n_layer"], "blk.{i}.",
+                                                                         GLOBAL).items() if ours in shapes}
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
+def read_gguf(path: str | Path) -> ImportedModel:
     """Config, dequantized weights and tokenizer of a llama GGUF file, or a UserError saying why not."""
     f = _File(Path(path))
     if (arch := f.get("general.architecture")) != "llama":
         raise f.error(f"architecture {arch!r} is not supported (only 'llama')")
     tokenizer = _tokenizer(f)
+    template = f.get("tokenizer.chat_template", None)
+    if problem := chat_template_difference(tokenizer, template):
+        raise f.error(f"its chat template is not the ChatML hybridchat renders: {problem}")
     tensors = {t.name: t for t in f.reader.tensors}
     tie = "output.weight" not in tensors  # no separate output matrix: the head reuses the embedding
     config = _settings(f, tokenizer.vocab_size, tie)
-    expected = _expected(config, tie)
+    expected = _expected(config)
     if missing := [n for n in expected if n not in tensors]:
         raise f.error(f"tensor(s) {missing[:3]} missing ({len(missing)} in all)")
     if extra := [n for n in tensors if n not in expected]:
@@ -199,14 +178,9 @@ def read_gguf(path: str | Path) -> GGUFModel:
         if name.endswith(("attn_q.weight", "attn_k.weight")):
             w = _unpermute(w, config["n_head"] if "attn_q" in name else config["n_kv_head"])
         state[ours] = torch.tensor(np.asarray(w, dtype=np.float32))  # a copy: the reader's data is a memmap
-    return GGUFModel(config, state, tokenizer, f.get("tokenizer.chat_template", None))
+    return ImportedModel(config, state, tokenizer, template, f"gguf:{f.path.name}")
 
 
-def import_checkpoint(gguf_path: str | Path, directory: str | Path) -> Path:
-    """Write the GGUF model as step 0 of a checkpoint folder under `directory`; returns the step
-    folder, which `runs.load_run` (and stage.source) reads like any other."""
-    imported = read_gguf(gguf_path)
-    meta = {"config": {"model": imported.config}, "tokenizer": imported.tokenizer.fingerprint,
-            "source": f"gguf:{Path(gguf_path).name}"}
-    return checkpoint.save(Path(directory), step=0, model=imported.model(), optimizers=[], meta=meta, keep=1,
-                           tokenizer=imported.tokenizer)
+def import_checkpoint(gguf_path: str | Path, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write the GGUF model as step 0 of the stage folder `directory` (imported.write_checkpoint)."""
+    return write_checkpoint(read_gguf(gguf_path), directory, overwrite)
