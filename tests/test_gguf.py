@@ -242,7 +242,7 @@ def _bad(path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, says", [
     ("not gguf", "not a readable GGUF file"),
     ("architecture", "architecture 'gpt2' is not supported"),
-    ("pre-tokenizer", "tokenizer.ggml.pre='llama-bpe' is not supported (supported: ['smollm'])"),
+    ("pre-tokenizer", "tokenizer.ggml.pre='llama-bpe' is not supported (supported: ['qwen2', 'smollm'])"),
     ("missing tensor", "['blk.1.ffn_up.weight'] missing"),
     ("tensor type", "blk.0.attn_v.weight has type F64"),
     ("rope scaling", "llama.rope.scaling.type='linear' is not supported"),

@@ -65,13 +65,16 @@ def tokenizer_files(folder: Path, family: str) -> int:
     return hf.get_vocab_size()
 
 
-def hf_folder(folder: Path, family: str = "llama", tie: bool = False, shard: bool = True, **config) -> Path:
-    """A tiny random transformers model of `family` saved with save_pretrained, and its tokenizer."""
+def hf_folder(folder: Path, family: str = "llama", tie: bool = False, shard: bool = True, config=None) -> Path:
+    """A tiny random transformers model of `family` saved with save_pretrained, and its tokenizer;
+    config: settings over the defaults, or a function of the tokenizer's size giving them."""
+    config = config or {}
     n_tokens = tokenizer_files(folder, family)
     settings = dict(vocab_size=n_tokens + 7,  # padded past the tokenizer, as Qwen2's is
                     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tie,
-                    max_position_embeddings=4096, **config)
+                    max_position_embeddings=4096)
+    settings.update(config(n_tokens) if callable(config) else config)
     kind = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
     torch.manual_seed(0)
@@ -198,6 +201,63 @@ def test_the_printed_training_command_tunes_the_import(tmp_path, capsys):
     assert not np.array_equal(our_logits(tuned.path, TOKENS), our_logits(step, TOKENS))
 
 
+# transformers' names -> GGUF's (convert_hf_to_gguf's tensor map), written out here on their own.
+TO_GGUF = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def qwen2_gguf(folder: Path, path: Path) -> Path:
+    """The folder's Qwen2 model as convert_hf_to_gguf writes one: qwen2 metadata, the tokenizer's
+    vocabulary, merges and control tokens, float32 tensors renamed (Qwen2's Q/K are not permuted)."""
+    from gguf import GGUFWriter, TokenType
+    from safetensors.torch import load_file
+
+    c, t = json.loads((folder / "config.json").read_text()), json.loads((folder / "tokenizer.json").read_text())
+    tokens = sorted(t["model"]["vocab"], key=t["model"]["vocab"].get)
+    special = {a["content"] for a in t["added_tokens"] if a["special"]}
+    w = GGUFWriter(path, "qwen2")
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_rope_freq_base(c["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL if tok in special else TokenType.NORMAL for tok in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in t["model"]["merges"]])
+    w.add_chat_template(CHAT_TEMPLATE)
+    weights = load_file(str(folder / "model.safetensors"))
+    for name, tensor in weights.items():
+        if name.startswith("model.layers."):
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            name = f"blk.{i}.{TO_GGUF[module]}.{kind}"
+        else:
+            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                    "lm_head.weight": "output.weight"}[name]
+        w.add_tensor(name, tensor.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_qwen2_gguf_imports_with_transformers_logits_and_tokenizer(tmp_path):
+    # GGUF's vocabulary is the tokenizer's: no padding past it
+    folder = hf_folder(tmp_path / "model", "qwen2", shard=False, config=lambda n_tokens: {"vocab_size": n_tokens})
+    step = import_in_process(qwen2_gguf(folder, tmp_path / "qwen2.gguf"), "g", tmp_path / "out")
+    np.testing.assert_allclose(our_logits(step, TOKENS), hf_logits(folder, TOKENS), rtol=0, atol=1e-4)
+    tok, theirs = load_run(step).tokenizer, transformers.AutoTokenizer.from_pretrained(folder)
+    for text in SAMPLES[:2] + [TEXT[:200], "cafe\u0301 1842"]:  # a decomposed é: NFC composes it first
+        assert tok.encode(text) == theirs.encode(text, add_special_tokens=False)
+
+
 def snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -271,6 +331,28 @@ def test_unsupported_folders_are_one_line_and_write_nothing(good_folder, tmp_pat
         import_in_process(folder, "m", tmp_path / "out")
     assert says in str(e.value) and str(folder) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tied_model_may_save_its_head_only_as_the_embedding(good_folder, tmp_path):
+    """tie_word_embeddings decides, not whether lm_head.weight was saved: a saved copy of the
+    embedding is the tied head (transformers ties it too); a saved head that differs is refused,
+    since transformers 4 ties it away and 5 keeps it (which model it is depends on the version)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tied = hf_folder(tmp_path / "tied", "llama", tie=True, shard=False)
+    weights = load_file(str(tied / "model.safetensors"))
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()},
+              str(tied / "model.safetensors"), metadata={"format": "pt"})
+    step = import_in_process(tied, "m", tmp_path / "out")
+    assert load_run(step).config.model.tie_embeddings
+    np.testing.assert_allclose(our_logits(step, TOKENS), hf_logits(tied, TOKENS), rtol=0, atol=1e-4)
+    untied = tmp_path / "untied"
+    shutil.copytree(good_folder, untied)
+    _break(untied, "config.json", lambda c: c.update(tie_word_embeddings=True))
+    with pytest.raises(UserError, match="tie_word_embeddings=true, but the saved lm_head.weight differs"):
+        import_in_process(untied, "u", tmp_path / "out")
 
 
 @pytest.mark.parametrize("template, says", [

@@ -3,7 +3,7 @@
     python -m hybridchat.import SmolLM2-135M-Instruct.Q4_1.gguf run_name=smol
     python -m hybridchat.import ~/models/Qwen2-0.5B-Instruct/ run_name=qwen [overwrite=true]
 
-SOURCE is a GGUF file (llama.cpp's format, architecture llama) or a local Hugging Face folder
+SOURCE is a GGUF file (llama.cpp's format, architecture llama or qwen2) or a local Hugging Face folder
 (config.json, *.safetensors sharded or not, tokenizer.json, the chat template) of model_type llama
 (Llama, SmolLM, SmolLM2) or qwen2. The rest are Hydra overrides of conf/import.yaml: run_name (the
 model's own name when left out), overwrite, paths.*. It writes an ordinary checkpoint,

@@ -196,7 +196,7 @@ def read_folder(path: str | Path) -> ImportedModel:
         raise f.error("is not a folder")
     c = f.json("config.json")
     tensors = _tensors(f, _weight_files(f))
-    # config.json says whether the head is tied (transformers then ignores a saved lm_head.weight).
+    # config.json says whether the head is tied; a saved lm_head.weight must then be the embedding.
     tie = bool(c.get("tie_word_embeddings", False))
     config = _config(f, c, tie)
     tokenizer = _tokenizer(f, config["vocab_size"])
@@ -205,7 +205,14 @@ def read_folder(path: str | Path) -> ImportedModel:
                                                           GLOBAL).items() if ours in shapes}
     if missing := [n for n in names if n not in tensors]:
         raise f.error(f"tensor(s) {missing[:3]} missing ({len(missing)} in all)")
-    ignored = {"lm_head.weight"} if tie else set()
+    if tie and "lm_head.weight" in tensors and not torch.equal(tensors["lm_head.weight"], tensors[
+            "model.embed_tokens.weight"]):
+        # transformers 4 ties them anyway (the saved head ignored), transformers 5 keeps both: which
+        # model this is depends on the version, so it is not guessed.
+        raise f.error("config.json tie_word_embeddings=true, but the saved lm_head.weight differs from "
+                      "model.embed_tokens.weight (transformers 4 would tie them, 5 keeps both): set "
+                      "tie_word_embeddings to what the model was trained with")
+    ignored = {"lm_head.weight"} if tie else set()  # a copy of the embedding, as some saves keep
     if extra := [n for n in tensors if n not in names and n not in ignored]:
         raise f.error(f"tensor(s) {extra[:3]} not supported: HybridLM has no place for them")
     state = {}
