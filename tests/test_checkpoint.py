@@ -232,7 +232,7 @@ def test_architecture_names_a_mixers_settings_only_where_the_pattern_has_it(step
 
     common = ["block_pattern", "vocab_size", "n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights",
               "norm_eps", "embed_norm", "tie_embeddings", "pointer", "request_match"]
-    attention = ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm"]
+    attention = ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm", "qkv_bias"]
     mamba = ["mamba_mlp", "d_state", "d_conv", "expand", "headdim", "ngroups"]
     for pattern, keys in (("A", common + attention), ("M", common + mamba), ("AM", common + attention + mamba)):
         model = HybridLM(dataclasses.replace(CKPT_MODEL, block_pattern=pattern), vocab_size=300)

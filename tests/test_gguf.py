@@ -35,7 +35,8 @@ CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_DEFINED = ["<tool>"]
 FLOATS = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64}  # written as numpy arrays, not blocks
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "1 2", "Ġ Ġ"]
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # Every accepted type at least once; the norms stay F32 as llama.cpp keeps them.
 TYPES = {
     "token_embd": Q.Q8_0, "output": Q.F16,
@@ -241,7 +242,7 @@ def _bad(path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, says", [
     ("not gguf", "not a readable GGUF file"),
     ("architecture", "architecture 'gpt2' is not supported"),
-    ("pre-tokenizer", "tokenizer.ggml.pre='llama-bpe' is not supported (supported: ['smollm'])"),
+    ("pre-tokenizer", "tokenizer.ggml.pre='llama-bpe' is not supported (supported: ['qwen2', 'smollm'])"),
     ("missing tensor", "['blk.1.ffn_up.weight'] missing"),
     ("tensor type", "blk.0.attn_v.weight has type F64"),
     ("rope scaling", "llama.rope.scaling.type='linear' is not supported"),

@@ -126,6 +126,15 @@ def test_staleness_follows_the_defaults_of_the_config_tree(tmp_path):
     assert "**Stale**" in "\n".join(section(r, hashing.config_hash(r.configs, conf)))
 
 
+def test_an_option_added_at_no_effect_leaves_the_hash_unless_set():
+    """model.qkv_bias came after the records: at false the model computes what it did before the
+    key existed, so records stay current; set true, it is hashed like any key."""
+    hashing.register_schemas()
+    today = hashing.config_hash([AppConfig("train", ("stage=rag",))])
+    assert hashing.config_hash([AppConfig("train", ("stage=rag", "model.qkv_bias=false"))]) == today
+    assert hashing.config_hash([AppConfig("train", ("stage=rag", "model.qkv_bias=true"))]) != today
+
+
 def test_a_command_that_does_not_compose_is_one_error(tmp_path):
     hashing.register_schemas()
     with pytest.raises(UserError, match="config.yaml with stage.num_stepz=3 does not compose"):

@@ -198,7 +198,7 @@ def load(path: Path, model, optimizers=None, tokenizer_fingerprint: str | None =
     # Checkpoints written before these options existed were all built this way.
     before_options = {"mlp": "relu2", "mlp_hidden": None, "qk_norm": True, "norm_weights": False, "norm_eps": None,
                       "embed_norm": True, "tie_embeddings": False, "pointer": False,
-                      "request_match": False}
+                      "request_match": False, "qkv_bias": False}
     saved, current = {**before_options, **meta.get("architecture", {})}, model.architecture()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:

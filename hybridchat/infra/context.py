@@ -20,11 +20,10 @@ from hybridchat.data.tokenizer import Tokenizer, load_or_train
 from hybridchat.data.world import World, WorldConfig
 from hybridchat.infra import checkpoint
 from hybridchat.infra.config import Config
+from hybridchat.infra.imported import PRETRAINED  # stage.source naming the imported weights' stage folder
 from hybridchat.infra.runtime import Runtime, grad_accum_steps
 from hybridchat.retrieval.factory import DefaultCollection, open_knowledge_base
 from hybridchat.retrieval.knowledge_base import needed_indexes
-
-PRETRAINED = "pretrained"  # stage.source naming the model's imported weights, and their stage folder
 
 
 def pretrained_file(spec: str) -> Path:

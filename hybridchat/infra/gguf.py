@@ -1,8 +1,9 @@
-"""Import a Llama-architecture GGUF checkpoint (llama.cpp's format, e.g. SmolLM2) into HybridLM.
+"""Import a Llama-family GGUF checkpoint (llama.cpp's format: llama, e.g. SmolLM2; qwen2) into HybridLM.
 
-`read_gguf` turns the file into a complete model config, a float32 state dict in HybridLM's names
-and the tokenizer; `import_checkpoint` writes that as an ordinary step folder, so training stages,
-`runs.load_run`, chat and evaluation take an imported model like one trained here.
+`read_gguf` turns the file into an ImportedModel (infra/imported.py: a complete model config, a
+float32 state dict in HybridLM's names and the tokenizer); `import_checkpoint` writes that as an
+ordinary step folder, so training stages, `runs.load_run`, chat and evaluation take an imported
+model like one trained here.
 
 Everything is read from the file's metadata, nothing assumed from the model's name. What HybridLM
 cannot compute the same way (another architecture, RoPE scaling, partial rotary, extra tensors,
@@ -11,23 +12,26 @@ another pre-tokenizer) is refused with a one-line UserError rather than imported
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from hybridchat.core.errors import UserError
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.infra import checkpoint
-from hybridchat.model.config import ModelConfig
-from hybridchat.model.lm import HybridLM
+from hybridchat.infra.imported import (
+    ImportedModel,
+    chat_template_difference,
+    layer_names,
+    llama_config,
+    llama_shapes,
+    write_checkpoint,
+)
 
 # Tensor types gguf.quants can both write and read back, so tests/test_gguf.py covers each one.
 # K-quants (Q4_K_M files) use 256-value blocks a small test model cannot hold: not accepted yet.
@@ -42,25 +46,25 @@ def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
 
 
+# Qwen2's tokenizer.json (llama.cpp's "qwen2" pre-type): one digit at a time, letters with one
+# leading non-letter, then byte mapping without GPT-2's own split.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _qwen2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 # tokenizer.ggml.pre names the original tokenizer's pre-tokenization; the vocabulary and merges
 # are only right with the same one, so an unknown name is refused, not guessed.
-PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
-
-
-@dataclass
-class GGUFModel:
-    config: dict[str, Any]                 # every ModelConfig field: ModelConfig(**config) rebuilds it
-    state_dict: dict[str, torch.Tensor]    # HybridLM names, float32, Q/K in rotate-half order
-    tokenizer: Tokenizer
-    chat_template: Optional[str]           # the file's Jinja chat template (tokenizer.chat_template)
-
-    def model(self) -> HybridLM:
-        """The HybridLM, in eval mode, whose parameters ARE the state dict's tensors (not copies:
-        copying or random-initialising 135M floats costs seconds on a small CPU)."""
-        with torch.device("meta"):
-            model = HybridLM(ModelConfig(**self.config), self.config["vocab_size"])
-        model.load_state_dict(self.state_dict, assign=True)  # read_gguf checked names and shapes
-        return model.eval()
+PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer, "qwen2": _qwen2_pre_tokenizer}
+# Qwen2's tokenizer.json composes text to NFC first; a decomposed "é" would split otherwise.
+NORMALIZERS = {"qwen2": normalizers.NFC}
+# general.architecture -> whether convert_hf_to_gguf permuted Q/K rows for llama.cpp's interleaved
+# RoPE (llama does; qwen2 runs NEOX-style rotate-half, as HF does, and is left as is), and q/k/v biases.
+ARCHITECTURES = {"llama": {"permuted": True, "qkv_bias": False}, "qwen2": {"permuted": False, "qkv_bias": True}}
 
 
 class _File:
@@ -109,6 +113,8 @@ def _tokenizer(f: _File) -> Tokenizer:
     # No unk token and no byte fallback: like the original BPE, a byte outside the vocabulary is dropped.
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
     hf.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    if pre in NORMALIZERS:
+        hf.normalizer = NORMALIZERS[pre]()
     hf.decoder = decoders.ByteLevel()
     # CONTROL tokens (<|im_start|>, <|endoftext|>, ...) are the original's special added tokens;
     # USER_DEFINED ones its plain added tokens (stored as text, matched before BPE). Both keep their ids.
@@ -119,70 +125,62 @@ def _tokenizer(f: _File) -> Tokenizer:
     return Tokenizer(hf)
 
 
-def _settings(f: _File, n_vocab: int, tie: bool) -> dict[str, Any]:
+def _settings(f: _File, arch: str, n_vocab: int, tie: bool) -> dict[str, Any]:
     def number(key: str, default: Any = ...) -> Any:
-        value = f.get(f"llama.{key}", default)
+        value = f.get(f"{arch}.{key}", default)
         # float32 metadata (1e-5 reads as 9.99999974e-06): keep the shortest decimal that rounds back.
         return float(str(np.float32(value))) if isinstance(value, float) else value
 
     n_embd, n_head = number("embedding_length"), number("attention.head_count")
-    n_kv_head = number("attention.head_count_kv", n_head)
     head_dim = n_embd // n_head
     if (rotary := number("rope.dimension_count", head_dim)) != head_dim:
-        raise f.error(f"llama.rope.dimension_count={rotary} (partial rotary) is not "
+        raise f.error(f"{arch}.rope.dimension_count={rotary} (partial rotary) is not "
                       f"supported: HybridLM rotates the whole head of {head_dim}")
-    if (scaling := f.get("llama.rope.scaling.type", "none")) != "none":
-        raise f.error(f"llama.rope.scaling.type={scaling!r} is not supported (only plain RoPE)")
+    if (scaling := f.get(f"{arch}.rope.scaling.type", "none")) != "none":
+        raise f.error(f"{arch}.rope.scaling.type={scaling!r} is not supported (only plain RoPE)")
     basename, size = f.get("general.basename", None), f.get("general.size_label", None)
-    config = ModelConfig(
-        # "smollm2_135m", like conf/model/smollm2_135m.yaml; the file's stem when the metadata is silent.
-        name=f"{basename}_{size}".lower() if basename and size else f.path.name.split(".")[0],
-        n_layer=number("block_count"), n_embd=n_embd, n_head=n_head,
-        n_kv_head=n_kv_head, block_pattern="all_attention", mlp="swiglu", mlp_hidden=number("feed_forward_length"),
-        attn_rope=True, rope_base=number("rope.freq_base", 10000.0), qk_norm=False, norm_weights=True,
-        norm_eps=number("attention.layer_norm_rms_epsilon"), embed_norm=False, tie_embeddings=tie,
-        # The trained context can be long (8192); training windows here default to at most 2048.
-        sequence_len=min(number("context_length"), 2048), vocab_size=n_vocab,
-        # Unused by all-attention blocks: the Mamba-2 shape an attention -> Mamba conversion
-        # (stage=distill) needs: one head of head_dim per attention head, d_state = head_dim, B and C
-        # per head (hybridchat.model.convert), as conf/model/smollm2_135m.yaml sets them.
-        expand=n_head * head_dim // n_embd, headdim=head_dim, d_state=head_dim, ngroups=n_head)
-    return dataclasses.asdict(config)
+    try:
+        # name: "smollm2_135m", like conf/model/smollm2_135m.yaml; the file's stem when the metadata is silent.
+        return llama_config(
+            name=f"{basename}_{size}".lower() if basename and size else f.path.name.split(".")[0],
+            n_layer=number("block_count"), n_embd=n_embd, n_head=n_head,
+            n_kv_head=number("attention.head_count_kv", n_head), mlp_hidden=number("feed_forward_length"),
+            rope_base=number("rope.freq_base", 10000.0), norm_eps=number("attention.layer_norm_rms_epsilon"),
+            context=number("context_length"), vocab_size=n_vocab, tie=tie, qkv_bias=ARCHITECTURES[arch]["qkv_bias"])
+    except UserError as e:
+        raise f.error(f"its sizes do not fit HybridLM: {e}") from None
 
 
-def _expected(cfg: dict[str, Any], tie: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+# GGUF's names of a layer's tensors -> ours (convert_hf_to_gguf's tensor map; biases: qwen2's).
+LAYER = {"attn_norm.weight": "norm_mixer.weight", "attn_q.weight": "mixer.c_q.weight",
+         "attn_k.weight": "mixer.c_k.weight", "attn_v.weight": "mixer.c_v.weight",
+         "attn_q.bias": "mixer.c_q.bias", "attn_k.bias": "mixer.c_k.bias", "attn_v.bias": "mixer.c_v.bias",
+         "attn_output.weight": "mixer.c_proj.weight", "ffn_norm.weight": "norm_mlp.weight",
+         "ffn_gate.weight": "mlp.c_gate.weight", "ffn_up.weight": "mlp.c_fc.weight",
+         "ffn_down.weight": "mlp.c_proj.weight"}
+GLOBAL = {"token_embd.weight": "wte.weight", "output_norm.weight": "norm_f.weight", "output.weight": "lm_head.weight"}
+
+
+def _expected(cfg: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """GGUF tensor name -> (HybridLM name, shape as dequantized: (out, in) for matrices)."""
-    d, hd, v, ffn = cfg["n_embd"], cfg["n_embd"] // cfg["n_head"], cfg["vocab_size"], cfg["mlp_hidden"]
-    q, kv = cfg["n_head"] * hd, cfg["n_kv_head"] * hd
-    names = {"token_embd.weight": ("wte.weight", (v, d)), "output_norm.weight": ("norm_f.weight", (d,))}
-    if not tie:
-        names["output.weight"] = ("lm_head.weight", (v, d))
-    for i in range(cfg["n_layer"]):
-        b = f"blocks.{i}."
-        names |= {f"blk.{i}.{gguf_name}": (b + ours, shape) for gguf_name, ours, shape in [
-            ("attn_norm.weight", "norm_mixer.weight", (d,)),
-            ("attn_q.weight", "mixer.c_q.weight", (q, d)),
-            ("attn_k.weight", "mixer.c_k.weight", (kv, d)),
-            ("attn_v.weight", "mixer.c_v.weight", (kv, d)),
-            ("attn_output.weight", "mixer.c_proj.weight", (d, q)),
-            ("ffn_norm.weight", "norm_mlp.weight", (d,)),
-            ("ffn_gate.weight", "mlp.c_gate.weight", (ffn, d)),
-            ("ffn_up.weight", "mlp.c_fc.weight", (ffn, d)),
-            ("ffn_down.weight", "mlp.c_proj.weight", (d, ffn)),
-        ]}
-    return names
+    shapes = llama_shapes(cfg)
+    return {theirs: (ours, shapes[ours]) for theirs, ours in layer_names(LAYER, cfg["n_layer"], "blk.{i}.",
+                                                                         GLOBAL).items() if ours in shapes}
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
-    """Config, dequantized weights and tokenizer of a llama GGUF file, or a UserError saying why not."""
+def read_gguf(path: str | Path) -> ImportedModel:
+    """Config, dequantized weights and tokenizer of a llama or qwen2 GGUF file, or a UserError saying why not."""
     f = _File(Path(path))
-    if (arch := f.get("general.architecture")) != "llama":
-        raise f.error(f"architecture {arch!r} is not supported (only 'llama')")
+    if (arch := f.get("general.architecture")) not in ARCHITECTURES:
+        raise f.error(f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
     tokenizer = _tokenizer(f)
+    template = f.get("tokenizer.chat_template", None)
+    if problem := chat_template_difference(tokenizer, template):
+        raise f.error(f"its chat template is not the ChatML hybridchat renders: {problem}")
     tensors = {t.name: t for t in f.reader.tensors}
     tie = "output.weight" not in tensors  # no separate output matrix: the head reuses the embedding
-    config = _settings(f, tokenizer.vocab_size, tie)
-    expected = _expected(config, tie)
+    config = _settings(f, arch, tokenizer.vocab_size, tie)
+    expected = _expected(config)
     if missing := [n for n in expected if n not in tensors]:
         raise f.error(f"tensor(s) {missing[:3]} missing ({len(missing)} in all)")
     if extra := [n for n in tensors if n not in expected]:
@@ -196,17 +194,12 @@ def read_gguf(path: str | Path) -> GGUFModel:
         w = dequantize(t.data, t.tensor_type)
         if w.shape != shape:
             raise f.error(f"tensor {name} has shape {w.shape}, the metadata implies {shape}")
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
+        if ARCHITECTURES[arch]["permuted"] and name.endswith(("attn_q.weight", "attn_k.weight")):
             w = _unpermute(w, config["n_head"] if "attn_q" in name else config["n_kv_head"])
         state[ours] = torch.tensor(np.asarray(w, dtype=np.float32))  # a copy: the reader's data is a memmap
-    return GGUFModel(config, state, tokenizer, f.get("tokenizer.chat_template", None))
+    return ImportedModel(config, state, tokenizer, template, f"gguf:{f.path.name}")
 
 
-def import_checkpoint(gguf_path: str | Path, directory: str | Path) -> Path:
-    """Write the GGUF model as step 0 of a checkpoint folder under `directory`; returns the step
-    folder, which `runs.load_run` (and stage.source) reads like any other."""
-    imported = read_gguf(gguf_path)
-    meta = {"config": {"model": imported.config}, "tokenizer": imported.tokenizer.fingerprint,
-            "source": f"gguf:{Path(gguf_path).name}"}
-    return checkpoint.save(Path(directory), step=0, model=imported.model(), optimizers=[], meta=meta, keep=1,
-                           tokenizer=imported.tokenizer)
+def import_checkpoint(gguf_path: str | Path, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write the GGUF model as step 0 of the stage folder `directory` (imported.write_checkpoint)."""
+    return write_checkpoint(read_gguf(gguf_path), directory, overwrite)

@@ -27,16 +27,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, layer_idx: int = 0, qk_norm: bool = True,
-                 norm_eps: float | None = None):
+                 norm_eps: float | None = None, qkv_bias: bool = False):
         super().__init__()
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = d_model // n_head
         self.layer_idx = layer_idx
         # Parameter-free, one module for q and k: it adds no state-dict keys.
         self.qk_norm = nn.RMSNorm(self.head_dim, eps=norm_eps, elementwise_affine=False) if qk_norm else None
-        self.c_q = nn.Linear(d_model, n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
+        # Biases on q, k, v only: Qwen2's layout (its output projection has none).
+        self.c_q = nn.Linear(d_model, n_head * self.head_dim, bias=qkv_bias)
+        self.c_k = nn.Linear(d_model, n_kv_head * self.head_dim, bias=qkv_bias)
+        self.c_v = nn.Linear(d_model, n_kv_head * self.head_dim, bias=qkv_bias)
         self.c_proj = nn.Linear(n_head * self.head_dim, d_model, bias=False)
 
     def init_weights(self) -> None:
@@ -45,6 +46,8 @@ class CausalSelfAttention(nn.Module):
         bound = math.sqrt(3.0) / math.sqrt(self.c_q.in_features)
         for lin in (self.c_q, self.c_k, self.c_v):
             nn.init.uniform_(lin.weight, -bound, bound)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         nn.init.zeros_(self.c_proj.weight)
 
     def allocate_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:

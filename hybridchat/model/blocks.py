@@ -23,7 +23,7 @@ from hybridchat.model.mamba import Mamba2
 # Factories share one signature so the Block never special-cases a kind.
 def _attention(cfg: ModelConfig, layer_idx: int, ssm_backend: str) -> nn.Module:
     return CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, layer_idx=layer_idx, qk_norm=cfg.qk_norm,
-                               norm_eps=cfg.norm_eps)
+                               norm_eps=cfg.norm_eps, qkv_bias=cfg.qkv_bias)
 
 
 def _mamba(cfg: ModelConfig, layer_idx: int, ssm_backend: str) -> nn.Module:

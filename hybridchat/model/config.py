@@ -25,6 +25,7 @@ class ModelConfig:
     mlp: str = "relu2"            # relu2: c_proj(relu(c_fc x)^2) (nanochat) | swiglu: c_proj(silu(c_gate x) * c_fc x)
     mamba_mlp: bool = True        # MLP after Mamba mixers too (Nemotron-H drops it)
     qk_norm: bool = True          # RMSNorm queries and keys per head after RoPE (nanochat); Llama has none
+    qkv_bias: bool = False        # biases on the query, key and value projections (Qwen2); none on the output
     norm_weights: bool = False    # learned gains on the block and final RMSNorms (Llama); False: parameter-free
     norm_eps: Optional[float] = None   # eps of every RMSNorm outside Mamba; None: torch's default (dtype's eps)
     embed_norm: bool = True       # RMSNorm the token embeddings before the first block (nanochat; Llama: false)

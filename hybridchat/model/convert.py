@@ -22,6 +22,10 @@ from hybridchat.model.mamba import Mamba2
 def _check_fits(attn: CausalSelfAttention, mamba: Mamba2) -> None:
     """One Mamba head per attention head, the head's size as both headdim and d_state. ngroups must
     be n_head, not n_kv_head: Mamba's B and C share their groups and C (= Q) differs per query head."""
+    if attn.c_q.bias is not None:
+        # in_proj has no bias to take them, and dropping them would start the layer off its teacher.
+        raise UserError(f"layer {mamba.layer_idx}: attention with q/k/v biases (model.qkv_bias=true, as Qwen2 has) "
+                        f"cannot be converted to Mamba-2, whose in_proj has no bias; convert a model without them")
     width = attn.n_head * attn.head_dim
     need = {"expand": width / mamba.d_model, "headdim": attn.head_dim, "d_state": attn.head_dim,
             "ngroups": attn.n_head}

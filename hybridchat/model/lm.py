@@ -77,7 +77,7 @@ class HybridLM(nn.Module):
                 "tie_embeddings", "pointer", "request_match"]
         # A mixer's settings matter only where the pattern has that mixer (a transformer has no d_state).
         if "A" in self.pattern:
-            keys += ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm"]
+            keys += ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm", "qkv_bias"]
         elif c.pointer:  # the pointer's head width is n_embd / n_head
             keys += ["n_head"]
         if "M" in self.pattern:
