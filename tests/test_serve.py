@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 from serve_checkpoint import save_cited_checkpoint
 
+from hybridchat.bench.serve import start_server
 from hybridchat.rag.answer import ABSTAIN, Answerer
 from hybridchat.rag.stream import ReplyStream
 from hybridchat.retrieval.config import RetrieverConfig
@@ -30,27 +30,10 @@ QUESTIONS = ["Where does Vipiren Reivailo live?", "Who founded Trogrouston Indus
 
 
 class Server:
-    """python -m hybridchat.serve in a subprocess, its stderr collected as it runs."""
+    """python -m hybridchat.serve in a subprocess (started as the serving benchmark starts it)."""
 
     def __init__(self, *args: str, env: dict | None = None):
-        self.proc = subprocess.Popen([sys.executable, "-m", "hybridchat.serve", "port=0", *args], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-        self.lines: list[str] = []
-        self.url = None
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if line.startswith("serving ") and " on http://" in line:
-                    self.url = line.split(" on ")[1].split()[0].rstrip("/")
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        ready.wait(timeout=300)
-        assert self.url, "".join(self.lines)[-3000:]
+        self.proc, self.url, self.lines = start_server(list(args), timeout=300, env=env)
 
     def stop(self) -> str:
         self.proc.terminate()
@@ -79,7 +62,7 @@ def reference(served):
 
 
 def client(served, **options):
-    return openai.OpenAI(base_url=served[0].url + "/v1", api_key=KEY, **options)
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key=KEY, timeout=120, **options)
 
 
 def ask(c, question: str, **options):
@@ -150,10 +133,12 @@ def test_bad_requests_are_4xx_json_errors_and_the_server_goes_on(served):
     c = client(served, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
-    with pytest.raises(openai.NotFoundError, match="model_not_found"):
+    with pytest.raises(openai.NotFoundError, match="is not served here") as e:
         c.chat.completions.create(model="nope", messages=message["messages"])
-    with pytest.raises(openai.BadRequestError, match="context_length_exceeded"):
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="does not fit") as e:
         ask(c, "Who? " * 3000)
+    assert e.value.code == "context_length_exceeded"
     assert ask(c, "Who founded it?").choices[0].message.content.startswith("[1]")
     assert served[0].proc.poll() is None
 
