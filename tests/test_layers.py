@@ -18,7 +18,7 @@ MAY_IMPORT = {
     "infra": {"core", "model", "data", "retrieval"},
     "training": {"core", "model", "data", "retrieval", "rag", "infra"},
 }
-ENTRY_POINTS = {"train", "evaluate", "chat", "kb", "qa", "plan", "bench", "results", "report", "import"}
+ENTRY_POINTS = {"train", "evaluate", "chat", "serve", "kb", "qa", "plan", "bench", "results", "report", "import"}
 READS_APP_SCHEMAS = {("results", "hybridchat.evaluate"), ("results", "hybridchat.plan")}
 PACKAGE = Path(__file__).resolve().parents[1] / "hybridchat"
 

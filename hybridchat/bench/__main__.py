@@ -10,6 +10,7 @@ BENCHMARKS = {
     "retrieval": "build time, queries/s and memory of each retriever vs rank-bm25",
     "reading": "exact match of a checkpoint reading a held-out document in its pretraining format",
     "perplexity": "bits per byte and token perplexity of checkpoints on held-out text (prose, Python docs, a file)",
+    "serve": "N concurrent clients against python -m hybridchat.serve: failures, p50/p95 latency, tokens/s, RSS",
     "gpu_check": "minutes-long check of the GPU path: gpu tests, d12 training tok/s + MFU, scans, kernels",
 }
 
