@@ -288,5 +288,6 @@ def validation_split(questions: list[Question], fraction: float, rng: random.Ran
     rng.shuffle(answerable)
     rng.shuffle(unanswerable)
     n_answerable, n_unanswerable = max(1, round(len(answerable) * fraction)), round(len(unanswerable) * fraction)
-    return (answerable[:n_answerable] + unanswerable[:n_unanswerable],
-            answerable[n_answerable:] + unanswerable[n_unanswerable:])
+    validation = answerable[:n_answerable] + unanswerable[:n_unanswerable]
+    rng.shuffle(validation)  # mixed: the threshold is chosen on its first stage.eval_questions, both kinds among them
+    return validation, answerable[n_answerable:] + unanswerable[n_unanswerable:]
