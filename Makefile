@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml
 # chromium-driver, installed where they are missing and apt-get can run (as root); else left to you.
 browser:
 	@if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+			|| echo "chromium was not installed: tests/test_serve.py's page test will skip"; fi
 
 # Official Mamba-2 kernels: needs a CUDA machine with nvcc; builds from source (minutes).
 install-gpu: install
