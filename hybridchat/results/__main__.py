@@ -1,8 +1,12 @@
 """python -m hybridchat.results render | check | hash APP [OVERRIDES...] [-- APP OVERRIDES...] | machine
+       | table PATH [budget] | paired PATH CONDITION CONDITION [METRIC]
 
 render: docs/results.md from docs/results/*.json (`make results`); check: exit 1 when docs/results.md
 differs from that rendering; hash: the config hash of one or more Hydra commands, for a new record;
-machine: this machine as a record states it."""
+machine: this machine as a record states it; table: a record's table from one experiment's
+evaluations over seeds (PATH: a sweep folder of eval.json files), its conditions or its context
+budget; paired: one metric's difference between two conditions, seed by seed, with its interval
+(hybridchat/results/seed_tables.py)."""
 
 from __future__ import annotations
 
@@ -17,11 +21,12 @@ from hybridchat.core.fsutil import atomic_write_text
 from hybridchat.results.config_hash import config_hash, register_schemas
 from hybridchat.results.records import APPS, AppConfig, Record, load_all
 from hybridchat.results.render import render
+from hybridchat.results.seed_tables import budget_table, conditions_table, evaluations, paired
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDS = ROOT / "docs" / "results"
 RENDERED = ROOT / "docs" / "results.md"
-USAGE = __doc__.split("\n\n")[0]
+USAGE = " ".join(__doc__.split("\n\n")[0].split())
 
 
 def todays_hashes(records: list[Record]) -> dict[str, str | None]:
@@ -80,9 +85,14 @@ def main(argv: list[str]) -> None:
         print(config_hash(configs))
     elif command == "machine":
         print(json.dumps(this_machine()))
+    elif command == "table" and len(argv) in (2, 3) and argv[2:] in ([], ["budget"]):
+        reports = evaluations(Path(argv[1]))
+        print(json.dumps(budget_table(reports) if argv[2:] else conditions_table(reports), indent=1))
+    elif command == "paired" and len(argv) in (4, 5):
+        print(json.dumps(paired(evaluations(Path(argv[1])), *argv[2:]), indent=1))
     else:
-        raise UserError(f"python -m hybridchat.results: the first word is render, check, hash or machine "
-                        f"(got {command!r}); usage: {USAGE}")
+        raise UserError(f"python -m hybridchat.results: the first word is render, check, hash, machine, table or "
+                        f"paired, with their arguments (got {' '.join(argv)!r}); usage: {USAGE}")
 
 
 if __name__ == "__main__":
