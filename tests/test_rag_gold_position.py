@@ -150,6 +150,9 @@ def test_the_option_at_its_default_leaves_recorded_config_hashes_alone():
     from hybridchat.results.records import AppConfig
 
     hashing.register_schemas()
+    assert "gold_position" not in hashing.composed("config", ["stage=rag"])["stage"]  # as before the key existed
+    assert hashing.composed("config", ["stage=rag", "stage.gold_position=retrieved"])["stage"]["gold_position"] == \
+        "retrieved"
     today = hashing.config_hash([AppConfig("train", ("stage=rag",))])
     assert hashing.config_hash([AppConfig("train", ("stage=rag", "stage.gold_position=uniform"))]) == today
     assert hashing.config_hash([AppConfig("train", ("stage=rag", "stage.gold_position=retrieved"))]) != today
