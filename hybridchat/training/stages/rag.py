@@ -38,7 +38,6 @@ from hybridchat.rag.abstention import Calibration, calibrate
 from hybridchat.rag.answer import Answerer, fit_prompt, format_reply, parse_reply, score
 from hybridchat.training.stages import Stage, registered
 
-
 UNIFORM, RETRIEVED = "uniform", "retrieved"  # stage.gold_position
 GOLD_POSITIONS = (UNIFORM, RETRIEVED)
 
