@@ -26,7 +26,8 @@ NOT_HASHED = ("paths", "logger", "progress", "resume", "overwrite")
 # computes exactly what the code computed before they existed: left out of the hash at that value, so
 # adding an option (for an imported model) does not mark every record stale; set to anything else,
 # they are hashed like any key.
-ADDED_AT_NO_EFFECT = {("model", "qkv_bias"): False, ("stage", "gold_position"): "uniform"}
+ADDED_AT_NO_EFFECT = {("model", "qkv_bias"): False, ("stage", "gold_position"): "uniform",
+                      ("reading",): "together"}
 
 
 def register_schemas() -> None:
