@@ -10,7 +10,8 @@ own (retrieval per question, no memory of earlier turns). Without retriever.kb_d
 base is the checkpoint's synthetic world; without a retriever option the retriever is the one the
 checkpoint was trained with. A refrag checkpoint (or max_hops=2 and more) answers multi-hop: the
 model may write follow-up queries, and the hop trace (each query and the documents it found) is
-printed before the answer.
+printed before the answer. With reading=rank_order each retrieved document is read alone, in rank
+order, and the answer (shown whole) is read from the first one the model does not abstain on.
 """
 
 from __future__ import annotations
@@ -80,6 +81,23 @@ def answer_multihop(question: str, multihop, out=sys.stdout) -> None:
     _print_outcome(result, out, multihop.threshold)
 
 
+def answer_in_rank_order(question: str, reader, retriever, top_k: int, out=sys.stdout) -> None:
+    """The sources, then the answer read from the first document that suffices alone (whole: which
+    one is known once all are read), and each document's confidence alone."""
+    documents = [h.document for h in retriever.search([question], top_k=top_k)[0]]
+    result = reader.answer([question], [documents])[0]
+    print("sources:", file=out)
+    _print_documents(result.documents, 1, out)
+    if result.dropped:
+        print(f"  ({result.dropped} documents left out: with the question, each alone does not fit the model's "
+              f"{reader.answerer.max_context}-token context)", file=out)
+    print(f"answer: {result.reply}", file=out)
+    alone = ", ".join(f"[{n}] {c:.2f}" for n, c in enumerate(result.read_confidences, 1))
+    print(f"read alone in rank order: {f'answered from [{result.read}]' if result.read else 'none suffices'}"
+          + (f" (confidence with each: {alone})" if alone else ""), file=out)
+    _print_outcome(result, out, reader.threshold)
+
+
 def answer(question: str, answerer, retriever, top_k: int, out=sys.stdout) -> None:
     documents = None
     if retriever is not None:
@@ -111,6 +129,7 @@ def run(cfg: DictConfig) -> None:
         raise UserError("prompt= is empty: give a question, or leave prompt out to chat")
     assistant = open_assistant(cfg, config)
     answerer, multihop, retriever = assistant.answerer(), assistant.multihop(), assistant.retriever
+    reader = assistant.reader()
     seq_len, top_k = assistant.max_context, assistant.settings.top_k
     print(assistant.describe(), file=sys.stderr)
 
@@ -122,6 +141,8 @@ def run(cfg: DictConfig) -> None:
             question = fitted
         if multihop is not None:
             answer_multihop(question, multihop)
+        elif reader is not None:
+            answer_in_rank_order(question, reader, retriever, top_k)
         else:
             answer(question, answerer, retriever, top_k)
 

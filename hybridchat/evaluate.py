@@ -15,6 +15,8 @@ against the number of documents in context, for this model and any others named 
 Writes eval.md, eval.json and eval.png to the run dir (hybridchat/rag/report.py renders them; metrics go to
 wandb when logger=wandb). Each model answers with its checkpoint's abstention threshold, or
 abstain_threshold= (docs/answers.md); calibrate=true chooses one on questions=FILE and stores it.
+reading=rank_order reads each retrieved (or gold) document alone, in rank order, and answers from the
+first one the model does not abstain on (single-hop questions; the context budget reads together).
 
 With hops=2 (or a questions file whose every answerable question has two gold_doc_ids, in hop
 order) the questions are 2-hop and the conditions are: closed-book; single-shot RAG (one retrieval,
@@ -52,11 +54,11 @@ from hybridchat.infra.config import LoggerConfig
 from hybridchat.infra.runtime import setup, teardown
 from hybridchat.infra.tracking import Tracker
 from hybridchat.rag.abstention import Calibration, calibrate
-from hybridchat.rag.answer import Answerer, score
+from hybridchat.rag.answer import RANK_ORDER, Answerer, RankOrderReader, score
 from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, QueryGenerator, Search
 from hybridchat.rag.report import ANSWERABLE_RATES, COLUMNS, HOP_COLUMNS, HOP_RATES, markdown, plot, summarize
 from hybridchat.retrieval.knowledge_base import KnowledgeBase
-from hybridchat.training.runs import CHECKPOINT, Run, RunReaderConfig, load_run, threshold_setting
+from hybridchat.training.runs import CHECKPOINT, Run, RunReaderConfig, load_run, reading_setting, threshold_setting
 from hybridchat.training.stages import answering_stage, stage_schemas
 
 log = logging.getLogger("hybridchat")
@@ -244,7 +246,8 @@ class Prepared:
 
     def asker(self, model, threshold: float | None, documents: bool = True, queries: QueryGenerator | None = None):
         """answer(questions, documents) for `model` answering at `threshold`: multi-hop for 2-hop
-        questions shown documents (queries: who writes the follow-ups; None: one shot), else one reply."""
+        questions shown documents (queries: who writes the follow-ups; None: one shot), else one reply,
+        its documents read as cfg.reading says."""
         cfg, settings = self.cfg, self.settings
         tokenizer, seq_len = self.evaluated.tokenizer, self.evaluated.config.model.sequence_len
         if self.two_hop and documents:
@@ -253,7 +256,8 @@ class Prepared:
                             queries or NoQueries(), settings["max_hops"] if queries else 1,
                             settings["max_query_tokens"], cfg.max_answer_tokens, settings["hop_tokens"],
                             cfg.batch_size, threshold).answer
-        return Answerer(model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size, threshold).answer
+        answerer = Answerer(model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size, threshold)
+        return RankOrderReader(answerer).answer if documents and cfg.reading == RANK_ORDER else answerer.answer
 
 
 def is_multi_hop(question: Question) -> bool:
@@ -269,6 +273,7 @@ def prepare(cfg: EvalConfig) -> Prepared:
     if cfg.n_questions < 1 or cfg.n_unanswerable < 0:
         raise UserError(f"n_questions={cfg.n_questions} must be >= 1 and n_unanswerable={cfg.n_unanswerable} >= 0")
     threshold_setting(cfg.abstain_threshold)
+    reading_setting(cfg.reading)
     if cfg.sample is not None and (cfg.sample < 1 or not cfg.questions):
         raise UserError(f"sample={cfg.sample}: a number >= 1 of questions to evaluate from questions=FILE "
                         "(or null: all of them)")
@@ -277,6 +282,9 @@ def prepare(cfg: EvalConfig) -> Prepared:
         mine = sample_questions(mine, cfg.sample, cfg.seed)
     answerable = [i for i in mine or () if i.answers]
     two_hop = cfg.hops == 2 or (bool(answerable) and all(is_multi_hop(i) for i in answerable))
+    if two_hop and cfg.reading == RANK_ORDER:
+        raise UserError(f"reading={RANK_ORDER} answers from one document read alone; 2-hop questions need two "
+                        "read together (multi-hop): leave reading at together")
     stage = cfg.checkpoint_stage or answering_stage(2 if two_hop else 1).name
     evaluated = load(cfg, cfg.run_name, stage, cfg.step)
     if mine is not None:
@@ -312,7 +320,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         records = [{"id": items[i].id, "question": a.question, "reply": a.reply, "gold": list(items[i].answers),
                     "cited": [d.id for d in a.cited], "dropped": a.dropped,
                     "hops": [{"query": h.query, "documents": [d.id for d in h.documents], "status": h.status}
-                             for h in a.hops]} for a, i in zip(answers, chosen)]
+                             for h in a.hops], **read_record(a)} for a, i in zip(answers, chosen)]
         summary = summarize(scores, cfg.bootstrap, cfg.seed, HOP_RATES if two_hop else ANSWERABLE_RATES)
         # Every question's reply goes to answers.jsonl (evaluate's run dir), the first five to eval.json.
         answered = [{"condition": condition, **r, "confidence": a.confidence, "abstained": a.abstained,
@@ -355,7 +363,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "answerable": sum(bool(i.answers) for i in items), "unanswerable": sum(not i.answers for i in items),
             "hops": 2 if two_hop else 1, **({"multihop": prepared.settings} if two_hop else {}),
             "abstain_threshold": threshold_report(cfg, evaluated),
+            **({"reading": cfg.reading} if cfg.reading == RANK_ORDER else {}),
             "primary": primary, "conditions": conditions, "context_budget": budget}
+
+
+def read_record(answer) -> dict[str, Any]:
+    """Which document a question's answer was read from, where its documents were read in rank order
+    (reading=rank_order): its number (null: none sufficed) and id, each document's id and confidence
+    alone. Nothing where they were read together."""
+    if answer.read_confidences is None:
+        return {}
+    return {"read": answer.read, "read_document": answer.documents[answer.read - 1].id if answer.read else None,
+            "read_documents": [d.id for d in answer.documents], "read_confidences": answer.read_confidences}
 
 
 def threshold_report(cfg: EvalConfig, evaluated: Run) -> dict[str, Any]:
@@ -388,7 +407,8 @@ def calibrate_checkpoint(cfg: EvalConfig) -> tuple[Path, Calibration]:
     ask = prepared.asker(prepared.evaluated.model, None, queries=ModelQueries() if prepared.two_hop else None)
     answers = ask(prepared.questions, prepared.retrieved)
     scores = [score(a, i.answers, i.gold_doc_ids) for a, i in zip(answers, prepared.items)]
-    found = calibrate(scores, cfg.target_false_abstention, f"questions={cfg.questions}", sha256_file(cfg.questions))
+    chosen_on = f"questions={cfg.questions}" + (f", reading={RANK_ORDER}" if cfg.reading == RANK_ORDER else "")
+    found = calibrate(scores, cfg.target_false_abstention, chosen_on, sha256_file(cfg.questions))
     checkpoint.update_meta(prepared.evaluated.path, {"abstention": found.to_meta()})
     return prepared.evaluated.path, found
 

@@ -228,7 +228,7 @@ def test_length_grouping_cuts_each_pool_of_batches_by_length_and_keeps_the_epoch
 class _Ctx:  # the pieces RagStage.documents_and_reply reads
     class config:
         class stage:
-            min_documents, max_documents, candidates, gold_missing, cite_first = 1, 4, 10, 0.2, True
+            min_documents, max_documents, candidates, gold_missing, cite_first, gold_position = 1, 4, 10, 0.2, True, "uniform"
 
 
 def _rag_stage():

@@ -5,11 +5,14 @@ read back. A reply is either the number of the document the answer comes from, t
 answer, "[2] Vellport", or the abstention ABSTAIN when the documents shown do not hold the answer.
 Citing first splits the decision in the order a reader makes it: answer or abstain (the first
 token), which document (the number), then a copy from that document, which the number marks.
-Retrieval is the caller's: an Answerer is given the documents (or none: closed-book).
+Retrieval is the caller's: an Answerer is given the documents (or none: closed-book). It reads them
+together, in one prompt (reading=together); a RankOrderReader reads each alone, in rank order, and
+answers from the first that suffices (reading=rank_order).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,6 +32,10 @@ LOGITS_BUDGET = 2**30  # bytes of full-vocabulary logits per forward when scorin
 # a question is never cut shorter than its room (whitespace runs, the longest tokens, do not fill one).
 CHARS_PER_TOKEN = 32
 _CITATION = re.compile(r"\s*\[(\d+)\]\s*")
+# How the documents retrieved for a question are read (the apps' `reading`): all in one prompt, or
+# each alone in rank order (RankOrderReader).
+TOGETHER, RANK_ORDER = "together", "rank_order"
+READINGS = (TOGETHER, RANK_ORDER)
 
 
 def format_reply(answer: str | None, citation: int | None = None, cite_first: bool = True) -> str:
@@ -105,6 +112,10 @@ class Answer:
     # answered although the model wrote ABSTAIN: its confidence is at or above the threshold, so the
     # reply is its most likely one that does not begin as the abstention does
     over_abstention: bool = False
+    # reading=rank_order: the number of the document the answer was read from (None: none sufficed),
+    # and the confidence with each document alone, in rank order (None: the documents were read together)
+    read: int | None = None
+    read_confidences: list[float] | None = None
 
     @property
     def n_hops(self) -> int:
@@ -151,31 +162,41 @@ class Answerer:
         for lo in range(0, len(questions), self.batch_size):
             batch = questions[lo:lo + self.batch_size]
             shown = [None] * len(batch) if documents is None else documents[lo:lo + self.batch_size]
-            prompts = [self.prompt(q, d) for q, d in zip(batch, shown)]
-            t0 = time.perf_counter()
-            # With a threshold the confidence comes first: a question below it is not generated for.
-            # Without one, after generation, so that chat's first streamed token is not delayed.
-            confidence = self.confidence([p for p, _ in prompts]).tolist() if self.threshold is not None else None
-            generated = [i for i in range(len(batch)) if confidence is None or not below(confidence[i], self.threshold)]
-            replies = dict.fromkeys(range(len(batch)), ABSTAIN)  # what the threshold leaves ungenerated
-            if generated:
-                result = self._generate([prompts[i][0] for i in generated],
-                                        None if on_token is None else lambda j, token: on_token(generated[j], token))
-                replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(generated, result.tokens)})
-            overruled = [i for i in generated if self.threshold is not None and parse_reply(replies[i])[2]]
-            if overruled:
-                result = self.answers_instead([prompts[i][0] for i in overruled])
-                replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(overruled, result.tokens)})
-            if confidence is None:
-                confidence = self.confidence([p for p, _ in prompts]).tolist()
-            seconds = (time.perf_counter() - t0) / len(batch)
-            for i, (q, (_, docs)) in enumerate(zip(batch, prompts)):
-                answer, citations, abstained = parse_reply(replies[i])
-                given = 0 if shown[i] is None else len(shown[i])
-                out.append(Answer(q, replies[i], answer, citations, abstained, confidence[i], docs,
-                                  given - len(docs), seconds, closed_book=shown[i] is None,
-                                  below_threshold=below(confidence[i], self.threshold),
-                                  over_abstention=i in overruled))
+            out += self.answer_batch(batch, shown, [self.prompt(q, d) for q, d in zip(batch, shown)], on_token)
+        return out
+
+    @torch.no_grad()
+    def answer_batch(self, questions: Sequence[str], shown: Sequence[Sequence[Document] | None],
+                     prompts: Sequence[tuple[list[int], list[Document]]], on_token: TokenCallback | None = None,
+                     confidence: list[float] | None = None) -> list[Answer]:
+        """Greedy replies to `prompts` (self.prompt(questions[i], shown[i]) each), all generated in
+        one batch. confidence: each prompt's, where the caller has it already."""
+        t0 = time.perf_counter()
+        # With a threshold the confidence comes first: a question below it is not generated for.
+        # Without one, after generation, so that chat's first streamed token is not delayed.
+        if confidence is None and self.threshold is not None:
+            confidence = self.confidence([p for p, _ in prompts]).tolist()
+        generated = [i for i in range(len(questions)) if confidence is None or not below(confidence[i], self.threshold)]
+        replies = dict.fromkeys(range(len(questions)), ABSTAIN)  # what the threshold leaves ungenerated
+        if generated:
+            result = self._generate([prompts[i][0] for i in generated],
+                                    None if on_token is None else lambda j, token: on_token(generated[j], token))
+            replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(generated, result.tokens)})
+        overruled = [i for i in generated if self.threshold is not None and parse_reply(replies[i])[2]]
+        if overruled:
+            result = self.answers_instead([prompts[i][0] for i in overruled])
+            replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(overruled, result.tokens)})
+        if confidence is None:
+            confidence = self.confidence([p for p, _ in prompts]).tolist()
+        seconds = (time.perf_counter() - t0) / len(questions)
+        out = []
+        for i, (q, (_, docs)) in enumerate(zip(questions, prompts)):
+            answer, citations, abstained = parse_reply(replies[i])
+            given = 0 if shown[i] is None else len(shown[i])
+            out.append(Answer(q, replies[i], answer, citations, abstained, confidence[i], docs,
+                              given - len(docs), seconds, closed_book=shown[i] is None,
+                              below_threshold=below(confidence[i], self.threshold),
+                              over_abstention=i in overruled))
         return out
 
     def _generate(self, prompts: Sequence[list[int]], on_token: TokenCallback | None = None,
@@ -220,6 +241,78 @@ class Answerer:
                 total[lo + j] = logprobs[torch.arange(n, device=device), target].sum().double().cpu()
         self.model.train(was_training)
         return total.exp()
+
+
+class RankOrderReader:
+    """reading=rank_order: each document retrieved for a question is read alone, in rank order, and
+    the answer is the one read from the first document the answerer does not abstain on (with a
+    threshold: the first whose confidence alone is at or above it; without: the first where the
+    model does not write ABSTAIN); ABSTAIN where none suffices. The citation is that document's
+    number among those read. A question's confidence is its best document's: at or above the
+    threshold exactly where some document suffices, so a threshold chosen on these answers means
+    what it says. All (question, document) prompts of a batch of questions go through the model
+    together, about the tokens of one prompt per question holding all its documents; with a
+    threshold only the document chosen is generated for."""
+
+    def __init__(self, answerer: Answerer):
+        self.answerer = answerer
+
+    @property
+    def threshold(self) -> float | None:
+        return self.answerer.threshold
+
+    def fit_question(self, question: str) -> str:
+        return self.answerer.fit_question(question)
+
+    def prompts(self, question: str, documents: Sequence[Document]) -> list[tuple[list[int], Document]]:
+        """(prompt, document) for each document, in rank order, whose prompt with the question alone
+        fits the context; one that does not is left out, as the lowest-ranked are when read together."""
+        fitted = [self.answerer.prompt(question, [d]) for d in documents]
+        return [(ids, shown[0]) for ids, shown in fitted if shown]
+
+    @torch.no_grad()
+    def answer(self, questions: Sequence[str], documents: Sequence[Sequence[Document]]) -> list[Answer]:
+        answerer = self.answerer
+        out: list[Answer] = []
+        for lo in range(0, len(questions), answerer.batch_size):
+            batch, given = questions[lo:lo + answerer.batch_size], documents[lo:lo + answerer.batch_size]
+            t0 = time.perf_counter()
+            read = [self.prompts(q, d) for q, d in zip(batch, given)]
+            pairs = [(i, ids, d) for i, found in enumerate(read) for ids, d in found]  # question, prompt, document
+            confidence = answerer.confidence([ids for _, ids, _ in pairs]).tolist() if pairs else []
+            asked = list(range(len(pairs)))
+            if self.threshold is not None:  # the first document at or above it, per question
+                first: dict[int, int] = {}
+                for k, (i, _, _) in enumerate(pairs):
+                    if i not in first and not below(confidence[k], self.threshold):
+                        first[i] = k
+                asked = sorted(first.values())
+            replies: dict[int, Answer] = {}
+            if asked:
+                replies = dict(zip(asked, answerer.answer_batch(
+                    [batch[pairs[k][0]] for k in asked], [[pairs[k][2]] for k in asked],
+                    [(pairs[k][1], [pairs[k][2]]) for k in asked], confidence=[confidence[k] for k in asked])))
+            seconds = (time.perf_counter() - t0) / len(batch)
+            for i, (q, found) in enumerate(zip(batch, read)):
+                mine = [k for k, pair in enumerate(pairs) if pair[0] == i]
+                chosen = next((n for n, k in enumerate(mine, 1) if k in replies and not replies[k].abstained), None)
+                out.append(self._answer(q, [d for _, d in found], len(given[i]) - len(found),
+                                        [confidence[k] for k in mine], seconds,
+                                        None if chosen is None else (chosen, replies[mine[chosen - 1]])))
+        return out
+
+    def _answer(self, question: str, documents: list[Document], dropped: int, confidences: list[float],
+                seconds: float, chosen: tuple[int, Answer] | None) -> Answer:
+        """The question's Answer: `chosen` (the number of the document read, its answer alone) or none."""
+        best = math.nan if any(math.isnan(c) for c in confidences) else max(confidences, default=0.0)
+        if chosen is None:
+            return Answer(question, ABSTAIN, ABSTAIN, [], True, best, documents, dropped, seconds,
+                          below_threshold=below(best, self.threshold), read_confidences=confidences)
+        n, alone = chosen
+        # The model saw one document, [1]: its citations name the document's number among all.
+        reply = _CITATION.sub(lambda m: m.group(0).replace(m.group(1), str(n)), alone.reply)
+        return Answer(question, reply, alone.answer, [n], False, best, documents, dropped, seconds,
+                      over_abstention=alone.over_abstention, read=n, read_confidences=confidences)
 
 
 def holds(document: Document, answer: str) -> bool:

@@ -76,6 +76,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"retriever {report['retriever']} top-{report['top_k']}; 95% bootstrap intervals; seed "
              f"{report.get('seed', '?')} (the questions drawn and the bootstrap).", "",
              *threshold_lines(report.get("abstain_threshold")),
+             *(["Each document read alone, in rank order (reading=rank_order): the answer is read from the first "
+                "document the model does not abstain on, its confidence the best document's; the context budget "
+                "reads them together.", ""] if report.get("reading") else []),
              "| condition | " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for c in report["conditions"]:
         lines.append(f"| {c['condition']} | " + " | ".join(_fmt(c.get(k)) for k, _ in columns) + " |")

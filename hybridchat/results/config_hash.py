@@ -22,10 +22,12 @@ from hybridchat.results.records import AppConfig
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 CONFIG_NAMES = {"train": "config", "evaluate": "eval", "plan": "plan"}
 NOT_HASHED = ("paths", "logger", "progress", "resume", "overwrite")
-# Keys added after records were measured, at the value that computes exactly what the code computed
-# before they existed: left out of the hash at that value, so adding an option (for an imported
-# model) does not mark every record stale; set to anything else, they are hashed like any key.
-ADDED_AT_NO_EFFECT = {("model", "qkv_bias"): False}
+# Keys added after records were measured (their path in the composed config), at the value that
+# computes exactly what the code computed before they existed: left out of the hash at that value, so
+# adding an option (for an imported model) does not mark every record stale; set to anything else,
+# they are hashed like any key.
+ADDED_AT_NO_EFFECT = {("model", "qkv_bias"): False, ("stage", "gold_position"): "uniform",
+                      ("reading",): "together"}
 
 
 def register_schemas() -> None:
@@ -64,9 +66,12 @@ def composed(config_name: str, overrides: Iterable[str], config_dir: Path = CONF
             for key in cfg.get("paths") or {}:
                 cfg.paths[key] = f"<paths.{key}>"
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        for (section, key), neutral in ADDED_AT_NO_EFFECT.items():
-            if isinstance(resolved.get(section), dict) and resolved[section].get(key, neutral) == neutral:
-                resolved[section].pop(key, None)
+        for (*sections, key), neutral in ADDED_AT_NO_EFFECT.items():
+            node = resolved
+            for section in sections:
+                node = node.get(section) if isinstance(node, dict) else None
+            if isinstance(node, dict) and node.get(key, neutral) == neutral:
+                node.pop(key, None)
         return {key: value for key, value in resolved.items() if key not in NOT_HASHED}
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -98,7 +98,8 @@ def build_app(batcher: Batcher, config: ServeConfig, model_id: str) -> FastAPI:
         # What the page needs to know of the model, beside OpenAI's fields.
         about = {"retrieval": has_kb, "top_k": assistant.settings.top_k if has_kb else None,
                  "max_hops": assistant.max_hops if has_kb else 1, "threshold": assistant.threshold,
-                 "max_answer_tokens": assistant.max_answer_tokens, "context_tokens": assistant.max_context}
+                 "max_answer_tokens": assistant.max_answer_tokens, "context_tokens": assistant.max_context,
+                 "reading": assistant.reading}
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": completion_time,
                                             "owned_by": "hybridchat", "hybridchat": about}]}
 

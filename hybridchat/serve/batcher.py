@@ -3,9 +3,9 @@
 The model and its inference cache are not safe to share between threads, and decoding one request
 at a time leaves a CPU (or GPU) mostly idle per token. So HTTP handlers only queue a Job; the worker
 takes the first one waiting, lets others join it for batch_wait seconds (up to batch_size), and
-answers them in one Answerer (or MultiHop) call, where the engine decodes every row of the batch in
-each forward. Events go back through each job's `send` as they happen: the sources shown, each
-piece of the reply, then the finished Answer (or an error). A queue that is full refuses at once
+answers them in one Answerer (or MultiHop, or RankOrderReader) call, where the engine decodes every
+row of the batch in each forward. Events go back through each job's `send` as they happen: the
+sources shown, each piece of the reply, then the finished Answer (or an error). A queue that is full refuses at once
 (Busy): a client is better told to come back than left waiting behind an unbounded backlog.
 
 Retrieval is batched too. /search requests call the same retriever from the server's threads, so the
@@ -44,7 +44,7 @@ class Job:
 @dataclass
 class Done:
     answer: Answer
-    mode: str                            # closed-book | rag | multi-hop
+    mode: str                            # closed-book | rag | rank-order | multi-hop
     completion_tokens: int
     prompt_tokens: int
 
@@ -63,7 +63,8 @@ class Locked:
 class Batcher:
     """Events sent to a job: ("sources", (documents shown, how many were left out to fit the
     context)), ("delta", text) per piece of the reply, then ("done", Done) or ("error", message).
-    A multi-hop answer's hops are in its Done (its documents of every hop are its sources)."""
+    A multi-hop answer's hops are in its Done (its documents of every hop are its sources); it and a
+    rank-order answer (reading=rank_order) come whole, as one delta."""
 
     def __init__(self, assistant: Assistant, batch_size: int, queue_size: int, batch_wait_s: float):
         retriever = None if assistant.retriever is None else Locked(assistant.retriever, threading.Lock())
@@ -118,13 +119,19 @@ class Batcher:
     def _work(self) -> None:
         while (batch := self._take()) is not None:
             live = [j for j in batch if not j.cancelled]
-            multihop = self.assistant.multihop() is not None
-            groups: dict[tuple[bool, int], list[Job]] = {}
+            # how a job with retrieval is answered: multi-hop, its documents read alone in rank order, or
+            # read together (as a closed-book job is answered)
+            kind = self._single
+            if self.assistant.multihop() is not None:
+                kind = self._multihop
+            elif self.assistant.reader() is not None:
+                kind = self._rank_order
+            groups: dict[tuple[Callable, int], list[Job]] = {}
             for job in live:  # one answering call per kind of answer and reply length
-                groups.setdefault((multihop and job.retrieval, job.max_tokens), []).append(job)
-            for (hops, max_tokens), jobs in groups.items():
+                groups.setdefault((kind if job.retrieval else self._single, job.max_tokens), []).append(job)
+            for (answer, max_tokens), jobs in groups.items():
                 try:
-                    (self._multihop if hops else self._single)(jobs, max_tokens)
+                    answer(jobs, max_tokens)
                     self.batches += 1
                     self.batched_jobs += len(jobs)
                 except Exception as e:  # one batch's failure ends its requests, not the server
@@ -158,6 +165,19 @@ class Batcher:
                 job.send("delta", rest)
             tokens = len(stream.tokens) or len(answerer.tokenizer.encode(answer.reply))
             job.send("done", Done(answer, "closed-book" if found is None else "rag", tokens, len(ids)))
+
+    def _rank_order(self, jobs: list[Job], max_tokens: int) -> None:
+        """reading=rank_order: which document answers is known once all are read, so replies come whole."""
+        reader = self.assistant.reader(max_tokens)
+        questions = [j.question for j in jobs]
+        hits = self.assistant.retriever.search(questions, top_k=self.assistant.settings.top_k)
+        answers = reader.answer(questions, [[h.document for h in row] for row in hits])
+        for job, answer in zip(jobs, answers):
+            job.send("sources", (answer.documents, answer.dropped))
+            job.send("delta", answer.reply)
+            tokens = len(reader.answerer.tokenizer.encode(answer.reply))
+            prompt = sum(len(ids) for ids, _ in reader.prompts(answer.question, answer.documents))
+            job.send("done", Done(answer, "rank-order", tokens, prompt))
 
     def _multihop(self, jobs: list[Job], max_tokens: int) -> None:
         """Multi-hop replies come whole: the model's queries are followed inside the engine's decode,

@@ -127,7 +127,10 @@ def extras(answer: Answer, mode: str, threshold: float | None, dropped: int = 0)
             "dropped": dropped, "answer": answer.answer, "citations": answer.citations,
             "cited": [d.id for d in answer.cited], "abstained": answer.abstained,
             "confidence": _number(answer.confidence), "threshold": threshold,
-            "below_threshold": answer.below_threshold, "over_abstention": answer.over_abstention, "hops": hops}
+            "below_threshold": answer.below_threshold, "over_abstention": answer.over_abstention, "hops": hops,
+            # reading=rank_order: the source the answer was read from (null: none sufficed), each one's confidence alone
+            **({"read": answer.read, "read_confidences": [_number(c) for c in answer.read_confidences]}
+               if answer.read_confidences is not None else {})}
 
 
 class Completion:

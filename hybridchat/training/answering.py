@@ -2,7 +2,8 @@
 
 One place for what they share: the keys that name the checkpoint and shape the answers
 (AnsweringConfig), which retriever and knowledge base answer (the checkpoint's own unless told),
-the abstention threshold, and whether answers are single-hop (Answerer) or multi-hop (MultiHop).
+the abstention threshold, and whether answers are single-hop (Answerer; RankOrderReader with
+reading=rank_order) or multi-hop (MultiHop).
 The apps differ only in how a question arrives and how the answer is shown.
 """
 
@@ -19,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybridchat.core.errors import UserError
 from hybridchat.infra import checkpoint
-from hybridchat.rag.answer import Answerer
+from hybridchat.rag.answer import RANK_ORDER, TOGETHER, Answerer, RankOrderReader
 from hybridchat.rag.multihop import MultiHop, Search
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.retrieval.knowledge_base import KnowledgeBase, kind_for, needed_indexes
-from hybridchat.training.runs import Run, RunReaderConfig, load_run, threshold_setting
+from hybridchat.training.runs import Run, RunReaderConfig, load_run, reading_setting, threshold_setting
 from hybridchat.training.stages import answering_stage
 
 
@@ -79,6 +80,7 @@ class Assistant:
     max_hops: int
     max_answer_tokens: int
     batch_size: int = 1
+    reading: str = TOGETHER
     _made: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -94,6 +96,13 @@ class Assistant:
                                                  max_answer_tokens=n, batch_size=self.batch_size,
                                                  threshold=self.threshold)
         return self._made["answerer", n]
+
+    def reader(self, max_answer_tokens: int | None = None) -> RankOrderReader | None:
+        """The reader of each retrieved document alone in rank order (reading=rank_order); None where
+        documents are read together or there are none (closed-book)."""
+        if self.retriever is None or self.reading != RANK_ORDER:
+            return None
+        return RankOrderReader(self.answerer(max_answer_tokens))
 
     def multihop(self, max_answer_tokens: int | None = None) -> MultiHop | None:
         """The multi-hop answerer, None where answers are single-hop (closed-book, or max_hops 1)."""
@@ -121,6 +130,8 @@ class Assistant:
         how = "closed-book" if self.retriever is None else f"top-{self.settings.top_k} retrieval"
         if self.retriever is not None and self.max_hops > 1:
             how += f", up to {self.max_hops} hops"
+        if self.reader() is not None:
+            how += ", each document read alone in rank order"
         if self.threshold is not None:
             how += f", abstains below confidence {self.threshold:.4g}"
         return f"{self.path} ({how})"
@@ -130,6 +141,7 @@ def open_assistant(cfg: DictConfig, config: AnsweringConfig, batch_size: int = 1
     """The checkpoint the app's keys name, loaded, with its retriever; every bad setting is one UserError,
     raised before the model loads where it can be."""
     threshold_setting(config.abstain_threshold)
+    reading_setting(config.reading)
     if config.max_hops is not None and config.max_hops < 1:
         raise UserError(f"max_hops must be >= 1, got {config.max_hops}")
     if config.max_answer_tokens < 1:
@@ -143,7 +155,10 @@ def open_assistant(cfg: DictConfig, config: AnsweringConfig, batch_size: int = 1
     max_hops = config.max_hops if config.max_hops is not None else getattr(run.stage, "max_hops", 1)
     if max_hops < 1:
         raise UserError(f"max_hops must be >= 1, got {max_hops}")
+    if config.reading == RANK_ORDER and max_hops > 1 and settings.kind != "none":
+        raise UserError(f"reading={RANK_ORDER} answers from one document read alone, but {path} answers multi-hop "
+                        f"(max_hops={max_hops}): set max_hops=1, or leave reading at together")
     retriever = run.build_retriever(settings, config.paths.cache, progress=progress)
     return Assistant(path, run, settings, retriever, run.abstain_threshold(config.abstain_threshold), max_hops,
-                     config.max_answer_tokens, batch_size)
+                     config.max_answer_tokens, batch_size, config.reading)
 

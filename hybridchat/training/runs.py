@@ -30,6 +30,7 @@ from hybridchat.infra.context import world_collection
 from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.rag.abstention import Calibration, is_threshold
+from hybridchat.rag.answer import RANK_ORDER, READINGS, TOGETHER
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.retrieval.factory import build_retriever, open_knowledge_base
 from hybridchat.retrieval.knowledge_base import KnowledgeBase
@@ -51,6 +52,10 @@ class RunReaderConfig:
     # [0, 1]; null: only where the model writes ABSTAIN; checkpoint: the threshold stored with the
     # checkpoint (stage.target_false_abstention, evaluate calibrate=true), null where it has none.
     abstain_threshold: Any = CHECKPOINT
+    # How a question's retrieved documents are read (single-hop): together, all in one prompt; or
+    # rank_order, each alone in rank order, answering from the first one it does not abstain on
+    # (hybridchat/rag/answer.py RankOrderReader).
+    reading: str = TOGETHER
 
 
 def threshold_setting(value: Any) -> float | str | None:
@@ -59,6 +64,15 @@ def threshold_setting(value: Any) -> float | str | None:
         return value
     raise UserError(f"abstain_threshold={value!r} must be a number in [0, 1], null (abstain only where the model "
                     f"writes ABSTAIN) or {CHECKPOINT} (the threshold stored with the checkpoint; the default)")
+
+
+def reading_setting(value: str) -> str:
+    """reading as given, or one UserError saying what it may be."""
+    if value in READINGS:
+        return value
+    raise UserError(f"reading={value!r} must be {TOGETHER} (all retrieved documents in one prompt; the default) or "
+                    f"{RANK_ORDER} (each document alone, in rank order: the answer is read from the first one the "
+                    f"model does not abstain on)")
 
 
 @dataclass

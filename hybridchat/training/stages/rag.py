@@ -2,9 +2,10 @@
 
 Every training question is searched once with the configured retriever (stage.candidates hits).
 Each epoch, each question becomes one example drawn afresh from (seed, epoch, question): a number of
-documents in [min_documents, max_documents]; the gold document at a random place among retrieved
-distractors and the reply "[n] answer"; or (stage.gold_missing of them, and whenever retrieval
-missed it) only distractors and the reply ABSTAIN. stage.unanswerable of the examples ask about
+documents in [min_documents, max_documents]; the gold document among retrieved distractors and the
+reply "[n] answer", the gold at a random place (stage.gold_position=uniform) or where the retriever
+ranked it (retrieved: the documents a reader gets at inference); or (stage.gold_missing of them, and
+whenever retrieval missed it) only distractors and the reply ABSTAIN. stage.unanswerable of the examples ask about
 entities that exist nowhere, with what retrieval finds for them, and the reply ABSTAIN. Up to
 stage.questions_per_example - 1 follow-up questions about the same entity then ask about the same
 documents. Loss only on the replies. Held-out entities (the world's held-out people, the held-out made-up names) never
@@ -37,6 +38,9 @@ from hybridchat.rag.abstention import Calibration, calibrate
 from hybridchat.rag.answer import Answerer, fit_prompt, format_reply, parse_reply, score
 from hybridchat.training.stages import Stage, registered
 
+UNIFORM, RETRIEVED = "uniform", "retrieved"  # stage.gold_position
+GOLD_POSITIONS = (UNIFORM, RETRIEVED)
+
 
 @dataclass
 class RagConfig(StageConfig):
@@ -55,6 +59,10 @@ class RagConfig(StageConfig):
     eval_questions: int = 100          # held-out questions answered at each evaluation
     max_answer_tokens: int = 24
     cite_first: bool = True            # "[2] Vellport"; False: "Vellport [2]" (answer, then its source)
+    # Where an answerable example shows its gold document: "uniform", at a random place among the
+    # distractors; "retrieved", at the rank the retriever gave it among the documents shown (the
+    # order a reader gets at inference), the last shown where it ranked below them all.
+    gold_position: str = UNIFORM
     # The abstention threshold stored with each evaluated checkpoint is chosen for this false-abstention
     # rate on validation questions (e.g. 0.1); None: none is chosen, the model abstains only by writing ABSTAIN.
     target_false_abstention: Optional[float] = None
@@ -64,6 +72,9 @@ class RagConfig(StageConfig):
         t = self.target_false_abstention
         if t is not None and not 0 <= t < 1:
             raise UserError(f"stage.target_false_abstention={t} must be in [0, 1) or null (no threshold)")
+        if self.gold_position not in GOLD_POSITIONS:
+            raise UserError(f"stage.gold_position={self.gold_position!r} must be {UNIFORM} (the gold document at a "
+                            f"random place among the distractors) or {RETRIEVED} (at the rank the retriever gave it)")
 
 
 @registered
@@ -122,7 +133,11 @@ class RagStage(Stage):
         return [q.with_candidates(h.document for h in row) for q, row in zip(questions, hits)]
 
     def documents_and_reply(self, q: Question, rng: random.Random) -> tuple[list[Document], str]:
-        """The documents one example shows, best first, and the reply it teaches."""
+        """The documents one example shows, best first, and the reply it teaches: the best-ranked
+        distractors and the gold document's best-ranked chunk, placed as stage.gold_position says
+        (retrieved: behind the distractors the retriever ranked above it; the last place where they
+        fill every other one, so the example still teaches the answer and stage.gold_missing alone
+        sets how often it is the abstention)."""
         c = self.config
         k = rng.randint(c.min_documents, c.max_documents)
         gold = [d for d in q.candidates if d.parent_id in q.gold_doc_ids]
@@ -130,7 +145,11 @@ class RagStage(Stage):
         if not q.answers or not gold or rng.random() < c.gold_missing:
             return others[:k], format_reply(None)
         docs = others[:k - 1]
-        position = rng.randint(0, len(docs))
+        if c.gold_position == RETRIEVED:
+            # gold[0] is the best-ranked gold chunk: every candidate above it is a distractor
+            position = min(q.candidates.index(gold[0]), len(docs))
+        else:
+            position = rng.randint(0, len(docs))
         docs.insert(position, gold[0])
         return docs, format_reply(q.answers[0], position + 1, c.cite_first)
 
