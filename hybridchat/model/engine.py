@@ -215,7 +215,7 @@ class Engine:
         result.decode_seconds += time.perf_counter() - t1
 
 
-@dataclass
+@dataclass(eq=False)  # each is its own sequence, however alike two are
 class Decoding:
     """One sequence of a DecodeBatch: what it was asked, what it sampled so far (no stop token) and,
     once it has left the batch, why: "stop" (a stop token), "length" or "cancelled"."""

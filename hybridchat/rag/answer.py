@@ -13,14 +13,14 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from hybridchat.core.documents import Document
 from hybridchat.core.metrics import exact_match, normalize_answer, token_f1
 from hybridchat.data.chat import ChatRenderer
-from hybridchat.model.engine import Engine, TokenCallback
+from hybridchat.model.engine import DecodeBatch, Decoding, Engine, TokenCallback
 from hybridchat.rag.abstention import below
 
 ABSTAIN = "The documents do not say."
@@ -156,27 +156,49 @@ class Answerer:
             # With a threshold the confidence comes first: a question below it is not generated for.
             # Without one, after generation, so that chat's first streamed token is not delayed.
             confidence = self.confidence([p for p, _ in prompts]).tolist() if self.threshold is not None else None
-            generated = [i for i in range(len(batch)) if confidence is None or not below(confidence[i], self.threshold)]
+            generated = [i for i in range(len(batch)) if confidence is None or self.generates(confidence[i])]
             replies = dict.fromkeys(range(len(batch)), ABSTAIN)  # what the threshold leaves ungenerated
             if generated:
                 result = self._generate([prompts[i][0] for i in generated],
                                         None if on_token is None else lambda j, token: on_token(generated[j], token))
-                replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(generated, result.tokens)})
-            overruled = [i for i in generated if self.threshold is not None and parse_reply(replies[i])[2]]
+                replies.update({i: self.reply(tokens) for i, tokens in zip(generated, result.tokens)})
+            overruled = [i for i in generated if self.overrules(replies[i])]
             if overruled:
                 result = self.answers_instead([prompts[i][0] for i in overruled])
-                replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(overruled, result.tokens)})
+                replies.update({i: self.reply(tokens) for i, tokens in zip(overruled, result.tokens)})
             if confidence is None:
                 confidence = self.confidence([p for p, _ in prompts]).tolist()
             seconds = (time.perf_counter() - t0) / len(batch)
-            for i, (q, (_, docs)) in enumerate(zip(batch, prompts)):
-                answer, citations, abstained = parse_reply(replies[i])
-                given = 0 if shown[i] is None else len(shown[i])
-                out.append(Answer(q, replies[i], answer, citations, abstained, confidence[i], docs,
-                                  given - len(docs), seconds, closed_book=shown[i] is None,
-                                  below_threshold=below(confidence[i], self.threshold),
-                                  over_abstention=i in overruled))
+            out += [self.to_answer(q, replies[i], confidence[i], shown[i], docs, seconds, i in overruled)
+                    for i, (q, (_, docs)) in enumerate(zip(batch, prompts))]
         return out
+
+    # The steps of answer(), each question's own, also for a caller that decodes them otherwise (the
+    # server's continuous batch, serve/batcher.py): generate unless the confidence is below the
+    # threshold; where the threshold overrules the reply, generate again without the abstention.
+
+    def generates(self, confidence: float) -> bool:
+        return not below(confidence, self.threshold)
+
+    def reply(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens).strip()
+
+    def overrules(self, reply: str) -> bool:
+        return self.threshold is not None and parse_reply(reply)[2]
+
+    def to_answer(self, question: str, reply: str, confidence: float, given: Sequence[Document] | None,
+                  shown: list[Document], seconds: float, overruled: bool) -> Answer:
+        """given: the documents retrieved (None: closed-book); shown: those that fit the prompt."""
+        answer, citations, abstained = parse_reply(reply)
+        return Answer(question, reply, answer, citations, abstained, confidence, shown,
+                      (0 if given is None else len(given)) - len(shown), seconds, closed_book=given is None,
+                      below_threshold=below(confidence, self.threshold), over_abstention=overruled)
+
+    def decode(self, batch: DecodeBatch, prompt: list[int], on_token: Callable[[int], None] | None = None,
+               instead: bool = False) -> Decoding:
+        """The reply to a prompt as one sequence of a running DecodeBatch (instead: answers_instead's)."""
+        return batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token], on_token=on_token,
+                         begin_suppress_tokens=self.abstain_ids[:1] if instead else ())
 
     def _generate(self, prompts: Sequence[list[int]], on_token: TokenCallback | None = None,
                   suppress: Sequence[int] = ()):
