@@ -143,3 +143,23 @@ def test_a_prompt_or_length_that_cannot_decode_is_refused():
     with pytest.raises(ValueError, match="max_new_tokens >= 1"):
         batch.add([1, 2], 0)
     assert len(batch) == 0 and batch.step() == []
+
+
+def test_a_continuation_is_scored_from_the_prefill_and_admit_can_refuse_the_sequence():
+    """seq.score is the teacher-forced log-probability a full forward over prompt + continuation
+    gives; admit(score) False refuses the sequence before it samples or joins."""
+    model = random_model("MAMA", 4, TINY_VOCAB, torch.float64, 0, 0.3, pointer=True, request_match=True,
+                         chunk_size=4, sequence_len=64)
+    asked, continuation = prompts([9])[0], [5, 17, 3, 30]
+    with torch.no_grad():
+        logp = model(torch.tensor([asked + continuation]))[0].log_softmax(-1)
+    want = sum(logp[len(asked) - 1 + i, t].item() for i, t in enumerate(continuation))
+    batch = DecodeBatch(model)
+    scores = []
+    kept = batch.add(asked, 2, score=continuation, admit=lambda s: scores.append(s) is None)
+    refused = batch.add(asked, 2, score=continuation[:1], admit=lambda s: False)
+    assert kept.score == pytest.approx(want, abs=1e-10) and scores == [kept.score] and len(batch) == 1
+    assert refused.finish_reason == "refused" and refused.tokens == [] and refused.score == pytest.approx(
+        logp[len(asked) - 1, continuation[0]].item(), abs=1e-10)
+    batch.step()
+    assert kept.tokens == naive_greedy(model, asked, 2) and len(batch) == 0

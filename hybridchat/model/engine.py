@@ -218,13 +218,15 @@ class Engine:
 @dataclass(eq=False)  # each is its own sequence, however alike two are
 class Decoding:
     """One sequence of a DecodeBatch: what it was asked, what it sampled so far (no stop token) and,
-    once it has left the batch, why: "stop" (a stop token), "length" or "cancelled"."""
+    once it has left the batch, why: "stop" (a stop token), "length", "cancelled" or "refused"
+    (`admit` turned it away after its prefill; nothing sampled)."""
     prompt: list[int]
     max_new_tokens: int
     stop_tokens: frozenset[int]
     on_token: Optional[Callable[[int], None]] = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    score: Optional[float] = None  # log P(the continuation `add` was asked to score | the prompt)
 
     @property
     def capacity(self) -> int:  # the cache positions it may fill: its prompt and every token fed back
@@ -257,19 +259,30 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def add(self, prompt: Sequence[int], max_new_tokens: int, *, stop_tokens: Iterable[int] = (),
-            begin_suppress_tokens: Iterable[int] = (), on_token: Callable[[int], None] | None = None) -> Decoding:
+            begin_suppress_tokens: Iterable[int] = (), on_token: Callable[[int], None] | None = None,
+            score: Sequence[int] = (), admit: Callable[[float], bool] | None = None) -> Decoding:
         """Prefill the prompt on its own and sample its first token (begin_suppress_tokens ruled
         out), then join the batch, unless that token already ends it. on_token(token) sees each
         sampled token at once. The batch's other rows wait for this prefill: one forward per
-        prefill_chunk tokens of the prompt."""
+        prefill_chunk tokens of the prompt.
+
+        score: a continuation whose log-probability after the prompt goes to seq.score, read from
+        this prefill (one forward of its own length on a copy of the row's cache), not from a
+        second pass over the prompt; admit(seq.score) False refuses the sequence before sampling."""
         if not prompt or max_new_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token and max_new_tokens >= 1")
         seq = Decoding(list(prompt), max_new_tokens, frozenset(stop_tokens), on_token)
-        cache = self.model.allocate_cache(1, seq.capacity, dtype=cache_dtype(self.model, self.device))
+        cache = self.model.allocate_cache(1, len(seq.prompt) + max(max_new_tokens, len(score)),
+                                          dtype=cache_dtype(self.model, self.device))
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
         for start in range(0, len(seq.prompt), self.prefill_chunk):
             logits = self.model(ids[:, start:start + self.prefill_chunk], cache=cache, last_only=True)
         logits = logits[:, -1]
+        if score:
+            seq.score = self._score(logits, cache, list(score))
+            if admit is not None and not admit(seq.score):
+                seq.finish_reason = "refused"
+                return seq
         suppressed = sorted(set(begin_suppress_tokens))
         if suppressed:
             logits = logits.clone()
@@ -294,6 +307,20 @@ class DecodeBatch:
         finished = [r for r in self.rows if r.finish_reason is not None]
         self._leave()
         return finished
+
+    def _score(self, logits: torch.Tensor, cache: InferenceCache, continuation: list[int]) -> float:
+        # Teacher-forced, as a full forward over prompt + continuation would score it: the prefill's
+        # last logits predict its first token, a forward of all but its last token the rest. In at
+        # least float32 (bf16 logits lose the small probabilities).
+        def log_softmax(x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.promote_types(x.dtype, torch.float32)).log_softmax(-1)
+
+        logp = log_softmax(logits[0])[continuation[0]]
+        if len(continuation) > 1:
+            ids = torch.tensor([continuation[:-1]], dtype=torch.long, device=self.device)
+            rest = log_softmax(self.model(ids, cache=cache.copy())[0])
+            logp = logp + rest.gather(-1, torch.tensor(continuation[1:], device=self.device)[:, None]).sum()
+        return float(logp)
 
     def cancel(self, seq: Decoding) -> None:
         """Take a sequence out of the batch before it finishes (its client left)."""

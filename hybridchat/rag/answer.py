@@ -10,6 +10,7 @@ Retrieval is the caller's: an Answerer is given the documents (or none: closed-b
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -194,11 +195,19 @@ class Answerer:
                       (0 if given is None else len(given)) - len(shown), seconds, closed_book=given is None,
                       below_threshold=below(confidence, self.threshold), over_abstention=overruled)
 
-    def decode(self, batch: DecodeBatch, prompt: list[int], on_token: Callable[[int], None] | None = None,
-               instead: bool = False) -> Decoding:
-        """The reply to a prompt as one sequence of a running DecodeBatch (instead: answers_instead's)."""
-        return batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token], on_token=on_token,
-                         begin_suppress_tokens=self.abstain_ids[:1] if instead else ())
+    def decode(self, batch: DecodeBatch, prompt: list[int], on_token: Callable[[int], None] | None = None
+               ) -> tuple[Decoding, float]:
+        """(the reply to a prompt as one sequence of a running DecodeBatch, its confidence): the
+        confidence is read from the reply's own prefill, and below the threshold the sequence is
+        refused, nothing generated (its reply is then ABSTAIN)."""
+        seq = batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token], on_token=on_token,
+                        score=self.abstain_ids, admit=lambda logp: self.generates(1 - math.exp(logp)))
+        return seq, 1 - math.exp(seq.score)
+
+    def decode_instead(self, batch: DecodeBatch, prompt: list[int]) -> Decoding:
+        """answers_instead's reply, as one sequence of a running DecodeBatch."""
+        return batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token],
+                         begin_suppress_tokens=self.abstain_ids[:1])
 
     def _generate(self, prompts: Sequence[list[int]], on_token: TokenCallback | None = None,
                   suppress: Sequence[int] = ()):

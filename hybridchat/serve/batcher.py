@@ -11,10 +11,9 @@ longer one. Events go back through each job's `send` as they happen: the sources
 of the reply, then the finished Answer (or an error). A queue that is full refuses at once (Busy):
 a client is better told to come back than left waiting behind an unbounded backlog.
 
-Each reply takes the Answerer's steps (rag/answer.py) in this order: with an abstention threshold,
-its confidence first (below it: the abstention, nothing generated); the reply; where the threshold
-overrules an abstention, the reply again without it (it rejoins the batch); without a threshold,
-the confidence last. Multi-hop replies are not continuous: the model's queries are followed inside
+Each reply takes the Answerer's steps (rag/answer.py): its confidence, read from the reply's own
+prefill (below an abstention threshold: the abstention, nothing generated); the reply; where the
+threshold overrules an abstention, the reply again without it (it rejoins the batch). Multi-hop replies are not continuous: the model's queries are followed inside
 the engine's own loop (rag/multihop.py), so the multi-hop jobs taken together are answered in one
 call while the batch's other replies wait.
 
@@ -192,14 +191,11 @@ class Batcher:
             # Held back while a reply reads as the abstention: a threshold may replace it (rag/stream.py).
             stream = ReplyStream(answerer.tokenizer, hold_abstention=answerer.threshold is not None)
             replies.append(_Reply(job, answerer, prompt, documents, shown, stream))
-        if replies and replies[0].answerer.threshold is not None:
-            self._confidence(replies)
         for r in replies:
-            if r.confidence is not None and not r.answerer.generates(r.confidence):
+            r.seq, r.confidence = r.answerer.decode(batch, r.prompt, on_token=self._streamer(r))
+            if r.seq.finish_reason == "refused":  # below the threshold: nothing generated
                 self._done(r, ABSTAIN)
-            else:
-                r.seq = r.answerer.decode(batch, r.prompt, on_token=self._streamer(r))
-        return [r for r in replies if r.seq is not None]
+        return [r for r in replies if r.seq.finish_reason != "refused"]
 
     @staticmethod
     def _streamer(r: _Reply) -> Callable[[int], None]:
@@ -217,23 +213,13 @@ class Batcher:
                 continue
             if not r.overruled and r.answerer.overrules(r.answerer.reply(r.seq.tokens)):
                 r.overruled = True
-                r.seq = r.answerer.decode(batch, r.prompt, instead=True)
+                r.seq = r.answerer.decode_instead(batch, r.prompt)
                 if r.seq.finish_reason is None:
                     continue
             finished.append(r)
-        self._confidence([r for r in finished if r.confidence is None])
         for r in finished:
             self._done(r, r.answerer.reply(r.seq.tokens))
         return [r for r in running if r not in finished]
-
-    @staticmethod
-    def _confidence(replies: list[_Reply]) -> None:
-        by_answerer: dict[int, list[_Reply]] = {}
-        for r in replies:
-            by_answerer.setdefault(id(r.answerer), []).append(r)
-        for group in by_answerer.values():
-            for r, c in zip(group, group[0].answerer.confidence([r.prompt for r in group]).tolist()):
-                r.confidence = c
 
     @staticmethod
     def _done(r: _Reply, reply: str) -> None:
@@ -241,7 +227,8 @@ class Batcher:
                                       time.monotonic() - r.job.queued_at, r.overruled)
         if rest := r.stream.finish(answer.reply):
             r.job.send("delta", rest)
-        tokens = len(r.seq.tokens) if r.seq is not None else len(r.answerer.tokenizer.encode(answer.reply))
+        refused = r.seq.finish_reason == "refused"
+        tokens = len(r.answerer.tokenizer.encode(answer.reply)) if refused else len(r.seq.tokens)
         r.job.send("done", Done(answer, "closed-book" if r.found is None else "rag", tokens, len(r.prompt)))
 
     def _multihop(self, jobs: list[Job], max_tokens: int) -> None:
