@@ -99,6 +99,7 @@ def test_requests_joining_mid_decode_get_the_answerers_replies_and_decode_togeth
         assert [d.id for d in done.answer.documents] == [d.id for d in w.documents]
         assert done.mode == ("rag" if c.job.retrieval else "closed-book")
         assert 0 < done.completion_tokens <= c.job.max_tokens
+        assert done.finish_reason == ("length" if done.completion_tokens == c.job.max_tokens else "stop")
         sources = [p for kind, p in c.events if kind == "sources"]
         assert sources == ([] if not c.job.retrieval else [(w.documents, w.dropped)])
     assert batcher.rows / batcher.steps > 1.5  # replies shared the steps

@@ -57,6 +57,7 @@ class Done:
     mode: str                            # closed-book | rag | multi-hop
     completion_tokens: int
     prompt_tokens: int
+    finish_reason: str = "stop"          # "length": cut at max_tokens (OpenAI's names)
 
 
 @dataclass(eq=False)
@@ -229,7 +230,8 @@ class Batcher:
             r.job.send("delta", rest)
         refused = r.seq.finish_reason == "refused"
         tokens = len(r.answerer.tokenizer.encode(answer.reply)) if refused else len(r.seq.tokens)
-        r.job.send("done", Done(answer, "closed-book" if r.found is None else "rag", tokens, len(r.prompt)))
+        r.job.send("done", Done(answer, "closed-book" if r.found is None else "rag", tokens, len(r.prompt),
+                                "length" if r.seq.finish_reason == "length" else "stop"))
 
     def _multihop(self, jobs: list[Job], max_tokens: int) -> None:
         """Multi-hop replies come whole: the model's queries are followed inside the engine's decode,
