@@ -80,6 +80,9 @@ def test_answers_equal_the_answerers_and_streamed_pieces_join_to_them(served, re
         got = ask(c, question)
         extra = got.model_extra["hybridchat"]
         assert got.choices[0].message.content == want.reply and want.reply.startswith("[1]")
+        # cut at max_tokens: OpenAI's "length" (the tiny model rarely writes its stop token)
+        cut = "length" if got.usage.completion_tokens == TOKENS else "stop"
+        assert got.choices[0].finish_reason == cut
         assert extra["citations"] == want.citations == [1] and extra["cited"] == [want.documents[0].id]
         assert [s["id"] for s in extra["sources"]] == [d.id for d in want.documents]
         assert extra["mode"] == "rag" and extra["abstained"] is False and extra["confidence"] == pytest.approx(
@@ -91,7 +94,7 @@ def test_answers_equal_the_answerers_and_streamed_pieces_join_to_them(served, re
         extras = [(i, ch.model_extra.get("hybridchat")) for i, ch in enumerate(chunks) if ch.model_extra.get("hybridchat")]
         first_text = next(i for i, p in enumerate(pieces) if p)
         assert extras[0][0] < first_text and [s["id"] for s in extras[0][1]["sources"]] == [d.id for d in want.documents]
-        assert chunks[-1].choices[0].finish_reason == "stop" and extras[-1][0] == len(chunks) - 1
+        assert chunks[-1].choices[0].finish_reason == cut and extras[-1][0] == len(chunks) - 1
         assert extras[-1][1]["citations"] == [1] and extras[-1][1]["cited"] == extra["cited"]
     book = ask(c, QUESTIONS[0], extra_body={"retrieval": False})
     assert book.choices[0].message.content == closed.reply and book.model_extra["hybridchat"]["mode"] == "closed-book"
@@ -140,6 +143,11 @@ def test_bad_requests_are_4xx_json_errors_and_the_server_goes_on(served):
         ask(c, "Who? " * 3000)
     assert e.value.code == "context_length_exceeded"
     assert ask(c, "Who founded it?").choices[0].message.content.startswith("[1]")
+    # OpenAI's optional keys are nullable: null is the default, not a type error
+    nulls = {key: None for key in ("stream", "n", "max_tokens", "max_completion_tokens", "retrieval", "temperature")}
+    response = httpx.post(url + "/v1/chat/completions", json={**message, **nulls}, headers=auth, timeout=60)
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"].startswith("[1]")
+    assert httpx.post(url + "/search", json={"query": "Trogrouston", "top_k": None}, headers=auth).status_code == 200
     assert served[0].proc.poll() is None
 
 
@@ -175,10 +183,12 @@ def test_concurrent_clients_decode_together_and_a_full_queue_is_refused_with_503
     assert ask(c, QUESTIONS[0]).choices[0].message.content == alone[QUESTIONS[0]]
 
 
-def test_command_line_mistakes_are_one_error_line(tmp_path):
+def test_command_line_mistakes_are_one_error_line(tmp_path, served):
     for args, needle in ((["run_name=nobody", f"paths.outputs={tmp_path}"], "holds no checkpoint"),
                          (["port=70000"], "port must be in 0..65535"),
-                         (["batch_size=0"], "batch_size must be >= 1")):
+                         (["batch_size=0"], "batch_size must be >= 1"),
+                         ([f"paths.outputs={served[2]}", "run_name=tiny", "max_answer_tokens=400"],
+                          "max_answer_tokens=400 leaves no room for a question in the model's 384-token context")):
         p = subprocess.run([sys.executable, "-m", "hybridchat.serve", *args], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
         lines = p.stderr.strip().splitlines()
@@ -266,3 +276,12 @@ def test_a_confidence_that_is_not_a_number_travels_as_null():
 
     shown = extras(Answer("q", "x", "x", [], False, float("nan")), "rag", None)
     assert json.loads(json.dumps(shown, allow_nan=False))["confidence"] is None
+
+
+@pytest.mark.parametrize("option", [["--clients", "0"], ["--seconds", "0"], ["--max-tokens", "0"], ["--timeout", "0"]])
+def test_the_benchmarks_out_of_range_options_are_refused_before_a_server_starts(option):
+    from hybridchat.bench.serve import main
+    from hybridchat.core.errors import UserError
+
+    with pytest.raises(UserError, match="--clients and --max-tokens must be >= 1, --seconds and --timeout > 0"):
+        main(option)

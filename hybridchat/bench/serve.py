@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per request, and for the server to start")
     parser.add_argument("--out", default="outputs/bench/serve")
     args = parser.parse_args(argv)
-    if args.clients < 1 or args.seconds <= 0:
-        raise UserError("--clients must be >= 1 and --seconds > 0")
+    if args.clients < 1 or args.seconds <= 0 or args.max_tokens < 1 or args.timeout <= 0:
+        raise UserError("--clients and --max-tokens must be >= 1, --seconds and --timeout > 0")
 
     proc, url, log = start_server(serve_args, args.timeout)
     try:

@@ -11,12 +11,23 @@ import torch.nn.functional as F
 from hybridchat.model.cache import KVCache
 
 
+def _inv_freq(head_dim: int, base: float, device) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
 def rotary_cos_sin(seq_len: int, head_dim: int, base: float, offset: int = 0, device=None):
     """cos/sin tables of shape (1, 1, seq_len, head_dim/2) for positions offset .. offset+seq_len."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     t = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)
+    freqs = torch.outer(t, _inv_freq(head_dim, base, device))
     return freqs.cos()[None, None], freqs.sin()[None, None]
+
+
+def rotary_at(positions: torch.Tensor, head_dim: int, base: float):
+    """cos/sin tables of shape (B, 1, T, head_dim/2) for each row's own positions (B, T): rows of a
+    ragged cache are at different positions. The same products as rotary_cos_sin, so a position
+    gets the same table either way, to the bit."""
+    freqs = positions.to(torch.float32)[..., None] * _inv_freq(head_dim, base, positions.device)
+    return freqs.cos()[:, None], freqs.sin()[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -67,6 +78,12 @@ class CausalSelfAttention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif cache.lengths is not None:
+            # Rows hold different numbers of tokens: each query reads its own row's keys up to itself.
+            # The tail past a row's length holds zeros or a departed row's keys: masked, never read.
+            visible = cache.where(T).visible[:, None]
+            k, v = cache.update_kv(self.layer_idx, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
         else:
             past = cache.pos
             k, v = cache.update_kv(self.layer_idx, k, v)

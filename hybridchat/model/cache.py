@@ -5,21 +5,33 @@ token, preallocated to max_len) for attention, an SSMState (last d_conv conv inp
 (headdim x d_state) state per head, constant size) for Mamba-2. All layers have seen the same
 tokens, so one counter `pos` says how many; the model advances it once per forward, after every
 layer has read it.
+
+Rows that joined a running batch at different times hold different numbers of tokens: such a
+cache ("ragged", made by `join`) keeps each row's count in `lengths`, and `pos` is the largest.
+A forward then writes each row's new tokens right after its own, and a layer that reads positions
+(attention, the pointer, rotary embeddings) takes them from `where()`; Mamba's state has no
+positions. Rows never share a position they both hold real tokens at, and nothing is padded
+through Mamba: each row's state was computed from its own tokens alone. A lockstep cache (the
+common case, `lengths` None) keeps the simpler and bit-for-bit unchanged scalar-position paths.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
+# A state field with this metadata holds one entry per token along that dimension (the rest are
+# constant-size, like Mamba's): `join` pads or cuts it to the new max_len.
+SEQ_DIM = "seq_dim"
+
 
 @dataclass
 class KVCache:
-    k: torch.Tensor  # (B, n_kv_head, max_len, head_dim)
-    v: torch.Tensor
+    k: torch.Tensor = field(metadata={SEQ_DIM: 2})  # (B, n_kv_head, max_len, head_dim)
+    v: torch.Tensor = field(metadata={SEQ_DIM: 2})
 
 
 @dataclass
@@ -28,11 +40,39 @@ class SSMState:
     ssm_state: torch.Tensor  # (B, nheads, headdim, d_state)
 
 
-def _map(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply fn to every tensor of a per-layer state (None for layers without state)."""
+class Ragged:
+    """Where a forward's T new tokens go in a ragged cache: `at` (B, T) their positions, row by row;
+    `end` the positions [0, end) any row holds after the write; `visible` (B, T, end) whether new
+    token t of row b may read position j (its own row's tokens up to itself, never another row's
+    leftovers past its length)."""
+
+    def __init__(self, lengths: Sequence[int], T: int, device):
+        self.at = torch.tensor(lengths, dtype=torch.long, device=device)[:, None] + torch.arange(T, device=device)
+        self.end = max(lengths) + T
+        self.visible = torch.arange(self.end, device=device) <= self.at[..., None]
+
+
+def end_of(where: int | Ragged, T: int) -> int:
+    return where.end if isinstance(where, Ragged) else where + T
+
+
+def write(buffer: torch.Tensor, new: torch.Tensor, dim: int, where: int | Ragged) -> torch.Tensor:
+    """Write new's T positions (along dim; batch first) after each row's tokens, and return the
+    buffer's positions [0, end) along dim: every token so far."""
+    T = new.shape[dim]
+    if isinstance(where, Ragged):
+        rows = torch.arange(buffer.shape[0], device=buffer.device)[:, None]
+        buffer.movedim(dim, 1)[rows, where.at] = new.movedim(dim, 1).to(buffer.dtype)
+    else:
+        buffer.narrow(dim, where, T).copy_(new)
+    return buffer.narrow(dim, 0, end_of(where, T))
+
+
+def _map(state: Any, fn: Callable[[dataclasses.Field, torch.Tensor], torch.Tensor]) -> Any:
+    """Apply fn(field, tensor) to every tensor of a per-layer state (None for layers without state)."""
     if state is None:
         return None
-    return dataclasses.replace(state, **{f.name: fn(getattr(state, f.name)) for f in dataclasses.fields(state)})
+    return dataclasses.replace(state, **{f.name: fn(f, getattr(state, f.name)) for f in dataclasses.fields(state)})
 
 
 def _tensors(state: Any) -> list[torch.Tensor]:
@@ -40,10 +80,12 @@ def _tensors(state: Any) -> list[torch.Tensor]:
 
 
 class InferenceCache:
-    def __init__(self, layers: list[Any], max_len: int, pos: int = 0):
+    def __init__(self, layers: list[Any], max_len: int, pos: int = 0, lengths: list[int] | None = None):
         self.layers = layers
         self.max_len = max_len
-        self.pos = pos
+        self.lengths = lengths  # per row, where rows hold different numbers of tokens; None: all hold pos
+        self.pos = pos if lengths is None else max(lengths, default=0)
+        self._where: tuple[int, int, Ragged] | None = None
 
     @classmethod
     def allocate(cls, mixers: Sequence[torch.nn.Module], batch_size: int, max_len: int, device=None,
@@ -53,6 +95,35 @@ class InferenceCache:
                   for m in mixers]
         return cls(layers, max_len)
 
+    @classmethod
+    def join(cls, caches: Sequence["InferenceCache"], max_len: int) -> "InferenceCache":
+        """One ragged cache holding the rows of every cache, in order (each row keeps its own tokens
+        and state; per-token tensors are padded or cut to max_len, which must hold every row's
+        tokens). How a request prefilled on its own joins a batch that is decoding."""
+        lengths = [n for c in caches for n in c.row_lengths()]
+        if max(lengths) > max_len:
+            raise ValueError(f"a row holds {max(lengths)} tokens, more than max_len={max_len}")
+
+        def fit(f: dataclasses.Field, t: torch.Tensor) -> torch.Tensor:
+            dim = f.metadata.get(SEQ_DIM)
+            if dim is None or t.shape[dim] == max_len:
+                return t
+            if t.shape[dim] > max_len:
+                return t.narrow(dim, 0, max_len)
+            pad = list(t.shape)
+            pad[dim] = max_len - t.shape[dim]
+            return torch.cat([t, t.new_zeros(pad)], dim)
+
+        layers = []
+        for states in zip(*(c.layers for c in caches)):
+            if states[0] is None:
+                layers.append(None)
+                continue
+            fitted = [_map(s, fit) for s in states]
+            layers.append(dataclasses.replace(fitted[0], **{
+                f.name: torch.cat([getattr(s, f.name) for s in fitted]) for f in dataclasses.fields(fitted[0])}))
+        return cls(layers, max_len, lengths=lengths)
+
     @property
     def batch_size(self) -> int:
         for state in self.layers:
@@ -60,21 +131,34 @@ class InferenceCache:
                 return t.shape[0]
         raise ValueError("cache has no per-layer state, so no batch size")
 
+    def row_lengths(self) -> list[int]:
+        return list(self.lengths) if self.lengths is not None else [self.pos] * self.batch_size
+
+    def where(self, T: int) -> int | Ragged:
+        """Where the next forward's T tokens go: the shared position, or per row (ragged)."""
+        if self.lengths is None:
+            return self.pos
+        if self._where is None or self._where[:2] != (self.pos, T):
+            device = next(t for state in self.layers for t in _tensors(state)).device
+            self._where = (self.pos, T, Ragged(self.lengths, T, device))
+        return self._where[2]
+
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at positions [pos, pos+T) of this layer and return views of
-        every cached key and value so far, [0, pos+T)."""
+        """Write k, v (B, n_kv, T, hd) after each row's tokens of this layer and return views of every
+        cached key and value so far, [0, end) (in a ragged cache some rows' tail is not theirs:
+        `where(T).visible` masks it)."""
         kv = self.layers[layer_idx]
         T = k.shape[2]
-        end = self.pos + T
-        if end > self.max_len:
+        if self.pos + T > self.max_len:
             raise ValueError(f"KV cache is full: {self.pos} cached + {T} new tokens > max_len={self.max_len}; "
                              "allocate the cache with a larger max_len")
-        kv.k[:, :, self.pos:end] = k
-        kv.v[:, :, self.pos:end] = v
-        return kv.k[:, :, :end], kv.v[:, :, :end]
+        where = self.where(T)
+        return write(kv.k, k, 2, where), write(kv.v, v, 2, where)
 
     def advance(self, T: int) -> None:
         self.pos += T
+        if self.lengths is not None:
+            self.lengths = [n + T for n in self.lengths]
 
     def nbytes(self) -> int:
         """Bytes held by the cache (KV preallocated to max_len, so this is the reserved size)."""
@@ -84,21 +168,28 @@ class InferenceCache:
         for state in self.layers:
             for t in _tensors(state):
                 t.zero_()
-        self.pos = 0
+        self.pos, self.lengths, self._where = 0, None, None
 
-    def _derive(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "InferenceCache":
-        return InferenceCache([_map(state, fn) for state in self.layers], self.max_len, self.pos)
+    def _derive(self, fn: Callable[[torch.Tensor], torch.Tensor], lengths: list[int] | None) -> "InferenceCache":
+        return InferenceCache([_map(state, lambda f, t: fn(t)) for state in self.layers], self.max_len, self.pos,
+                              lengths)
 
     def copy(self) -> "InferenceCache":
-        return self._derive(torch.clone)
+        return self._derive(torch.clone, self.lengths)
 
     def expand(self, n: int) -> "InferenceCache":
         """A new cache in which every batch row is repeated n times (rows r*n .. r*n+n-1 copy row r):
         prefill a prompt once, then draw n samples from it."""
-        return self._derive(lambda t: t.repeat_interleave(n, dim=0))
+        lengths = None if self.lengths is None else [x for x in self.lengths for _ in range(n)]
+        return self._derive(lambda t: t.repeat_interleave(n, dim=0), lengths)
 
     def select(self, indices: torch.Tensor | Sequence[int]) -> "InferenceCache":
         """A new cache made of the given batch rows, in that order (drop finished rows, reorder)."""
+        lengths = None
+        if self.lengths is not None:
+            rows = indices.tolist() if isinstance(indices, torch.Tensor) else indices
+            lengths = [self.lengths[i] for i in rows]
+
         def take(t: torch.Tensor) -> torch.Tensor:
             return t.index_select(0, torch.as_tensor(indices, dtype=torch.long, device=t.device))
-        return self._derive(take)
+        return self._derive(take, lengths)

@@ -13,6 +13,13 @@ Each step feeds T = the shortest pending queue (capped at `prefill_chunk`) token
 one forward, so prefill, staggered prompts and injected documents are all the same loop. Prompts
 are grouped by length (spread at most `max_length_spread` tokens) so a short prompt never waits
 for a long one token by token. Rows that finish are dropped from the batch and from the cache.
+
+That suits a fixed set of prompts known up front (evaluation, training rollouts). A server's
+requests arrive while others decode: `DecodeBatch` is continuous batching for them. Each new
+request is prefilled on its own (batch 1, its own cache) and then joins the running batch between
+two steps, its state merged in as one more row of a ragged cache (model/cache.py: each row keeps
+its own length, attention masks the rest, Mamba's state is per row anyway); every step is one
+forward of one token for every row, and a row that finishes leaves at once.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+
+from hybridchat.model.cache import InferenceCache
 
 # on_token(sequence_index, token): called for each sampled token, as soon as it is sampled.
 TokenCallback = Callable[[int, int], None]
@@ -65,6 +74,13 @@ class GenerationResult:
         return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+def cache_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    # The cache holds activations: under autocast they are in the autocast dtype.
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
 @dataclass
 class _Row:
     seq: int  # index into the result
@@ -82,10 +98,7 @@ class Engine:
         self.max_batch_size = max_batch_size
 
     def _cache_dtype(self, device: torch.device) -> torch.dtype:
-        # The cache holds activations: under autocast they are in the autocast dtype.
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-        return next(self.model.parameters()).dtype
+        return cache_dtype(self.model, device)
 
     def _groups(self, lengths: list[int]) -> list[list[int]]:
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -200,3 +213,134 @@ class Engine:
         for r in rows:
             result.tokens[r.seq] = r.out
         result.decode_seconds += time.perf_counter() - t1
+
+
+@dataclass(eq=False)  # each is its own sequence, however alike two are
+class Decoding:
+    """One sequence of a DecodeBatch: what it was asked, what it sampled so far (no stop token) and,
+    once it has left the batch, why: "stop" (a stop token), "length", "cancelled" or "refused"
+    (`admit` turned it away after its prefill; nothing sampled)."""
+    prompt: list[int]
+    max_new_tokens: int
+    stop_tokens: frozenset[int]
+    on_token: Optional[Callable[[int], None]] = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    score: Optional[float] = None  # log P(the continuation `add` was asked to score | the prompt)
+
+    @property
+    def capacity(self) -> int:  # the cache positions it may fill: its prompt and every token fed back
+        return len(self.prompt) + self.max_new_tokens
+
+
+class DecodeBatch:
+    """Continuous batching (module docstring): sequences join with `add` and decode together, one
+    token each per `step`; a finished or cancelled one leaves at once. Sampling options are the
+    batch's; stop tokens, lengths and first-token suppression are each sequence's. Greedy
+    (temperature 0) gives every sequence exactly the tokens it gets alone. Puts the model in eval
+    mode; one thread at a time."""
+
+    def __init__(self, model: torch.nn.Module, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, prefill_chunk: int = 512):
+        self.model = model.eval()
+        self.prefill_chunk = prefill_chunk
+        self.device = next(model.parameters()).device
+        generator = torch.Generator(device=self.device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+        self.options = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.rows: list[Decoding] = []
+        self.cache: InferenceCache | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, prompt: Sequence[int], max_new_tokens: int, *, stop_tokens: Iterable[int] = (),
+            begin_suppress_tokens: Iterable[int] = (), on_token: Callable[[int], None] | None = None,
+            score: Sequence[int] = (), admit: Callable[[float], bool] | None = None) -> Decoding:
+        """Prefill the prompt on its own and sample its first token (begin_suppress_tokens ruled
+        out), then join the batch, unless that token already ends it. on_token(token) sees each
+        sampled token at once. The batch's other rows wait for this prefill: one forward per
+        prefill_chunk tokens of the prompt.
+
+        score: a continuation whose log-probability after the prompt goes to seq.score, read from
+        this prefill (one forward of its own length on a copy of the row's cache), not from a
+        second pass over the prompt; admit(seq.score) False refuses the sequence before sampling."""
+        if not prompt or max_new_tokens < 1:
+            raise ValueError("a sequence needs at least one prompt token and max_new_tokens >= 1")
+        seq = Decoding(list(prompt), max_new_tokens, frozenset(stop_tokens), on_token)
+        cache = self.model.allocate_cache(1, len(seq.prompt) + max(max_new_tokens, len(score)),
+                                          dtype=cache_dtype(self.model, self.device))
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+        for start in range(0, len(seq.prompt), self.prefill_chunk):
+            logits = self.model(ids[:, start:start + self.prefill_chunk], cache=cache, last_only=True)
+        logits = logits[:, -1]
+        if score:
+            seq.score = self._score(logits, cache, list(score))
+            if admit is not None and not admit(seq.score):
+                seq.finish_reason = "refused"
+                return seq
+        suppressed = sorted(set(begin_suppress_tokens))
+        if suppressed:
+            logits = logits.clone()
+            logits[:, suppressed] = -float("inf")
+        self._take(seq, sample(logits, **self.options).item())
+        if seq.finish_reason is None:
+            self.rows.append(seq)
+            self.cache = cache if self.cache is None else InferenceCache.join(
+                [self.cache, cache], max(r.capacity for r in self.rows))
+        return seq
+
+    @torch.inference_mode()
+    def step(self) -> list[Decoding]:
+        """One forward of every row's last token; each samples its next. Returns the rows that
+        finished (they have left the batch)."""
+        if not self.rows:
+            return []
+        idx = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.device)
+        logits = self.model(idx, cache=self.cache, last_only=True)[:, -1]
+        for row, token in zip(self.rows, sample(logits, **self.options).tolist()):
+            self._take(row, token)
+        finished = [r for r in self.rows if r.finish_reason is not None]
+        self._leave()
+        return finished
+
+    def _score(self, logits: torch.Tensor, cache: InferenceCache, continuation: list[int]) -> float:
+        # Teacher-forced, as a full forward over prompt + continuation would score it: the prefill's
+        # last logits predict its first token, a forward of all but its last token the rest. In at
+        # least float32 (bf16 logits lose the small probabilities).
+        def log_softmax(x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.promote_types(x.dtype, torch.float32)).log_softmax(-1)
+
+        logp = log_softmax(logits[0])[continuation[0]]
+        if len(continuation) > 1:
+            ids = torch.tensor([continuation[:-1]], dtype=torch.long, device=self.device)
+            rest = log_softmax(self.model(ids, cache=cache.copy())[0])
+            logp = logp + rest.gather(-1, torch.tensor(continuation[1:], device=self.device)[:, None]).sum()
+        return float(logp)
+
+    def cancel(self, seq: Decoding) -> None:
+        """Take a sequence out of the batch before it finishes (its client left)."""
+        if seq.finish_reason is None:
+            seq.finish_reason = "cancelled"
+            self._leave()
+
+    @staticmethod
+    def _take(seq: Decoding, token: int) -> None:
+        if token in seq.stop_tokens:
+            seq.finish_reason = "stop"
+            return
+        seq.tokens.append(token)
+        if seq.on_token is not None:
+            seq.on_token(token)
+        if len(seq.tokens) >= seq.max_new_tokens:
+            seq.finish_reason = "length"
+
+    def _leave(self) -> None:
+        keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[i] for i in keep]
+            self.cache = self.cache.select(keep) if keep else None

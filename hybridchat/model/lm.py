@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hybridchat.core.errors import UserError
-from hybridchat.model.attention import rotary_cos_sin
+from hybridchat.model.attention import rotary_at, rotary_cos_sin
 from hybridchat.model.blocks import MLP_KINDS, Block, expand_pattern, rms_norm
-from hybridchat.model.cache import InferenceCache
+from hybridchat.model.cache import InferenceCache, Ragged
 from hybridchat.model.config import ModelConfig
 from hybridchat.model.pointer import Pointer
 from hybridchat.model.request_match import RequestMarkers, RequestMatch
@@ -100,11 +100,13 @@ class HybridLM(nn.Module):
             self.request_match.init_weights(0.02 if self.lm_head is None else 1.0)
         self.norm_f.reset_parameters()  # gains (if any) to 1
 
-    def _rope(self, offset: int, length: int, device):
+    def _rope(self, where: int | Ragged, length: int, device):
         if not self.use_rope:
             return None
         head_dim = self.config.n_embd // self.config.n_head
-        return rotary_cos_sin(length, head_dim, self.config.rope_base, offset=offset, device=device)
+        if isinstance(where, Ragged):
+            return rotary_at(where.at, head_dim, self.config.rope_base)
+        return rotary_cos_sin(length, head_dim, self.config.rope_base, offset=where, device=device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: InferenceCache | None = None,
                 reduction: str = "mean", last_only: bool = False) -> torch.Tensor:
@@ -114,7 +116,7 @@ class HybridLM(nn.Module):
         model.pointer the "logits" are the copy mixture's log-probabilities: softmax, log_softmax,
         argmax and temperature sampling treat them alike."""
         T = idx.size(1)
-        pos = cache.pos if cache is not None else 0
+        pos = cache.where(T) if cache is not None else 0  # a ragged cache's rows each have their own
         rope = self._rope(pos, T, idx.device)
         x = self.wte(idx)
         if self.request_match is not None:

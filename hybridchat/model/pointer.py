@@ -20,17 +20,19 @@ occurrence of that token, which is the gradient that teaches the head to point.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybridchat.model.cache import SEQ_DIM, Ragged, end_of, write
+
 
 @dataclass
 class PointerCache:
-    keys: torch.Tensor  # (B, max_len, head_dim): every past token's key
-    ids: torch.Tensor   # (B, max_len) long: every past token, what a copy writes
+    keys: torch.Tensor = field(metadata={SEQ_DIM: 1})  # (B, max_len, head_dim): every past token's key
+    ids: torch.Tensor = field(metadata={SEQ_DIM: 1})   # (B, max_len) long: every past token, what a copy writes
 
 
 class Pointer(nn.Module):
@@ -53,28 +55,29 @@ class Pointer(nn.Module):
                             torch.zeros(batch_size, max_len, dtype=torch.long, device=device))
 
     def _attention(self, h: torch.Tensor, idx: torch.Tensor, n_queries: int, cache: PointerCache | None,
-                   pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   pos: int | Ragged) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention weights (B, n_queries, L) of the last n_queries positions over all L tokens so
-        far, those tokens' ids (B, L)). h: (B, T, d) hidden states of the T new tokens idx."""
+        far, those tokens' ids (B, L)). h: (B, T, d) hidden states of the T new tokens idx, which go
+        after `pos` cached ones (per row in a ragged cache, model/cache.py)."""
         T = idx.size(1)
         keys = self.c_k(h)
         if cache is not None:
-            end = pos + T
-            if end > cache.ids.size(1):
-                raise ValueError(f"pointer cache is full: {pos} cached + {T} new tokens > max_len={cache.ids.size(1)}")
-            cache.keys[:, pos:end] = keys
-            cache.ids[:, pos:end] = idx
-            keys, idx = cache.keys[:, :end], cache.ids[:, :end]
+            if end_of(pos, T) > cache.ids.size(1):
+                raise ValueError(f"pointer cache is full: {end_of(pos, T) - T} cached + {T} new tokens > "
+                                 f"max_len={cache.ids.size(1)}")
+            keys, idx = write(cache.keys, keys, 1, pos), write(cache.ids, idx, 1, pos)
         queries = self.c_q(h[:, T - n_queries:])
         scores = _wide(queries @ keys.transpose(1, 2)) / math.sqrt(queries.size(-1))
-        # Query at absolute position p sees keys 0..p (bottom-right aligned: past tokens all visible).
-        L = keys.size(1)
-        q_pos = torch.arange(L - n_queries, L, device=h.device)[:, None]
-        visible = torch.arange(L, device=h.device)[None, :] <= q_pos
+        if isinstance(pos, Ragged):  # each row's own tokens up to the query; a shorter row's tail is not its
+            visible = pos.visible[:, T - n_queries:]
+        else:  # query at absolute position p sees keys 0..p (bottom-right aligned: past tokens all visible)
+            L = keys.size(1)
+            q_pos = torch.arange(L - n_queries, L, device=h.device)[:, None]
+            visible = torch.arange(L, device=h.device)[None, :] <= q_pos
         return scores.masked_fill(~visible, float("-inf")).softmax(-1), idx
 
     def log_probs(self, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor, cache: PointerCache | None = None,
-                  pos: int = 0) -> torch.Tensor:
+                  pos: int | Ragged = 0) -> torch.Tensor:
         """Log-probabilities of the mixture at the positions `logits` covers (the last
         logits.size(1) of the T tokens h and idx hold). With a cache, the T tokens follow `pos`
         cached ones and their keys and ids are written to it."""

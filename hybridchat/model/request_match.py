@@ -21,10 +21,12 @@ off there; it turns on in the chat stages. Inference keeps every token id of the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from hybridchat.model.cache import SEQ_DIM, Ragged, end_of, write
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,16 @@ class RequestMarkers:
     ends: tuple[int, ...]    # close one
 
 
-def request_match(ids: torch.Tensor, markers: RequestMarkers, new: int | None = None) -> torch.Tensor:
-    """(B, new) bool for the last `new` positions of ids (B, L) (None: all): token t occurs in the
-    latest request that started before it, and t is not inside that request. Each of those positions
-    is compared with every position: (B, new, L), like the pointer's equality mask in training, one
-    row per generated token in decoding."""
+def request_match(ids: torch.Tensor, markers: RequestMarkers, new: int | None = None,
+                  at: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, new) bool for the last `new` positions of ids (B, L) (None: all), or for the positions
+    `at` (B, new) of each row: token t occurs in the latest request that started before it, and t is
+    not inside that request. Each of those positions is compared with every position: (B, new, L),
+    like the pointer's equality mask in training, one row per generated token in decoding.
+
+    Positions after t never change its answer (the cumulative markers below read only earlier
+    positions, and a later token inside the same request would need a start after t), so a ragged
+    cache's rows need no mask for what lies past their length: `at` just picks each row's own."""
     starts = torch.isin(ids, torch.tensor(markers.starts, device=ids.device))
     ends = torch.isin(ids, torch.tensor(markers.ends, device=ids.device))
     positions = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
@@ -48,14 +55,18 @@ def request_match(ids: torch.Tensor, markers: RequestMarkers, new: int | None = 
     inside = last_start > last_end                       # a request's tokens (from its start marker on)
     request = starts.cumsum(1)                           # which request a position follows (0: none yet)
     n = ids.size(1) if new is None else new
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t[:, -n:] if at is None else t.gather(1, at)
+
     # Only tokens outside a request are marked, so every token they are compared with came before them.
-    in_latest = inside[:, None, :] & (request[:, -n:, None] == request[:, None, :])
-    return ((ids[:, -n:, None] == ids[:, None, :]) & in_latest).any(-1) & ~inside[:, -n:]
+    in_latest = inside[:, None, :] & (pick(request)[:, :, None] == request[:, None, :])
+    return ((pick(ids)[:, :, None] == ids[:, None, :]) & in_latest).any(-1) & ~pick(inside)
 
 
 @dataclass
 class RequestMatchCache:
-    ids: torch.Tensor  # (B, max_len) long: every token so far
+    ids: torch.Tensor = field(metadata={SEQ_DIM: 1})  # (B, max_len) long: every token so far
 
 
 class RequestMatch(nn.Module):
@@ -71,17 +82,18 @@ class RequestMatch(nn.Module):
         return RequestMatchCache(torch.zeros(batch_size, max_len, dtype=torch.long, device=device))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, cache: RequestMatchCache | None = None,
-                pos: int = 0) -> torch.Tensor:
-        """x (B, T, C) embeddings of idx (B, T), the new tokens at positions [pos, pos + T)."""
+                pos: int | Ragged = 0) -> torch.Tensor:
+        """x (B, T, C) embeddings of idx (B, T), the new tokens at positions [pos, pos + T) (per row
+        in a ragged cache, model/cache.py)."""
         if self.markers is None:
             raise ValueError("model.request_match needs the tokenizer's request markers: build the model with "
                              "HybridLM(..., request_markers=...)")
+        at = pos.at if isinstance(pos, Ragged) else None
         if cache is not None:
             T = idx.size(1)
-            if pos + T > cache.ids.size(1):
-                raise ValueError(f"request-match cache is full: {pos} cached + {T} new tokens > "
+            if end_of(pos, T) > cache.ids.size(1):
+                raise ValueError(f"request-match cache is full: {end_of(pos, T) - T} cached + {T} new tokens > "
                                  f"max_len={cache.ids.size(1)}")
-            cache.ids[:, pos:pos + T] = idx
-            idx = cache.ids[:, :pos + T]
-        marked = request_match(idx, self.markers, x.size(1))
+            idx = write(cache.ids, idx, 1, pos)
+        marked = request_match(idx, self.markers, x.size(1), at)
         return x + marked.unsqueeze(-1).to(x.dtype) * self.weight.to(x.dtype)

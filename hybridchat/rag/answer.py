@@ -16,14 +16,14 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from hybridchat.core.documents import Document
 from hybridchat.core.metrics import exact_match, normalize_answer, token_f1
 from hybridchat.data.chat import ChatRenderer
-from hybridchat.model.engine import Engine, TokenCallback
+from hybridchat.model.engine import DecodeBatch, Decoding, Engine, TokenCallback
 from hybridchat.rag.abstention import below
 
 ABSTAIN = "The documents do not say."
@@ -176,28 +176,56 @@ class Answerer:
         # Without one, after generation, so that chat's first streamed token is not delayed.
         if confidence is None and self.threshold is not None:
             confidence = self.confidence([p for p, _ in prompts]).tolist()
-        generated = [i for i in range(len(questions)) if confidence is None or not below(confidence[i], self.threshold)]
+        generated = [i for i in range(len(questions)) if confidence is None or self.generates(confidence[i])]
         replies = dict.fromkeys(range(len(questions)), ABSTAIN)  # what the threshold leaves ungenerated
         if generated:
             result = self._generate([prompts[i][0] for i in generated],
                                     None if on_token is None else lambda j, token: on_token(generated[j], token))
-            replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(generated, result.tokens)})
-        overruled = [i for i in generated if self.threshold is not None and parse_reply(replies[i])[2]]
+            replies.update({i: self.reply(tokens) for i, tokens in zip(generated, result.tokens)})
+        overruled = [i for i in generated if self.overrules(replies[i])]
         if overruled:
             result = self.answers_instead([prompts[i][0] for i in overruled])
-            replies.update({i: self.tokenizer.decode(tokens).strip() for i, tokens in zip(overruled, result.tokens)})
+            replies.update({i: self.reply(tokens) for i, tokens in zip(overruled, result.tokens)})
         if confidence is None:
             confidence = self.confidence([p for p, _ in prompts]).tolist()
         seconds = (time.perf_counter() - t0) / len(questions)
-        out = []
-        for i, (q, (_, docs)) in enumerate(zip(questions, prompts)):
-            answer, citations, abstained = parse_reply(replies[i])
-            given = 0 if shown[i] is None else len(shown[i])
-            out.append(Answer(q, replies[i], answer, citations, abstained, confidence[i], docs,
-                              given - len(docs), seconds, closed_book=shown[i] is None,
-                              below_threshold=below(confidence[i], self.threshold),
-                              over_abstention=i in overruled))
-        return out
+        return [self.to_answer(q, replies[i], confidence[i], shown[i], docs, seconds, i in overruled)
+                for i, (q, (_, docs)) in enumerate(zip(questions, prompts))]
+
+    # The steps of answer(), each question's own, also for a caller that decodes them otherwise (the
+    # server's continuous batch, serve/batcher.py): generate unless the confidence is below the
+    # threshold; where the threshold overrules the reply, generate again without the abstention.
+
+    def generates(self, confidence: float) -> bool:
+        return not below(confidence, self.threshold)
+
+    def reply(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens).strip()
+
+    def overrules(self, reply: str) -> bool:
+        return self.threshold is not None and parse_reply(reply)[2]
+
+    def to_answer(self, question: str, reply: str, confidence: float, given: Sequence[Document] | None,
+                  shown: list[Document], seconds: float, overruled: bool) -> Answer:
+        """given: the documents retrieved (None: closed-book); shown: those that fit the prompt."""
+        answer, citations, abstained = parse_reply(reply)
+        return Answer(question, reply, answer, citations, abstained, confidence, shown,
+                      (0 if given is None else len(given)) - len(shown), seconds, closed_book=given is None,
+                      below_threshold=below(confidence, self.threshold), over_abstention=overruled)
+
+    def decode(self, batch: DecodeBatch, prompt: list[int], on_token: Callable[[int], None] | None = None
+               ) -> tuple[Decoding, float]:
+        """(the reply to a prompt as one sequence of a running DecodeBatch, its confidence): the
+        confidence is read from the reply's own prefill, and below the threshold the sequence is
+        refused, nothing generated (its reply is then ABSTAIN)."""
+        seq = batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token], on_token=on_token,
+                        score=self.abstain_ids, admit=lambda logp: self.generates(1 - math.exp(logp)))
+        return seq, 1 - math.exp(seq.score)
+
+    def decode_instead(self, batch: DecodeBatch, prompt: list[int]) -> Decoding:
+        """answers_instead's reply, as one sequence of a running DecodeBatch."""
+        return batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token],
+                         begin_suppress_tokens=self.abstain_ids[:1])
 
     def _generate(self, prompts: Sequence[list[int]], on_token: TokenCallback | None = None,
                   suppress: Sequence[int] = ()):

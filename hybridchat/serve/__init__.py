@@ -4,7 +4,7 @@
     python -m hybridchat.serve port=0 api_key=secret # any free port (printed); Bearer key required
 
 config.py     the schema (conf/serve.yaml states only differences)
-batcher.py    one worker thread owns the model: queued requests decode together, a bounded queue
+batcher.py    one worker thread owns the model: replies decode together in a continuous batch, a bounded queue
 protocol.py   requests read and checked, responses in the OpenAI chat-completions shape
 app.py        the FastAPI routes, auth, errors as JSON
 __main__.py   the Hydra entry point: open the checkpoint, bind, serve

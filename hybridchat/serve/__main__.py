@@ -42,7 +42,7 @@ def run(cfg: DictConfig) -> None:
     assistant = open_assistant(cfg, config, batch_size=config.batch_size)
     print(assistant.describe(), file=sys.stderr)
     model_id = f"{assistant.run.config.run_name}/{assistant.run.meta.get('stage', assistant.path.parent.name)}"
-    batcher = Batcher(assistant, config.batch_size, config.queue_size, config.batch_wait_ms / 1000)
+    batcher = Batcher(assistant, config.batch_size, config.queue_size)
     app = build_app(batcher, config, model_id)
     sock.listen(1024)
     host, port = sock.getsockname()[:2]

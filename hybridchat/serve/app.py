@@ -150,7 +150,7 @@ def build_app(batcher: Batcher, config: ServeConfig, model_id: str) -> FastAPI:
                     done: Done = payload
                     return JSONResponse(completion.whole(done.answer.reply,
                                                          extras(done.answer, done.mode, assistant.threshold, dropped),
-                                                         done.prompt_tokens, done.completion_tokens))
+                                                         done.prompt_tokens, done.completion_tokens, done.finish_reason))
         finally:
             job.cancelled = True
 
@@ -193,7 +193,7 @@ async def _stream(job: Job, events: asyncio.Queue, completion: Completion, thres
             elif kind == "done":
                 usage = {"prompt_tokens": payload.prompt_tokens, "completion_tokens": payload.completion_tokens,
                          "total_tokens": payload.prompt_tokens + payload.completion_tokens}
-                yield _sse(completion.chunk({}, "stop", usage=usage,
+                yield _sse(completion.chunk({}, payload.finish_reason, usage=usage,
                                             hybridchat=extras(payload.answer, payload.mode, threshold, dropped)))
                 yield _sse("[DONE]")
                 return

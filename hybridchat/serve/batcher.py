@@ -1,12 +1,23 @@
-"""One worker thread owns the model: requests wait in a bounded queue and decode together.
+"""One worker thread owns the model; the replies being written decode together, continuously.
 
 The model and its inference cache are not safe to share between threads, and decoding one request
-at a time leaves a CPU (or GPU) mostly idle per token. So HTTP handlers only queue a Job; the worker
-takes the first one waiting, lets others join it for batch_wait seconds (up to batch_size), and
-answers them in one Answerer (or MultiHop, or RankOrderReader) call, where the engine decodes every
-row of the batch in each forward. Events go back through each job's `send` as they happen: the
-sources shown, each piece of the reply, then the finished Answer (or an error). A queue that is full refuses at once
-(Busy): a client is better told to come back than left waiting behind an unbounded backlog.
+at a time leaves a CPU (or GPU) mostly idle per token. So HTTP handlers only queue a Job, and the
+worker keeps one DecodeBatch (model/engine.py). Between two decode steps it takes the jobs waiting
+(as many as there is room for: batch_size replies at once), retrieves for them in one call,
+prefills each prompt on its own and adds it to the batch; every step then decodes one token of
+every reply, and a reply that finishes leaves the batch and is answered at once. A request that
+arrives while others decode starts at the next step, not after them, and no reply waits for a
+longer one. Events go back through each job's `send` as they happen: the sources shown, each piece
+of the reply, then the finished Answer (or an error). A queue that is full refuses at once (Busy):
+a client is better told to come back than left waiting behind an unbounded backlog.
+
+Each reply takes the Answerer's steps (rag/answer.py): its confidence, read from the reply's own
+prefill (below an abstention threshold: the abstention, nothing generated); the reply; where the
+threshold overrules an abstention, the reply again without it (it rejoins the batch). Multi-hop
+and rank-order replies (reading=rank_order) are not continuous: the model's queries are followed
+inside the engine's own loop (rag/multihop.py), and which document answers is known only once all
+are read (RankOrderReader), so such jobs taken together are answered in one call while the batch's
+other replies wait.
 
 Retrieval is batched too. /search requests call the same retriever from the server's threads, so the
 retriever is wrapped in a lock (Locked) shared by both.
@@ -22,7 +33,8 @@ import traceback
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from hybridchat.rag.answer import Answer
+from hybridchat.model.engine import DecodeBatch, Decoding
+from hybridchat.rag.answer import ABSTAIN, Answer, Answerer
 from hybridchat.rag.stream import ReplyStream
 from hybridchat.training.answering import Assistant
 
@@ -37,7 +49,7 @@ class Job:
     retrieval: bool                      # False: closed-book
     max_tokens: int                      # of the reply, at most the server's max_answer_tokens
     send: Callable[[str, Any], None]     # (event, payload): see Batcher
-    cancelled: bool = False              # the client left: not answered if still waiting
+    cancelled: bool = False              # the client left: not answered, or taken out of the batch
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -47,6 +59,21 @@ class Done:
     mode: str                            # closed-book | rag | rank-order | multi-hop
     completion_tokens: int
     prompt_tokens: int
+    finish_reason: str = "stop"          # "length": cut at max_tokens (OpenAI's names)
+
+
+@dataclass(eq=False)
+class _Reply:
+    """A single-hop job being answered."""
+    job: Job
+    answerer: Answerer                   # the one for its reply length (the prompt's room depends on it)
+    prompt: list[int]
+    found: list | None                   # the documents retrieved; None: closed-book
+    shown: list                          # those that fit the prompt
+    stream: ReplyStream
+    confidence: float | None = None
+    seq: Decoding | None = None          # in the batch
+    overruled: bool = False              # decoding again: the threshold overrules its abstention
 
 
 class Locked:
@@ -66,20 +93,21 @@ class Batcher:
     A multi-hop answer's hops are in its Done (its documents of every hop are its sources); it and a
     rank-order answer (reading=rank_order) come whole, as one delta."""
 
-    def __init__(self, assistant: Assistant, batch_size: int, queue_size: int, batch_wait_s: float):
+    def __init__(self, assistant: Assistant, batch_size: int, queue_size: int):
         retriever = None if assistant.retriever is None else Locked(assistant.retriever, threading.Lock())
         self.assistant = replace(assistant, retriever=retriever, batch_size=batch_size, _made={})
-        self.batch_size, self.batch_wait_s = batch_size, batch_wait_s
+        self.batch_size = batch_size
         self.queue: queue.Queue[Job | None] = queue.Queue(queue_size)
-        self.batches = 0                     # answered batches, and their requests: how much batching happened
-        self.batched_jobs = 0
+        self.steps = 0                       # decode steps, and the replies they decoded: how much batching happened
+        self.rows = 0
         self._thread = threading.Thread(target=self._work, name="hybridchat-batcher", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        # The worker ends after the batch it is decoding; jobs still queued are never answered.
+        # The worker takes no more jobs and ends when the replies it is writing are done; jobs still
+        # queued are never answered.
         while True:
             try:
                 self.queue.put_nowait(None)
@@ -100,71 +128,119 @@ class Batcher:
     def search(self, query: str, top_k: int):
         return self.assistant.retriever.search([query], top_k=top_k)[0]
 
-    def _take(self) -> list[Job] | None:
-        first = self.queue.get()
-        if first is None:
-            return None
-        batch, deadline = [first], time.monotonic() + self.batch_wait_s
-        while len(batch) < self.batch_size:
+    def _take(self, room: int, wait: bool) -> tuple[list[Job], bool]:
+        """(up to `room` jobs waiting, whether stop() was asked); with `wait`, blocks for the first."""
+        jobs: list[Job] = []
+        while len(jobs) < room:
             try:
-                job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self.queue.get(block=wait and not jobs)
             except queue.Empty:
                 break
             if job is None:
-                self.queue.put(None)  # answer this batch, then stop
-                break
-            batch.append(job)
-        return batch
+                return jobs, True
+            if not job.cancelled:  # its client left while it waited
+                jobs.append(job)
+        return jobs, False
 
     def _work(self) -> None:
-        while (batch := self._take()) is not None:
-            live = [j for j in batch if not j.cancelled]
-            # how a job with retrieval is answered: multi-hop, its documents read alone in rank order, or
-            # read together (as a closed-book job is answered)
-            kind = self._single
-            if self.assistant.multihop() is not None:
-                kind = self._multihop
-            elif self.assistant.reader() is not None:
-                kind = self._rank_order
-            groups: dict[tuple[Callable, int], list[Job]] = {}
-            for job in live:  # one answering call per kind of answer and reply length
-                groups.setdefault((kind if job.retrieval else self._single, job.max_tokens), []).append(job)
-            for (answer, max_tokens), jobs in groups.items():
-                try:
-                    answer(jobs, max_tokens)
-                    self.batches += 1
-                    self.batched_jobs += len(jobs)
-                except Exception as e:  # one batch's failure ends its requests, not the server
-                    traceback.print_exc(file=sys.stderr)
-                    for job in jobs:
-                        job.send("error", f"the model failed on this request ({type(e).__name__}: {e})")
+        batch = DecodeBatch(self.assistant.run.model)
+        running: list[_Reply] = []
+        stopping = False
+        while running or not stopping:
+            jobs: list[Job] = []
+            try:
+                if not stopping:
+                    jobs, stopping = self._take(self.batch_size - len(running), wait=not running)
+                    running += self._start(jobs, batch)
+                for r in [r for r in running if r.job.cancelled]:  # its client left mid-reply
+                    batch.cancel(r.seq)
+                    running.remove(r)
+                if len(batch):
+                    self.steps, self.rows = self.steps + 1, self.rows + len(batch)
+                    batch.step()
+                running = self._finish(running, batch)
+            except Exception as e:  # the model failed: the replies in hand end, the server goes on
+                traceback.print_exc(file=sys.stderr)
+                failed = {id(j): j for j in [r.job for r in running] + jobs}
+                for job in failed.values():
+                    job.send("error", f"the model failed on this request ({type(e).__name__}: {e})")
+                batch, running = DecodeBatch(self.assistant.run.model), []
 
-    def _single(self, jobs: list[Job], max_tokens: int) -> None:
-        answerer = self.assistant.answerer(max_tokens)
-        documents: list[list | None] = [None] * len(jobs)
-        asked = [i for i, j in enumerate(jobs) if j.retrieval]
+    def _start(self, jobs: list[Job], batch: DecodeBatch) -> list[_Reply]:
+        """Retrieve for the single-hop jobs and add their replies to the batch (multi-hop and
+        rank-order ones are answered here, whole); the replies that joined or already finished."""
+        # how a job with retrieval is answered whole, if it is: multi-hop, or its documents read alone
+        # in rank order (a closed-book job, and one whose documents are read together, decodes in the batch)
+        whole = None
+        if self.assistant.multihop() is not None:
+            whole = self._multihop
+        elif self.assistant.reader() is not None:
+            whole = self._rank_order
+        groups: dict[int, list[Job]] = {}
+        single = []
+        for job in jobs:
+            if whole is not None and job.retrieval:
+                groups.setdefault(job.max_tokens, []).append(job)
+            else:
+                single.append(job)
+        for max_tokens, group in groups.items():
+            whole(group, max_tokens)
+
+        asked = [j for j in single if j.retrieval]
+        found: dict[int, list] = {}
         if asked:
-            hits = self.assistant.retriever.search([jobs[i].question for i in asked],
-                                                   top_k=self.assistant.settings.top_k)
-            for i, row in zip(asked, hits):
-                documents[i] = [h.document for h in row]
-        prompts = [answerer.prompt(j.question, d) for j, d in zip(jobs, documents)]
-        for job, found, (_, shown) in zip(jobs, documents, prompts):
-            if found is not None:
-                job.send("sources", (shown, len(found) - len(shown)))
-        # Held back while a reply reads as the abstention: a threshold may replace it (rag/stream.py).
-        streams = [ReplyStream(answerer.tokenizer, hold_abstention=answerer.threshold is not None) for _ in jobs]
+            hits = self.assistant.retriever.search([j.question for j in asked], top_k=self.assistant.settings.top_k)
+            found = {id(j): [h.document for h in row] for j, row in zip(asked, hits)}
+        replies = []
+        for job in single:
+            answerer = self.assistant.answerer(job.max_tokens)
+            documents = found.get(id(job))
+            prompt, shown = answerer.prompt(job.question, documents)
+            if documents is not None:
+                job.send("sources", (shown, len(documents) - len(shown)))
+            # Held back while a reply reads as the abstention: a threshold may replace it (rag/stream.py).
+            stream = ReplyStream(answerer.tokenizer, hold_abstention=answerer.threshold is not None)
+            replies.append(_Reply(job, answerer, prompt, documents, shown, stream))
+        for r in replies:
+            r.seq, r.confidence = r.answerer.decode(batch, r.prompt, on_token=self._streamer(r))
+            if r.seq.finish_reason == "refused":  # below the threshold: nothing generated
+                self._done(r, ABSTAIN)
+        return [r for r in replies if r.seq.finish_reason != "refused"]
 
-        def on_token(i: int, token: int) -> None:
-            if piece := streams[i].push(token):
-                jobs[i].send("delta", piece)
+    @staticmethod
+    def _streamer(r: _Reply) -> Callable[[int], None]:
+        def on_token(token: int) -> None:
+            if piece := r.stream.push(token):
+                r.job.send("delta", piece)
+        return on_token
 
-        answers = answerer.answer([j.question for j in jobs], documents, on_token=on_token)
-        for job, stream, answer, found, (ids, _) in zip(jobs, streams, answers, documents, prompts):
-            if rest := stream.finish(answer.reply):
-                job.send("delta", rest)
-            tokens = len(stream.tokens) or len(answerer.tokenizer.encode(answer.reply))
-            job.send("done", Done(answer, "closed-book" if found is None else "rag", tokens, len(ids)))
+    def _finish(self, running: list[_Reply], batch: DecodeBatch) -> list[_Reply]:
+        """Answer the replies whose decoding finished (an overruled abstention decodes again
+        instead); the ones still decoding."""
+        finished = []
+        for r in running:
+            if r.seq.finish_reason is None:
+                continue
+            if not r.overruled and r.answerer.overrules(r.answerer.reply(r.seq.tokens)):
+                r.overruled = True
+                r.seq = r.answerer.decode_instead(batch, r.prompt)
+                if r.seq.finish_reason is None:
+                    continue
+            finished.append(r)
+        for r in finished:
+            self._done(r, r.answerer.reply(r.seq.tokens))
+        return [r for r in running if r not in finished]
+
+    @staticmethod
+    def _done(r: _Reply, reply: str) -> None:
+        answer = r.answerer.to_answer(r.job.question, reply, r.confidence, r.found, r.shown,
+                                      time.monotonic() - r.job.queued_at, r.overruled)
+        if rest := r.stream.finish(answer.reply):
+            r.job.send("delta", rest)
+        refused = r.seq.finish_reason == "refused"
+        tokens = len(r.answerer.tokenizer.encode(answer.reply)) if refused else len(r.seq.tokens)
+        r.job.send("done", Done(answer, "closed-book" if r.found is None else "rag", tokens, len(r.prompt),
+                                "length" if r.seq.finish_reason == "length" else "stop"))
 
     def _rank_order(self, jobs: list[Job], max_tokens: int) -> None:
         """reading=rank_order: which document answers is known once all are read, so replies come whole."""

@@ -20,9 +20,8 @@ class ServeConfig(AnsweringConfig):
     # Required as "Authorization: Bearer <key>" on /v1/* and /search; null: no key. From the
     # environment by default so that it shows in no process list or shell history.
     api_key: Optional[str] = "${oc.env:HYBRIDCHAT_API_KEY,null}"
-    batch_size: int = 8              # requests decoded together
-    queue_size: int = 64             # requests waiting for a batch; one more is refused with 503
-    batch_wait_ms: float = 10.0      # how long a batch's first request waits for others to join it
+    batch_size: int = 8              # replies decoded together; a request joins the running batch at its next step
+    queue_size: int = 64             # requests waiting for room in the batch; one more is refused with 503
     max_request_bytes: int = 65536   # a larger request body is refused with 413
     max_search_results: int = 20     # /search's top_k at most
 
@@ -41,7 +40,5 @@ def check(config: ServeConfig) -> None:
             raise UserError(f"{key} must be >= 1, got {getattr(config, key)}")
     if not 0 <= config.port <= 65535:
         raise UserError(f"port must be in 0..65535 (0: any free port), got {config.port}")
-    if config.batch_wait_ms < 0:
-        raise UserError(f"batch_wait_ms must be >= 0, got {config.batch_wait_ms}")
     if config.api_key is not None and not config.api_key.strip():
         raise UserError("api_key is empty: give a key, or null for none")

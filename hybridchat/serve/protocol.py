@@ -51,9 +51,11 @@ def read_json(body: bytes) -> dict[str, Any]:
 
 
 def _field(body: dict, name: str, kinds: tuple[type, ...], what: str, default: Any = None) -> Any:
-    value = body.get(name, default)
+    value = body.get(name)
+    if value is None:  # OpenAI's optional parameters are nullable: null is the default, as left out
+        return default
     # bool is an int in Python: a count given as true is a mistake, not 1
-    if value is not default and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
         raise ApiError(400, f"'{name}' must be {what}, got {json.dumps(value)[:80]}", "invalid_type", name)
     return value
 
@@ -142,10 +144,11 @@ class Completion:
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def whole(self, reply: str, extra: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def whole(self, reply: str, extra: dict[str, Any], prompt_tokens: int, completion_tokens: int,
+              finish_reason: str) -> dict[str, Any]:
         return {**self._head("chat.completion"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                             "finish_reason": "stop", "logprobs": None}],
+                             "finish_reason": finish_reason, "logprobs": None}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
                 "hybridchat": extra}

@@ -159,6 +159,11 @@ def open_assistant(cfg: DictConfig, config: AnsweringConfig, batch_size: int = 1
         raise UserError(f"reading={RANK_ORDER} answers from one document read alone, but {path} answers multi-hop "
                         f"(max_hops={max_hops}): set max_hops=1, or leave reading at together")
     retriever = run.build_retriever(settings, config.paths.cache, progress=progress)
-    return Assistant(path, run, settings, retriever, run.abstain_threshold(config.abstain_threshold), max_hops,
-                     config.max_answer_tokens, batch_size, config.reading)
+    assistant = Assistant(path, run, settings, retriever, run.abstain_threshold(config.abstain_threshold), max_hops,
+                          config.max_answer_tokens, batch_size, config.reading)
+    if not assistant.fit_question("?"):  # else every question is cut to nothing, or refused by serve
+        raise UserError(f"max_answer_tokens={config.max_answer_tokens}"
+                        f"{f' with max_hops={max_hops}' if assistant.multihop() else ''} leaves no room for a "
+                        f"question in the model's {assistant.max_context}-token context: give fewer")
+    return assistant
 

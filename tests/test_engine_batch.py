@@ -1,0 +1,165 @@
+"""Continuous batching (model/engine.py's DecodeBatch over a ragged cache, model/cache.py): sequences
+that join a running decode at different steps, with prompts of different lengths, get exactly the
+tokens each gets alone from a plain full forward without any cache, for the hybrid body, a pure
+attention body and one with the position-dependent pointer and request match."""
+
+import pytest
+import torch
+from conftest import TINY_VOCAB, naive_greedy, random_model, tiny_lm
+
+from hybridchat.data.tokenizer import SPECIAL_TOKENS
+from hybridchat.model.attention import rotary_at, rotary_cos_sin
+from hybridchat.model.cache import InferenceCache
+from hybridchat.model.engine import DecodeBatch
+
+USER_START, USER_END = SPECIAL_TOKENS.index("<|user_start|>"), SPECIAL_TOKENS.index("<|user_end|>")
+# (prompt length, step it arrives at, max_new_tokens): two start together, one arrives longer than
+# every running row (the cache grows), one of a single token, one after the others have all left.
+ARRIVALS = [(11, 0, 9), (3, 0, 12), (17, 2, 8), (6, 3, 10), (1, 5, 7), (8, 30, 5)]
+
+
+def bodies():
+    return {
+        "hybrid": tiny_lm("MA"),
+        "attention": tiny_lm("AA"),
+        # The pointer and the request match keep per-position caches of their own (model/pointer.py,
+        # model/request_match.py); prompts below hold a request for the match to mark.
+        "pointer+match": random_model("MAMA", 4, TINY_VOCAB, torch.float64, 0, 0.3, pointer=True, request_match=True,
+                                      chunk_size=4, sequence_len=64),
+    }
+
+
+def prompts(n_tokens: list[int], seed: int = 3) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in n_tokens:
+        p = torch.randint(len(SPECIAL_TOKENS), TINY_VOCAB, (n,), generator=gen).tolist()
+        if n >= 6:  # a request of two tokens, then one of them again: marked where the feature is on
+            p[1:5] = [USER_START, p[2], p[3], USER_END]
+            p[-1] = p[2]
+        out.append(p)
+    return out
+
+
+def run(batch: DecodeBatch, arrivals, asked, **add) -> tuple[dict, list[int]]:
+    """Step the batch, adding each prompt at its step; (the sequences by index, rows per step)."""
+    seqs, sizes, step = {}, [], 0
+    while len(seqs) < len(arrivals) or len(batch):
+        for i, (_, at, n) in enumerate(arrivals):
+            if at == step:
+                seqs[i] = batch.add(asked[i], n, **add.get(i, {}))
+        sizes.append(len(batch))
+        batch.step()
+        step += 1
+    return seqs, sizes
+
+
+@pytest.mark.parametrize("body", ["hybrid", "attention", "pointer+match"])
+def test_sequences_joining_at_different_steps_get_the_tokens_each_gets_alone(body):
+    model = bodies()[body]
+    asked = prompts([n for n, _, _ in ARRIVALS])
+    expected = [naive_greedy(model, p, n) for p, (_, _, n) in zip(asked, ARRIVALS)]
+    seqs, sizes = run(DecodeBatch(model, prefill_chunk=4), ARRIVALS, asked)
+    assert [seqs[i].tokens for i in range(len(ARRIVALS))] == expected
+    assert all(s.finish_reason == "length" for s in seqs.values())
+    assert max(sizes) == 5 and 0 in sizes  # all five decoded together, and empty before the last one arrived
+
+
+def test_a_stop_token_and_a_cancelled_row_leave_and_the_others_go_on_unchanged():
+    model = tiny_lm("MA")
+    asked = prompts([9, 4, 13])
+    plain = [naive_greedy(model, p, 10) for p in asked]
+    stop = plain[1][3]
+    streamed: list[int] = []
+    batch = DecodeBatch(model)
+    a = batch.add(asked[0], 10)
+    b = batch.add(asked[1], 10, stop_tokens=[stop], on_token=streamed.append)
+    c = batch.add(asked[2], 10)
+    finished = []
+    for step in range(12):
+        if step == 2:
+            batch.cancel(a)
+        finished += batch.step()
+    assert a.finish_reason == "cancelled" and a.tokens == plain[0][:3] and a not in finished
+    assert b.finish_reason == "stop" and b.tokens == streamed == plain[1][:plain[1].index(stop)]
+    assert c.finish_reason == "length" and c.tokens == plain[2] and finished == [b, c] and len(batch) == 0
+
+
+def test_suppressed_tokens_are_never_the_first_token_and_the_rest_is_greedy():
+    model = tiny_lm("MA")
+    asked = prompts([7, 12])
+    first = naive_greedy(model, asked[0], 1)[0]
+    batch = DecodeBatch(model)
+    other = batch.add(asked[1], 6)
+    seq = batch.add(asked[0], 6, begin_suppress_tokens=[first])
+    while len(batch):
+        batch.step()
+    with torch.no_grad():
+        logits = model(torch.tensor([asked[0]]))[0, -1]
+    logits[first] = -float("inf")
+    start = int(logits.argmax())
+    assert seq.tokens == [start] + naive_greedy(model, asked[0] + [start], 5)
+    assert other.tokens == naive_greedy(model, asked[1], 6)
+
+
+@pytest.mark.parametrize("body", ["hybrid", "attention", "pointer+match"])
+def test_a_ragged_forward_of_several_tokens_equals_each_rows_full_forward(body):
+    """Rows prefilled alone (6, 9 and 2 tokens; the first two hold a request), joined, then 3 more tokens each in one forward: each
+    row's logits are its own full forward's, and the cache keeps each row's own length. (Logits, not
+    greedy tokens: a slip that moves no argmax in a few steps shows here.)"""
+    model = bodies()[body]
+    asked = prompts([6, 9, 2])
+    more = torch.randint(0, TINY_VOCAB, (3, 3), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        caches = []
+        for p in asked:
+            caches.append(model.allocate_cache(1, 16))
+            model(torch.tensor([p]), cache=caches[-1])
+        cache = InferenceCache.join(caches, 14)
+        assert cache.lengths == [6, 9, 2] and cache.pos == 9 and cache.max_len == 14 and cache.batch_size == 3
+        got = model(more, cache=cache)
+        assert cache.lengths == [9, 12, 5] and cache.pos == 12
+        for row, p in enumerate(asked):
+            want = model(torch.cat([torch.tensor([p]), more[row:row + 1]], 1))[0, -3:]
+            torch.testing.assert_close(got[row], want, rtol=1e-10, atol=1e-10)
+        picked = cache.select([2, 0])
+        assert picked.lengths == [5, 9] and picked.pos == 9
+        with pytest.raises(ValueError, match="a row holds 12 tokens, more than max_len=10"):
+            InferenceCache.join([cache], 10)
+
+
+def test_per_row_rotary_tables_equal_the_shared_ones_to_the_bit():
+    positions = torch.tensor([[0, 1, 2], [7, 8, 9], [300, 301, 302]])
+    cos, sin = rotary_at(positions, 16, 10000.0)
+    for row, start in enumerate((0, 7, 300)):
+        shared = rotary_cos_sin(3, 16, 10000.0, offset=start)
+        assert torch.equal(cos[row:row + 1], shared[0]) and torch.equal(sin[row:row + 1], shared[1])
+
+
+def test_a_prompt_or_length_that_cannot_decode_is_refused():
+    batch = DecodeBatch(tiny_lm("MA"))
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        batch.add([], 3)
+    with pytest.raises(ValueError, match="max_new_tokens >= 1"):
+        batch.add([1, 2], 0)
+    assert len(batch) == 0 and batch.step() == []
+
+
+def test_a_continuation_is_scored_from_the_prefill_and_admit_can_refuse_the_sequence():
+    """seq.score is the teacher-forced log-probability a full forward over prompt + continuation
+    gives; admit(score) False refuses the sequence before it samples or joins."""
+    model = random_model("MAMA", 4, TINY_VOCAB, torch.float64, 0, 0.3, pointer=True, request_match=True,
+                         chunk_size=4, sequence_len=64)
+    asked, continuation = prompts([9])[0], [5, 17, 3, 30]
+    with torch.no_grad():
+        logp = model(torch.tensor([asked + continuation]))[0].log_softmax(-1)
+    want = sum(logp[len(asked) - 1 + i, t].item() for i, t in enumerate(continuation))
+    batch = DecodeBatch(model)
+    scores = []
+    kept = batch.add(asked, 2, score=continuation, admit=lambda s: scores.append(s) is None)
+    refused = batch.add(asked, 2, score=continuation[:1], admit=lambda s: False)
+    assert kept.score == pytest.approx(want, abs=1e-10) and scores == [kept.score] and len(batch) == 1
+    assert refused.finish_reason == "refused" and refused.tokens == [] and refused.score == pytest.approx(
+        logp[len(asked) - 1, continuation[0]].item(), abs=1e-10)
+    batch.step()
+    assert kept.tokens == naive_greedy(model, asked, 2) and len(batch) == 0
