@@ -347,7 +347,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         conditions.append(run("rule-based bridge queries", evaluated, retrieved, queries=BridgeQueries()))
         warm = warm_start(cfg, evaluated)
         if warm is not None:
-            conditions.append(run(f"REFRAG after warm start ({'/'.join(warm.parts[-3:])})",
+            # Named by its step where it is the run's own, so runs that differ only in name (one per
+            # seed) answer the same conditions and their tables line up (python -m hybridchat.results table).
+            own = warm.parent == evaluated.path.parent
+            label = f"step {int(warm.name.removeprefix('step_'))}" if own else "/".join(warm.parts[-3:])
+            conditions.append(run(f"REFRAG after warm start ({label})",
                                   load_run(warm, device=cfg.gpu.device.value), retrieved, queries=ModelQueries()))
         primary = len(conditions)
         conditions.append(run("REFRAG after RL (model-written queries)" if warm is not None else

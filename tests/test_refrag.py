@@ -491,7 +491,7 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
     # the run ended with GRPO steps: its warm start's end is a condition of its own, before the end of RL
     assert [c["condition"] for c in report["conditions"]] == [
         "closed-book (mid model)", "RAG, bm25 top-3", "rule-based bridge queries",
-        "REFRAG after warm start (p/refrag/step_000004)", "REFRAG after RL (model-written queries)", "gold documents"]
+        "REFRAG after warm start (step 4)", "REFRAG after RL (model-written queries)", "gold documents"]
     closed, single, bridge, warm, refrag, gold = report["conditions"]
     assert report["primary"] == 4 and warm["hops"][0] >= 1
     # 2-hop questions about made-up people: asked in every condition but the gold documents' (there are none)

@@ -19,7 +19,7 @@ def write_eval(folder: Path, seed: int, em: float, warm_em: float, hops: float, 
     folder.mkdir(parents=True)
     conditions = [
         {"condition": "closed-book (mid model)", "em": [0.0, 0.0, 0.0], "hops": [0.0, 0.0, 0.0]},
-        {"condition": "REFRAG after warm start (s/refrag/step_000100)", "em": [warm_em, 0, 1], "hops": [hops, 0, 9]},
+        {"condition": "REFRAG after warm start (step 100)", "em": [warm_em, 0, 1], "hops": [hops, 0, 9]},
         {"condition": "REFRAG after RL (model-written queries)", "em": [em, 0, 1], "hops": [hops, 0, 9],
          "citation": [float("nan"), float("nan"), float("nan")]},
     ]
@@ -46,7 +46,7 @@ def test_each_cell_is_the_mean_and_its_t_interval_or_the_value_all_seeds_share(s
     assert rl[1] == {"value": 0.95, "ci": [round(0.95 - HALF, 3), 1.0]}  # the upper bound clipped to a rate's 1
     # retrievals are a count, not a rate: 1.5, 2.5, 3.5 (s = 1) keeps its interval above 1
     assert rl[2] == {"value": 2.5, "ci": [round(2.5 - 4.302653 / 3 ** 0.5, 3), round(2.5 + 4.302653 / 3 ** 0.5, 3)]}
-    assert out["per_seed"]["REFRAG after warm start (s/refrag/step_000100): em"] == [0.9, 0.8, 0.85]
+    assert out["per_seed"]["REFRAG after warm start (step 100): em"] == [0.9, 0.8, 0.85]
 
 
 def test_the_context_budget_is_the_evaluated_runs_own(sweep):
