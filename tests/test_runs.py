@@ -165,7 +165,9 @@ def test_ctrl_c_at_the_prompt_ends_the_chat_cleanly(step, world_cache):
     import signal
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "hybridchat.chat", f"checkpoint={step}", f"paths.cache={world_cache}"],
+    # max_hops=1: the test checkpoint's 64-token context holds no multi-hop question (chat refuses to start)
+    p = subprocess.Popen([sys.executable, "-m", "hybridchat.chat", f"checkpoint={step}", f"paths.cache={world_cache}",
+                          "max_hops=1"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
     try:
         assert p.stdout.read(6) == b"\nyou> "  # waiting at the prompt
