@@ -312,7 +312,7 @@ class RankOrderReader:
             if self.threshold is not None:  # the first document at or above it, per question
                 first: dict[int, int] = {}
                 for k, (i, _, _) in enumerate(pairs):
-                    if i not in first and not below(confidence[k], self.threshold):
+                    if i not in first and self.answerer.generates(confidence[k]):
                         first[i] = k
                 asked = sorted(first.values())
             replies: dict[int, Answer] = {}
