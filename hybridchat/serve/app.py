@@ -138,10 +138,15 @@ def build_app(batcher: Batcher, config: ServeConfig, model_id: str) -> FastAPI:
         if req.stream:
             return StreamingResponse(_stream(job, events, completion, assistant.threshold), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # Starlette cancels a streaming response whose client leaves, not a handler that awaits: watch
+        # for the disconnect here, so the reply leaves the batch instead of being decoded to the end.
+        watch = asyncio.ensure_future(_left(request, events))
         try:
             dropped = 0
             while True:
                 kind, payload = await events.get()
+                if kind == "gone":
+                    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
                 if kind == "sources":
                     dropped = payload[1]
                 elif kind == "error":
@@ -152,6 +157,7 @@ def build_app(batcher: Batcher, config: ServeConfig, model_id: str) -> FastAPI:
                                                          extras(done.answer, done.mode, assistant.threshold, dropped),
                                                          done.prompt_tokens, done.completion_tokens, done.finish_reason))
         finally:
+            watch.cancel()
             job.cancelled = True
 
     @app.post("/search")
@@ -165,6 +171,14 @@ def build_app(batcher: Batcher, config: ServeConfig, model_id: str) -> FastAPI:
         return {"query": query, "results": [{"rank": h.rank, "score": h.score, **document(h.document)} for h in hits]}
 
     return app
+
+
+async def _left(request: Request, events: asyncio.Queue) -> None:
+    """Puts ("gone", None) on the events once the client has closed its connection. The body is read
+    already, so the server's next message is the disconnect (or, after the response, a no-op)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait(("gone", None))
 
 
 def _sse(data: dict[str, Any] | str) -> str:
