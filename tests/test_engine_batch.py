@@ -9,7 +9,6 @@ from conftest import TINY_VOCAB, naive_greedy, random_model, tiny_lm
 
 from hybridchat.data.tokenizer import SPECIAL_TOKENS
 from hybridchat.model.attention import rotary_at, rotary_cos_sin
-from hybridchat.model.cache import InferenceCache
 from hybridchat.model.engine import DecodeBatch
 
 USER_START, USER_END = SPECIAL_TOKENS.index("<|user_start|>"), SPECIAL_TOKENS.index("<|user_end|>")
@@ -104,7 +103,8 @@ def test_suppressed_tokens_are_never_the_first_token_and_the_rest_is_greedy():
 
 @pytest.mark.parametrize("body", ["hybrid", "attention", "pointer+match"])
 def test_a_ragged_forward_of_several_tokens_equals_each_rows_full_forward(body):
-    """Rows prefilled alone (6, 9 and 2 tokens; the first two hold a request), joined, then 3 more tokens each in one forward: each
+    """Rows prefilled alone (6, 9 and 2 tokens; the first two hold a request), put in the rows of one
+    cache, then 3 more tokens each in one forward through a view of them: each
     row's logits are its own full forward's, and the cache keeps each row's own length. (Logits, not
     greedy tokens: a slip that moves no argmax in a few steps shows here.)"""
     model = bodies()[body]
@@ -115,7 +115,10 @@ def test_a_ragged_forward_of_several_tokens_equals_each_rows_full_forward(body):
         for p in asked:
             caches.append(model.allocate_cache(1, 16))
             model(torch.tensor([p]), cache=caches[-1])
-        cache = InferenceCache.join(caches, 14)
+        slots = model.allocate_cache(3, 14)
+        for row, c in enumerate(caches):
+            slots.put(row, c)
+        cache = slots.head(3, [6, 9, 2])
         assert cache.lengths == [6, 9, 2] and cache.pos == 9 and cache.max_len == 14 and cache.batch_size == 3
         got = model(more, cache=cache)
         assert cache.lengths == [9, 12, 5] and cache.pos == 12
@@ -125,7 +128,7 @@ def test_a_ragged_forward_of_several_tokens_equals_each_rows_full_forward(body):
         picked = cache.select([2, 0])
         assert picked.lengths == [5, 9] and picked.pos == 9
         with pytest.raises(ValueError, match="a row holds 12 tokens, more than max_len=10"):
-            InferenceCache.join([cache], 10)
+            model.allocate_cache(1, 10).put(0, cache, 1)
 
 
 def test_per_row_rotary_tables_equal_the_shared_ones_to_the_bit():
@@ -163,3 +166,25 @@ def test_a_continuation_is_scored_from_the_prefill_and_admit_can_refuse_the_sequ
         logp[len(asked) - 1, continuation[0]].item(), abs=1e-10)
     batch.step()
     assert kept.tokens == naive_greedy(model, asked, 2) and len(batch) == 0
+
+
+def test_joins_and_leaves_reuse_the_preallocated_rows_without_reallocating():
+    """Within its rows and length, a batch keeps one allocation: a join copies its row in, a leave
+    moves the last row into the freed one (the other rows stay where they are), and every sequence
+    still gets exactly its own greedy tokens."""
+    model = tiny_lm("MA")
+    asked = prompts([9, 4, 13, 6, 5])
+    batch = DecodeBatch(model, rows=4)
+    a, b, c = (batch.add(p, 10) for p in asked[:3])
+    slots = batch.slots
+    assert slots.batch_size == 4 and len(batch) == 3
+    for _ in range(2):
+        batch.step()
+    batch.cancel(a)  # c moves into a's row
+    assert batch.rows == [c, b] and batch.cache.lengths == [13 + 2, 4 + 2]
+    d, e = batch.add(asked[3], 10), batch.add(asked[4], 10)
+    while len(batch):
+        batch.step()
+    assert batch.slots is slots
+    for seq, p in zip((b, c, d, e), asked[1:]):
+        assert seq.tokens == naive_greedy(model, p, 10)

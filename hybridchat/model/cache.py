@@ -7,7 +7,8 @@ tokens, so one counter `pos` says how many; the model advances it once per forwa
 layer has read it.
 
 Rows that joined a running batch at different times hold different numbers of tokens: such a
-cache ("ragged", made by `join`) keeps each row's count in `lengths`, and `pos` is the largest.
+cache ("ragged": a `head` view of rows filled by `put`) keeps each row's count in `lengths`, and
+`pos` is the largest.
 A forward then writes each row's new tokens right after its own, and a layer that reads positions
 (attention, the pointer, rotary embeddings) takes them from `where()`; Mamba's state has no
 positions. Rows never share a position they both hold real tokens at, and nothing is padded
@@ -24,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 # A state field with this metadata holds one entry per token along that dimension (the rest are
-# constant-size, like Mamba's): `join` pads or cuts it to the new max_len.
+# constant-size, like Mamba's): `put` copies only a row's tokens so far along it.
 SEQ_DIM = "seq_dim"
 
 
@@ -95,34 +96,27 @@ class InferenceCache:
                   for m in mixers]
         return cls(layers, max_len)
 
-    @classmethod
-    def join(cls, caches: Sequence["InferenceCache"], max_len: int) -> "InferenceCache":
-        """One ragged cache holding the rows of every cache, in order (each row keeps its own tokens
-        and state; per-token tensors are padded or cut to max_len, which must hold every row's
-        tokens). How a request prefilled on its own joins a batch that is decoding."""
-        lengths = [n for c in caches for n in c.row_lengths()]
-        if max(lengths) > max_len:
-            raise ValueError(f"a row holds {max(lengths)} tokens, more than max_len={max_len}")
+    def head(self, n: int, lengths: list[int]) -> "InferenceCache":
+        """A ragged cache of this one's first n rows holding `lengths` tokens each: views, not copies
+        (rows are the first dimension, so the first n of them are one contiguous block), so what a
+        forward writes through it lands here. How a batch decodes in preallocated rows."""
+        return InferenceCache([_map(state, lambda f, t: t.narrow(0, 0, n)) for state in self.layers], self.max_len,
+                              lengths=lengths)
 
-        def fit(f: dataclasses.Field, t: torch.Tensor) -> torch.Tensor:
-            dim = f.metadata.get(SEQ_DIM)
-            if dim is None or t.shape[dim] == max_len:
-                return t
-            if t.shape[dim] > max_len:
-                return t.narrow(dim, 0, max_len)
-            pad = list(t.shape)
-            pad[dim] = max_len - t.shape[dim]
-            return torch.cat([t, t.new_zeros(pad)], dim)
-
-        layers = []
-        for states in zip(*(c.layers for c in caches)):
-            if states[0] is None:
-                layers.append(None)
-                continue
-            fitted = [_map(s, fit) for s in states]
-            layers.append(dataclasses.replace(fitted[0], **{
-                f.name: torch.cat([getattr(s, f.name) for s in fitted]) for f in dataclasses.fields(fitted[0])}))
-        return cls(layers, max_len, lengths=lengths)
+    def put(self, row: int, source: "InferenceCache", source_row: int = 0, length: int | None = None) -> None:
+        """Copy one row of `source` (its state and its `length` tokens so far, by default its own
+        count, not the unused rest of its max_len) into row `row` of this cache, in place: a request
+        joining a batch's free row, or the last row moved into the row a finished one left."""
+        n = source.row_lengths()[source_row] if length is None else length
+        if n > self.max_len:
+            raise ValueError(f"a row holds {n} tokens, more than max_len={self.max_len}")
+        for mine, theirs in zip(self.layers, source.layers):
+            for f in [] if mine is None else dataclasses.fields(mine):
+                into, what = getattr(mine, f.name)[row], getattr(theirs, f.name)[source_row]
+                dim = f.metadata.get(SEQ_DIM)
+                if dim is not None:  # the row's own dimensions: the batch one is gone
+                    into, what = into.narrow(dim - 1, 0, n), what.narrow(dim - 1, 0, n)
+                into.copy_(what)
 
     @property
     def batch_size(self) -> int:

@@ -17,9 +17,10 @@ for a long one token by token. Rows that finish are dropped from the batch and f
 That suits a fixed set of prompts known up front (evaluation, training rollouts). A server's
 requests arrive while others decode: `DecodeBatch` is continuous batching for them. Each new
 request is prefilled on its own (batch 1, its own cache) and then joins the running batch between
-two steps, its state merged in as one more row of a ragged cache (model/cache.py: each row keeps
+two steps, its state copied in as one more row of a ragged cache (model/cache.py: each row keeps
 its own length, attention masks the rest, Mamba's state is per row anyway); every step is one
-forward of one token for every row, and a row that finishes leaves at once.
+forward of one token for every row, and a row that finishes leaves at once. The batch's rows are
+preallocated and reused, so a join or a leave copies one row, not the whole cache.
 """
 
 from __future__ import annotations
@@ -238,12 +239,19 @@ class DecodeBatch:
     token each per `step`; a finished or cancelled one leaves at once. Sampling options are the
     batch's; stop tokens, lengths and first-token suppression are each sequence's. Greedy
     (temperature 0) gives every sequence exactly the tokens it gets alone. Puts the model in eval
-    mode; one thread at a time."""
+    mode; one thread at a time.
+
+    The rows live in a preallocated cache (`slots`, `rows` of them to begin with, e.g. a server's
+    batch size); the batch decodes through a view of its first len(batch) rows. A joining sequence's
+    state is copied into the next free row; a leaving one's row takes the last row's state, so the
+    rows stay contiguous and one row is copied, not all. Only a sequence that needs more rows or a
+    longer row than any before makes a new, larger allocation (rows doubled, length rounded up)."""
 
     def __init__(self, model: torch.nn.Module, *, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, prefill_chunk: int = 512):
+                 top_p: float | None = None, seed: int | None = None, prefill_chunk: int = 512, rows: int = 1):
         self.model = model.eval()
         self.prefill_chunk = prefill_chunk
+        self.initial_rows = max(rows, 1)
         self.device = next(model.parameters()).device
         generator = torch.Generator(device=self.device)
         if seed is not None:
@@ -252,7 +260,8 @@ class DecodeBatch:
             generator.seed()
         self.options = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         self.rows: list[Decoding] = []
-        self.cache: InferenceCache | None = None
+        self.slots: InferenceCache | None = None  # preallocated rows
+        self.cache: InferenceCache | None = None  # a view of slots' first len(rows) rows, with their lengths
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -289,10 +298,27 @@ class DecodeBatch:
             logits[:, suppressed] = -float("inf")
         self._take(seq, sample(logits, **self.options).item())
         if seq.finish_reason is None:
-            self.rows.append(seq)
-            self.cache = cache if self.cache is None else InferenceCache.join(
-                [self.cache, cache], max(r.capacity for r in self.rows))
+            self._join(seq, cache)
         return seq
+
+    def _join(self, seq: Decoding, cache: InferenceCache) -> None:
+        n = len(self.rows)
+        if self.slots is None or n == self.slots.batch_size or seq.capacity > self.slots.max_len:
+            self._grow(n + 1, seq.capacity)
+        self.slots.put(n, cache)
+        self.rows.append(seq)
+        self.cache = self.slots.head(n + 1, (self.cache.lengths if n else []) + cache.row_lengths())
+
+    def _grow(self, rows: int, max_len: int) -> None:
+        old = self.slots
+        if old is not None:
+            rows = old.batch_size if rows <= old.batch_size else max(rows, 2 * old.batch_size)
+            max_len = max(max_len, old.max_len)
+        rows = max(rows, self.initial_rows)
+        # rounded up, so that prompts a few tokens longer than the last do not each reallocate
+        self.slots = self.model.allocate_cache(rows, -(-max_len // 64) * 64, dtype=cache_dtype(self.model, self.device))
+        for i in range(len(self.rows)):
+            self.slots.put(i, self.cache, i)
 
     @torch.inference_mode()
     def step(self) -> list[Decoding]:
@@ -322,6 +348,7 @@ class DecodeBatch:
             logp = logp + rest.gather(-1, torch.tensor(continuation[1:], device=self.device)[:, None]).sum()
         return float(logp)
 
+    @torch.inference_mode()  # the rows are inference tensors: moving one is an in-place write
     def cancel(self, seq: Decoding) -> None:
         """Take a sequence out of the batch before it finishes (its client left)."""
         if seq.finish_reason is None:
@@ -340,7 +367,15 @@ class DecodeBatch:
             seq.finish_reason = "length"
 
     def _leave(self) -> None:
-        keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
-        if len(keep) < len(self.rows):
-            self.rows = [self.rows[i] for i in keep]
-            self.cache = self.cache.select(keep) if keep else None
+        gone = [i for i, r in enumerate(self.rows) if r.finish_reason is not None]
+        if not gone:
+            return
+        lengths = list(self.cache.lengths)
+        for i in reversed(gone):  # from the end: the last row is then always one that stays
+            last = len(self.rows) - 1
+            if i != last:
+                self.slots.put(i, self.cache, last, lengths[last])
+                self.rows[i], lengths[i] = self.rows[last], lengths[last]
+            self.rows.pop()
+            lengths.pop()
+        self.cache = self.slots.head(len(self.rows), lengths) if self.rows else None

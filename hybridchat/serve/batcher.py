@@ -143,7 +143,7 @@ class Batcher:
         return jobs, False
 
     def _work(self) -> None:
-        batch = DecodeBatch(self.assistant.run.model)
+        batch = DecodeBatch(self.assistant.run.model, rows=self.batch_size)
         running: list[_Reply] = []
         stopping = False
         while running or not stopping:
@@ -164,7 +164,7 @@ class Batcher:
                 failed = {id(j): j for j in [r.job for r in running] + jobs}
                 for job in failed.values():
                     job.send("error", f"the model failed on this request ({type(e).__name__}: {e})")
-                batch, running = DecodeBatch(self.assistant.run.model), []
+                batch, running = DecodeBatch(self.assistant.run.model, rows=self.batch_size), []
 
     def _start(self, jobs: list[Job], batch: DecodeBatch) -> list[_Reply]:
         """Retrieve for the single-hop jobs and add their replies to the batch (multi-hop and
