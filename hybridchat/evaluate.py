@@ -60,6 +60,7 @@ from hybridchat.rag.report import ANSWERABLE_RATES, COLUMNS, HOP_COLUMNS, HOP_RA
 from hybridchat.retrieval.knowledge_base import KnowledgeBase
 from hybridchat.training.runs import CHECKPOINT, Run, RunReaderConfig, load_run, reading_setting, threshold_setting
 from hybridchat.training.stages import answering_stage, stage_schemas
+from hybridchat.training.stages.rag import split_validation
 
 log = logging.getLogger("hybridchat")
 
@@ -98,7 +99,8 @@ class EvalConfig(RunReaderConfig):
     max_query_tokens: Optional[int] = None
     hop_tokens: Optional[int] = None           # context kept free per follow-up hop
     # Instead of evaluating: choose the checkpoint's abstention threshold on questions=FILE (validation
-    # questions, never the ones you evaluate on) for this false-abstention rate, and store it in its meta.json.
+    # questions, never the ones you evaluate on; none: the validation share its rag stage held out of
+    # stage.questions) for this false-abstention rate, and store it in its meta.json.
     calibrate: bool = False
     target_false_abstention: float = 0.1
 
@@ -267,17 +269,37 @@ def is_multi_hop(question: Question) -> bool:
     return question.hops >= 2 if question.hops is not None else len(question.gold_doc_ids) == 2
 
 
-def prepare(cfg: EvalConfig) -> Prepared:
+def stage_validation_questions(cfg: EvalConfig) -> tuple[list[Question], str]:
+    """calibrate=true without questions=: the validation share the run's rag stage held out of its
+    questions file (stage.questions, split for the run's seed as the stage split it: never trained
+    on), with a description of them. The world's questions have no such file: there, say which to use."""
+    stage = cfg.checkpoint_stage or answering_stage(1).name
+    trained = checkpoint.read_meta(checkpoint.find(cfg.paths.checkpoints, cfg.run_name, stage, cfg.step))["config"]
+    file, fraction = trained["stage"].get("questions"), trained["stage"].get("val_fraction")
+    if not file or fraction is None:
+        raise UserError(f"calibrate=true needs questions=FILE (validation questions, never the ones you evaluate on): "
+                        f"{cfg.run_name}'s {stage} stage trained on the world's questions, not on a file whose "
+                        "validation share could be used")
+    if not Path(file).is_file():
+        raise UserError(f"calibrate=true: {cfg.run_name}'s {stage} stage held its validation questions out of "
+                        f"stage.questions={file}, which no longer exists; give questions=FILE")
+    validation, _ = split_validation(read_questions(file), fraction, trained["seed"])
+    return validation, f"the {stage} stage's validation share of {file} (stage.val_fraction={fraction})"
+
+
+def prepare(cfg: EvalConfig, mine: list[Question] | None = None) -> Prepared:
+    """mine: the questions to answer (None: questions=FILE's, or the world's)."""
     if cfg.hops not in (1, 2):
         raise UserError(f"hops={cfg.hops} must be 1 or 2")
     if cfg.n_questions < 1 or cfg.n_unanswerable < 0:
         raise UserError(f"n_questions={cfg.n_questions} must be >= 1 and n_unanswerable={cfg.n_unanswerable} >= 0")
     threshold_setting(cfg.abstain_threshold)
     reading_setting(cfg.reading)
-    if cfg.sample is not None and (cfg.sample < 1 or not cfg.questions):
+    if cfg.sample is not None and (cfg.sample < 1 or mine is None and not cfg.questions):
         raise UserError(f"sample={cfg.sample}: a number >= 1 of questions to evaluate from questions=FILE "
                         "(or null: all of them)")
-    mine = read_questions(cfg.questions) if cfg.questions else None
+    if mine is None and cfg.questions:
+        mine = read_questions(cfg.questions)
     if mine is not None and cfg.sample is not None:
         mine = sample_questions(mine, cfg.sample, cfg.seed)
     answerable = [i for i in mine or () if i.answers]
@@ -398,21 +420,25 @@ def threshold_report(cfg: EvalConfig, evaluated: Run) -> dict[str, Any]:
 
 def calibrate_checkpoint(cfg: EvalConfig) -> tuple[Path, Calibration]:
     """calibrate=true: choose the abstention threshold on questions=FILE (validation questions, never
-    the ones evaluated on) for target_false_abstention, from the model's own replies as the RAG (or,
-    for 2-hop questions, REFRAG) condition answers them, and store it in the checkpoint's meta.json."""
-    if not cfg.questions:
-        raise UserError("calibrate=true chooses the abstention threshold on questions=FILE: validation questions "
-                        "with answers (never the ones you evaluate on)")
+    the ones evaluated on; without one, the validation share the run's rag stage held out of its own
+    questions file) for target_false_abstention, from the model's own replies as the RAG (or, for
+    2-hop questions, REFRAG) condition answers them, and store it in the checkpoint's meta.json."""
     if not 0 <= cfg.target_false_abstention < 1:
         raise UserError(f"target_false_abstention={cfg.target_false_abstention} must be in [0, 1)")
-    prepared = prepare(cfg)
+    if cfg.questions:
+        prepared, chosen_on = prepare(cfg), f"questions={cfg.questions}"
+    else:
+        validation, chosen_on = stage_validation_questions(cfg)
+        prepared = prepare(cfg, validation)
     if not any(i.answers for i in prepared.items):
-        raise UserError(f"questions={cfg.questions} holds no answerable question to choose a threshold on")
+        raise UserError(f"{chosen_on} holds no answerable question to choose a threshold on")
     ask = prepared.asker(prepared.evaluated.model, None, queries=ModelQueries() if prepared.two_hop else None)
     answers = ask(prepared.questions, prepared.retrieved)
     scores = [score(a, i.answers, i.gold_doc_ids) for a, i in zip(answers, prepared.items)]
-    chosen_on = f"questions={cfg.questions}" + (f", reading={RANK_ORDER}" if cfg.reading == RANK_ORDER else "")
-    found = calibrate(scores, cfg.target_false_abstention, chosen_on, sha256_file(cfg.questions))
+    chosen_on += f", reading={RANK_ORDER}" if cfg.reading == RANK_ORDER else ""
+    chosen_on += f" ({len(prepared.items)} questions)"
+    found = calibrate(scores, cfg.target_false_abstention, chosen_on,
+                      sha256_file(cfg.questions) if cfg.questions else None)
     checkpoint.update_meta(prepared.evaluated.path, {"abstention": found.to_meta()})
     return prepared.evaluated.path, found
 

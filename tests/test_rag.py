@@ -20,6 +20,10 @@ from hybridchat.rag.report import summarize
 from hybridchat.train import run
 from hybridchat.training.runs import load_run
 
+# One xdist worker for the whole file (make test's --dist loadgroup): its module fixture trains pretrain -> mid -> rag
+# once for the file; one test runs torchrun.
+pytestmark = pytest.mark.xdist_group("rag")
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_EVAL = ["stage.eval_questions=8", "stage.eval_every=6"]
 
@@ -592,6 +596,50 @@ def test_calibrate_stores_a_threshold_that_evaluate_and_chat_apply_unless_told_o
     for module, extra in (("hybridchat.evaluate", f"hydra.run.dir={tmp_path}/bad"), ("hybridchat.chat", "prompt=x")):
         bad = app(module, "abstain_threshold=1.5", extra)
         assert_one_error(bad.returncode, bad.stderr, "abstain_threshold=1.5 must be a number in [0, 1]")
+
+
+def test_calibrate_without_a_file_uses_the_validation_share_the_stage_held_out_of_yours(pipeline, tmp_path):
+    """evaluate calibrate=true without questions= reads back the very questions a rag stage trained on
+    a user's file held out for validation (the reference: the stage itself, built on that file for
+    another seed and fraction); a world-trained run, or a file gone since, is one error naming what to give."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from hybridchat.data.world import World, WorldConfig
+    from hybridchat.evaluate import stage_validation_questions
+    from hybridchat.infra.context import RunContext
+    from hybridchat.infra.runtime import Runtime
+    from hybridchat.train import typed_config
+    from hybridchat.training.stages.rag import RagStage
+
+    out, common = pipeline
+    source = checkpoint.latest(out / "checkpoints" / "p" / "rag")
+    world = World.generate(WorldConfig(**checkpoint.read_meta(source)["config"]["world"]))
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps(q.to_json()) + "\n" for q in world.evaluation_questions(30, 10, seed=1)))
+    args = common + ["stage=rag", "run_name=mine", "stage.source=${paths.checkpoints}/p/mid", f"stage.questions={mine}",
+                     "stage.val_fraction=0.2", "seed=7"]
+    config, _ = typed_config(compose_config(args, output_dir=tmp_path / "x"))
+    held_out = [q.question for q in RagStage(RunContext(config, Runtime(torch.device("cpu"), None))).val_questions]
+    # the run's checkpoint: the pipeline's weights under the config that run would have saved
+    step = tmp_path / "checkpoints" / "mine" / "rag" / source.name
+    shutil.copytree(source, step)
+    meta = checkpoint.read_meta(step)
+    meta["config"] = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    (step / "meta.json").write_text(json.dumps(meta))
+
+    cfg = SimpleNamespace(checkpoint_stage=None, step=None, run_name="mine",
+                          paths=SimpleNamespace(checkpoints=tmp_path / "checkpoints"))
+    found, described = stage_validation_questions(cfg)
+    assert [q.question for q in found] == held_out and len(held_out) == 8  # a fifth of 30 + 10
+    assert described == f"the rag stage's validation share of {mine} (stage.val_fraction=0.2)"
+    mine.unlink()
+    with pytest.raises(UserError, match=f"stage.questions={mine}, which no longer exists; give questions=FILE"):
+        stage_validation_questions(cfg)
+    with pytest.raises(UserError, match="calibrate=true needs questions=FILE .* trained on the world's questions"):
+        stage_validation_questions(SimpleNamespace(**{**vars(cfg), "run_name": "p",
+                                                      "paths": SimpleNamespace(checkpoints=out / "checkpoints")}))
 
 
 def test_a_sample_of_your_questions_keeps_their_share_of_unanswerable_ones():

@@ -101,7 +101,7 @@ class RagStage(Stage):
         self.renderer = ChatRenderer(ctx.tokenizer)
         self.calibration: Calibration | None = None  # chosen by the last evaluate()
         train, self.heldout = self._questions()
-        val, train = validation_split(train, c.val_fraction, python_rng(ctx.config.seed, SPLIT, "single-hop"))
+        val, train = split_validation(train, c.val_fraction, ctx.config.seed)
         self.val_questions, self.train_questions = self._retrieve(val), self._retrieve(train)
         if len(self.train_questions) < ctx.config.gpu.micro_batch:
             raise UserError(f"stage=rag: {len(self.train_questions)} training questions do not fill one batch of "
@@ -293,6 +293,12 @@ def means(prefix: str, scores: list[dict], keys) -> dict[str, float]:
         if values:
             out[f"{prefix}/{key}"] = sum(values) / len(values)
     return out
+
+
+def split_validation(questions: list[Question], fraction: float, seed: int) -> tuple[list[Question], list[Question]]:
+    """(validation, training) as the stage splits its questions for the run's seed; the evaluator's
+    calibrate=true reads a run's validation share back with it."""
+    return validation_split(questions, fraction, python_rng(seed, SPLIT, "single-hop"))
 
 
 def validation_split(questions: list[Question], fraction: float, rng: random.Random) -> tuple[list[Question], list[Question]]:
