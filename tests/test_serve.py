@@ -20,6 +20,10 @@ from hybridchat.rag.stream import ReplyStream
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.training.runs import load_run
 
+# One xdist worker for the whole file (make test's --dist loadgroup): its module fixture starts one server subprocess
+# for the file.
+pytestmark = pytest.mark.xdist_group("serve")
+
 openai = pytest.importorskip("openai")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,10 +282,29 @@ def test_a_confidence_that_is_not_a_number_travels_as_null():
     assert json.loads(json.dumps(shown, allow_nan=False))["confidence"] is None
 
 
-@pytest.mark.parametrize("option", [["--clients", "0"], ["--seconds", "0"], ["--max-tokens", "0"], ["--timeout", "0"]])
+@pytest.mark.parametrize("option", [["--clients", "0"], ["--seconds", "0"], ["--max-tokens", "0"], ["--timeout", "0"],
+                                    ["--rss-every", "0"]])
 def test_the_benchmarks_out_of_range_options_are_refused_before_a_server_starts(option):
     from hybridchat.bench.serve import main
     from hybridchat.core.errors import UserError
 
-    with pytest.raises(UserError, match="--clients and --max-tokens must be >= 1, --seconds and --timeout > 0"):
+    with pytest.raises(UserError, match="--clients and --max-tokens must be >= 1, --seconds, --timeout and --rss-every > 0"):
         main(option)
+
+
+def test_the_benchmark_under_faults_answers_every_client_and_samples_memory(served, tmp_path):
+    """A short run of the serving benchmark with its misbehaving client beside two others: every
+    fault got its status (or closed cleanly), no client failed, memory was sampled across the run
+    and the server answered afterwards."""
+    from hybridchat.bench.serve import main
+
+    main(["--clients", "2", "--seconds", "6", "--max-tokens", "4", "--faults", "--rss-every", "0.2",
+          "--out", str(tmp_path), "--", f"paths.outputs={served[2]}", "run_name=tiny", "api_key=null"])
+    result = json.loads((tmp_path / "serve.json").read_text())
+    row = result["rows"][0]
+    assert row["requests"] > 0 and row["failed"] == 0 and row["after_status"] == 200
+    assert {f["kind"] for f in result["faults"]} == {"malformed JSON", "unknown model", "oversized prompt",
+                                                      "left, not streamed", "left mid-stream"}
+    assert all(f["sent"] >= 1 and f["as expected"] for f in result["faults"]), result["faults"]
+    times = [t for t, _ in result["rss_samples"]]
+    assert len(times) >= 10 and times[-1] >= 5.5 and row["rss_max_MB"] >= max(row["rss_start_MB"], row["rss_end_MB"])
