@@ -370,6 +370,49 @@ def test_a_chat_template_other_than_chatml_is_refused(good_folder, tmp_path, tem
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
+def test_an_unsupported_model_type_is_told_before_missing_weights(good_folder, tmp_path, capsys):
+    """A folder of another architecture is refused for what it is, not for the weights a user would
+    then go and fetch in vain."""
+    import shutil
+
+    from conftest import command_result
+
+    folder = tmp_path / "model"
+    shutil.copytree(good_folder, folder)
+    _break(folder, "config.json", lambda c: c.update(model_type="mistral"))
+    for weights in [*folder.glob("*.safetensors"), folder / "model.safetensors.index.json"]:
+        weights.unlink(missing_ok=True)
+    code, _, err = command_result(importer.main, (folder, "run_name=m", f"paths.outputs={tmp_path / 'out'}"), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: Hugging Face folder {folder}: "), err
+    assert "model_type='mistral' is not supported (supported: llama, qwen2)" in lines[0]
+
+
+def test_a_folder_without_a_chat_template_is_imported_as_chatml_with_a_warning(good_folder, tmp_path, capsys):
+    """A base model has no chat template and is worth importing to tune: imported, with one warning
+    line naming where a template was looked for and the ChatML it will be prompted in."""
+    import shutil
+
+    from conftest import command_result
+
+    folder = tmp_path / "base"
+    shutil.copytree(good_folder, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    _break(folder, "tokenizer_config.json", lambda t: t.pop("chat_template", None))
+    code, out, err = command_result(importer.main, (folder, "run_name=b", f"paths.outputs={tmp_path / 'out'}"), capsys)
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert code == 0 and "error" not in err, err
+    assert len(warnings) == 1 and str(folder) in warnings[0] and "chat_template.jinja" in warnings[0]
+    assert "tokenizer_config.json" in warnings[0] and "ChatML" in warnings[0]
+    run = load_run(imported_step(tmp_path / "out", "b"))
+    assert run.meta["chat_template"] is None
+    # prompted in ChatML, as the warning says
+    assert run.tokenizer.decode(ChatRenderer(run.tokenizer).prompt(PROBE_CHAT)).startswith("<|im_start|>user\nHi")
+
+
+PROBE_CHAT = [{"role": "user", "content": "Hi"}]
+
+
 def test_command_line_errors_are_one_line(tmp_path, good_folder, capsys):
     from conftest import command_result
 

@@ -5,7 +5,8 @@
 
 SOURCE is a GGUF file (llama.cpp's format, architecture llama or qwen2) or a local Hugging Face folder
 (config.json, *.safetensors sharded or not, tokenizer.json, the chat template) of model_type llama
-(Llama, SmolLM, SmolLM2) or qwen2. The rest are Hydra overrides of conf/import.yaml: run_name (the
+(Llama, SmolLM, SmolLM2) or qwen2; one without a chat template (a base model) is imported with
+hybridchat's ChatML and a warning. The rest are Hydra overrides of conf/import.yaml: run_name (the
 model's own name when left out), overwrite, paths.*. It writes an ordinary checkpoint,
 <paths.checkpoints>/<run_name>/pretrained/step_000000, the stage folder stage.source=pretrained
 reads, so chat, evaluation and training take it at once (the lines it prints say how). An existing
@@ -67,8 +68,20 @@ def training_overrides(imported: ImportedModel, run_name: str) -> list[str]:
     return [f"run_name={run_name}", "stage=rag", f"stage.source={PRETRAINED}", "model=smollm2_135m", *keys]
 
 
+def missing_template_warning(source: str) -> str:
+    """What a model without a chat template is imported as: a base model is worth importing (to
+    tune it), so it is not refused, but it will be prompted in a format it has not seen."""
+    where = ("neither chat_template.jinja nor a chat_template in tokenizer_config.json" if Path(source).is_dir()
+             else "no tokenizer.chat_template key")
+    return (f"warning: {source} has {where}: it is imported with hybridchat's ChatML template "
+            f"(<|im_start|>role\\n...<|im_end|>), the format chat, serve and training prompt in. A base model was "
+            f"not trained on it: tune it (the train line below) before trusting its chat replies")
+
+
 def run(source: str, cfg: ImportConfig) -> Path:
     imported = read(source)
+    if imported.chat_template is None:
+        print(missing_template_warning(source), file=sys.stderr)
     run_name = cfg.run_name or imported.config["name"]
     if not run_name or "/" in run_name or run_name in (".", ".."):
         raise UserError(f"run_name={run_name!r} must be a plain folder name")

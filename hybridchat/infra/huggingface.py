@@ -195,10 +195,10 @@ def read_folder(path: str | Path) -> ImportedModel:
     if not f.path.is_dir():
         raise f.error("is not a folder")
     c = f.json("config.json")
-    tensors = _tensors(f, _weight_files(f))
     # config.json says whether the head is tied; a saved lm_head.weight must then be the embedding.
     tie = bool(c.get("tie_word_embeddings", False))
-    config = _config(f, c, tie)
+    config = _config(f, c, tie)  # before the weights: a model that is not supported is told so first
+    tensors = _tensors(f, _weight_files(f))
     tokenizer = _tokenizer(f, config["vocab_size"])
     shapes = llama_shapes(config)
     names = {theirs: ours for theirs, ours in layer_names(LAYER, config["n_layer"], "model.layers.{i}.",
