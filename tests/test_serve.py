@@ -303,6 +303,7 @@ def test_the_benchmark_under_faults_answers_every_client_and_samples_memory(serv
     result = json.loads((tmp_path / "serve.json").read_text())
     row = result["rows"][0]
     assert row["requests"] > 0 and row["failed"] == 0 and row["after_status"] == 200
+    assert 0 < row["server_cpu_ms_per_token"] < 1000
     assert {f["kind"] for f in result["faults"]} == {"malformed JSON", "unknown model", "oversized prompt",
                                                       "left, not streamed", "left mid-stream"}
     assert all(f["sent"] >= 1 and f["as expected"] for f in result["faults"]), result["faults"]

@@ -7,7 +7,8 @@ Starts the server in a subprocess (any free port; SERVE_ARGS after `--` go to it
 asks one question to warm it up, then each client asks questions one after another (non-streamed
 chat completions over plain HTTP, a fresh connection each) until the time is up. Reports failed
 requests (any status but 200, or no answer), p50/p95 latency, requests/s and generated tokens/s
-(the usage the server reports), and the server's resident memory (Linux /proc), sampled every
+(the usage the server reports), the server's CPU time per generated token (Linux /proc: what the
+server's work costs, whatever else shares the cores), and its resident memory, sampled every
 --rss-every seconds from the warm-up to the end: start, end, max (and a plot over the run).
 --faults adds one misbehaving client beside them (bench/serve_faults.py: malformed JSON, an unknown
 model, an oversized prompt, clients that leave mid-request) and reports what each of its requests
@@ -44,6 +45,16 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         pass
     return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time the process has used, all its threads (Linux /proc): unlike wall time, barely moved
+    by other processes taking turns on the same core, so two versions compare under shared load."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def start_server(args: list[str], timeout: float, env: dict[str, str] | None = None
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
 
         records: list[tuple[float, float, int, int]] = []  # (end time, latency, status, tokens)
         lock, t0 = threading.Lock(), time.perf_counter()
-        sampler = Sampler(proc.pid, args.rss_every, t0)
+        sampler, cpu_start = Sampler(proc.pid, args.rss_every, t0), cpu_seconds(proc.pid)
         deadline = t0 + args.seconds
 
         def client(i: int) -> None:
@@ -177,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        memory = sampler.stop()
+        memory, cpu_end = sampler.stop(), cpu_seconds(proc.pid)
         # still up and answering once the load and the faults are over
         after = call(url, "/v1/chat/completions", body(asked[0]), args.timeout)[0] if proc.poll() is None else None
     finally:
@@ -195,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     row = {"model": model, "clients": args.clients, "seconds": round(wall, 1), "requests": len(records),
            "failed": len(records) - len(ok), "p50_s": quantile(50), "p95_s": quantile(95),
            "req_per_s": len(ok) / wall, "tokens_per_s": sum(r[3] for r in ok) / wall,
+           "server_cpu_ms_per_token": (1000 * (cpu_end - cpu_start) / max(sum(r[3] for r in ok), 1)
+                                       if cpu_start is not None and cpu_end is not None else None),
            "rss_start_MB": mb[0] if mb else None, "rss_end_MB": mb[-1] if mb else None,
            "rss_max_MB": max(mb, default=None), "after_status": after}
     statuses = {str(s): sum(r[2] == s for r in records) for s in sorted({r[2] for r in records})}
