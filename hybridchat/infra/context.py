@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -22,8 +22,9 @@ from hybridchat.infra import checkpoint
 from hybridchat.infra.config import Config
 from hybridchat.infra.imported import PRETRAINED  # stage.source naming the imported weights' stage folder
 from hybridchat.infra.runtime import Runtime, grad_accum_steps
-from hybridchat.retrieval.factory import DefaultCollection, open_knowledge_base
-from hybridchat.retrieval.knowledge_base import needed_indexes
+
+if TYPE_CHECKING:
+    from hybridchat.retrieval.factory import DefaultCollection
 
 
 def pretrained_file(spec: str) -> Path:
@@ -119,6 +120,10 @@ class RunContext:
 
     @cached_property
     def knowledge_base(self):
+        # Imported here: the retrieval stack (bm25s, scipy.sparse, faiss) is about half a second of imports
+        # that a run without retrieval (pretrain, mid) never needs.
+        from hybridchat.retrieval.factory import open_knowledge_base
+
         default = (world_collection(self.config.world)[0], lambda: self.world.documents())
         return self._rank0_first(lambda: open_knowledge_base(self.config.retriever, self.config.paths.cache, default,
                                                              progress=self.runtime.is_main and self.config.progress))
@@ -126,6 +131,8 @@ class RunContext:
     @cached_property
     def retriever(self):
         """The configured retriever over the knowledge base; None for retriever=none."""
+        from hybridchat.retrieval.knowledge_base import needed_indexes  # lazily: see knowledge_base
+
         needed_indexes(self.config.retriever)  # an unknown kind or backend is one line before any work
         if self.config.retriever.kind == "none":
             return None

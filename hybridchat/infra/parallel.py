@@ -12,14 +12,12 @@ to shard and trains the plain model (and says so).
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
 import torch.nn as nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from hybridchat.infra.config import Config, Strategy
@@ -27,6 +25,21 @@ from hybridchat.infra.runtime import Runtime
 from hybridchat.model.mamba import cuda_kernels_available
 
 log = logging.getLogger(__name__)
+
+
+# torch.distributed.fsdp and torch.distributed.tensor cost about a second of imports (DTensor pulls in
+# sympy) that every process importing checkpoint paid, FSDP or not. They are imported where FSDP is
+# set up (prepare) and where a DTensor is cut (shard_like, only reached with a DTensor in hand); the
+# isinstance tests look the classes up in sys.modules: an FSDPModule or a DTensor can exist only
+# once its module has been imported.
+def _is_fsdp_module(obj) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(obj, fsdp.FSDPModule)
+
+
+def _is_dtensor(obj) -> bool:
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and isinstance(obj, tensor.DTensor)
 
 
 def prepare(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
@@ -39,6 +52,9 @@ def prepare(model: nn.Module, config: Config, rt: Runtime) -> nn.Module:
             log.info("distributed.strategy=fsdp in one process: nothing to shard, training the whole model")
         train_model = model
     elif strategy == Strategy.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
         mesh = init_device_mesh(rt.device.type, (rt.world_size,))
         # One all-gather per block in forward and backward; the root holds embedding, final norm and
         # head, and keeps them gathered from forward to backward (fully_shard's own choice for a root).
@@ -61,7 +77,7 @@ def gradient_sync(train_model: nn.Module, enabled: bool):
     """Context for one micro-batch's forward and backward: with enabled=False the gradients only
     accumulate locally (no all-reduce / reduce-scatter); the last micro-batch syncs them all."""
     inner = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
-    if isinstance(inner, FSDPModule):
+    if _is_fsdp_module(inner):
         inner.set_requires_gradient_sync(enabled)  # a flag FSDP2 reads in backward, not a context
         return nullcontext()
     if isinstance(inner, DistributedDataParallel) and not enabled:
@@ -75,10 +91,10 @@ def full_weights(model: nn.Module) -> Iterator[None]:
     different numbers of them: generation stops at different lengths per rank, and rank 0 alone
     writes samples. Entering is collective under FSDP (every rank must enter); it costs one full
     copy of the weights per rank until exit. Anything else: nothing to do."""
-    if not isinstance(model, FSDPModule):
+    if not _is_fsdp_module(model):
         yield
         return
-    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    sharded = [m for m in model.modules() if _is_fsdp_module(m)]
     for m in sharded:
         m.unshard()
     model.set_reshard_after_forward(False)
@@ -98,7 +114,7 @@ def full_tensors(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[st
     and gets {}. One full tensor at a time is held beyond what is kept."""
     out = {}
     for name, t in tensors.items():
-        if isinstance(t, DTensor):
+        if _is_dtensor(t):
             t = t.full_tensor()
         if keep:
             out[name] = t.detach().contiguous().cpu()
@@ -108,6 +124,8 @@ def full_tensors(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[st
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `like` is: cut into this rank's shard when `like` is a DTensor. Every rank
     read the same file, so each takes its own piece without communication."""
-    if not isinstance(like, DTensor):
+    if not _is_dtensor(like):
         return full
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)

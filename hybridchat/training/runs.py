@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import OmegaConf
@@ -32,9 +32,10 @@ from hybridchat.model.lm import HybridLM
 from hybridchat.rag.abstention import Calibration, is_threshold
 from hybridchat.rag.answer import RANK_ORDER, READINGS, TOGETHER
 from hybridchat.retrieval.config import RetrieverConfig
-from hybridchat.retrieval.factory import build_retriever, open_knowledge_base
-from hybridchat.retrieval.knowledge_base import KnowledgeBase
 from hybridchat.training.stages import stage_schemas
+
+if TYPE_CHECKING:
+    from hybridchat.retrieval.knowledge_base import KnowledgeBase
 
 CHECKPOINT = "checkpoint"  # abstain_threshold's default: the checkpoint's own
 
@@ -120,10 +121,15 @@ class Run:
 
     def knowledge_base(self, retriever: RetrieverConfig, cache_dir: str | Path, progress: bool = True) -> KnowledgeBase:
         """retriever.kb_dir, else this run's world's documents (indexed under cache_dir on first use)."""
+        # Imported here, as in RunContext.knowledge_base: the retrieval stack is half a second of imports.
+        from hybridchat.retrieval.factory import open_knowledge_base
+
         return open_knowledge_base(retriever, cache_dir, self._world_collection(), progress)
 
     def build_retriever(self, retriever: RetrieverConfig, cache_dir: str | Path, progress: bool = True):
         """The retriever `retriever` over knowledge_base(...); None for kind "none"."""
+        from hybridchat.retrieval.factory import build_retriever  # lazily: see knowledge_base
+
         return build_retriever(retriever, cache_dir, self._world_collection(), progress)
 
     def _world_collection(self):
