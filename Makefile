@@ -108,8 +108,12 @@ realtext: realtext-data
 	$(call realtext_eval,smollm2_realtext,pretrained)
 	$(call realtext_eval,smollm2_realtext_hybrid,distill)
 
+# TEST_WORKERS pytest-xdist processes (each with its share of the cores, tests/conftest.py); 0 or 1: one
+# process, serially. loadgroup keeps each xdist_group (a file's costly module fixtures, the multi-process
+# runs) on one worker.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0 1,$(TEST_WORKERS)),-n 0,-n $(TEST_WORKERS) --dist loadgroup)
 
 # docs/results.md from the result records in docs/results/*.json (each: command, commit, config hash,
 # machine, date, wall time, seeds, table); a record whose command composes differently today is marked stale.

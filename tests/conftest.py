@@ -1,4 +1,4 @@
-"""Test environment: offline, wandb disabled, one thread per process (2-core CI machine)."""
+"""Test environment: offline, wandb disabled, each process's threads its share of the cores."""
 
 import os
 
@@ -7,11 +7,38 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+
+def _thread_share() -> int:
+    """The cores this process may run on (taskset counts) divided among pytest-xdist's workers, at
+    least 1: `make test` runs 2 workers on CI's 2 cores, and 2 threads each would oversubscribe them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+# Set before torch is imported, and in the environment, so that the processes tests start (training
+# runs, torchrun's ranks, servers) inherit it. A worker always takes its share (the controller's value,
+# inherited, counted no workers); a serial run keeps an OMP_NUM_THREADS given to it.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(_thread_share())
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_thread_share()))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook, which marks the groups
 def pytest_collection_modifyitems(config, items):
+    # --dist loadgroup tells the controller a test's xdist_group by a suffix on its node id; where that
+    # mechanism fails (pytest 9.2 with pytest-xdist 3.8, its issue 1386) the groups are silently ignored,
+    # and a file's costly module fixtures then run once per worker.
+    if getattr(config.option, "loadgroup", False):  # set in an xdist worker of a --dist loadgroup run
+        lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if lost:
+            raise pytest.UsageError(f"--dist loadgroup lost the xdist_group of {len(lost)} tests (e.g. {lost[0]}): "
+                                    f"pytest {pytest.__version__} with this pytest-xdist does not group")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -22,6 +49,7 @@ def pytest_collection_modifyitems(config, items):
 
 import json  # noqa: E402
 import random  # noqa: E402
+import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -37,6 +65,14 @@ from hybridchat.training.stages import stage_schemas  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 config_schema.register(stage_schemas())
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, the OS's pick, for a server or a rendezvous a test starts: a fixed
+    port collides with another xdist worker, or another run of the suite on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def command_result(main, argv, capsys) -> tuple[int, str, str]:

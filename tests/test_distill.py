@@ -28,6 +28,10 @@ from hybridchat.train import run
 from hybridchat.training.runs import load_run
 from hybridchat.training.stages.distill import aligned_error, block_io, hidden_error, token_kl
 
+# One xdist worker for the whole file (make test's --dist loadgroup): its module fixture distils a student once for
+# the file.
+pytestmark = pytest.mark.xdist_group("distill")
+
 ROOT = Path(__file__).resolve().parents[1]
 D, N_HEAD, N_KV, HD = 64, 4, 2, 16  # GQA: query heads 0, 1 read KV head 0; heads 2, 3 read KV head 1
 STUDENT_MAMBA = {"expand": 1, "headdim": HD, "d_state": HD, "ngroups": N_HEAD}

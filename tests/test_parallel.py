@@ -20,6 +20,10 @@ from hybridchat.model.lm import HybridLM
 from hybridchat.train import run
 from hybridchat.training.runs import load_run
 
+# One xdist worker for the whole file (make test's --dist loadgroup): its module fixtures run torchrun (2 gloo ranks)
+# once for the file.
+pytestmark = pytest.mark.xdist_group("parallel")
+
 ROOT = Path(__file__).resolve().parents[1]
 # Smoke rows are 4 x 256 tokens: one process runs 4 micro-batches a step, two run 2 each, and the
 # loader deals global batches round-robin, so every step sees the same 16 rows either way (and the

@@ -21,6 +21,11 @@ from conftest import in_ranks
 
 from hybridchat.infra import checkpoint
 
+# One xdist worker, one at a time, for this file and tests/test_launchers.py (make test's --dist loadgroup): its
+# module fixtures are shared by its tests, and both time a training process's exit after a real signal (< 10 s),
+# which one of them overran (12.8 s) beside test_launchers' torchrun run, both workers pinned to one busy core.
+pytestmark = pytest.mark.xdist_group("signals")
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60  # ~50 ms each: the signal, sent after 3, lands long before the end
 JOB = "4242"

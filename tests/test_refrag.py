@@ -25,6 +25,10 @@ from hybridchat.rag.multihop import BridgeQueries, Hop, MultiHop, NoQueries, Que
 from hybridchat.retrieval.base import Hit
 from hybridchat.training.runs import load_run
 
+# One xdist worker for the whole file (make test's --dist loadgroup): its module fixtures train the smoke pipeline and
+# a refrag run once for the file; torchrun tests.
+pytestmark = pytest.mark.xdist_group("refrag")
+
 ADA = Document("person-0001", "Ada Vell", "Ada Vell was born in Vellport. She works at Kor Industries.")
 KOR = Document("company-0002", "Kor Industries", "Kor Industries was founded by Tam Brel in Vellport.")
 VELLPORT = Document("city-0003", "Vellport", "Vellport is a city in Tulvania.")

@@ -28,6 +28,10 @@ from hybridchat.training.runs import load_run
 from hybridchat.training.stages import lr_multiplier
 from hybridchat.training.stages.pretrain import PretrainStage
 
+# One xdist worker for the whole file (make test's --dist loadgroup): its module fixture trains once for the file; one
+# test runs torchrun.
+pytestmark = pytest.mark.xdist_group("train")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
