@@ -273,10 +273,11 @@ def test_kb_usage_mistakes_are_one_error_line_too(argv, needle):
     ("hybridchat.plan", "model=foo", ["model/foo", "Available options in 'model'"]),
     ("hybridchat.train", "stage.matrix_lr=-0.01", ["stage.matrix_lr=-0.01 must be >= 0"]),     # out of range
 ])
-def test_command_lines_that_do_not_compose_are_one_error_line(app, override, needles):
+def test_command_lines_that_do_not_compose_are_one_error_line(app, override, needles, tmp_path):
     """Hydra's own report is several lines and exit code 1; ours is one line naming the key and what
     is allowed, exit code 2, before any work starts."""
-    code, _, err = cli(app, override, env={"OMP_NUM_THREADS": "1"})
+    # cwd: a value checked inside the app (matrix_lr) leaves Hydra's run folder under ./outputs, not the repo's.
+    code, _, err = cli(app, override, env={"OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert_one_error(code, err, *needles)
     assert "Config search path" not in err
 
