@@ -436,7 +436,6 @@ def calibrate_checkpoint(cfg: EvalConfig) -> tuple[Path, Calibration]:
     answers = ask(prepared.questions, prepared.retrieved)
     scores = [score(a, i.answers, i.gold_doc_ids) for a, i in zip(answers, prepared.items)]
     chosen_on += f", reading={RANK_ORDER}" if cfg.reading == RANK_ORDER else ""
-    chosen_on += f" ({len(prepared.items)} questions)"
     found = calibrate(scores, cfg.target_false_abstention, chosen_on,
                       sha256_file(cfg.questions) if cfg.questions else None)
     checkpoint.update_meta(prepared.evaluated.path, {"abstention": found.to_meta()})
