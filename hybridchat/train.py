@@ -6,6 +6,7 @@ config -> runtime -> run context (tokenizer, world, data, knowledge base: built 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -23,7 +24,7 @@ from hybridchat.infra import checkpoint, parallel, planner, runtime
 from hybridchat.infra import config as config_schema
 from hybridchat.infra.build import build_model
 from hybridchat.infra.config import Config
-from hybridchat.infra.context import RunContext
+from hybridchat.infra.context import RunContext, source_model
 from hybridchat.infra.preemption import Preempted, requeue_after_warning
 from hybridchat.infra.tracking import Tracker, run_tags
 from hybridchat.model.blocks import expand_pattern
@@ -33,6 +34,10 @@ from hybridchat.training.stages import build_stage, stage_schemas
 
 log = logging.getLogger("hybridchat")
 config_schema.register(stage_schemas())
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# The model a run gets when neither the command line nor an experiment chooses one.
+DEFAULT_MODEL = next(d["model"] for d in OmegaConf.load(CONF / "config.yaml").defaults
+                     if isinstance(d, DictConfig) and "model" in d)
 
 
 def typed_config(cfg: DictConfig) -> tuple[Config, dict[str, Any]]:
@@ -46,6 +51,25 @@ def typed_config(cfg: DictConfig) -> tuple[Config, dict[str, Any]]:
     return config, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
+def model_choice(hc) -> tuple[bool, set[str]]:
+    """(whether this run chose its model: model= on the command line or an experiment's, the model.*
+    keys the command line set): what training from another run's checkpoint may take from it."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task]
+    chosen = "model" in keys or hc.runtime.choices.get("model") != DEFAULT_MODEL
+    return chosen, {k.removeprefix("model.").split(".")[0] if k.startswith("model.") else "block_pattern"
+                    for k in keys if k.startswith("model.") or k == "model/block_pattern"}
+
+
+def adopt_source_model(config: Config, resolved: dict[str, Any], hc) -> bool:
+    """A run that chose no model trains the model of its stage.source checkpoint where the default
+    would not load it (an imported one: run_name=NAME stage.source=pretrained is enough)."""
+    chosen, set_keys = model_choice(hc)
+    model = None if chosen else source_model(config, set_keys)
+    if model is not None:
+        config.model, resolved["model"] = model, dataclasses.asdict(model)
+    return model is not None
+
+
 def monitor_report(monitor: str, summary: dict[str, Any]) -> str:
     """The monitored metric from this run's first evaluation to its last. A resumed run may have
     evaluated only at its end: one value, said as such (it printed "val/bpb 3.2737 -> 3.2737")."""
@@ -57,6 +81,8 @@ def monitor_report(monitor: str, summary: dict[str, Any]) -> str:
 
 def run(cfg: DictConfig) -> float:
     config, resolved = typed_config(cfg)
+    hc = HydraConfig.get()
+    adopted = adopt_source_model(config, resolved, hc)
     # Fail on sizes, pattern and batch arithmetic in the first second, not after building data.
     check_sizes(config.model)
     expand_pattern(config.model.block_pattern, config.model.n_layer)
@@ -72,7 +98,6 @@ def run(cfg: DictConfig) -> float:
             log.info("gpu.micro_batch=%d (%s)", config.gpu.micro_batch, cfg.gpu.micro_batch)
         ctx = RunContext(config, rt)
         ctx.grad_accum  # noqa: B018 (checked now, before data and model are built)
-        hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         tokenizer = ctx.tokenizer
         vocab_size = config.model.vocab_size or tokenizer.vocab_size
@@ -84,6 +109,8 @@ def run(cfg: DictConfig) -> float:
         if rt.is_main:
             log.info("model %s: %.2fM parameters, block pattern %s, vocab %d, device %s, world size %d",
                      config.model.name, model.num_params() / 1e6, model.pattern, vocab_size, rt.device, rt.world_size)
+            if adopted:
+                log.info("the model is stage.source=%s's (this run chose no model=)", config.stage.source)
         stage = build_stage(ctx)
         chose_retriever = any(o.split("=")[0].lstrip("+~") == "retriever" for o in hc.overrides.task)
         if chose_retriever and not stage.reads_documents and rt.is_main:

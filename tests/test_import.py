@@ -184,8 +184,9 @@ def test_chat_reads_the_import_at_once(tmp_path):
 
 
 def test_the_printed_training_command_tunes_the_import(tmp_path, capsys):
-    """stage.source=pretrained with the keys the command prints: a Qwen2 import (q/k/v biases
-    included) RAG-tunes in a smoke run, and the tuned weights moved."""
+    """The printed line names no model: the run trains its stage.source checkpoint's architecture. A
+    Qwen2 import (q/k/v biases included) RAG-tunes in a smoke run (debug=smoke's tiny model sizes give
+    way to the import's; the command line's model.sequence_len still applies), and its weights moved."""
     from conftest import compose_config
 
     from hybridchat.train import run
@@ -193,12 +194,63 @@ def test_the_printed_training_command_tunes_the_import(tmp_path, capsys):
     step = import_in_process(hf_folder(tmp_path / "model", "qwen2", shard=False), "q", tmp_path / "out")
     line = [t for t in capsys.readouterr().out.splitlines() if "python -m hybridchat.train" in t][0]
     printed = line.split("python -m hybridchat.train ")[1].split()
+    assert not any(o.startswith("model") for o in printed)
     run(compose_config([*printed, "debug=smoke", f"paths.outputs={tmp_path / 'out'}", "stage.num_steps=2",
                         "stage.eval_every=2", "stage.eval_questions=2", "stage.max_documents=1", "gpu.micro_batch=1",
                         "model.sequence_len=512"], output_dir=tmp_path / "run"))
     tuned = load_run(tmp_path / "out" / "checkpoints" / "q" / "rag" / "step_000002")
     assert tuned.meta["config"]["stage"]["source"] == "pretrained" and tuned.config.model.qkv_bias
+    assert tuned.meta["architecture"] == load_run(step).meta["architecture"]
+    assert tuned.config.model.sequence_len == 512
     assert not np.array_equal(our_logits(tuned.path, TOKENS), our_logits(step, TOKENS))
+
+
+def typed(overrides: list[str]):
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(compose_config(overrides))
+
+
+def test_a_run_takes_its_sources_model_only_where_it_chose_none_and_the_default_does_not_fit(tmp_path):
+    """source_model against the imported checkpoint's own config: the import's model for a run that
+    composed the default, None where the composed model already fits (a training window of its own
+    is kept), the command line's keys on top; model_choice reads model=, experiments and model.* keys."""
+    from dataclasses import replace
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from hybridchat.infra.context import source_model
+    from hybridchat.train import model_choice
+
+    step = import_in_process(hf_folder(tmp_path / "model", "qwen2", shard=False), "q", tmp_path / "out")
+    imported = load_run(step).config.model
+    config = typed(["run_name=q", "stage=rag", "stage.source=pretrained", f"paths.outputs={tmp_path / 'out'}"])
+    assert model_choice(HydraConfig.get()) == (False, set())
+    assert source_model(config, set()) == imported
+    config.model.sequence_len = 300  # set on the command line: kept, the rest is the import's
+    assert source_model(config, {"sequence_len"}) == replace(imported, sequence_len=300)
+    config.model = replace(imported, sequence_len=123, name="mine")  # fits the checkpoint: left as composed
+    assert source_model(config, set()) is None
+    config.stage.source = None
+    assert source_model(config, set()) is None
+
+    typed(["model.sequence_len=512", "model/block_pattern=jamba", "+model.x=1"])
+    assert model_choice(HydraConfig.get()) == (False, {"sequence_len", "block_pattern", "x"})
+    for chooses in (["model=hybrid_tiny"], ["experiment=smollm2_rag"], ["model=transformer_tiny"]):
+        typed(chooses)
+        assert model_choice(HydraConfig.get())[0], chooses
+
+
+def test_a_run_that_chose_its_model_is_still_refused_a_checkpoint_it_does_not_fit(tmp_path):
+    from conftest import compose_config
+
+    from hybridchat.train import run
+
+    import_in_process(hf_folder(tmp_path / "model", "qwen2", shard=False), "q", tmp_path / "out")
+    with pytest.raises(UserError, match="does not fit this model"):
+        run(compose_config(["run_name=q", "stage=rag", "stage.source=pretrained", "model=smollm2_135m", "debug=smoke",
+                            f"paths.outputs={tmp_path / 'out'}"], output_dir=tmp_path / "run"))
 
 
 # transformers' names -> GGUF's (convert_hf_to_gguf's tensor map), written out here on their own.

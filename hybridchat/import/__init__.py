@@ -30,8 +30,6 @@ from hybridchat.infra.config import PathsConfig
 from hybridchat.infra.imported import PRETRAINED, ImportedModel, write_checkpoint
 
 USAGE = __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1]
-# ModelConfig keys the training command leaves to model=smollm2_135m (a name, a window, a file).
-NOT_OVERRIDDEN = ("name", "sequence_len", "pretrained")
 
 
 @dataclass
@@ -61,11 +59,10 @@ def read(source: str) -> ImportedModel:
     raise UserError(f"{source}: no such file or folder (give a .gguf file or a Hugging Face model folder)")
 
 
-def training_overrides(imported: ImportedModel, run_name: str) -> list[str]:
-    """The train command line that tunes the import: model=smollm2_135m (a Llama-family preset) with
-    every architecture key of this model, so checkpoint.load finds the shapes it expects."""
-    keys = [f"model.{k}={v}" for k, v in imported.config.items() if k not in NOT_OVERRIDDEN and v is not None]
-    return [f"run_name={run_name}", "stage=rag", f"stage.source={PRETRAINED}", "model=smollm2_135m", *keys]
+def training_overrides(run_name: str) -> list[str]:
+    """The train command line that tunes the import: a run that chooses no model= trains the
+    architecture of its stage.source checkpoint (hybridchat.train's adopt_source_model)."""
+    return [f"run_name={run_name}", "stage=rag", f"stage.source={PRETRAINED}"]
 
 
 def missing_template_warning(source: str) -> str:
@@ -93,7 +90,7 @@ def run(source: str, cfg: ImportConfig) -> Path:
     print(f"  chat:     python -m hybridchat.chat run_name={run_name} checkpoint_stage={PRETRAINED}")
     print(f"  evaluate: python -m hybridchat.evaluate run_name={run_name} checkpoint_stage={PRETRAINED} "
           f"closed_book_stage={PRETRAINED}")
-    print(f"  train:    python -m hybridchat.train {' '.join(training_overrides(imported, run_name))}")
+    print(f"  train:    python -m hybridchat.train {' '.join(training_overrides(run_name))}")
     return step
 
 

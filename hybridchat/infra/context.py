@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,8 @@ from hybridchat.infra import checkpoint
 from hybridchat.infra.config import Config
 from hybridchat.infra.imported import PRETRAINED  # stage.source naming the imported weights' stage folder
 from hybridchat.infra.runtime import Runtime, grad_accum_steps
+from hybridchat.model.config import ModelConfig
+from hybridchat.model.lm import architecture
 
 if TYPE_CHECKING:
     from hybridchat.retrieval.factory import DefaultCollection
@@ -50,6 +52,39 @@ def world_collection(cfg: WorldConfig) -> DefaultCollection:
     different world never reuses another's index."""
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
     return f"world-seed{cfg.seed}-{key}", lambda: World.generate(cfg).documents()
+
+
+def existing_source(config: Config) -> Path | None:
+    """stage.source's checkpoint where it exists already (RunContext.source_checkpoint may import
+    model.pretrained on first use); None from scratch or not there yet."""
+    source = config.stage.source
+    if not source:
+        return None
+    if "/" in source:
+        return checkpoint.at_path(source)
+    return checkpoint.latest(checkpoint.stage_dir(config.paths.checkpoints, config.run_name, source))
+
+
+def source_model(config: Config, set_keys: set[str]) -> ModelConfig | None:
+    """The model of the checkpoint this stage starts from, where the run chose no model of its own
+    and the composed default would not load it: an imported model (python -m hybridchat.import) is
+    trained with `run_name=NAME stage.source=pretrained` alone. The model.* keys set on the command
+    line (set_keys) still apply, e.g. a training window or a distilled student's block pattern. None:
+    keep the composed model (it fits the checkpoint, or there is none), so runs whose stages share
+    one model, as make run's do, compose exactly as they always did."""
+    path = existing_source(config)
+    if path is None:
+        return None
+    meta = checkpoint.read_meta(path)
+    saved = (meta.get("config") or {}).get("model")
+    vocab_size = (meta.get("architecture") or {}).get("vocab_size")
+    if not isinstance(saved, dict) or vocab_size is None:
+        return None  # an older checkpoint: checkpoint.load says what does not fit
+    if architecture(config.model, config.model.vocab_size or vocab_size) == meta["architecture"]:
+        return None
+    fields = ModelConfig.__dataclass_fields__
+    model = ModelConfig(**{k: v for k, v in saved.items() if k in fields})
+    return replace(model, **{k: getattr(config.model, k) for k in set_keys})
 
 
 @dataclass

@@ -42,6 +42,24 @@ def check_sizes(cfg: ModelConfig) -> None:
          f"model.sequence_len and model.chunk_size must be > 0 (got {cfg.sequence_len}, {cfg.chunk_size})")
 
 
+def architecture(c: ModelConfig, vocab_size: int) -> dict[str, Any]:
+    """What must match for weights to load: the expanded block pattern, sizes, positions, vocabulary,
+    and the layer recipe (MLP kind, norms, tying). rope, eps and norms matter even where the shapes
+    agree: a model trained without rotary positions or QK-norm computes garbage with them. A function
+    of the config, so a run can compare a checkpoint's with its own before building anything."""
+    pattern = expand_pattern(c.block_pattern, c.n_layer)
+    keys = ["n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights", "norm_eps", "embed_norm",
+            "tie_embeddings", "pointer", "request_match"]
+    # A mixer's settings matter only where the pattern has that mixer (a transformer has no d_state).
+    if "A" in pattern:
+        keys += ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm", "qkv_bias"]
+    elif c.pointer:  # the pointer's head width is n_embd / n_head
+        keys += ["n_head"]
+    if "M" in pattern:
+        keys += ["mamba_mlp", "d_state", "d_conv", "expand", "headdim", "ngroups"]
+    return {"block_pattern": pattern, "vocab_size": vocab_size, **{k: getattr(c, k) for k in keys}}
+
+
 class HybridLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, ssm_backend: str = "torch",
                  request_markers: RequestMarkers | None = None):
@@ -69,20 +87,7 @@ class HybridLM(nn.Module):
         self.activation_checkpointing = False
 
     def architecture(self) -> dict[str, Any]:
-        """What must match for weights to load: the expanded block pattern, sizes, positions, vocabulary,
-        and the layer recipe (MLP kind, norms, tying). rope, eps and norms matter even where the shapes
-        agree: a model trained without rotary positions or QK-norm computes garbage with them."""
-        c = self.config
-        keys = ["n_layer", "n_embd", "mlp_ratio", "mlp", "mlp_hidden", "norm_weights", "norm_eps", "embed_norm",
-                "tie_embeddings", "pointer", "request_match"]
-        # A mixer's settings matter only where the pattern has that mixer (a transformer has no d_state).
-        if "A" in self.pattern:
-            keys += ["n_head", "n_kv_head", "attn_rope", "rope_base", "qk_norm", "qkv_bias"]
-        elif c.pointer:  # the pointer's head width is n_embd / n_head
-            keys += ["n_head"]
-        if "M" in self.pattern:
-            keys += ["mamba_mlp", "d_state", "d_conv", "expand", "headdim", "ngroups"]
-        return {"block_pattern": self.pattern, "vocab_size": self.vocab_size, **{k: getattr(c, k) for k in keys}}
+        return architecture(self.config, self.vocab_size)
 
     def init_weights(self) -> None:
         if self.lm_head is None:
