@@ -280,6 +280,10 @@ def stage_validation_questions(cfg: EvalConfig) -> tuple[list[Question], str]:
         raise UserError(f"calibrate=true needs questions=FILE (validation questions, never the ones you evaluate on): "
                         f"{cfg.run_name}'s {stage} stage trained on the world's questions, not on a file whose "
                         "validation share could be used")
+    if trained["stage"].get("name") != "rag":  # refrag splits its 2-hop file another way
+        raise UserError(f"calibrate=true without questions= reads back the validation share a rag stage held out; "
+                        f"{cfg.run_name}'s {stage} checkpoint is stage {trained['stage'].get('name')}'s: give "
+                        f"questions=FILE (validation questions, never the ones you evaluate on)")
     if not Path(file).is_file():
         raise UserError(f"calibrate=true: {cfg.run_name}'s {stage} stage held its validation questions out of "
                         f"stage.questions={file}, which no longer exists; give questions=FILE")

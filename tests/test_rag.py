@@ -601,7 +601,8 @@ def test_calibrate_stores_a_threshold_that_evaluate_and_chat_apply_unless_told_o
 def test_calibrate_without_a_file_uses_the_validation_share_the_stage_held_out_of_yours(pipeline, tmp_path):
     """evaluate calibrate=true without questions= reads back the very questions a rag stage trained on
     a user's file held out for validation (the reference: the stage itself, built on that file for
-    another seed and fraction); a world-trained run, or a file gone since, is one error naming what to give."""
+    another seed and fraction); a world-trained run, a checkpoint of another stage (refrag splits its
+    file otherwise), or a file gone since, is one error naming what to give."""
     from types import SimpleNamespace
 
     from omegaconf import OmegaConf
@@ -634,6 +635,12 @@ def test_calibrate_without_a_file_uses_the_validation_share_the_stage_held_out_o
     found, described = stage_validation_questions(cfg)
     assert [q.question for q in found] == held_out and len(held_out) == 8  # a fifth of 30 + 10
     assert described == f"the rag stage's validation share of {mine} (stage.val_fraction=0.2)"
+    meta["config"]["stage"]["name"] = "refrag"  # a stage that splits its questions file another way
+    (step / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="reads back the validation share a rag stage held out; .* stage refrag's"):
+        stage_validation_questions(cfg)
+    meta["config"]["stage"]["name"] = "rag"
+    (step / "meta.json").write_text(json.dumps(meta))
     mine.unlink()
     with pytest.raises(UserError, match=f"stage.questions={mine}, which no longer exists; give questions=FILE"):
         stage_validation_questions(cfg)
