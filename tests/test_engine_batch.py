@@ -188,3 +188,38 @@ def test_joins_and_leaves_reuse_the_preallocated_rows_without_reallocating():
     assert batch.slots is slots
     for seq, p in zip((b, c, d, e), asked[1:]):
         assert seq.tokens == naive_greedy(model, p, 10)
+
+
+
+@pytest.mark.parametrize("body", ["hybrid", "attention", "pointer+match"])
+def test_tokens_fed_to_one_row_mid_decode_are_read_by_that_row_alone(body):
+    """feed appends tokens to one sequence (a multi-hop reply's retrieved documents) while the others
+    decode: each then gets exactly the tokens a full forward over everything it holds gives, seq.score
+    is read after the tokens fed, and a row fed past the rows' length grows them."""
+    model = bodies()[body]
+    asked = prompts([9, 4, 13])
+    fed = {1: (2, prompts([5], seed=7)[0]), 0: (3, prompts([60], seed=8)[0])}  # row: (tokens sampled before, tokens)
+    continuation = [5, 17, 3]
+
+    def inject(row):
+        at, tokens = fed.get(row, (None, None))
+        return lambda out: tokens if len(out) == at else None
+
+    expected = [naive_greedy(model, p, 8, inject(i)) for i, p in enumerate(asked)]
+    batch = DecodeBatch(model, prefill_chunk=4)
+    outs = [[] for _ in asked]
+    seqs = [batch.add(p, 8, on_token=out.append) for p, out in zip(asked, outs)]
+    rows_length = batch.slots.max_len
+    while len(batch):
+        for i, (at, tokens) in fed.items():
+            if len(outs[i]) == at and seqs[i].fed == 0:
+                batch.feed(seqs[i], tokens, score=continuation)
+                outs[i][at:at] = tokens  # the token it sampled after them is already in
+        batch.step()
+    assert outs == expected and [len(s.tokens) for s in seqs] == [8, 8, 8] and seqs[1].fed == 5
+    assert batch.slots.max_len > rows_length  # row 0's 60 tokens did not fit the rows allocated for the prompts
+    before = asked[1] + expected[1][:2 + 5]
+    with torch.no_grad():
+        logp = model(torch.tensor([before + continuation]))[0].log_softmax(-1)
+    want = sum(logp[len(before) - 1 + j, t].item() for j, t in enumerate(continuation))
+    assert seqs[1].score == pytest.approx(want, abs=1e-5)

@@ -20,7 +20,9 @@ request is prefilled on its own (batch 1, its own cache) and then joins the runn
 two steps, its state copied in as one more row of a ragged cache (model/cache.py: each row keeps
 its own length, attention masks the rest, Mamba's state is per row anyway); every step is one
 forward of one token for every row, and a row that finishes leaves at once. The batch's rows are
-preallocated and reused, so a join or a leave copies one row, not the whole cache.
+preallocated and reused, so a join or a leave copies one row, not the whole cache. Tokens a row is
+shown mid-decode (a multi-hop reply's retrieved documents) are fed to that row alone (`feed`), as
+a joining prompt is prefilled.
 """
 
 from __future__ import annotations
@@ -227,11 +229,12 @@ class Decoding:
     on_token: Optional[Callable[[int], None]] = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
-    score: Optional[float] = None  # log P(the continuation `add` was asked to score | the prompt)
+    score: Optional[float] = None  # log P(the continuation `add` or `feed` was asked to score | what came before)
+    fed: int = 0  # tokens `feed` gave it (not sampled, not in `tokens`)
 
     @property
-    def capacity(self) -> int:  # the cache positions it may fill: its prompt and every token fed back
-        return len(self.prompt) + self.max_new_tokens
+    def capacity(self) -> int:  # the cache positions it may fill: its prompt, the tokens fed, every sample fed back
+        return len(self.prompt) + self.fed + self.max_new_tokens
 
 
 class DecodeBatch:
@@ -283,10 +286,7 @@ class DecodeBatch:
         seq = Decoding(list(prompt), max_new_tokens, frozenset(stop_tokens), on_token)
         cache = self.model.allocate_cache(1, len(seq.prompt) + max(max_new_tokens, len(score)),
                                           dtype=cache_dtype(self.model, self.device))
-        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
-        for start in range(0, len(seq.prompt), self.prefill_chunk):
-            logits = self.model(ids[:, start:start + self.prefill_chunk], cache=cache, last_only=True)
-        logits = logits[:, -1]
+        logits = self._prefill(cache, seq.prompt)
         if score:
             seq.score = self._score(logits, cache, list(score))
             if admit is not None and not admit(seq.score):
@@ -300,6 +300,38 @@ class DecodeBatch:
         if seq.finish_reason is None:
             self._join(seq, cache)
         return seq
+
+    @torch.inference_mode()
+    def feed(self, seq: Decoding, tokens: Sequence[int], *, score: Sequence[int] = ()) -> None:
+        """Feed `tokens` to one sequence of the batch after its last sampled token (the documents
+        retrieved for a query it wrote), then sample its next token; it leaves the batch if that
+        ends it. Its row is prefilled with them alone, as a joining prompt is (the other rows wait
+        for one forward per prefill_chunk tokens), in a one-row cache holding a copy of the row,
+        which then takes the row's place. score: as `add`'s, after the tokens (seq.score is replaced)."""
+        i = self.rows.index(seq)
+        held, fed = self.cache.lengths[i], [seq.tokens[-1], *tokens]
+        cache = self.model.allocate_cache(1, held + len(fed) + len(score), dtype=cache_dtype(self.model, self.device))
+        cache.put(0, self.cache, i)
+        cache.advance(held)  # put copied the row's tokens: the one-row cache holds them
+        logits = self._prefill(cache, fed)
+        if score:
+            seq.score = self._score(logits, cache, list(score))
+        seq.fed += len(tokens)
+        if seq.capacity > self.slots.max_len:
+            self._grow(len(self.rows), seq.capacity)
+        self.slots.put(i, cache)
+        lengths = list(self.cache.lengths)
+        lengths[i] += len(fed)
+        self.cache = self.slots.head(len(self.rows), lengths)
+        self._take(seq, sample(logits, **self.options).item())
+        self._leave()
+
+    def _prefill(self, cache: InferenceCache, tokens: list[int]) -> torch.Tensor:
+        """Feed tokens to a one-row cache, prefill_chunk at a time; the last one's logits (1, V)."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        for start in range(0, len(tokens), self.prefill_chunk):
+            logits = self.model(ids[:, start:start + self.prefill_chunk], cache=cache, last_only=True)
+        return logits[:, -1]
 
     def _join(self, seq: Decoding, cache: InferenceCache) -> None:
         n = len(self.rows)

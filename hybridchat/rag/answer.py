@@ -213,13 +213,15 @@ class Answerer:
                       (0 if given is None else len(given)) - len(shown), seconds, closed_book=given is None,
                       below_threshold=below(confidence, self.threshold), over_abstention=overruled)
 
-    def decode(self, batch: DecodeBatch, prompt: list[int], on_token: Callable[[int], None] | None = None
-               ) -> tuple[Decoding, float]:
+    def decode(self, batch: DecodeBatch, prompt: list[int], on_token: Callable[[int], None] | None = None,
+               admit: Callable[[float], bool] | None = None) -> tuple[Decoding, float]:
         """(the reply to a prompt as one sequence of a running DecodeBatch, its confidence): the
-        confidence is read from the reply's own prefill, and below the threshold the sequence is
-        refused, nothing generated (its reply is then ABSTAIN)."""
+        confidence is read from the reply's own prefill, and below the threshold (where admit, given
+        the confidence, says no instead) the sequence is refused, nothing generated (its reply is then
+        ABSTAIN)."""
+        admit = admit or self.generates
         seq = batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token], on_token=on_token,
-                        score=self.abstain_ids, admit=lambda logp: self.generates(1 - math.exp(logp)))
+                        score=self.abstain_ids, admit=lambda logp: admit(1 - math.exp(logp)))
         return seq, 1 - math.exp(seq.score)
 
     def decode_instead(self, batch: DecodeBatch, prompt: list[int]) -> Decoding:
@@ -308,13 +310,8 @@ class RankOrderReader:
             read = [self.prompts(q, d) for q, d in zip(batch, given)]
             pairs = [(i, ids, d) for i, found in enumerate(read) for ids, d in found]  # question, prompt, document
             confidence = answerer.confidence([ids for _, ids, _ in pairs]).tolist() if pairs else []
-            asked = list(range(len(pairs)))
-            if self.threshold is not None:  # the first document at or above it, per question
-                first: dict[int, int] = {}
-                for k, (i, _, _) in enumerate(pairs):
-                    if i not in first and self.answerer.generates(confidence[k]):
-                        first[i] = k
-                asked = sorted(first.values())
+            mine = [[k for k, pair in enumerate(pairs) if pair[0] == i] for i in range(len(batch))]
+            asked = sorted(ks[j] for ks in mine for j in self.generated([confidence[k] for k in ks]))
             replies: dict[int, Answer] = {}
             if asked:
                 replies = dict(zip(asked, answerer.answer_batch(
@@ -322,21 +319,37 @@ class RankOrderReader:
                     [(pairs[k][1], [pairs[k][2]]) for k in asked], confidence=[confidence[k] for k in asked])))
             seconds = (time.perf_counter() - t0) / len(batch)
             for i, (q, found) in enumerate(zip(batch, read)):
-                mine = [k for k, pair in enumerate(pairs) if pair[0] == i]
-                chosen = next((n for n, k in enumerate(mine, 1) if k in replies and not replies[k].abstained), None)
-                out.append(self._answer(q, [d for _, d in found], len(given[i]) - len(found),
-                                        [confidence[k] for k in mine], seconds,
-                                        None if chosen is None else (chosen, replies[mine[chosen - 1]])))
+                out.append(self.decide(q, [d for _, d in found], len(given[i]) - len(found),
+                                       [confidence[k] for k in mine[i]], [replies.get(k) for k in mine[i]], seconds))
         return out
 
-    def _answer(self, question: str, documents: list[Document], dropped: int, confidences: list[float],
-                seconds: float, chosen: tuple[int, Answer] | None) -> Answer:
-        """The question's Answer: `chosen` (the number of the document read, its answer alone) or none."""
+    # answer()'s decisions, also for a caller that reads each document as a sequence of its own (the
+    # server's continuous batch, serve/batcher.py).
+
+    def generated(self, confidences: Sequence[float]) -> list[int]:
+        """Which documents' replies are generated, by the confidences with each alone (in rank order):
+        with a threshold only the first at or above it; without, every one (which suffices is known
+        from its reply)."""
+        if self.threshold is None:
+            return list(range(len(confidences)))
+        return next(([k] for k, c in enumerate(confidences) if self.answerer.generates(c)), [])
+
+    @staticmethod
+    def read_from(replies: Sequence[Answer | None]) -> int | None:
+        """The number of the document the answer is read from: the first, in rank order, whose reply
+        alone does not abstain (None for a document not generated)."""
+        return next((n for n, r in enumerate(replies, 1) if r is not None and not r.abstained), None)
+
+    def decide(self, question: str, documents: list[Document], dropped: int, confidences: list[float],
+               replies: Sequence[Answer | None], seconds: float) -> Answer:
+        """The question's Answer, from each document's reply alone (None: not generated), read from
+        the first that suffices (read_from), or ABSTAIN."""
         best = math.nan if any(math.isnan(c) for c in confidences) else max(confidences, default=0.0)
-        if chosen is None:
+        n = self.read_from(replies)
+        if n is None:
             return Answer(question, ABSTAIN, ABSTAIN, [], True, best, documents, dropped, seconds,
                           below_threshold=below(best, self.threshold), read_confidences=confidences)
-        n, alone = chosen
+        alone = replies[n - 1]
         # The model saw one document, [1]: its citations name the document's number among all.
         reply = _CITATION.sub(lambda m: m.group(0).replace(m.group(1), str(n)), alone.reply)
         return Answer(question, reply, alone.answer, [n], False, best, documents, dropped, seconds,

@@ -124,7 +124,8 @@ class Trajectory:
 
 
 @dataclass
-class _RowState:
+class RowState:
+    """One reply's hops so far, as its decode goes (the engine's query hook here, the server's batch)."""
     prompt_len: int
     hops: list[Hop]
     segment: int = 0               # where the text written since the last injection starts in `out`
@@ -200,44 +201,64 @@ class MultiHop:
             docs.pop()
         return docs
 
-    def _hook(self, states: list[_RowState]):
+    def _hook(self, states: list[RowState]):
         """The engine's query hook: when the model has just closed a query, retrieve for it and return
         the results section to inject (an empty one for a query that is refused)."""
 
         def hook(seq: int, out: list[int]) -> list[int] | None:
             state = states[seq]
-            last = self.tokenizer.decode(out[-1:])
-            if self.query_end not in last:
+            hop = self.written_query(state, out)
+            if hop is None:
                 return None
-            text = self.tokenizer.decode(out[state.segment:])
-            start = text.rfind(self.query_start)
-            if start < 0:
-                if not self.end_is_token:
-                    return None  # a newline in a ChatML answer: text, not a query
-                status, query = "malformed", text
-            else:
-                query = text[start + len(self.query_start):]
-                query = query[:query.find(self.query_end)] if self.query_end in query else query
-                query = " ".join(query.split())
-                status = "ok" if search_text(query) else "empty"  # "[1]" alone asks for nothing
-            hops = state.hops
-            if status == "ok" and (not self.queries.model_writes or len(hops) >= self.max_hops):
-                status = "over_max_hops"
-            first = len(self._shown(hops)) + 1
-            documents: list[Document] = []
-            if status == "ok":
-                found = self.search([search_text(query)], [self._shown(hops)])[0]
-                used = state.prompt_len + len(out)  # _fit counts the results section, its markers included
-                documents = self._fit(found, used, self.max_hops - len(hops) - 1, first)
-                if found and not documents:
-                    status = "no_room"
-            hops.append(Hop(query, documents, status))
-            injected = self.renderer.results(documents, first)
-            state.injected.append((len(out), len(injected)))
-            state.segment = len(out) + len(injected)
-            return injected
+            return self.follow(state, out, hop, self.retrieve([(state, hop)])[0])
 
         return hook
+
+    # The hook's steps, also for a caller that decodes otherwise (the server's continuous batch,
+    # serve/batcher.py, which retrieves for the queries of several replies at once).
+
+    def written_query(self, state: RowState, out: list[int]) -> Hop | None:
+        """The hop asked for by the query that out's last token (just sampled) closes, without its
+        documents yet; its status says whether it is followed ("ok") or why not. None: no query closed."""
+        if self.query_end not in self.tokenizer.decode(out[-1:]):
+            return None
+        text = self.tokenizer.decode(out[state.segment:])
+        start = text.rfind(self.query_start)
+        if start < 0:
+            if not self.end_is_token:
+                return None  # a newline in a ChatML answer: text, not a query
+            status, query = "malformed", text
+        else:
+            query = text[start + len(self.query_start):]
+            query = query[:query.find(self.query_end)] if self.query_end in query else query
+            query = " ".join(query.split())
+            status = "ok" if search_text(query) else "empty"  # "[1]" alone asks for nothing
+        if status == "ok" and (not self.queries.model_writes or len(state.hops) >= self.max_hops):
+            status = "over_max_hops"
+        return Hop(query, [], status)
+
+    def retrieve(self, asked: Sequence[tuple[RowState, Hop]]) -> list[list[Document]]:
+        """What retrieval finds for each (reply, hop) asked, in one call: new documents for the hops
+        followed, nothing for the others (retrieval is not called for them)."""
+        followed = [(state, hop) for state, hop in asked if hop.status == "ok"]
+        found = iter(self.search([search_text(hop.query) for _, hop in followed],
+                                 [self._shown(state.hops) for state, _ in followed]) if followed else [])
+        return [next(found) if hop.status == "ok" else [] for _, hop in asked]
+
+    def follow(self, state: RowState, out: list[int], hop: Hop, found: Sequence[Document]) -> list[int]:
+        """Add the hop to the reply's trace with those of `found` (retrieval's for it) that fit the
+        context, and return its results section: the tokens to append after out."""
+        first = len(self._shown(state.hops)) + 1
+        if hop.status == "ok":
+            used = state.prompt_len + len(out)  # _fit counts the results section, its markers included
+            hop.documents = self._fit(found, used, self.max_hops - len(state.hops) - 1, first)
+            if found and not hop.documents:
+                hop.status = "no_room"
+        state.hops.append(hop)
+        injected = self.renderer.results(hop.documents, first)
+        state.injected.append((len(out), len(injected)))
+        state.segment = len(out) + len(injected)
+        return injected
 
     @torch.no_grad()
     def rollouts(self, questions: Sequence[str], first: Sequence[Sequence[Document]] | None = None,
@@ -250,24 +271,25 @@ class MultiHop:
         first = list(first) if first is not None else self.search(questions)
         plans = [self.plan(q, d) for q, d in zip(questions, first)]
         prompts = [self.prompt(q, hops) for q, hops in zip(questions, plans)]
-        states = [_RowState(len(p), [Hop(h.query, list(h.documents), h.status, h.forced) for h in hops])
+        states = [RowState(len(p), [Hop(h.query, list(h.documents), h.status, h.forced) for h in hops])
                   for p, hops in zip(prompts, plans) for _ in range(num_samples)]
-        stop = self.renderer.stop_token
         result = Engine(self.model).generate(
-            prompts, max_new_tokens=self.max_new_tokens, temperature=temperature, top_k=top_k, stop_tokens=[stop],
+            prompts, max_new_tokens=self.max_new_tokens, temperature=temperature, top_k=top_k,
+            stop_tokens=[self.renderer.stop_token],
             num_samples=num_samples, seed=seed, query_hook=self._hook(states),
             extra_len=max(0, self.max_context - min(len(p) for p in prompts)))
-        out = []
-        for seq, (tokens, finish) in enumerate(zip(result.tokens, result.finish_reasons)):
-            state = states[seq]
-            written = [1] * len(tokens)
-            for start, length in state.injected:
-                written[start:start + length] = [0] * length
-            if finish == "stop":
-                tokens, written = tokens + [stop], written + [1]
-            out.append(Trajectory(seq // num_samples, prompts[seq // num_samples], list(tokens), written, state.hops,
-                                  finish, state.segment))
-        return out
+        return [self.trajectory(seq // num_samples, prompts[seq // num_samples], states[seq], tokens, finish)
+                for seq, (tokens, finish) in enumerate(zip(result.tokens, result.finish_reasons))]
+
+    def trajectory(self, index: int, prompt: list[int], state: RowState, tokens: list[int], finish: str) -> Trajectory:
+        """A finished reply's Trajectory: `tokens` are what followed the prompt, written and injected
+        (no stop token), `finish` why it ended (stop | length)."""
+        written = [1] * len(tokens)
+        for start, length in state.injected:
+            written[start:start + length] = [0] * length
+        if finish == "stop":
+            tokens, written = tokens + [self.renderer.stop_token], written + [1]
+        return Trajectory(index, prompt, list(tokens), written, state.hops, finish, state.segment)
 
     def reply(self, t: Trajectory) -> tuple[str, bool]:
         """The final answer's text and whether the trajectory is well-formed: it stopped, every query
@@ -288,28 +310,39 @@ class MultiHop:
             batch = list(questions[lo:lo + self.batch_size])
             t0 = time.perf_counter()
             trajectories = self.rollouts(batch, None if first is None else first[lo:lo + self.batch_size])
-            prefixes = [t.prompt + t.tokens[:t.answer_start] for t in trajectories]
+            prefixes = [self.prefix(t) for t in trajectories]
             confidence = self.answerer.confidence(prefixes).tolist()
-            overruled = [j for j, t in enumerate(trajectories) if self._overrules(t, confidence[j])]
+            overruled = [j for j, t in enumerate(trajectories) if self.overrules(t, confidence[j])]
             if overruled:
                 instead = self.answerer.answers_instead([prefixes[j] for j in overruled])
                 for j, tokens, finish in zip(overruled, instead.tokens, instead.finish_reasons):
-                    t = trajectories[j]
-                    stop = [self.renderer.stop_token] if finish == "stop" else []
-                    trajectories[j] = replace(t, tokens=t.tokens[:t.answer_start] + tokens + stop,
-                                              written=t.written[:t.answer_start] + [1] * (len(tokens) + len(stop)),
-                                              finish=finish)
+                    trajectories[j] = self.instead(trajectories[j], tokens, finish)
             seconds = (time.perf_counter() - t0) / len(batch)
             out += [replace(self.to_answer(q, t, c, seconds), over_abstention=j in overruled)
                     for j, (q, t, c) in enumerate(zip(batch, trajectories, confidence))]
         return out
 
-    def _overrules(self, t: Trajectory, confidence: float) -> bool:
+    # answer()'s steps after the hops, also for the server's continuous batch: the confidence is
+    # P(ABSTAIN) after the prefix; where the threshold overrules the final answer's abstention, the
+    # answer is generated again from the prefix.
+
+    @staticmethod
+    def prefix(t: Trajectory) -> list[int]:
+        """The prompt and everything before the final answer: what its confidence is read after."""
+        return t.prompt + t.tokens[:t.answer_start]
+
+    def overrules(self, t: Trajectory, confidence: float) -> bool:
         """The model's final answer is the abstention, but its confidence is at or above the threshold."""
         if self.threshold is None or below(confidence, self.threshold):
             return False
         text, _ = self.reply(t)
         return self.query_start not in text and parse_reply(text)[2]
+
+    def instead(self, t: Trajectory, tokens: list[int], finish: str) -> Trajectory:
+        """The trajectory with its final answer replaced by `tokens` (Answerer.answers_instead's, no stop token)."""
+        stop = [self.renderer.stop_token] if finish == "stop" else []
+        return replace(t, tokens=t.tokens[:t.answer_start] + tokens + stop,
+                       written=t.written[:t.answer_start] + [1] * (len(tokens) + len(stop)), finish=finish)
 
     @property
     def threshold(self) -> float | None:

@@ -3,9 +3,9 @@
 The model and its inference cache are not safe to share between threads, and decoding one request
 at a time leaves a CPU (or GPU) mostly idle per token. So HTTP handlers only queue a Job, and the
 worker keeps one DecodeBatch (model/engine.py). Between two decode steps it takes the jobs waiting
-(as many as there is room for: batch_size replies at once), retrieves for them in one call,
+(as many as there is room for: batch_size sequences at once), retrieves for them in one call,
 prefills each prompt on its own and adds it to the batch; every step then decodes one token of
-every reply, and a reply that finishes leaves the batch and is answered at once. A request that
+every sequence, and a reply that finishes leaves the batch and is answered at once. A request that
 arrives while others decode starts at the next step, not after them, and no reply waits for a
 longer one. Events go back through each job's `send` as they happen: the sources shown, each piece
 of the reply, then the finished Answer (or an error). A queue that is full refuses at once (Busy):
@@ -13,11 +13,17 @@ a client is better told to come back than left waiting behind an unbounded backl
 
 Each reply takes the Answerer's steps (rag/answer.py): its confidence, read from the reply's own
 prefill (below an abstention threshold: the abstention, nothing generated); the reply; where the
-threshold overrules an abstention, the reply again without it (it rejoins the batch). Multi-hop
-and rank-order replies (reading=rank_order) are not continuous: the model's queries are followed
-inside the engine's own loop (rag/multihop.py), and which document answers is known only once all
-are read (RankOrderReader), so such jobs taken together are answered in one call while the batch's
-other replies wait.
+threshold overrules an abstention, the reply again without it (it rejoins the batch). The other
+two ways of answering decode in the same batch, with their own modules' steps:
+- multi-hop (rag/multihop.py's MultiHop): a reply is one sequence; when a step's token closes a
+  query, the queries closed at that step are retrieved in one call and each reply's documents are
+  fed to its own row (DecodeBatch.feed), which decodes on; its confidence is read after its last
+  documents, and an overruled abstention decodes again from there;
+- rank order (reading=rank_order, RankOrderReader): each document's prompt is a sequence of its own,
+  prefilled alone with its confidence; with a threshold only the first that suffices is generated,
+  without one every one decodes until an earlier document's reply answers; the reader decides.
+Either reply comes whole (one piece, after its hops or once its documents are read): its final
+text is known only then.
 
 Retrieval is batched too. /search requests call the same retriever from the server's threads, so the
 retriever is wrapped in a lock (Locked) shared by both.
@@ -25,6 +31,7 @@ retriever is wrapped in a lock (Locked) shared by both.
 
 from __future__ import annotations
 
+import math
 import queue
 import sys
 import threading
@@ -34,7 +41,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from hybridchat.model.engine import DecodeBatch, Decoding
-from hybridchat.rag.answer import ABSTAIN, Answer, Answerer
+from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, RankOrderReader
+from hybridchat.rag.multihop import Hop, MultiHop, RowState, Trajectory
 from hybridchat.rag.stream import ReplyStream
 from hybridchat.training.answering import Assistant
 
@@ -64,16 +72,93 @@ class Done:
 
 @dataclass(eq=False)
 class _Reply:
-    """A single-hop job being answered."""
+    """A single-hop reply being answered, or (reading in rank order) one document's reply alone."""
     job: Job
     answerer: Answerer                   # the one for its reply length (the prompt's room depends on it)
     prompt: list[int]
     found: list | None                   # the documents retrieved; None: closed-book
     shown: list                          # those that fit the prompt
-    stream: ReplyStream
+    stream: ReplyStream | None           # None: the reply comes whole (rank order)
     confidence: float | None = None
     seq: Decoding | None = None          # in the batch
     overruled: bool = False              # decoding again: the threshold overrules its abstention
+    reading: _Reading | None = None      # rank order: the question it reads a document for
+
+    def ended(self, batch: DecodeBatch) -> bool:
+        """Its sequence has ended: whether the reply is final (False: the threshold overrules its
+        abstention and it decodes again, without it)."""
+        if not self.overruled and self.answerer.overrules(self.answerer.reply(self.seq.tokens)):
+            self.overruled = True
+            self.seq = self.answerer.decode_instead(batch, self.prompt)
+        return self.seq.finish_reason is not None
+
+    def answer(self) -> Answer:
+        reply = ABSTAIN if self.seq.finish_reason == "refused" else self.answerer.reply(self.seq.tokens)
+        return self.answerer.to_answer(self.job.question, reply, self.confidence, self.found, self.shown,
+                                       time.monotonic() - self.job.queued_at, self.overruled)
+
+
+@dataclass(eq=False)
+class _Reading:
+    """A question read in rank order: each document's reply alone (a _Reply each), decided by the reader."""
+    job: Job
+    reader: RankOrderReader
+    documents: list                      # read, in rank order
+    dropped: int
+    reads: list[_Reply] = field(default_factory=list)             # per document, in rank order
+    replies: list[Answer | None] = field(default_factory=list)   # per document; None: not (yet) generated
+    decoding: list[_Reply] = field(default_factory=list)
+
+    @property
+    def confidences(self) -> list[float]:
+        return [r.confidence for r in self.reads]
+
+    def answer(self) -> Answer:
+        return self.reader.decide(self.job.question, self.documents, self.dropped, self.confidences, self.replies,
+                                  time.monotonic() - self.job.queued_at)
+
+
+@dataclass(eq=False)
+class _Hops:
+    """A multi-hop reply being answered: one sequence, fed the documents found for each query it writes."""
+    job: Job
+    multihop: MultiHop                   # the one for its reply length
+    prompt: list[int]
+    state: RowState                      # its hops so far
+    out: list[int] = field(default_factory=list)  # after the prompt: sampled and fed, as the engine's hook sees it
+    seq: Decoding | None = None
+    looked: int = 0                      # sampled tokens looked at for a query they close
+    trajectory: Trajectory | None = None  # once its hops are done
+    confidence: float = math.nan
+    overruled: bool = False              # its final answer decodes again: the threshold overrules its abstention
+
+    def asks(self) -> Hop | None:
+        """The hop asked for by the query its newest sampled token closes, once per token (as the
+        engine's query hook is called); None: none."""
+        if self.seq.finish_reason is not None or len(self.seq.tokens) == self.looked:
+            return None
+        self.looked = len(self.seq.tokens)
+        return self.multihop.written_query(self.state, self.out)
+
+    def ended(self, batch: DecodeBatch) -> bool:
+        """Its sequence has ended: whether the reply is final (False: its abstention is overruled
+        and its final answer decodes again), as MultiHop.answer does after the hops."""
+        mh = self.multihop
+        if self.overruled:
+            self.trajectory = mh.instead(self.trajectory, self.seq.tokens, self.seq.finish_reason)
+            return True
+        self.trajectory = mh.trajectory(0, self.prompt, self.state, self.out, self.seq.finish_reason)
+        self.confidence = 1 - math.exp(self.seq.score)  # read after its last documents (DecodeBatch.feed)
+        if not mh.overrules(self.trajectory, self.confidence):
+            return True
+        self.overruled = True
+        self.seq = mh.answerer.decode_instead(batch, mh.prefix(self.trajectory))
+        return self.seq.finish_reason is not None and self.ended(batch)
+
+    def answer(self) -> Answer:
+        answer = self.multihop.to_answer(self.job.question, self.trajectory, self.confidence,
+                                         time.monotonic() - self.job.queued_at)
+        return replace(answer, over_abstention=self.overruled)
 
 
 class Locked:
@@ -90,8 +175,9 @@ class Locked:
 class Batcher:
     """Events sent to a job: ("sources", (documents shown, how many were left out to fit the
     context)), ("delta", text) per piece of the reply, then ("done", Done) or ("error", message).
-    A multi-hop answer's hops are in its Done (its documents of every hop are its sources); it and a
-    rank-order answer (reading=rank_order) come whole, as one delta."""
+    A multi-hop reply sends its sources again after each hop that found documents (all shown so
+    far) and its hops are in its Done; it and a rank-order answer (reading=rank_order) come whole,
+    as one delta."""
 
     def __init__(self, assistant: Assistant, batch_size: int, queue_size: int):
         retriever = None if assistant.retriever is None else Locked(assistant.retriever, threading.Lock())
@@ -144,7 +230,7 @@ class Batcher:
 
     def _work(self) -> None:
         batch = DecodeBatch(self.assistant.run.model, rows=self.batch_size)
-        running: list[_Reply] = []
+        running: list[_Reply | _Hops] = []   # one per sequence in the batch
         stopping = False
         while running or not stopping:
             jobs: list[Job] = []
@@ -155,6 +241,8 @@ class Batcher:
                 for r in [r for r in running if r.job.cancelled]:  # its client left mid-reply
                     batch.cancel(r.seq)
                     running.remove(r)
+                # every token a multi-hop reply samples is looked at before the step that feeds it
+                self._follow([r for r in running if isinstance(r, _Hops)], batch)
                 if len(batch):
                     self.steps, self.rows = self.steps + 1, self.rows + len(batch)
                     batch.step()
@@ -166,46 +254,83 @@ class Batcher:
                     job.send("error", f"the model failed on this request ({type(e).__name__}: {e})")
                 batch, running = DecodeBatch(self.assistant.run.model, rows=self.batch_size), []
 
-    def _start(self, jobs: list[Job], batch: DecodeBatch) -> list[_Reply]:
-        """Retrieve for the single-hop jobs and add their replies to the batch (multi-hop and
-        rank-order ones are answered here, whole); the replies that joined or already finished."""
-        # how a job with retrieval is answered whole, if it is: multi-hop, or its documents read alone
-        # in rank order (a closed-book job, and one whose documents are read together, decodes in the batch)
-        whole = None
-        if self.assistant.multihop() is not None:
-            whole = self._multihop
-        elif self.assistant.reader() is not None:
-            whole = self._rank_order
-        groups: dict[int, list[Job]] = {}
-        single = []
-        for job in jobs:
-            if whole is not None and job.retrieval:
-                groups.setdefault(job.max_tokens, []).append(job)
-            else:
-                single.append(job)
-        for max_tokens, group in groups.items():
-            whole(group, max_tokens)
-
-        asked = [j for j in single if j.retrieval]
+    def _start(self, jobs: list[Job], batch: DecodeBatch) -> list[_Reply | _Hops]:
+        """Retrieve for the jobs (one call) and add their sequences to the batch: a multi-hop reply, a
+        document's reply alone per document read in rank order, else a single-hop reply; the ones
+        that joined or already finished."""
+        asked = [j for j in jobs if j.retrieval]
         found: dict[int, list] = {}
         if asked:
             hits = self.assistant.retriever.search([j.question for j in asked], top_k=self.assistant.settings.top_k)
             found = {id(j): [h.document for h in row] for j, row in zip(asked, hits)}
-        replies = []
-        for job in single:
-            answerer = self.assistant.answerer(job.max_tokens)
+        started: list[_Reply | _Hops] = []
+        for job in jobs:
             documents = found.get(id(job))
-            prompt, shown = answerer.prompt(job.question, documents)
-            if documents is not None:
-                job.send("sources", (shown, len(documents) - len(shown)))
-            # Held back while a reply reads as the abstention: a threshold may replace it (rag/stream.py).
-            stream = ReplyStream(answerer.tokenizer, hold_abstention=answerer.threshold is not None)
-            replies.append(_Reply(job, answerer, prompt, documents, shown, stream))
-        for r in replies:
-            r.seq, r.confidence = r.answerer.decode(batch, r.prompt, on_token=self._streamer(r))
-            if r.seq.finish_reason == "refused":  # below the threshold: nothing generated
-                self._done(r, ABSTAIN)
-        return [r for r in replies if r.seq.finish_reason != "refused"]
+            if documents is not None and (multihop := self.assistant.multihop(job.max_tokens)) is not None:
+                started.append(self._hops(job, multihop, documents, batch))
+            elif documents is not None and (reader := self.assistant.reader(job.max_tokens)) is not None:
+                started += self._read(job, reader, documents, batch)
+            else:
+                started += self._single(job, documents, batch)
+        return started
+
+    def _single(self, job: Job, documents: list | None, batch: DecodeBatch) -> list[_Reply]:
+        """The job's reply as a sequence of the batch (none where the threshold refuses it: answered at once)."""
+        answerer = self.assistant.answerer(job.max_tokens)
+        prompt, shown = answerer.prompt(job.question, documents)
+        if documents is not None:
+            job.send("sources", (shown, len(documents) - len(shown)))
+        # Held back while a reply reads as the abstention: a threshold may replace it (rag/stream.py).
+        r = _Reply(job, answerer, prompt, documents, shown,
+                   ReplyStream(answerer.tokenizer, hold_abstention=answerer.threshold is not None))
+        r.seq, r.confidence = answerer.decode(batch, prompt, on_token=self._streamer(r))
+        if r.seq.finish_reason == "refused":  # below the threshold: nothing generated
+            self._done(r)
+            return []
+        return [r]
+
+    def _read(self, job: Job, reader: RankOrderReader, documents: list, batch: DecodeBatch) -> list[_Reply]:
+        """reading=rank_order: each document's prompt prefilled alone, in rank order, with its
+        confidence; the ones the reader generates (RankOrderReader.generated) join the batch."""
+        read = reader.prompts(job.question, documents)
+        reading = _Reading(job, reader, [d for _, d in read], len(documents) - len(read))
+        job.send("sources", (reading.documents, reading.dropped))
+        for k, (ids, document) in enumerate(read):
+            r = _Reply(job, reader.answerer, ids, [document], [document], None, reading=reading)
+            r.seq, r.confidence = reader.answerer.decode(
+                batch, ids, admit=lambda c, k=k: k in reader.generated(reading.confidences + [c]))
+            reading.reads.append(r)
+            reading.replies.append(None)
+            if r.seq.finish_reason != "refused":
+                reading.decoding.append(r)
+        if not reading.decoding:  # nothing read, or nothing at or above the threshold
+            self._read_done(reading)
+        return list(reading.decoding)
+
+    def _hops(self, job: Job, multihop: MultiHop, documents: list, batch: DecodeBatch) -> _Hops:
+        """A multi-hop reply's sequence: hop 1's documents in its prompt (MultiHop.plan), its
+        confidence scored from the start, then after each hop's documents."""
+        hops = multihop.plan(job.question, documents)
+        prompt = multihop.prompt(job.question, hops)
+        r = _Hops(job, multihop, prompt, RowState(len(prompt), hops))
+        job.send("sources", (hops[0].documents, 0))
+        r.seq = batch.add(prompt, multihop.max_new_tokens, stop_tokens=[multihop.renderer.stop_token],
+                          on_token=r.out.append, score=multihop.answerer.abstain_ids)
+        return r
+
+    def _follow(self, replies: list[_Hops], batch: DecodeBatch) -> None:
+        """The multi-hop replies whose newest token closed a query: retrieve for their queries (one call
+        per reply length), and feed each one's results section to its own row, which samples on (a
+        token it samples after them may close another query: looked at in the next round)."""
+        while asked := [(r, hop) for r in replies if (hop := r.asks()) is not None]:
+            for multihop in {id(r.multihop): r.multihop for r, _ in asked}.values():
+                mine = [(r, hop) for r, hop in asked if r.multihop is multihop]
+                for (r, hop), found in zip(mine, multihop.retrieve([(r.state, hop) for r, hop in mine])):
+                    injected = multihop.follow(r.state, r.out, hop, found)
+                    r.out += injected
+                    batch.feed(r.seq, injected, score=multihop.answerer.abstain_ids)
+                    if hop.documents:
+                        r.job.send("sources", ([d for h in r.state.hops for d in h.documents], 0))
 
     @staticmethod
     def _streamer(r: _Reply) -> Callable[[int], None]:
@@ -214,27 +339,25 @@ class Batcher:
                 r.job.send("delta", piece)
         return on_token
 
-    def _finish(self, running: list[_Reply], batch: DecodeBatch) -> list[_Reply]:
-        """Answer the replies whose decoding finished (an overruled abstention decodes again
+    def _finish(self, running: list[_Reply | _Hops], batch: DecodeBatch) -> list[_Reply | _Hops]:
+        """Answer the replies whose sequences ended (one the threshold overrules decodes again
         instead); the ones still decoding."""
-        finished = []
+        gone: list[_Reply | _Hops] = []
         for r in running:
-            if r.seq.finish_reason is None:
+            if r in gone or r.seq.finish_reason is None or not r.ended(batch):  # gone: a document no longer read
                 continue
-            if not r.overruled and r.answerer.overrules(r.answerer.reply(r.seq.tokens)):
-                r.overruled = True
-                r.seq = r.answerer.decode_instead(batch, r.prompt)
-                if r.seq.finish_reason is None:
-                    continue
-            finished.append(r)
-        for r in finished:
-            self._done(r, r.answerer.reply(r.seq.tokens))
-        return [r for r in running if r not in finished]
+            gone.append(r)
+            if isinstance(r, _Hops):
+                self._hops_done(r)
+            elif r.reading is not None:
+                gone += self._read_one(r, batch)
+            else:
+                self._done(r)
+        return [r for r in running if r not in gone]
 
     @staticmethod
-    def _done(r: _Reply, reply: str) -> None:
-        answer = r.answerer.to_answer(r.job.question, reply, r.confidence, r.found, r.shown,
-                                      time.monotonic() - r.job.queued_at, r.overruled)
+    def _done(r: _Reply) -> None:
+        answer = r.answer()
         if rest := r.stream.finish(answer.reply):
             r.job.send("delta", rest)
         refused = r.seq.finish_reason == "refused"
@@ -242,28 +365,33 @@ class Batcher:
         r.job.send("done", Done(answer, "closed-book" if r.found is None else "rag", tokens, len(r.prompt),
                                 "length" if r.seq.finish_reason == "length" else "stop"))
 
-    def _rank_order(self, jobs: list[Job], max_tokens: int) -> None:
-        """reading=rank_order: which document answers is known once all are read, so replies come whole."""
-        reader = self.assistant.reader(max_tokens)
-        questions = [j.question for j in jobs]
-        hits = self.assistant.retriever.search(questions, top_k=self.assistant.settings.top_k)
-        answers = reader.answer(questions, [[h.document for h in row] for row in hits])
-        for job, answer in zip(jobs, answers):
-            job.send("sources", (answer.documents, answer.dropped))
-            job.send("delta", answer.reply)
-            tokens = len(reader.answerer.tokenizer.encode(answer.reply))
-            prompt = sum(len(ids) for ids, _ in reader.prompts(answer.question, answer.documents))
-            job.send("done", Done(answer, "rank-order", tokens, prompt))
+    def _read_one(self, r: _Reply, batch: DecodeBatch) -> list[_Reply]:
+        """A document's reply alone is done: the documents after the one the answer is now read
+        from cannot be read, so their replies leave the batch (returned); once every reply is in,
+        the reader decides."""
+        reading = r.reading
+        reading.decoding.remove(r)
+        reading.replies[reading.reads.index(r)] = r.answer()
+        n = reading.reader.read_from(reading.replies)
+        later = [] if n is None else [x for x in reading.decoding if reading.reads.index(x) >= n]
+        for x in later:
+            batch.cancel(x.seq)
+            reading.decoding.remove(x)
+        if not reading.decoding:
+            self._read_done(reading)
+        return later
 
-    def _multihop(self, jobs: list[Job], max_tokens: int) -> None:
-        """Multi-hop replies come whole: the model's queries are followed inside the engine's decode,
-        and the answer's confidence is known only after the last hop (rag/multihop.py)."""
-        multihop = self.assistant.multihop(max_tokens)
-        answers = multihop.answer([j.question for j in jobs])
-        for job, answer in zip(jobs, answers):
-            job.send("sources", (answer.documents, 0))
-            if answer.reply:
-                job.send("delta", answer.reply)
-            tokens = len(multihop.tokenizer.encode(answer.reply))
-            prompt = len(multihop.prompt(answer.question, answer.hops[:1]))
-            job.send("done", Done(answer, "multi-hop", tokens, prompt))
+    @staticmethod
+    def _read_done(reading: _Reading) -> None:
+        answer = reading.answer()
+        reading.job.send("delta", answer.reply)
+        tokens = len(reading.reader.answerer.tokenizer.encode(answer.reply))
+        reading.job.send("done", Done(answer, "rank-order", tokens, sum(len(r.prompt) for r in reading.reads)))
+
+    @staticmethod
+    def _hops_done(r: _Hops) -> None:
+        answer = r.answer()
+        if answer.reply:
+            r.job.send("delta", answer.reply)
+        tokens = len(r.multihop.tokenizer.encode(answer.reply))
+        r.job.send("done", Done(answer, "multi-hop", tokens, len(r.prompt)))
