@@ -54,3 +54,17 @@ def save_cited_checkpoint(folder: Path, run_name: str = "tiny") -> Path:
     meta = {"stage": "rag", "run_name": run_name, "tokenizer": tokenizer.fingerprint, "config": values}
     return checkpoint.save(folder / "checkpoints" / run_name / "rag", 6, model, [], meta, keep=1,
                            tokenizer=tokenizer)
+
+
+def cited_assistant(folder: Path, max_answer_tokens: int, **options):
+    """The server's Assistant (bm25's top 3, the model's own abstentions) over save_cited_checkpoint's
+    model; options: Assistant's other keywords (reading=...)."""
+    from hybridchat.training.answering import Assistant
+    from hybridchat.training.runs import load_run
+
+    step = save_cited_checkpoint(folder)
+    run = load_run(step)
+    settings = RetrieverConfig(kind="bm25", top_k=3)
+    retriever = run.build_retriever(settings, folder / "cache", progress=False)
+    return Assistant(step, run, settings, retriever, threshold=None, max_hops=1, max_answer_tokens=max_answer_tokens,
+                     **options)

@@ -6,13 +6,11 @@ import threading
 from dataclasses import replace
 
 import pytest
-from serve_checkpoint import save_cited_checkpoint
+from serve_checkpoint import cited_assistant
 
 from hybridchat.rag.answer import ABSTAIN, Answerer
-from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.serve.batcher import Batcher, Job
 from hybridchat.training.answering import Assistant
-from hybridchat.training.runs import load_run
 
 QUESTIONS = ["Where does Vipiren Reivailo live?", "Who founded Trogrouston Industries?", "When was it founded?",
              "Where was Ketha Drekris born?", "What does Ada Vell do?"]
@@ -21,12 +19,7 @@ TOKENS = 8
 
 @pytest.fixture(scope="module")
 def assistant(tmp_path_factory):
-    out = tmp_path_factory.mktemp("batcher")
-    step = save_cited_checkpoint(out)
-    run = load_run(step)
-    settings = RetrieverConfig(kind="bm25", top_k=3)
-    retriever = run.build_retriever(settings, out / "cache", progress=False)
-    return Assistant(step, run, settings, retriever, threshold=None, max_hops=1, max_answer_tokens=TOKENS)
+    return cited_assistant(tmp_path_factory.mktemp("batcher"), TOKENS)
 
 
 class Client:

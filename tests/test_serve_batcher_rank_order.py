@@ -6,27 +6,19 @@ over the tiny cited checkpoint (tests/serve_checkpoint.py); a single-hop reply d
 from dataclasses import replace
 
 import pytest
-from serve_checkpoint import save_cited_checkpoint
+from serve_checkpoint import cited_assistant
 from test_serve_batcher import QUESTIONS, TOKENS, Client, serve
 
 from hybridchat.data.chat import ChatRenderer
 from hybridchat.model.engine import Engine
 from hybridchat.rag import answer as answering
 from hybridchat.rag.answer import RANK_ORDER, Answerer, RankOrderReader
-from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.training.answering import Assistant
-from hybridchat.training.runs import load_run
 
 
 @pytest.fixture(scope="module")
 def assistant(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rank_order")
-    step = save_cited_checkpoint(out)
-    run = load_run(step)
-    settings = RetrieverConfig(kind="bm25", top_k=3)
-    retriever = run.build_retriever(settings, out / "cache", progress=False)
-    return Assistant(step, run, settings, retriever, threshold=None, max_hops=1, max_answer_tokens=TOKENS,
-                     reading=RANK_ORDER)
+    return cited_assistant(tmp_path_factory.mktemp("rank_order"), TOKENS, reading=RANK_ORDER)
 
 
 def documents(assistant: Assistant, question: str) -> list:
