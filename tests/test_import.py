@@ -205,6 +205,26 @@ def test_the_printed_training_command_tunes_the_import(tmp_path, capsys):
     assert not np.array_equal(our_logits(tuned.path, TOKENS), our_logits(step, TOKENS))
 
 
+def test_an_import_distils_into_a_hybrid_with_only_the_block_pattern_given(tmp_path):
+    """stage=distill from the import: the student is the import's architecture with the command line's
+    block pattern (its Mamba-2 shape comes with the import), converted and trained two steps."""
+    from conftest import compose_config
+
+    from hybridchat.train import run
+
+    import_in_process(hf_folder(tmp_path / "model", "llama", shard=False), "q", tmp_path / "out")
+    (tmp_path / "text.jsonl").write_text((json.dumps({"text": TEXT}) + "\n") * 40)  # 40 documents
+    run(compose_config(["run_name=q", "stage=distill", "stage.source=pretrained", "model.block_pattern=AM",
+                        "debug=smoke", f"paths.outputs={tmp_path / 'out'}", "stage.num_steps=2", "stage.eval_every=2",
+                        "gpu.micro_batch=1", "model.sequence_len=128", "data=text", f"data.path={tmp_path / 'text.jsonl'}"],
+                       output_dir=tmp_path / "run"))
+    student = load_run(tmp_path / "out" / "checkpoints" / "q" / "distill" / "step_000002")
+    teacher = load_run(tmp_path / "out" / "checkpoints" / "q" / "pretrained" / "step_000000")
+    assert student.meta["architecture"]["block_pattern"] == "AM"
+    assert {k: v for k, v in student.meta["architecture"].items() if k in teacher.meta["architecture"]
+            and k != "block_pattern"} == {k: v for k, v in teacher.meta["architecture"].items() if k != "block_pattern"}
+
+
 def typed(overrides: list[str]):
     from conftest import compose_config
     from omegaconf import OmegaConf
