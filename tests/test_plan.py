@@ -167,7 +167,9 @@ def test_memory_terms_shrink_as_they_should():
     ckpt = planner.memory(planning.Setup(1, "ddp", 4, True))
     assert ddp.grads == 2 * one.grads                        # DDP's buckets
     assert fsdp.optimizer * 8 == pytest.approx(one.optimizer, rel=1e-6)
-    assert fsdp.weights < one.weights / 2 and fsdp.grads < one.grads / 2
+    # Not an eighth: the root (the 32k vocabulary's embedding and head, 16% of hybrid_d20) is gathered twice
+    # at the first block's copy-out (planning.fsdp_gathered), with 3 blocks.
+    assert fsdp.weights < 0.55 * one.weights and fsdp.grads < one.grads / 2
     assert ckpt.activations < one.activations / 2  # the head and the bf16 weight copies remain
     params = planner.sizes.params
     assert set(params) >= {"embedding", "lm_head", "attention", "mamba", "mlp"}

@@ -10,6 +10,8 @@ tokens/s at a stated MFU.
 Memory is a formula in the model's sizes, not a measurement: per token and block, the bytes PyTorch
 saves for backward in this project's own forward (counted once with saved_tensors_hooks on the tiny
 models, fp32 and bf16 autocast; tests/test_plan.py checks the total against measured peak memory).
+FSDP's terms follow what FSDP2 gathers and holds when (fsdp_gathered; tests/test_plan_fsdp.py measures
+them on 2 ranks).
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ class Memory:
     """Bytes per GPU. Their plain sum is the estimate: during backward gradients grow while
     activations are freed, and with accumulation gradients are held through the next forward, so
     adding both is a small overestimate at one micro-batch per step and right with accumulation."""
-    weights: int        # fp32 master weights (FSDP: the shard, plus gathered blocks and the root)
-    grads: int          # fp32 gradients (DDP over >1 GPU: plus its bucket copy; FSDP: shard + one block)
-    optimizer: int      # Muon momentum (1 x fp32) on block matrices, AdamW moments (2 x fp32) on the rest
+    weights: int        # fp32 master weights (FSDP: the shard, plus gathered blocks and the root: fsdp_gathered)
+    grads: int          # fp32 gradients (DDP over >1 GPU: plus its bucket copy; FSDP: shard + fsdp_gathered)
+    optimizer: int      # Muon momentum (1 x fp32) on block matrices (or AdamW's 2), AdamW moments on the rest
     activations: int    # saved for backward, bf16 weight copies under autocast, the loss's transients
 
     @property
@@ -206,27 +208,50 @@ def peak_per_token(parts: dict[str, float]) -> float:
     return sum(parts.values()) - min(parts.get("recompute", 0), parts["embedding + head"])
 
 
+def fsdp_gathered(sizes: Sizes, n: int) -> tuple[float, float]:
+    """Parameters and gradients FSDP2 holds beyond each rank's shard at their peaks, over n ranks
+    (fully_shard as hybridchat/infra/parallel.py lays it out; torch 2.13's FSDPParamGroup, measured
+    in tests/test_plan.py).
+
+    Parameters: the root (embedding, head) stays gathered from forward to backward. In forward a
+    module's all-gather buffer outlives its copy-out into the parameters until the next module's
+    copy-out is done, so at a block's copy-out the previous module's buffer (the root's before the
+    first block), the block's buffer and its parameters are live: the root + max(root, block) + 2
+    blocks. Backward holds less: the current block and the one prefetched.
+
+    Gradients: each unit's whole gradient is copied into its reduce-scatter buffer before it is freed
+    (2 whole copies), while the shards of the units reduced before it are kept: at the root's reduce
+    (the last) every block's shard and 2 roots; at a block's, the head's gradient (computed first,
+    reduced with the root's at the end; the root counted), 2 blocks and at most the other blocks' shards."""
+    block, root = sizes.largest_block, sizes.root
+    weights = root + max(root, block) + 2 * block
+    grads = max(2 * root - root / n, root - root / n + 2 * block - block / n)
+    return weights, grads
+
+
 def training_memory(sizes: Sizes, cfg: ModelConfig, vocab_size: int, setup: Setup, autocast: bool,
-                    ssm_kernels: bool) -> Memory:
+                    ssm_kernels: bool, muon: bool = True) -> Memory:
     n = setup.n_gpus
     fsdp = setup.strategy == "fsdp" and n > 1
     shard = n if fsdp else 1
-    adam = sizes.total - sizes.matrix
     weights = FP32 * sizes.total / shard
     grads = FP32 * sizes.total / shard
     if fsdp:
-        # Gathered: the current block and the one prefetched; the root (embedding, head) stays
-        # gathered from forward to backward. One block's full gradient waits for its reduce-scatter.
-        weights += FP32 * (2 * sizes.largest_block + sizes.root)
-        grads += FP32 * (sizes.largest_block + sizes.root)
+        gathered_weights, gathered_grads = fsdp_gathered(sizes, n)
+        weights += FP32 * gathered_weights
+        grads += FP32 * gathered_grads
     elif n > 1:
         grads += FP32 * sizes.total  # DDP's gradient buckets: a second copy of every gradient
-    optimizer = FP32 * (sizes.matrix + 2 * adam) / shard
+    adam = sizes.total - sizes.matrix if muon else sizes.total  # stage.matrix_optimizer=adamw: AdamW on all
+    optimizer = FP32 * ((sizes.matrix if muon else 0) + 2 * adam) / shard
     per_token = peak_per_token(activation_bytes_per_token(cfg, vocab_size, autocast, ssm_kernels,
                                                           setup.activation_checkpointing))
     activations = per_token * setup.micro_batch * cfg.sequence_len
-    if autocast:  # bf16 copies of the matmul weights, cached by autocast from forward to backward
-        activations += 2 * sizes.matmul / shard + (2 * 2 * sizes.largest_block if fsdp else 0)
+    if autocast:
+        # bf16 copies of the matmul weights, cached by autocast and saved for backward. Whole on every
+        # rank under FSDP too: autocast casts the gathered fp32 weights (parallel.prepare sets no
+        # MixedPrecisionPolicy), and resharding frees the fp32 weights, not their saved copies.
+        activations += 2 * sizes.matmul
     return Memory(weights=int(weights), grads=int(grads), optimizer=int(optimizer), activations=int(activations))
 
 
@@ -242,7 +267,8 @@ class Planner:
     sizes: Sizes
 
     def memory(self, setup: Setup) -> Memory:
-        return training_memory(self.sizes, self.cfg, self.vocab_size, setup, self.autocast, self.ssm_kernels)
+        return training_memory(self.sizes, self.cfg, self.vocab_size, setup, self.autocast, self.ssm_kernels,
+                               muon=self.stage.matrix_optimizer == "muon")
 
     def fits(self, setup: Setup) -> bool:
         return self.memory(setup).total <= self.capacity
