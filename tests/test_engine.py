@@ -453,3 +453,46 @@ def test_cache_reset_copy_select_and_expand_against_full_forwards():
         assert cache.pos == 0
         assert all(not t.any() for state in cache.layers for t in vars(state).values())
         torch.testing.assert_close(model(seqs[:, :4], cache=cache), model(seqs[:, :4]), rtol=1e-10, atol=1e-10)
+
+
+def _plain_logp(model, prompt: list[int], continuation: list[int]) -> float:
+    """log P(continuation | prompt) from one full forward over both, log-softmax by hand."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + continuation]))[0, len(prompt) - 1:-1].double()
+    logp = logits - logits.logsumexp(-1, keepdim=True)
+    return float(logp[torch.arange(len(continuation)), continuation].sum())
+
+
+@pytest.mark.parametrize("pattern", ["MA", "MM", "AA"])
+def test_a_continuation_is_scored_from_each_prompts_own_prefill(pattern):
+    """score=: each row's log P(continuation | prompt) is a full forward's over prompt + continuation,
+    read when the row's prompt has been fed (staggered prompts: each row at another step, two of one
+    length at the same step; one group and one group per prompt), the scoring on a copy, so the greedy replies are those of a plain
+    full-forward loop; admit refuses a row there: no token sampled or streamed for it, the others
+    unchanged. Every token fed is counted: each prompt once, the continuation but its last token once
+    per row, then the tokens sampled and fed back (no second pass over a prompt)."""
+    model = tiny_lm(pattern)
+    prompts = [[1, 5, 9, 3, 7, 2, 8, 4, 6, 10, 11], [4, 2], [7, 7, 7, 1, 2, 3], [2, 9, 4, 4, 8, 1]]
+    continuation = [3, 9, 1, 4]
+    want = [_plain_logp(model, p, continuation) for p in prompts]
+    expected = [naive_greedy(model, p, 5) for p in prompts]
+    fed = []
+    model.register_forward_hook(lambda module, args, out: fed.append(args[0].numel()))
+    for spread in (100, 0):
+        fed.clear()
+        res = Engine(model, prefill_chunk=4, max_length_spread=spread).generate(prompts, 5, temperature=0,
+                                                                               score=continuation)
+        assert res.scores == pytest.approx(want, rel=1e-9) and res.tokens == expected, spread
+        # each row feeds back all its 5 tokens but the last
+        assert sum(fed) == sum(map(len, prompts)) + 4 * (len(continuation) - 1) + 4 * 4, spread
+    low, next_low = sorted(want)[:2]
+    streamed = []
+    res = Engine(model, prefill_chunk=4).generate(prompts, 5, temperature=0, score=continuation,
+                                                  admit=lambda logp: logp > (low + next_low) / 2,
+                                                  on_token=lambda seq, tok: streamed.append(seq))
+    refused = want.index(min(want))
+    assert res.finish_reasons == ["refused" if i == refused else "length" for i in range(4)]
+    assert res.tokens == [[] if i == refused else e for i, e in enumerate(expected)]
+    assert refused not in streamed and res.scores == pytest.approx(want, rel=1e-9)
+    scoring = Engine(model).generate(prompts, 1, temperature=0, score=continuation, admit=lambda _: False)
+    assert scoring.tokens == [[]] * 4 and scoring.scores == pytest.approx(want, rel=1e-9)

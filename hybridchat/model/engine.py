@@ -9,6 +9,11 @@ each row keeps a queue of "pending" tokens that must be fed before it samples ag
   row whose prompt is longer keeps feeding its own prompt while shorter ones already sample;
 - after a sample it is that one token, plus whatever a query hook injects (retrieved text).
 
+When a row's prompt is all fed, `score=` reads the log-probability of a continuation (the
+answerer's abstention) from that very prefill: the last logits predict its first token, and one
+forward of the rest on a copy of the row's cache (`score_continuation`) the others, so the prompt
+goes through the model once, and `admit=` may refuse the row before it samples anything.
+
 Each step feeds T = the shortest pending queue (capped at `prefill_chunk`) tokens of every row in
 one forward, so prefill, staggered prompts and injected documents are all the same loop. Prompts
 are grouped by length (spread at most `max_length_spread` tokens) so a short prompt never waits
@@ -62,15 +67,36 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def score_continuation(model: torch.nn.Module, logits: torch.Tensor, cache: InferenceCache,
+                       continuation: Sequence[int]) -> list[float]:
+    """log P(continuation | each row's tokens so far), teacher-forced as a full forward over prompt +
+    continuation would score it, from a prefill already done: `logits` (B, V), its last position's,
+    predict the continuation's first token; one forward of all but its last token on `cache` (B rows,
+    consumed: pass a copy) predicts the rest. Only those positions reach the vocabulary head. In at
+    least float32 (bf16 logits lose the small probabilities)."""
+    def log_softmax(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.promote_types(x.dtype, torch.float32)).log_softmax(-1)
+
+    logp = log_softmax(logits)[:, continuation[0]]
+    if len(continuation) > 1:
+        ids = torch.tensor([list(continuation[:-1])] * logits.size(0), dtype=torch.long, device=logits.device)
+        rest = log_softmax(model(ids, cache=cache))
+        target = torch.tensor(continuation[1:], device=logits.device).expand(logits.size(0), -1)
+        logp = logp + rest.gather(-1, target[..., None]).squeeze(-1).sum(-1)
+    return logp.tolist()
+
+
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]  # per sequence: what followed the prompt (sampled + injected, no stop token)
-    finish_reasons: list[str]  # "stop" (a stop token was sampled) or "length"
+    # "stop" (a stop token was sampled), "length" or "refused" (`admit` turned it away; nothing sampled)
+    finish_reasons: list[str]
     prompt_tokens: int = 0
     generated_tokens: int = 0  # sampled tokens, all sequences
     cache_bytes: int = 0  # largest cache allocated (KV preallocated to its max_len)
     prefill_seconds: float = 0.0  # shared prefill of the prompts
     decode_seconds: float = 0.0  # everything after it
+    scores: list[Optional[float]] = field(default_factory=list)  # per sequence: log P(`score` | prompt)
 
     @property
     def tokens_per_second(self) -> float:
@@ -82,6 +108,12 @@ def cache_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return next(model.parameters()).dtype
+
+
+@dataclass
+class _Scoring:
+    continuation: list[int]  # empty: nothing scored
+    admit: Callable[[float], bool] | None
 
 
 @dataclass
@@ -120,12 +152,18 @@ class Engine:
                  top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
                  num_samples: int = 1, seed: int | None = None, on_token: TokenCallback | None = None,
                  query_hook: QueryHook | None = None, extra_len: int = 0,
-                 begin_suppress_tokens: Iterable[int] = ()) -> GenerationResult:
+                 begin_suppress_tokens: Iterable[int] = (), score: Sequence[int] = (),
+                 admit: Callable[[float], bool] | None = None) -> GenerationResult:
         """Generate up to max_new_tokens sampled tokens for every prompt, num_samples times each.
         Sequence i * num_samples + s is sample s of prompt i. `extra_len` reserves cache room for
         tokens a query_hook injects (attention layers only; a row that runs out finishes "length").
         begin_suppress_tokens are never the first token sampled (e.g. the first token of a reply the
-        caller rules out)."""
+        caller rules out).
+
+        score: a continuation whose log-probability after each prompt goes to result.scores, read
+        from the generation's own prefill (module docstring), not from a second pass over the
+        prompt; admit(score) False refuses that sequence before it samples (finish "refused", no
+        tokens). admit=lambda _: False makes it a scoring pass that generates nothing."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (e.g. BOS)")
         device = next(self.model.parameters()).device
@@ -136,24 +174,27 @@ class Engine:
             generator.seed()
         n_seq = len(prompts) * num_samples
         result = GenerationResult(tokens=[[] for _ in range(n_seq)], finish_reasons=["length"] * n_seq,
-                                  prompt_tokens=sum(len(p) for p in prompts))
+                                  prompt_tokens=sum(len(p) for p in prompts), scores=[None] * n_seq)
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         stops = set(stop_tokens)
         suppressed = sorted(set(begin_suppress_tokens))
+        scoring = _Scoring(list(score), admit)
         was_training = self.model.training
         self.model.eval()
         try:
             for group in self._groups([len(p) for p in prompts]):
                 self._generate_group([list(prompts[i]) for i in group], group, max_new_tokens, num_samples,
-                                     stops, suppressed, opts, on_token, query_hook, extra_len, device, result)
+                                     stops, suppressed, scoring, opts, on_token, query_hook, extra_len, device,
+                                     result)
         finally:
             self.model.train(was_training)
         return result
 
-    def _generate_group(self, prompts, prompt_ids, max_new_tokens, num_samples, stops, suppressed, opts, on_token,
-                        query_hook, extra_len, device, result: GenerationResult) -> None:
+    def _generate_group(self, prompts, prompt_ids, max_new_tokens, num_samples, stops, suppressed, scoring, opts,
+                        on_token, query_hook, extra_len, device, result: GenerationResult) -> None:
         model = self.model
-        capacity = max(len(p) for p in prompts) + max_new_tokens + extra_len
+        # room after the longest prompt for its reply, and for the scored continuation on a copy
+        capacity = max(len(p) for p in prompts) + max(max_new_tokens, len(scoring.continuation)) + extra_len
         cache = model.allocate_cache(len(prompts), capacity, dtype=self._cache_dtype(device))
         result.cache_bytes = max(result.cache_bytes, cache.nbytes() * num_samples)
 
@@ -182,6 +223,10 @@ class Engine:
                 r.pending = r.pending[T:]
             ready = [i for i, r in enumerate(rows) if not r.pending]
             finished = set()
+            fresh = [i for i in ready if rows[i].sampled == 0]  # their prompt has just been fed
+            if scoring.continuation and fresh:
+                finished = self._score(scoring, fresh, rows, logits, cache, result)
+                ready = [i for i in ready if i not in finished]
             if ready:
                 step = logits[ready]
                 first = [j for j, i in enumerate(ready) if rows[i].sampled == 0]
@@ -216,6 +261,19 @@ class Engine:
         for r in rows:
             result.tokens[r.seq] = r.out
         result.decode_seconds += time.perf_counter() - t1
+
+    def _score(self, scoring: _Scoring, fresh: list[int], rows: list[_Row], logits: torch.Tensor,
+               cache: InferenceCache, result: GenerationResult) -> set[int]:
+        """Score the continuation after the rows `fresh` (indices into rows, their prompts just fed:
+        the cache holds exactly their prompt) on a copy of their cache rows; returns those refused."""
+        refused = set()
+        scores = score_continuation(self.model, logits[fresh], cache.select(fresh), scoring.continuation)
+        for i, logp in zip(fresh, scores):
+            result.scores[rows[i].seq] = logp
+            if scoring.admit is not None and not scoring.admit(logp):
+                result.finish_reasons[rows[i].seq] = "refused"
+                refused.add(i)
+        return refused
 
 
 @dataclass(eq=False)  # each is its own sequence, however alike two are
@@ -367,18 +425,8 @@ class DecodeBatch:
         return finished
 
     def _score(self, logits: torch.Tensor, cache: InferenceCache, continuation: list[int]) -> float:
-        # Teacher-forced, as a full forward over prompt + continuation would score it: the prefill's
-        # last logits predict its first token, a forward of all but its last token the rest. In at
-        # least float32 (bf16 logits lose the small probabilities).
-        def log_softmax(x: torch.Tensor) -> torch.Tensor:
-            return x.to(torch.promote_types(x.dtype, torch.float32)).log_softmax(-1)
-
-        logp = log_softmax(logits[0])[continuation[0]]
-        if len(continuation) > 1:
-            ids = torch.tensor([continuation[:-1]], dtype=torch.long, device=self.device)
-            rest = log_softmax(self.model(ids, cache=cache.copy())[0])
-            logp = logp + rest.gather(-1, torch.tensor(continuation[1:], device=self.device)[:, None]).sum()
-        return float(logp)
+        # the one-row cache goes on to decode: the continuation is fed to a copy
+        return score_continuation(self.model, logits, cache.copy(), continuation)[0]
 
     @torch.inference_mode()  # the rows are inference tensors: moving one is an in-place write
     def cancel(self, seq: Decoding) -> None:
