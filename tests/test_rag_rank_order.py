@@ -3,11 +3,13 @@ first one the model does not abstain on (the abstention threshold deciding as it
 all documents), ABSTAIN where none suffices, and its citation is that document's number.
 
 A fake engine and confidence (Answerer._generate, Answerer.confidence) give every (question,
-document) prompt a chosen reply and confidence, so each test knows which document must be read; the
-Answerer's own threshold logic runs unchanged. The apps' side (evaluate, chat, serve) runs on the
+document) prompt a chosen reply and confidence (the engine's as a score read from the generation's
+prefill, as the real one does), so each test knows which document must be read; the Answerer's own
+threshold logic runs unchanged. The apps' side (evaluate, chat, serve) runs on the
 tiny checkpoint of tests/serve_checkpoint.py."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,11 +63,16 @@ def fake(tok, monkeypatch):
     call is recorded: [(what, [(question, document), ...])]."""
     calls = []
 
-    def generate(self, prompts, on_token=None, suppress=()):
+    def generate(self, prompts, on_token=None, suppress=(), scored=False):
         pairs = [_pair(tok, p) for p in prompts]
         calls.append(("instead" if suppress else "generate", pairs))
         replies = [INSTEAD if suppress else SCRIPT[pair][0] for pair in pairs]
-        return GenerationResult([tok.encode(r) for r in replies], ["stop"] * len(replies))
+        if not scored:
+            return GenerationResult([tok.encode(r) for r in replies], ["stop"] * len(replies))
+        scores = [math.log(1 - SCRIPT[pair][1]) for pair in pairs]  # log P(ABSTAIN)
+        refused = [not self.admits(s) for s in scores]
+        return GenerationResult([[] if r else tok.encode(reply) for r, reply in zip(refused, replies)],
+                                ["refused" if r else "stop" for r in refused], scores=scores)
 
     def confidence(self, prompts):
         pairs = [_pair(tok, p) for p in prompts]
@@ -88,15 +95,17 @@ def test_without_a_threshold_the_first_document_the_model_answers_from_is_read(t
     # Q1: alpha abstains; beta answers, though gamma is more confident: the first that suffices
     assert (q1.reply, q1.answer, q1.citations, q1.cited, q1.read) == ("[2] Bee", "Bee", [2], [B], 2)
     assert not q1.abstained
-    assert q1.documents == [A, B, C] and q1.read_confidences == [0.10, 0.50, 0.99] and q1.confidence == 0.99
+    assert q1.documents == [A, B, C] and q1.read_confidences == pytest.approx([0.10, 0.50, 0.99])
+    assert q1.confidence == pytest.approx(0.99)
     # Q2: every document alone abstains
     assert (q2.reply, q2.answer, q2.citations, q2.read, q2.abstained) == (ABSTAIN, ABSTAIN, [], None, True)
-    assert not q2.below_threshold and q2.confidence == 0.40 and q2.read_confidences == [0.30, 0.20, 0.40]
+    assert not q2.below_threshold and q2.confidence == pytest.approx(0.40)
+    assert q2.read_confidences == pytest.approx([0.30, 0.20, 0.40])
     # Q3: the first document answers; the model's own citation order is kept, its number made the rank
     assert (q3.reply, q3.citations, q3.cited, q3.read) == ("Sea [1]", [1], [C], 1)
-    # one batch: every (question, document) prompt through the engine at once, the confidence once
-    assert [what for what, _ in fake] == ["confidence", "generate"]
-    assert fake[0][1] == fake[1][1] == [("Q1?", "alpha"), ("Q1?", "beta"), ("Q1?", "gamma"), ("Q2?", "alpha"),
+    # one batch: every (question, document) prompt through the engine at once, its confidence read there
+    assert [what for what, _ in fake] == ["generate"]
+    assert fake[0][1] == [("Q1?", "alpha"), ("Q1?", "beta"), ("Q1?", "gamma"), ("Q2?", "alpha"),
                                         ("Q2?", "beta"), ("Q2?", "gamma"), ("Q3?", "gamma"), ("Q3?", "beta")]
     assert score(q1, ["Bee"], ["doc-beta"])["citation"] == 1.0 and score(q2, ["Bee"])["false_abstention"] == 1.0
 
@@ -144,7 +153,7 @@ def test_the_evaluator_records_which_document_was_read(tok, fake):
     q1, q2 = reader(tok).answer(["Q1?", "Q2?"], [[A, B, C], [A, B]])
     assert read_record(q1) == {"read": 2, "read_document": "doc-beta", "read_documents": ["doc-alpha", "doc-beta",
                                                                                           "doc-gamma"],
-                               "read_confidences": [0.10, 0.50, 0.99]}
+                               "read_confidences": pytest.approx([0.10, 0.50, 0.99])}
     assert read_record(q2)["read"] is None and read_record(q2)["read_document"] is None
     together = Answerer(object(), tok, 200, max_answer_tokens=8).answer(["Q1?"], [[B]])[0]
     assert together.read_confidences is None and read_record(together) == {}

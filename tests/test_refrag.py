@@ -528,9 +528,7 @@ def test_refrag_chooses_its_abstention_threshold_on_2_hop_validation_questions(s
     """Answered multi-hop, as the refrag checkpoint answers 2-hop questions; never the held-out ones."""
     from test_abstention import plain_search
 
-    from hybridchat.rag.answer import Answerer
-
-    monkeypatch.setattr(Answerer, "confidence", test_rag.spread_confidence)
+    test_rag.spread_confidence(monkeypatch)
     out, common = smoke_checkpoints
     stage = refrag_stage(out, common, "stage.target_false_abstention=0.5")
     model = load_run(checkpoint.latest(out / "checkpoints" / "p" / "rag")).model

@@ -27,7 +27,6 @@ from hybridchat.model.engine import DecodeBatch, Decoding, Engine, TokenCallback
 from hybridchat.rag.abstention import below
 
 ABSTAIN = "The documents do not say."
-LOGITS_BUDGET = 2**30  # bytes of full-vocabulary logits per forward when scoring the abstention
 # Characters of a question tokenized per token of room: more than any run of tokens here averages, so
 # a question is never cut shorter than its room (whitespace runs, the longest tokens, do not fill one).
 CHARS_PER_TOKEN = 32
@@ -170,24 +169,30 @@ class Answerer:
                      prompts: Sequence[tuple[list[int], list[Document]]], on_token: TokenCallback | None = None,
                      confidence: list[float] | None = None) -> list[Answer]:
         """Greedy replies to `prompts` (self.prompt(questions[i], shown[i]) each), all generated in
-        one batch. confidence: each prompt's, where the caller has it already."""
+        one batch, each prompt through the model once: its confidence is read from the reply's own
+        prefill, and a prompt below the threshold is refused there, nothing generated for it (the
+        engine's score= and admit=). confidence: each prompt's, where the caller has it already;
+        then only those at or above the threshold are generated for."""
         t0 = time.perf_counter()
-        # With a threshold the confidence comes first: a question below it is not generated for.
-        # Without one, after generation, so that chat's first streamed token is not delayed.
-        if confidence is None and self.threshold is not None:
-            confidence = self.confidence([p for p, _ in prompts]).tolist()
-        generated = [i for i in range(len(questions)) if confidence is None or self.generates(confidence[i])]
+        scored = confidence is None
+        # scored: all are asked, and the engine refuses those below the threshold after their prefill
+        asked = [i for i in range(len(questions)) if scored or self.generates(confidence[i])]
         replies = dict.fromkeys(range(len(questions)), ABSTAIN)  # what the threshold leaves ungenerated
-        if generated:
-            result = self._generate([prompts[i][0] for i in generated],
-                                    None if on_token is None else lambda j, token: on_token(generated[j], token))
-            replies.update({i: self.reply(tokens) for i, tokens in zip(generated, result.tokens)})
+        generated: list[int] = []
+        if asked:
+            result = self._generate([prompts[i][0] for i in asked],
+                                    None if on_token is None else lambda j, token: on_token(asked[j], token),
+                                    scored=scored)
+            if scored:
+                confidence = [confidence_of(logp) for logp in result.scores]
+            for i, tokens, finish in zip(asked, result.tokens, result.finish_reasons):
+                if finish != "refused":
+                    generated.append(i)
+                    replies[i] = self.reply(tokens)
         overruled = [i for i in generated if self.overrules(replies[i])]
         if overruled:
             result = self.answers_instead([prompts[i][0] for i in overruled])
             replies.update({i: self.reply(tokens) for i, tokens in zip(overruled, result.tokens)})
-        if confidence is None:
-            confidence = self.confidence([p for p, _ in prompts]).tolist()
         seconds = (time.perf_counter() - t0) / len(questions)
         return [self.to_answer(q, replies[i], confidence[i], shown[i], docs, seconds, i in overruled)
                 for i, (q, (_, docs)) in enumerate(zip(questions, prompts))]
@@ -221,56 +226,52 @@ class Answerer:
         ABSTAIN)."""
         admit = admit or self.generates
         seq = batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token], on_token=on_token,
-                        score=self.abstain_ids, admit=lambda logp: admit(1 - math.exp(logp)))
-        return seq, 1 - math.exp(seq.score)
+                        score=self.abstain_ids, admit=lambda logp: admit(confidence_of(logp)))
+        return seq, confidence_of(seq.score)
 
     def decode_instead(self, batch: DecodeBatch, prompt: list[int]) -> Decoding:
         """answers_instead's reply, as one sequence of a running DecodeBatch."""
         return batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token],
                          begin_suppress_tokens=self.abstain_ids[:1])
 
+    def admits(self, abstain_logp: float) -> bool:
+        """Whether a prompt whose reply is ABSTAIN with this log-probability is generated for."""
+        return self.generates(confidence_of(abstain_logp))
+
     def _generate(self, prompts: Sequence[list[int]], on_token: TokenCallback | None = None,
-                  suppress: Sequence[int] = ()):
+                  suppress: Sequence[int] = (), scored: bool = False):
+        """scored: result.scores holds log P(ABSTAIN | prompt), read from this generation's prefill,
+        and a prompt below the threshold is refused after it."""
         return Engine(self.model).generate(prompts, max_new_tokens=self.max_answer_tokens, temperature=0,
                                            stop_tokens=[self.renderer.stop_token], on_token=on_token,
-                                           begin_suppress_tokens=suppress)
+                                           begin_suppress_tokens=suppress, score=self.abstain_ids if scored else (),
+                                           admit=self.admits if scored else None)
 
     def answers_instead(self, prompts: Sequence[list[int]]):
         """Greedy replies that do not begin as ABSTAIN does (its first token is ruled out): what the
         model answers where it would abstain but the threshold says to answer. A reply beginning with
         that token but going on otherwise ("The Beatles [2]") is never asked for again: only replies
-        that are exactly ABSTAIN are."""
+        that are exactly ABSTAIN are. (Its own prefill: only the few overruled prompts.)"""
         return self._generate(prompts, suppress=self.abstain_ids[:1])
 
     def confidence(self, prompts: Sequence[list[int]]) -> torch.Tensor:
-        """1 - P(reply == ABSTAIN | prompt) per prompt: high = sure the documents answer it."""
+        """1 - P(reply == ABSTAIN | prompt) per prompt: high = sure the documents answer it. For a
+        caller that needs it before (or without) generating; answer() reads it from its own prefill."""
         return 1 - self.abstain_probability(prompts)
 
-    @torch.no_grad()  # also when called outside answer() (multi-hop scores its own prefixes)
     def abstain_probability(self, prompts: Sequence[list[int]]) -> torch.Tensor:
-        """P(reply == ABSTAIN | prompt) per prompt, teacher-forced in right-padded forwards. Rows go
-        through in groups whose full-vocabulary logits stay under LOGITS_BUDGET bytes: with a 49K
-        vocabulary one row of 1,300 tokens is already 250 MB of fp32 logits, and 32 such rows at once
-        (plus their log-softmax) exhausted a 24 GB machine."""
-        n = len(self.abstain_ids)
-        rows = [p + self.abstain_ids for p in prompts]
-        device = next(self.model.parameters()).device
-        target = torch.tensor(self.abstain_ids, device=device)
-        row_bytes = max(len(r) for r in rows) * self.tokenizer.vocab_size * 4  # the head may pad it a little
-        group = max(1, LOGITS_BUDGET // row_bytes)
-        total = torch.zeros(len(rows), dtype=torch.float64)
-        was_training = self.model.training
-        self.model.eval()
-        for lo in range(0, len(rows), group):
-            chunk = rows[lo:lo + group]
-            width = max(len(r) for r in chunk)
-            logits = self.model(torch.tensor([r + [0] * (width - len(r)) for r in chunk], device=device))
-            for j, p in enumerate(prompts[lo:lo + group]):
-                # Only the n positions that predict the abstention are normalised.
-                logprobs = logits[j, len(p) - 1:len(p) - 1 + n].float().log_softmax(-1)
-                total[lo + j] = logprobs[torch.arange(n, device=device), target].sum().double().cpu()
-        self.model.train(was_training)
-        return total.exp()
+        """P(reply == ABSTAIN | prompt) per prompt (float64), teacher-forced: a scoring pass of the
+        engine (score=, every row refused once scored), so the prompts share its batched prefill, no
+        row is padded, and only the positions that predict the abstention reach the vocabulary head
+        (full-vocabulary logits at every position of 32 prompts of 1,300 tokens exhausted 24 GB)."""
+        result = Engine(self.model).generate(prompts, max_new_tokens=1, temperature=0, score=self.abstain_ids,
+                                             admit=lambda _: False)
+        return torch.tensor(result.scores, dtype=torch.float64).exp()
+
+
+def confidence_of(abstain_logp: float) -> float:
+    """The confidence, 1 - P(ABSTAIN), of a reply whose log-probability of being ABSTAIN is given."""
+    return 1 - math.exp(abstain_logp)
 
 
 class RankOrderReader:
@@ -281,8 +282,10 @@ class RankOrderReader:
     number among those read. A question's confidence is its best document's: at or above the
     threshold exactly where some document suffices, so a threshold chosen on these answers means
     what it says. All (question, document) prompts of a batch of questions go through the model
-    together, about the tokens of one prompt per question holding all its documents; with a
-    threshold only the document chosen is generated for."""
+    together, about the tokens of one prompt per question holding all its documents. Without a
+    threshold all are generated for, each confidence read from its own prefill; with one the
+    confidences come first (a scoring pass) and only the document chosen is generated for (its
+    prompt prefilled a second time: one per question)."""
 
     def __init__(self, answerer: Answerer):
         self.answerer = answerer
@@ -309,19 +312,30 @@ class RankOrderReader:
             t0 = time.perf_counter()
             read = [self.prompts(q, d) for q, d in zip(batch, given)]
             pairs = [(i, ids, d) for i, found in enumerate(read) for ids, d in found]  # question, prompt, document
-            confidence = answerer.confidence([ids for _, ids, _ in pairs]).tolist() if pairs else []
             mine = [[k for k, pair in enumerate(pairs) if pair[0] == i] for i in range(len(batch))]
-            asked = sorted(ks[j] for ks in mine for j in self.generated([confidence[k] for k in ks]))
-            replies: dict[int, Answer] = {}
-            if asked:
-                replies = dict(zip(asked, answerer.answer_batch(
-                    [batch[pairs[k][0]] for k in asked], [[pairs[k][2]] for k in asked],
-                    [(pairs[k][1], [pairs[k][2]]) for k in asked], confidence=[confidence[k] for k in asked])))
+            confidence, replies = self._read(batch, pairs, mine)
             seconds = (time.perf_counter() - t0) / len(batch)
             for i, (q, found) in enumerate(zip(batch, read)):
                 out.append(self.decide(q, [d for _, d in found], len(given[i]) - len(found),
                                        [confidence[k] for k in mine[i]], [replies.get(k) for k in mine[i]], seconds))
         return out
+
+    def _read(self, batch: Sequence[str], pairs: list[tuple[int, list[int], Document]], mine: list[list[int]]
+              ) -> tuple[list[float], dict[int, Answer]]:
+        """(each pair's confidence, the answers read by pair index; mine[i]: question i's pairs):
+        without a threshold every pair is generated for, its confidence read from its own prefill;
+        with one the confidences come first (a scoring pass), and only the pairs `generated` picks."""
+        def answer(asked: list[int], confidence: list[float] | None = None) -> dict[int, Answer]:
+            return dict(zip(asked, self.answerer.answer_batch(
+                [batch[pairs[k][0]] for k in asked], [[pairs[k][2]] for k in asked],
+                [(pairs[k][1], [pairs[k][2]]) for k in asked], confidence=confidence))) if asked else {}
+
+        if self.threshold is None:
+            replies = answer(list(range(len(pairs))))
+            return [replies[k].confidence for k in range(len(pairs))], replies
+        confidence = self.answerer.confidence([ids for _, ids, _ in pairs]).tolist() if pairs else []
+        asked = sorted(ks[j] for ks in mine for j in self.generated([confidence[k] for k in ks]))
+        return confidence, answer(asked, [confidence[k] for k in asked])
 
     # answer()'s decisions, also for a caller that reads each document as a sequence of its own (the
     # server's continuous batch, serve/batcher.py).
