@@ -48,24 +48,26 @@ def measured_peak(config, micro_batch: int, checkpointing: bool = False) -> dict
     model.train().activation_checkpointing = checkpointing
     optimizers = build_optimizers(model, config.stage)
     tokens = torch.randint(0, vocab, (micro_batch, config.model.sequence_len + 1))
-    dtype = config.gpu.dtype.value
-
-    def step():
-        with torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=dtype != "float32"):
-            loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-
-    step()
+    dtype = getattr(torch, config.gpu.dtype.value)
+    training_step(model, model, optimizers, tokens, dtype)
     tracker = MemTracker()
     tracker.track_external(model, *optimizers)
     with tracker:
-        step()
+        training_step(model, model, optimizers, tokens, dtype)
     snapshot = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     return {getattr(kind, "value", kind): n for kind, n in snapshot.items()}
+
+
+def training_step(train_model, model, optimizers, tokens: torch.Tensor, dtype: torch.dtype) -> None:
+    """One step as the loop takes it: forward (train_model: the model, or its DDP/FSDP wrapper) under
+    the CPU's autocast to dtype (off at float32), backward, clipping, every optimizer."""
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = train_model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ for their reduce-scatter, the optimizer's shards, the activations (with bf16 aut
 
 import pytest
 import torch
+from test_plan import training_step
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
 from torch.distributed.fsdp import FSDPModule
 
@@ -120,20 +121,11 @@ def measure_case(rank: int, case: str) -> dict[str, int]:
     optimizers = build_optimizers(model, config.stage)
     tokens = torch.randint(0, vocab, (1, config.model.sequence_len + 1), generator=torch.Generator().manual_seed(rank))
     dtype = getattr(torch, config.gpu.dtype.value)
-
-    def step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = train_model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-
-    step()  # the optimizer's state and FSDP's lazy initialisation, as from the second step on
+    # the first step: the optimizer's state and FSDP's lazy initialisation, as from the second step on
+    training_step(train_model, model, optimizers, tokens, dtype)
     tracker = TermPeaks(train_model, optimizers)
     with tracker:
-        step()
+        training_step(train_model, model, optimizers, tokens, dtype)
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     return {**tracker.peaks, "total": peak["Total"]}
 

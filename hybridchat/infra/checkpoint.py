@@ -247,7 +247,10 @@ def at_path(path: str | Path) -> Path:
     return found
 
 
-def source(checkpoints: str | Path, run_name: str, name: str) -> Path:
+def source(checkpoints: str | Path, run_name: str, name: str, required: bool = True) -> Path | None:
     """stage.source's checkpoint: a path (it holds a /) names a folder of any run; otherwise the
-    latest of run_name's stage `name`."""
-    return at_path(name) if "/" in name else find(checkpoints, run_name, name)
+    latest of run_name's stage `name` (none there: one line saying what to run, or None where not
+    required)."""
+    if "/" in name:
+        return at_path(name)
+    return find(checkpoints, run_name, name) if required else latest(stage_dir(checkpoints, run_name, name))

@@ -58,11 +58,7 @@ def existing_source(config: Config) -> Path | None:
     """stage.source's checkpoint where it exists already (RunContext.source_checkpoint may import
     model.pretrained on first use); None from scratch or not there yet."""
     source = config.stage.source
-    if not source:
-        return None
-    if "/" in source:
-        return checkpoint.at_path(source)
-    return checkpoint.latest(checkpoint.stage_dir(config.paths.checkpoints, config.run_name, source))
+    return checkpoint.source(config.paths.checkpoints, config.run_name, source, required=False) if source else None
 
 
 def source_model(config: Config, set_keys: set[str]) -> ModelConfig | None:
