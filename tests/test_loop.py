@@ -19,6 +19,7 @@ def test_optimizers_follow_the_recipe_muon_for_block_matrices_adamw_for_the_rest
     group at its stage lr, in that order; initial_lr is the lr the schedule multiplies."""
     from hybridchat.infra.config import StageConfig
     from hybridchat.training.loop import build_optimizers
+    from hybridchat.training.muon import Muon
 
     model = HybridLM(dataclasses.replace(CKPT_MODEL, norm_weights=True), vocab_size=50)
     s = StageConfig(matrix_lr=0.03, embedding_lr=0.2, unembedding_lr=0.007, scalar_lr=0.5, weight_decay=0.05)
@@ -27,7 +28,7 @@ def test_optimizers_follow_the_recipe_muon_for_block_matrices_adamw_for_the_rest
     matrices = [n for n, p in named.items() if n.startswith("blocks.") and p.ndim == 2]
     rest = [n for n in named if n not in matrices and n not in ("wte.weight", "lm_head.weight")]
     names = {id(p): n for n, p in named.items()}
-    assert type(muon) is torch.optim.Muon and len(muon.param_groups) == 1
+    assert type(muon) is Muon and muon.ns_dtype is None and len(muon.param_groups) == 1
     group = muon.param_groups[0]
     assert sorted(names[id(p)] for p in group["params"]) == sorted(matrices)
     assert (group["lr"], group["initial_lr"], group["momentum"], group["weight_decay"], group["adjust_lr_fn"]) == \

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # loader deals global batches round-robin, so every step sees the same 16 rows either way (and the
 # 2-process runs exercise the no-sync micro-batch).
 COMMON = ["debug=smoke", "stage.total_batch_tokens=4096"]
-# Ranks sum in another order than one process, and Muon orthogonalises in bf16: close, not equal.
+# Ranks sum in another order than one process (and Muon orthogonalises sharded matrices): close, not equal.
 ACROSS_LAYOUTS = {"rel": 5e-4, "abs": 1e-4}  # measured: FSDP within 4e-5 (relative) over 6 steps
 
 

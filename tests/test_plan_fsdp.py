@@ -28,7 +28,7 @@ TERMS = {"weights": (_FSDPRefType.SHARDED_PARAM, _FSDPRefType.UNSHARDED_PARAM, _
          "activations": (_FSDPRefType.ACT, _FSDPRefType.TEMP)}
 # Model, vocabulary, dtype, sequence length. A 512-token vocabulary makes the root (embedding, head,
 # pointer: 0.3M parameters) smaller than a block (0.7-1.0M), so the blocks set the gathered peaks; at
-# 4096 the root (2.1M) does. AdamW on the matrices: Muon's bf16 Newton-Schulz on DTensors takes 40 s
+# 4096 the root (2.1M) does. AdamW on the matrices: Muon's Newton-Schulz on DTensors (in bf16) took 40 s
 # a step here. bf16 at 8 layers and 64 tokens: autocast's weight copies are a third of the activations.
 CASES = {"hybrid-512": ("hybrid_tiny", 512, "float32", 256, 4),
          "hybrid-4096": ("hybrid_tiny", 4096, "float32", 256, 4),

@@ -94,8 +94,8 @@ class StageConfig:
     final_lr_frac: float = 0.05
     matrix_lr: float = 0.02            # 2-D weights inside blocks (Muon's, or AdamW's: matrix_optimizer)
     # muon: orthogonalised momentum (pretraining's choice); adamw: AdamW for the matrices too, for
-    # fine-tuning on CPUs, where Muon's Newton-Schulz iterations cost as much as the forward and
-    # backward pass of a 135M model (measured on 2 cores, docs/realtext.md)
+    # fine-tuning a 135M model on CPUs, where Muon's Newton-Schulz iterations (then in bfloat16) cost
+    # more than its forward and backward pass (measured on 2 cores, docs/realtext.md)
     matrix_optimizer: str = "muon"
     embedding_lr: float = 0.01         # AdamW
     unembedding_lr: float = 0.004      # AdamW

@@ -24,6 +24,7 @@ from hybridchat.infra import checkpoint, parallel, preemption
 from hybridchat.infra.config import StageConfig
 from hybridchat.infra.context import RunContext
 from hybridchat.infra.tracking import Tracker
+from hybridchat.training.muon import Muon
 from hybridchat.training.stages import Stage
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ def build_optimizers(model, s: StageConfig) -> list[torch.optim.Optimizer]:
         adam_groups.insert(0, {"params": groups["matrix"], "lr": s.matrix_lr, "weight_decay": s.weight_decay})
         optimizers = [torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10)]
     else:
-        muon = torch.optim.Muon(groups["matrix"], lr=s.matrix_lr, momentum=0.95, weight_decay=s.weight_decay,
-                                adjust_lr_fn="original")
+        muon = Muon(groups["matrix"], lr=s.matrix_lr, momentum=0.95, weight_decay=s.weight_decay,
+                    adjust_lr_fn="original")
         optimizers = [muon, torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10)]
     for opt in optimizers:
         for group in opt.param_groups:
