@@ -13,6 +13,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from hybridchat import plan
 from hybridchat.core.errors import UserError, run_or_exit
+from hybridchat.infra import parallel
 from hybridchat.infra import planner as planning
 from hybridchat.infra.build import build_model
 from hybridchat.train import typed_config
@@ -58,12 +59,16 @@ def measured_peak(config, micro_batch: int, checkpointing: bool = False) -> dict
     return {getattr(kind, "value", kind): n for kind, n in snapshot.items()}
 
 
-def training_step(train_model, model, optimizers, tokens: torch.Tensor, dtype: torch.dtype) -> None:
-    """One step as the loop takes it: forward (train_model: the model, or its DDP/FSDP wrapper) under
-    the CPU's autocast to dtype (off at float32), backward, clipping, every optimizer."""
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        loss = train_model(tokens[:, :-1], tokens[:, 1:])
-    loss.backward()
+def training_step(train_model, model, optimizers, tokens: torch.Tensor, dtype: torch.dtype,
+                  micro_batches: int = 1) -> None:
+    """One step as the loop takes it: micro_batches forwards (train_model: the model, or its DDP/FSDP
+    wrapper) under the CPU's autocast to dtype (off at float32) and backwards, the gradients synced
+    at the last, clipping, every optimizer."""
+    for micro in range(micro_batches):
+        with parallel.gradient_sync(train_model, micro == micro_batches - 1):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = train_model(tokens[:, :-1], tokens[:, 1:])
+            (loss / micro_batches).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     for opt in optimizers:
         opt.step()
@@ -144,6 +149,23 @@ def test_auto_is_the_largest_micro_batch_that_fits():
     assert planning.resolve_micro_batch(config, 2, need[8]) == 3
     config.gpu.micro_batch = 5
     assert planning.resolve_micro_batch(config, 1, 1) == 5              # an int is the user's choice
+
+
+
+def test_under_fsdp_a_micro_batch_that_accumulates_holds_whole_gradients_so_a_larger_one_may_fit_alone():
+    """hybrid_d20 over 2 ranks at 64 tokens, 4 rows per rank and step: micro-batches of 1 and 2
+    accumulate and hold whole gradients (tests/test_plan_fsdp.py measures them), 4 does not; 2 needs
+    more than 4, so the largest that fits is found only by trying every candidate."""
+    config, _ = typed_config(compose_config(["model=hybrid_d20", "model.sequence_len=64",
+                                             "distributed.strategy=fsdp", "stage.total_batch_tokens=512"]))
+    planner = planning.make_planner(config, 0, ssm_kernels=False)
+    memory = {m: planner.memory(planning.Setup(2, "fsdp", m, False)) for m in (1, 2, 4)}
+    sizes = planner.sizes
+    assert memory[4].grads == int(4 * sizes.total / 2 + 4 * planning.fsdp_gathered(sizes, 2)[1])
+    assert memory[1].grads == memory[2].grads == 4 * (sizes.total + sizes.largest_block)  # the larger here
+    assert memory[1].total < memory[4].total < memory[2].total
+    planner = planning.make_planner(config, memory[4].total, ssm_kernels=False)
+    assert planner.max_micro_batch(planning.Setup(2, "fsdp", 1, False)) == 4
 
 
 def test_nothing_fits_names_the_memory_and_what_would_fit():

@@ -30,19 +30,23 @@ TERMS = {"weights": (_FSDPRefType.SHARDED_PARAM, _FSDPRefType.UNSHARDED_PARAM, _
 # pointer: 0.3M parameters) smaller than a block (0.7-1.0M), so the blocks set the gathered peaks; at
 # 4096 the root (2.1M) does. AdamW on the matrices: Muon's Newton-Schulz on DTensors (in bf16) took 40 s
 # a step here. bf16 at 8 layers and 64 tokens: autocast's weight copies are a third of the activations.
-CASES = {"hybrid-512": ("hybrid_tiny", 512, "float32", 256, 4),
-         "hybrid-4096": ("hybrid_tiny", 4096, "float32", 256, 4),
-         "transformer-512": ("transformer_tiny", 512, "float32", 256, 4),
-         "mamba-4096": ("mamba_tiny", 4096, "float32", 256, 4),
-         "transformer-512-bf16": ("transformer_tiny", 512, "bfloat16", 64, 8)}
+# The last number: micro-batches per step (gradient accumulation: FSDP2 keeps whole gradients between them).
+CASES = {"hybrid-512": ("hybrid_tiny", 512, "float32", 256, 4, 1),
+         "hybrid-4096": ("hybrid_tiny", 4096, "float32", 256, 4, 1),
+         "transformer-512": ("transformer_tiny", 512, "float32", 256, 4, 1),
+         "mamba-4096": ("mamba_tiny", 4096, "float32", 256, 4, 1),
+         "transformer-512-bf16": ("transformer_tiny", 512, "bfloat16", 64, 8, 1),
+         "hybrid-512-accumulating": ("hybrid_tiny", 512, "float32", 256, 4, 2),
+         "hybrid-4096-accumulating": ("hybrid_tiny", 4096, "float32", 256, 4, 3)}
 
 
 def case_config(case: str):
-    model, vocab, dtype, seq, layers = CASES[case]
+    model, vocab, dtype, seq, layers, micro_batches = CASES[case]
     config, _ = typed_config(compose_config([f"model={model}", f"data.tokenizer_vocab_size={vocab}",
                                              f"gpu.dtype={dtype}", f"model.sequence_len={seq}",
                                              f"model.n_layer={layers}", "stage.matrix_optimizer=adamw",
-                                             "distributed.strategy=fsdp"]))
+                                             "distributed.strategy=fsdp", "gpu.micro_batch=1",
+                                             f"stage.total_batch_tokens={seq * RANKS * micro_batches}"]))
     return config
 
 
@@ -55,6 +59,7 @@ class TermPeaks(FSDPMemTracker):
 
     def __init__(self, model, optimizers):
         super().__init__(model)
+        self._root = model
         self.peaks = dict.fromkeys(TERMS, 0)
         self._reducing = False
         self._func = None
@@ -64,6 +69,17 @@ class TermPeaks(FSDPMemTracker):
 
     def _gradient(self, param):
         self._update_and_maybe_create_winfos(param.grad, _FSDPRefType.UNSHARDED_GRAD)
+
+    def _fsdp_state_pre_forward(self, fsdp_mod, orig):
+        wrapped = super()._fsdp_state_pre_forward(fsdp_mod, orig)
+
+        def next_micro_batch(*args, **kwargs):
+            # The tracker refuses a root's second forward (it keeps per-module stats for one
+            # iteration, which the terms do not use): a micro-batch's starts them afresh.
+            if fsdp_mod is self._root:
+                self.reset_mod_stats()
+            return wrapped(*args, **kwargs)
+        return next_micro_batch
 
     def _fsdp_param_group_post_backward(self, fsdp_mod, orig):
         wrapped = super()._fsdp_param_group_post_backward(fsdp_mod, orig)
@@ -121,11 +137,12 @@ def measure_case(rank: int, case: str) -> dict[str, int]:
     optimizers = build_optimizers(model, config.stage)
     tokens = torch.randint(0, vocab, (1, config.model.sequence_len + 1), generator=torch.Generator().manual_seed(rank))
     dtype = getattr(torch, config.gpu.dtype.value)
+    micro_batches = CASES[case][-1]
     # the first step: the optimizer's state and FSDP's lazy initialisation, as from the second step on
-    training_step(train_model, model, optimizers, tokens, dtype)
+    training_step(train_model, model, optimizers, tokens, dtype, micro_batches)
     tracker = TermPeaks(train_model, optimizers)
     with tracker:
-        training_step(train_model, model, optimizers, tokens, dtype)
+        training_step(train_model, model, optimizers, tokens, dtype, micro_batches)
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     return {**tracker.peaks, "total": peak["Total"]}
 

@@ -229,8 +229,19 @@ def fsdp_gathered(sizes: Sizes, n: int) -> tuple[float, float]:
     return weights, grads
 
 
+def fsdp_accumulated_grads(sizes: Sizes, n: int) -> float:
+    """Gradients FSDP2 holds per rank when a step accumulates micro-batches: between them every
+    unit's gradient stays whole (set_requires_gradient_sync(False) skips the reduce-scatter), so the
+    last micro-batch's backward starts from the whole model's; the first unit it reduces adds its
+    reduce-scatter copy (the largest block's, as a bound), the root, reduced last, 2 roots beside the
+    blocks' shards (tests/test_plan_fsdp.py measures it)."""
+    block, root = sizes.largest_block, sizes.root
+    return max(sizes.total + block, (sizes.total - root) / n + 2 * root)
+
+
 def training_memory(sizes: Sizes, cfg: ModelConfig, vocab_size: int, setup: Setup, autocast: bool,
-                    ssm_kernels: bool, muon: bool = True) -> Memory:
+                    ssm_kernels: bool, muon: bool = True, accumulating: bool = False) -> Memory:
+    """accumulating: more than one micro-batch per optimizer step (only FSDP holds more for it)."""
     n = setup.n_gpus
     fsdp = setup.strategy == "fsdp" and n > 1
     shard = n if fsdp else 1
@@ -239,7 +250,7 @@ def training_memory(sizes: Sizes, cfg: ModelConfig, vocab_size: int, setup: Setu
     if fsdp:
         gathered_weights, gathered_grads = fsdp_gathered(sizes, n)
         weights += FP32 * gathered_weights
-        grads += FP32 * gathered_grads
+        grads = FP32 * (fsdp_accumulated_grads(sizes, n) if accumulating else sizes.total / n + gathered_grads)
     elif n > 1:
         grads += FP32 * sizes.total  # DDP's gradient buckets: a second copy of every gradient
     adam = sizes.total - sizes.matrix if muon else sizes.total  # stage.matrix_optimizer=adamw: AdamW on all
@@ -266,9 +277,18 @@ class Planner:
     capacity: int
     sizes: Sizes
 
+    def grad_accum(self, setup: Setup) -> int | None:
+        """Micro-batches per step at this setup; None when stage.total_batch_tokens does not divide."""
+        try:
+            return grad_accum_steps(self.stage.total_batch_tokens, setup.micro_batch, self.cfg.sequence_len,
+                                    setup.n_gpus)
+        except UserError:
+            return None
+
     def memory(self, setup: Setup) -> Memory:
+        accum = self.grad_accum(setup)
         return training_memory(self.sizes, self.cfg, self.vocab_size, setup, self.autocast, self.ssm_kernels,
-                               muon=self.stage.matrix_optimizer == "muon")
+                               muon=self.stage.matrix_optimizer == "muon", accumulating=accum is None or accum > 1)
 
     def fits(self, setup: Setup) -> bool:
         return self.memory(setup).total <= self.capacity
@@ -285,20 +305,13 @@ class Planner:
         return [m for m in range(1, rows + 1) if rows % m == 0]
 
     def max_micro_batch(self, setup: Setup) -> int:
-        """The largest allowed micro-batch that fits (memory grows linearly in it), or 0."""
-        best = 0
-        for m in self.allowed_micro_batches(setup.n_gpus):
-            if not self.fits(replace(setup, micro_batch=m)):
-                break
-            best = m
-        return best
+        """The largest allowed micro-batch that fits, or 0. Every candidate is tried: activations grow
+        with the micro-batch, but under FSDP a smaller one may accumulate and hold whole gradients."""
+        return max((m for m in self.allowed_micro_batches(setup.n_gpus) if self.fits(replace(setup, micro_batch=m))),
+                   default=0)
 
     def row(self, setup: Setup, peak_tflops: float, mfu: float) -> Row:
-        try:
-            accum = grad_accum_steps(self.stage.total_batch_tokens, setup.micro_batch, self.cfg.sequence_len,
-                                     setup.n_gpus)
-        except UserError:
-            accum = None
+        accum = self.grad_accum(setup)
         flops = flops_per_token(self.cfg, self.vocab_size) * (RECOMPUTE_FACTOR if setup.activation_checkpointing
                                                                else 1)
         speed = mfu * peak_tflops * 1e12 * setup.n_gpus / flops if peak_tflops else None
