@@ -111,6 +111,12 @@ def assert_same(client: Client, want) -> None:
     sources = [[d.id for d in shown] for kind, (shown, _) in
                ((k, p) for k, p in client.events if k == "sources")]
     assert sources[0] == [d.id for d in want.hops[0].documents] and sources[-1] == [d.id for d in want.documents]
+    # each query as it was answered or refused, with every source shown by then
+    hops = [(h.query, h.status, [d.id for d in h.documents], [d.id for d in shown])
+            for kind, (h, shown) in ((k, p) for k, p in client.events if k == "hop")]
+    assert hops == [(h.query, h.status, [d.id for d in h.documents],
+                     [d.id for earlier in want.hops[:i + 1] for d in earlier.documents])
+                    for i, h in enumerate(want.hops[1:], 1)]
 
 
 def test_multi_hop_replies_joining_mid_decode_get_multihop_s_answers_and_decode_together(tok):
@@ -180,3 +186,30 @@ def test_a_single_hop_reply_decodes_and_finishes_while_a_multi_hop_one_is_in_fli
     done = [q for q, kind in order if kind == "done"]
     assert done == [alone.job.question, hops.job.question]  # the short reply did not wait for the long one
     assert batcher.rows > batcher.steps  # they decoded together
+
+
+def test_a_streamed_multi_hop_reply_sends_each_hop_as_a_chunk_before_its_reply():
+    """app._stream turns the batcher's events into OpenAI chunks: a hop's chunk carries its query,
+    status and its documents' numbers among the sources shown so far (hand values)."""
+    import asyncio
+    import json
+
+    from hybridchat.core.documents import Document
+    from hybridchat.rag.multihop import Hop
+    from hybridchat.serve.app import _stream
+    from hybridchat.serve.protocol import Completion
+
+    a, b, c = (Document(id=x, title=x.upper(), text=f"text of {x}") for x in ("a", "b", "c"))
+    events: asyncio.Queue = asyncio.Queue()
+    for event in [("sources", ([a, b], 0)), ("hop", (Hop("B's founder", [c], "ok"), [a, b, c])),
+                  ("sources", ([a, b, c], 0)), ("hop", (Hop("", [], "empty"), [a, b, c])), ("error", "stop here")]:
+        events.put_nowait(event)
+    job = SimpleNamespace(cancelled=False)
+
+    async def chunks():
+        return [json.loads(s[len("data: "):]) async for s in _stream(job, events, Completion("m"), None)]
+
+    got = [chunk.get("hybridchat", {}).get("hop") for chunk in asyncio.run(chunks())]
+    assert [h for h in got if h is not None] == [{"query": "B's founder", "status": "ok", "documents": [3]},
+                                                 {"query": "", "status": "empty", "documents": []}]
+    assert got.index({"query": "B's founder", "status": "ok", "documents": [3]}) == 2  # after the role and sources

@@ -24,7 +24,16 @@ from starlette.exceptions import HTTPException
 
 from hybridchat.serve.batcher import Batcher, Busy, Done, Job
 from hybridchat.serve.config import ServeConfig
-from hybridchat.serve.protocol import ApiError, Completion, chat_request, document, extras, read_json, search_request
+from hybridchat.serve.protocol import (
+    ApiError,
+    Completion,
+    chat_request,
+    document,
+    extras,
+    hop,
+    read_json,
+    search_request,
+)
 
 STATIC = Path(__file__).parent / "static"
 PAGE = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript"),
@@ -187,7 +196,8 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 async def _stream(job: Job, events: asyncio.Queue, completion: Completion, threshold) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: a chunk with the role, the sources found (in the
-    `hybridchat` field, before the reply begins), a chunk per piece of the reply, a last chunk with
+    `hybridchat` field, before the reply begins; a multi-hop reply's `hop`s as its queries are
+    answered, then the sources again), a chunk per piece of the reply, a last chunk with
     finish_reason, usage and the finished reply's `hybridchat` field, then [DONE]. A client that
     leaves cancels this generator: its job is marked so, and the worker goes on with the others."""
     try:
@@ -199,6 +209,8 @@ async def _stream(job: Job, events: asyncio.Queue, completion: Completion, thres
                 shown, dropped = payload
                 yield _sse(completion.chunk({}, hybridchat={"sources": [document(d, n) for n, d in enumerate(shown, 1)],
                                                             "dropped": dropped}))
+            elif kind == "hop":
+                yield _sse(completion.chunk({}, hybridchat={"hop": hop(*payload)}))
             elif kind == "delta":
                 yield _sse(completion.chunk({"content": payload}))
             elif kind == "error":

@@ -175,9 +175,9 @@ class Locked:
 class Batcher:
     """Events sent to a job: ("sources", (documents shown, how many were left out to fit the
     context)), ("delta", text) per piece of the reply, then ("done", Done) or ("error", message).
-    A multi-hop reply sends its sources again after each hop that found documents (all shown so
-    far) and its hops are in its Done; it and a rank-order answer (reading=rank_order) come whole,
-    as one delta."""
+    A multi-hop reply sends ("hop", (Hop, documents shown so far)) for each query it writes, as
+    retrieval answers it or it is refused, then its sources again if the hop found documents (all
+    shown so far); its reply and a rank-order answer (reading=rank_order) come whole, as one delta."""
 
     def __init__(self, assistant: Assistant, batch_size: int, queue_size: int):
         retriever = None if assistant.retriever is None else Locked(assistant.retriever, threading.Lock())
@@ -329,8 +329,10 @@ class Batcher:
                     injected = multihop.follow(r.state, r.out, hop, found)
                     r.out += injected
                     batch.feed(r.seq, injected, score=multihop.answerer.abstain_ids)
+                    shown = [d for h in r.state.hops for d in h.documents]
+                    r.job.send("hop", (hop, shown))
                     if hop.documents:
-                        r.job.send("sources", ([d for h in r.state.hops for d in h.documents], 0))
+                        r.job.send("sources", (shown, 0))
 
     @staticmethod
     def _streamer(r: _Reply) -> Callable[[int], None]:

@@ -14,10 +14,11 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from hybridchat.core.documents import Document
 from hybridchat.rag.answer import Answer
+from hybridchat.rag.multihop import Hop
 
 
 class ApiError(Exception):
@@ -120,11 +121,16 @@ def _number(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def hop(h: Hop, shown: Sequence[Document]) -> dict[str, Any]:
+    """One hop of a multi-hop reply: its query (hop 1's: the question), whether it was followed
+    (rag/multihop.py's statuses) and the numbers its documents have among the sources `shown`."""
+    numbers = {d.id: n for n, d in enumerate(shown, 1)}
+    return {"query": h.query, "status": h.status, "documents": [numbers[d.id] for d in h.documents]}
+
+
 def extras(answer: Answer, mode: str, threshold: float | None, dropped: int = 0) -> dict[str, Any]:
     """The `hybridchat` field of a finished reply."""
-    numbers = {d.id: n for n, d in enumerate(answer.documents, 1)}
-    hops = [{"query": h.query, "status": h.status, "documents": [numbers[d.id] for d in h.documents]}
-            for h in answer.hops]
+    hops = [hop(h, answer.documents) for h in answer.hops]
     return {"mode": mode, "sources": [document(d, n) for n, d in enumerate(answer.documents, 1)],
             "dropped": dropped, "answer": answer.answer, "citations": answer.citations,
             "cited": [d.id for d in answer.cited], "abstained": answer.abstained,

@@ -72,15 +72,15 @@ function showOutcome(x) {
   if (x.mode === "closed-book") status.append(el("div", "muted", "closed-book: no documents were shown to the model"));
   if (x.dropped) status.append(el("div", "muted", `${x.dropped} lower-ranked documents did not fit the context`));
   showSources(x.sources, x.citations);
-  const hops = $("hops");
-  hops.replaceChildren();
-  if (x.hops.length > 1) {
-    x.hops.forEach((h, i) => {
-      const found = h.documents.length ? "found " + h.documents.map((n) => `[${n}]`).join(" ") : "found nothing";
-      const status = h.status === "ok" ? "" : ` (${h.status.replaceAll("_", " ")}: not retrieved)`;
-      hops.append(el("li", "", (i === 0 ? "question: " : "query: ") + h.query + status + " → " + found));
-    });
-  }
+  $("hops").replaceChildren();
+  if (x.hops.length > 1) x.hops.forEach((h, i) => showHop(h, i === 0));
+}
+
+// One hop of a multi-hop reply: streamed as its query is answered, listed again with the outcome.
+function showHop(h, isQuestion) {
+  const found = h.documents.length ? "found " + h.documents.map((n) => `[${n}]`).join(" ") : "found nothing";
+  const status = h.status === "ok" ? "" : ` (${h.status.replaceAll("_", " ")}: not retrieved)`;
+  $("hops").append(el("li", "", (isQuestion ? "question: " : "query: ") + h.query + status + " → " + found));
 }
 
 // Server-sent events: "data: <json>" blocks separated by a blank line; "data: [DONE]" ends the stream.
@@ -124,6 +124,7 @@ async function ask(event) {
       const x = chunk.hybridchat, delta = chunk.choices[0].delta;
       if (delta.content) answer.textContent += delta.content;
       if (x && chunk.choices[0].finish_reason) showOutcome(x);
+      else if (x && x.hop) showHop(x.hop, false);
       else if (x && x.sources) showSources(x.sources, []);
     }
   } catch (e) {
