@@ -13,6 +13,7 @@ from hybridchat.data.chat import ChatRenderer
 from hybridchat.model.engine import Engine
 from hybridchat.rag import answer as answering
 from hybridchat.rag.answer import RANK_ORDER, Answerer, RankOrderReader
+from hybridchat.serve.batcher import Batcher
 from hybridchat.training.answering import Assistant
 
 
@@ -128,3 +129,34 @@ def test_a_document_s_reply_that_answers_ends_the_later_ones_and_an_earlier_one_
     # decode steps per reply: the first's to its end, the second's to its stop, the third's as many
     ended = replies[1].index(stop)
     assert batcher.rows == (TOKENS - 1) + ended + ended
+
+
+def test_a_rank_order_reply_waits_for_as_many_free_rows_as_documents_it_reads(assistant, monkeypatch):
+    """batch_size 4, bm25's top 3, no threshold: each rank-order reply takes 3 rows, so the second waits
+    for the first to end instead of growing the batch to 6; a closed-book reply (1 row) fits beside
+    the first. Rows in use are counted at every step."""
+    from hybridchat.model.engine import DecodeBatch
+
+    widths = []
+    step = DecodeBatch.step
+
+    def counted(self):
+        widths.append(len(self))
+        return step(self)
+    monkeypatch.setattr(DecodeBatch, "step", counted)
+    first, second, alone = Client(QUESTIONS[0]), Client(QUESTIONS[1]), Client(QUESTIONS[2], retrieval=False)
+    want = reference(assistant, [first, second])
+    batcher = Batcher(assistant, batch_size=4, queue_size=8)
+    assert [batcher.rows_taken(c.job) for c in (first, second, alone)] == [3, 3, 1]
+    for c in (first, second, alone):
+        batcher.submit(c.job)
+    batcher.start()
+    try:
+        for c, w in zip((first, second), want):
+            assert_same(c, w)
+        assert alone.done.mode == "closed-book"
+    finally:
+        batcher.stop()
+    assert max(widths) == 4 and 4 in widths  # the closed-book reply beside the first rank-order one
+    threshold = replace(assistant, threshold=0.5)
+    assert Batcher(threshold, batch_size=4, queue_size=8).rows_taken(first.job) == 1  # only one document generated

@@ -3,7 +3,8 @@
 The model and its inference cache are not safe to share between threads, and decoding one request
 at a time leaves a CPU (or GPU) mostly idle per token. So HTTP handlers only queue a Job, and the
 worker keeps one DecodeBatch (model/engine.py). Between two decode steps it takes the jobs waiting
-(as many as there is room for: batch_size sequences at once), retrieves for them in one call,
+(as many as there is room for: batch_size sequences at once, a job counted by the rows its reply may
+take; one that does not fit waits, first in line, for the rows to free), retrieves for them in one call,
 prefills each prompt on its own and adds it to the batch; every step then decodes one token of
 every sequence, and a reply that finishes leaves the batch and is answered at once. A request that
 arrives while others decode starts at the next step, not after them, and no reply waits for a
@@ -187,6 +188,7 @@ class Batcher:
         self.steps = 0                       # decode steps, and the replies they decoded: how much batching happened
         self.rows = 0
         self._thread = threading.Thread(target=self._work, name="hybridchat-batcher", daemon=True)
+        self._next: Job | None = None        # taken from the queue, waiting for rows to free
 
     def start(self) -> None:
         self._thread.start()
@@ -214,19 +216,33 @@ class Batcher:
     def search(self, query: str, top_k: int):
         return self.assistant.retriever.search([query], top_k=top_k)[0]
 
-    def _take(self, room: int, wait: bool) -> tuple[list[Job], bool]:
-        """(up to `room` jobs waiting, whether stop() was asked); with `wait`, blocks for the first."""
+    def rows_taken(self, job: Job) -> int:
+        """Rows of the batch a job's reply may take at once: a rank-order reply without a threshold
+        decodes one per document (bm25's top_k at most), every other reply one."""
+        reader = self.assistant.reader(job.max_tokens) if job.retrieval else None
+        return self.assistant.settings.top_k if reader is not None and reader.answerer.threshold is None else 1
+
+    def _take(self, room: int, idle: bool) -> tuple[list[Job], bool]:
+        """(the jobs waiting, in order, whose rows fit in `room`, whether stop() was asked). With
+        `idle` (nothing decoding) it blocks for the first, which is taken whatever its rows."""
         jobs: list[Job] = []
-        while len(jobs) < room:
-            try:
-                job = self.queue.get(block=wait and not jobs)
-            except queue.Empty:
-                break
+        while True:
+            job, self._next = self._next, None
+            if job is None:
+                try:
+                    job = self.queue.get(block=idle and not jobs)
+                except queue.Empty:
+                    return jobs, False
             if job is None:
                 return jobs, True
-            if not job.cancelled:  # its client left while it waited
-                jobs.append(job)
-        return jobs, False
+            if job.cancelled:  # its client left while it waited
+                continue
+            need = self.rows_taken(job)
+            if need > room and not (idle and not jobs):
+                self._next = job
+                return jobs, False
+            jobs.append(job)
+            room -= need
 
     def _work(self) -> None:
         batch = DecodeBatch(self.assistant.run.model, rows=self.batch_size)
@@ -236,7 +252,7 @@ class Batcher:
             jobs: list[Job] = []
             try:
                 if not stopping:
-                    jobs, stopping = self._take(self.batch_size - len(running), wait=not running)
+                    jobs, stopping = self._take(self.batch_size - len(running), idle=not running)
                     running += self._start(jobs, batch)
                 for r in [r for r in running if r.job.cancelled]:  # its client left mid-reply
                     batch.cancel(r.seq)
