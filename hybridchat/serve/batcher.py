@@ -218,7 +218,7 @@ class Batcher:
 
     def rows_taken(self, job: Job) -> int:
         """Rows of the batch a job's reply may take at once: a rank-order reply without a threshold
-        decodes one per document (bm25's top_k at most), every other reply one."""
+        decodes one per document (the retriever's top_k at most), every other reply one."""
         reader = self.assistant.reader(job.max_tokens) if job.retrieval else None
         return self.assistant.settings.top_k if reader is not None and reader.answerer.threshold is None else 1
 
