@@ -227,12 +227,13 @@ def test_instead_replaces_the_final_answer_and_keeps_what_came_before(tok):
 
 def abstains_after_a_query(tok) -> Preferring:
     """Writes the query "Kor Industries", then (after its documents) ABSTAIN; without ABSTAIN's first
-    token, ABSTAIN's second and on."""
+    token, "[2] Tam Brel"."""
     t = tok.token_id
     ids = Answerer(None, tok, 200).abstain_ids
     script = chain([t("<|assistant_start|>"), t("<|query_start|>"), *tok.encode("Kor Industries"), t("<|query_end|>")])
-    prefs = {a: {b: 0.0} for a, b in {**script, **chain(ids)}.items()}
-    prefs[t("<|documents_end|>")] = {ids[0]: 30.0, ids[1]: 20.0}
+    answer = tok.encode("[2] Tam Brel")
+    prefs = {a: {b: 0.0} for a, b in {**script, **chain(ids), **chain([*answer, ids[-1]])}.items()}
+    prefs[t("<|documents_end|>")] = {ids[0]: 30.0, answer[0]: 20.0}
     return Preferring(tok.vocab_size, prefs)
 
 
@@ -241,14 +242,14 @@ def test_answer_overrules_an_abstention_after_the_hops_and_reads_each_batchs_own
     first token, generated from the prompt and the hops; the trace is kept. `first` gives each question
     its hop-1 documents, batch by batch (of 2); seconds are each batch's time per question."""
     model = abstains_after_a_query(tok)
-    ids = Answerer(None, tok, 200).abstain_ids
     questions, first = [QUESTION, "Kor Industries?", "Where was Ada Vell born?"], [[ADA], [VELLPORT], [KOR]]
     mh = multihop(model, tok, TitleRetriever(), batch_size=2, max_answer_tokens=12, threshold=0.0)
     t0 = time.perf_counter()
     answers = mh.answer(questions, first)
     total = time.perf_counter() - t0
-    instead = tok.decode(ids[1:-1]).strip()
-    assert [(a.reply, a.over_abstention, a.abstained) for a in answers] == [(instead, True, False)] * 3
+    assert [(a.reply, a.over_abstention, a.abstained) for a in answers] == [("[2] Tam Brel", True, False)] * 3
+    # Well-formed where a second document was shown: the replaced answer stopped (its end token kept).
+    assert [a.format_ok for a in answers] == [True, True, False] and answers[2].documents == [KOR]
     assert [[d.id for d in a.hops[0].documents] for a in answers] == [["person-0001"], ["city-0003"],
                                                                       ["company-0002"]]
     assert [h.query for h in answers[0].hops] == [QUESTION, "Kor Industries"]
