@@ -11,10 +11,22 @@ import torch
 from test_refrag import Scripted, chain, tiny_lm
 
 from hybridchat.core.documents import Document
+from hybridchat.data.chat import ChatRenderer
 from hybridchat.data.tokenizer import Tokenizer
-from hybridchat.model.engine import GenerationResult
+from hybridchat.model.engine import DecodeBatch, GenerationResult
 from hybridchat.rag import answer as answer_module
-from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, fit_prompt, format_reply, holds, parse_reply, score
+from hybridchat.rag.answer import (
+    ABSTAIN,
+    Answer,
+    Answerer,
+    RankOrderReader,
+    fit_prompt,
+    fit_question,
+    format_reply,
+    holds,
+    parse_reply,
+    score,
+)
 from hybridchat.rag.multihop import Hop
 
 ADA = Document("person-1", "Ada Vell", "Ada Vell was born in Vellport, on the coast.")
@@ -364,3 +376,252 @@ def test_abstain_probability_equals_a_plain_loop_and_restores_the_training_mode(
     answerer.abstain_probability(prompts[:1])
     assert not model.training  # eval stays eval
     torch.testing.assert_close(answerer.confidence(prompts), 1 - got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting the question and the documents: the edges, counted by hand
+
+
+def test_a_question_is_cut_to_its_room_in_tokens_and_no_room_leaves_nothing(tok):
+    renderer = ChatRenderer(tok)
+    # The empty prompt: <|bos|> <|user_start|> <|user_end|> <|documents_start|> <|documents_end|>
+    # <|assistant_start|>, 6 tokens; the question's room is what max_tokens leaves beyond them.
+    question = "Where was Ada Vell born?"
+    ids = tok.encode(question)
+    assert len(ids) > 3
+    assert fit_question(renderer, question, 6 + 3) == tok.decode(ids[:3])  # 24 characters, but 3 tokens of room
+    assert fit_question(renderer, question, 6 + len(ids)) == question      # exactly its room: whole
+    assert fit_question(renderer, question, 6 + len(ids) - 1) == tok.decode(ids[:-1])
+    assert fit_question(renderer, question, 6) == "" and fit_question(renderer, question, 2) == ""  # no room
+
+
+def test_past_32_characters_per_token_of_room_nothing_of_the_question_is_read():
+    """A tokenizer with 64-character tokens: a question of 4 tokens' room x 32 characters and more is
+    cut at 128 characters, though its tokens would fit (the bound that keeps a 5 MB question cheap)."""
+    long_tokens = Tokenizer.train(["x" * 64 + " hello world"] * 50, 300)
+    renderer = ChatRenderer(long_tokens)
+    question = "x" * 128 + " hello"
+    assert len(long_tokens.encode(question)) <= 4
+    assert fit_question(renderer, question, 6 + 4) == "x" * 128
+    assert fit_question(renderer, "x" * 128, 6 + 4) == "x" * 128
+
+
+def test_a_prompt_exactly_max_tokens_long_keeps_its_documents(tok):
+    renderer = ChatRenderer(tok)
+    question = "Where was Ada Vell born?"
+    with_ada = renderer.prompt([{"role": "user", "content": question, "documents": [ADA]}])
+    ids, kept = fit_prompt(renderer, question, [ADA, KOR], len(with_ada))
+    assert (ids, kept) == (with_ada, [ADA])
+    ids, kept = fit_prompt(renderer, question, [ADA, KOR], len(with_ada) - 1)
+    assert kept == [] and ids == renderer.prompt([{"role": "user", "content": question, "documents": []}])
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy replies, the overruled abstention and the server's steps, against plain loops
+
+
+class Preferring(torch.nn.Module):
+    """A tiny real model (its cache advances as usual) whose next-token logits after token a are
+    prefs[a] (token: logit, every other token -1e4); after other tokens, the model's own logits."""
+
+    def __init__(self, vocab: int, prefs: dict[int, dict[int, float]]):
+        super().__init__()
+        self.inner, self.prefs = tiny_lm(vocab), prefs
+
+    def allocate_cache(self, *args, **kwargs):
+        return self.inner.allocate_cache(*args, **kwargs)
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        logits = self.inner(idx, cache=cache, last_only=last_only).clone()
+        for row, last in enumerate(idx[:, -1].tolist()):
+            if last in self.prefs:
+                logits[row, -1] = -1e4
+                for token, value in self.prefs[last].items():
+                    logits[row, -1, token] = value
+        return logits
+
+
+def abstaining(tok: Tokenizer) -> Preferring:
+    """Writes ABSTAIN; without its first token, its second (and on, ABSTAIN's rest); without both, "Kor"."""
+    ids = Answerer(None, tok, 200).abstain_ids
+    kor = tok.encode("Kor")
+    script = {a: {b: 0.0} for a, b in chain(ids).items()} | {a: {b: 0.0} for a, b in chain([*kor, ids[-1]]).items()}
+    return Preferring(tok.vocab_size, {tok.token_id("<|assistant_start|>"): {ids[0]: 30.0, ids[1]: 20.0, kor[0]: 10.0},
+                                       **script})
+
+
+def _plain_greedy(model, prompt: list[int], max_new: int, stop: int, banned_first: tuple[int, ...] = ()) -> list[int]:
+    """Greedy tokens by full forwards over the whole sequence, step by step; the stop token not included."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for step in range(max_new):
+            logits = model(torch.tensor([ids]))[0, -1].clone()
+            if step == 0:
+                logits[list(banned_first)] = -float("inf")
+            token = int(logits.argmax())
+            if token == stop:
+                break
+            out.append(token)
+            ids.append(token)
+    return out
+
+
+def _random_model(tok: Tokenizer):
+    model = tiny_lm(tok.vocab_size, seed=5).double()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # far from uniform, and no token near certain: sampling would differ
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.5)
+    return model
+
+
+def test_replies_are_greedy_as_a_plain_loop_of_full_forwards(tok):
+    model = _random_model(tok)
+    answerer = Answerer(model, tok, 200, max_answer_tokens=6)
+    streamed = {}
+    answerer.answer([q for q, _ in QUESTIONS], [d for _, d in QUESTIONS],
+                    on_token=lambda i, token: streamed.setdefault(i, []).append(token))
+    stop = tok.token_id("<|assistant_end|>")
+    want = [_plain_greedy(model, answerer.prompt(q, d)[0], 6, stop) for q, d in QUESTIONS]
+    assert [streamed.get(i, []) for i in range(len(QUESTIONS))] == want
+    assert len({tuple(w) for w in want}) > 1  # the prompts matter
+
+
+def test_an_overruled_abstention_is_the_best_reply_without_abstains_first_token_from_one_more_prefill(tok):
+    """At or above the threshold (0: always) a reply of ABSTAIN is replaced by the greedy reply whose
+    first token is not ABSTAIN's first: here ABSTAIN's second token, the model's next choice. Tokens fed
+    to the model: the prompt and ABSTAIN's scoring once, the reply fed back, then only the prompt again
+    and the new reply (the second generation scores nothing)."""
+    model = Counted(abstaining(tok))
+    answerer = Answerer(model, tok, 200, max_answer_tokens=12, threshold=0.0)
+    [a] = answerer.answer(["Where was Ada Vell born?"], [[ADA]])
+    ids = answerer.abstain_ids
+    assert a.reply == tok.decode(ids[1:-1]).strip() and a.over_abstention and not a.abstained
+    prompt = answerer.prompt("Where was Ada Vell born?", [ADA])[0]
+    first = len(prompt) + (len(ids) - 1) + len(tok.encode(ABSTAIN))
+    assert sum(model.fed) == first + len(prompt) + len(ids[1:-1])
+    # Without a threshold the model's abstention stands, and nothing is generated twice.
+    model.fed.clear()
+    [own] = Answerer(model, tok, 200, max_answer_tokens=12).answer(["Where was Ada Vell born?"], [[ADA]])
+    assert own.reply == ABSTAIN and own.abstained and not own.over_abstention and sum(model.fed) == first
+
+
+def test_the_confidence_alone_is_one_minus_a_plain_full_forwards_abstention(tok):
+    ids = Answerer(None, tok, 200).abstain_ids
+    model = Nudged(tok, ids)
+    answerer = Answerer(model, tok, 200, max_answer_tokens=4)
+    prompts = [answerer.prompt(q, d)[0] for q, d in QUESTIONS]
+    want = [_plain_confidence(model, p, ids) for p in prompts]
+    assert answerer.confidence(prompts).tolist() == pytest.approx(want, rel=1e-9)
+    assert min(want) < 0.99  # P(ABSTAIN) far from 0: 1 + P would show
+
+
+def test_the_scoring_pass_feeds_each_prompt_and_abstain_but_its_last_token_and_nothing_more(tok):
+    model = Counted(abstaining(tok))
+    answerer = Answerer(model, tok, 200)
+    prompts = [answerer.prompt(q, d)[0] for q, d in QUESTIONS]
+    answerer.abstain_probability(prompts)
+    assert sum(model.fed) == sum(map(len, prompts)) + len(prompts) * (len(answerer.abstain_ids) - 1)
+
+
+def test_decode_in_a_running_batch_is_the_greedy_reply_and_its_confidence_and_admit_overrides_the_threshold(tok):
+    """The server's step: Answerer.decode adds one prompt to a DecodeBatch, its confidence read from
+    that prefill (a plain full forward's), refused below the threshold (or where admit says no)."""
+    ids = Answerer(None, tok, 200).abstain_ids
+    model = Nudged(tok, ids)
+    stop = tok.token_id("<|assistant_end|>")
+    answerer = Answerer(model, tok, 200, max_answer_tokens=5)
+    prompts = [answerer.prompt(q, d)[0] for q, d in QUESTIONS[:3]]
+    batch, streamed, seqs = DecodeBatch(model), [], []
+    for k, p in enumerate(prompts):
+        seq, confidence = answerer.decode(batch, p, on_token=lambda token, k=k: streamed.append((k, token)))
+        assert confidence == pytest.approx(_plain_confidence(model, p, ids), rel=1e-9)
+        seqs.append(seq)
+    while len(batch):
+        batch.step()
+    want = [_plain_greedy(model, p, 5, stop) for p in prompts]
+    assert [s.tokens for s in seqs] == want
+    assert [s.finish_reason for s in seqs] == ["stop" if len(w) < 5 else "length" for w in want]
+    assert [t for k, t in streamed if k == 1] == want[1]
+    # A threshold above the confidence refuses it, nothing sampled; admit decides instead where given.
+    c = _plain_confidence(model, prompts[0], ids)
+    answerer.threshold = c + 1e-6
+    refused, _ = answerer.decode(DecodeBatch(model), prompts[0])
+    assert (refused.finish_reason, refused.tokens) == ("refused", [])
+    seen = []
+    admitted, _ = answerer.decode(DecodeBatch(model), prompts[0], admit=lambda conf: seen.append(conf) or True)
+    assert admitted.finish_reason != "refused" and seen == [pytest.approx(c, rel=1e-9)]
+    answerer.threshold = None
+    assert answerer.decode(DecodeBatch(model), prompts[0], admit=lambda conf: False)[0].finish_reason == "refused"
+    assert answerer.decode(DecodeBatch(model), prompts[0])[0].finish_reason != "refused"
+    # A reply ends at its end token (not streamed, not in its tokens).
+    stopping = scripted(tok, "[1] Kor")
+    batch = DecodeBatch(stopping)
+    seq, _ = Answerer(stopping, tok, 200, max_answer_tokens=12).decode(batch, prompts[0])
+    while len(batch):
+        batch.step()
+    assert (seq.tokens, seq.finish_reason) == (tok.encode("[1] Kor"), "stop")
+
+
+def test_decode_instead_rules_out_abstains_first_token_only(tok):
+    model = abstaining(tok)
+    answerer = Answerer(model, tok, 200, max_answer_tokens=12)
+    stop, ids = tok.token_id("<|assistant_end|>"), answerer.abstain_ids
+    prompt = answerer.prompt("Who?", [KOR])[0]
+    batch = DecodeBatch(model)
+    seq = answerer.decode_instead(batch, prompt)
+    while len(batch):
+        batch.step()
+    assert seq.tokens == _plain_greedy(model, prompt, 12, stop, banned_first=(ids[0],)) == ids[1:-1]
+    assert seq.finish_reason == "stop"
+    short = Answerer(model, tok, 200, max_answer_tokens=2).decode_instead(DecodeBatch(model), prompt)
+    assert short.max_new_tokens == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# RankOrderReader's own steps, by hand
+
+
+def test_rank_order_decides_from_the_first_document_that_suffices_with_every_field(tok):
+    reader = RankOrderReader(Answerer(object(), tok, 200))
+    abstains, answers = _reply(ABSTAIN), _reply("[1] Vellport", over_abstention=True)
+    read = reader.decide("q", [ADA, KOR], 2, [0.25, 0.75], [abstains, answers], 1.5)
+    assert (read.question, read.reply, read.answer, read.citations, read.abstained) == \
+        ("q", "[2] Vellport", "Vellport", [2], False)
+    assert (read.confidence, read.documents, read.dropped, read.seconds, read.read) == (0.75, [ADA, KOR], 2, 1.5, 2)
+    assert read.read_confidences == [0.25, 0.75] and read.over_abstention
+    none = reader.decide("q", [ADA], 3, [0.4], [abstains], 2.5)
+    assert (none.question, none.reply, none.abstained, none.confidence, none.dropped, none.seconds, none.read) == \
+        ("q", ABSTAIN, True, 0.4, 3, 2.5, None)
+    nothing = reader.decide("q", [], 0, [], [], 0.5)
+    assert nothing.confidence == 0.0 and nothing.abstained  # no document: no confidence in an answer
+    assert math.isnan(reader.decide("q", [ADA, KOR], 0, [0.5, math.nan], [abstains, abstains], 0.0).confidence)
+
+
+def test_rank_order_generates_every_document_without_a_threshold_else_the_first_at_or_above_it(tok):
+    assert RankOrderReader(Answerer(object(), tok, 200)).generated([0.1, 0.9, 0.3]) == [0, 1, 2]
+    assert RankOrderReader(Answerer(object(), tok, 200, threshold=0.3)).generated([0.1, 0.9, 0.3]) == [1]
+    assert RankOrderReader(Answerer(object(), tok, 200, threshold=0.95)).generated([0.1, 0.9, 0.3]) == []
+    long = "Where was Ada Vell born? " * 40
+    reader = RankOrderReader(Answerer(object(), tok, 60, max_answer_tokens=10))
+    cut = reader.fit_question(long)
+    assert long.startswith(cut) and 0 < len(cut) < len(long)
+    assert len(tok.encode(cut)) <= 49 - 6 < len(tok.encode(long[:len(cut) + 25]))  # 43 tokens of room
+
+
+def test_rank_order_with_a_threshold_scores_each_pair_once_and_prefills_the_chosen_one_again(tok):
+    """Tokens fed: each (question, document) prompt and ABSTAIN's scoring once, then the chosen
+    document's prompt again and its reply fed back; the generation scores nothing again. A question
+    with no document is the abstention, nothing fed."""
+    model = Counted(scripted(tok, "[1] Vellport"))
+    reader = RankOrderReader(Answerer(model, tok, 200, max_answer_tokens=8, threshold=0.5))
+    [a] = reader.answer(["Where was Ada Vell born?"], [[ADA, KOR]])
+    assert (a.reply, a.read) == ("[1] Vellport", 1)
+    pa = reader.answerer.prompt("Where was Ada Vell born?", [ADA])[0]
+    pk = reader.answerer.prompt("Where was Ada Vell born?", [KOR])[0]
+    scoring = len(reader.answerer.abstain_ids) - 1
+    assert sum(model.fed) == len(pa) + len(pk) + 2 * scoring + len(pa) + len(tok.encode("[1] Vellport"))
+    model.fed.clear()
+    [empty] = reader.answer(["Why?"], [[]])
+    assert (empty.reply, empty.abstained, empty.below_threshold, empty.confidence) == (ABSTAIN, True, True, 0.0)
+    assert model.fed == []

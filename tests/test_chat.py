@@ -296,6 +296,15 @@ def test_retrieved_documents_number_on_across_hops_and_turns_and_a_new_section_s
     assert "<|query_start|>k4<|query_end|><|documents_start|><|documents_end|>[6] y<|assistant_end|>" in text
 
 
+def test_hop_documents_after_a_question_without_documents_number_from_1(tok):
+    """Closed-book hop 1 (no documents section at all): the first retrieved document is [1]."""
+    r = ChatRenderer(tok)
+    text = tok.decode(r.render([{"role": "user", "content": "Q"},
+                                {"role": "assistant", "content": "[1] x",
+                                 "hops": [{"query": "k", "documents": _documents("A", "B")}]}])[0])
+    assert "<|documents_start|><|document_start|>[1] A (d-A)" in text and "[2] B (d-B)" in text
+
+
 def test_a_query_whose_opening_is_not_taught_still_teaches_its_words(tok):
     r = ChatRenderer(tok)
     t = tok.token_id

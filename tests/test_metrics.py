@@ -12,6 +12,7 @@ from hybridchat.core.metrics import (
     bootstrap_ci,
     exact_match,
     normalize_answer,
+    t_interval,
     token_f1,
 )
 
@@ -278,3 +279,43 @@ def test_every_refusal_says_what_and_which_argument():
         exact_match("x", long_answer)
     assert str(refused.value) == (f"answers must be a sequence of strings, not the string {long_answer[:40]!r}; "
                                   "wrap it in a list")
+
+
+# ---------------------------------------------------------------------------------------------
+# t_interval: Student-t quantiles from a table (t(0.975, 1) = 12.706205, t(0.975, 2) = 4.302653,
+# t(0.95, 4) = 2.131847, t(0.995, 3) = 5.840909), sample standard deviations by hand
+
+
+@pytest.mark.parametrize("values, confidence, mean, half", [
+    ([1.0, 2.0, 6.0], 0.95, 3.0, 4.302653 * math.sqrt(7) / math.sqrt(3)),      # s^2 = (4 + 1 + 9) / 2
+    ([1.0, 3.0], 0.95, 2.0, 12.706205 * math.sqrt(2) / math.sqrt(2)),           # s^2 = (1 + 1) / 1
+    ([1.0, 2.0, 3.0, 4.0, 5.0], 0.90, 3.0, 2.131847 * math.sqrt(2.5) / math.sqrt(5)),  # s^2 = 10 / 4
+    ([0.5, 0.5, 0.5, 1.5], 0.99, 0.75, 5.840909 * 0.5 / 2),                      # s^2 = (3 x 1/16 + 9/16) / 3
+    ([4.0, 4.0, 4.0], 0.95, 4.0, 0.0),                                           # no spread, no width
+])
+def test_t_interval_is_the_mean_plus_minus_t_times_s_over_root_n(values, confidence, mean, half):
+    got = t_interval(values, confidence=confidence)
+    assert got == pytest.approx((mean, mean - half, mean + half), abs=1e-5)
+    assert all(type(x) is float for x in got)
+
+
+def test_t_interval_defaults_to_95_percent_and_one_value_has_no_interval():
+    assert t_interval((1.0, 2.0, 6.0)) == pytest.approx(t_interval([1.0, 2.0, 6.0], 0.95))
+    assert t_interval([1.0, 2.0, 6.0])[2] - 3.0 == pytest.approx(4.302653 * math.sqrt(7 / 3), abs=1e-5)
+    mean, low, high = t_interval([0.25])
+    assert mean == 0.25 and math.isnan(low) and math.isnan(high)
+
+
+@pytest.mark.parametrize("confidence", [0, 1, 1.5, -0.1])
+def test_t_interval_confidence_must_be_strictly_between_0_and_1(confidence):
+    with pytest.raises(ValueError, match=rf"^confidence must be in \(0, 1\), got {confidence}$"):
+        t_interval([1.0, 2.0], confidence=confidence)
+
+
+def test_t_interval_refuses_no_values_and_a_table_of_them():
+    with pytest.raises(ValueError, match=r"^values must be a non-empty list of numbers, got shape \(0,\)$"):
+        t_interval([])
+    with pytest.raises(ValueError, match=r"^values must be a non-empty list of numbers, got shape \(2, 2\)$"):
+        t_interval([[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(ValueError, match=r"^values must be a non-empty list of numbers, got shape \(\)$"):
+        t_interval(3.0)

@@ -2,7 +2,10 @@
 that writes bridge queries, what makes a reply well-formed, and batches of answers with a threshold.
 (The query hook's round trip with a scripted model is in tests/test_refrag.py.)"""
 
+import time
+
 import pytest
+from test_answer import Preferring
 from test_refrag import (
     ADA,
     DOCS,
@@ -20,7 +23,7 @@ from test_refrag import (
 from hybridchat.core.documents import Document
 from hybridchat.data.chat import ChatRenderer
 from hybridchat.rag.answer import ABSTAIN, Answerer
-from hybridchat.rag.multihop import BridgeQueries, Hop, MultiHop, Search, Trajectory
+from hybridchat.rag.multihop import BridgeQueries, Hop, MultiHop, QueryGenerator, RowState, Search, Trajectory
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,11 @@ def test_search_asks_for_enough_to_skip_the_documents_already_shown():
     assert [[d.id for d in row] for row in got] == [["d2", "d3"], ["d4", "d0"]]
     assert [[d.id for d in row] for row in search(["Kor 5"])] == [["d5", "d0"]]  # nothing shown yet
     assert retriever.calls[-1][1] == 2
+
+
+def test_no_queries_find_nothing():
+    retriever = RecordingRetriever()
+    assert Search(retriever, top_k=2)([]) == [] and Search(retriever, top_k=2)([], []) == []
 
 
 def test_max_hops_below_one_is_refused(tok):
@@ -186,3 +194,126 @@ def test_several_samples_per_question_each_keep_their_own_trace(tok):
     for t in trajectories:
         assert [h.query for h in t.hops] == [t.hops[0].query, "Vellport"] and len(t.hops) == 2
         assert t.documents == ([ADA, VELLPORT] if t.index == 0 else [KOR, ADA])
+
+
+def test_a_forced_hop_skips_the_documents_already_shown():
+    """The bridge query names Ada Vell's and Kor Industries' titles alike (2 words each): the retriever
+    ranks Ada Vell first, but hop 1 showed her document, so hop 2 gets Kor Industries'."""
+    mh = multihop(None, tokenizer(), TitleRetriever())
+    hops = mh.plan(QUESTION, [ADA], BridgeQueries())
+    assert [[d.id for d in h.documents] for h in hops] == [["person-0001"], ["company-0002"]]
+    assert "Kor Industries" in hops[1].query and hops[1].forced
+
+
+def test_overrules_only_a_final_abstention_at_or_above_the_threshold(tok):
+    mh = MultiHop(None, tok, Search(TitleRetriever(), 1), 256, threshold=0.5)
+    abstains = _trajectory(tok, ABSTAIN)
+    assert mh.overrules(abstains, 0.75) and mh.overrules(abstains, 0.5) and not mh.overrules(abstains, 0.25)
+    assert not mh.overrules(_trajectory(tok, "[2] Tam Brel"), 0.75)
+    assert not MultiHop(None, tok, Search(TitleRetriever(), 1), 256).overrules(abstains, 0.75)  # no threshold
+
+
+def test_instead_replaces_the_final_answer_and_keeps_what_came_before(tok):
+    stop = ChatRenderer(tok).stop_token
+    t = Trajectory(0, [1, 2], [5, 6, 7, 8, stop], [1, 0, 0, 1, 1], [Hop("q", [ADA])], "stop", 3)
+    mh = MultiHop(None, tok, Search(TitleRetriever(), 1), 256)
+    done = mh.instead(t, [9, 10], "stop")
+    assert (done.tokens, done.written, done.finish) == ([5, 6, 7, 9, 10, stop], [1, 0, 0, 1, 1, 1], "stop")
+    cut = mh.instead(t, [9], "length")
+    assert (cut.tokens, cut.written, cut.finish) == ([5, 6, 7, 9], [1, 0, 0, 1], "length")
+    assert (t.tokens, t.written, t.finish) == ([5, 6, 7, 8, stop], [1, 0, 0, 1, 1], "stop")  # a new trajectory
+    assert (done.index, done.prompt, done.hops, done.answer_start) == (0, [1, 2], t.hops, 3)
+
+
+def abstains_after_a_query(tok) -> Preferring:
+    """Writes the query "Kor Industries", then (after its documents) ABSTAIN; without ABSTAIN's first
+    token, "[2] Tam Brel"."""
+    t = tok.token_id
+    ids = Answerer(None, tok, 200).abstain_ids
+    script = chain([t("<|assistant_start|>"), t("<|query_start|>"), *tok.encode("Kor Industries"), t("<|query_end|>")])
+    answer = tok.encode("[2] Tam Brel")
+    prefs = {a: {b: 0.0} for a, b in {**script, **chain(ids), **chain([*answer, ids[-1]])}.items()}
+    prefs[t("<|documents_end|>")] = {ids[0]: 30.0, answer[0]: 20.0}
+    return Preferring(tok.vocab_size, prefs)
+
+
+def test_answer_overrules_an_abstention_after_the_hops_and_reads_each_batchs_own_first_documents(tok):
+    """At or above the threshold (0: always) the final ABSTAIN is replaced by the reply without its
+    first token, generated from the prompt and the hops; the trace is kept. `first` gives each question
+    its hop-1 documents, batch by batch (of 2); seconds are each batch's time per question."""
+    model = abstains_after_a_query(tok)
+    questions, first = [QUESTION, "Kor Industries?", "Where was Ada Vell born?"], [[ADA], [VELLPORT], [KOR]]
+    mh = multihop(model, tok, TitleRetriever(), batch_size=2, max_answer_tokens=12, threshold=0.0)
+    t0 = time.perf_counter()
+    answers = mh.answer(questions, first)
+    total = time.perf_counter() - t0
+    assert [(a.reply, a.over_abstention, a.abstained) for a in answers] == [("[2] Tam Brel", True, False)] * 3
+    # Well-formed where a second document was shown: the replaced answer stopped (its end token kept).
+    assert [a.format_ok for a in answers] == [True, True, False] and answers[2].documents == [KOR]
+    assert [[d.id for d in a.hops[0].documents] for a in answers] == [["person-0001"], ["city-0003"],
+                                                                      ["company-0002"]]
+    assert [h.query for h in answers[0].hops] == [QUESTION, "Kor Industries"]
+    assert answers[0].seconds == answers[1].seconds > 0 and sum(a.seconds for a in answers) <= total
+    own = multihop(model, tok, TitleRetriever(), max_answer_tokens=12).answer(questions, first)
+    assert [(a.reply, a.over_abstention, a.abstained) for a in own] == [(ABSTAIN, False, True)] * 3
+
+
+def test_the_prompt_is_the_question_with_hop_1s_documents_then_each_forced_query_and_its_results(tok):
+    renderer = ChatRenderer(tok)
+    mh = multihop(None, tok, TitleRetriever(), max_hops=3)
+    hops = [Hop(QUESTION, [ADA]), Hop("Kor Industries", [KOR], forced=True), Hop("Vellport", [VELLPORT], forced=True)]
+    want = (renderer.prompt([{"role": "user", "content": QUESTION, "documents": [ADA]}])
+            + renderer.query("Kor Industries") + renderer.results([KOR], 2)
+            + renderer.query("Vellport") + renderer.results([VELLPORT], 3))
+    assert mh.prompt(QUESTION, hops) == want
+    assert tok.decode(want).count("<|query_start|>") == 2 and "[3] Vellport (city-0003)" in tok.decode(want)
+
+
+def test_a_written_query_is_the_text_after_the_latest_opening_marker(tok):
+    t = tok.token_id
+    mh = multihop(None, tok, TitleRetriever())
+    out = [t("<|query_start|>"), *tok.encode("Kor"), t("<|query_start|>"), *tok.encode("Vellport"), t("<|query_end|>")]
+    hop = mh.written_query(RowState(5, [Hop(QUESTION, [ADA])]), out)
+    assert (hop.query, hop.status, hop.documents) == ("Vellport", "ok", [])
+    assert mh.written_query(RowState(5, [Hop(QUESTION, [ADA])]), out[:-1]) is None  # not closed yet
+
+
+def test_retrieval_is_not_called_when_no_hop_is_followed(tok):
+    retriever = RecordingRetriever()
+    mh = multihop(None, tok, retriever)
+    state = RowState(5, [Hop(QUESTION, [ADA])])
+    assert mh.retrieve([(state, Hop("x", [], "over_max_hops")), (state, Hop("", [], "empty"))]) == [[], []]
+    assert retriever.calls == []
+    assert mh.retrieve([(state, Hop("x", [], "empty")), (state, Hop("Kor Industries", []))]) == [[], [KOR]]
+    assert retriever.calls == [(["Kor Industries"], 1 + 1, None)]  # one call, for the hop followed
+
+
+def test_a_trajectory_marks_the_injected_tokens_as_not_written(tok):
+    stop = ChatRenderer(tok).stop_token
+    mh = multihop(None, tok, TitleRetriever())
+    state = RowState(4, [Hop(QUESTION, [ADA])], segment=6, injected=[(2, 3)])
+    t = mh.trajectory(1, [1, 2, 3, 4], state, [11, 12, 13, 14, 15, 16, 17], "stop")
+    assert (t.tokens, t.written) == ([11, 12, 13, 14, 15, 16, 17, stop], [1, 1, 0, 0, 0, 1, 1, 1])
+    assert (t.index, t.prompt, t.hops, t.finish, t.answer_start) == (1, [1, 2, 3, 4], state.hops, "stop", 6)
+    cut = mh.trajectory(0, [1], state, [11, 12, 13, 14, 15], "length")
+    assert (cut.tokens, cut.written) == ([11, 12, 13, 14, 15], [1, 1, 0, 0, 0])
+
+
+def test_a_forced_hops_room_counts_its_documents_numbers_as_shown(tok):
+    """Hop 2's documents number on from hop 1's: after 8 documents its first is [9], after 9 it is
+    [10], a token longer. Fitted at exactly its room (by hand) it is shown, one token less it is not."""
+    renderer = ChatRenderer(tok)
+
+    class Forced(QueryGenerator):
+        def query(self, question, hops):
+            return "Kor Industries"
+
+    for n in (8, 9):
+        first = [Document(f"note-{i}", f"Note {i}", "x.") for i in range(n)]
+        prompt = renderer.prompt([{"role": "user", "content": QUESTION, "documents": first}])
+        exact = len(prompt) + len(renderer.query("Kor Industries")) + len(renderer.results([KOR], n + 1)) + 8 + 1
+        assert len(renderer.results([KOR], n + 1)) == len(renderer.results([KOR], 1)) + (n + 1 >= 10)
+        for max_context, shown in ((exact, ["company-0002"]), (exact - 1, [])):
+            mh = multihop(None, tok, TitleRetriever(), max_context=max_context, max_answer_tokens=8, hop_tokens=1)
+            hops = mh.plan(QUESTION, first, Forced())
+            assert (len(hops[0].documents), [d.id for d in hops[1].documents]) == (n, shown)

@@ -13,7 +13,7 @@ from conftest import naive_greedy, random_model
 from hybridchat.core.errors import UserError
 from hybridchat.infra import checkpoint
 from hybridchat.infra.config import StageConfig
-from hybridchat.model.engine import Engine
+from hybridchat.model.engine import DecodeBatch, Engine
 from hybridchat.model.lm import HybridLM
 from hybridchat.training.loop import build_optimizers
 from hybridchat.training.runs import load_run
@@ -235,3 +235,63 @@ def test_a_target_absent_from_the_context_costs_its_vocabulary_share_and_gives_f
     assert nll[0, 1].item() == pytest.approx(-math.log(g[1] * 1e-30), rel=1e-12)
     nll.sum().backward()
     assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+
+
+def _plain_mixture(pointer, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log((1 - g) softmax(logits) + g copy) position by position for a bare pointer (one row)."""
+    T, V = logits.shape[1:]
+    out = torch.empty(T, V, dtype=torch.float64)
+    for t in range(T):
+        q = pointer.c_q(h[0, t])
+        scores = torch.stack([q @ pointer.c_k(h[0, j]) / math.sqrt(q.numel()) for j in range(t + 1)])
+        weights = torch.softmax(scores, 0)
+        copy = torch.zeros(V, dtype=torch.float64)
+        for j in range(t + 1):
+            copy[idx[0, j]] += weights[j]
+        g = torch.sigmoid(pointer.c_gate(h[0, t]))[0]
+        out[t] = ((1 - g) * torch.softmax(logits[0, t], -1) + g * copy).log()
+    return out
+
+
+def test_a_cache_without_a_position_is_filled_from_0_and_torchs_default_device_is_not_used():
+    pointer = _pointer()
+    torch.manual_seed(2)
+    h = torch.randn(1, 4, 12, dtype=torch.float64)
+    idx = torch.tensor([[3, 1, 3, 2]])
+    logits = torch.randn(1, 4, 7, dtype=torch.float64)
+    with torch.no_grad():
+        want = _plain_mixture(pointer, h, logits, idx)
+        cache = pointer.allocate_cache(1, 6, torch.device("cpu"), torch.float64)
+        torch.testing.assert_close(pointer.log_probs(h, logits, idx, cache)[0], want, rtol=1e-9, atol=1e-9)
+        assert cache.ids[0].tolist() == [3, 1, 3, 2, 0, 0]
+        with torch.device("meta"):  # tensors made without a device would land there
+            elsewhere = pointer.log_probs(h, logits, idx)
+    assert elsewhere.device == torch.device("cpu")
+    torch.testing.assert_close(elsewhere[0], want, rtol=1e-9, atol=1e-9)
+
+
+def test_a_continuous_batch_of_prompts_of_other_lengths_equals_naive_generation():
+    """A DecodeBatch decodes its rows through a ragged cache (each row's own length): the pointer
+    attends to each row's own tokens only, as a full forward over that row alone does. Then with
+    the gate open and the queries zero (the copy distribution uniform over the tokens attended to),
+    attention on the positions past a shorter row's end (id 0) would take over its tokens."""
+    model = pointer_model("jamba")
+    prompts = [[1, 5, 9, 3, 7, 2, 8, 4, 6], [4, 2], [7, 7, 7, 1]]
+    for _ in range(2):
+        batch = DecodeBatch(model)
+        seqs = [batch.add(p, 7) for p in prompts]
+        while len(batch):
+            batch.step()
+        assert [s.tokens for s in seqs] == [naive_greedy(model, p, 7) for p in prompts]
+        with torch.no_grad():
+            model.pointer.c_gate.bias.fill_(4.0)
+            model.pointer.c_q.weight.zero_()
+    assert 0 not in [t for s in seqs for t in s.tokens]
+
+
+def test_the_pointer_is_the_formulas_parameters_only():
+    """q = W_q h and k = W_k h without a bias; the gate w_g . h + b has one."""
+    from hybridchat.model.pointer import Pointer
+
+    shapes = {name: tuple(p.shape) for name, p in Pointer(d_model=12, head_dim=4).named_parameters()}
+    assert shapes == {"c_q.weight": (4, 12), "c_k.weight": (4, 12), "c_gate.weight": (1, 12), "c_gate.bias": (1,)}
