@@ -177,6 +177,7 @@ def test_nothing_fits_names_the_memory_and_what_would_fit():
     assert "but the device has 8.0 GiB" in message
     assert "fits: distributed.strategy=fsdp over 8 GPUs" in message
     assert "nothing fits on 1 GPU(s): use a smaller model" in message
+    assert " GiB; fits: " in message and "; fits: distributed.strategy=fsdp over 8 GPUs" in message
     planner = planning.make_planner(config, 80 * GIB, ssm_kernels=True)
     setup = planning.Setup(1, "ddp", 64, False)
     assert any("gpu.activation_checkpointing=true" in a for a in planning.advice(planner, setup))
@@ -409,3 +410,45 @@ def test_advice_lists_what_fits_cheapest_first_and_else_how_small_a_model_would(
         "parameter here, so at most ~50M parameters) or a device with more memory"]
     stand_in.capacity = GIB  # no room at all: at most ~0M, not a negative size
     assert "at most ~0M parameters" in planning.advice(stand_in, planning.Setup(2, "ddp", 1, False))[-1]
+
+
+def test_plan_states_the_run_it_planned():
+    """What plan() records: the model, the card, the dtype, the kernels (assumed for `auto` on CUDA,
+    or as given), the activation parts with the configured checkpointing, one DDP row on 1 GPU and a
+    DDP and an FSDP row beyond, each with the configured checkpointing."""
+    config, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu",
+                                             "gpu.ssm_backend=auto", "gpu.activation_checkpointing=true"]))
+    p = planning.plan(config, [1, 2], mfu=0.4, capacity=80 * GIB)
+    assert (p.model, p.gpu, p.dtype, p.ssm_kernels) == ("hybrid_d20", "h100", "bfloat16", True)
+    assert p.activation_bytes_per_token == planning.activation_bytes_per_token(
+        config.model, p.vocab_size, autocast=True, ssm_kernels=True, checkpointing=True)
+    assert "recompute" in p.activation_bytes_per_token
+    assert [(r.setup.n_gpus, r.setup.strategy, r.setup.activation_checkpointing) for r in p.rows] == [
+        (1, "ddp", True), (2, "ddp", True), (2, "fsdp", True)]
+    assert not planning.plan(config, [1], mfu=0.4, capacity=80 * GIB, ssm_kernels=False).ssm_kernels
+    # `auto` is shown at the largest micro-batch that fits each way, at 1 where none does
+    rows = planning.plan(config, [1], mfu=0.4, capacity=80 * GIB).rows
+    assert rows[0].setup.micro_batch == rows[0].max_micro_batch > 1
+    rows = planning.plan(config, [1], mfu=0.4, capacity=GIB).rows
+    assert (rows[0].setup.micro_batch, rows[0].max_micro_batch, rows[0].fits) == (1, 0, False)
+
+
+def test_auto_micro_batch_follows_the_strategy_checkpointing_and_importable_kernels():
+    overrides = ["model=hybrid_d20", "gpu=h100", "data=fineweb_edu", "gpu.ssm_backend=auto"]
+    config, _ = typed_config(compose_config(overrides))
+    ddp = planning.resolve_micro_batch(config, 2, 24 * GIB, ssm_kernels=True)
+    fsdp, _ = typed_config(compose_config(overrides + ["distributed.strategy=fsdp"]))
+    assert planning.resolve_micro_batch(fsdp, 2, 24 * GIB, ssm_kernels=True) > ddp  # the shards leave more room
+    ckpt, _ = typed_config(compose_config(overrides + ["gpu.activation_checkpointing=true"]))
+    assert planning.resolve_micro_batch(ckpt, 2, 24 * GIB, ssm_kernels=True) > ddp
+    # training checks that the kernels import (here they may not): the answer of the kernels it finds
+    from hybridchat.model import mamba
+    with_kernels = planning.resolve_micro_batch(config, 1, 24 * GIB, ssm_kernels=True)
+    assert with_kernels != planning.resolve_micro_batch(config, 1, 24 * GIB, ssm_kernels=False)
+    assert planning.resolve_micro_batch(config, 1, 24 * GIB) == planning.resolve_micro_batch(
+        config, 1, 24 * GIB, ssm_kernels=mamba.cuda_kernels_available())
+    # nothing fits the configured strategy (FSDP here): the advice starts from the first of its rows
+    fsdp, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu",
+                                           "gpu.activation_checkpointing=true", "distributed.strategy=fsdp"]))
+    advice = planning.plan(fsdp, [1, 8], mfu=0.4, capacity=GIB, ssm_kernels=True).advice
+    assert advice[0].startswith("micro_batch=1 with 1 GPU, act. ckpt needs")
