@@ -177,6 +177,7 @@ def test_nothing_fits_names_the_memory_and_what_would_fit():
     assert "but the device has 8.0 GiB" in message
     assert "fits: distributed.strategy=fsdp over 8 GPUs" in message
     assert "nothing fits on 1 GPU(s): use a smaller model" in message
+    assert " GiB; fits: " in message and "; fits: distributed.strategy=fsdp over 8 GPUs" in message
     planner = planning.make_planner(config, 80 * GIB, ssm_kernels=True)
     setup = planning.Setup(1, "ddp", 64, False)
     assert any("gpu.activation_checkpointing=true" in a for a in planning.advice(planner, setup))
@@ -248,3 +249,206 @@ def test_plan_config_composes_the_training_groups():
     cfg = plan_config(["model=mamba_tiny", "gpu=rtx4090", "distributed.strategy=fsdp"], "/tmp")
     assert OmegaConf.select(cfg, "gpu.micro_batch") == "auto" and cfg.distributed.strategy == "fsdp"
     assert cfg.n_gpus == [1, 8] and cfg.mfu == 0.4
+
+
+def test_activation_bytes_per_token_by_hand():
+    """Each term of the activation formula by hand for small sizes: d=64, 4 heads of 16 (2 KV heads:
+    kv=32), Mamba d_inner 128 in 4 heads of 32, d_state 16, 1 group, chunks of 8, MLP hidden 256 (or
+    96 given directly), 100 tokens, 16-token sequences, blocks A M M. A norm keeps 4 * (64 + 1) = 260."""
+    from hybridchat.model.config import ModelConfig
+
+    base = dict(n_layer=3, n_embd=64, n_head=4, n_kv_head=2, block_pattern="AMM", expand=2, headdim=32,
+                d_state=16, ngroups=1, chunk_size=8, sequence_len=16, mlp_ratio=4)
+    # bf16 autocast (2 bytes), mamba_ssm's kernels, relu^2 MLP, QK-norm, embedding norm, pointer.
+    cfg = ModelConfig(**base, qk_norm=True, mlp="relu2", mamba_mlp=True, embed_norm=True, pointer=True)
+    # attention: q, k, v inputs 3*64*2 = 384; SDPA's q, k, v 2*(64+2*32) = 256; output and c_proj input
+    # 2*2*64 = 256; logsumexp 4*4 = 16; QK-norm 4*(64+32+4+2) = 408: 1320. MLP: 64*2 + 2*2*256 = 1152.
+    # mamba (kernels): zxbcdt 2*128+2*16+4 = 292, conv 128+2*16 = 160: 2*(64+292+160+2*128) + 4*(4+1) = 1564.
+    # Blocks: A 1320+260+1152+260 = 2992; M 1564+260+1152+260 = 3236, twice.
+    # Embedding norm 260, final norm 260, head input 64*2, targets 8, 3 fp32 rows of 100: 1856.
+    # Pointer: 3*64*2 inputs, 4*(2*16+1) outputs, (2*4+1) bytes per position of 16: 384+132+144 = 660.
+    assert planning.activation_bytes_per_token(cfg, 100, autocast=True, ssm_kernels=True) == {
+        "attention blocks": 2992, "mamba blocks": 6472, "embedding + head": 1856, "pointer": 660}
+
+    # fp32 (4 bytes, each linear input once), our SSD, SwiGLU, no QK-norm, no embedding norm, no MLP
+    # after Mamba, activation checkpointing.
+    cfg = ModelConfig(**base, qk_norm=False, mlp="swiglu", mamba_mlp=False, embed_norm=False)
+    # attention: 64*4 + 4*(64+64) + 2*4*64 + 16 = 1296; SwiGLU: 64*4 + 4*4*256 = 4352; A block 6168.
+    # mamba (SSD): 4*(64 + 3*160 + 292 + 7*128 + 4*16 + (2*4+1)*8 + 4*32*16/8) = 4*2124 = 8496
+    # and fp32 4*(2*128 + 256 + 1 + 6*4) = 2148: 10644; M block 10644 + 260 = 10904.
+    # Checkpointing keeps each block's fp32 input (4*64) and recomputes the largest block.
+    parts = planning.activation_bytes_per_token(cfg, 100, autocast=False, ssm_kernels=False, checkpointing=True)
+    assert parts == {"attention blocks": 256, "mamba blocks": 512, "recompute": 10904,
+                     "embedding + head": 260 + 256 + 8 + 1200}
+    # the head's backward is over before the recompute: the smaller of the two is not added
+    assert planning.peak_per_token(parts) == 256 + 512 + 10904
+    assert planning.peak_per_token({"a": 5, "embedding + head": 7}) == 12
+    assert planning.peak_per_token({"recompute": 9, "embedding + head": 7}) == 9
+
+    # bf16 and our SSD: 2*2124 + 2148 = 6396; a relu^2 MLP of 96 given directly: 64*2 + 2*2*96 = 512.
+    cfg = ModelConfig(**base, mlp="relu2", mlp_hidden=96, mamba_mlp=True, embed_norm=False)
+    parts = planning.activation_bytes_per_token(cfg, 100, autocast=True, ssm_kernels=False)
+    assert parts["mamba blocks"] == 2 * (6396 + 260 + 512 + 260)
+    # no MLP at all (mlp_ratio 0): attention 1320 (QK-norm, bf16) and a norm
+    cfg = ModelConfig(**{**base, "mlp_ratio": 0}, qk_norm=True)
+    assert planning.activation_bytes_per_token(cfg, 100, True, True)["attention blocks"] == 1320 + 260
+
+
+def test_fsdp_gathered_and_accumulated_gradients_by_hand():
+    """fsdp_gathered's and fsdp_accumulated_grads' maxima by hand, each side winning once."""
+    big_root = planning.Sizes(params={}, total=1000, matrix=0, matmul=0, largest_block=50, root=600, pattern="")
+    big_block = replace(big_root, largest_block=300, root=100)
+    # weights: root + max(root, block) + 2 blocks; grads: max(2 roots - a root shard, a root,
+    # 2 blocks, less a shard of each)
+    assert planning.fsdp_gathered(big_root, 2) == (600 + 600 + 100, 2 * 600 - 300)
+    assert planning.fsdp_gathered(big_block, 4) == (100 + 300 + 600, 100 - 25 + 600 - 75)
+    # whole gradients and a block, or the blocks' shards and 2 roots
+    assert planning.fsdp_accumulated_grads(big_root, 2) == 400 / 2 + 2 * 600
+    assert planning.fsdp_accumulated_grads(big_block, 2) == 1000 + 300
+
+
+def test_ssm_kernels_are_assumed_or_checked_by_backend_and_device():
+    gpu = planning.GPUConfig
+    cfg = __import__("hybridchat.infra.config", fromlist=["x"])
+    cuda, cpu = cfg.Device.cuda, cfg.Device.cpu
+    assert planning.uses_ssm_kernels(gpu(ssm_backend=cfg.SSMBackend.cuda, device=cpu), check_import=True)
+    assert not planning.uses_ssm_kernels(gpu(ssm_backend=cfg.SSMBackend.torch, device=cuda), check_import=False)
+    assert planning.uses_ssm_kernels(gpu(ssm_backend=cfg.SSMBackend.auto, device=cuda), check_import=False)
+    assert not planning.uses_ssm_kernels(gpu(ssm_backend=cfg.SSMBackend.auto, device=cpu), check_import=False)
+    from hybridchat.model import mamba
+    checked = planning.uses_ssm_kernels(gpu(ssm_backend=cfg.SSMBackend.auto, device=cuda), check_import=True)
+    assert checked == mamba.cuda_kernels_available()
+
+
+def test_device_memory_is_the_cuda_devices_own_else_the_presets(monkeypatch):
+    gpu = planning.GPUConfig(memory_gb=1.5)
+    assert planning.device_memory(gpu, torch.device("cpu")) == 3 * 2**29
+    asked = []
+
+    def properties(device):
+        asked.append(device)
+        return type("Properties", (), {"total_memory": 12345})()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert planning.device_memory(gpu, torch.device("cuda", 1)) == 12345 and asked == [torch.device("cuda", 1)]
+
+
+def test_plan_rows_hold_the_given_capacity_grad_accum_and_exact_tokens_per_second():
+    config, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu",
+                                             "gpu.micro_batch=4"]))
+    T = config.model.sequence_len
+    config.stage.total_batch_tokens = 8 * 4 * 2 * T  # 2 micro-batches of 4 per step on 8 GPUs
+    p = planning.plan(config, [8], mfu=0.5, capacity=123 * GIB, ssm_kernels=True)
+    assert p.capacity_bytes == 123 * GIB
+    assert [r.grad_accum for r in p.rows] == [2, 2]
+    flops = planning.flops_per_token(config.model, p.vocab_size)
+    assert p.rows[0].tokens_per_s == pytest.approx(0.5 * 989 * 8 / flops * 10**12, rel=1e-14)
+    config.gpu.peak_tflops_bf16 = 0.0  # unknown peak (the CPU preset): no rate
+    assert planning.plan(config, [1], mfu=0.5, capacity=123 * GIB, ssm_kernels=True).rows[0].tokens_per_s is None
+
+
+def test_setups_describe_themselves():
+    assert planning.Setup(1, "ddp", 4, False).describe() == "1 GPU"
+    assert planning.Setup(1, "fsdp", 4, True).describe() == "1 GPU, act. ckpt"
+    assert planning.Setup(8, "fsdp", 4, False).describe() == "FSDP x8"
+    assert planning.Setup(2, "ddp", 4, True).describe() == "DDP x2, act. ckpt"
+
+
+def test_cpu_capacity_is_physical_memory_shared_by_the_local_ranks(monkeypatch):
+    with open("/proc/meminfo") as f:  # MemTotal: the kernel's total RAM, as sysconf's pages count it
+        physical = 1024 * int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+    gpu = planning.GPUConfig(memory_gb=0)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert planning.gpu_capacity(gpu) == physical
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert planning.gpu_capacity(gpu) == physical // 3
+    assert planning.gpu_capacity(planning.GPUConfig(memory_gb=0.5)) == 2**29
+
+
+def test_not_fit_reason_states_each_term_in_gib():
+    """Against a stand-in planner whose memory is given: 1 + 2 + 3 + 4 GiB of tensors, overhead
+    1 GiB + 10% of them = 2 GiB, 12 GiB in all, on a device of 11.5 GiB."""
+    memory = planning.Memory(weights=GIB, grads=2 * GIB, optimizer=3 * GIB, activations=4 * GIB)
+    stand_in = type("Planner", (), {"capacity": 23 * GIB // 2, "memory": lambda self, setup: memory})()
+    assert planning.not_fit_reason(stand_in, planning.Setup(2, "fsdp", 3, True)) == (
+        "micro_batch=3 with FSDP x2, act. ckpt needs 12.0 GiB per GPU (weights 1.0, gradients 2.0, optimizer 3.0, "
+        "activations 4.0, overhead 2.0) but the device has 11.5 GiB")
+
+
+class StandInPlanner:
+    """What advice() asks of a planner, given by hand: the largest micro-batch per (GPUs, strategy,
+    checkpointing), 0 where nothing fits, and one Memory for the micro-batch of 1 with checkpointing."""
+
+    def __init__(self, best, memory=None, capacity=0, total=1):
+        self.best, self.static, self.capacity = best, memory, capacity
+        self.sizes = type("Sizes", (), {"total": total})()
+
+    def max_micro_batch(self, setup):
+        return self.best.get((setup.n_gpus, setup.strategy, setup.activation_checkpointing), 0)
+
+    def memory(self, setup):
+        assert setup.micro_batch == 1 and setup.activation_checkpointing
+        return self.static
+
+
+def test_advice_lists_what_fits_cheapest_first_and_else_how_small_a_model_would():
+    fsdp = "fits: distributed.strategy=fsdp over"
+    best = {(1, "ddp", False): 4, (1, "ddp", True): 16, (1, "fsdp", False): 1, (1, "fsdp", True): 1,
+            (3, "fsdp", True): 1, (2, "fsdp", True): 2, (8, "fsdp", False): 8, (8, "fsdp", True): 32}
+    assert planning.advice(StandInPlanner(best), planning.Setup(1, "ddp", 8, False)) == [
+        "fits: gpu.micro_batch=4", "fits: gpu.activation_checkpointing=true (micro_batch 16)",
+        f"{fsdp} 2 GPUs + gpu.activation_checkpointing=true (micro_batch 2)", f"{fsdp} 8 GPUs (micro_batch 8)",
+        f"{fsdp} 8 GPUs + gpu.activation_checkpointing=true (micro_batch 32)"]
+    # On 2 GPUs only 8 fit, and a micro-batch no smaller than the one asked (2) is no advice; the static
+    # memory is asked at a micro-batch of 1 with checkpointing (the stand-in checks): 16 bytes per
+    # parameter of 10^8 (4 + 8 + 4 per parameter), room (capacity - 1 GiB) / 1.1 - activations 10^8 = 8 * 10^8.
+    static = planning.Memory(weights=4 * 10**8, grads=8 * 10**8, optimizer=4 * 10**8, activations=10**8)
+    stand_in = StandInPlanner({(2, "ddp", False): 2, (8, "fsdp", True): 1}, static, GIB + 99 * 10**7, 10**8)
+    assert planning.advice(stand_in, planning.Setup(2, "ddp", 2, False)) == [
+        f"{fsdp} 8 GPUs + gpu.activation_checkpointing=true (micro_batch 1)",
+        "nothing fits on 2 GPU(s): use a smaller model (weights, gradients and optimizer take 16 bytes per "
+        "parameter here, so at most ~50M parameters) or a device with more memory"]
+    stand_in.capacity = GIB  # no room at all: at most ~0M, not a negative size
+    assert "at most ~0M parameters" in planning.advice(stand_in, planning.Setup(2, "ddp", 1, False))[-1]
+
+
+def test_plan_states_the_run_it_planned():
+    """What plan() records: the model, the card, the dtype, the kernels (assumed for `auto` on CUDA,
+    or as given), the activation parts with the configured checkpointing, one DDP row on 1 GPU and a
+    DDP and an FSDP row beyond, each with the configured checkpointing."""
+    config, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu",
+                                             "gpu.ssm_backend=auto", "gpu.activation_checkpointing=true"]))
+    p = planning.plan(config, [1, 2], mfu=0.4, capacity=80 * GIB)
+    assert (p.model, p.gpu, p.dtype, p.ssm_kernels) == ("hybrid_d20", "h100", "bfloat16", True)
+    assert p.activation_bytes_per_token == planning.activation_bytes_per_token(
+        config.model, p.vocab_size, autocast=True, ssm_kernels=True, checkpointing=True)
+    assert "recompute" in p.activation_bytes_per_token
+    assert [(r.setup.n_gpus, r.setup.strategy, r.setup.activation_checkpointing) for r in p.rows] == [
+        (1, "ddp", True), (2, "ddp", True), (2, "fsdp", True)]
+    assert not planning.plan(config, [1], mfu=0.4, capacity=80 * GIB, ssm_kernels=False).ssm_kernels
+    # `auto` is shown at the largest micro-batch that fits each way, at 1 where none does
+    rows = planning.plan(config, [1], mfu=0.4, capacity=80 * GIB).rows
+    assert rows[0].setup.micro_batch == rows[0].max_micro_batch > 1
+    rows = planning.plan(config, [1], mfu=0.4, capacity=GIB).rows
+    assert (rows[0].setup.micro_batch, rows[0].max_micro_batch, rows[0].fits) == (1, 0, False)
+
+
+def test_auto_micro_batch_follows_the_strategy_checkpointing_and_importable_kernels():
+    overrides = ["model=hybrid_d20", "gpu=h100", "data=fineweb_edu", "gpu.ssm_backend=auto"]
+    config, _ = typed_config(compose_config(overrides))
+    ddp = planning.resolve_micro_batch(config, 2, 24 * GIB, ssm_kernels=True)
+    fsdp, _ = typed_config(compose_config(overrides + ["distributed.strategy=fsdp"]))
+    assert planning.resolve_micro_batch(fsdp, 2, 24 * GIB, ssm_kernels=True) > ddp  # the shards leave more room
+    ckpt, _ = typed_config(compose_config(overrides + ["gpu.activation_checkpointing=true"]))
+    assert planning.resolve_micro_batch(ckpt, 2, 24 * GIB, ssm_kernels=True) > ddp
+    # training checks that the kernels import (here they may not): the answer of the kernels it finds
+    from hybridchat.model import mamba
+    with_kernels = planning.resolve_micro_batch(config, 1, 24 * GIB, ssm_kernels=True)
+    assert with_kernels != planning.resolve_micro_batch(config, 1, 24 * GIB, ssm_kernels=False)
+    assert planning.resolve_micro_batch(config, 1, 24 * GIB) == planning.resolve_micro_batch(
+        config, 1, 24 * GIB, ssm_kernels=mamba.cuda_kernels_available())
+    # nothing fits the configured strategy (FSDP here): the advice starts from the first of its rows
+    fsdp, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu",
+                                           "gpu.activation_checkpointing=true", "distributed.strategy=fsdp"]))
+    advice = planning.plan(fsdp, [1, 8], mfu=0.4, capacity=GIB, ssm_kernels=True).advice
+    assert advice[0].startswith("micro_batch=1 with 1 GPU, act. ckpt needs")
