@@ -81,8 +81,8 @@ def _measure(model_name: str, gpu_name: str, length: int, batch_tokens: int, voc
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
             base_mb = base_rss * scale / 2**20
         queue.put({"model": model_name, "pattern": model.pattern, "params_M": model.num_params() / 1e6,
-                   "newton_schulz": str(ns_dtype).removeprefix("torch."), "seq_len": length, "batch": batch, "step_ms": seconds * 1e3,
-                   "tok_per_s": batch * length / seconds, "peak_mem_MB": peak_mb,
+                   "newton_schulz": str(ns_dtype).removeprefix("torch."), "seq_len": length, "batch": batch,
+                   "step_ms": seconds * 1e3, "tok_per_s": batch * length / seconds, "peak_mem_MB": peak_mb,
                    **({"rss_before_step_MB": base_mb} if rt.device.type != "cuda" else {})})
     except Exception as e:  # report the failure (e.g. out of memory) as a row instead of dying
         queue.put({"model": model_name, "seq_len": length, "error": f"{type(e).__name__}: {e}"[:200]})
