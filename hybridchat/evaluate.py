@@ -33,8 +33,9 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import hydra
 import torch
@@ -55,6 +56,7 @@ from hybridchat.infra.runtime import setup, teardown
 from hybridchat.infra.tracking import Tracker
 from hybridchat.rag.abstention import Calibration, calibrate
 from hybridchat.rag.answer import RANK_ORDER, Answerer, RankOrderReader, score
+from hybridchat.rag.coverage import Coverage
 from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, QueryGenerator, Search
 from hybridchat.rag.report import ANSWERABLE_RATES, COLUMNS, HOP_COLUMNS, HOP_RATES, markdown, plot, summarize
 from hybridchat.retrieval.knowledge_base import KnowledgeBase
@@ -203,7 +205,8 @@ def time_to_first_token(model, prompt: list[int], repeats: int = 3) -> float:
     return best
 
 
-def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Question], retriever) -> list[dict]:
+def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Question], retriever,
+                   decision: Callable[[Run], dict[str, Any]]) -> list[dict]:
     """EM and time to first token with k retrieved documents in context, k = cfg.context_budget; the
     context is NOT cut to the model's sequence_len here: past it is exactly what this measures."""
     answerable = [i for i in items if i.answers][:cfg.context_questions]
@@ -214,7 +217,7 @@ def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Question
     for name, run in models.items():
         model = run.model
         answerer = Answerer(model, run.tokenizer, max_context=10**9, max_answer_tokens=cfg.max_answer_tokens,
-                            batch_size=cfg.batch_size, threshold=run.abstain_threshold(cfg.abstain_threshold))
+                            batch_size=cfg.batch_size, **decision(run))
         for k in cfg.context_budget:
             docs = [[h.document for h in row[:k]] for row in hits]
             answers = answerer.answer([i.question for i in answerable], docs)
@@ -246,10 +249,22 @@ class Prepared:
     def questions(self) -> list[str]:
         return [i.question for i in self.items]
 
-    def asker(self, model, threshold: float | None, documents: bool = True, queries: QueryGenerator | None = None):
-        """answer(questions, documents) for `model` answering at `threshold`: multi-hop for 2-hop
-        questions shown documents (queries: who writes the follow-ups; None: one shot), else one reply,
-        its documents read as cfg.reading says."""
+    @cached_property
+    def coverage(self) -> Coverage:
+        """The knowledge base's coverage weights (rag/coverage.py)."""
+        return Coverage.of(self.kb.documents)
+
+    def decision(self, run: Run) -> dict[str, Any]:
+        """How `run` decides to answer or abstain under cfg.abstain_threshold (Answerer's keywords): the
+        threshold, and the coverage it weighs where its stored calibration chose so."""
+        exponent = run.coverage_exponent(self.cfg.abstain_threshold)
+        return dict(threshold=run.abstain_threshold(self.cfg.abstain_threshold),
+                    coverage=self.coverage if exponent else None, coverage_exponent=exponent)
+
+    def asker(self, model, decided: dict[str, Any], documents: bool = True, queries: QueryGenerator | None = None):
+        """answer(questions, documents) for `model` answering as `decided` (decision(run): the threshold
+        and the coverage it weighs): multi-hop for 2-hop questions shown documents (queries: who writes
+        the follow-ups; None: one shot), else one reply, its documents read as cfg.reading says."""
         cfg, settings = self.cfg, self.settings
         tokenizer, seq_len = self.evaluated.tokenizer, self.evaluated.config.model.sequence_len
         if self.two_hop and documents:
@@ -257,8 +272,8 @@ class Prepared:
                             # one shot: the whole context for the first documents, no query followed
                             queries or NoQueries(), settings["max_hops"] if queries else 1,
                             settings["max_query_tokens"], cfg.max_answer_tokens, settings["hop_tokens"],
-                            cfg.batch_size, threshold).answer
-        answerer = Answerer(model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size, threshold)
+                            cfg.batch_size, **decided).answer
+        answerer = Answerer(model, tokenizer, seq_len, cfg.max_answer_tokens, cfg.batch_size, **decided)
         return RankOrderReader(answerer).answer if documents and cfg.reading == RANK_ORDER else answerer.answer
 
 
@@ -336,8 +351,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     def run(condition: str, answer_run: Run, docs, subset=lambda item: True, queries=None) -> dict[str, Any]:
         """queries: a QueryGenerator for multi-hop answering (2-hop questions), None for one shot."""
         chosen = [i for i, item in enumerate(items) if subset(item)]
-        ask = prepared.asker(answer_run.model, answer_run.abstain_threshold(cfg.abstain_threshold), docs is not None,
-                             queries)
+        ask = prepared.asker(answer_run.model, prepared.decision(answer_run), docs is not None, queries)
         t0 = time.perf_counter()
         answers = ask([questions[i] for i in chosen], None if docs is None else [docs[i] for i in chosen])
         seconds = time.perf_counter() - t0
@@ -386,7 +400,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         conditions.append(run("gold documents", evaluated, gold_documents(prepared.kb.documents, items),
                               lambda item: bool(item.gold_doc_ids)))
     others = {name: load(cfg, name, stage) for name in cfg.compare}
-    budget = [] if two_hop else context_budget(cfg, {cfg.run_name: evaluated, **others}, items, prepared.retriever)
+    budget = [] if two_hop else context_budget(cfg, {cfg.run_name: evaluated, **others}, items, prepared.retriever,
+                                               prepared.decision)
     return {"run_name": cfg.run_name, "stage": stage, "checkpoint": evaluated.meta.get("step"), "seed": cfg.seed,
             "retriever": cfg.retriever.kind, "top_k": cfg.retriever.top_k,
             "sequence_len": evaluated.config.model.sequence_len,
@@ -419,7 +434,8 @@ def threshold_report(cfg: EvalConfig, evaluated: Run) -> dict[str, Any]:
         source = "none stored with the checkpoint"
     leak = (stored is not None and stored.questions_sha256 is not None and cfg.questions is not None
             and sha256_file(cfg.questions) == stored.questions_sha256)
-    return {"value": value, "source": source, "chosen_on_these_questions": leak}
+    return {"value": value, "coverage_exponent": evaluated.coverage_exponent(cfg.abstain_threshold), "source": source,
+            "chosen_on_these_questions": leak}
 
 
 def calibrate_checkpoint(cfg: EvalConfig) -> tuple[Path, Calibration]:
@@ -436,12 +452,14 @@ def calibrate_checkpoint(cfg: EvalConfig) -> tuple[Path, Calibration]:
         prepared = prepare(cfg, validation)
     if not any(i.answers for i in prepared.items):
         raise UserError(f"{chosen_on} holds no answerable question to choose a threshold on")
-    ask = prepared.asker(prepared.evaluated.model, None, queries=ModelQueries() if prepared.two_hop else None)
+    ask = prepared.asker(prepared.evaluated.model, {"threshold": None},
+                         queries=ModelQueries() if prepared.two_hop else None)
     answers = ask(prepared.questions, prepared.retrieved)
     scores = [score(a, i.answers, i.gold_doc_ids) for a, i in zip(answers, prepared.items)]
     chosen_on += f", reading={RANK_ORDER}" if cfg.reading == RANK_ORDER else ""
     found = calibrate(scores, cfg.target_false_abstention, chosen_on,
-                      sha256_file(cfg.questions) if cfg.questions else None)
+                      sha256_file(cfg.questions) if cfg.questions else None,
+                      coverages=[prepared.coverage(a.question, a.documents) for a in answers])
     checkpoint.update_meta(prepared.evaluated.path, {"abstention": found.to_meta()})
     return prepared.evaluated.path, found
 

@@ -21,7 +21,8 @@ from hybridchat.infra import checkpoint
 from hybridchat.model.config import ModelConfig
 from hybridchat.model.lm import HybridLM
 from hybridchat.rag.abstention import Calibration, calibrate, choose_threshold
-from hybridchat.rag.answer import ABSTAIN, Answerer, score
+from hybridchat.rag.answer import ABSTAIN, Answerer, RankOrderReader, score
+from hybridchat.rag.coverage import Coverage
 from hybridchat.rag.multihop import MultiHop, NoQueries
 from hybridchat.training.runs import load_run, threshold_setting
 
@@ -162,6 +163,37 @@ def test_multi_hop_withholds_a_reply_below_the_threshold(tok, model, fake_confid
     assert (cut[1].reply, cut[1].abstained, cut[1].citations) == (ABSTAIN, True, [])
     assert cut[1].hops == plain[1].hops and cut[1].confidence == 0.2
     assert [a.reply for a in cut[::2]] == [a.reply for a in plain[::2]]
+
+
+def test_where_the_calibration_weighs_coverage_every_answerer_decides_on_the_weighed_confidence(tok, model,
+                                                                                                 fake_confidence):
+    """confidence x coverage ** 2, each question's terms weighing alike (no document frequencies): Ada
+    Vell's all found (x 1), Tam Brel's none (x 0), "city"/"Tulvania" half where only Tulvania's page is
+    shown (x 1/4): 0.9, 0, 0.15, so a threshold of 0.2 refuses the last though its confidence is 0.6."""
+    tulvania = Document("country-0003", "Tulvania", "Tulvania is far away.")
+    questions, shown = list(QUESTIONS), [DOCS, DOCS, [tulvania]]
+    weighing = dict(threshold=0.2, coverage=Coverage({}, 1), coverage_exponent=2.0)
+    answers = Answerer(model, tok, 256, max_answer_tokens=6, **weighing).answer(questions, shown)
+    assert [a.confidence for a in answers] == pytest.approx([0.9, 0.0, 0.15])
+    assert [a.below_threshold for a in answers] == [False, True, True]
+    assert answers[1].reply == answers[2].reply == ABSTAIN  # refused after the prefill, nothing generated
+
+    mh = MultiHop(model, tok, lambda queries, shown=(): [list(DOCS) for _ in queries], 256, NoQueries(), max_hops=1,
+                  max_answer_tokens=6, **weighing)
+    hops = mh.answer(questions, shown)
+    assert [a.confidence for a in hops] == pytest.approx([0.9, 0.0, 0.15])
+    assert [a.below_threshold for a in hops] == [False, True, True]
+
+    # each document alone: Ada Vell's page covers her question, Vellport's does not; Tulvania's covers half
+    # of the third, Vellport's ("a city in Tulvania") all of it, so it is read from there
+    read = RankOrderReader(Answerer(model, tok, 256, max_answer_tokens=6, **weighing)).answer(
+        [questions[0], questions[2]], [DOCS, [tulvania, DOCS[1]]])
+    assert [a.read_confidences for a in read] == [pytest.approx([0.9, 0.0]), pytest.approx([0.15, 0.6])]
+    assert [a.read for a in read] == [1, 2]
+    # without the weighing (exponent 0), the confidences are the model's
+    plain = Answerer(model, tok, 256, max_answer_tokens=6, threshold=0.2, coverage=Coverage({}, 1)).answer(
+        questions, shown)
+    assert [a.confidence for a in plain] == pytest.approx([0.9, 0.2, 0.6])
 
 
 class AlwaysAbstains(torch.nn.Module):

@@ -27,6 +27,7 @@ from hybridchat.rag.answer import (
     parse_reply,
     score,
 )
+from hybridchat.rag.coverage import Coverage
 from hybridchat.rag.multihop import Hop
 
 ADA = Document("person-1", "Ada Vell", "Ada Vell was born in Vellport, on the coast.")
@@ -233,11 +234,11 @@ def test_below_the_threshold_nothing_is_generated_and_the_reply_is_the_abstentio
     confidences = {"A?": 0.9, "B?": 0.2, "C?": 0.5, "D?": 0.49}
     reply = tok.encode("[1] Vellport")
 
-    def generate(self, prompts, on_token=None, suppress=(), scored=False):
-        assert scored  # the confidence is read from this generation's prefill
+    def generate(self, prompts, on_token=None, suppress=(), admit=None):
+        assert admit is not None  # the confidence is read from this generation's prefill
         scores = [math.log(1 - confidences[tok.decode(p).split("<|user_start|>")[-1].split("<|user_end|>")[0].strip()])
                   for p in prompts]
-        admitted = [self.admits(logp) for logp in scores]
+        admitted = [admit(j, logp) for j, logp in enumerate(scores)]
         for j in [j for j, ok in enumerate(admitted) if ok and on_token is not None]:
             for token in reply:
                 on_token(j, token)
@@ -531,11 +532,12 @@ def test_decode_in_a_running_batch_is_the_greedy_reply_and_its_confidence_and_ad
     model = Nudged(tok, ids)
     stop = tok.token_id("<|assistant_end|>")
     answerer = Answerer(model, tok, 200, max_answer_tokens=5)
-    prompts = [answerer.prompt(q, d)[0] for q, d in QUESTIONS[:3]]
+    fitted = [(q, answerer.prompt(q, d)) for q, d in QUESTIONS[:3]]
+    prompts = [ids for _, (ids, _) in fitted]
     batch, streamed, seqs = DecodeBatch(model), [], []
-    for k, p in enumerate(prompts):
-        seq, confidence = answerer.decode(batch, p, on_token=lambda token, k=k: streamed.append((k, token)))
-        assert confidence == pytest.approx(_plain_confidence(model, p, ids), rel=1e-9)
+    for k, (q, p) in enumerate(fitted):
+        seq, confidence = answerer.decode(batch, q, p, on_token=lambda token, k=k: streamed.append((k, token)))
+        assert confidence == pytest.approx(_plain_confidence(model, p[0], ids), rel=1e-9)
         seqs.append(seq)
     while len(batch):
         batch.step()
@@ -546,18 +548,25 @@ def test_decode_in_a_running_batch_is_the_greedy_reply_and_its_confidence_and_ad
     # A threshold above the confidence refuses it, nothing sampled; admit decides instead where given.
     c = _plain_confidence(model, prompts[0], ids)
     answerer.threshold = c + 1e-6
-    refused, _ = answerer.decode(DecodeBatch(model), prompts[0])
+    refused, _ = answerer.decode(DecodeBatch(model), *fitted[0])
     assert (refused.finish_reason, refused.tokens) == ("refused", [])
     seen = []
-    admitted, _ = answerer.decode(DecodeBatch(model), prompts[0], admit=lambda conf: seen.append(conf) or True)
+    admitted, _ = answerer.decode(DecodeBatch(model), *fitted[0], admit=lambda conf: seen.append(conf) or True)
     assert admitted.finish_reason != "refused" and seen == [pytest.approx(c, rel=1e-9)]
     answerer.threshold = None
-    assert answerer.decode(DecodeBatch(model), prompts[0], admit=lambda conf: False)[0].finish_reason == "refused"
-    assert answerer.decode(DecodeBatch(model), prompts[0])[0].finish_reason != "refused"
+    assert answerer.decode(DecodeBatch(model), *fitted[0], admit=lambda conf: False)[0].finish_reason == "refused"
+    assert answerer.decode(DecodeBatch(model), *fitted[0])[0].finish_reason != "refused"
+    # Weighed by coverage (rag/coverage.py), as answer() weighs it: Ada Vell's page holds "born", not
+    # "Tam" or "Brel" (terms weighing alike): a third of the confidence.
+    weighed = Answerer(model, tok, 200, max_answer_tokens=5, coverage=Coverage({}, 1), coverage_exponent=1.0)
+    question = "Where was Tam Brel born?"
+    prompt = weighed.prompt(question, [ADA])
+    _, confidence = weighed.decode(DecodeBatch(model), question, prompt)
+    assert confidence == pytest.approx(_plain_confidence(model, prompt[0], ids) / 3, rel=1e-9)
     # A reply ends at its end token (not streamed, not in its tokens).
     stopping = scripted(tok, "[1] Kor")
     batch = DecodeBatch(stopping)
-    seq, _ = Answerer(stopping, tok, 200, max_answer_tokens=12).decode(batch, prompts[0])
+    seq, _ = Answerer(stopping, tok, 200, max_answer_tokens=12).decode(batch, *fitted[0])
     while len(batch):
         batch.step()
     assert (seq.tokens, seq.finish_reason) == (tok.encode("[1] Kor"), "stop")

@@ -488,11 +488,19 @@ def test_a_continuation_is_scored_from_each_prompts_own_prefill(pattern):
     low, next_low = sorted(want)[:2]
     streamed = []
     res = Engine(model, prefill_chunk=4).generate(prompts, 5, temperature=0, score=continuation,
-                                                  admit=lambda logp: logp > (low + next_low) / 2,
+                                                  admit=lambda i, logp: logp > (low + next_low) / 2,
                                                   on_token=lambda seq, tok: streamed.append(seq))
     refused = want.index(min(want))
     assert res.finish_reasons == ["refused" if i == refused else "length" for i in range(4)]
     assert res.tokens == [[] if i == refused else e for i, e in enumerate(expected)]
     assert refused not in streamed and res.scores == pytest.approx(want, rel=1e-9)
-    scoring = Engine(model).generate(prompts, 1, temperature=0, score=continuation, admit=lambda _: False)
+    scoring = Engine(model).generate(prompts, 1, temperature=0, score=continuation, admit=lambda i, s: False)
     assert scoring.tokens == [[]] * 4 and scoring.scores == pytest.approx(want, rel=1e-9)
+    # admit is told which prompt a row is (rows are prefilled grouped by length, not in prompt order),
+    # each of its samples apart
+    told = []
+    by_prompt = Engine(model, prefill_chunk=4).generate(prompts, 2, temperature=0, score=continuation, num_samples=2,
+                                                        admit=lambda i, logp: told.append((i, logp)) or i != 2)
+    assert by_prompt.finish_reasons == ["refused" if seq // 2 == 2 else "length" for seq in range(8)]
+    assert sorted(i for i, _ in told) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(logp == pytest.approx(want[i], rel=1e-9) for i, logp in told)

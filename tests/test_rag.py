@@ -474,10 +474,12 @@ def test_rag_stores_the_threshold_chosen_on_its_validation_questions(pipeline, t
     """stage.target_false_abstention: each evaluation chooses the threshold on validation questions
     (never the held-out ones it evaluates on) and the checkpoint of the same step stores it."""
     from test_abstention import plain_search
+    from test_coverage import plain_exponent
 
     from hybridchat.infra.context import RunContext
     from hybridchat.infra.runtime import Runtime
     from hybridchat.rag.answer import Answerer
+    from hybridchat.rag.coverage import Coverage
     from hybridchat.train import typed_config
     from hybridchat.training.stages.rag import RagStage
 
@@ -502,9 +504,14 @@ def test_rag_stores_the_threshold_chosen_on_its_validation_questions(pipeline, t
     saved = load_run(folder / "step_000002")
     answers = Answerer(saved.model, saved.tokenizer, config.model.sequence_len, stage.config.max_answer_tokens).answer(
         [q.question for q in validation], documents)
-    mine = [(a.confidence, a.abstained) for a, q in zip(answers, validation) if q.answers]
+    # weighed by the documents' coverage as the stage chose (a plain AUROC loop over the exponents)
+    coverage = Coverage.of(ctx.retriever.documents)
+    covered = [coverage(a.question, a.documents) for a in answers]
+    exponent = plain_exponent([a.confidence for a in answers], covered, [bool(q.answers) for q in validation])
+    assert stored["coverage_exponent"] == exponent
+    mine = [(a.confidence * c ** exponent, a.abstained) for a, c, q in zip(answers, covered, validation) if q.answers]
     assert (stored["questions"], stored["unanswerable"]) == (len(mine), len(validation) - len(mine))
-    assert stored["threshold"] == plain_search([c for c, _ in mine], 0.3)
+    assert stored["threshold"] == pytest.approx(plain_search([c for c, _ in mine], 0.3), rel=1e-12)
     assert stored["false_abstention"] == sum(c < stored["threshold"] for c, _ in mine) / len(mine) <= 0.3
     assert stored["target_false_abstention"] == 0.3 and "rag stage's validation questions" in stored["chosen_on"]
 
@@ -578,12 +585,17 @@ def test_calibrate_stores_a_threshold_that_evaluate_and_chat_apply_unless_told_o
     assert (stored["questions"], stored["unanswerable"], stored["target_false_abstention"]) == (8, 3, 0.25)
     assert stored["chosen_on"] == f"questions={questions}"
     assert stored["questions_sha256"] == hashlib.sha256(questions.read_bytes()).hexdigest()
-    # one of the confidences (through the engine's log P(ABSTAIN): to float rounding)
-    assert any(stored["threshold"] == pytest.approx(c, abs=1e-12) for c in [*table.values(), 0.0, 1.0])
+    # The world's unanswerable questions ask about made-up names its documents never hold: the
+    # (random) confidences weighed by their coverage separate them, and the calibration weighs it.
+    assert stored["coverage_exponent"] > 0
     assert stored["false_abstention"] <= 0.25
     load_run(step)  # the weights' checksums still hold
 
     report, applied, md = rag_row("stored")
+    # one of the weighed confidences the evaluation reports (through the engine's log P(ABSTAIN): to float rounding)
+    weighed = [json.loads(line)["confidence"] for line in (tmp_path / "stored" / "answers.jsonl").read_text().splitlines()
+               if json.loads(line)["condition"] == applied["condition"]]
+    assert len(weighed) == 11 and any(stored["threshold"] == pytest.approx(c, abs=1e-12) for c in [*weighed, 0.0, 1.0])
     assert report["abstain_threshold"]["value"] == stored["threshold"]
     assert f"below {stored['threshold']:.4g} (stored with the checkpoint, chosen on questions={questions}" in md
     assert "chosen on these same questions" in md
@@ -595,11 +607,15 @@ def test_calibrate_stores_a_threshold_that_evaluate_and_chat_apply_unless_told_o
     assert "Abstains only where the model writes the abstention (abstain_threshold=null)" in md
     assert applied["false_abstention"][0] > own["false_abstention"][0]  # the threshold made a difference
 
-    below = min(table, key=table.get)
-    assert table[below] < stored["threshold"]
-    chat = app("hybridchat.chat", f"prompt={below}", "retriever.top_k=2", "max_answer_tokens=8")
+    # the lowest weighed confidence; chat asked as the evaluator asked (its top 3, its reply room) shows the same
+    lowest = min((json.loads(line) for line in (tmp_path / "stored" / "answers.jsonl").read_text().splitlines()
+                  if json.loads(line)["condition"] == applied["condition"]), key=lambda r: r["confidence"])
+    below = lowest["question"]
+    assert lowest["confidence"] < stored["threshold"]
+    chat = app("hybridchat.chat", f"prompt={below}", "retriever.top_k=3", "max_answer_tokens=24")
     assert chat.returncode == 0, chat.stderr[-3000:]
-    assert f"abstains below confidence {stored['threshold']:.4g}" in chat.stderr
+    assert (f"abstains below confidence x coverage^{stored['coverage_exponent']:g} {stored['threshold']:.4g}"
+            in chat.stderr)
     assert "answer: The documents do not say.\n(abstained: the confidence is below the abstention threshold" in chat.stdout
     for module, extra in (("hybridchat.evaluate", f"hydra.run.dir={tmp_path}/bad"), ("hybridchat.chat", "prompt=x")):
         bad = app(module, "abstain_threshold=1.5", extra)

@@ -63,14 +63,14 @@ def fake(tok, monkeypatch):
     call is recorded: [(what, [(question, document), ...])]."""
     calls = []
 
-    def generate(self, prompts, on_token=None, suppress=(), scored=False):
+    def generate(self, prompts, on_token=None, suppress=(), admit=None):
         pairs = [_pair(tok, p) for p in prompts]
         calls.append(("instead" if suppress else "generate", pairs))
         replies = [INSTEAD if suppress else SCRIPT[pair][0] for pair in pairs]
-        if not scored:
+        if admit is None:
             return GenerationResult([tok.encode(r) for r in replies], ["stop"] * len(replies))
         scores = [math.log(1 - SCRIPT[pair][1]) for pair in pairs]  # log P(ABSTAIN)
-        refused = [not self.admits(s) for s in scores]
+        refused = [not admit(j, s) for j, s in enumerate(scores)]
         return GenerationResult([[] if r else tok.encode(reply) for r, reply in zip(refused, replies)],
                                 ["refused" if r else "stop" for r in refused], scores=scores)
 
@@ -165,12 +165,12 @@ def _prepared(tok, reading: str) -> Prepared:
 
 
 def test_the_evaluator_reads_documents_as_reading_says_and_closed_book_as_before(tok, fake):
-    ask = _prepared(tok, "rank_order").asker(object(), 0.6)
+    ask = _prepared(tok, "rank_order").asker(object(), {"threshold": 0.6})
     assert isinstance(ask.__self__, RankOrderReader) and ask.__self__.threshold == 0.6
     assert ask(["Q1?"], [[A, B, C]])[0].read == 3
-    closed = _prepared(tok, "rank_order").asker(object(), 0.6, documents=False)
+    closed = _prepared(tok, "rank_order").asker(object(), {"threshold": 0.6}, documents=False)
     assert type(closed.__self__) is Answerer
-    assert type(_prepared(tok, "together").asker(object(), 0.6).__self__) is Answerer
+    assert type(_prepared(tok, "together").asker(object(), {"threshold": 0.6}).__self__) is Answerer
 
 
 def test_two_hop_questions_are_refused_rank_order_before_anything_loads():

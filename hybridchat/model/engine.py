@@ -113,7 +113,8 @@ def cache_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
 @dataclass
 class _Scoring:
     continuation: list[int]  # empty: nothing scored
-    admit: Callable[[float], bool] | None
+    admit: Callable[[int, float], bool] | None
+    num_samples: int
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Engine:
                  num_samples: int = 1, seed: int | None = None, on_token: TokenCallback | None = None,
                  query_hook: QueryHook | None = None, extra_len: int = 0,
                  begin_suppress_tokens: Iterable[int] = (), score: Sequence[int] = (),
-                 admit: Callable[[float], bool] | None = None) -> GenerationResult:
+                 admit: Callable[[int, float], bool] | None = None) -> GenerationResult:
         """Generate up to max_new_tokens sampled tokens for every prompt, num_samples times each.
         Sequence i * num_samples + s is sample s of prompt i. `extra_len` reserves cache room for
         tokens a query_hook injects (attention layers only; a row that runs out finishes "length").
@@ -162,8 +163,8 @@ class Engine:
 
         score: a continuation whose log-probability after each prompt goes to result.scores, read
         from the generation's own prefill (module docstring), not from a second pass over the
-        prompt; admit(score) False refuses that sequence before it samples (finish "refused", no
-        tokens). admit=lambda _: False makes it a scoring pass that generates nothing."""
+        prompt; admit(i, score) False refuses that sequence of prompt i before it samples (finish
+        "refused", no tokens). admit=lambda i, s: False makes it a scoring pass that generates nothing."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (e.g. BOS)")
         device = next(self.model.parameters()).device
@@ -178,7 +179,7 @@ class Engine:
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         stops = set(stop_tokens)
         suppressed = sorted(set(begin_suppress_tokens))
-        scoring = _Scoring(list(score), admit)
+        scoring = _Scoring(list(score), admit, num_samples)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -270,7 +271,7 @@ class Engine:
         scores = score_continuation(self.model, logits[fresh], cache.select(fresh), scoring.continuation)
         for i, logp in zip(fresh, scores):
             result.scores[rows[i].seq] = logp
-            if scoring.admit is not None and not scoring.admit(logp):
+            if scoring.admit is not None and not scoring.admit(rows[i].seq // scoring.num_samples, logp):
                 result.finish_reasons[rows[i].seq] = "refused"
                 refused.add(i)
         return refused

@@ -10,6 +10,11 @@ target false-abstention rate: the largest t below which at most that share of th
 fall. It is never chosen on the questions it is then evaluated on: the rates it reaches there would
 be optimistic.
 
+Retrieval evidence may join the decision (rag/coverage.py): the score compared with t is then the
+confidence x coverage ** e, the exponent e chosen on the same validation questions as the one of
+EXPONENTS that best separates their answerable from their unanswerable ones (AUROC; 0, the
+confidence alone, unless another does better), t then chosen on those scores.
+
 The choice is stored with the checkpoint (meta.json "abstention", by the rag and refrag stages or
 `python -m hybridchat.evaluate calibrate=true`); chat and the evaluator apply it
 (hybridchat.training.runs.Run.abstain_threshold).
@@ -20,6 +25,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
+
+from hybridchat.core.metrics import auroc
+from hybridchat.rag.coverage import evidence
+
+# The coverage exponents a calibration chooses among (0: the model's confidence alone).
+EXPONENTS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
 
 
 def choose_threshold(confidences: Sequence[float], target: float) -> float | None:
@@ -53,6 +64,7 @@ class Calibration:
     abstain_unanswerable: float | None  # their share that abstains at the threshold
     chosen_on: str                       # which questions: "rag validation questions", a file
     questions_sha256: str | None = None  # the questions file's, to tell an evaluation on the same file
+    coverage_exponent: float = 0.0       # the decision's score: confidence x coverage ** this (rag/coverage.py)
 
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +77,9 @@ class Calibration:
         t = record.get("threshold")
         if t is not None and not is_threshold(t):
             raise ValueError(f"'abstention.threshold' must be a number in [0, 1] or null, got {t!r}")
+        e = record.get("coverage_exponent", 0.0)
+        if not isinstance(e, (int, float)) or isinstance(e, bool) or not 0 <= e < math.inf:
+            raise ValueError(f"'abstention.coverage_exponent' must be a number >= 0, got {e!r}")
         try:
             return cls(**record)
         except TypeError as e:
@@ -75,20 +90,45 @@ class Calibration:
             if self.false_abstention is not None else "no answerable question"
         if self.abstain_unanswerable is not None:
             rates += f", abstains on {self.abstain_unanswerable:.3f} of {self.unanswerable} unanswerable"
-        return f"chosen on {self.chosen_on} for false abstention <= {self.target_false_abstention:g}: {rates}"
+        weighed = f", on the confidence x coverage^{self.coverage_exponent:g}" if self.coverage_exponent else ""
+        return (f"chosen on {self.chosen_on} for false abstention <= {self.target_false_abstention:g}{weighed}: "
+                f"{rates}")
 
 
 def is_threshold(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
-def calibrate(scores: Sequence[dict], target: float, chosen_on: str, questions_sha256: str | None = None
-              ) -> Calibration:
+def choose_exponent(scores: Sequence[dict], coverages: Sequence[float]) -> float:
+    """The exponent of EXPONENTS whose confidence x coverage ** exponent best separates the answerable
+    questions of `scores` from the unanswerable ones (AUROC); the smallest of equals, and 0 where one
+    kind is missing or a confidence is not a number (nothing to compare)."""
+    if all(s["em"] is not None for s in scores) or all(s["em"] is None for s in scores):
+        return 0.0
+    if any(not math.isfinite(s["confidence"]) for s in scores):
+        return 0.0
+    pairs = list(zip(scores, coverages))
+
+    def separation(exponent: float) -> float:
+        combined = [(evidence(s["confidence"], c, exponent), s["em"] is not None) for s, c in pairs]
+        return auroc([v for v, answerable in combined if answerable], [v for v, answerable in combined if not answerable])
+
+    separations = [separation(e) for e in EXPONENTS]
+    return EXPONENTS[separations.index(max(separations))]  # index(): the first, so the smallest of equals
+
+
+def calibrate(scores: Sequence[dict], target: float, chosen_on: str, questions_sha256: str | None = None,
+              coverages: Sequence[float] | None = None) -> Calibration:
     """The threshold for `target` on scored validation questions (hybridchat.rag.answer.score of the
     model's own replies, no threshold applied: "em" None marks an unanswerable question), and the
-    rates it reaches on them: where a question abstains depends only on its confidence."""
-    answerable = [s for s in scores if s["em"] is not None]
-    unanswerable = [s for s in scores if s["em"] is None]
+    rates it reaches on them: where a question abstains depends only on its score. coverages: each
+    question's coverage by the documents it was shown, for the decision to weigh (choose_exponent);
+    None: the confidence alone."""
+    exponent = 0.0 if coverages is None else choose_exponent(scores, coverages)
+    decided = [{"em": s["em"], "confidence": evidence(s["confidence"], c, exponent)}
+               for s, c in zip(scores, coverages if coverages is not None else [1.0] * len(scores))]
+    answerable = [s for s in decided if s["em"] is not None]
+    unanswerable = [s for s in decided if s["em"] is None]
     t = choose_threshold([s["confidence"] for s in answerable], target)
 
     def abstaining(group: list[dict]) -> float | None:
@@ -97,4 +137,4 @@ def calibrate(scores: Sequence[dict], target: float, chosen_on: str, questions_s
         return sum(below(s["confidence"], t) for s in group) / len(group)
 
     return Calibration(t, target, len(answerable), abstaining(answerable), len(unanswerable), abstaining(unanswerable),
-                       chosen_on, questions_sha256)
+                       chosen_on, questions_sha256, exponent)

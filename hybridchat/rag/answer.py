@@ -25,6 +25,7 @@ from hybridchat.core.metrics import exact_match, normalize_answer, token_f1
 from hybridchat.data.chat import ChatRenderer
 from hybridchat.model.engine import DecodeBatch, Decoding, Engine, TokenCallback
 from hybridchat.rag.abstention import below
+from hybridchat.rag.coverage import Coverage, evidence
 
 ABSTAIN = "The documents do not say."
 # Characters of a question tokenized per token of room: more than any run of tokens here averages, so
@@ -131,14 +132,19 @@ class Answer:
 class Answerer:
     """threshold: answer exactly where the confidence is at or above it (rag/abstention.py): below it
     the reply is ABSTAIN and nothing is generated; at or above it a reply the model began as ABSTAIN is
-    replaced by its best reply that does not. None: the model's own decision."""
+    replaced by its best reply that does not. None: the model's own decision. coverage and
+    coverage_exponent > 0: the confidence is weighed by the documents' coverage of the question
+    (rag/coverage.py), confidence x coverage ** coverage_exponent, before anything compares it."""
 
     def __init__(self, model, tokenizer, max_context: int, max_answer_tokens: int = 24, batch_size: int = 32,
-                 threshold: float | None = None):
+                 threshold: float | None = None, coverage: Coverage | None = None, coverage_exponent: float = 0.0):
+        if coverage_exponent and coverage is None:
+            raise ValueError("coverage_exponent > 0 needs the knowledge base's coverage")
         self.model, self.tokenizer = model, tokenizer
         self.renderer = ChatRenderer(tokenizer)
         self.max_context, self.max_answer_tokens, self.batch_size = max_context, max_answer_tokens, batch_size
         self.threshold = threshold
+        self.coverage, self.coverage_exponent = coverage, coverage_exponent
         self.abstain_ids = tokenizer.encode(ABSTAIN) + [self.renderer.stop_token]
 
     @property
@@ -151,6 +157,13 @@ class Answerer:
 
     def fit_question(self, question: str) -> str:
         return fit_question(self.renderer, question, self.prompt_tokens)
+
+    def weigh(self, confidence: float, question: str, documents: Sequence[Document]) -> float:
+        """The confidence the decision compares, and an Answer reports: the model's, weighed by how
+        much of the question the documents shown hold where the calibration chose so."""
+        if not self.coverage_exponent:
+            return confidence
+        return evidence(confidence, self.coverage(question, documents), self.coverage_exponent)
 
     @torch.no_grad()
     def answer(self, questions: Sequence[str], documents: Sequence[Sequence[Document]] | None = None,
@@ -180,11 +193,14 @@ class Answerer:
         replies = dict.fromkeys(range(len(questions)), ABSTAIN)  # what the threshold leaves ungenerated
         generated: list[int] = []
         if asked:
+            def weighed(i: int, logp: float) -> float:
+                return self.weigh(confidence_of(logp), questions[i], prompts[i][1])
+
             result = self._generate([prompts[i][0] for i in asked],
                                     None if on_token is None else lambda j, token: on_token(asked[j], token),
-                                    scored=scored)
+                                    admit=(lambda j, logp: self.generates(weighed(asked[j], logp))) if scored else None)
             if scored:
-                confidence = [confidence_of(logp) for logp in result.scores]
+                confidence = [weighed(i, logp) for i, logp in zip(asked, result.scores)]
             for i, tokens, finish in zip(asked, result.tokens, result.finish_reasons):
                 if finish != "refused":
                     generated.append(i)
@@ -218,34 +234,32 @@ class Answerer:
                       (0 if given is None else len(given)) - len(shown), seconds, closed_book=given is None,
                       below_threshold=below(confidence, self.threshold), over_abstention=overruled)
 
-    def decode(self, batch: DecodeBatch, prompt: list[int], on_token: Callable[[int], None] | None = None,
-               admit: Callable[[float], bool] | None = None) -> tuple[Decoding, float]:
-        """(the reply to a prompt as one sequence of a running DecodeBatch, its confidence): the
-        confidence is read from the reply's own prefill, and below the threshold (where admit, given
-        the confidence, says no instead) the sequence is refused, nothing generated (its reply is then
-        ABSTAIN)."""
+    def decode(self, batch: DecodeBatch, question: str, prompt: tuple[list[int], list[Document]],
+               on_token: Callable[[int], None] | None = None, admit: Callable[[float], bool] | None = None
+               ) -> tuple[Decoding, float]:
+        """(the reply to a prompt (self.prompt(question, ...): its ids and the documents shown) as one
+        sequence of a running DecodeBatch, its confidence): the confidence is read from the reply's own
+        prefill, and below the threshold (where admit, given the confidence, says no instead) the
+        sequence is refused, nothing generated (its reply is then ABSTAIN)."""
         admit = admit or self.generates
-        seq = batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token], on_token=on_token,
-                        score=self.abstain_ids, admit=lambda logp: admit(confidence_of(logp)))
-        return seq, confidence_of(seq.score)
+        ids, shown = prompt
+        seq = batch.add(ids, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token], on_token=on_token,
+                        score=self.abstain_ids, admit=lambda logp: admit(self.weigh(confidence_of(logp), question, shown)))
+        return seq, self.weigh(confidence_of(seq.score), question, shown)
 
     def decode_instead(self, batch: DecodeBatch, prompt: list[int]) -> Decoding:
         """answers_instead's reply, as one sequence of a running DecodeBatch."""
         return batch.add(prompt, self.max_answer_tokens, stop_tokens=[self.renderer.stop_token],
                          begin_suppress_tokens=self.abstain_ids[:1])
 
-    def admits(self, abstain_logp: float) -> bool:
-        """Whether a prompt whose reply is ABSTAIN with this log-probability is generated for."""
-        return self.generates(confidence_of(abstain_logp))
-
     def _generate(self, prompts: Sequence[list[int]], on_token: TokenCallback | None = None,
-                  suppress: Sequence[int] = (), scored: bool = False):
-        """scored: result.scores holds log P(ABSTAIN | prompt), read from this generation's prefill,
-        and a prompt below the threshold is refused after it."""
+                  suppress: Sequence[int] = (), admit: Callable[[int, float], bool] | None = None):
+        """admit: result.scores holds log P(ABSTAIN | prompt), read from this generation's prefill,
+        and prompt i is refused after it where admit(i, that log-probability) says no."""
         return Engine(self.model).generate(prompts, max_new_tokens=self.max_answer_tokens, temperature=0,
                                            stop_tokens=[self.renderer.stop_token], on_token=on_token,
-                                           begin_suppress_tokens=suppress, score=self.abstain_ids if scored else (),
-                                           admit=self.admits if scored else None)
+                                           begin_suppress_tokens=suppress, score=self.abstain_ids if admit else (),
+                                           admit=admit)
 
     def answers_instead(self, prompts: Sequence[list[int]]):
         """Greedy replies that do not begin as ABSTAIN does (its first token is ruled out): what the
@@ -265,7 +279,7 @@ class Answerer:
         row is padded, and only the positions that predict the abstention reach the vocabulary head
         (full-vocabulary logits at every position of 32 prompts of 1,300 tokens exhausted 24 GB)."""
         result = Engine(self.model).generate(prompts, max_new_tokens=1, temperature=0, score=self.abstain_ids,
-                                             admit=lambda _: False)
+                                             admit=lambda i, logp: False)
         return torch.tensor(result.scores, dtype=torch.float64).exp()
 
 
@@ -333,7 +347,8 @@ class RankOrderReader:
         if self.threshold is None:
             replies = answer(list(range(len(pairs))))
             return [replies[k].confidence for k in range(len(pairs))], replies
-        confidence = self.answerer.confidence([ids for _, ids, _ in pairs]).tolist() if pairs else []
+        alone = self.answerer.confidence([ids for _, ids, _ in pairs]).tolist() if pairs else []
+        confidence = [self.answerer.weigh(c, batch[i], [d]) for (i, _, d), c in zip(pairs, alone)]
         asked = sorted(ks[j] for ks in mine for j in self.generated([confidence[k] for k in ks]))
         return confidence, answer(asked, [confidence[k] for k in asked])
 

@@ -35,7 +35,8 @@ import torch
 from hybridchat.core.documents import Document
 from hybridchat.model.engine import Engine
 from hybridchat.rag.abstention import below
-from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, fit_prompt, fit_question, parse_reply
+from hybridchat.rag.answer import ABSTAIN, Answer, Answerer, confidence_of, fit_prompt, fit_question, parse_reply
+from hybridchat.rag.coverage import Coverage
 
 # Capitalised word runs ("Kor Industries", "Vellport"): a generic notion of a name in English text.
 _NAME = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|van\s+)?[A-Z][\w'-]*)*")
@@ -135,15 +136,17 @@ class RowState:
 class MultiHop:
     """Multi-hop generation over a batch of questions; `answer` for greedy replies (evaluation,
     chat), `rollouts` for sampled trajectories (GRPO). threshold: `answer` answers exactly where the
-    confidence after the last hop is at or above it, as Answerer does (None: the model's own decision)."""
+    confidence after the last hop is at or above it, as Answerer does (None: the model's own decision),
+    weighed by the coverage of the question by every hop's documents where coverage_exponent > 0."""
 
     def __init__(self, model, tokenizer, search: Callable[..., list[list[Document]]], max_context: int,
                  queries: QueryGenerator | None = None, max_hops: int = 2, max_query_tokens: int = 16,
                  max_answer_tokens: int = 24, hop_tokens: int = 256, batch_size: int = 32,
-                 threshold: float | None = None):
+                 threshold: float | None = None, coverage: Coverage | None = None, coverage_exponent: float = 0.0):
         if max_hops < 1:
             raise ValueError(f"max_hops={max_hops} must be >= 1")
-        self.answerer = Answerer(model, tokenizer, max_context, max_answer_tokens, batch_size, threshold)
+        self.answerer = Answerer(model, tokenizer, max_context, max_answer_tokens, batch_size, threshold, coverage,
+                                 coverage_exponent)
         self.model, self.tokenizer, self.renderer = model, tokenizer, self.answerer.renderer
         self.search, self.queries = search, queries or ModelQueries()
         self.max_context, self.max_hops, self.max_query_tokens = max_context, max_hops, max_query_tokens
@@ -311,7 +314,8 @@ class MultiHop:
             t0 = time.perf_counter()
             trajectories = self.rollouts(batch, None if first is None else first[lo:lo + self.batch_size])
             prefixes = [self.prefix(t) for t in trajectories]
-            confidence = self.answerer.confidence(prefixes).tolist()
+            confidence = [self.answerer.weigh(c, q, t.documents)
+                          for q, t, c in zip(batch, trajectories, self.answerer.confidence(prefixes).tolist())]
             overruled = [j for j, t in enumerate(trajectories) if self.overrules(t, confidence[j])]
             if overruled:
                 instead = self.answerer.answers_instead([prefixes[j] for j in overruled])
@@ -330,6 +334,10 @@ class MultiHop:
     def prefix(t: Trajectory) -> list[int]:
         """The prompt and everything before the final answer: what its confidence is read after."""
         return t.prompt + t.tokens[:t.answer_start]
+
+    def final_confidence(self, question: str, t: Trajectory, abstain_logp: float) -> float:
+        """The confidence after the last hop, from log P(ABSTAIN) there (as answer() weighs it)."""
+        return self.answerer.weigh(confidence_of(abstain_logp), question, t.documents)
 
     def overrules(self, t: Trajectory, confidence: float) -> bool:
         """The model's final answer is the abstention, but its confidence is at or above the threshold."""

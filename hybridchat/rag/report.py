@@ -59,7 +59,9 @@ def threshold_lines(used: dict[str, Any] | None) -> list[str]:
     if used["value"] is None:
         lines = [f"Abstains only where the model writes the abstention ({used['source']})."]
     else:
-        lines = [f"Abstains exactly where the confidence is below {used['value']:.4g} ({used['source']}); at or above "
+        score = (f"the confidence x coverage^{used['coverage_exponent']:g} (the share of the question's terms the "
+                 "documents shown hold, rarer terms weighing more)" if used.get("coverage_exponent") else "the confidence")
+        lines = [f"Abstains exactly where {score} is below {used['value']:.4g} ({used['source']}); at or above "
                  "it, where the model writes the abstention, its most likely other reply is given."]
     if used.get("chosen_on_these_questions"):
         lines.append("**Warning: the threshold was chosen on these same questions: the rates below are optimistic; "
@@ -97,8 +99,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "On answerable questions: EM and F1 (SQuAD-normalised), hallucination (answered, not abstained, "
               "and wrong), false abstention, citation accuracy (correct answers whose cited document states the "
               "answer), gold in context (the gold document among those shown). On unanswerable questions: "
-              "abstention, and hallucination (any answer). AUROC: the confidence 1 - P(abstain) separating "
-              "answerable from unanswerable questions."]
+              "abstention, and hallucination (any answer). AUROC: the confidence 1 - P(abstain) (weighed "
+              "by coverage where the threshold is) separating answerable from unanswerable questions."]
     if report["context_budget"]:
         lines += ["", "## Context budget", "", "| model | pattern | documents | context tokens | trained context | "
                   "EM | time to first token (ms) |", "|" + "---|" * 7]

@@ -149,7 +149,8 @@ class _Hops:
             self.trajectory = mh.instead(self.trajectory, self.seq.tokens, self.seq.finish_reason)
             return True
         self.trajectory = mh.trajectory(0, self.prompt, self.state, self.out, self.seq.finish_reason)
-        self.confidence = 1 - math.exp(self.seq.score)  # read after its last documents (DecodeBatch.feed)
+        # read after its last documents (DecodeBatch.feed)
+        self.confidence = mh.final_confidence(self.job.question, self.trajectory, self.seq.score)
         if not mh.overrules(self.trajectory, self.confidence):
             return True
         self.overruled = True
@@ -299,7 +300,7 @@ class Batcher:
         # Held back while a reply reads as the abstention: a threshold may replace it (rag/stream.py).
         r = _Reply(job, answerer, prompt, documents, shown,
                    ReplyStream(answerer.tokenizer, hold_abstention=answerer.threshold is not None))
-        r.seq, r.confidence = answerer.decode(batch, prompt, on_token=self._streamer(r))
+        r.seq, r.confidence = answerer.decode(batch, job.question, (prompt, shown), on_token=self._streamer(r))
         if r.seq.finish_reason == "refused":  # below the threshold: nothing generated
             self._done(r)
             return []
@@ -314,7 +315,8 @@ class Batcher:
         for k, (ids, document) in enumerate(read):
             r = _Reply(job, reader.answerer, ids, [document], [document], None, reading=reading)
             r.seq, r.confidence = reader.answerer.decode(
-                batch, ids, admit=lambda c, k=k: k in reader.generated(reading.confidences + [c]))
+                batch, job.question, (ids, [document]),
+                admit=lambda c, k=k: k in reader.generated(reading.confidences + [c]))
             reading.reads.append(r)
             reading.replies.append(None)
             if r.seq.finish_reason != "refused":

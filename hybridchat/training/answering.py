@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from hybridchat.core.errors import UserError
 from hybridchat.infra import checkpoint
 from hybridchat.rag.answer import RANK_ORDER, TOGETHER, Answerer, RankOrderReader
+from hybridchat.rag.coverage import Coverage
 from hybridchat.rag.multihop import MultiHop, Search
 from hybridchat.retrieval.config import RetrieverConfig
 from hybridchat.retrieval.knowledge_base import KnowledgeBase, kind_for, needed_indexes
@@ -81,7 +83,21 @@ class Assistant:
     max_answer_tokens: int
     batch_size: int = 1
     reading: str = TOGETHER
+    coverage_exponent: float = 0.0  # the decision's weight on retrieval coverage (rag/coverage.py)
     _made: dict = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def coverage(self) -> Coverage | None:
+        """The knowledge base's coverage weights, where the decision weighs coverage."""
+        if not self.coverage_exponent or self.retriever is None:
+            return None
+        return Coverage.of(self.retriever.documents)
+
+    @property
+    def _decision(self) -> dict:
+        """How answers are decided: the threshold, and the coverage it weighs."""
+        return dict(threshold=self.threshold, coverage=self.coverage,
+                    coverage_exponent=self.coverage_exponent if self.coverage is not None else 0.0)
 
     @property
     def max_context(self) -> int:
@@ -94,7 +110,7 @@ class Assistant:
         if ("answerer", n) not in self._made:
             self._made["answerer", n] = Answerer(self.run.model, self.run.tokenizer, self.max_context,
                                                  max_answer_tokens=n, batch_size=self.batch_size,
-                                                 threshold=self.threshold)
+                                                 **self._decision)
         return self._made["answerer", n]
 
     def reader(self, max_answer_tokens: int | None = None) -> RankOrderReader | None:
@@ -118,7 +134,7 @@ class Assistant:
                 max_hops=self.max_hops,
                 max_query_tokens=getattr(stage, "max_query_tokens", defaults.max_query_tokens),
                 max_answer_tokens=n, hop_tokens=getattr(stage, "hop_tokens", defaults.hop_tokens),
-                batch_size=self.batch_size, threshold=self.threshold)
+                batch_size=self.batch_size, **self._decision)
         return self._made["multihop", n]
 
     def fit_question(self, question: str, max_answer_tokens: int | None = None) -> str:
@@ -133,7 +149,8 @@ class Assistant:
         if self.reader() is not None:
             how += ", each document read alone in rank order"
         if self.threshold is not None:
-            how += f", abstains below confidence {self.threshold:.4g}"
+            weighed = f" x coverage^{self.coverage_exponent:g}" if self.coverage is not None else ""
+            how += f", abstains below confidence{weighed} {self.threshold:.4g}"
         return f"{self.path} ({how})"
 
 
@@ -160,7 +177,8 @@ def open_assistant(cfg: DictConfig, config: AnsweringConfig, batch_size: int = 1
                         f"(max_hops={max_hops}): set max_hops=1, or leave reading at together")
     retriever = run.build_retriever(settings, config.paths.cache, progress=progress)
     assistant = Assistant(path, run, settings, retriever, run.abstain_threshold(config.abstain_threshold), max_hops,
-                          config.max_answer_tokens, batch_size, config.reading)
+                          config.max_answer_tokens, batch_size, config.reading,
+                          run.coverage_exponent(config.abstain_threshold))
     if not assistant.fit_question("?"):  # else every question is cut to nothing, or refused by serve
         raise UserError(f"max_answer_tokens={config.max_answer_tokens}"
                         f"{f' with max_hops={max_hops}' if assistant.multihop() else ''} leaves no room for a "

@@ -114,6 +114,14 @@ class Run:
             return setting
         return self.calibration.threshold if self.calibration is not None else None
 
+    def coverage_exponent(self, setting: Any = CHECKPOINT) -> float:
+        """How much the documents' coverage of a question weighs in the decision (rag/coverage.py): the
+        stored calibration's, where its threshold is the one answered with; 0 otherwise (a threshold
+        given as a number is one on the model's confidence alone)."""
+        if threshold_setting(setting) != CHECKPOINT or self.calibration is None:
+            return 0.0
+        return self.calibration.coverage_exponent
+
     @cached_property
     def world(self) -> World:
         """The synthetic world it was trained on, generated on first use (seconds for 1000 people)."""

@@ -35,7 +35,8 @@ from hybridchat.core.seeds import EVALUATION, EXAMPLES, SPLIT, python_rng
 from hybridchat.data.chat import ChatRenderer, collate, example_batches
 from hybridchat.infra.config import StageConfig
 from hybridchat.rag.abstention import Calibration, calibrate
-from hybridchat.rag.answer import Answerer, fit_prompt, format_reply, parse_reply, score
+from hybridchat.rag.answer import Answer, Answerer, fit_prompt, format_reply, parse_reply, score
+from hybridchat.rag.coverage import Coverage
 from hybridchat.training.stages import Stage, registered
 
 UNIFORM, RETRIEVED = "uniform", "retrieved"  # stage.gold_position
@@ -234,12 +235,24 @@ class RagStage(Stage):
         (question, score) pairs, in the same order."""
         rt = self.ctx.runtime
         mine = questions[rt.rank::rt.world_size]
-        scores = [score(a, q.answers, q.gold_doc_ids) for a, q in zip(answer(mine), mine)]
+        scores = [self.scored(a, q) for a, q in zip(answer(mine), mine)]
         if rt.distributed:
             gathered = [None] * rt.world_size
             dist.all_gather_object(gathered, scores)
             scores = [s for part in gathered for s in part]
         return list(zip([q for r in range(rt.world_size) for q in questions[r::rt.world_size]], scores))
+
+    def scored(self, answer: Answer, question: Question) -> dict:
+        """The answer's scores and, where a threshold is to be chosen, its documents' coverage of the
+        question (rag/coverage.py), which the choice may weigh."""
+        found = score(answer, question.answers, question.gold_doc_ids)
+        if self.config.target_false_abstention is not None:
+            found["coverage"] = self._coverage(answer.question, answer.documents)
+        return found
+
+    @cached_property
+    def _coverage(self) -> Coverage:
+        return Coverage.of(self.ctx.retriever.documents)
 
     def _answerer(self, model):
         return Answerer(model, self.ctx.tokenizer, self.ctx.config.model.sequence_len, self.config.max_answer_tokens)
@@ -270,7 +283,8 @@ class RagStage(Stage):
         if target is None:
             return {}
         scored = self.sharded_scores(questions, answer) if scored is None else scored
-        self.calibration = calibrate([s for _, s in scored], target, f"the {self.name} stage's validation questions")
+        self.calibration = calibrate([s for _, s in scored], target, f"the {self.name} stage's validation questions",
+                                     coverages=[s["coverage"] for _, s in scored])
         c = self.calibration
         found = {"abstain_threshold": c.threshold, "threshold_false_abstention": c.false_abstention,
                  "threshold_abstain_unanswerable": c.abstain_unanswerable}
