@@ -261,7 +261,7 @@ def test_serve_reads_in_rank_order_and_returns_the_document_read(tiny):
                                      "reading=rank_order"], timeout=300)
     try:
         about = httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["hybridchat"]
-        assert about["reading"] == "rank_order"
+        assert about["reading"] == "rank_order" and about["coverage_exponent"] == 0.0  # no threshold stored
         body = {"model": "tiny/rag", "messages": [{"role": "user", "content": QUESTION}]}
         got = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
         streamed = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=120).text

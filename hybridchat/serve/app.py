@@ -107,6 +107,7 @@ def build_app(batcher: Batcher, config: ServeConfig, model_id: str) -> FastAPI:
         # What the page needs to know of the model, beside OpenAI's fields.
         about = {"retrieval": has_kb, "top_k": assistant.settings.top_k if has_kb else None,
                  "max_hops": assistant.max_hops if has_kb else 1, "threshold": assistant.threshold,
+                 "coverage_exponent": assistant.coverage_exponent if has_kb else 0.0,
                  "max_answer_tokens": assistant.max_answer_tokens, "context_tokens": assistant.max_context,
                  "reading": assistant.reading}
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": completion_time,
