@@ -54,7 +54,7 @@ from hybridchat.infra import config as config_schema
 from hybridchat.infra.config import LoggerConfig
 from hybridchat.infra.runtime import setup, teardown
 from hybridchat.infra.tracking import Tracker
-from hybridchat.rag.abstention import Calibration, calibrate
+from hybridchat.rag.abstention import Calibration, calibrate, gold_missing_copies
 from hybridchat.rag.answer import RANK_ORDER, Answerer, RankOrderReader, score
 from hybridchat.rag.coverage import Coverage
 from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, QueryGenerator, Search
@@ -452,10 +452,18 @@ def calibrate_checkpoint(cfg: EvalConfig) -> tuple[Path, Calibration]:
         prepared = prepare(cfg, validation)
     if not any(i.answers for i in prepared.items):
         raise UserError(f"{chosen_on} holds no answerable question to choose a threshold on")
+    items, retrieved = list(prepared.items), list(prepared.retrieved)
+    if not prepared.two_hop:  # multi-hop: a copy's own queries could retrieve the very documents it lacks
+        def search(queries: list[str], depth: int) -> list[list[Document]]:
+            return [[h.document for h in row] for row in prepared.retriever.search(queries, top_k=depth)]
+
+        copies = gold_missing_copies(items, search, cfg.retriever.top_k)
+        items, retrieved = items + copies, retrieved + [list(q.candidates) for q in copies]
+        chosen_on += f", with gold-missing copies of its {len(copies)} answerable questions"
     ask = prepared.asker(prepared.evaluated.model, {"threshold": None},
                          queries=ModelQueries() if prepared.two_hop else None)
-    answers = ask(prepared.questions, prepared.retrieved)
-    scores = [score(a, i.answers, i.gold_doc_ids) for a, i in zip(answers, prepared.items)]
+    answers = ask([i.question for i in items], retrieved)
+    scores = [score(a, i.answers, i.gold_doc_ids) for a, i in zip(answers, items)]
     chosen_on += f", reading={RANK_ORDER}" if cfg.reading == RANK_ORDER else ""
     found = calibrate(scores, cfg.target_false_abstention, chosen_on,
                       sha256_file(cfg.questions) if cfg.questions else None,

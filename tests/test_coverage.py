@@ -8,7 +8,15 @@ import math
 import pytest
 
 from hybridchat.core.documents import Document
-from hybridchat.rag.abstention import EXPONENTS, Calibration, calibrate, choose_exponent
+from hybridchat.core.questions import Question
+from hybridchat.rag.abstention import (
+    EXPONENTS,
+    GOLD_DEPTH,
+    Calibration,
+    calibrate,
+    choose_exponent,
+    gold_missing_copies,
+)
 from hybridchat.rag.coverage import Coverage, evidence
 
 KB = [Document("d1", "Vellport", "Vellport is a port city."),  # terms: vellport, port, citi
@@ -100,3 +108,25 @@ def test_a_stored_record_without_an_exponent_reads_as_the_confidence_alone_and_a
     for bad in (-1.0, "high", True, math.inf):
         with pytest.raises(ValueError, match="abstention.coverage_exponent"):
             Calibration.from_meta({**record, "coverage_exponent": bad})
+
+
+def test_gold_missing_copies_are_the_answerable_questions_retrieved_past_their_gold_documents():
+    chunk = Document("d1#2", "Vellport", "The port of Vellport.", metadata={"parent_id": "d1"})
+    ranked = {"Where is Vellport?": [KB[0], chunk, KB[1], KB[2]], "Who is Kor?": [KB[2], KB[1], KB[0]]}
+    asked = []
+
+    def search(queries, depth):
+        asked.append((list(queries), depth))
+        return [ranked[q] for q in queries]
+
+    questions = [Question("Where is Vellport?", ("the coast",), ("d1",), id="v.jsonl:1"),
+                 Question("Who is Kor?", ("a city",), ("d2",)),
+                 Question("Who is Zorbex?", (), ()),                  # unanswerable already
+                 Question("What is Kor?", ("a city",), ())]           # no gold document named: nothing to leave out
+    copies = gold_missing_copies(questions, search, top_k=2)
+    assert asked == [(["Where is Vellport?", "Who is Kor?"], 2 + GOLD_DEPTH)]
+    assert [(q.question, q.answers, q.gold_doc_ids, q.id) for q in copies] == [
+        ("Where is Vellport?", (), (), "v.jsonl:1#gold-missing"), ("Who is Kor?", (), (), "")]
+    # the gold document and its chunks left out, the next ones in their rank order, top_k of them
+    assert [[d.id for d in q.candidates] for q in copies] == [["d2", "d3"], ["d3", "d1"]]
+    assert gold_missing_copies(questions[2:3], search, 2) == [] and len(asked) == 1  # nothing to search for

@@ -15,6 +15,13 @@ confidence x coverage ** e, the exponent e chosen on the same validation questio
 EXPONENTS that best separates their answerable from their unanswerable ones (AUROC; 0, the
 confidence alone, unless another does better), t then chosen on those scores.
 
+Which questions it is chosen on matters as much as how. Most questions a knowledge base cannot answer
+are about something it holds no document on, while retrieval still returns related ones that name the
+same things; validation questions rarely include them (a question set's questions are about its
+documents). gold_missing_copies makes them from the answerable validation questions: each again,
+its documents retrieved as from the knowledge base without its gold ones, its answer dropped. The
+single-hop calibrations (the rag stage's, `evaluate calibrate=true`) choose on both.
+
 The choice is stored with the checkpoint (meta.json "abstention", by the rag and refrag stages or
 `python -m hybridchat.evaluate calibrate=true`); chat and the evaluator apply it
 (hybridchat.training.runs.Run.abstain_threshold).
@@ -24,13 +31,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from hybridchat.core.documents import Document
 from hybridchat.core.metrics import auroc
+from hybridchat.core.questions import Question
 from hybridchat.rag.coverage import evidence
 
 # The coverage exponents a calibration chooses among (0: the model's confidence alone).
 EXPONENTS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
+# Retrieved past top_k for a gold-missing copy: room for the gold documents' chunks that are left out.
+GOLD_DEPTH = 16
 
 
 def choose_threshold(confidences: Sequence[float], target: float) -> float | None:
@@ -138,3 +149,16 @@ def calibrate(scores: Sequence[dict], target: float, chosen_on: str, questions_s
 
     return Calibration(t, target, len(answerable), abstaining(answerable), len(unanswerable), abstaining(unanswerable),
                        chosen_on, questions_sha256, exponent)
+
+
+def gold_missing_copies(questions: Sequence[Question], search: Callable[[list[str], int], list[list[Document]]],
+                        top_k: int) -> list[Question]:
+    """Each answerable question with gold documents again, made unanswerable as a knowledge base
+    without those documents makes it: no answers, and as candidates the first top_k documents
+    search(questions, depth) finds that are neither gold nor a chunk of one."""
+    chosen = [q for q in questions if q.answers and q.gold_doc_ids]
+    if not chosen:
+        return []
+    found = search([q.question for q in chosen], top_k + GOLD_DEPTH)
+    return [Question(q.question, (), (), tuple([d for d in row if d.parent_id not in q.gold_doc_ids][:top_k]),
+                     f"{q.id}#gold-missing" if q.id else "", q.hops, q.split) for q, row in zip(chosen, found)]

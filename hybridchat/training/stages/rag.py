@@ -34,7 +34,7 @@ from hybridchat.core.questions import Question, read_questions
 from hybridchat.core.seeds import EVALUATION, EXAMPLES, SPLIT, python_rng
 from hybridchat.data.chat import ChatRenderer, collate, example_batches
 from hybridchat.infra.config import StageConfig
-from hybridchat.rag.abstention import Calibration, calibrate
+from hybridchat.rag.abstention import Calibration, calibrate, gold_missing_copies
 from hybridchat.rag.answer import Answer, Answerer, fit_prompt, format_reply, parse_reply, score
 from hybridchat.rag.coverage import Coverage
 from hybridchat.training.stages import Stage, registered
@@ -251,6 +251,14 @@ class RagStage(Stage):
         return found
 
     @cached_property
+    def _gold_missing_set(self) -> list[Question]:
+        """Gold-missing copies of the validation questions the threshold is chosen on (rag/abstention.py)."""
+        def search(queries: list[str], depth: int) -> list[list[Document]]:
+            return [[h.document for h in row] for row in self.ctx.retriever.search(queries, top_k=depth)]
+
+        return gold_missing_copies(self._calibration_set, search, self.ctx.config.retriever.top_k)
+
+    @cached_property
     def _coverage(self) -> Coverage:
         return Coverage.of(self.ctx.retriever.documents)
 
@@ -277,12 +285,14 @@ class RagStage(Stage):
 
     def choose_abstention_threshold(self, questions: list[Question], answer, scored=None) -> dict[str, float]:
         """Choose the abstention threshold on validation `questions` (answer(questions) -> the model's
-        own Answers; `scored`: their (question, score) pairs where evaluation already made them)."""
+        own Answers; `scored`: their (question, score) pairs where evaluation already made them), and
+        on gold-missing copies of them (rag/abstention.py)."""
         target = self.config.target_false_abstention
         self.calibration = None
         if target is None:
             return {}
         scored = self.sharded_scores(questions, answer) if scored is None else scored
+        scored = scored + self.sharded_scores(self._gold_missing_set, answer)
         self.calibration = calibrate([s for _, s in scored], target, f"the {self.name} stage's validation questions",
                                      coverages=[s["coverage"] for _, s in scored])
         c = self.calibration

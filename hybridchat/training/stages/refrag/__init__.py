@@ -165,6 +165,11 @@ class RefragStage(RagStage):
     # -- evaluation ------------------------------------------------------------------------------
 
     @cached_property
+    def _gold_missing_set(self) -> list[Question]:
+        """None: answered multi-hop, a copy's own queries could retrieve the very documents it lacks."""
+        return []
+
+    @cached_property
     def _hop_calibration_set(self) -> list[Question]:
         return self.with_top_k(self.val_hops[:self.config.eval_questions])
 
