@@ -501,16 +501,23 @@ def test_rag_stores_the_threshold_chosen_on_its_validation_questions(pipeline, t
     validation = stage.val_questions[:10]
     assert not {q.question for q in validation} & {q.question for q in stage.heldout}
     documents = [[h.document for h in row] for row in ctx.retriever.search([q.question for q in validation], top_k=3)]
+    # and each answerable one again without its gold document: the next 3 a deeper search finds
+    answerable = [q for q in validation if q.answers]
+    deeper = ctx.retriever.search([q.question for q in answerable], top_k=3 + 16)
+    missing = [[h.document for h in row if h.document.parent_id not in q.gold_doc_ids][:3]
+               for q, row in zip(answerable, deeper)]
+    asked = [q.question for q in validation + answerable]
+    kinds = [bool(q.answers) for q in validation] + [False] * len(answerable)
     saved = load_run(folder / "step_000002")
     answers = Answerer(saved.model, saved.tokenizer, config.model.sequence_len, stage.config.max_answer_tokens).answer(
-        [q.question for q in validation], documents)
+        asked, documents + missing)
     # weighed by the documents' coverage as the stage chose (a plain AUROC loop over the exponents)
     coverage = Coverage.of(ctx.retriever.documents)
     covered = [coverage(a.question, a.documents) for a in answers]
-    exponent = plain_exponent([a.confidence for a in answers], covered, [bool(q.answers) for q in validation])
+    exponent = plain_exponent([a.confidence for a in answers], covered, kinds)
     assert stored["coverage_exponent"] == exponent
-    mine = [(a.confidence * c ** exponent, a.abstained) for a, c, q in zip(answers, covered, validation) if q.answers]
-    assert (stored["questions"], stored["unanswerable"]) == (len(mine), len(validation) - len(mine))
+    mine = [(a.confidence * c ** exponent, a.abstained) for a, c, k in zip(answers, covered, kinds) if k]
+    assert (stored["questions"], stored["unanswerable"]) == (len(mine), len(asked) - len(mine))
     assert stored["threshold"] == pytest.approx(plain_search([c for c, _ in mine], 0.3), rel=1e-12)
     assert stored["false_abstention"] == sum(c < stored["threshold"] for c, _ in mine) / len(mine) <= 0.3
     assert stored["target_false_abstention"] == 0.3 and "rag stage's validation questions" in stored["chosen_on"]
@@ -582,8 +589,9 @@ def test_calibrate_stores_a_threshold_that_evaluate_and_chat_apply_unless_told_o
     step = checkpoint.latest(tmp_path / "checkpoints" / "p" / "rag")
     stored = checkpoint.read_meta(step)["abstention"]
     assert f"abstain_threshold {stored['threshold']} stored in {step / 'meta.json'}" in result.stdout
-    assert (stored["questions"], stored["unanswerable"], stored["target_false_abstention"]) == (8, 3, 0.25)
-    assert stored["chosen_on"] == f"questions={questions}"
+    # 3 unanswerable questions and a gold-missing copy of each of the 8 answerable ones
+    assert (stored["questions"], stored["unanswerable"], stored["target_false_abstention"]) == (8, 3 + 8, 0.25)
+    assert stored["chosen_on"] == f"questions={questions}, with gold-missing copies of its 8 answerable questions"
     assert stored["questions_sha256"] == hashlib.sha256(questions.read_bytes()).hexdigest()
     # The world's unanswerable questions ask about made-up names its documents never hold: the
     # (random) confidences weighed by their coverage separate them, and the calibration weighs it.
@@ -599,9 +607,9 @@ def test_calibrate_stores_a_threshold_that_evaluate_and_chat_apply_unless_told_o
     assert report["abstain_threshold"]["value"] == stored["threshold"]
     assert f"below {stored['threshold']:.4g} (stored with the checkpoint, chosen on questions={questions}" in md
     assert "chosen on these same questions" in md
-    # the same questions, the same replies: the rates the calibration recorded
+    # the same answerable questions, the same replies: the rate the calibration recorded (its
+    # unanswerable ones were these 3 and the copies)
     assert applied["false_abstention"][0] == pytest.approx(stored["false_abstention"])
-    assert applied["abstain_unanswerable"][0] == pytest.approx(stored["abstain_unanswerable"])
     report, own, md = rag_row("null", "abstain_threshold=null")  # the model's own abstentions only
     assert report["abstain_threshold"]["value"] is None
     assert "Abstains only where the model writes the abstention (abstain_threshold=null)" in md
