@@ -54,6 +54,9 @@ class QaConfig:
     max_documents: int = 2000            # build: documents asked about, per source (a hash of the id picks them)
     max_words: int = 120                 # build: documents are cut to their leading sentences, this many words
     per_document: int = 3                # build: single-hop questions per document at most
+    # build: the single-hop kinds asked, in order of preference: a document's questions take one of
+    # each in turn (definition: what an entry is; field: a "Key: value" line; cloze: a sentence's span)
+    kinds: List[str] = field(default_factory=lambda: ["definition", "field", "cloze"])
     unanswerable: float = 0.3            # build: made-up-name questions per answerable question
     test: float = 0.1                    # build: share of documents held out for evaluation
     missing: float = 0.05                # build: share kept out of every knowledge base (gold-missing questions)
@@ -96,6 +99,10 @@ def _check(cfg: QaConfig) -> None:
     for key in ("max_documents", "max_words", "per_document"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key}={getattr(cfg, key)} must be >= 1")
+    from hybridchat.data.qa_builder import KINDS
+
+    if not cfg.kinds or any(k not in KINDS for k in cfg.kinds) or len(set(cfg.kinds)) != len(cfg.kinds):
+        raise UserError(f"kinds={list(cfg.kinds)} must name each of {', '.join(KINDS)} at most once, at least one")
     for key in ("unanswerable", "test", "missing"):
         if not 0 <= getattr(cfg, key) < 1:
             raise UserError(f"{key}={getattr(cfg, key)} must be in [0, 1)")

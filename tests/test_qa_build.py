@@ -125,7 +125,8 @@ def test_counts_fields_and_definitions_by_hand():
     rng = random.Random(0)
     doc = Document("d", "wombat", "A burrowing marsupial native to Australia, with short legs. It sleeps about 14 hours a day.")
     (count,) = qa_builder.cloze_questions(doc, rng)
-    assert count.answers == ("14", "14 hours") and "how many hours" in count.question
+    # the reply is taught to say the unit too: "14 hours", not a bare "14" (the number is right as well)
+    assert count.answers == ("14 hours", "14") and "how many hours" in count.question
     (definition,) = qa_builder.definition_question(doc, rng)
     assert definition.answers == ("A burrowing marsupial native to Australia",) and "wombat" in definition.question
     pkg = Document("p", "foo", "Package: foo. Maintainer: Jane Roe <jane@example.org>. Section: utils. Description: x")
@@ -142,6 +143,24 @@ def test_a_document_gets_at_most_one_field_question_and_the_rest_from_its_prose(
         kinds = [qa.kind for qa in asked]
         # 4 fields and 2 prose sentences (one cloze question each) on offer: one field, both cloze
         assert sorted(kinds) == ["cloze", "cloze", "field"], kinds
+
+
+def test_kinds_choose_which_questions_a_document_gets_and_in_what_order():
+    doc = Document("p", "foo", "Foo is a tool for counting sheep. Maintainer: Jane Roe. "
+                   "Foo was written by Ada Lovelace in 1843. It was later ported to 12 platforms.")
+    for seed in range(10):
+        def kinds(per_document, order):
+            asked = qa_builder.document_questions(doc, {}, "package", "depends on", per_document,
+                                                  random.Random(seed), kinds=order)
+            return [qa.kind for qa in asked]
+
+        # on offer: one definition, one field (at most), two clozes (one per prose sentence)
+        assert kinds(2, qa_builder.KINDS) == ["definition", "field"]
+        assert kinds(3, qa_builder.KINDS) == ["definition", "field", "cloze"]
+        assert kinds(2, ("cloze", "definition")) == ["cloze", "definition"]
+        assert kinds(4, ("cloze", "definition")) == ["cloze", "definition", "cloze"]
+        assert kinds(1, ("field", "cloze")) == ["field"]
+        assert kinds(3, ("cloze",)) == ["cloze", "cloze"]
 
 
 def test_a_two_hop_question_asks_through_the_single_link_without_naming_its_target():
@@ -246,6 +265,14 @@ def test_the_command_builds_from_your_documents_and_never_overwrites_unasked(tmp
     assert r.returncode == 2 and "no_such_source" in r.stderr and not (tmp_path / "x").exists()
     r = run_qa("build", f"sources=[{docs}]", f"out={tmp_path / 'y'}", "test=0.6", "missing=0.5")
     assert r.returncode == 2 and "test=0.6 + missing=0.5" in r.stderr
+    for bad in ("[cloze,trivia]", "[cloze,cloze]", "[]"):
+        r = run_qa("build", f"sources=[{docs}]", f"out={tmp_path / 'z'}", f"kinds={bad}")
+        assert r.returncode == 2 and r.stderr.startswith("error: kinds=") and len(r.stderr.splitlines()) == 1, r.stderr
+        assert not (tmp_path / "z").exists()
+    r = run_qa("build", f"sources=[{docs}]", f"out={tmp_path / 'z'}", "kinds=[cloze]")
+    assert r.returncode == 0, r.stderr
+    asked = json.loads((tmp_path / "z" / "manifest.json").read_text())["questions"]["train"]
+    assert set(asked) <= {"cloze", "two_hop", "unanswerable"} and asked["cloze"] > 0, asked
 
 
 def test_python_docs_are_prose_paragraphs_of_the_running_pythons_reference():

@@ -158,7 +158,8 @@ def cloze_questions(document: Document, rng: random.Random) -> list[QA]:
             spans.append((m.start(1), m.end(1), rng.choice(("what year", "which year")), (m.group(1),)))
         for m in _COUNT.finditer(s):
             number = m.group(0).split()[0]
-            spans.append((m.start(0), m.end(0), f"how many {m.group(2)}", (number, m.group(0))))
+            # "90 seconds" first (what the reply says), "90" also right
+            spans.append((m.start(0), m.end(0), f"how many {m.group(2)}", (m.group(0), number)))
         for m in _NAME.finditer(s):
             if m.start() == 0 or m.group(1).lower() in document.title.lower():
                 continue
@@ -268,21 +269,27 @@ def unanswerable_from(qa: QA, title: str, names: NameMaker, rng: random.Random) 
     return QA(qa.question.replace(title, fake), (), (), "unanswerable") if fake else None
 
 
+KINDS = ("definition", "field", "cloze")
+
+
 def document_questions(document: Document, by_title: dict[str, Document], noun: str, verb: str,
-                       per_document: int, rng: random.Random, defines_title: bool = True) -> list[QA]:
-    """Up to per_document single-hop questions about one document (one of each kind first), and
-    its 2-hop question when it has one. defines_title: the document is its title's only entry
-    (not one paragraph of a page), so "what is <title>?" asks for its first sentence. At most one
-    field question: a package's fields are many and alike, and a reader taught mostly to look up
-    "Key: value" lines does not learn to read prose."""
-    kinds = [definition_question(document, rng) if defines_title else [], field_questions(document, rng),
-             cloze_questions(document, rng)]
-    for k in kinds:
+                       per_document: int, rng: random.Random, defines_title: bool = True,
+                       kinds: tuple[str, ...] = KINDS) -> list[QA]:
+    """Up to per_document single-hop questions about one document, taken from the kinds in turn
+    (one of each in `kinds`' order, then again), and its 2-hop question when it has one.
+    defines_title: the document is its title's only entry (not one paragraph of a page), so "what
+    is <title>?" asks for its first sentence. At most one field question: a package's fields are
+    many and alike, and a reader taught mostly to look up "Key: value" lines does not learn to read
+    prose."""
+    candidates = {"definition": definition_question(document, rng) if defines_title else [],
+                  "field": field_questions(document, rng), "cloze": cloze_questions(document, rng)}
+    for k in candidates.values():
         rng.shuffle(k)
-    del kinds[1][1:]
+    del candidates["field"][1:]
+    queues = [candidates[k] for k in kinds]
     chosen: list[QA] = []
-    while len(chosen) < per_document and any(kinds):
-        for k in kinds:
+    while len(chosen) < per_document and any(queues):
+        for k in queues:
             if k and len(chosen) < per_document:
                 chosen.append(k.pop())
     return chosen + two_hop_questions(document, by_title, noun, verb, rng)
@@ -309,10 +316,12 @@ def _kept(documents: list[Document], max_documents: int, seed: int) -> list[Docu
 
 
 def build(corpora: Iterable[Corpus], *, max_documents: int = 2000, max_words: int = 120, per_document: int = 3,
-          unanswerable: float = 0.3, test: float = 0.1, missing: float = 0.05, seed: int = 0) -> QuestionSet:
+          unanswerable: float = 0.3, test: float = 0.1, missing: float = 0.05, seed: int = 0,
+          kinds: Iterable[str] = KINDS) -> QuestionSet:
     """A question set over the corpora (see the module docstring). unanswerable: made-up-entity
-    questions per answerable question, in each split; test, missing: shares of documents."""
-    corpora = list(corpora)
+    questions per answerable question, in each split; test, missing: shares of documents; kinds: the
+    single-hop kinds asked, in order of preference (document_questions)."""
+    corpora, kinds = list(corpora), tuple(kinds)
     names = NameMaker(d for c in corpora for d in c.documents)
     documents = {"train": [], "test": [], "missing": []}
     answerable = {"train": [], "test": [], "missing": []}
@@ -327,7 +336,8 @@ def build(corpora: Iterable[Corpus], *, max_documents: int = 2000, max_words: in
         for d in _kept(list(short.values()), max_documents, seed):
             chosen[d.id] = d
             asked = document_questions(d, by_title[split[d.id]], corpus.link_noun, corpus.link_verb, per_document,
-                                       random.Random(f"{seed}/{d.id}"), defines_title=entries[d.title] == 1)
+                                       random.Random(f"{seed}/{d.id}"), defines_title=entries[d.title] == 1,
+                                       kinds=kinds)
             for k, qa in enumerate(asked):
                 answerable[split[d.id]].append(QA(qa.question, qa.answers, qa.gold_doc_ids, qa.kind, f"{d.id}/{k}"))
                 for gold in qa.gold_doc_ids[1:]:
