@@ -68,6 +68,7 @@ log = logging.getLogger("hybridchat")
 
 ANSWERS = "answers"  # a condition's every reply, written to answers.jsonl rather than eval.json
 HOP_SETTINGS = ("max_hops", "hop_documents", "max_query_tokens", "hop_tokens")
+SINGLE_HOP = "single-hop questions (model-written queries)"  # hops=2 on the world: the checkpoint's other questions
 
 
 @dataclass
@@ -346,18 +347,21 @@ def prepare(cfg: EvalConfig, mine: list[Question] | None = None) -> Prepared:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     prepared = prepare(cfg)
     items, two_hop, stage, evaluated = prepared.items, prepared.two_hop, prepared.stage, prepared.evaluated
-    questions, retrieved = prepared.questions, prepared.retrieved
+    retrieved = prepared.retrieved
 
-    def run(condition: str, answer_run: Run, docs, subset=lambda item: True, queries=None) -> dict[str, Any]:
-        """queries: a QueryGenerator for multi-hop answering (2-hop questions), None for one shot."""
-        chosen = [i for i, item in enumerate(items) if subset(item)]
+    def run(condition: str, answer_run: Run, docs, subset=lambda item: True, queries=None,
+            asked: list[Question] | None = None) -> dict[str, Any]:
+        """queries: a QueryGenerator for multi-hop answering (2-hop questions), None for one shot.
+        asked: other questions than the evaluation's (docs: theirs)."""
+        pool = items if asked is None else asked
+        chosen = [i for i, item in enumerate(pool) if subset(item)]
         ask = prepared.asker(answer_run.model, prepared.decision(answer_run), docs is not None, queries)
         t0 = time.perf_counter()
-        answers = ask([questions[i] for i in chosen], None if docs is None else [docs[i] for i in chosen])
+        answers = ask([pool[i].question for i in chosen], None if docs is None else [docs[i] for i in chosen])
         seconds = time.perf_counter() - t0
-        scores = [score(a, items[i].answers, items[i].gold_doc_ids) for a, i in zip(answers, chosen)]
+        scores = [score(a, pool[i].answers, pool[i].gold_doc_ids) for a, i in zip(answers, chosen)]
         log.info("%s: %d questions in %.1f s", condition, len(chosen), seconds)
-        records = [{"id": items[i].id, "question": a.question, "reply": a.reply, "gold": list(items[i].answers),
+        records = [{"id": pool[i].id, "question": a.question, "reply": a.reply, "gold": list(pool[i].answers),
                     "cited": [d.id for d in a.cited], "dropped": a.dropped,
                     "hops": [{"query": h.query, "documents": [d.id for d in h.documents], "status": h.status}
                              for h in a.hops], **read_record(a)} for a, i in zip(answers, chosen)]
@@ -399,6 +403,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if any(i.gold_doc_ids for i in items):
         conditions.append(run("gold documents", evaluated, gold_documents(prepared.kb.documents, items),
                               lambda item: bool(item.gold_doc_ids)))
+    if two_hop and cfg.questions is None:
+        # The one checkpoint a user talks to also gets single-hop questions: answered at once where
+        # the first documents hold the answer (retrievals per question 1), never a malformed query.
+        single = world_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed)
+        found = prepared.retriever.search([i.question for i in single], top_k=cfg.retriever.top_k)
+        conditions.append(run(SINGLE_HOP, evaluated, [[h.document for h in row] for row in found],
+                              queries=ModelQueries(), asked=single))
     others = {name: load(cfg, name, stage) for name in cfg.compare}
     budget = [] if two_hop else context_budget(cfg, {cfg.run_name: evaluated, **others}, items, prepared.retriever,
                                                prepared.decision)

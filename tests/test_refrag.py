@@ -495,22 +495,32 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
     # the run ended with GRPO steps: its warm start's end is a condition of its own, before the end of RL
     assert [c["condition"] for c in report["conditions"]] == [
         "closed-book (mid model)", "RAG, bm25 top-3", "rule-based bridge queries",
-        "REFRAG after warm start (step 4)", "REFRAG after RL (model-written queries)", "gold documents"]
-    closed, single, bridge, warm, refrag, gold = report["conditions"]
+        "REFRAG after warm start (step 4)", "REFRAG after RL (model-written queries)", "gold documents",
+        "single-hop questions (model-written queries)"]
+    closed, single, bridge, warm, refrag, gold, one_hop = report["conditions"]
     assert report["primary"] == 4 and warm["hops"][0] >= 1
     # 2-hop questions about made-up people: asked in every condition but the gold documents' (there are none)
     assert report["unanswerable"] == 4 and gold["unanswerable"] == 0
     assert all(c["unanswerable"] == 4 and {"abstain_unanswerable", "auroc"} <= set(c) for c in report["conditions"][:5])
     for c in report["conditions"]:
-        assert c["answerable"] == 6 and {"em", "f1", "hallucination", "hops", "seconds"} <= set(c)
+        assert c["answerable"] == 6 and {"em", "f1", "hallucination", "hops", "malformed", "seconds"} <= set(c)
+    # the checkpoint's single-hop questions (and 1-hop made-up people), answered with its own queries
+    assert one_hop["unanswerable"] == 4 and 1 <= one_hop["hops"][0] <= 2
+    asked = {json.loads(line)["question"]: json.loads(line)["condition"]
+             for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()}
+    world = World.generate(WorldConfig(**checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "p" / "refrag"))[
+        "config"]["world"]))
+    one_hop_questions = {q.question for q in world.questions("heldout", 1)}
+    mine_asked = [q for q, c in asked.items() if c == one_hop["condition"]]
+    assert len(mine_asked) == 10 and sum(q in one_hop_questions for q in mine_asked) == 6
+    assert not one_hop_questions & {q for q, c in asked.items() if c == refrag["condition"]}
+    assert "| single-hop questions (model-written queries) | " in (tmp_path / "eval" / "eval.md").read_text()
     assert closed["hops"][0] == 0 and single["hops"][0] == 1 and gold["all_gold_in_context"][0] == 1.0
     assert 1 <= refrag["hops"][0] <= 2 and 1 < bridge["hops"][0] <= 2
     # the bridge rule's second retrieval finds documents the question alone does not
     assert bridge["all_gold_in_context"][0] >= single["all_gold_in_context"][0]
     assert "| REFRAG after RL (model-written queries) | " in (tmp_path / "eval" / "eval.md").read_text()
-    # your own 2-hop questions (two gold ids each): the same conditions
-    meta = checkpoint.read_meta(checkpoint.latest(out / "checkpoints" / "p" / "refrag"))
-    world = World.generate(WorldConfig(**meta["config"]["world"]))
+    # your own 2-hop questions (two gold ids each): the same conditions, no single-hop ones of the world
     questions = tmp_path / "q2.jsonl"
     questions.write_text("".join(json.dumps({"question": q.question, "answers": list(q.answers),
                                              "gold_doc_ids": list(q.gold_doc_ids)}) + "\n"
