@@ -16,9 +16,9 @@ from hybridchat.training.stages.refrag.warm_start import WarmStart
 GOLD = ("person-0001", "company-0002")
 
 
-def _warm_start(questions: list[Question], micro_batch: int) -> tuple[WarmStart, object]:
+def _warm_start(questions: list[Question], micro_batch: int, **settings) -> tuple[WarmStart, object]:
     tok = tokenizer()
-    config = RefragConfig(min_documents=1, max_documents=2, needless_query=0.0, length_grouping=1)
+    config = RefragConfig(min_documents=1, max_documents=2, needless_query=0.0, length_grouping=1, **settings)
     rag = SimpleNamespace(config=config, renderer=ChatRenderer(tok), width_limit=None, train_questions=[],
                           ctx=SimpleNamespace(config=SimpleNamespace(seed=0, gpu=SimpleNamespace(micro_batch=micro_batch)),
                                               knowledge_base=SimpleNamespace(documents=DOCS)))
@@ -45,3 +45,26 @@ def test_the_first_hop_shows_the_first_gold_document_on_every_rank_even_where_re
                 assert f" ({KOR.id})\n" in later and "Tam Brel" in later.split("<|documents_end|>")[-1]
                 seen += 1
     assert seen == 8
+
+
+def test_both_gold_traces_show_both_documents_at_once_and_answer_without_a_query():
+    questions = [Question(QUESTION, ("Tam Brel",), GOLD, (VELLPORT, ADA))] * 8
+    warm, tok = _warm_start(questions, micro_batch=2, both_gold=1.0)
+    ranks = set()
+    for i in range(len(questions)):
+        for epoch in (0, 1):
+            ids, mask = warm.example(i, epoch)
+            text = tok.decode(ids)
+            assert "<|query_start|>" not in text and text.count("<|documents_start|>") == 1, text
+            titles = [d.split("\n")[0] for d in text.split("<|document_start|>")[1:]]
+            numbers = {t.split("(")[-1].rstrip(")"): int(t[1:t.index("]")]) for t in titles}
+            # both gold documents, as many as the trace shows: the distractor gave way
+            assert set(numbers) == set(GOLD), titles
+            cited = numbers[KOR.id]  # the one that states the answer
+            written = tok.decode([t for t, m in zip(ids, mask) if m])
+            assert written == f"[{cited}] Tam Brel<|assistant_end|>", written
+            ranks.add(cited)
+    assert ranks == {1, 2}  # the answer's document at either rank
+    # none of them at both_gold=0: every trace queries
+    warm, tok = _warm_start(questions, micro_batch=2)
+    assert all("<|query_start|>" in tok.decode(warm.example(i, 0)[0]) for i in range(len(questions)))

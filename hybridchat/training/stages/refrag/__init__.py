@@ -43,6 +43,14 @@ class RefragConfig(RagConfig):
     # documents still: a needless query costs a retrieval, not the answer (a tiny model's needless
     # query is the answer itself, "[1] Soreiport")
     needless_query: float = 0.5
+    # whether the needless query's words and end marker are learned (its opening never is); false: the
+    # whole query given, only what follows it learned. Learned, "[1] Soreiport<|query_end|>" is the
+    # reply's own text closed as a query, which a reply then copies: the malformed query, an end
+    # marker without an opening
+    learn_needless_query: bool = True
+    # share of 2-hop traces that show both gold documents among hop 1's and answer at once, citing
+    # the document that states the answer (no query: what is needed is already there)
+    both_gold: float = 0.0
     hop_questions: Optional[str] = None  # your 2-hop JSONL (gold_doc_ids in hop order); None: the world's
     rl_steps: int = 0                  # the last rl_steps of num_steps are GRPO steps
     # GRPO's learning rate, a constant share of the stage's (small: noisy gradients, Muon's fixed-size steps)
@@ -73,8 +81,9 @@ class RefragStage(RagStage):
                 raise UserError(f"stage.{key}={getattr(c, key)} must be >= 1")
         if not 0 <= c.single_hop < 1:
             raise UserError(f"stage.single_hop={c.single_hop} must be in [0, 1)")
-        if not 0 <= c.needless_query <= 1:
-            raise UserError(f"stage.needless_query={c.needless_query} must be in [0, 1]")
+        for key in ("needless_query", "both_gold"):
+            if not 0 <= getattr(c, key) <= 1:
+                raise UserError(f"stage.{key}={getattr(c, key)} must be in [0, 1]")
         if not 0 <= c.rl_steps <= c.num_steps:
             raise UserError(f"stage.rl_steps={c.rl_steps} must be in [0, stage.num_steps={c.num_steps}]")
         if not 0 < c.rl_lr_frac <= 1:

@@ -6,11 +6,13 @@
       -> what retrieval finds for it, exactly as the engine's hook would (same fitting, same search)
       -> "[n] answer" citing the document that states it (ABSTAIN when it was not found)
 
-mixed with rag's single-hop examples (stage.single_hop of them), so the model keeps answering at
-once when the first documents suffice. stage.needless_query of those query anyway, for the answer
-they already hold, and answer from the first documents: how to go on after a query that was not
-needed, without teaching to open one (its opening marker is given, not learned). Loss on what the
-model writes only: the queries and the reply, never the retrieved documents.
+stage.both_gold of the traces show both gold documents among hop 1's and answer at once, citing the
+one that states the answer. Mixed with rag's single-hop examples (stage.single_hop of them), so the
+model keeps answering at once when the first documents suffice. stage.needless_query of those query
+anyway, for the answer they already hold, and answer from the first documents: how to go on after a
+query that was not needed, without teaching to open one (its opening marker is given, not learned;
+with stage.learn_needless_query=false the whole query is given). Loss on what the model writes only:
+the queries and the reply, never the retrieved documents.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from hybridchat.core.seeds import EVALUATION, EXAMPLES, python_rng
 from hybridchat.data.chat import collate, example_batches
 from hybridchat.data.loader import Batch
 from hybridchat.rag.answer import format_reply, parse_reply
-from hybridchat.rag.multihop import Hop, MultiHop, QueryGenerator
+from hybridchat.rag.multihop import Hop, MultiHop, NoQueries, QueryGenerator
 from hybridchat.training.stages.rag import RagStage
 
 
@@ -42,12 +44,14 @@ class _CitingQuery(QueryGenerator):
         return format_reply(self.name, where[0], self.cite_first) if len(hops) == 1 and where else None
 
 
-def _conversation(question: str, hops: Sequence[Hop], reply: str, learn_opening: bool = True) -> list[dict]:
+def _conversation(question: str, hops: Sequence[Hop], reply: str, learn_opening: bool = True,
+                  learn_query: bool = True) -> list[dict]:
     """The question with hop 1's documents, then a reply holding the later hops' queries and
     documents before its text (the renderer's messages)."""
     return [{"role": "user", "content": question, "documents": hops[0].documents},
             {"role": "assistant", "content": reply,
-             "hops": [{"query": h.query, "documents": h.documents, "learn_opening": learn_opening} for h in hops[1:]]}]
+             "hops": [{"query": h.query, "documents": h.documents, "learn_opening": learn_opening,
+                       "learn_query": learn_query} for h in hops[1:]]}]
 
 
 class WarmStart:
@@ -73,12 +77,34 @@ class WarmStart:
         gold = [d for d in q.candidates if d.parent_id == first_gold][:1] or self._document(first_gold)
         docs = [d for d in q.candidates if d.parent_id not in q.gold_doc_ids][:k - 1]
         docs.insert(rng.randint(0, len(docs)), gold[0])
+        if c.both_gold and rng.random() < c.both_gold:
+            at_once = self.both_gold_messages(q, docs, rng)
+            if at_once is not None:
+                return at_once
         bridge = _CitingQuery(self.titles[q.gold_doc_ids[1]], first_gold, c.cite_first)
         hops = self.planner.plan(q.question, docs, bridge)
         shown = [d for h in hops for d in h.documents]
         where = [n for n, d in enumerate(shown, 1) if d.parent_id == answer_doc]
         reply = format_reply(q.answers[0], where[0], c.cite_first) if where and len(hops) > 1 else format_reply(None)
         return _conversation(q.question, hops, reply)
+
+    def both_gold_messages(self, q: Question, docs: list, rng: random.Random) -> list[dict] | None:
+        """The 2-hop question with its answer's document among hop 1's too (in place of a distractor,
+        at a random rank): answered at once, citing it. None where it does not fit the context."""
+        answer_doc = q.gold_doc_ids[-1]
+        second = [d for d in q.candidates if d.parent_id == answer_doc][:1] or self._document(answer_doc)
+        if not second:
+            return None
+        shown = list(docs)
+        distractors = [i for i, d in enumerate(shown) if d.parent_id not in q.gold_doc_ids]
+        if distractors:
+            del shown[distractors[-1]]  # the lowest-ranked one: as many documents as the trace shows
+        shown.insert(rng.randint(0, len(shown)), second[0])
+        hops = self.planner.plan(q.question, shown, NoQueries())
+        where = [n for n, d in enumerate(hops[0].documents, 1) if d.parent_id == answer_doc]
+        if not where or not all(any(d.parent_id == g for d in hops[0].documents) for g in q.gold_doc_ids):
+            return None
+        return _conversation(q.question, hops, format_reply(q.answers[0], where[0], self.config.cite_first))
 
     def needless_query_messages(self, q: Question, rng: random.Random) -> list[dict] | None:
         """A single-hop conversation whose reply first queries the answer it already holds, then
@@ -94,7 +120,7 @@ class WarmStart:
         shown = [d for h in hops for d in h.documents]
         where = [n for n, d in enumerate(shown, 1) if d.parent_id in q.gold_doc_ids]
         reply = format_reply(q.answers[0], where[0], self.config.cite_first) if where else format_reply(None)
-        return _conversation(q.question, hops, reply, learn_opening=False)
+        return _conversation(q.question, hops, reply, learn_opening=False, learn_query=self.config.learn_needless_query)
 
     def _document(self, parent_id: str):
         return [d for d in self.rag.ctx.knowledge_base.documents if d.parent_id == parent_id][:1]
