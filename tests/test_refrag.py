@@ -390,7 +390,8 @@ def test_needless_queries_are_not_taught_to_open_and_the_answer_still_cites_the_
         same_ids, _ = stage.warm_start.example(i, 0)
         text, written = tok.decode(ids), tok.decode([t for t, m in zip(ids, mask) if m])
         assert ids == same_ids
-        assert written == text.split("<|documents_end|>")[-1] and "<|query_end|>" not in written, written
+        if "<|query_start|>" in text:  # (else rag's example: it would abstain)
+            assert written == text.split("<|documents_end|>")[-1] and "<|query_end|>" not in written, written
 
 
 @pytest.fixture(scope="module")
