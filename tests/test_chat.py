@@ -315,14 +315,6 @@ def test_a_query_whose_opening_is_not_taught_still_teaches_its_words(tok):
     learned = [i for i, m in zip(ids, mask) if m]
     assert learned == [*tok.encode("k"), t("<|query_end|>"), t("<|query_start|>"), *tok.encode("m"),
                        t("<|query_end|>"), *tok.encode("A"), t("<|assistant_end|>")]
-    # learn_query=False: nothing of that query, markers and words, is learned; what follows it is
-    ids, mask = r.render([{"role": "user", "content": "Q"},
-                          {"role": "assistant", "content": "A", "hops": [
-                              {"query": "k", "documents": [], "learn_opening": False, "learn_query": False},
-                              {"query": "m", "documents": []}]}])
-    learned = [i for i, m in zip(ids, mask) if m]
-    assert learned == [t("<|query_start|>"), *tok.encode("m"), t("<|query_end|>"), *tok.encode("A"),
-                       t("<|assistant_end|>")]
 
 
 def test_a_system_message_is_rendered_once_before_the_first_user_turn_only(tok):

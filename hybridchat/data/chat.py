@@ -175,11 +175,10 @@ class ChatRenderer:
                 for hop in hops:
                     query = self.query(hop["query"])
                     # learn_opening=False: what follows a query's opening marker is taught, not opening
-                    # it; learn_query=False: nothing of the query is (refrag's needless queries: how to
-                    # go on after one, not to write one)
+                    # it (refrag's needless queries: how to go on after one, not to write one)
                     opening = len(f.query[0])
-                    add(query[:opening], hop.get("learn_opening", True) and hop.get("learn_query", True))
-                    add(query[opening:], hop.get("learn_query", True))
+                    add(query[:opening], hop.get("learn_opening", True))
+                    add(query[opening:], True)
                     add(self.results(hop["documents"], shown + 1), False)
                     shown += len(hop["documents"])
                 add([*self.tokenizer.encode(content), *f.assistant[1]], True)

@@ -43,11 +43,6 @@ class RefragConfig(RagConfig):
     # documents still: a needless query costs a retrieval, not the answer (a tiny model's needless
     # query is the answer itself, "[1] Soreiport")
     needless_query: float = 0.5
-    # whether the needless query's words and end marker are learned (its opening never is); false: the
-    # whole query given, only what follows it learned. Learned, "[1] Soreiport<|query_end|>" is the
-    # reply's own text closed as a query, which a reply then copies: the malformed query, an end
-    # marker without an opening
-    learn_needless_query: bool = True
     # share of 2-hop traces that show both gold documents among hop 1's and answer at once, citing
     # the document that states the answer (no query: what is needed is already there)
     both_gold: float = 0.0

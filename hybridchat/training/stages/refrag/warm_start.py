@@ -10,9 +10,8 @@ stage.both_gold of the traces show both gold documents among hop 1's and answer 
 one that states the answer. Mixed with rag's single-hop examples (stage.single_hop of them), so the
 model keeps answering at once when the first documents suffice. stage.needless_query of those query
 anyway, for the answer they already hold, and answer from the first documents: how to go on after a
-query that was not needed, without teaching to open one (its opening marker is given, not learned;
-with stage.learn_needless_query=false the whole query is given). Loss on what the model writes only:
-the queries and the reply, never the retrieved documents.
+query that was not needed, without teaching to open one (its opening marker is given, not learned).
+Loss on what the model writes only: the queries and the reply, never the retrieved documents.
 """
 
 from __future__ import annotations
@@ -44,14 +43,12 @@ class _CitingQuery(QueryGenerator):
         return format_reply(self.name, where[0], self.cite_first) if len(hops) == 1 and where else None
 
 
-def _conversation(question: str, hops: Sequence[Hop], reply: str, learn_opening: bool = True,
-                  learn_query: bool = True) -> list[dict]:
+def _conversation(question: str, hops: Sequence[Hop], reply: str, learn_opening: bool = True) -> list[dict]:
     """The question with hop 1's documents, then a reply holding the later hops' queries and
     documents before its text (the renderer's messages)."""
     return [{"role": "user", "content": question, "documents": hops[0].documents},
             {"role": "assistant", "content": reply,
-             "hops": [{"query": h.query, "documents": h.documents, "learn_opening": learn_opening,
-                       "learn_query": learn_query} for h in hops[1:]]}]
+             "hops": [{"query": h.query, "documents": h.documents, "learn_opening": learn_opening} for h in hops[1:]]}]
 
 
 class WarmStart:
@@ -120,7 +117,7 @@ class WarmStart:
         shown = [d for h in hops for d in h.documents]
         where = [n for n, d in enumerate(shown, 1) if d.parent_id in q.gold_doc_ids]
         reply = format_reply(q.answers[0], where[0], self.config.cite_first) if where else format_reply(None)
-        return _conversation(q.question, hops, reply, learn_opening=False, learn_query=self.config.learn_needless_query)
+        return _conversation(q.question, hops, reply, learn_opening=False)
 
     def _document(self, parent_id: str):
         return [d for d in self.rag.ctx.knowledge_base.documents if d.parent_id == parent_id][:1]
