@@ -405,7 +405,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               lambda item: bool(item.gold_doc_ids)))
     if two_hop and cfg.questions is None:
         # The one checkpoint a user talks to also gets single-hop questions: answered at once where
-        # the first documents hold the answer (retrievals per question 1), never a malformed query.
+        # the first documents hold the answer (retrievals per question 1).
         single = world_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed)
         found = prepared.retriever.search([i.question for i in single], top_k=cfg.retriever.top_k)
         conditions.append(run(SINGLE_HOP, evaluated, [[h.document for h in row] for row in found],

@@ -148,14 +148,20 @@ def random_model(pattern: str, n_layer: int, vocab: int, dtype=torch.float64, se
     return model.to(dtype).eval()
 
 
-def naive_greedy(model, prompt, n, inject=None):
+def naive_greedy(model, prompt, n, inject=None, pair=None):
     """Greedy generation by a full forward over the whole sequence for every new token: the
     reference the engine's cached generation is compared with. inject(tokens so far) may return
-    tokens to append (a query hook's retrieved text)."""
+    tokens to append (a query hook's retrieved text). pair=(opening, closing): the closing token is
+    ruled out unless the output's last of the two is an opening one (engine's paired_tokens)."""
     seq, out = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            tok = model(torch.tensor([seq]))[0, -1].argmax().item()
+            logits = model(torch.tensor([seq]))[0, -1].clone()
+            if pair is not None:
+                last = {t: max((i for i, o in enumerate(out) if o == t), default=-1) for t in pair}
+                if last[pair[0]] <= last[pair[1]]:
+                    logits[pair[1]] = -float("inf")
+            tok = logits.argmax().item()
             out.append(tok)
             seq.append(tok)
             extra = inject(out) if inject else None

@@ -134,7 +134,7 @@ def test_every_score_of_an_answerable_question_by_hand():
     partial = score(_reply("[1] Vellport harbour", [ADA], confidence=0.25, seconds=1.5), ["Vellport"], ["person-1"])
     assert partial == {"em": 0.0, "f1": 2 / 3, "hallucination": 1.0, "abstain": 0.0, "false_abstention": 0.0,
                        "citation": None, "gold_in_context": 1.0, "all_gold_in_context": 1.0, "hops": 1.0,
-                       "malformed": 0.0, "seconds": 1.5, "confidence": 0.25}
+                       "seconds": 1.5, "confidence": 0.25}
     # Two gold documents, one shown (as a chunk: its parent's id counts).
     right = score(_reply("[1] Vellport", [CHUNK, PORT]), ["Vellport"], ["person-1", "company-2"])
     assert right["gold_in_context"] == 1.0 and right["all_gold_in_context"] == 0.0
@@ -152,7 +152,7 @@ def test_every_score_of_an_unanswerable_question_by_hand():
     answered = score(_reply("[1] Vellport", [ADA], confidence=0.75), [], [])
     assert answered == {"em": None, "f1": None, "hallucination": 1.0, "abstain": 0.0, "false_abstention": None,
                         "citation": None, "gold_in_context": None, "all_gold_in_context": None, "hops": 1.0,
-                        "malformed": 0.0, "seconds": 0.0, "confidence": 0.75}
+                        "seconds": 0.0, "confidence": 0.75}
     abstained = score(_reply(ABSTAIN, [ADA]), [])
     assert abstained["hallucination"] == 0.0 and abstained["abstain"] == 1.0
 
@@ -163,10 +163,6 @@ def test_hops_count_the_retrievals_that_were_made():
     assert _reply("x", hops=trace[:1]).n_hops == 1
     assert _reply("x").n_hops == 1 and _reply("x", closed_book=True).n_hops == 0
     assert score(_reply("x", hops=trace), ["x"])["hops"] == 2.0
-    # a query closed without being opened is malformed (not followed: no retrieval); others are not
-    assert score(_reply("x", hops=trace), ["x"])["malformed"] == 0.0
-    malformed = trace[:1] + [Hop("[1] x", [], "malformed")]
-    assert score(_reply("x", hops=malformed), ["x"])["malformed"] == 1.0 and _reply("x", hops=malformed).n_hops == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,6 +175,26 @@ def test_suppressed_tokens_are_never_the_first_and_only_the_first_token_sampled(
     assert res.tokens == expected
 
 
+def test_a_closing_token_is_sampled_only_after_its_opening():
+    """paired_tokens=(opening, closing): staggered prompts, each row against a plain greedy loop that
+    rules the closing token out until the row has sampled an opening one (conftest.naive_greedy)."""
+    model = tiny_lm("MA")
+    prompts = [[1, 5, 9, 3, 7, 2, 8, 4, 6, 10, 11], [4, 2], [7, 7, 7, 1, 2, 3]]
+    plain = [naive_greedy(model, p, 8) for p in prompts]
+    unused = next(t for t in range(TINY_VOCAB) if all(t not in row for row in plain))
+    # never opened: the closing token (row 0's third) never sampled, and row 0 goes another way
+    shut = (unused, plain[0][2])
+    expected = [naive_greedy(model, p, 8, pair=shut) for p in prompts]
+    assert expected[0] != plain[0] and all(shut[1] not in row for row in expected)
+    assert Engine(model, prefill_chunk=4).generate(prompts, 8, temperature=0, paired_tokens=shut).tokens == expected
+    # opened by the row's first token: the closing token allowed after it, as plain greedy has it
+    opened = (plain[0][0], plain[0][2])
+    assert opened[0] != opened[1] and naive_greedy(model, prompts[0], 8, pair=opened) == plain[0]
+    expected = [naive_greedy(model, p, 8, pair=opened) for p in prompts]
+    assert Engine(model, prefill_chunk=4).generate(prompts, 8, temperature=0, paired_tokens=opened).tokens == expected
+    assert Engine(model, prefill_chunk=4).generate(prompts, 8, temperature=0).tokens == plain
+
+
 def test_stop_token_ends_its_row_only_and_streams_every_sampled_token():
     """Three rows; the stop token is one the first row's greedy continuation reaches and the others'
     do not: that row ends "stop" before it (the stop token is neither returned nor streamed) and the

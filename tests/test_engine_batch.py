@@ -101,6 +101,25 @@ def test_suppressed_tokens_are_never_the_first_token_and_the_rest_is_greedy():
     assert other.tokens == naive_greedy(model, asked[1], 6)
 
 
+def test_a_closing_token_is_sampled_only_after_its_opening_row_by_row():
+    """paired_tokens is each sequence's: a row given a pair never samples its closing token before an
+    opening one; a row without one decodes as plain greedy; the first token and later ones alike."""
+    model = tiny_lm("MA")
+    asked = prompts([7, 12, 9])
+    plain = [naive_greedy(model, p, 8) for p in asked]
+    unused = next(t for t in range(TINY_VOCAB) if all(t not in row for row in plain))
+    k = next(k for k in range(2, 8) if plain[1][k] not in plain[1][:k])  # a later token of row 1, new there
+    first, later = (unused, plain[0][0]), (unused, plain[1][k])  # closing: row 0's first token, row 1's k-th
+    batch = DecodeBatch(model)
+    seqs = [batch.add(asked[0], 8, paired_tokens=first), batch.add(asked[1], 8, paired_tokens=later),
+            batch.add(asked[2], 8, paired_tokens=None)]
+    while len(batch):
+        batch.step()
+    expected = [naive_greedy(model, asked[0], 8, pair=first), naive_greedy(model, asked[1], 8, pair=later), plain[2]]
+    assert expected[0] != plain[0] and expected[1] != plain[1] and expected[1][:k] == plain[1][:k]
+    assert [s.tokens for s in seqs] == expected
+
+
 @pytest.mark.parametrize("body", ["hybrid", "attention", "pointer+match"])
 def test_a_ragged_forward_of_several_tokens_equals_each_rows_full_forward(body):
     """Rows prefilled alone (6, 9 and 2 tokens; the first two hold a request), put in the rows of one

@@ -77,7 +77,8 @@ def test_the_reply_budget_and_the_room_kept_for_hops_to_come_by_hand(tok):
     # One hop: the first prompt leaves exactly the single-shot answerer's room for the reply.
     single = MultiHop(None, tok, Search(TitleRetriever(), 1), 300, max_hops=1, max_answer_tokens=20)
     assert single._first_hop_tokens == Answerer(None, tok, 300, max_answer_tokens=20).prompt_tokens == 279
-    assert single.query_start == "<|query_start|>" and single.query_end == "<|query_end|>" and single.end_is_token
+    assert single.query_start == "<|query_start|>" and single.query_end == "<|query_end|>"
+    assert single.query_pair == (tok.token_id("<|query_start|>"), tok.token_id("<|query_end|>"))
 
 
 def test_bridge_queries_name_what_the_newest_documents_add():

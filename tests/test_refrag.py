@@ -155,19 +155,25 @@ def test_max_hops_is_respected_and_a_query_past_it_is_refused_without_retrieval(
         assert a.abstained and not a.format_ok and a.n_hops == max_hops  # no answer written: none given
 
 
-def test_empty_and_malformed_queries_end_gracefully_and_the_model_still_answers():
+def test_an_empty_query_ends_gracefully_and_a_query_end_is_never_written_outside_a_query():
     tok = tokenizer()
     t_ = tok.token_id
     answer = {**chain([t_("<|documents_end|>"), *tok.encode("[1] Tam Brel"), t_("<|assistant_end|>")])}
     empty = {**chain([t_("<|assistant_start|>"), t_("<|query_start|>"), t_("<|query_end|>")]), **answer}
-    malformed = {**chain([t_("<|assistant_start|>"), *tok.encode("Kor"), t_("<|query_end|>")]), **answer}
-    for script, status in ((empty, "empty"), (malformed, "malformed")):
+    retriever = TitleRetriever()
+    [a] = multihop(Scripted(tok.vocab_size, empty), tok, retriever).answer([QUESTION])
+    assert retriever.queries == [QUESTION]  # no retrieval for it
+    assert [h.status for h in a.hops] == ["ok", "empty"] and a.hops[1].documents == []
+    assert (a.answer, a.citations, a.abstained, a.n_hops, a.format_ok) == ("Tam Brel", [1], False, 1, False)
+    # A model that would close its reply as a query it never opened ("Kor<|query_end|>", the end
+    # marker first or after words): the end marker is ruled out there, so no query and no retrieval.
+    for opening in ([*tok.encode("Kor")], []):
+        closing = {**chain([t_("<|assistant_start|>"), *opening, t_("<|query_end|>")]), **answer}
         retriever = TitleRetriever()
-        mh = multihop(Scripted(tok.vocab_size, script), tok, retriever)
-        [a] = mh.answer([QUESTION])
-        assert retriever.queries == [QUESTION]  # no retrieval for it
-        assert [h.status for h in a.hops] == ["ok", status] and a.hops[1].documents == []
-        assert (a.answer, a.citations, a.abstained, a.n_hops, a.format_ok) == ("Tam Brel", [1], False, 1, False)
+        mh = multihop(Scripted(tok.vocab_size, closing), tok, retriever)
+        [t] = mh.rollouts([QUESTION])
+        assert t_("<|query_end|>") not in t.tokens and t.tokens[:len(opening)] == opening
+        assert retriever.queries == [QUESTION] and [h.status for h in t.hops] == ["ok"]
 
 
 def test_single_shot_refuses_model_queries_and_bridge_queries_are_written_for_the_model():
@@ -237,8 +243,8 @@ def test_random_models_never_break_the_trace():
     tok = tokenizer()
     model = tiny_lm(tok.vocab_size, seed=3)
     with torch.no_grad():  # make the query tokens likely so hooks fire often
-        model.lm_head.weight[tok.token_id("<|query_start|>")] += 0.5
-        model.lm_head.weight[tok.token_id("<|query_end|>")] += 0.5
+        model.lm_head.weight[tok.token_id("<|query_start|>")] += 1.0
+        model.lm_head.weight[tok.token_id("<|query_end|>")] += 1.0
     retriever = TitleRetriever()
     mh = multihop(model, tok, retriever, max_hops=2, max_query_tokens=4, max_answer_tokens=6, top_k=2)
     trajectories = mh.rollouts([QUESTION, "Where was Ada Vell born?"], num_samples=8, temperature=1.0, seed=0)
@@ -259,6 +265,10 @@ def test_random_models_never_break_the_trace():
         tail = t.tokens[t.answer_start:len(t.tokens) - (t.finish == "stop")]
         assert text == tok.decode(tail).strip()
         assert not ok or (t.finish == "stop" and all(h.status == "ok" for h in t.hops))
+        # the end marker only ever closes a query the reply opened
+        written = [x for x, w in zip(t.tokens, t.written) if w]
+        ends = [i for i, x in enumerate(written) if x == tok.token_id("<|query_end|>")]
+        assert all(tok.token_id("<|query_start|>") in written[:i] for i in ends)
     assert fired > 0
 
 
@@ -503,7 +513,7 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
     assert report["unanswerable"] == 4 and gold["unanswerable"] == 0
     assert all(c["unanswerable"] == 4 and {"abstain_unanswerable", "auroc"} <= set(c) for c in report["conditions"][:5])
     for c in report["conditions"]:
-        assert c["answerable"] == 6 and {"em", "f1", "hallucination", "hops", "malformed", "seconds"} <= set(c)
+        assert c["answerable"] == 6 and {"em", "f1", "hallucination", "hops", "seconds"} <= set(c)
     # the checkpoint's single-hop questions (and 1-hop made-up people), answered with its own queries
     assert one_hop["unanswerable"] == 4 and 1 <= one_hop["hops"][0] <= 2
     asked = {json.loads(line)["question"]: json.loads(line)["condition"]

@@ -28,6 +28,10 @@ forward of one token for every row, and a row that finishes leaves at once. The 
 preallocated and reused, so a join or a leave copies one row, not the whole cache. Tokens a row is
 shown mid-decode (a multi-hop reply's retrieved documents) are fed to that row alone (`feed`), as
 a joining prompt is prefilled.
+
+`paired_tokens=(opening, closing)`: the closing token is only sampled inside what an opening began
+(the latest of the two sampled is the opening): a multi-hop reply's query end marker closes a query,
+never a reply that did not open one.
 """
 
 from __future__ import annotations
@@ -44,6 +48,27 @@ from hybridchat.model.cache import InferenceCache
 TokenCallback = Callable[[int, int], None]
 # query_hook(sequence_index, tokens_after_prompt) -> tokens to feed before sampling again, or None.
 QueryHook = Callable[[int, list[int]], Optional[Sequence[int]]]
+
+
+def opened(tokens: Sequence[int], pair: tuple[int, int]) -> bool:
+    """Whether the latest of pair's tokens among `tokens` is the opening one."""
+    for t in reversed(tokens):
+        if t == pair[0] or t == pair[1]:
+            return t == pair[0]
+    return False
+
+
+def close_only_opened(logits: torch.Tensor, outputs: Sequence[Sequence[int]], pair: tuple[int, int] | None) -> torch.Tensor:
+    """logits (one row per output) with pair's closing token ruled out in every row whose output has
+    not opened it (a copy, where any is)."""
+    if pair is None:
+        return logits
+    shut = [j for j, out in enumerate(outputs) if not opened(out, pair)]
+    if not shut:
+        return logits
+    logits = logits.clone()
+    logits[shut, pair[1]] = -float("inf")
+    return logits
 
 
 @torch.no_grad()
@@ -154,7 +179,8 @@ class Engine:
                  num_samples: int = 1, seed: int | None = None, on_token: TokenCallback | None = None,
                  query_hook: QueryHook | None = None, extra_len: int = 0,
                  begin_suppress_tokens: Iterable[int] = (), score: Sequence[int] = (),
-                 admit: Callable[[int, float], bool] | None = None) -> GenerationResult:
+                 admit: Callable[[int, float], bool] | None = None,
+                 paired_tokens: tuple[int, int] | None = None) -> GenerationResult:
         """Generate up to max_new_tokens sampled tokens for every prompt, num_samples times each.
         Sequence i * num_samples + s is sample s of prompt i. `extra_len` reserves cache room for
         tokens a query_hook injects (attention layers only; a row that runs out finishes "length").
@@ -164,7 +190,8 @@ class Engine:
         score: a continuation whose log-probability after each prompt goes to result.scores, read
         from the generation's own prefill (module docstring), not from a second pass over the
         prompt; admit(i, score) False refuses that sequence of prompt i before it samples (finish
-        "refused", no tokens). admit=lambda i, s: False makes it a scoring pass that generates nothing."""
+        "refused", no tokens). admit=lambda i, s: False makes it a scoring pass that generates nothing.
+        paired_tokens: (opening, closing), the closing one sampled only after an opening (module docstring)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (e.g. BOS)")
         device = next(self.model.parameters()).device
@@ -185,14 +212,14 @@ class Engine:
         try:
             for group in self._groups([len(p) for p in prompts]):
                 self._generate_group([list(prompts[i]) for i in group], group, max_new_tokens, num_samples,
-                                     stops, suppressed, scoring, opts, on_token, query_hook, extra_len, device,
-                                     result)
+                                     stops, suppressed, paired_tokens, scoring, opts, on_token, query_hook, extra_len,
+                                     device, result)
         finally:
             self.model.train(was_training)
         return result
 
-    def _generate_group(self, prompts, prompt_ids, max_new_tokens, num_samples, stops, suppressed, scoring, opts,
-                        on_token, query_hook, extra_len, device, result: GenerationResult) -> None:
+    def _generate_group(self, prompts, prompt_ids, max_new_tokens, num_samples, stops, suppressed, pair, scoring,
+                        opts, on_token, query_hook, extra_len, device, result: GenerationResult) -> None:
         model = self.model
         # room after the longest prompt for its reply, and for the scored continuation on a copy
         capacity = max(len(p) for p in prompts) + max(max_new_tokens, len(scoring.continuation)) + extra_len
@@ -234,6 +261,7 @@ class Engine:
                 if suppressed and first:
                     step = step.clone()
                     step[torch.tensor(first, device=device)[:, None], torch.tensor(suppressed, device=device)] = -float("inf")
+                step = close_only_opened(step, [rows[i].out for i in ready], pair)
                 tokens = sample(step, **opts).tolist()
                 for i, tok in zip(ready, tokens):
                     r = rows[i]
@@ -286,6 +314,7 @@ class Decoding:
     max_new_tokens: int
     stop_tokens: frozenset[int]
     on_token: Optional[Callable[[int], None]] = None
+    paired_tokens: Optional[tuple[int, int]] = None  # (opening, closing): module docstring
     tokens: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     score: Optional[float] = None  # log P(the continuation `add` or `feed` was asked to score | what came before)
@@ -331,7 +360,8 @@ class DecodeBatch:
     @torch.inference_mode()
     def add(self, prompt: Sequence[int], max_new_tokens: int, *, stop_tokens: Iterable[int] = (),
             begin_suppress_tokens: Iterable[int] = (), on_token: Callable[[int], None] | None = None,
-            score: Sequence[int] = (), admit: Callable[[float], bool] | None = None) -> Decoding:
+            score: Sequence[int] = (), admit: Callable[[float], bool] | None = None,
+            paired_tokens: tuple[int, int] | None = None) -> Decoding:
         """Prefill the prompt on its own and sample its first token (begin_suppress_tokens ruled
         out), then join the batch, unless that token already ends it. on_token(token) sees each
         sampled token at once. The batch's other rows wait for this prefill: one forward per
@@ -339,10 +369,11 @@ class DecodeBatch:
 
         score: a continuation whose log-probability after the prompt goes to seq.score, read from
         this prefill (one forward of its own length on a copy of the row's cache), not from a
-        second pass over the prompt; admit(seq.score) False refuses the sequence before sampling."""
+        second pass over the prompt; admit(seq.score) False refuses the sequence before sampling.
+        paired_tokens: (opening, closing), the closing one sampled only after an opening (module docstring)."""
         if not prompt or max_new_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token and max_new_tokens >= 1")
-        seq = Decoding(list(prompt), max_new_tokens, frozenset(stop_tokens), on_token)
+        seq = Decoding(list(prompt), max_new_tokens, frozenset(stop_tokens), on_token, paired_tokens)
         cache = self.model.allocate_cache(1, len(seq.prompt) + max(max_new_tokens, len(score)),
                                           dtype=cache_dtype(self.model, self.device))
         logits = self._prefill(cache, seq.prompt)
@@ -355,7 +386,7 @@ class DecodeBatch:
         if suppressed:
             logits = logits.clone()
             logits[:, suppressed] = -float("inf")
-        self._take(seq, sample(logits, **self.options).item())
+        self._take(seq, self._sample(logits, [seq]).item())
         if seq.finish_reason is None:
             self._join(seq, cache)
         return seq
@@ -382,7 +413,7 @@ class DecodeBatch:
         lengths = list(self.cache.lengths)
         lengths[i] += len(fed)
         self.cache = self.slots.head(len(self.rows), lengths)
-        self._take(seq, sample(logits, **self.options).item())
+        self._take(seq, self._sample(logits, [seq]).item())
         self._leave()
 
     def _prefill(self, cache: InferenceCache, tokens: list[int]) -> torch.Tensor:
@@ -419,11 +450,19 @@ class DecodeBatch:
             return []
         idx = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long, device=self.device)
         logits = self.model(idx, cache=self.cache, last_only=True)[:, -1]
-        for row, token in zip(self.rows, sample(logits, **self.options).tolist()):
+        for row, token in zip(self.rows, self._sample(logits, self.rows).tolist()):
             self._take(row, token)
         finished = [r for r in self.rows if r.finish_reason is not None]
         self._leave()
         return finished
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[Decoding]) -> torch.Tensor:
+        """One token per row of logits (rows: their sequences), each one's closing token ruled out
+        where it has not opened it."""
+        for pair in {r.paired_tokens for r in rows if r.paired_tokens is not None}:
+            mine = [j for j, r in enumerate(rows) if r.paired_tokens == pair]
+            logits[mine] = close_only_opened(logits[mine], [rows[j].tokens for j in mine], pair)
+        return sample(logits, **self.options)
 
     def _score(self, logits: torch.Tensor, cache: InferenceCache, continuation: list[int]) -> float:
         # the one-row cache goes on to decode: the continuation is fed to a copy

@@ -410,8 +410,6 @@ def score(answer: Answer, answers: Sequence[str], gold_doc_ids: Sequence[str] = 
         "all_gold_in_context": (float(gold <= {d.parent_id for d in answer.documents})
                                 if gold and not answer.closed_book else None),
         "hops": float(answer.n_hops),
-        # a query closed that was never opened (multi-hop; an end marker alone)
-        "malformed": float(any(h.status == "malformed" for h in answer.hops)),
         "seconds": answer.seconds,
         "confidence": answer.confidence,
     }

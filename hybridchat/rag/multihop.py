@@ -16,9 +16,11 @@ Three pluggable pieces:
 - the reward (hybridchat/training/stages/refrag.py) reads the `Trajectory` this module returns.
 
 A hop is one retrieval: the question's own is hop 1, so `max_hops=2` allows one follow-up query. A
-query past max_hops, an empty one, a malformed one (its end marker without a start) or one whose
-documents do not fit the context is answered with an empty results section: the trace records why,
-retrieval is not called, and the model goes on to answer. A reply that runs out of tokens inside a
+query past max_hops, an empty one or one whose documents do not fit the context is answered with an
+empty results section: the trace records why, retrieval is not called, and the model goes on to
+answer. Where the query's end marker is a token of its own, decoding offers it only inside a query
+the reply opened (the engine's paired_tokens): a reply is never closed as a query it did not open
+(what a model taught "[1] name<|query_end|>" queries and "[1] name" replies is tempted to write). A reply that runs out of tokens inside a
 query gives no answer (counted as an abstention, format invalid).
 """
 
@@ -46,7 +48,7 @@ _NAME = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|van\s+)?[A-Z][\w'-]*)*")
 class Hop:
     query: str                     # as written ("[1] Drinburg"); the question itself for hop 1
     documents: list[Document]      # new documents shown for it, numbered on from the hops before
-    status: str = "ok"             # ok | empty | malformed | over_max_hops | no_room
+    status: str = "ok"             # ok | empty | over_max_hops | no_room
     forced: bool = False           # written for the model by a rule, not by the model
 
 
@@ -152,9 +154,10 @@ class MultiHop:
         self.max_context, self.max_hops, self.max_query_tokens = max_context, max_hops, max_query_tokens
         self.max_answer_tokens, self.hop_tokens, self.batch_size = max_answer_tokens, hop_tokens, batch_size
         self.query_start, self.query_end = self.renderer.query_markers
-        # Our end marker is a special token: seen alone it is a malformed query. ChatML's is a newline,
-        # which is ordinary text outside a query.
-        self.end_is_token = self.query_end in tokenizer.special_tokens
+        # Our end marker is a special token, which decoding offers only inside a query the reply opened
+        # (engine's paired_tokens). ChatML's is a newline, ordinary text outside a query.
+        opening, closing = self.renderer.format.query
+        self.query_pair = (opening[0], closing[0]) if self.query_end in tokenizer.special_tokens else None
 
     @property
     def max_new_tokens(self) -> int:
@@ -228,14 +231,11 @@ class MultiHop:
         text = self.tokenizer.decode(out[state.segment:])
         start = text.rfind(self.query_start)
         if start < 0:
-            if not self.end_is_token:
-                return None  # a newline in a ChatML answer: text, not a query
-            status, query = "malformed", text
-        else:
-            query = text[start + len(self.query_start):]
-            query = query[:query.find(self.query_end)] if self.query_end in query else query
-            query = " ".join(query.split())
-            status = "ok" if search_text(query) else "empty"  # "[1]" alone asks for nothing
+            return None  # a newline in a ChatML answer: text, not a query (ours closes only an opened one)
+        query = text[start + len(self.query_start):]
+        query = query[:query.find(self.query_end)] if self.query_end in query else query
+        query = " ".join(query.split())
+        status = "ok" if search_text(query) else "empty"  # "[1]" alone asks for nothing
         if status == "ok" and (not self.queries.model_writes or len(state.hops) >= self.max_hops):
             status = "over_max_hops"
         return Hop(query, [], status)
@@ -278,7 +278,7 @@ class MultiHop:
                   for p, hops in zip(prompts, plans) for _ in range(num_samples)]
         result = Engine(self.model).generate(
             prompts, max_new_tokens=self.max_new_tokens, temperature=temperature, top_k=top_k,
-            stop_tokens=[self.renderer.stop_token],
+            stop_tokens=[self.renderer.stop_token], paired_tokens=self.query_pair,
             num_samples=num_samples, seed=seed, query_hook=self._hook(states),
             extra_len=max(0, self.max_context - min(len(p) for p in prompts)))
         return [self.trajectory(seq // num_samples, prompts[seq // num_samples], states[seq], tokens, finish)

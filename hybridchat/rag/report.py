@@ -13,10 +13,10 @@ COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("fal
            ("citation", "citation"), ("gold_in_context", "gold in context"),
            ("abstain_unanswerable", "abstains (unanswerable)"),
            ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
-HOP_RATES = ("em", "f1", "hallucination", "false_abstention", "all_gold_in_context", "hops", "malformed", "seconds")
+HOP_RATES = ("em", "f1", "hallucination", "false_abstention", "all_gold_in_context", "hops", "seconds")
 HOP_COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("false_abstention", "false abstention"),
                ("all_gold_in_context", "both gold documents shown"), ("hops", "retrievals per question"),
-               ("malformed", "malformed queries"), ("seconds", "seconds per answer"),
+               ("seconds", "seconds per answer"),
                ("abstain_unanswerable", "abstains (unanswerable)"),
                ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
 

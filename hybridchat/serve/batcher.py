@@ -333,7 +333,7 @@ class Batcher:
         r = _Hops(job, multihop, prompt, RowState(len(prompt), hops))
         job.send("sources", (hops[0].documents, 0))
         r.seq = batch.add(prompt, multihop.max_new_tokens, stop_tokens=[multihop.renderer.stop_token],
-                          on_token=r.out.append, score=multihop.answerer.abstain_ids)
+                          on_token=r.out.append, score=multihop.answerer.abstain_ids, paired_tokens=multihop.query_pair)
         return r
 
     def _follow(self, replies: list[_Hops], batch: DecodeBatch) -> None:
