@@ -79,6 +79,11 @@ def test_the_reply_budget_and_the_room_kept_for_hops_to_come_by_hand(tok):
     assert single._first_hop_tokens == Answerer(None, tok, 300, max_answer_tokens=20).prompt_tokens == 279
     assert single.query_start == "<|query_start|>" and single.query_end == "<|query_end|>"
     assert single.query_pair == (tok.token_id("<|query_start|>"), tok.token_id("<|query_end|>"))
+    # ChatML's query ends at a newline, ordinary text elsewhere: never ruled out
+    from test_chat import chatml_tokenizer
+
+    chatml = MultiHop(None, chatml_tokenizer(), Search(TitleRetriever(), 1), 1000)
+    assert (chatml.query_start, chatml.query_end, chatml.query_pair) == ("Search: ", "\n", None)
 
 
 def test_bridge_queries_name_what_the_newest_documents_add():
