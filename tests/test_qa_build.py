@@ -125,8 +125,8 @@ def test_counts_fields_and_definitions_by_hand():
     rng = random.Random(0)
     doc = Document("d", "wombat", "A burrowing marsupial native to Australia, with short legs. It sleeps about 14 hours a day.")
     (count,) = qa_builder.cloze_questions(doc, rng)
-    # the reply is taught to say the unit too: "14 hours", not a bare "14" (the number is right as well)
-    assert count.answers == ("14 hours", "14") and "how many hours" in count.question
+    # the reply is taught the bare number: the question names the unit ("14 hours" right as well)
+    assert count.answers == ("14", "14 hours") and "how many hours" in count.question
     (definition,) = qa_builder.definition_question(doc, rng)
     assert definition.answers == ("A burrowing marsupial native to Australia",) and "wombat" in definition.question
     pkg = Document("p", "foo", "Package: foo. Maintainer: Jane Roe <jane@example.org>. Section: utils. Description: x")

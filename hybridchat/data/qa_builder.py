@@ -158,8 +158,8 @@ def cloze_questions(document: Document, rng: random.Random) -> list[QA]:
             spans.append((m.start(1), m.end(1), rng.choice(("what year", "which year")), (m.group(1),)))
         for m in _COUNT.finditer(s):
             number = m.group(0).split()[0]
-            # "90 seconds" first (what the reply says), "90" also right
-            spans.append((m.start(0), m.end(0), f"how many {m.group(2)}", (m.group(0), number)))
+            # the number first: "how many hours" names the unit already ("14 hours" also right)
+            spans.append((m.start(0), m.end(0), f"how many {m.group(2)}", (number, m.group(0))))
         for m in _NAME.finditer(s):
             if m.start() == 0 or m.group(1).lower() in document.title.lower():
                 continue
