@@ -20,8 +20,9 @@ query past max_hops, an empty one or one whose documents do not fit the context 
 empty results section: the trace records why, retrieval is not called, and the model goes on to
 answer. Where the query's end marker is a token of its own, decoding offers it only inside a query
 the reply opened (the engine's paired_tokens): a reply is never closed as a query it did not open
-(what a model taught "[1] name<|query_end|>" queries and "[1] name" replies is tempted to write). A reply that runs out of tokens inside a
-query gives no answer (counted as an abstention, format invalid).
+(what a model taught both "[1] name<|query_end|>" queries and "[1] name" replies is tempted to
+write). A reply that runs out of tokens inside a query gives no answer (counted as an abstention,
+format invalid).
 """
 
 from __future__ import annotations
