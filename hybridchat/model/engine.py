@@ -459,9 +459,9 @@ class DecodeBatch:
     def _sample(self, logits: torch.Tensor, rows: Sequence[Decoding]) -> torch.Tensor:
         """One token per row of logits (rows: their sequences), each one's closing token ruled out
         where it has not opened it."""
-        for pair in {r.paired_tokens for r in rows if r.paired_tokens is not None}:
-            mine = [j for j, r in enumerate(rows) if r.paired_tokens == pair]
-            logits[mine] = close_only_opened(logits[mine], [rows[j].tokens for j in mine], pair)
+        for j, r in enumerate(rows):
+            if r.paired_tokens is not None and not opened(r.tokens, r.paired_tokens):
+                logits[j, r.paired_tokens[1]] = -float("inf")
         return sample(logits, **self.options)
 
     def _score(self, logits: torch.Tensor, cache: InferenceCache, continuation: list[int]) -> float:

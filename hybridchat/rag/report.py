@@ -16,8 +16,7 @@ COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("fal
 HOP_RATES = ("em", "f1", "hallucination", "false_abstention", "all_gold_in_context", "hops", "seconds")
 HOP_COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("false_abstention", "false abstention"),
                ("all_gold_in_context", "both gold documents shown"), ("hops", "retrievals per question"),
-               ("seconds", "seconds per answer"),
-               ("abstain_unanswerable", "abstains (unanswerable)"),
+               ("seconds", "seconds per answer"), ("abstain_unanswerable", "abstains (unanswerable)"),
                ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
 
 
