@@ -307,6 +307,11 @@ def stage_validation_questions(cfg: EvalConfig) -> tuple[list[Question], str]:
     return validation, f"the {stage} stage's validation share of {file} (stage.val_fraction={fraction})"
 
 
+def retrieve(retriever, items: list[Question], top_k: int) -> list[list[Document]]:
+    """Each question's top_k documents."""
+    return [[h.document for h in row] for row in retriever.search([i.question for i in items], top_k=top_k)]
+
+
 def prepare(cfg: EvalConfig, mine: list[Question] | None = None) -> Prepared:
     """mine: the questions to answer (None: questions=FILE's, or the world's)."""
     if cfg.hops not in (1, 2):
@@ -339,8 +344,7 @@ def prepare(cfg: EvalConfig, mine: list[Question] | None = None) -> Prepared:
         raise UserError("evaluate needs a retriever for the RAG condition: retriever=bm25|dense|hybrid|simple")
     kb = evaluated.knowledge_base(cfg.retriever, cfg.paths.cache)
     retriever = kb.retriever(cfg.retriever)
-    top = retriever.search([i.question for i in items], top_k=cfg.retriever.top_k)
-    return Prepared(cfg, items, two_hop, stage, evaluated, kb, retriever, [[h.document for h in row] for row in top],
+    return Prepared(cfg, items, two_hop, stage, evaluated, kb, retriever, retrieve(retriever, items, cfg.retriever.top_k),
                     hop_settings(cfg, evaluated))
 
 
@@ -407,8 +411,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         # The one checkpoint a user talks to also gets single-hop questions: answered at once where
         # the first documents hold the answer (retrievals per question 1).
         single = world_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed)
-        found = prepared.retriever.search([i.question for i in single], top_k=cfg.retriever.top_k)
-        conditions.append(run(SINGLE_HOP, evaluated, [[h.document for h in row] for row in found],
+        conditions.append(run(SINGLE_HOP, evaluated, retrieve(prepared.retriever, single, cfg.retriever.top_k),
                               queries=ModelQueries(), asked=single))
     others = {name: load(cfg, name, stage) for name in cfg.compare}
     budget = [] if two_hop else context_budget(cfg, {cfg.run_name: evaluated, **others}, items, prepared.retriever,
