@@ -11,15 +11,15 @@ from test_refrag import ADA, DOCS, KOR, QUESTION, VELLPORT, TitleRetriever, mult
 from hybridchat.core.questions import Question
 from hybridchat.data.chat import ChatRenderer
 from hybridchat.training.stages.refrag import RefragConfig
-from hybridchat.training.stages.refrag.warm_start import WarmStart
+from hybridchat.training.stages.refrag.warm_start import WarmStart, bridge_questions
 
 GOLD = ("person-0001", "company-0002")
 
 
-def _warm_start(questions: list[Question], micro_batch: int, **settings) -> tuple[WarmStart, object]:
+def _warm_start(questions: list[Question], micro_batch: int, train_questions=(), **settings) -> tuple[WarmStart, object]:
     tok = tokenizer()
     config = RefragConfig(min_documents=1, max_documents=2, needless_query=0.0, length_grouping=1, **settings)
-    rag = SimpleNamespace(config=config, renderer=ChatRenderer(tok), width_limit=None, train_questions=[],
+    rag = SimpleNamespace(config=config, renderer=ChatRenderer(tok), width_limit=None, train_questions=list(train_questions),
                           ctx=SimpleNamespace(config=SimpleNamespace(seed=0, gpu=SimpleNamespace(micro_batch=micro_batch)),
                                               knowledge_base=SimpleNamespace(documents=DOCS)))
     planner = multihop(None, tok, TitleRetriever(), top_k=1)
@@ -68,3 +68,50 @@ def test_both_gold_traces_show_both_documents_at_once_and_answer_without_a_query
     # none of them at both_gold=0: every trace queries
     warm, tok = _warm_start(questions, micro_batch=2)
     assert all("<|query_start|>" in tok.decode(warm.example(i, 0)[0]) for i in range(len(questions)))
+
+
+BRIDGE = Question("Which company does Ada Vell work for?", ("Kor Industries",), ("person-0001",))
+
+
+def test_a_traces_bridge_question_is_the_one_about_its_first_document_answered_by_the_name_it_queries():
+    trace = Question(QUESTION, ("Tam Brel",), GOLD)
+    single_hop = [
+        Question("Where was Ada Vell born?", ("Vellport",), ("person-0001",)),         # another fact of the document
+        Question("Who founded Kor Industries?", ("Tam Brel",), ("company-0002",)),     # the second hop's own question
+        Question("Which firm employs Kor Industries?", ("Kor Industries",), ("company-0002",)),  # the name, another document
+        Question("Who employs Ada Vell?", ("kor industries.",), ("person-0001",)),     # the bridge, written otherwise
+        Question("Where does Bo Nim work?", (), ()),                                   # unanswerable
+    ]
+    titles = {d.parent_id: d.title for d in DOCS}
+    assert bridge_questions([trace], single_hop, titles) == [single_hop[3]]
+    # one per trace, in the traces' order; a trace whose bridge fact nobody asks about has none
+    other = Question("Who founded the company Bo Nim works for?", ("Tam Brel",), ("person-0009", "company-0002"))
+    assert bridge_questions([trace, other, trace], single_hop + [BRIDGE], titles) == [BRIDGE, BRIDGE]
+    assert bridge_questions([trace], single_hop[:3], titles) == []
+
+
+def test_bridge_questions_take_their_share_of_the_single_hop_examples_and_rags_questions_the_rest():
+    asked = []
+    traces = [Question(QUESTION, ("Tam Brel",), GOLD, (VELLPORT, ADA))] * 4
+    others = [Question(f"Where was person {i} born?", ("Vellport",), (f"person-{i:04d}",)) for i in range(10)]
+
+    def warm_start(share: float) -> WarmStart:
+        warm, _ = _warm_start(traces, micro_batch=2, train_questions=others + [BRIDGE], bridge_questions=share)
+        warm.rag.example = lambda q, rng: asked.append(("bridge", q)) or ([1], [1])
+        warm.rag.epoch_example = lambda qs, j, epoch: asked.append(("rag", qs[j])) or ([1], [1])
+        warm.n_single = 200
+        return warm
+
+    warm = warm_start(0.25)
+    for i in range(len(traces), len(traces) + warm.n_single):
+        warm.example(i, epoch=0)
+    bridges = [q for kind, q in asked if kind == "bridge"]
+    assert set(bridges) == {BRIDGE} and 35 <= len(bridges) <= 65, len(bridges)  # ~50 of 200
+    assert {kind for kind, q in asked if q is not BRIDGE} == {"rag"}
+    # at 0 none, and the rag examples are the ones asked before the option existed
+    asked.clear()
+    warm = warm_start(0.0)
+    assert warm.bridges == []
+    for i in range(len(traces), len(traces) + 20):
+        warm.example(i, epoch=0)
+    assert asked == [("rag", (others + [BRIDGE])[j % 11]) for j in range(20)]

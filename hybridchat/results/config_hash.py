@@ -27,7 +27,8 @@ NOT_HASHED = ("paths", "logger", "progress", "resume", "overwrite")
 # adding an option (for an imported model) does not mark every record stale; set to anything else,
 # they are hashed like any key.
 ADDED_AT_NO_EFFECT = {("model", "qkv_bias"): False, ("stage", "gold_position"): "uniform",
-                      ("reading",): "together", ("stage", "both_gold"): 0.0}
+                      ("reading",): "together", ("stage", "both_gold"): 0.0,
+                      ("stage", "bridge_questions"): 0.0}
 
 
 def register_schemas() -> None:

@@ -43,6 +43,10 @@ class RefragConfig(RagConfig):
     # documents still: a needless query costs a retrieval, not the answer (a tiny model's needless
     # query is the answer itself, "[1] Soreiport")
     needless_query: float = 0.5
+    # share of the single-hop examples that ask a trace's bridge question (about its hop-1 document, the
+    # answer the name the trace queries), answered at once: the question, not the documents, says
+    # whether to query (warm_start.py)
+    bridge_questions: float = 0.0
     # share of 2-hop traces that show both gold documents among hop 1's and answer at once, citing
     # the document that states the answer (no query: what is needed is already there)
     both_gold: float = 0.0
@@ -76,7 +80,7 @@ class RefragStage(RagStage):
                 raise UserError(f"stage.{key}={getattr(c, key)} must be >= 1")
         if not 0 <= c.single_hop < 1:
             raise UserError(f"stage.single_hop={c.single_hop} must be in [0, 1)")
-        for key in ("needless_query", "both_gold"):
+        for key in ("needless_query", "both_gold", "bridge_questions"):
             if not 0 <= getattr(c, key) <= 1:
                 raise UserError(f"stage.{key}={getattr(c, key)} must be in [0, 1]")
         if not 0 <= c.rl_steps <= c.num_steps:

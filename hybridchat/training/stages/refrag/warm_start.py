@@ -8,9 +8,14 @@
 
 stage.both_gold of the traces show both gold documents among hop 1's and answer at once, citing the
 one that states the answer. Mixed with rag's single-hop examples (stage.single_hop of them), so the
-model keeps answering at once when the first documents suffice. stage.needless_query of those query
-anyway, for the answer they already hold, and answer from the first documents: how to go on after a
-query that was not needed, without teaching to open one (its opening marker is given, not learned).
+model keeps answering at once when the first documents suffice. stage.bridge_questions of those ask
+a trace's bridge question instead: the single-hop question about the trace's hop-1 document whose
+answer is the name the trace queries ("Where does X live?" beside "In which country does X live?").
+The same document, the same name read from it: only the question says whether that name is the
+answer or a query, so the decision to query is learned from the question, not from how the documents
+look. stage.needless_query of the other single-hop examples query anyway, for the answer they already
+hold, and answer from the first documents: how to go on after a query that was not needed, without
+teaching to open one (its opening marker is given, not learned).
 Loss on what the model writes only: the queries and the reply, never the retrieved documents.
 """
 
@@ -21,6 +26,7 @@ from functools import cached_property
 from itertools import islice
 from typing import Iterator, Sequence
 
+from hybridchat.core.metrics import normalize_answer
 from hybridchat.core.questions import Question
 from hybridchat.core.seeds import EVALUATION, EXAMPLES, python_rng
 from hybridchat.data.chat import collate, example_batches
@@ -43,6 +49,17 @@ class _CitingQuery(QueryGenerator):
         return format_reply(self.name, where[0], self.cite_first) if len(hops) == 1 and where else None
 
 
+def bridge_questions(traces: Sequence[Question], single_hop: Sequence[Question], titles: dict[str, str]
+                     ) -> list[Question]:
+    """Each trace's bridge question where the single-hop questions hold one: answerable, its gold
+    document the trace's first, its answer the title of the trace's second (the name the trace
+    queries). A trace whose bridge fact nobody asks about has none."""
+    asked = {(q.gold_doc_ids, normalize_answer(a)): q for q in single_hop if len(q.gold_doc_ids) == 1
+             for a in q.answers}
+    found = (asked.get(((t.gold_doc_ids[0],), normalize_answer(titles.get(t.gold_doc_ids[1], "")))) for t in traces)
+    return [q for q in found if q is not None]
+
+
 def _conversation(question: str, hops: Sequence[Hop], reply: str, learn_opening: bool = True) -> list[dict]:
     """The question with hop 1's documents, then a reply holding the later hops' queries and
     documents before its text (the renderer's messages)."""
@@ -53,7 +70,8 @@ def _conversation(question: str, hops: Sequence[Hop], reply: str, learn_opening:
 
 class WarmStart:
     """The warm start's examples and batches. Items 0..len(hops)-1 are 2-hop traces, the next
-    n_single are rag's single-hop examples, a different slice of its questions every epoch.
+    n_single are single-hop examples: the traces' bridge questions (stage.bridge_questions of them) and
+    rag's, a different slice of each every epoch.
 
     rag: the refrag stage as the rag stage it extends (its config, single-hop questions and examples);
     planner: the engine without a model, which retrieves for a trace's query as inference would;
@@ -64,6 +82,7 @@ class WarmStart:
         self.rag, self.config, self.seed = rag, rag.config, rag.ctx.config.seed
         self.hops, self.val_hops, self.n_single = hops, val_hops, n_single
         self.planner, self.titles = planner, titles
+        self.bridges = bridge_questions(hops, rag.train_questions, titles) if self.config.bridge_questions else []
 
     def trace_messages(self, q: Question, rng: random.Random) -> list[dict]:
         """One 2-hop training conversation: the hop-1 documents with the first gold document at a
@@ -128,8 +147,13 @@ class WarmStart:
         if i < len(self.hops):
             rng = python_rng(self.seed, EXAMPLES, "2-hop", epoch, i)
             return renderer.render(self.trace_messages(self.hops[i], rng))
+        k = i - len(self.hops)
+        rng = python_rng(self.seed, EXAMPLES, "bridge", epoch, k)
+        if self.bridges and rng.random() < self.config.bridge_questions:
+            bridge = self.bridges[(k + epoch * self.n_single) % len(self.bridges)]
+            return self.rag.example(bridge, rng)
         questions = self.rag.train_questions
-        j = (i - len(self.hops) + epoch * self.n_single) % len(questions)
+        j = (k + epoch * self.n_single) % len(questions)
         rng = python_rng(self.seed, EXAMPLES, "needless-query", epoch, j)
         if rng.random() < self.config.needless_query:
             messages = self.needless_query_messages(questions[j], rng)
