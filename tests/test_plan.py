@@ -452,3 +452,79 @@ def test_auto_micro_batch_follows_the_strategy_checkpointing_and_importable_kern
                                            "gpu.activation_checkpointing=true", "distributed.strategy=fsdp"]))
     advice = planning.plan(fsdp, [1, 8], mfu=0.4, capacity=GIB, ssm_kernels=True).advice
     assert advice[0].startswith("micro_batch=1 with 1 GPU, act. ckpt needs")
+
+
+def hand_plan(**changes) -> planning.Plan:
+    """A Plan built by hand for render(): 1.5 GiB per device; a row that fits (5 GiB of tensors, so
+    1.5 GiB of overhead) and one that does not (3 GiB of tensors: 1 GiB + 0.3 GiB of overhead)."""
+    fits = planning.Row(setup=planning.Setup(1, "ddp", 4, False),
+                        memory=planning.Memory(weights=GIB, grads=GIB, optimizer=2 * GIB, activations=GIB),
+                        fits=True, max_micro_batch=8, grad_accum=2, tokens_per_s=12345.6)
+    too_big = planning.Row(setup=planning.Setup(8, "fsdp", 1, True),
+                           memory=planning.Memory(weights=GIB // 4, grads=GIB // 4, optimizer=GIB // 4,
+                                                  activations=9 * GIB // 4),
+                           fits=False, max_micro_batch=0, grad_accum=None, tokens_per_s=None)
+    fields = dict(model="m20", gpu="card", vocab_size=100, sequence_len=1024, dtype="bfloat16", ssm_kernels=True,
+                  capacity_bytes=3 * GIB // 2, mfu=0.4, params={"embedding": 1_300_000, "attention": 2_000_000},
+                  activation_bytes_per_token={"attention blocks": 2048.0, "embedding + head": 1024.0},
+                  rows=[fits, too_big], advice=["it needs more", "fits: this", "fits: that"])
+    return planning.Plan(**{**fields, **changes})
+
+
+ASSUMED = ("assumed: MFU 40% of the preset's peak bf16 TFLOP/s (x1.33 work with activation checkpointing); "
+           "overhead 1 GiB + 10% of tensors; eager PyTorch (torch.compile usually saves less)")
+
+
+def test_render_prints_the_plan_line_by_line():
+    """render() of a hand-built Plan, every line as written out here: the first column left-aligned,
+    the others right-aligned to their widest cell, two spaces apart; GiB with two decimals, parameters
+    in millions with one, activations per sequence in MiB."""
+    assert plan.render(hand_plan()).split("\n") == [
+        "model=m20 gpu=card: 1.5 GiB per device, bfloat16, sequence_len 1024, vocab 100, Mamba scan: mamba_ssm kernels",
+        "parameters: embedding 1.3M, attention 2.0M; total 3.3M",
+        "activations per sequence: attention blocks 2 MiB, embedding + head 1 MiB",
+        "setup               micro  weights  grads  optim  activ  overhd  total GiB  fits  max micro  accum   tok/s",
+        "1 GPU                   4     1.00   1.00   2.00   1.00    1.50       6.50   yes          8      2  12,346",
+        "FSDP x8, act. ckpt      1     0.25   0.25   0.25   2.25    1.30       4.30    NO       none      -       -",
+        "does not fit: it needs more",
+        "  fits: this",
+        "  fits: that",
+        ASSUMED]
+    # no advice: no "does not fit" lines; the PyTorch scan; another MFU; one row sets the widths
+    p = hand_plan(advice=[], ssm_kernels=False, mfu=0.55, rows=hand_plan().rows[1:], dtype="float32")
+    assert plan.render(p).split("\n") == [
+        "model=m20 gpu=card: 1.5 GiB per device, float32, sequence_len 1024, vocab 100, Mamba scan: PyTorch chunked SSD",
+        "parameters: embedding 1.3M, attention 2.0M; total 3.3M",
+        "activations per sequence: attention blocks 2 MiB, embedding + head 1 MiB",
+        "setup               micro  weights  grads  optim  activ  overhd  total GiB  fits  max micro  accum  tok/s",
+        "FSDP x8, act. ckpt      1     0.25   0.25   0.25   2.25    1.30       4.30    NO       none      -      -",
+        ASSUMED.replace("MFU 40%", "MFU 55%")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("n_gpus=[]", "n_gpus=[] must list GPU counts >= 1, e.g. [1, 8]"),
+    ("n_gpus=[2,0]", "n_gpus=[2, 0] must list GPU counts >= 1, e.g. [1, 8]"),
+    ("mfu=0", "mfu=0.0 must be in (0, 1], e.g. 0.4"),
+    ("mfu=1.01", "mfu=1.01 must be in (0, 1], e.g. 0.4")])
+def test_planner_app_refuses_no_gpu_counts_a_count_below_one_and_an_mfu_outside_0_1(override, message, tmp_path):
+    with pytest.raises(UserError) as e:
+        plan.run(plan_config([override], tmp_path))
+    assert str(e.value) == message
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_planner_app_plans_each_gpu_count_once_in_order_at_the_given_mfu(tmp_path, capsys):
+    """n_gpus=[8,1,8] at mfu=1 (the largest allowed): rows for 1 GPU, then DDP and FSDP over 8, each
+    once; the tokens per second follow the MFU (the CPU preset states no peak: a made-up one here);
+    stdout is the rendered plan and then where plan.json went; plan.json holds the same plan."""
+    cfg = plan_config(["n_gpus=[8,1,8]", "mfu=1", "gpu.peak_tflops_bf16=10"], tmp_path)
+    result = plan.run(cfg)
+    assert [(r.setup.n_gpus, r.setup.strategy) for r in result.rows] == [(1, "ddp"), (8, "ddp"), (8, "fsdp")]
+    assert result.mfu == 1.0
+    config, _ = typed_config(compose_config([]))  # the same model and data (conf/plan.yaml's defaults)
+    flops = planning.flops_per_token(config.model, result.vocab_size)
+    assert result.rows[0].tokens_per_s == pytest.approx(10e12 / flops, rel=1e-12)
+    assert capsys.readouterr().out == plan.render(result) + f"\nplan: {tmp_path / 'plan.json'}\n"
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["mfu"] == 1.0 and [r["setup"]["n_gpus"] for r in saved["rows"]] == [1, 8, 8]
+    assert saved["rows"][2]["setup"]["strategy"] == "fsdp" and saved["model"] == result.model
