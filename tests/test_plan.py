@@ -362,6 +362,11 @@ def test_cpu_capacity_is_physical_memory_shared_by_the_local_ranks(monkeypatch):
     assert planning.gpu_capacity(gpu) == physical
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert planning.gpu_capacity(gpu) == physical // 3
+    # whole bytes, rounded down, also where the ranks do not divide the memory
+    n = next(k for k in range(3, 100) if physical % k)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(n))
+    share = planning.gpu_capacity(gpu)
+    assert type(share) is int and share == physical // n
     assert planning.gpu_capacity(planning.GPUConfig(memory_gb=0.5)) == 2**29
 
 
@@ -410,6 +415,12 @@ def test_advice_lists_what_fits_cheapest_first_and_else_how_small_a_model_would(
         "parameter here, so at most ~50M parameters) or a device with more memory"]
     stand_in.capacity = GIB  # no room at all: at most ~0M, not a negative size
     assert "at most ~0M parameters" in planning.advice(stand_in, planning.Setup(2, "ddp", 1, False))[-1]
+    # room for 500,000.4 parameters of 1 byte: "~1M" (0.5000004 million, rounded), a hair above half a million
+    one_byte = planning.Memory(weights=0, grads=0, optimizer=1, activations=499_999.6)
+    stand_in = StandInPlanner({}, one_byte, GIB + 1_100_000, 1)
+    assert planning.advice(stand_in, planning.Setup(1, "ddp", 1, False)) == [
+        "nothing fits on 1 GPU(s): use a smaller model (weights, gradients and optimizer take 1 bytes per "
+        "parameter here, so at most ~1M parameters) or a device with more memory"]
 
 
 def test_plan_states_the_run_it_planned():
@@ -433,7 +444,7 @@ def test_plan_states_the_run_it_planned():
     assert (rows[0].setup.micro_batch, rows[0].max_micro_batch, rows[0].fits) == (1, 0, False)
 
 
-def test_auto_micro_batch_follows_the_strategy_checkpointing_and_importable_kernels():
+def test_auto_micro_batch_follows_the_strategy_checkpointing_and_importable_kernels(monkeypatch):
     overrides = ["model=hybrid_d20", "gpu=h100", "data=fineweb_edu", "gpu.ssm_backend=auto"]
     config, _ = typed_config(compose_config(overrides))
     ddp = planning.resolve_micro_batch(config, 2, 24 * GIB, ssm_kernels=True)
@@ -444,9 +455,13 @@ def test_auto_micro_batch_follows_the_strategy_checkpointing_and_importable_kern
     # training checks that the kernels import (here they may not): the answer of the kernels it finds
     from hybridchat.model import mamba
     with_kernels = planning.resolve_micro_batch(config, 1, 24 * GIB, ssm_kernels=True)
-    assert with_kernels != planning.resolve_micro_batch(config, 1, 24 * GIB, ssm_kernels=False)
+    without = planning.resolve_micro_batch(config, 1, 24 * GIB, ssm_kernels=False)
+    assert with_kernels != without
     assert planning.resolve_micro_batch(config, 1, 24 * GIB) == planning.resolve_micro_batch(
         config, 1, 24 * GIB, ssm_kernels=mamba.cuda_kernels_available())
+    for available, expected in ((True, with_kernels), (False, without)):  # h100: auto on cuda, so checked
+        monkeypatch.setattr(mamba, "cuda_kernels_available", lambda: available)
+        assert planning.resolve_micro_batch(config, 1, 24 * GIB) == expected
     # nothing fits the configured strategy (FSDP here): the advice starts from the first of its rows
     fsdp, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu",
                                            "gpu.activation_checkpointing=true", "distributed.strategy=fsdp"]))
