@@ -543,3 +543,24 @@ def test_planner_app_plans_each_gpu_count_once_in_order_at_the_given_mfu(tmp_pat
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["mfu"] == 1.0 and [r["setup"]["n_gpus"] for r in saved["rows"]] == [1, 8, 8]
     assert saved["rows"][2]["setup"]["strategy"] == "fsdp" and saved["model"] == result.model
+
+
+def test_allowed_micro_batches_are_powers_of_two_or_the_divisors_of_the_rows_per_rank():
+    """Without stage.total_batch_tokens: 1, 2, 4, ... 2^19 (the largest tried). With 12 sequences per
+    step: the divisors of 12, 6 and 4 rows per rank over 1, 2 and 3 ranks; over 5 ranks (2.4 rows)
+    the loop's own error, also when 12 sequences cannot be cut even into micro-batches of 1."""
+    config, _ = typed_config(compose_config([]))
+    T = config.model.sequence_len
+    planner = planning.make_planner(config, GIB, ssm_kernels=False)
+    powers = planner.allowed_micro_batches(1)
+    assert len(powers) == 20 and powers[:5] == [1, 2, 4, 8, 16] and powers[-1] == 524288
+    assert all(b == 2 * a for a, b in zip(powers, powers[1:]))
+    config.stage.total_batch_tokens = 12 * T
+    planner = planning.make_planner(config, GIB, ssm_kernels=False)
+    assert planner.allowed_micro_batches(1) == [1, 2, 3, 4, 6, 12]
+    assert planner.allowed_micro_batches(2) == [1, 2, 3, 6]
+    assert planner.allowed_micro_batches(3) == [1, 2, 4]
+    with pytest.raises(UserError) as e:
+        planner.allowed_micro_batches(5)
+    assert str(e.value) == (f"stage.total_batch_tokens={12 * T} must be a positive multiple of gpu.micro_batch x "
+                            f"model.sequence_len x world_size = 1 x {T} x 5 = {5 * T}")
