@@ -129,6 +129,14 @@ def test_micro_batch_must_be_a_positive_int_or_auto(value):
         planning.resolve_micro_batch(config, 1, 8 * GIB)
 
 
+def test_a_micro_batch_of_one_is_allowed_even_where_it_does_not_fit():
+    """1 is the smallest positive integer: taken as given (the user's choice), and planned as given."""
+    config, _ = typed_config(compose_config(["gpu.micro_batch=1"]))
+    assert planning.resolve_micro_batch(config, 1, 1) == 1
+    rows = planning.plan(config, [1], mfu=0.4, capacity=1, ssm_kernels=False).rows
+    assert rows[0].setup.micro_batch == 1 and not rows[0].fits
+
+
 def test_micro_batch_lots_is_one_error_line_from_the_planner_app(tmp_path, capsys):
     cfg = plan_config(["gpu.micro_batch=lots"], tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -564,3 +572,40 @@ def test_allowed_micro_batches_are_powers_of_two_or_the_divisors_of_the_rows_per
         planner.allowed_micro_batches(5)
     assert str(e.value) == (f"stage.total_batch_tokens={12 * T} must be a positive multiple of gpu.micro_batch x "
                             f"model.sequence_len x world_size = 1 x {T} x 5 = {5 * T}")
+
+
+def test_model_sizes_by_hand():
+    """Parameters counted by hand: d=64, 4 heads of 16 (2 KV heads: kv=32), Mamba d_inner 128 in 4 heads
+    of 32, d_state 16, 1 group, conv width 4, relu^2 MLP of 256, vocabulary 100.
+    Attention block's mixer: q and out 64*64 each, k and v 32*64 each = 12288. MLP: 2*256*64 = 32768.
+    Mamba: in_proj (2*128 + 2*16 + 4)*64 = 18688, conv (128 + 2*16)*4 + bias 160 = 800, dt_bias, A_log
+    and D 3*4, the gated norm's 128, out_proj 128*64 = 8192: 27820. Embedding and head 100*64 = 6400
+    each."""
+    from hybridchat.model.config import ModelConfig
+
+    base = dict(n_embd=64, n_head=4, n_kv_head=2, expand=2, headdim=32, d_state=16, ngroups=1, chunk_size=8,
+                sequence_len=16, mlp_ratio=4)
+    # A A M M, MLPs only after attention, norm weights (64 per norm: 4 before the mixers, 2 before the
+    # MLPs, the final one), the pointer (q and k 16*64 each, a gate of 64 + 1) and the request match (64).
+    cfg = ModelConfig(**base, n_layer=4, block_pattern="AAMM", mamba_mlp=False, norm_weights=True, pointer=True,
+                      request_match=True)
+    sizes = planning.model_sizes(cfg, 100)
+    assert sizes.params == {"embedding": 6400, "lm_head": 6400, "attention": 2 * 12288, "mamba": 2 * 27820,
+                            "mlp": 2 * 32768, "pointer": 2113, "request match": 64, "norms": 7 * 64}
+    assert sizes.total == 161177 and sizes.pattern == "AAMM"
+    # Muon's matrices: attention's 2*12288, the MLPs' 2*32768, in_proj and out_proj 2*(18688 + 8192),
+    # the pointer's q and k 2048; the autocast copies add the conv weights 2*640 and the head 6400.
+    assert sizes.matrix == 24576 + 65536 + 2 * (18688 + 8192) + 2048 == 145920
+    assert sizes.matmul == 145920 + 1280 + 6400
+    # the largest block is an attention one: 12288 + 32768 + its 2 norms; the root is the rest:
+    # embedding, head, final norm, pointer, request match
+    assert sizes.largest_block == 12288 + 32768 + 128
+    assert sizes.root == 6400 + 6400 + 64 + 2113 + 64
+    # M A with an MLP after each, tied embeddings (no head of its own: the embedding is the head's
+    # matmul), no norm weights: no entries of zero
+    cfg = ModelConfig(**base, n_layer=2, block_pattern="MA", mamba_mlp=True, tie_embeddings=True)
+    sizes = planning.model_sizes(cfg, 100)
+    assert sizes.params == {"embedding": 6400, "mamba": 27820, "attention": 12288, "mlp": 2 * 32768}
+    assert sizes.total == 6400 + 27820 + 12288 + 65536 and sizes.root == 6400
+    assert sizes.matmul == 12288 + 65536 + 18688 + 8192 + 640 + 6400
+    assert sizes.largest_block == 27820 + 32768
