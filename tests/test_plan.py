@@ -488,7 +488,7 @@ def hand_plan(**changes) -> planning.Plan:
                                                   activations=9 * GIB // 4),
                            fits=False, max_micro_batch=0, grad_accum=None, tokens_per_s=None)
     fields = dict(model="m20", gpu="card", vocab_size=100, sequence_len=1024, dtype="bfloat16", ssm_kernels=True,
-                  capacity_bytes=3 * GIB // 2, mfu=0.4, params={"embedding": 1_300_000, "attention": 2_000_000},
+                  capacity_bytes=3 * GIB // 2, mfu=0.4, params={"embedding": 1_350_001, "attention": 2_000_000},
                   activation_bytes_per_token={"attention blocks": 2048.0, "embedding + head": 1024.0},
                   rows=[fits, too_big], advice=["it needs more", "fits: this", "fits: that"])
     return planning.Plan(**{**fields, **changes})
@@ -501,10 +501,11 @@ ASSUMED = ("assumed: MFU 40% of the preset's peak bf16 TFLOP/s (x1.33 work with 
 def test_render_prints_the_plan_line_by_line():
     """render() of a hand-built Plan, every line as written out here: the first column left-aligned,
     the others right-aligned to their widest cell, two spaces apart; GiB with two decimals, parameters
-    in millions with one, activations per sequence in MiB."""
+    in millions with one (1,350,001 and 3,350,001: a hair above the halves, rounded up), activations per
+    sequence in MiB."""
     assert plan.render(hand_plan()).split("\n") == [
         "model=m20 gpu=card: 1.5 GiB per device, bfloat16, sequence_len 1024, vocab 100, Mamba scan: mamba_ssm kernels",
-        "parameters: embedding 1.3M, attention 2.0M; total 3.3M",
+        "parameters: embedding 1.4M, attention 2.0M; total 3.4M",
         "activations per sequence: attention blocks 2 MiB, embedding + head 1 MiB",
         "setup               micro  weights  grads  optim  activ  overhd  total GiB  fits  max micro  accum   tok/s",
         "1 GPU                   4     1.00   1.00   2.00   1.00    1.50       6.50   yes          8      2  12,346",
@@ -517,7 +518,7 @@ def test_render_prints_the_plan_line_by_line():
     p = hand_plan(advice=[], ssm_kernels=False, mfu=0.55, rows=hand_plan().rows[1:], dtype="float32")
     assert plan.render(p).split("\n") == [
         "model=m20 gpu=card: 1.5 GiB per device, float32, sequence_len 1024, vocab 100, Mamba scan: PyTorch chunked SSD",
-        "parameters: embedding 1.3M, attention 2.0M; total 3.3M",
+        "parameters: embedding 1.4M, attention 2.0M; total 3.4M",
         "activations per sequence: attention blocks 2 MiB, embedding + head 1 MiB",
         "setup               micro  weights  grads  optim  activ  overhd  total GiB  fits  max micro  accum  tok/s",
         "FSDP x8, act. ckpt      1     0.25   0.25   0.25   2.25    1.30       4.30    NO       none      -      -",
@@ -609,3 +610,19 @@ def test_model_sizes_by_hand():
     assert sizes.total == 6400 + 27820 + 12288 + 65536 and sizes.root == 6400
     assert sizes.matmul == 12288 + 65536 + 18688 + 8192 + 640 + 6400
     assert sizes.largest_block == 27820 + 32768
+
+
+def test_training_memory_counts_muon_by_default_and_adamw_on_everything_when_asked():
+    """Optimizer state by hand for 1000 parameters, 600 of them block matrices, on one GPU: Muon's one
+    fp32 buffer per matrix parameter and AdamW's two per other parameter, 4 * (600 + 2 * 400) = 5600
+    bytes, unless muon=False: AdamW's two on all, 8000; halved by FSDP over 2 GPUs."""
+    from hybridchat.model.config import ModelConfig
+
+    sizes = planning.Sizes(params={}, total=1000, matrix=600, matmul=0, largest_block=100, root=100, pattern="A")
+    cfg = ModelConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=2, block_pattern="A", sequence_len=16)
+    one = planning.Setup(1, "ddp", 1, False)
+    assert planning.training_memory(sizes, cfg, 100, one, False, False).optimizer == 5600
+    assert planning.training_memory(sizes, cfg, 100, one, False, False, muon=True).optimizer == 5600
+    assert planning.training_memory(sizes, cfg, 100, one, False, False, muon=False).optimizer == 8000
+    two = planning.Setup(2, "fsdp", 1, False)
+    assert planning.training_memory(sizes, cfg, 100, two, False, False, muon=False).optimizer == 4000
