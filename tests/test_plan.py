@@ -612,7 +612,7 @@ def test_model_sizes_by_hand():
     assert sizes.largest_block == 27820 + 32768
 
 
-def test_training_memory_counts_muon_by_default_and_adamw_on_everything_when_asked():
+def test_training_memory_counts_muon_and_one_micro_batch_by_default():
     """Optimizer state by hand for 1000 parameters, 600 of them block matrices, on one GPU: Muon's one
     fp32 buffer per matrix parameter and AdamW's two per other parameter, 4 * (600 + 2 * 400) = 5600
     bytes, unless muon=False: AdamW's two on all, 8000; halved by FSDP over 2 GPUs."""
@@ -626,3 +626,9 @@ def test_training_memory_counts_muon_by_default_and_adamw_on_everything_when_ask
     assert planning.training_memory(sizes, cfg, 100, one, False, False, muon=False).optimizer == 8000
     two = planning.Setup(2, "fsdp", 1, False)
     assert planning.training_memory(sizes, cfg, 100, two, False, False, muon=False).optimizer == 4000
+    # FSDP's gradients: by default one micro-batch per step, the shard (500) and what is gathered at
+    # the peak, max(2 roots - a root's shard, a root + 2 blocks - a shard of each) = 200; accumulating,
+    # whole gradients and a block, 1000 + 100
+    assert planning.training_memory(sizes, cfg, 100, two, False, False).grads == 4 * (500 + 200)
+    assert planning.training_memory(sizes, cfg, 100, two, False, False, accumulating=False).grads == 2800
+    assert planning.training_memory(sizes, cfg, 100, two, False, False, accumulating=True).grads == 4 * 1100
