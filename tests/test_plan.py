@@ -624,6 +624,9 @@ def test_training_memory_counts_muon_and_one_micro_batch_by_default():
     assert planning.training_memory(sizes, cfg, 100, one, False, False).optimizer == 5600
     assert planning.training_memory(sizes, cfg, 100, one, False, False, muon=True).optimizer == 5600
     assert planning.training_memory(sizes, cfg, 100, one, False, False, muon=False).optimizer == 8000
+    # FSDP on one GPU shards nothing and gathers nothing: weights and gradients 4 * 1000 as under DDP
+    alone = planning.training_memory(sizes, cfg, 100, planning.Setup(1, "fsdp", 1, False), False, False)
+    assert (alone.weights, alone.grads, alone.optimizer) == (4000, 4000, 5600)
     two = planning.Setup(2, "fsdp", 1, False)
     assert planning.training_memory(sizes, cfg, 100, two, False, False, muon=False).optimizer == 4000
     # FSDP's gradients: by default one micro-batch per step, the shard (500) and what is gathered at
