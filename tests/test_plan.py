@@ -209,6 +209,10 @@ def test_memory_terms_shrink_as_they_should():
     assert sum(params.values()) == planner.sizes.total
     # Muon holds one buffer per block matrix, AdamW two per everything else.
     assert one.optimizer == 4 * (planner.sizes.matrix + 2 * (planner.sizes.total - planner.sizes.matrix))
+    # stage.matrix_optimizer=adamw: AdamW's two buffers on every parameter
+    config.stage.matrix_optimizer = "adamw"
+    adamw = planning.make_planner(config, 80 * GIB, ssm_kernels=True).memory(planning.Setup(1, "ddp", 4, False))
+    assert adamw.optimizer == 4 * 2 * planner.sizes.total
 
 
 @pytest.mark.parametrize("gpu", [g for g in group_options("gpu") if g != "cpu"])
