@@ -633,6 +633,9 @@ def test_training_memory_counts_muon_and_one_micro_batch_by_default():
     assert (alone.weights, alone.grads, alone.optimizer) == (4000, 4000, 5600)
     two = planning.Setup(2, "fsdp", 1, False)
     assert planning.training_memory(sizes, cfg, 100, two, False, False, muon=False).optimizer == 4000
+    # FSDP's weights: the shard (500) and, gathered at a block's copy-out, the root + max(root, block)
+    # + 2 blocks = 400
+    assert planning.training_memory(sizes, cfg, 100, two, False, False).weights == 4 * (500 + 400)
     # FSDP's gradients: by default one micro-batch per step, the shard (500) and what is gathered at
     # the peak, max(2 roots - a root's shard, a root + 2 blocks - a shard of each) = 200; accumulating,
     # whole gradients and a block, 1000 + 100
