@@ -633,6 +633,18 @@ def test_training_memory_counts_muon_and_one_micro_batch_by_default():
     assert (alone.weights, alone.grads, alone.optimizer) == (4000, 4000, 5600)
     two = planning.Setup(2, "fsdp", 1, False)
     assert planning.training_memory(sizes, cfg, 100, two, False, False, muon=False).optimizer == 4000
+    # DDP over 2 GPUs: whole weights, optimizer state, and gradients twice (its buckets)
+    ddp = planning.training_memory(sizes, cfg, 100, planning.Setup(2, "ddp", 1, False), False, False)
+    assert (ddp.weights, ddp.grads, ddp.optimizer) == (4000, 8000, 5600)
+    # activations under bf16 autocast: this attention block 2992 bytes per token and the embedding and
+    # head 1856 (tests/test_activation_bytes_per_token_by_hand's sizes, vocabulary 100), for 3 rows of
+    # 16 tokens, and the autocast copies of the 700 matmul weights, 2 bytes each
+    copies = replace(sizes, matmul=700)
+    three = planning.Setup(1, "ddp", 3, False)
+    assert planning.training_memory(copies, cfg, 100, three, True, True).activations == (2992 + 1856) * 3 * 16 + 1400
+    # in fp32 no weight copies: the bytes per token (activation_bytes_per_token, by hand above) for 48 tokens
+    parts = planning.activation_bytes_per_token(cfg, 100, autocast=False, ssm_kernels=True)
+    assert planning.training_memory(copies, cfg, 100, three, False, True).activations == sum(parts.values()) * 48
     # FSDP's weights: the shard (500) and, gathered at a block's copy-out, the root + max(root, block)
     # + 2 blocks = 400
     assert planning.training_memory(sizes, cfg, 100, two, False, False).weights == 4 * (500 + 400)
