@@ -292,6 +292,15 @@ def test_activation_bytes_per_token_by_hand():
     parts = planning.activation_bytes_per_token(cfg, 100, autocast=False, ssm_kernels=False, checkpointing=True)
     assert parts == {"attention blocks": 256, "mamba blocks": 512, "recompute": 10904,
                      "embedding + head": 260 + 256 + 8 + 1200}
+    # the same without checkpointing: each block whole (the SwiGLU's 4352 in the attention block)
+    parts_whole = planning.activation_bytes_per_token(cfg, 100, autocast=False, ssm_kernels=False)
+    assert (parts_whole["attention blocks"], parts_whole["mamba blocks"]) == (6168, 2 * 10904)
+    # 2 groups: conv 128 + 2*2*16 = 192, zxbcdt 256 + 64 + 4 = 324, 4*g*n = 128, (2*4+2)*8 = 80, and 256:
+    # 4*(64 + 3*192 + 324 + 896 + 128 + 80 + 256) = 4*2324 = 9296; fp32 4*(256 + 256 + 2 + 24) = 2152;
+    # M block 11448 + 260, the one recomputed
+    groups = planning.activation_bytes_per_token(replace(cfg, ngroups=2), 100, autocast=False, ssm_kernels=False,
+                                                 checkpointing=True)
+    assert groups["recompute"] == 9296 + 2152 + 260
     # the head's backward is over before the recompute: the smaller of the two is not added
     assert planning.peak_per_token(parts) == 256 + 512 + 10904
     assert planning.peak_per_token({"a": 5, "embedding + head": 7}) == 12
