@@ -301,6 +301,10 @@ def test_activation_bytes_per_token_by_hand():
     groups = planning.activation_bytes_per_token(replace(cfg, ngroups=2), 100, autocast=False, ssm_kernels=False,
                                                  checkpointing=True)
     assert groups["recompute"] == 9296 + 2152 + 260
+    # SwiGLU under bf16 autocast with mlp_ratio 1 (hidden 64): its input read by 2 linears 2*64*2 = 256, and
+    # 4*2*64 = 512; the attention block 1320 + 260 + 768 + 260
+    cfg1 = ModelConfig(**{**base, "mlp_ratio": 1}, qk_norm=True, mlp="swiglu", embed_norm=False)
+    assert planning.activation_bytes_per_token(cfg1, 100, True, True)["attention blocks"] == 2608
     # the head's backward is over before the recompute: the smaller of the two is not added
     assert planning.peak_per_token(parts) == 256 + 512 + 10904
     assert planning.peak_per_token({"a": 5, "embedding + head": 7}) == 12
