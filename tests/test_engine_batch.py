@@ -242,3 +242,57 @@ def test_tokens_fed_to_one_row_mid_decode_are_read_by_that_row_alone(body):
         logp = model(torch.tensor([before + continuation]))[0].log_softmax(-1)
     want = sum(logp[len(before) - 1 + j, t].item() for j, t in enumerate(continuation))
     assert seqs[1].score == pytest.approx(want, abs=1e-5)
+
+
+def test_rows_grow_by_doubling_and_length_by_64_only_when_a_sequence_needs_it():
+    """The preallocated rows by hand, from rows=1: a second sequence doubles them to 2, a third to 4 (not 3);
+    a sequence that fills a row of 64 exactly (54 + 10) joins without a new allocation; one of 70 positions
+    (60 + 10) while a row is free keeps the 4 rows and rounds the length up to 128. Every sequence gets its
+    own greedy tokens. Only the last position of each prefill forward reaches the head."""
+    model = tiny_lm("MA")
+    asked = prompts([9, 54, 4, 54, 60])
+    head = []
+    model.norm_f.register_forward_pre_hook(lambda mod, args: head.append(args[0].shape[1]))
+    batch = DecodeBatch(model, prefill_chunk=32)
+    a = batch.add(asked[0], 10)
+    assert (batch.slots.batch_size, batch.slots.max_len) == (1, 64)
+    assert head == [1]  # one forward of 9 tokens, its last position through the head
+    b = batch.add(asked[1], 10)
+    assert (batch.slots.batch_size, batch.slots.max_len) == (2, 64)
+    assert head == [1, 1, 1]  # 54 tokens in chunks of 32: 32 + 22
+    c = batch.add(asked[2], 10)
+    slots = batch.slots
+    assert (slots.batch_size, slots.max_len) == (4, 64)
+    d = batch.add(asked[3], 10)  # 64 positions in a row of 64, a row free: the same allocation
+    assert batch.slots is slots and len(batch) == 4
+    batch.cancel(a)
+    e = batch.add(asked[4], 10)  # 70 positions: longer rows, as many
+    assert (batch.slots.batch_size, batch.slots.max_len) == (4, 128)
+    while len(batch):
+        batch.step()
+    for seq, p in zip((b, c, d, e), asked[1:]):
+        assert seq.tokens == naive_greedy(model, p, 10)
+
+
+def test_a_batch_does_not_depend_on_torchs_default_device():
+    """Under `with torch.device("meta")` every tensor made without an explicit device is a meta tensor:
+    prefills, steps, a feed and the scores must use the model's device (CPU here) and give the plain
+    greedy tokens and a full forward's scores."""
+    model = tiny_lm("MA")
+    asked = prompts([7, 4])
+    fed = prompts([5], seed=7)[0]
+    continuation = [5, 17]
+    expected = [naive_greedy(model, asked[0], 4, inject=lambda out: fed if len(out) == 1 else None),
+                naive_greedy(model, asked[1], 4)]
+    with torch.device("meta"):
+        batch = DecodeBatch(model, prefill_chunk=4)
+        a = batch.add(asked[0], 4, score=continuation)
+        b = batch.add(asked[1], 4)
+        batch.feed(a, fed)
+        while len(batch):
+            batch.step()
+    assert [a.tokens[:1] + fed + a.tokens[1:], b.tokens] == expected
+    with torch.no_grad():
+        logp = model(torch.tensor([asked[0] + continuation]))[0].log_softmax(-1)
+    want = logp[len(asked[0]) - 1, continuation[0]] + logp[len(asked[0]), continuation[1]]
+    assert a.score == pytest.approx(want.item(), abs=1e-10)
