@@ -3,13 +3,14 @@ pattern, batching of prompts of different lengths, sampling options, stop tokens
 several samples per prompt, query hook."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 from conftest import TINY_VOCAB, TOY_MODEL, TOY_VOCAB, naive_greedy, random_model, tiny_lm
 
 from hybridchat.model.cache import InferenceCache
-from hybridchat.model.engine import Engine, close_only_opened, opened, sample
+from hybridchat.model.engine import Engine, close_only_opened, opened, sample, score_continuation
 from hybridchat.model.lm import HybridLM
 
 PATTERNS = ["all_attention", "all_mamba", "alternating", "early_attention_late_mamba", "jamba", "nemotron"]
@@ -546,3 +547,21 @@ def test_a_continuation_is_scored_from_each_prompts_own_prefill(pattern):
     assert by_prompt.finish_reasons == ["refused" if seq // 2 == 2 else "length" for seq in range(8)]
     assert sorted(i for i, _ in told) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert all(logp == pytest.approx(want[i], rel=1e-9) for i, logp in told)
+
+
+def test_a_two_token_continuation_is_scored_under_a_meta_default_device_and_bf16_logits_in_float32():
+    """A continuation of 2 tokens (its second read from the one forward on the cache copy) after
+    staggered prompts, under `with torch.device("meta")` (every tensor made without a device would land
+    there): a full forward's log-probabilities. bf16 logits are scored in float32: log_softmax of
+    [0, -12, 3] at -12 is -15 - log(1 + e^-3 + e^-15), not bf16's rounding of it."""
+    model = tiny_lm("MA")
+    prompts = [[1, 5, 9, 3, 7, 2], [4, 2]]
+    continuation = [3, 9]
+    want = [_plain_logp(model, p, continuation) for p in prompts]
+    with torch.device("meta"):
+        res = Engine(model, prefill_chunk=4).generate(prompts, 3, temperature=0, score=continuation)
+    assert res.scores == pytest.approx(want, rel=1e-9)
+    assert res.tokens == [naive_greedy(model, p, 3) for p in prompts]
+    logits = torch.tensor([[0.0, -12.0, 3.0]], dtype=torch.bfloat16)
+    exact = -15 - math.log(1 + math.exp(-3) + math.exp(-15))
+    assert score_continuation(None, logits, None, [1]) == [pytest.approx(exact, abs=1e-6)]
