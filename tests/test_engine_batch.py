@@ -9,7 +9,7 @@ from conftest import TINY_VOCAB, naive_greedy, random_model, tiny_lm
 
 from hybridchat.data.tokenizer import SPECIAL_TOKENS
 from hybridchat.model.attention import rotary_at, rotary_cos_sin
-from hybridchat.model.engine import DecodeBatch
+from hybridchat.model.engine import DecodeBatch, sample
 
 USER_START, USER_END = SPECIAL_TOKENS.index("<|user_start|>"), SPECIAL_TOKENS.index("<|user_end|>")
 # (prompt length, step it arrives at, max_new_tokens): two start together, one arrives longer than
@@ -317,3 +317,29 @@ def test_two_rows_leaving_at_one_step_keep_the_last_rows_whole_state():
         batch = DecodeBatch(model)
         batch.add(asked[0], 4)
     assert batch.slots.nbytes() == model.allocate_cache(1, 64, dtype=torch.bfloat16).nbytes()
+
+
+def naive_sampling(model, prompt, n, seed, **options):
+    """A plain loop: a full forward per token, engine.sample on its last logits with a generator seeded
+    `seed`, one draw per token, as a one-row batch draws."""
+    generator, seq, out = torch.Generator().manual_seed(seed), list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(sample(model(torch.tensor([seq]))[:, -1], generator=generator, **options).item())
+            seq.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1.5, top_k=3), dict(temperature=1.5, top_p=0.5),
+                                     dict(temperature=0.7)])
+def test_a_seeded_batch_samples_with_its_options_as_a_plain_loop_does(options):
+    """temperature, top_k and top_p reach every draw, from the batch's own generator seeded `seed`: one
+    sequence gets the tokens of a plain full-forward loop drawing from a generator of that seed."""
+    model = tiny_lm("MA")
+    asked = prompts([7])[0]
+    batch = DecodeBatch(model, seed=11, **options)
+    seq = batch.add(asked, 12)
+    while len(batch):
+        batch.step()
+    assert seq.tokens == naive_sampling(model, asked, 12, 11, **options)
+    assert naive_sampling(model, asked, 12, 11, **options) != naive_sampling(model, asked, 12, 12, **options)
