@@ -549,7 +549,7 @@ def test_a_continuation_is_scored_from_each_prompts_own_prefill(pattern):
     assert all(logp == pytest.approx(want[i], rel=1e-9) for i, logp in told)
 
 
-def test_a_two_token_continuation_is_scored_under_a_meta_default_device_and_bf16_logits_in_float32():
+def test_a_two_token_continuation_and_suppression_under_a_meta_default_device_and_bf16_logits_in_float32():
     """A continuation of 2 tokens (its second read from the one forward on the cache copy) after
     staggered prompts, under `with torch.device("meta")` (every tensor made without a device would land
     there): a full forward's log-probabilities. bf16 logits are scored in float32: log_softmax of
@@ -558,10 +558,13 @@ def test_a_two_token_continuation_is_scored_under_a_meta_default_device_and_bf16
     prompts = [[1, 5, 9, 3, 7, 2], [4, 2]]
     continuation = [3, 9]
     want = [_plain_logp(model, p, continuation) for p in prompts]
-    with torch.device("meta"):
-        res = Engine(model, prefill_chunk=4).generate(prompts, 3, temperature=0, score=continuation)
+    expected = [naive_greedy(model, p, 3) for p in prompts]
+    unused = next(t for t in range(TINY_VOCAB) if t not in {expected[0][0], expected[1][0]})
+    with torch.device("meta"):  # a first token ruled out that greedy would not take anyway
+        res = Engine(model, prefill_chunk=4).generate(prompts, 3, temperature=0, score=continuation,
+                                                      begin_suppress_tokens=[unused])
     assert res.scores == pytest.approx(want, rel=1e-9)
-    assert res.tokens == [naive_greedy(model, p, 3) for p in prompts]
+    assert res.tokens == expected
     logits = torch.tensor([[0.0, -12.0, 3.0]], dtype=torch.bfloat16)
     exact = -15 - math.log(1 + math.exp(-3) + math.exp(-15))
     assert score_continuation(None, logits, None, [1]) == [pytest.approx(exact, abs=1e-6)]

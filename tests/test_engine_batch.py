@@ -253,6 +253,7 @@ def test_rows_grow_by_doubling_and_length_by_64_only_when_a_sequence_needs_it():
     asked = prompts([9, 54, 4, 54, 55])
     head = []
     model.norm_f.register_forward_pre_hook(lambda mod, args: head.append(args[0].shape[1]))
+    assert DecodeBatch(model).prefill_chunk == 512  # the default, as Engine's
     batch = DecodeBatch(model, prefill_chunk=32)
     a = batch.add(asked[0], 10)
     assert (batch.slots.batch_size, batch.slots.max_len) == (1, 64)
