@@ -3,13 +3,14 @@ pattern, batching of prompts of different lengths, sampling options, stop tokens
 several samples per prompt, query hook."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 from conftest import TINY_VOCAB, TOY_MODEL, TOY_VOCAB, naive_greedy, random_model, tiny_lm
 
 from hybridchat.model.cache import InferenceCache
-from hybridchat.model.engine import Engine, sample
+from hybridchat.model.engine import Engine, close_only_opened, opened, sample, score_continuation
 from hybridchat.model.lm import HybridLM
 
 PATTERNS = ["all_attention", "all_mamba", "alternating", "early_attention_late_mamba", "jamba", "nemotron"]
@@ -193,6 +194,28 @@ def test_a_closing_token_is_sampled_only_after_its_opening():
     expected = [naive_greedy(model, p, 8, pair=opened) for p in prompts]
     assert Engine(model, prefill_chunk=4).generate(prompts, 8, temperature=0, paired_tokens=opened).tokens == expected
     assert Engine(model, prefill_chunk=4).generate(prompts, 8, temperature=0).tokens == plain
+
+
+def test_opened_is_whether_the_latest_of_the_pair_is_the_opening_token():
+    pair = (5, 6)
+    assert not opened([], pair) and not opened([1, 2, 3], pair)   # neither sampled yet
+    assert opened([5], pair) and opened([6, 1, 5, 2], pair)       # the latest of the two is 5
+    assert not opened([5, 1, 6], pair) and not opened([6], pair)  # the latest is 6: closed (or never opened)
+    assert opened([5, 6, 5, 6, 5, 1], pair) and not opened([5, 6, 5, 6], pair)
+
+
+def test_close_only_opened_rules_the_closing_token_out_in_a_copy_of_the_rows_not_opened():
+    """Three rows: the first opened, the second closed, the third never opened: the closing token (2)
+    is -inf in the last two rows of a copy; every other logit as given; the input untouched. No pair,
+    or every row opened: the very logits given, no copy."""
+    logits = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    given = logits.clone()
+    out = close_only_opened(logits, [[1, 3], [1, 2], []], (1, 2))
+    inf = float("inf")
+    assert torch.equal(out, torch.tensor([[0.0, 1, 2, 3], [4, 5, -inf, 7], [8, 9, -inf, 11]]))
+    assert torch.equal(logits, given) and out is not logits
+    assert close_only_opened(logits, [[], [2], [0]], None) is logits
+    assert close_only_opened(logits, [[1], [2, 1], [1, 0]], (1, 2)) is logits
 
 
 def test_stop_token_ends_its_row_only_and_streams_every_sampled_token():
@@ -524,3 +547,24 @@ def test_a_continuation_is_scored_from_each_prompts_own_prefill(pattern):
     assert by_prompt.finish_reasons == ["refused" if seq // 2 == 2 else "length" for seq in range(8)]
     assert sorted(i for i, _ in told) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert all(logp == pytest.approx(want[i], rel=1e-9) for i, logp in told)
+
+
+def test_a_two_token_continuation_and_suppression_under_a_meta_default_device_and_bf16_logits_in_float32():
+    """A continuation of 2 tokens (its second read from the one forward on the cache copy) after
+    staggered prompts, under `with torch.device("meta")` (every tensor made without a device would land
+    there): a full forward's log-probabilities. bf16 logits are scored in float32: log_softmax of
+    [0, -12, 3] at -12 is -15 - log(1 + e^-3 + e^-15), not bf16's rounding of it."""
+    model = tiny_lm("MA")
+    prompts = [[1, 5, 9, 3, 7, 2], [4, 2]]
+    continuation = [3, 9]
+    want = [_plain_logp(model, p, continuation) for p in prompts]
+    expected = [naive_greedy(model, p, 3) for p in prompts]
+    unused = next(t for t in range(TINY_VOCAB) if t not in {expected[0][0], expected[1][0]})
+    with torch.device("meta"):  # a first token ruled out that greedy would not take anyway
+        res = Engine(model, prefill_chunk=4).generate(prompts, 3, temperature=0, score=continuation,
+                                                      begin_suppress_tokens=[unused])
+    assert res.scores == pytest.approx(want, rel=1e-9)
+    assert res.tokens == expected
+    logits = torch.tensor([[0.0, -12.0, 3.0]], dtype=torch.bfloat16)
+    exact = -15 - math.log(1 + math.exp(-3) + math.exp(-15))
+    assert score_continuation(None, logits, None, [1]) == [pytest.approx(exact, abs=1e-6)]

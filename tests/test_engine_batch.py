@@ -9,7 +9,7 @@ from conftest import TINY_VOCAB, naive_greedy, random_model, tiny_lm
 
 from hybridchat.data.tokenizer import SPECIAL_TOKENS
 from hybridchat.model.attention import rotary_at, rotary_cos_sin
-from hybridchat.model.engine import DecodeBatch
+from hybridchat.model.engine import DecodeBatch, sample
 
 USER_START, USER_END = SPECIAL_TOKENS.index("<|user_start|>"), SPECIAL_TOKENS.index("<|user_end|>")
 # (prompt length, step it arrives at, max_new_tokens): two start together, one arrives longer than
@@ -242,3 +242,105 @@ def test_tokens_fed_to_one_row_mid_decode_are_read_by_that_row_alone(body):
         logp = model(torch.tensor([before + continuation]))[0].log_softmax(-1)
     want = sum(logp[len(before) - 1 + j, t].item() for j, t in enumerate(continuation))
     assert seqs[1].score == pytest.approx(want, abs=1e-5)
+
+
+def test_rows_grow_by_doubling_and_length_by_64_only_when_a_sequence_needs_it():
+    """The preallocated rows by hand, from rows=1: a second sequence doubles them to 2, a third to 4 (not 3);
+    a sequence that fills a row of 64 exactly (54 + 10) joins without a new allocation; one of 65 positions
+    (55 + 10) while a row is free keeps the 4 rows and rounds the length up to 128. Every sequence gets its
+    own greedy tokens. Only the last position of each prefill forward reaches the head."""
+    model = tiny_lm("MA")
+    asked = prompts([9, 54, 4, 54, 55])
+    head = []
+    model.norm_f.register_forward_pre_hook(lambda mod, args: head.append(args[0].shape[1]))
+    assert DecodeBatch(model).prefill_chunk == 512  # the default, as Engine's
+    batch = DecodeBatch(model, prefill_chunk=32)
+    a = batch.add(asked[0], 10)
+    assert (batch.slots.batch_size, batch.slots.max_len) == (1, 64)
+    assert head == [1]  # one forward of 9 tokens, its last position through the head
+    b = batch.add(asked[1], 10)
+    assert (batch.slots.batch_size, batch.slots.max_len) == (2, 64)
+    assert head == [1, 1, 1]  # 54 tokens in chunks of 32: 32 + 22
+    c = batch.add(asked[2], 10)
+    slots = batch.slots
+    assert (slots.batch_size, slots.max_len) == (4, 64)
+    d = batch.add(asked[3], 10)  # 64 positions in a row of 64, a row free: the same allocation
+    assert batch.slots is slots and len(batch) == 4
+    batch.cancel(a)
+    e = batch.add(asked[4], 10)  # 65 positions: longer rows, as many
+    assert (batch.slots.batch_size, batch.slots.max_len) == (4, 128)
+    while len(batch):
+        batch.step()
+    for seq, p in zip((b, c, d, e), asked[1:]):
+        assert seq.tokens == naive_greedy(model, p, 10)
+
+
+def test_a_batch_does_not_depend_on_torchs_default_device():
+    """Under `with torch.device("meta")` every tensor made without an explicit device is a meta tensor:
+    prefills, steps, a feed and the scores must use the model's device (CPU here) and give the plain
+    greedy tokens and a full forward's scores."""
+    model = tiny_lm("MA")
+    asked = prompts([7, 4])
+    fed = prompts([5], seed=7)[0]
+    continuation = [5, 17]
+    expected = [naive_greedy(model, asked[0], 4, inject=lambda out: fed if len(out) == 1 else None),
+                naive_greedy(model, asked[1], 4)]
+    with torch.device("meta"):
+        batch = DecodeBatch(model, prefill_chunk=4)
+        a = batch.add(asked[0], 4, score=continuation)
+        b = batch.add(asked[1], 4)
+        batch.feed(a, fed)
+        while len(batch):
+            batch.step()
+    assert [a.tokens[:1] + fed + a.tokens[1:], b.tokens] == expected
+    with torch.no_grad():
+        logp = model(torch.tensor([asked[0] + continuation]))[0].log_softmax(-1)
+    want = logp[len(asked[0]) - 1, continuation[0]] + logp[len(asked[0]), continuation[1]]
+    assert a.score == pytest.approx(want.item(), abs=1e-10)
+
+
+def test_two_rows_leaving_at_one_step_keep_the_last_rows_whole_state():
+    """Rows a b c d; b and c finish at the same step (3 tokens each), so d, the last row, moves into b's
+    row after c's row was filled from it: d's 15 positions (13 + 2 fed) are copied, not c's 6; a and d
+    go on as a plain greedy loop (attention only: every cached key counts). And under CPU bf16 autocast
+    the rows are allocated in bf16."""
+    model = tiny_lm("AA")
+    asked = prompts([5, 6, 4, 13])
+    batch = DecodeBatch(model)
+    seqs = [batch.add(p, n) for p, n in zip(asked, (8, 3, 3, 8))]
+    finished = [batch.step() for _ in range(2)]
+    assert finished == [[], seqs[1:3]] and batch.rows == [seqs[0], seqs[3]]
+    while len(batch):
+        batch.step()
+    assert [s.tokens for s in seqs] == [naive_greedy(model, p, n) for p, n in zip(asked, (8, 3, 3, 8))]
+    model = model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = DecodeBatch(model)
+        batch.add(asked[0], 4)
+    assert batch.slots.nbytes() == model.allocate_cache(1, 64, dtype=torch.bfloat16).nbytes()
+
+
+def naive_sampling(model, prompt, n, seed, **options):
+    """A plain loop: a full forward per token, engine.sample on its last logits with a generator seeded
+    `seed`, one draw per token, as a one-row batch draws."""
+    generator, seq, out = torch.Generator().manual_seed(seed), list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(sample(model(torch.tensor([seq]))[:, -1], generator=generator, **options).item())
+            seq.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1.5, top_k=3), dict(temperature=1.5, top_p=0.5),
+                                     dict(temperature=0.7)])
+def test_a_seeded_batch_samples_with_its_options_as_a_plain_loop_does(options):
+    """temperature, top_k and top_p reach every draw, from the batch's own generator seeded `seed`: one
+    sequence gets the tokens of a plain full-forward loop drawing from a generator of that seed."""
+    model = tiny_lm("MA")
+    asked = prompts([7])[0]
+    batch = DecodeBatch(model, seed=11, **options)
+    seq = batch.add(asked, 12)
+    while len(batch):
+        batch.step()
+    assert seq.tokens == naive_sampling(model, asked, 12, 11, **options)
+    assert naive_sampling(model, asked, 12, 11, **options) != naive_sampling(model, asked, 12, 12, **options)

@@ -129,6 +129,14 @@ def test_micro_batch_must_be_a_positive_int_or_auto(value):
         planning.resolve_micro_batch(config, 1, 8 * GIB)
 
 
+def test_a_micro_batch_of_one_is_allowed_even_where_it_does_not_fit():
+    """1 is the smallest positive integer: taken as given (the user's choice), and planned as given."""
+    config, _ = typed_config(compose_config(["gpu.micro_batch=1"]))
+    assert planning.resolve_micro_batch(config, 1, 1) == 1
+    rows = planning.plan(config, [1], mfu=0.4, capacity=1, ssm_kernels=False).rows
+    assert rows[0].setup.micro_batch == 1 and not rows[0].fits
+
+
 def test_micro_batch_lots_is_one_error_line_from_the_planner_app(tmp_path, capsys):
     cfg = plan_config(["gpu.micro_batch=lots"], tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -201,6 +209,10 @@ def test_memory_terms_shrink_as_they_should():
     assert sum(params.values()) == planner.sizes.total
     # Muon holds one buffer per block matrix, AdamW two per everything else.
     assert one.optimizer == 4 * (planner.sizes.matrix + 2 * (planner.sizes.total - planner.sizes.matrix))
+    # stage.matrix_optimizer=adamw: AdamW's two buffers on every parameter
+    config.stage.matrix_optimizer = "adamw"
+    adamw = planning.make_planner(config, 80 * GIB, ssm_kernels=True).memory(planning.Setup(1, "ddp", 4, False))
+    assert adamw.optimizer == 4 * 2 * planner.sizes.total
 
 
 @pytest.mark.parametrize("gpu", [g for g in group_options("gpu") if g != "cpu"])
@@ -280,6 +292,19 @@ def test_activation_bytes_per_token_by_hand():
     parts = planning.activation_bytes_per_token(cfg, 100, autocast=False, ssm_kernels=False, checkpointing=True)
     assert parts == {"attention blocks": 256, "mamba blocks": 512, "recompute": 10904,
                      "embedding + head": 260 + 256 + 8 + 1200}
+    # the same without checkpointing: each block whole (the SwiGLU's 4352 in the attention block)
+    parts_whole = planning.activation_bytes_per_token(cfg, 100, autocast=False, ssm_kernels=False)
+    assert (parts_whole["attention blocks"], parts_whole["mamba blocks"]) == (6168, 2 * 10904)
+    # 2 groups: conv 128 + 2*2*16 = 192, zxbcdt 256 + 64 + 4 = 324, 4*g*n = 128, (2*4+2)*8 = 80, and 256:
+    # 4*(64 + 3*192 + 324 + 896 + 128 + 80 + 256) = 4*2324 = 9296; fp32 4*(256 + 256 + 2 + 24) = 2152;
+    # M block 11448 + 260, the one recomputed
+    groups = planning.activation_bytes_per_token(replace(cfg, ngroups=2), 100, autocast=False, ssm_kernels=False,
+                                                 checkpointing=True)
+    assert groups["recompute"] == 9296 + 2152 + 260
+    # SwiGLU under bf16 autocast with mlp_ratio 1 (hidden 64): its input read by 2 linears 2*64*2 = 256, and
+    # 4*2*64 = 512; the attention block 1320 + 260 + 768 + 260
+    cfg1 = ModelConfig(**{**base, "mlp_ratio": 1}, qk_norm=True, mlp="swiglu", embed_norm=False)
+    assert planning.activation_bytes_per_token(cfg1, 100, True, True)["attention blocks"] == 2608
     # the head's backward is over before the recompute: the smaller of the two is not added
     assert planning.peak_per_token(parts) == 256 + 512 + 10904
     assert planning.peak_per_token({"a": 5, "embedding + head": 7}) == 12
@@ -362,6 +387,11 @@ def test_cpu_capacity_is_physical_memory_shared_by_the_local_ranks(monkeypatch):
     assert planning.gpu_capacity(gpu) == physical
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert planning.gpu_capacity(gpu) == physical // 3
+    # whole bytes, rounded down, also where the ranks do not divide the memory
+    n = next(k for k in range(3, 100) if physical % k)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(n))
+    share = planning.gpu_capacity(gpu)
+    assert type(share) is int and share == physical // n
     assert planning.gpu_capacity(planning.GPUConfig(memory_gb=0.5)) == 2**29
 
 
@@ -410,6 +440,12 @@ def test_advice_lists_what_fits_cheapest_first_and_else_how_small_a_model_would(
         "parameter here, so at most ~50M parameters) or a device with more memory"]
     stand_in.capacity = GIB  # no room at all: at most ~0M, not a negative size
     assert "at most ~0M parameters" in planning.advice(stand_in, planning.Setup(2, "ddp", 1, False))[-1]
+    # room for 500,000.4 parameters of 1 byte: "~1M" (0.5000004 million, rounded), a hair above half a million
+    one_byte = planning.Memory(weights=0, grads=0, optimizer=1, activations=499_999.6)
+    stand_in = StandInPlanner({}, one_byte, GIB + 1_100_000, 1)
+    assert planning.advice(stand_in, planning.Setup(1, "ddp", 1, False)) == [
+        "nothing fits on 1 GPU(s): use a smaller model (weights, gradients and optimizer take 1 bytes per "
+        "parameter here, so at most ~1M parameters) or a device with more memory"]
 
 
 def test_plan_states_the_run_it_planned():
@@ -433,7 +469,7 @@ def test_plan_states_the_run_it_planned():
     assert (rows[0].setup.micro_batch, rows[0].max_micro_batch, rows[0].fits) == (1, 0, False)
 
 
-def test_auto_micro_batch_follows_the_strategy_checkpointing_and_importable_kernels():
+def test_auto_micro_batch_follows_the_strategy_checkpointing_and_importable_kernels(monkeypatch):
     overrides = ["model=hybrid_d20", "gpu=h100", "data=fineweb_edu", "gpu.ssm_backend=auto"]
     config, _ = typed_config(compose_config(overrides))
     ddp = planning.resolve_micro_batch(config, 2, 24 * GIB, ssm_kernels=True)
@@ -444,11 +480,190 @@ def test_auto_micro_batch_follows_the_strategy_checkpointing_and_importable_kern
     # training checks that the kernels import (here they may not): the answer of the kernels it finds
     from hybridchat.model import mamba
     with_kernels = planning.resolve_micro_batch(config, 1, 24 * GIB, ssm_kernels=True)
-    assert with_kernels != planning.resolve_micro_batch(config, 1, 24 * GIB, ssm_kernels=False)
+    without = planning.resolve_micro_batch(config, 1, 24 * GIB, ssm_kernels=False)
+    assert with_kernels != without
     assert planning.resolve_micro_batch(config, 1, 24 * GIB) == planning.resolve_micro_batch(
         config, 1, 24 * GIB, ssm_kernels=mamba.cuda_kernels_available())
+    for available, expected in ((True, with_kernels), (False, without)):  # h100: auto on cuda, so checked
+        monkeypatch.setattr(mamba, "cuda_kernels_available", lambda: available)
+        assert planning.resolve_micro_batch(config, 1, 24 * GIB) == expected
     # nothing fits the configured strategy (FSDP here): the advice starts from the first of its rows
     fsdp, _ = typed_config(compose_config(["model=hybrid_d20", "gpu=h100", "data=fineweb_edu",
                                            "gpu.activation_checkpointing=true", "distributed.strategy=fsdp"]))
     advice = planning.plan(fsdp, [1, 8], mfu=0.4, capacity=GIB, ssm_kernels=True).advice
     assert advice[0].startswith("micro_batch=1 with 1 GPU, act. ckpt needs")
+
+
+def hand_plan(**changes) -> planning.Plan:
+    """A Plan built by hand for render(): 1.5 GiB per device; a row that fits (5 GiB of tensors, so
+    1.5 GiB of overhead) and one that does not (3 GiB of tensors: 1 GiB + 0.3 GiB of overhead)."""
+    fits = planning.Row(setup=planning.Setup(1, "ddp", 4, False),
+                        memory=planning.Memory(weights=GIB, grads=GIB, optimizer=2 * GIB, activations=GIB),
+                        fits=True, max_micro_batch=8, grad_accum=2, tokens_per_s=12345.6)
+    too_big = planning.Row(setup=planning.Setup(8, "fsdp", 1, True),
+                           memory=planning.Memory(weights=GIB // 4, grads=GIB // 4, optimizer=GIB // 4,
+                                                  activations=9 * GIB // 4),
+                           fits=False, max_micro_batch=0, grad_accum=None, tokens_per_s=None)
+    fields = dict(model="m20", gpu="card", vocab_size=100, sequence_len=1024, dtype="bfloat16", ssm_kernels=True,
+                  capacity_bytes=3 * GIB // 2, mfu=0.4, params={"embedding": 1_350_001, "attention": 2_000_000},
+                  activation_bytes_per_token={"attention blocks": 2048.0, "embedding + head": 1024.0},
+                  rows=[fits, too_big], advice=["it needs more", "fits: this", "fits: that"])
+    return planning.Plan(**{**fields, **changes})
+
+
+ASSUMED = ("assumed: MFU 40% of the preset's peak bf16 TFLOP/s (x1.33 work with activation checkpointing); "
+           "overhead 1 GiB + 10% of tensors; eager PyTorch (torch.compile usually saves less)")
+
+
+def test_render_prints_the_plan_line_by_line():
+    """render() of a hand-built Plan, every line as written out here: the first column left-aligned,
+    the others right-aligned to their widest cell, two spaces apart; GiB with two decimals, parameters
+    in millions with one (1,350,001 and 3,350,001: a hair above the halves, rounded up), activations per
+    sequence in MiB."""
+    assert plan.render(hand_plan()).split("\n") == [
+        "model=m20 gpu=card: 1.5 GiB per device, bfloat16, sequence_len 1024, vocab 100, Mamba scan: mamba_ssm kernels",
+        "parameters: embedding 1.4M, attention 2.0M; total 3.4M",
+        "activations per sequence: attention blocks 2 MiB, embedding + head 1 MiB",
+        "setup               micro  weights  grads  optim  activ  overhd  total GiB  fits  max micro  accum   tok/s",
+        "1 GPU                   4     1.00   1.00   2.00   1.00    1.50       6.50   yes          8      2  12,346",
+        "FSDP x8, act. ckpt      1     0.25   0.25   0.25   2.25    1.30       4.30    NO       none      -       -",
+        "does not fit: it needs more",
+        "  fits: this",
+        "  fits: that",
+        ASSUMED]
+    # no advice: no "does not fit" lines; the PyTorch scan; another MFU; one row sets the widths
+    p = hand_plan(advice=[], ssm_kernels=False, mfu=0.55, rows=hand_plan().rows[1:], dtype="float32")
+    assert plan.render(p).split("\n") == [
+        "model=m20 gpu=card: 1.5 GiB per device, float32, sequence_len 1024, vocab 100, Mamba scan: PyTorch chunked SSD",
+        "parameters: embedding 1.4M, attention 2.0M; total 3.4M",
+        "activations per sequence: attention blocks 2 MiB, embedding + head 1 MiB",
+        "setup               micro  weights  grads  optim  activ  overhd  total GiB  fits  max micro  accum  tok/s",
+        "FSDP x8, act. ckpt      1     0.25   0.25   0.25   2.25    1.30       4.30    NO       none      -      -",
+        ASSUMED.replace("MFU 40%", "MFU 55%")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("n_gpus=[]", "n_gpus=[] must list GPU counts >= 1, e.g. [1, 8]"),
+    ("n_gpus=[2,0]", "n_gpus=[2, 0] must list GPU counts >= 1, e.g. [1, 8]"),
+    ("mfu=0", "mfu=0.0 must be in (0, 1], e.g. 0.4"),
+    ("mfu=1.01", "mfu=1.01 must be in (0, 1], e.g. 0.4")])
+def test_planner_app_refuses_no_gpu_counts_a_count_below_one_and_an_mfu_outside_0_1(override, message, tmp_path):
+    with pytest.raises(UserError) as e:
+        plan.run(plan_config([override], tmp_path))
+    assert str(e.value) == message
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_planner_app_plans_each_gpu_count_once_in_order_at_the_given_mfu(tmp_path, capsys):
+    """n_gpus=[8,1,8] at mfu=1 (the largest allowed): rows for 1 GPU, then DDP and FSDP over 8, each
+    once; the tokens per second follow the MFU (the CPU preset states no peak: a made-up one here);
+    stdout is the rendered plan and then where plan.json went; plan.json holds the same plan."""
+    cfg = plan_config(["n_gpus=[8,1,8]", "mfu=1", "gpu.peak_tflops_bf16=10"], tmp_path)
+    result = plan.run(cfg)
+    assert [(r.setup.n_gpus, r.setup.strategy) for r in result.rows] == [(1, "ddp"), (8, "ddp"), (8, "fsdp")]
+    assert result.mfu == 1.0
+    config, _ = typed_config(compose_config([]))  # the same model and data (conf/plan.yaml's defaults)
+    flops = planning.flops_per_token(config.model, result.vocab_size)
+    assert result.rows[0].tokens_per_s == pytest.approx(10e12 / flops, rel=1e-12)
+    assert capsys.readouterr().out == plan.render(result) + f"\nplan: {tmp_path / 'plan.json'}\n"
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["mfu"] == 1.0 and [r["setup"]["n_gpus"] for r in saved["rows"]] == [1, 8, 8]
+    assert saved["rows"][2]["setup"]["strategy"] == "fsdp" and saved["model"] == result.model
+
+
+def test_allowed_micro_batches_are_powers_of_two_or_the_divisors_of_the_rows_per_rank():
+    """Without stage.total_batch_tokens: 1, 2, 4, ... 2^19 (the largest tried). With 12 sequences per
+    step: the divisors of 12, 6 and 4 rows per rank over 1, 2 and 3 ranks; over 5 ranks (2.4 rows)
+    the loop's own error, also when 12 sequences cannot be cut even into micro-batches of 1."""
+    config, _ = typed_config(compose_config([]))
+    T = config.model.sequence_len
+    planner = planning.make_planner(config, GIB, ssm_kernels=False)
+    powers = planner.allowed_micro_batches(1)
+    assert len(powers) == 20 and powers[:5] == [1, 2, 4, 8, 16] and powers[-1] == 524288
+    assert all(b == 2 * a for a, b in zip(powers, powers[1:]))
+    config.stage.total_batch_tokens = 12 * T
+    planner = planning.make_planner(config, GIB, ssm_kernels=False)
+    assert planner.allowed_micro_batches(1) == [1, 2, 3, 4, 6, 12]
+    assert planner.allowed_micro_batches(2) == [1, 2, 3, 6]
+    assert planner.allowed_micro_batches(3) == [1, 2, 4]
+    with pytest.raises(UserError) as e:
+        planner.allowed_micro_batches(5)
+    assert str(e.value) == (f"stage.total_batch_tokens={12 * T} must be a positive multiple of gpu.micro_batch x "
+                            f"model.sequence_len x world_size = 1 x {T} x 5 = {5 * T}")
+
+
+def test_model_sizes_by_hand():
+    """Parameters counted by hand: d=64, 4 heads of 16 (2 KV heads: kv=32), Mamba d_inner 128 in 4 heads
+    of 32, d_state 16, 1 group, conv width 4, relu^2 MLP of 256, vocabulary 100.
+    Attention block's mixer: q and out 64*64 each, k and v 32*64 each = 12288. MLP: 2*256*64 = 32768.
+    Mamba: in_proj (2*128 + 2*16 + 4)*64 = 18688, conv (128 + 2*16)*4 + bias 160 = 800, dt_bias, A_log
+    and D 3*4, the gated norm's 128, out_proj 128*64 = 8192: 27820. Embedding and head 100*64 = 6400
+    each."""
+    from hybridchat.model.config import ModelConfig
+
+    base = dict(n_embd=64, n_head=4, n_kv_head=2, expand=2, headdim=32, d_state=16, ngroups=1, chunk_size=8,
+                sequence_len=16, mlp_ratio=4)
+    # A A M M, MLPs only after attention, norm weights (64 per norm: 4 before the mixers, 2 before the
+    # MLPs, the final one), the pointer (q and k 16*64 each, a gate of 64 + 1) and the request match (64).
+    cfg = ModelConfig(**base, n_layer=4, block_pattern="AAMM", mamba_mlp=False, norm_weights=True, pointer=True,
+                      request_match=True)
+    sizes = planning.model_sizes(cfg, 100)
+    assert sizes.params == {"embedding": 6400, "lm_head": 6400, "attention": 2 * 12288, "mamba": 2 * 27820,
+                            "mlp": 2 * 32768, "pointer": 2113, "request match": 64, "norms": 7 * 64}
+    assert sizes.total == 161177 and sizes.pattern == "AAMM"
+    # Muon's matrices: attention's 2*12288, the MLPs' 2*32768, in_proj and out_proj 2*(18688 + 8192),
+    # the pointer's q and k 2048; the autocast copies add the conv weights 2*640 and the head 6400.
+    assert sizes.matrix == 24576 + 65536 + 2 * (18688 + 8192) + 2048 == 145920
+    assert sizes.matmul == 145920 + 1280 + 6400
+    # the largest block is an attention one: 12288 + 32768 + its 2 norms; the root is the rest:
+    # embedding, head, final norm, pointer, request match
+    assert sizes.largest_block == 12288 + 32768 + 128
+    assert sizes.root == 6400 + 6400 + 64 + 2113 + 64
+    # M A with an MLP after each, tied embeddings (no head of its own: the embedding is the head's
+    # matmul), no norm weights: no entries of zero
+    cfg = ModelConfig(**base, n_layer=2, block_pattern="MA", mamba_mlp=True, tie_embeddings=True)
+    sizes = planning.model_sizes(cfg, 100)
+    assert sizes.params == {"embedding": 6400, "mamba": 27820, "attention": 12288, "mlp": 2 * 32768}
+    assert sizes.total == 6400 + 27820 + 12288 + 65536 and sizes.root == 6400
+    assert sizes.matmul == 12288 + 65536 + 18688 + 8192 + 640 + 6400
+    assert sizes.largest_block == 27820 + 32768
+
+
+def test_training_memory_counts_muon_and_one_micro_batch_by_default():
+    """Optimizer state by hand for 1000 parameters, 600 of them block matrices, on one GPU: Muon's one
+    fp32 buffer per matrix parameter and AdamW's two per other parameter, 4 * (600 + 2 * 400) = 5600
+    bytes, unless muon=False: AdamW's two on all, 8000; halved by FSDP over 2 GPUs."""
+    from hybridchat.model.config import ModelConfig
+
+    sizes = planning.Sizes(params={}, total=1000, matrix=600, matmul=0, largest_block=100, root=100, pattern="A")
+    cfg = ModelConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=2, block_pattern="A", sequence_len=16)
+    one = planning.Setup(1, "ddp", 1, False)
+    assert planning.training_memory(sizes, cfg, 100, one, False, False).optimizer == 5600
+    assert planning.training_memory(sizes, cfg, 100, one, False, False, muon=True).optimizer == 5600
+    assert planning.training_memory(sizes, cfg, 100, one, False, False, muon=False).optimizer == 8000
+    # FSDP on one GPU shards nothing and gathers nothing: weights and gradients 4 * 1000 as under DDP
+    alone = planning.training_memory(sizes, cfg, 100, planning.Setup(1, "fsdp", 1, False), False, False)
+    assert (alone.weights, alone.grads, alone.optimizer) == (4000, 4000, 5600)
+    two = planning.Setup(2, "fsdp", 1, False)
+    assert planning.training_memory(sizes, cfg, 100, two, False, False, muon=False).optimizer == 4000
+    # DDP over 2 GPUs: whole weights, optimizer state, and gradients twice (its buckets)
+    ddp = planning.training_memory(sizes, cfg, 100, planning.Setup(2, "ddp", 1, False), False, False)
+    assert (ddp.weights, ddp.grads, ddp.optimizer) == (4000, 8000, 5600)
+    # activations under bf16 autocast: this attention block 2992 bytes per token and the embedding and
+    # head 1856 (tests/test_activation_bytes_per_token_by_hand's sizes, vocabulary 100), for 3 rows of
+    # 16 tokens, and the autocast copies of the 700 matmul weights, 2 bytes each
+    copies = replace(sizes, matmul=700)
+    three = planning.Setup(1, "ddp", 3, False)
+    assert planning.training_memory(copies, cfg, 100, three, True, True).activations == (2992 + 1856) * 3 * 16 + 1400
+    # in fp32 no weight copies: the bytes per token (activation_bytes_per_token, by hand above) for 48 tokens
+    parts = planning.activation_bytes_per_token(cfg, 100, autocast=False, ssm_kernels=True)
+    assert planning.training_memory(copies, cfg, 100, three, False, True).activations == sum(parts.values()) * 48
+    # FSDP's weights: the shard (500) and, gathered at a block's copy-out, the root + max(root, block)
+    # + 2 blocks = 400
+    assert planning.training_memory(sizes, cfg, 100, two, False, False).weights == 4 * (500 + 400)
+    # FSDP's gradients: by default one micro-batch per step, the shard (500) and what is gathered at
+    # the peak, max(2 roots - a root's shard, a root + 2 blocks - a shard of each) = 200; accumulating,
+    # whole gradients and a block, 1000 + 100
+    assert planning.training_memory(sizes, cfg, 100, two, False, False).grads == 4 * (500 + 200)
+    assert planning.training_memory(sizes, cfg, 100, two, False, False, accumulating=False).grads == 2800
+    assert planning.training_memory(sizes, cfg, 100, two, False, False, accumulating=True).grads == 4 * 1100
