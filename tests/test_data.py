@@ -181,3 +181,15 @@ def test_loader_with_an_empty_split_names_it():
 
     with pytest.raises(UserError, match="the 'val' split of the data source yielded no documents"):
         next(token_batches(lambda split, epoch: iter([]), "val", CharTokenizer(), 2, 4, loop=False))
+
+
+def test_one_pass_ending_exactly_on_a_whole_batch_keeps_its_last_row():
+    from hybridchat.data.loader import token_batches
+
+    # 2 documents of 5 characters: 12 tokens with their <|bos|>, exactly 2 rows of seq_len + 1 = 6,
+    # one batch of 2 rows; the stream ends with the buffer holding exactly the last row
+    docs = ["abcde", "fghij"]
+    once = list(token_batches(lambda split, epoch: iter(docs), "train", CharTokenizer(), 2, 5, loop=False))
+    assert len(once) == 1
+    assert once[0]["inputs"].tolist() == [[0, 97, 98, 99, 100], [0, 102, 103, 104, 105]]
+    assert once[0]["targets"].tolist() == [[97, 98, 99, 100, 101], [102, 103, 104, 105, 106]]

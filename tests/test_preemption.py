@@ -281,6 +281,27 @@ def test_ranks_agree_on_the_largest_signal_any_of_them_received(tmp_path, signum
     assert in_ranks(_agree, 2, tmp_path / "init", signums) == {0: max(signums), 1: max(signums)}
 
 
+def test_ranks_agree_on_a_tensor_on_the_given_device_whatever_torchs_default(monkeypatch):
+    """The reduced flag lives on the device the process group reduces on (a CUDA tensor for NCCL), not on
+    torch's default device: under a meta default device, a CPU device still gives the reduced value."""
+    import torch.distributed as dist
+
+    from hybridchat.infra.preemption import StopFlag
+
+    seen = []
+
+    def all_reduce(t, op):  # a stand-in group: another rank received SIGTERM (15)
+        seen.append((t.device.type, op))
+        t.fill_(15)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    flag = StopFlag()
+    flag.signum = signal.SIGUSR1
+    with torch.device("meta"):
+        assert flag.agreed(True, torch.device("cpu")) == 15
+    assert seen == [("cpu", dist.ReduceOp.MAX)]
+
+
 @pytest.fixture
 def fake_scontrol(tmp_path, monkeypatch):
     """An `scontrol` first on PATH that records its arguments (exit status and stderr settable)."""
