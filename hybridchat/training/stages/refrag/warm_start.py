@@ -148,10 +148,10 @@ class WarmStart:
             rng = python_rng(self.seed, EXAMPLES, "2-hop", epoch, i)
             return renderer.render(self.trace_messages(self.hops[i], rng))
         k = i - len(self.hops)
-        rng = python_rng(self.seed, EXAMPLES, "bridge", epoch, k)
-        if self.bridges and rng.random() < self.config.bridge_questions:
-            bridge = self.bridges[(k + epoch * self.n_single) % len(self.bridges)]
-            return self.rag.example(bridge, rng)
+        if self.bridges:
+            rng = python_rng(self.seed, EXAMPLES, "bridge", epoch, k)
+            if rng.random() < self.config.bridge_questions:
+                return self.rag.example(self.bridges[(k + epoch * self.n_single) % len(self.bridges)], rng)
         questions = self.rag.train_questions
         j = (k + epoch * self.n_single) % len(questions)
         rng = python_rng(self.seed, EXAMPLES, "needless-query", epoch, j)
