@@ -4,6 +4,7 @@
     python -m hybridchat.evaluate -m retriever=bm25,dense,hybrid
     python -m hybridchat.evaluate retriever.kb_dir=kb/ questions=q.jsonl   # your documents and questions
     python -m hybridchat.evaluate hops=2                   # 2-hop questions, the run's refrag checkpoint
+    python -m hybridchat.evaluate hops=3                   # 3-hop questions, which no stage trains on
     python -m hybridchat.evaluate calibrate=true questions=val.jsonl   # store an abstention threshold instead
 
 A Hydra app sharing the training config groups (conf/eval.yaml). Conditions, each on the same
@@ -23,7 +24,10 @@ order) the questions are 2-hop and the conditions are: closed-book; single-shot 
 a query the model writes is refused); rule-based bridge queries (hybridchat/rag/multihop.py
 BridgeQueries, written for the model); REFRAG (the model writes its own queries); both gold
 documents in context. Each reports EM, F1, hallucination, both gold documents shown, retrievals per
-question and seconds per answer, with bootstrap intervals, and example traces.
+question and seconds per answer, with bootstrap intervals, and example traces. hops=3 asks 3-hop
+questions (a person's link, then a 2-hop path; no stage trains on them: does a model taught one
+follow-up query chain two?) under the same conditions, with max_hops raised to 3 where the checkpoint
+was trained with fewer: its follow-up hops then share the context one follow-up had in training.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from hybridchat.rag.abstention import Calibration, calibrate, gold_missing_copie
 from hybridchat.rag.answer import RANK_ORDER, Answerer, RankOrderReader, score
 from hybridchat.rag.coverage import Coverage
 from hybridchat.rag.multihop import BridgeQueries, ModelQueries, MultiHop, NoQueries, QueryGenerator, Search
-from hybridchat.rag.report import ANSWERABLE_RATES, COLUMNS, HOP_COLUMNS, HOP_RATES, markdown, plot, summarize
+from hybridchat.rag.report import ANSWERABLE_RATES, HOP_RATES, columns_for, markdown, plot, summarize
 from hybridchat.retrieval.knowledge_base import KnowledgeBase
 from hybridchat.training.runs import CHECKPOINT, Run, RunReaderConfig, load_run, reading_setting, threshold_setting
 from hybridchat.training.stages import answering_stage, stage_schemas
@@ -69,6 +73,7 @@ log = logging.getLogger("hybridchat")
 ANSWERS = "answers"  # a condition's every reply, written to answers.jsonl rather than eval.json
 HOP_SETTINGS = ("max_hops", "hop_documents", "max_query_tokens", "hop_tokens")
 SINGLE_HOP = "single-hop questions (model-written queries)"  # hops=2 on the world: the checkpoint's other questions
+MAX_HOPS = 3  # the world's longest questions (hops=3: the evaluator's alone)
 
 
 @dataclass
@@ -95,7 +100,7 @@ class EvalConfig(RunReaderConfig):
     # Other run names, e.g. [transformer_tiny, mamba_tiny]: their checkpoints of the same stage join the
     # context budget.
     compare: list[str] = field(default_factory=list)
-    hops: int = 1                              # 2: 2-hop questions and the multi-hop conditions
+    hops: int = 1                              # 2 or 3: multi-hop questions and conditions (3: never trained on)
     # Multi-hop settings; None: the evaluated checkpoint's stage values (refrag), else the multi-hop stage's defaults.
     max_hops: Optional[int] = None             # retrievals per question, the question's own included
     hop_documents: Optional[int] = None        # documents retrieved per follow-up query
@@ -138,13 +143,15 @@ def sample_questions(items: list[Question], n: int, seed: int) -> list[Question]
     return [q for i, q in enumerate(items) if i in chosen]
 
 
-def two_hop_questions(world: World, n: int, n_unanswerable: int, seed: int) -> list[Question]:
-    """n held-out 2-hop questions, then up to n_unanswerable 2-hop questions about made-up people
-    (the held-out fifth of them): the first hop finds no one, so there is no bridge to follow."""
-    heldout = world.questions("heldout", 2)
+def multi_hop_questions(world: World, hops: int, n: int, n_unanswerable: int, seed: int) -> list[Question]:
+    """n held-out questions of `hops` hops, then up to n_unanswerable of as many hops about made-up
+    people (the held-out fifth of them): the first hop finds no one, so there is no bridge to follow."""
+    heldout = world.questions("heldout", hops)
     if not heldout:
         raise UserError("the checkpoint's world has no held-out people (world.heldout_fraction=0): nothing to evaluate")
-    picked = python_rng(seed, EVALUATION, "2-hop-heldout").sample(heldout, min(n, len(heldout)))
+    picked = python_rng(seed, EVALUATION, f"{hops}-hop-heldout").sample(heldout, min(n, len(heldout)))
+    if hops == 3:
+        return picked + world.unanswerable_three_hop(min(n_unanswerable, world.unanswerable_capacity() // 5))
     limit, asked = world.unanswerable_capacity() // 5, 4 * n_unanswerable  # about a third of them are 2-hop
     while True:
         made_up = [q for q in world.unanswerable_split("heldout", min(asked, limit)) if q.hops == 2]
@@ -179,10 +186,24 @@ def warm_start(cfg: EvalConfig, evaluated: Run) -> Path | None:
 
 def hop_settings(cfg: EvalConfig, evaluated: Run) -> dict[str, int]:
     """max_hops & co.: as given, else as the checkpoint's stage was trained, else the multi-hop stage's
-    defaults."""
+    defaults; max_hops at least the questions' hops (cfg.hops). Where that raises max_hops past the
+    trained value and hop_tokens is not given, the follow-up hops share the room the trained ones had:
+    the first hop's documents keep theirs."""
     defaults = answering_stage(2).config_class
-    return {k: getattr(cfg, k) if getattr(cfg, k) is not None else getattr(evaluated.stage, k, getattr(defaults, k))
-            for k in HOP_SETTINGS}
+    trained = {k: getattr(evaluated.stage, k, getattr(defaults, k)) for k in HOP_SETTINGS}
+    given = {k: getattr(cfg, k) for k in HOP_SETTINGS if getattr(cfg, k) is not None}
+    settings = {**trained, **given}
+    if "max_hops" not in given and cfg.hops > trained["max_hops"]:
+        settings["max_hops"] = cfg.hops
+        if "hop_tokens" not in given:
+            follow_ups = trained["max_hops"] - 1
+            settings["hop_tokens"] = (follow_ups * (trained["max_query_tokens"] + 2 + trained["hop_tokens"])
+                                      // (cfg.hops - 1) - settings["max_query_tokens"] - 2)
+            if settings["hop_tokens"] < 1:
+                raise UserError(f"hops={cfg.hops}: the checkpoint's follow-up room ({trained['hop_tokens']} tokens "
+                                f"for one hop) leaves no documents for {cfg.hops - 1}; give hop_tokens= (a number "
+                                "of tokens per follow-up hop) or max_hops=")
+    return settings
 
 
 def gold_documents(kb_documents: list[Document], items: list[Question]) -> list[list[Document]]:
@@ -238,7 +259,7 @@ class Prepared:
     evaluated, the retriever and its documents for each question."""
     cfg: EvalConfig
     items: list[Question]
-    two_hop: bool
+    multi_hop: bool
     stage: str
     evaluated: Run
     kb: KnowledgeBase
@@ -268,7 +289,7 @@ class Prepared:
         the follow-ups; None: one shot), else one reply, its documents read as cfg.reading says."""
         cfg, settings = self.cfg, self.settings
         tokenizer, seq_len = self.evaluated.tokenizer, self.evaluated.config.model.sequence_len
-        if self.two_hop and documents:
+        if self.multi_hop and documents:
             return MultiHop(model, tokenizer, Search(self.retriever, settings["hop_documents"]), seq_len,
                             # one shot: the whole context for the first documents, no query followed
                             queries or NoQueries(), settings["max_hops"] if queries else 1,
@@ -314,8 +335,8 @@ def retrieve(retriever, items: list[Question], top_k: int) -> list[list[Document
 
 def prepare(cfg: EvalConfig, mine: list[Question] | None = None) -> Prepared:
     """mine: the questions to answer (None: questions=FILE's, or the world's)."""
-    if cfg.hops not in (1, 2):
-        raise UserError(f"hops={cfg.hops} must be 1 or 2")
+    if cfg.hops not in range(1, MAX_HOPS + 1):
+        raise UserError(f"hops={cfg.hops} must be 1, 2 or {MAX_HOPS}")
     if cfg.n_questions < 1 or cfg.n_unanswerable < 0:
         raise UserError(f"n_questions={cfg.n_questions} must be >= 1 and n_unanswerable={cfg.n_unanswerable} >= 0")
     threshold_setting(cfg.abstain_threshold)
@@ -328,29 +349,29 @@ def prepare(cfg: EvalConfig, mine: list[Question] | None = None) -> Prepared:
     if mine is not None and cfg.sample is not None:
         mine = sample_questions(mine, cfg.sample, cfg.seed)
     answerable = [i for i in mine or () if i.answers]
-    two_hop = cfg.hops == 2 or (bool(answerable) and all(is_multi_hop(i) for i in answerable))
-    if two_hop and cfg.reading == RANK_ORDER:
+    multi_hop = cfg.hops >= 2 or (bool(answerable) and all(is_multi_hop(i) for i in answerable))
+    if multi_hop and cfg.reading == RANK_ORDER:
         raise UserError(f"reading={RANK_ORDER} answers from one document read alone; 2-hop questions need two "
                         "read together (multi-hop): leave reading at together")
-    stage = cfg.checkpoint_stage or answering_stage(2 if two_hop else 1).name
+    stage = cfg.checkpoint_stage or answering_stage(2 if multi_hop else 1).name
     evaluated = load(cfg, cfg.run_name, stage, cfg.step)
     if mine is not None:
         items = mine
-    elif two_hop:
-        items = two_hop_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed)
+    elif multi_hop:
+        items = multi_hop_questions(evaluated.world, max(cfg.hops, 2), cfg.n_questions, cfg.n_unanswerable, cfg.seed)
     else:
         items = world_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed)
     if cfg.retriever.kind == "none":
         raise UserError("evaluate needs a retriever for the RAG condition: retriever=bm25|dense|hybrid|simple")
     kb = evaluated.knowledge_base(cfg.retriever, cfg.paths.cache)
     retriever = kb.retriever(cfg.retriever)
-    return Prepared(cfg, items, two_hop, stage, evaluated, kb, retriever, retrieve(retriever, items, cfg.retriever.top_k),
+    return Prepared(cfg, items, multi_hop, stage, evaluated, kb, retriever, retrieve(retriever, items, cfg.retriever.top_k),
                     hop_settings(cfg, evaluated))
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     prepared = prepare(cfg)
-    items, two_hop, stage, evaluated = prepared.items, prepared.two_hop, prepared.stage, prepared.evaluated
+    items, multi_hop, stage, evaluated = prepared.items, prepared.multi_hop, prepared.stage, prepared.evaluated
     retrieved = prepared.retrieved
 
     def run(condition: str, answer_run: Run, docs, subset=lambda item: True, queries=None,
@@ -369,7 +390,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     "cited": [d.id for d in a.cited], "dropped": a.dropped,
                     "hops": [{"query": h.query, "documents": [d.id for d in h.documents], "status": h.status}
                              for h in a.hops], **read_record(a)} for a, i in zip(answers, chosen)]
-        summary = summarize(scores, cfg.bootstrap, cfg.seed, HOP_RATES if two_hop else ANSWERABLE_RATES)
+        summary = summarize(scores, cfg.bootstrap, cfg.seed, HOP_RATES if multi_hop else ANSWERABLE_RATES)
         # Every question's reply goes to answers.jsonl (evaluate's run dir), the first five to eval.json.
         answered = [{"condition": condition, **r, "confidence": a.confidence, "abstained": a.abstained,
                      "below_threshold": a.below_threshold, "over_abstention": a.over_abstention, "em": s["em"]}
@@ -391,7 +412,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     conditions.append(run(f"closed-book ({closed_name} model)", closed_run, None))
     primary = 1  # the row logged to wandb and returned to a sweep: RAG, or REFRAG for 2-hop questions
     conditions.append(run(f"RAG, {cfg.retriever.kind} top-{cfg.retriever.top_k}", evaluated, retrieved))
-    if two_hop:
+    if multi_hop:
         conditions.append(run("rule-based bridge queries", evaluated, retrieved, queries=BridgeQueries()))
         warm = warm_start(cfg, evaluated)
         if warm is not None:
@@ -407,20 +428,20 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if any(i.gold_doc_ids for i in items):
         conditions.append(run("gold documents", evaluated, gold_documents(prepared.kb.documents, items),
                               lambda item: bool(item.gold_doc_ids)))
-    if two_hop and cfg.questions is None:
+    if cfg.hops == 2 and cfg.questions is None:
         # The one checkpoint a user talks to also gets single-hop questions: answered at once where
         # the first documents hold the answer (retrievals per question 1).
         single = world_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed)
         conditions.append(run(SINGLE_HOP, evaluated, retrieve(prepared.retriever, single, cfg.retriever.top_k),
                               queries=ModelQueries(), asked=single))
     others = {name: load(cfg, name, stage) for name in cfg.compare}
-    budget = [] if two_hop else context_budget(cfg, {cfg.run_name: evaluated, **others}, items, prepared.retriever,
+    budget = [] if multi_hop else context_budget(cfg, {cfg.run_name: evaluated, **others}, items, prepared.retriever,
                                                prepared.decision)
     return {"run_name": cfg.run_name, "stage": stage, "checkpoint": evaluated.meta.get("step"), "seed": cfg.seed,
             "retriever": cfg.retriever.kind, "top_k": cfg.retriever.top_k,
             "sequence_len": evaluated.config.model.sequence_len,
             "answerable": sum(bool(i.answers) for i in items), "unanswerable": sum(not i.answers for i in items),
-            "hops": 2 if two_hop else 1, **({"multihop": prepared.settings} if two_hop else {}),
+            "hops": max(cfg.hops, 2) if multi_hop else 1, **({"multihop": prepared.settings} if multi_hop else {}),
             "abstain_threshold": threshold_report(cfg, evaluated),
             **({"reading": cfg.reading} if cfg.reading == RANK_ORDER else {}),
             "primary": primary, "conditions": conditions, "context_budget": budget}
@@ -467,7 +488,7 @@ def calibrate_checkpoint(cfg: EvalConfig) -> tuple[Path, Calibration]:
     if not any(i.answers for i in prepared.items):
         raise UserError(f"{chosen_on} holds no answerable question to choose a threshold on")
     items, retrieved = list(prepared.items), list(prepared.retrieved)
-    if not prepared.two_hop:  # multi-hop: a copy's own queries could retrieve the very documents it lacks
+    if not prepared.multi_hop:  # multi-hop: a copy's own queries could retrieve the very documents it lacks
         def search(queries: list[str], depth: int) -> list[list[Document]]:
             return [[h.document for h in row] for row in prepared.retriever.search(queries, top_k=depth)]
 
@@ -475,7 +496,7 @@ def calibrate_checkpoint(cfg: EvalConfig) -> tuple[Path, Calibration]:
         items, retrieved = items + copies, retrieved + [list(q.candidates) for q in copies]
         chosen_on += f", with gold-missing copies of its {len(copies)} answerable questions"
     ask = prepared.asker(prepared.evaluated.model, {"threshold": None},
-                         queries=ModelQueries() if prepared.two_hop else None)
+                         queries=ModelQueries() if prepared.multi_hop else None)
     answers = ask([i.question for i in items], retrieved)
     scores = [score(a, i.answers, i.gold_doc_ids) for a, i in zip(answers, items)]
     chosen_on += f", reading={RANK_ORDER}" if cfg.reading == RANK_ORDER else ""
@@ -512,7 +533,7 @@ def run(cfg: DictConfig) -> float:
     tracker = Tracker(out, config.logger, OmegaConf.to_container(cfg, resolve=True), job_type="eval",
                       name=f"{config.run_name}-eval")
     rag = report["conditions"][report["primary"]]
-    columns = HOP_COLUMNS if report["hops"] == 2 else COLUMNS
+    columns = columns_for(report["hops"])
     tracker.log(0, **{f"eval/{key}": rag[key][0] for key, _ in columns if key in rag})
     tracker.finish()
     print(table + f"\nreport: {out / 'eval.md'}\njson:   {out / 'eval.json'}\nplot:   {out / 'eval.png'}")

@@ -494,14 +494,18 @@ def test_grpo_steps_run_under_torchrun(smoke_checkpoints, tmp_path, strategy):
     assert checkpoint.latest(tmp_path / "checkpoints" / "p" / "refrag").name == "step_000002"
 
 
+def evaluated(out, run_dir, *args) -> dict:
+    """evaluate's eval.json for run p of `out` with args, written to run_dir."""
+    result = test_rag.cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=p", *args, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "eval.json").read_text())
+
+
 def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, tmp_path):
     from hybridchat.data.world import World, WorldConfig
 
     out, _ = refrag_run
-    result = test_rag.cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=p", "hops=2",
-                          "n_questions=6", "n_unanswerable=4", "bootstrap=50", f"hydra.run.dir={tmp_path}/eval")
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    report = evaluated(out, tmp_path / "eval", "hops=2", "n_questions=6", "n_unanswerable=4", "bootstrap=50")
     # the run ended with GRPO steps: its warm start's end is a condition of its own, before the end of RL
     assert [c["condition"] for c in report["conditions"]] == [
         "closed-book (mid model)", "RAG, bm25 top-3", "rule-based bridge queries",
@@ -543,6 +547,53 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
     assert mine["hops"] == 2 and len(mine["conditions"]) == 5 and mine["answerable"] == 4 and mine["stage"] == "rag"
     assert mine["conditions"][mine["primary"]]["condition"] == "REFRAG (model-written queries)"
 
+
+def test_three_hop_evaluation_raises_max_hops_and_splits_the_follow_up_room_by_hand():
+    """hops=3 asks one more retrieval than a 2-hop checkpoint was trained with: the two follow-ups
+    share the room its one follow-up had (query + documents), so the first hop's documents keep theirs."""
+    from types import SimpleNamespace
+
+    from hybridchat.core.errors import UserError
+    from hybridchat.evaluate import EvalConfig, hop_settings
+
+    trained = SimpleNamespace(stage=SimpleNamespace(max_hops=2, hop_documents=2, max_query_tokens=16, hop_tokens=256))
+    assert hop_settings(EvalConfig(hops=2), trained) == {"max_hops": 2, "hop_documents": 2, "max_query_tokens": 16,
+                                                         "hop_tokens": 256}
+    # one follow-up had 16 + 2 + 256 = 274 tokens; two get 137 each, 18 of them the query and its markers
+    assert hop_settings(EvalConfig(hops=3), trained) == {"max_hops": 3, "hop_documents": 2, "max_query_tokens": 16,
+                                                         "hop_tokens": 119}
+    assert hop_settings(EvalConfig(hops=3, max_query_tokens=8), trained)["hop_tokens"] == 127
+    assert hop_settings(EvalConfig(hops=3, hop_tokens=200), trained)["hop_tokens"] == 200  # as given
+    assert hop_settings(EvalConfig(hops=3, max_hops=2), trained)["max_hops"] == 2
+    tight = SimpleNamespace(stage=SimpleNamespace(max_hops=2, hop_documents=1, max_query_tokens=16, hop_tokens=10))
+    with pytest.raises(UserError, match="hop_tokens="):
+        hop_settings(EvalConfig(hops=3), tight)
+
+
+def test_evaluate_three_hop_questions_no_stage_trained_on(refrag_run, tmp_path):
+    from hybridchat.data.world import World, WorldConfig
+
+    out, _ = refrag_run
+    report = evaluated(out, tmp_path / "eval", "hops=3", "n_questions=4", "n_unanswerable=3", "bootstrap=20")
+    # REFRAG's settings (stage.hop_tokens=160): two follow-ups in the room of one, (18 + 160) // 2 - 18 tokens each
+    assert report["hops"] == 3 and report["multihop"]["max_hops"] == 3 and report["multihop"]["hop_tokens"] == 71
+    names = [c["condition"] for c in report["conditions"]]
+    assert names[-1] == "gold documents" and "single-hop questions (model-written queries)" not in names
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    gold = [a for a in answers if a["condition"] == "gold documents"]
+    # all three gold documents, in hop order, as far as the smoke model's 512 tokens hold them
+    world = World.generate(WorldConfig(n_people=60))
+    hop_order = {q.id: list(q.gold_doc_ids) for q in world.questions("heldout", 3)}
+    assert len(gold) == 4 and all(hop_order[a["id"]][:len(a["hops"][0]["documents"])] == a["hops"][0]["documents"]
+                                  for a in gold)
+    assert sum(len(a["hops"][0]["documents"]) == 3 for a in gold) >= 2
+    refrag = [a for a in answers if a["condition"] == report["conditions"][report["primary"]]["condition"]]
+    assert len(refrag) == 7 and all(len(a["hops"]) <= 3 for a in refrag)
+    assert report["answerable"] == 4 and report["unanswerable"] == 3
+    table = (tmp_path / "eval" / "eval.md").read_text()
+    assert "4 3-hop held-out questions" in table and "| all 3 gold documents shown |" in table
+    refused = test_rag.cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=p", "hops=4")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == "error: hops=4 must be 1, 2 or 3"
 
 def test_refrag_chooses_its_abstention_threshold_on_2_hop_validation_questions(smoke_checkpoints, monkeypatch):
     """Answered multi-hop, as the refrag checkpoint answers 2-hop questions; never the held-out ones."""
@@ -710,10 +761,10 @@ def test_the_policy_loss_counts_only_written_tokens_and_matches_a_hand_sum():
 
 def test_two_hop_evaluation_asks_two_hop_questions_about_made_up_people_too():
     from hybridchat.data.world import World, WorldConfig
-    from hybridchat.evaluate import two_hop_questions
+    from hybridchat.evaluate import multi_hop_questions
 
     world = World.generate(WorldConfig(n_people=60))
-    items = two_hop_questions(world, 5, 7, seed=0)
+    items = multi_hop_questions(world, 2, 5, 7, seed=0)
     answerable, made_up = items[:5], items[5:]
     assert all(len(i.gold_doc_ids) == 2 and i.answers for i in answerable)
     hops = {q.question: q.hops for q in world.unanswerable_questions(world.unanswerable_capacity())}

@@ -9,7 +9,7 @@ import pytest
 
 from hybridchat.core.errors import UserError
 from hybridchat.core.questions import Question
-from hybridchat.data.world import PHRASINGS, World, WorldConfig
+from hybridchat.data.world import PHRASINGS, World, WorldConfig, _template_words
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,48 @@ def test_relations_are_consistent(world):
         assert int(person.facts["joined"]) <= 2024 and int(person.facts["graduated"]) <= 2024
 
 
+def test_three_hop_questions_chain_three_documents_and_no_stage_sees_them(world):
+    """evaluate hops=3's questions: each hop's document names the next one's entity, the answer is in
+    the third, and neither the questions nor their phrasings are in anything a stage trains on."""
+    docs = {d.id: d for d in world.documents()}
+    questions = world.questions("heldout", 3)
+    assert len({q.id.split("/")[1] for q in questions}) == 6 and world.questions("heldout", 3) == questions
+    for q in questions:
+        assert q.hops == 3 and len(set(q.gold_doc_ids)) == 3 and q.answers, q
+        first, second, third = (docs[g] for g in q.gold_doc_ids)
+        assert first.title in q.question and first.metadata["split"] == "heldout"
+        assert second.title in first.text and third.title in second.text, q
+        assert third.title not in q.question and all(a in third.text for a in q.answers), q
+    trained = {q.question for q in _all_questions(world)}
+    trained |= {turn["content"] for split in ("train", "heldout") for chat in world.conversations(split) for turn in chat}
+    trained |= {q.question for q in world.unanswerable_questions(world.unanswerable_capacity())}
+    texts = "\n".join(world.pretraining_texts("train"))
+    for q in questions[:50] + world.questions("train", 3)[:50]:
+        assert q.question not in trained and q.question not in texts, q
+    # their words are the fixed vocabulary's already: adding them renamed no entity
+    words = {w.lower() for q in questions for w in re.findall(r"[A-Za-z]+", q.question.replace(q.gold_doc_ids and
+                                                                                            docs[q.gold_doc_ids[0]].title, ""))}
+    assert words <= _template_words()
+
+
+def test_three_hop_made_up_people_are_the_evaluations_own(world):
+    """The 3-hop questions about made-up people ask about the held-out fifth, never a name the rag
+    stage's unanswerable questions (the other four fifths) train on."""
+    n = 40
+    three = world.unanswerable_three_hop(n)
+    assert len(three) == n and all(q.hops == 3 and not q.answers and not q.gold_doc_ids for q in three)
+    first_names = {e.name.split()[0] for e in world.entities if e.kind == "person"}
+
+    def made_up(q: Question) -> str:
+        (found,) = [m for m in re.findall(r"\b[A-Z][a-z]+ [A-Z][a-z]+\b", q.question) if m.split()[0] in first_names]
+        return found
+    heldout_names = [made_up(q) for q in world.unanswerable_split("heldout", n)]
+    assert [made_up(q) for q in three] == heldout_names
+    train_text = "\n".join(q.question for q in world.unanswerable_split("train", 4 * n))
+    assert not any(n_ in train_text for n_ in heldout_names)
+    assert world.unanswerable_three_hop(n) == three
+
+
 # ------------------------------------------------------------------------------------------------
 # Unanswerable questions
 
@@ -307,7 +349,7 @@ def test_bad_arguments(world):
     with pytest.raises(UserError, match="split"):
         world.questions("val", 1)
     with pytest.raises(UserError, match="hops"):
-        world.questions("train", 3)
+        world.questions("train", 4)
     with pytest.raises(UserError, match="split"):
         world.conversations("test")
 

@@ -452,6 +452,34 @@ _RELATIONS: dict[str, tuple[_Relation, ...]] = {
 }
 
 
+# 3-hop questions, asked only by the evaluator (`evaluate hops=3`): no stage trains on them or on
+# their phrasings, so they measure whether a model that learned one follow-up query chains two. Each
+# follows a person's link, then a 2-hop path the world's other entities are asked about in training.
+# Every word of them is already in _template_words(): names avoid them without any name changing.
+_THREE_HOP: dict[str, tuple[_Relation, ...]] = {
+    "person": (
+        _Relation("residence_country_capital", ("current_city", "country", "capital"),
+                  ("What is the capital of the country where {name} lives?",
+                   "Which city is the capital of the country {name} lives in?")),
+        _Relation("residence_country_currency", ("current_city", "country", "currency"),
+                  ("What currency is used in the country where {name} lives?",
+                   "Which currency do people pay with in the country {name} lives in?")),
+        _Relation("birth_country_language", ("birth_city", "country", "language"),
+                  ("What language is spoken in the country where {name} was born?",
+                   "What is the official language of the country {name} was born in?")),
+        _Relation("employer_headquarters_country", ("employer", "headquarters", "country"),
+                  ("In which country is the company {name} works for headquartered?",
+                   "Which country are the headquarters of the company that employs {name} in?")),
+        _Relation("employer_founder_birth_city", ("employer", "founder", "birth_city"),
+                  ("Where was the founder of the company {name} works for born?",
+                   "In which city was the person who founded the company that employs {name} born?")),
+        _Relation("university_country", ("university", "city", "country"),
+                  ("In which country did {name} go to university?",
+                   "In which country is the university that {name} attended?")),
+    ),
+}
+
+
 _PRACTICE_FACT_GROUPS = (("birth_date", "birth_year"), ("birth_city",), ("current_city",),
                          ("employer", "joined", "profession"), ("university", "field", "graduated"), ("hobby",))
 
@@ -655,13 +683,15 @@ class World:
     # Questions and conversations
 
     def questions(self, split: str, hops: int) -> list[Question]:
-        """One question per (entity of the split, relation with that many hops)."""
+        """One question per (entity of the split, relation with that many hops). 3 hops: the
+        evaluator's alone (_THREE_HOP)."""
         _check_choice("split", split, ("train", "heldout"))
-        _check_choice("hops", hops, (1, 2))
+        _check_choice("hops", hops, (1, 2, 3))
         rng = random.Random(f"{self.config.seed}/questions/{split}/{hops}")
+        relations = _THREE_HOP if hops == 3 else _RELATIONS
         out = []
         for e in self._split_entities(split):
-            for rel in _RELATIONS[e.kind]:
+            for rel in relations.get(e.kind, ()):
                 if rel.hops != hops:
                     continue
                 chain, answer = self._follow(e, rel.path)
@@ -695,6 +725,23 @@ class World:
         by how they look; only knowing who exists lets it abstain. Since every name word is unique
         to one entity, an unused "First Last" pair appears in no document.
         """
+        return [q for _, q in self._made_up(n)]
+
+    def unanswerable_three_hop(self, n: int) -> list[Question]:
+        """Up to n 3-hop questions (the evaluator's, _THREE_HOP) about the made-up people of
+        unanswerable_split("heldout", n): the same people, so no name a stage trained on is asked."""
+        limit = self.unanswerable_capacity()
+        pool = self._made_up(min(5 * n, limit - limit % 5))
+        rng = random.Random(f"{self.config.seed}/unanswerable/3-hop")
+        out = []
+        for name, _ in pool[::5]:
+            rel = rng.choice(_THREE_HOP["person"])
+            out.append(Question(id=f"unanswerable-3-hop-{len(out):05d}", question=rng.choice(rel.questions).format(name=name),
+                                answers=(), gold_doc_ids=(), hops=3, split="unanswerable"))
+        return out[:n]
+
+    def _made_up(self, n: int) -> list[tuple[str, Question]]:
+        """n made-up people in generation order, each with the question unanswerable_questions asks."""
         people = [e for e in self.entities if e.kind == "person"]
         firsts = list(dict.fromkeys(e.name.split(" ")[0] for e in people))
         lasts = list(dict.fromkeys(e.name.split(" ")[1] for e in people))
@@ -715,8 +762,8 @@ class World:
             # Borrow a real person's facts for questions that name one ("... join <company>?").
             facts = rng.choice(people).facts
             question = rng.choice(rel.questions).format(**{**facts, "name": name})
-            out.append(Question(id=f"unanswerable-{len(out):05d}", question=question, answers=(),
-                                gold_doc_ids=(), hops=rel.hops, split="unanswerable"))
+            out.append((name, Question(id=f"unanswerable-{len(out):05d}", question=question, answers=(),
+                                       gold_doc_ids=(), hops=rel.hops, split="unanswerable")))
         return out
 
     def evaluation_questions(self, n_answerable: int, n_unanswerable: int, seed: int = 0) -> list[Question]:

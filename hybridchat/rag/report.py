@@ -20,6 +20,14 @@ HOP_COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), (
                ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
 
 
+def columns_for(hops: int) -> tuple[tuple[str, str], ...]:
+    """The table's (key, title) columns for questions of `hops` hops."""
+    if hops < 2:
+        return COLUMNS
+    gold = "both gold documents shown" if hops == 2 else f"all {hops} gold documents shown"
+    return tuple((key, gold if key == "all_gold_in_context" else title) for key, title in HOP_COLUMNS)
+
+
 def summarize(scores: list[dict], n_resamples: int, seed: int, rates: tuple[str, ...] = ANSWERABLE_RATES
               ) -> dict[str, Any]:
     """Mean and 95% interval of every rate (answerable and unanswerable questions apart), and the
@@ -70,9 +78,9 @@ def threshold_lines(used: dict[str, Any] | None) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    two_hop = report.get("hops") == 2
-    columns = HOP_COLUMNS if two_hop else COLUMNS
-    kind = "2-hop" if two_hop else "answerable"
+    hops = report.get("hops", 1)
+    columns = columns_for(hops)
+    kind = f"{hops}-hop" if hops >= 2 else "answerable"
     lines = [f"# Evaluation: {report['run_name']} / {report['stage']} (step {report['checkpoint']})", "",
              f"{report['answerable']} {kind} held-out questions, {report['unanswerable']} unanswerable; "
              f"retriever {report['retriever']} top-{report['top_k']}; 95% bootstrap intervals; seed "
@@ -84,11 +92,12 @@ def markdown(report: dict[str, Any]) -> str:
              "| condition | " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for c in report["conditions"]:
         lines.append(f"| {c['condition']} | " + " | ".join(_fmt(c.get(k)) for k, _ in columns) + " |")
-    if two_hop:
+    if hops >= 2:
+        shown = ("Both gold documents shown: the first hop's and the answer's document" if hops == 2 else
+                 f"All {hops} gold documents shown: every hop's document, the answer's included,")
         lines += ["", f"Multi-hop settings: {report['multihop']}. Retrievals per question: 0 closed-book, 1 "
-                  "single-shot, one more per followed query. Both gold documents shown: the first hop's and the "
-                  "answer's document among all the documents the model was shown. Hallucination: answered, not "
-                  "abstained, and wrong.", "", "## Example traces", ""]
+                  f"single-shot, one more per followed query. {shown} among all the documents the model was shown. "
+                  "Hallucination: answered, not abstained, and wrong.", "", "## Example traces", ""]
         for c in report["conditions"][1:report["primary"] + 1]:
             for e in c["examples"][:2]:
                 hops = " -> ".join([str(e["hops"][0]["documents"])] + [

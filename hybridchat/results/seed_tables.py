@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from hybridchat.core.errors import UserError
 from hybridchat.core.metrics import t_interval
-from hybridchat.rag.report import COLUMNS, HOP_COLUMNS
+from hybridchat.rag.report import columns_for
 
 # Rates live in [0, 1] and their intervals are clipped there; these counts and times are not rates.
 UNBOUNDED = ("hops", "seconds")
@@ -70,7 +70,7 @@ def _mean(cell: Any) -> float | None:
 
 
 def conditions_table(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    columns = HOP_COLUMNS if reports[0].get("hops") == 2 else COLUMNS
+    columns = columns_for(reports[0].get("hops", 1))
     present = [(key, title) for key, title in columns
                if any(_mean(c.get(key)) is not None for r in reports for c in r["conditions"])]
     rows, per_seed = [], {}
