@@ -592,6 +592,8 @@ def test_evaluate_three_hop_questions_no_stage_trained_on(refrag_run, tmp_path):
     assert report["answerable"] == 4 and report["unanswerable"] == 3
     table = (tmp_path / "eval" / "eval.md").read_text()
     assert "4 3-hop held-out questions" in table and "| all 3 gold documents shown |" in table
+    # malformed replies: each condition's share of replies whose queries or answer were not well-formed
+    assert "| malformed replies |" in table and all(0 <= c["malformed"][0] <= 1 for c in report["conditions"])
     refused = test_rag.cli("hybridchat.evaluate", f"paths.outputs={out}", "run_name=p", "hops=4")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == "error: hops=4 must be 1, 2 or 3"
 

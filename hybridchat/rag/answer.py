@@ -410,6 +410,7 @@ def score(answer: Answer, answers: Sequence[str], gold_doc_ids: Sequence[str] = 
         "all_gold_in_context": (float(gold <= {d.parent_id for d in answer.documents})
                                 if gold and not answer.closed_book else None),
         "hops": float(answer.n_hops),
+        "malformed": float(not answer.format_ok),
         "seconds": answer.seconds,
         "confidence": answer.confidence,
     }

@@ -13,10 +13,10 @@ COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("fal
            ("citation", "citation"), ("gold_in_context", "gold in context"),
            ("abstain_unanswerable", "abstains (unanswerable)"),
            ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
-HOP_RATES = ("em", "f1", "hallucination", "false_abstention", "all_gold_in_context", "hops", "seconds")
+HOP_RATES = ("em", "f1", "hallucination", "false_abstention", "all_gold_in_context", "hops", "malformed", "seconds")
 HOP_COLUMNS = (("em", "EM"), ("f1", "F1"), ("hallucination", "hallucination"), ("false_abstention", "false abstention"),
                ("all_gold_in_context", "both gold documents shown"), ("hops", "retrievals per question"),
-               ("seconds", "seconds per answer"), ("abstain_unanswerable", "abstains (unanswerable)"),
+               ("malformed", "malformed replies"), ("seconds", "seconds per answer"), ("abstain_unanswerable", "abstains (unanswerable)"),
                ("hallucination_unanswerable", "hallucination (unanswerable)"), ("auroc", "AUROC"))
 
 
@@ -97,7 +97,9 @@ def markdown(report: dict[str, Any]) -> str:
                  f"All {hops} gold documents shown: every hop's document, the answer's included,")
         lines += ["", f"Multi-hop settings: {report['multihop']}. Retrievals per question: 0 closed-book, 1 "
                   f"single-shot, one more per followed query. {shown} among all the documents the model was shown. "
-                  "Hallucination: answered, not abstained, and wrong.", "", "## Example traces", ""]
+                  "Hallucination: answered, not abstained, and wrong. Malformed replies: a query not followed "
+                  "(past max_hops, empty, or no room for its documents), a reply that never ended, or an answer "
+                  "citing no document shown.", "", "## Example traces", ""]
         for c in report["conditions"][1:report["primary"] + 1]:
             for e in c["examples"][:2]:
                 hops = " -> ".join([str(e["hops"][0]["documents"])] + [
