@@ -36,7 +36,7 @@ install-gpu: install
 # The whole pipeline on the embedded world: pretrain -> mid -> rag -> refrag, then the single-hop and
 # the 2-hop evaluations. ARGS go to every training stage (e.g. ARGS="model=mamba_tiny run_name=m"),
 # EVAL_ARGS to both evaluations (the same model=/run_name= choice, plus e.g. retriever=hybrid),
-# REFRAG_ARGS to the refrag stage alone (its own keys, e.g. stage.rl_steps=0 for no GRPO).
+# REFRAG_ARGS to the refrag stage alone (its own keys, e.g. "stage.num_steps=220 stage.rl_steps=20" for GRPO after the warm start).
 # The context budget stops at 8 documents (694 tokens, past the trained 512): 16 and 32 took 2.5 of
 # the evaluation's 4.4 minutes to measure 0.000 (docs/results.md); context_budget=[1,2,4,8,16,32] asks for them.
 REFRAG_ARGS ?=
@@ -47,14 +47,15 @@ run: install
 	$(BIN)/python -m hybridchat.evaluate context_budget=[1,2,4,8] $(EVAL_ARGS)
 	$(BIN)/python -m hybridchat.evaluate hops=2 $(EVAL_ARGS)
 
-# The model over HTTP (docs/serve.md): make run's rag checkpoint, as chat picks it, on http://127.0.0.1:8000/.
+# The model over HTTP (docs/serve.md): make run's checkpoint as chat picks it (refrag, else rag), on http://127.0.0.1:8000/.
 # ARGS go to the server, e.g. ARGS="port=8080 retriever.kb_dir=my_kb/"; HYBRIDCHAT_API_KEY=... requires a key.
 serve: install
 	$(BIN)/python -m hybridchat.serve $(ARGS)
 
 # make run's pipeline over several seeds (docs/seeds.md), a separate command from make run: one
-# Hydra sweep per stage, each seed's run named headline/s<seed>, then both evaluations as sweeps (the
-# evaluator's seed = the run's) and a report of the means with 95% intervals across seeds in each.
+# Hydra sweep per stage, each seed's run named headline/s<seed>, then make run's two evaluations and
+# the 3-hop one (questions no stage trains on) as sweeps (the evaluator's seed = the run's) and a
+# report of the means with 95% intervals across seeds in each.
 SEEDS ?= 0,1,2
 SEEDS_OUT ?= outputs/seeds
 seeds: install
@@ -66,7 +67,9 @@ seeds: install
 		hydra.sweep.dir=$(SEEDS_OUT)/evaluate $(EVAL_ARGS)
 	$(BIN)/python -m hybridchat.evaluate -m seed=$(SEEDS) 'run_name=headline/s$${seed}' hops=2 \
 		hydra.sweep.dir=$(SEEDS_OUT)/evaluate_2hop $(EVAL_ARGS)
-	for part in rag refrag evaluate evaluate_2hop; do \
+	$(BIN)/python -m hybridchat.evaluate -m seed=$(SEEDS) 'run_name=headline/s$${seed}' hops=3 \
+		hydra.sweep.dir=$(SEEDS_OUT)/evaluate_3hop $(EVAL_ARGS)
+	for part in rag refrag evaluate evaluate_2hop evaluate_3hop; do \
 		$(BIN)/python -m hybridchat.report $(SEEDS_OUT)/$$part || exit 1; done
 
 # The same pipeline at smoke sizes, in outputs/smoke: every piece runs, nothing is learned.

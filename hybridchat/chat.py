@@ -1,6 +1,6 @@
 """Chat with a checkpoint over a knowledge base: sources shown, the answer streamed, its citation.
 
-    python -m hybridchat.chat                                        # latest rag checkpoint of hybrid_tiny
+    python -m hybridchat.chat                                        # hybrid_tiny's latest refrag (else rag) checkpoint
     python -m hybridchat.chat model=mamba_tiny retriever.kb_dir=my_kb/  # your knowledge base (python -m hybridchat.kb)
     python -m hybridchat.chat prompt="Where was Ada Vell born?"      # one question, for scripts
     python -m hybridchat.chat retriever=none                         # closed-book
@@ -8,7 +8,9 @@
 A Hydra app sharing evaluate's names and groups (conf/chat.yaml). Each question is answered on its
 own (retrieval per question, no memory of earlier turns). Without retriever.kb_dir the knowledge
 base is the checkpoint's synthetic world; without a retriever option the retriever is the one the
-checkpoint was trained with. A refrag checkpoint (or max_hops=2 and more) answers multi-hop: the
+checkpoint was trained with. Without checkpoint_stage the run's refrag checkpoint answers where it has
+one (it answers at once where the first documents hold the answer), else its rag checkpoint. A
+refrag checkpoint (or max_hops=2 and more) answers multi-hop: the
 model may write follow-up queries, and the hop trace (each query and the documents it found) is
 printed before the answer. With reading=rank_order each retrieved document is read alone, in rank
 order, and the answer (shown whole) is read from the first one the model does not abstain on.

@@ -373,7 +373,7 @@ def test_your_2_hop_questions_are_read_as_written_and_a_row_without_two_gold_ids
 
 def test_needless_queries_are_not_taught_to_open_and_the_answer_still_cites_the_first_documents(smoke_checkpoints):
     out, common = smoke_checkpoints
-    stage = refrag_stage(out, common, "stage.needless_query=1")
+    stage = refrag_stage(out, common, "stage.needless_query=1", "stage.bridge_questions=0")  # every single-hop item
     tok = stage.ctx.tokenizer
     queried = 0
     for i in range(len(stage.train_hops), len(stage.train_hops) + 16):
@@ -547,6 +547,23 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
     assert mine["hops"] == 2 and len(mine["conditions"]) == 5 and mine["answerable"] == 4 and mine["stage"] == "rag"
     assert mine["conditions"][mine["primary"]]["condition"] == "REFRAG (model-written queries)"
 
+
+def test_chat_answers_with_the_runs_refrag_checkpoint_where_it_has_one(refrag_run, tmp_path):
+    """The one checkpoint a user talks to: without checkpoint_stage, chat (and serve) open the run's
+    refrag checkpoint where there is one, else its rag checkpoint; checkpoint_stage=rag still chooses."""
+    from hybridchat.training.answering import default_stage
+
+    out, _ = refrag_run
+    assert default_stage(out / "checkpoints", "p") == "refrag"
+    (tmp_path / "q" / "rag").mkdir(parents=True)
+    (tmp_path / "q" / "refrag").mkdir()  # a stage folder without a checkpoint does not count
+    assert default_stage(tmp_path, "q") == "rag"
+    said = test_rag.cli("hybridchat.chat", f"paths.outputs={out}", "run_name=p", "prompt=Who founded Kor Industries?")
+    assert said.returncode == 0, said.stderr[-2000:]
+    assert f"{out}/checkpoints/p/refrag/step_" in said.stderr and "up to 2 hops" in said.stderr
+    rag = test_rag.cli("hybridchat.chat", f"paths.outputs={out}", "run_name=p", "checkpoint_stage=rag",
+                       "prompt=Who founded Kor Industries?")
+    assert rag.returncode == 0 and f"{out}/checkpoints/p/rag/step_" in rag.stderr
 
 def test_three_hop_evaluation_raises_max_hops_and_splits_the_follow_up_room_by_hand():
     """hops=3 asks one more retrieval than a 2-hop checkpoint was trained with: the two follow-ups

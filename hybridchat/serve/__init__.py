@@ -1,6 +1,6 @@
 """The model over HTTP: an OpenAI-compatible chat API, a knowledge-base search and a web page.
 
-    python -m hybridchat.serve                       # latest rag checkpoint of hybrid_tiny on 127.0.0.1:8000
+    python -m hybridchat.serve                       # hybrid_tiny's checkpoint as chat picks it, on 127.0.0.1:8000
     python -m hybridchat.serve port=0 api_key=secret # any free port (printed); Bearer key required
 
 config.py     the schema (conf/serve.yaml states only differences)

@@ -32,7 +32,9 @@ from hybridchat.training.stages import answering_stage
 
 @dataclass
 class AnsweringConfig(RunReaderConfig):
-    checkpoint_stage: Optional[str] = None     # None: the stage that answers from documents (rag)
+    # None: the one checkpoint that answers single-hop, multi-hop and unanswerable questions (the run's
+    # refrag) where the run has one, else the single-hop one (rag)
+    checkpoint_stage: Optional[str] = None
     step: Optional[int] = None                 # None: the stage's latest checkpoint
     checkpoint: Optional[str] = None           # a step folder, instead of run_name/checkpoint_stage/step
     max_answer_tokens: int = 48
@@ -154,6 +156,16 @@ class Assistant:
         return f"{self.path} ({how})"
 
 
+def default_stage(checkpoints: str, run_name: str) -> str:
+    """The stage chat and serve answer with when none is named: the multi-hop stage's checkpoint, which
+    answers at once where the first documents hold the answer and queries where they name a bridge,
+    where the run has one; else the single-hop stage's."""
+    multi_hop = answering_stage(2).name
+    if checkpoint.latest(checkpoint.stage_dir(checkpoints, run_name, multi_hop)) is not None:
+        return multi_hop
+    return answering_stage(1).name
+
+
 def open_assistant(cfg: DictConfig, config: AnsweringConfig, batch_size: int = 1, progress: bool = False) -> Assistant:
     """The checkpoint the app's keys name, loaded, with its retriever; every bad setting is one UserError,
     raised before the model loads where it can be."""
@@ -164,7 +176,8 @@ def open_assistant(cfg: DictConfig, config: AnsweringConfig, batch_size: int = 1
     if config.max_answer_tokens < 1:
         raise UserError(f"max_answer_tokens must be >= 1, got {config.max_answer_tokens}")
     path = Path(config.checkpoint) if config.checkpoint else checkpoint.find(
-        config.paths.checkpoints, config.run_name, config.checkpoint_stage or answering_stage(1).name, config.step)
+        config.paths.checkpoints, config.run_name,
+        config.checkpoint_stage or default_stage(config.paths.checkpoints, config.run_name), config.step)
     run = load_run(path, device=config.gpu.device.value)
     settings = retriever_settings(cfg, config, run)
     if settings.top_k < 1:
