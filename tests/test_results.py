@@ -181,7 +181,7 @@ def test_the_readme_headline_table_is_the_make_run_record():
     """README.md's table is a copy of columns of a record: the numbers there are the record's."""
     from hybridchat.results.render import format_cell
 
-    r = load(ROOT / "docs" / "results" / "63-make-run-seeds-fp32-single-hop.json")
+    r = load(ROOT / "docs" / "results" / "72-make-run-seeds-when-to-query-single-hop.json")
     shown = ["condition", "EM", "hallucination", "false abstention", "abstains (unanswerable)", "AUROC"]
     index = [[c.name for c in r.columns].index(name) for name in shown]
     expected = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
