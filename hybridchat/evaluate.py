@@ -259,13 +259,17 @@ class Prepared:
     evaluated, the retriever and its documents for each question."""
     cfg: EvalConfig
     items: list[Question]
-    multi_hop: bool
+    hops: int                      # the questions' hops: 1, or 2 and more answered multi-hop
     stage: str
     evaluated: Run
     kb: KnowledgeBase
     retriever: Any
     retrieved: list[list[Document]]
     settings: dict[str, int]       # multi-hop settings
+
+    @property
+    def multi_hop(self) -> bool:
+        return self.hops >= 2
 
     @property
     def questions(self) -> list[str]:
@@ -350,6 +354,7 @@ def prepare(cfg: EvalConfig, mine: list[Question] | None = None) -> Prepared:
         mine = sample_questions(mine, cfg.sample, cfg.seed)
     answerable = [i for i in mine or () if i.answers]
     multi_hop = cfg.hops >= 2 or (bool(answerable) and all(is_multi_hop(i) for i in answerable))
+    hops = max(cfg.hops, 2) if multi_hop else 1
     if multi_hop and cfg.reading == RANK_ORDER:
         raise UserError(f"reading={RANK_ORDER} answers from one document read alone; 2-hop questions need two "
                         "read together (multi-hop): leave reading at together")
@@ -358,14 +363,14 @@ def prepare(cfg: EvalConfig, mine: list[Question] | None = None) -> Prepared:
     if mine is not None:
         items = mine
     elif multi_hop:
-        items = multi_hop_questions(evaluated.world, max(cfg.hops, 2), cfg.n_questions, cfg.n_unanswerable, cfg.seed)
+        items = multi_hop_questions(evaluated.world, hops, cfg.n_questions, cfg.n_unanswerable, cfg.seed)
     else:
         items = world_questions(evaluated.world, cfg.n_questions, cfg.n_unanswerable, cfg.seed)
     if cfg.retriever.kind == "none":
         raise UserError("evaluate needs a retriever for the RAG condition: retriever=bm25|dense|hybrid|simple")
     kb = evaluated.knowledge_base(cfg.retriever, cfg.paths.cache)
     retriever = kb.retriever(cfg.retriever)
-    return Prepared(cfg, items, multi_hop, stage, evaluated, kb, retriever, retrieve(retriever, items, cfg.retriever.top_k),
+    return Prepared(cfg, items, hops, stage, evaluated, kb, retriever, retrieve(retriever, items, cfg.retriever.top_k),
                     hop_settings(cfg, evaluated))
 
 
@@ -441,7 +446,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "retriever": cfg.retriever.kind, "top_k": cfg.retriever.top_k,
             "sequence_len": evaluated.config.model.sequence_len,
             "answerable": sum(bool(i.answers) for i in items), "unanswerable": sum(not i.answers for i in items),
-            "hops": max(cfg.hops, 2) if multi_hop else 1, **({"multihop": prepared.settings} if multi_hop else {}),
+            "hops": prepared.hops, **({"multihop": prepared.settings} if multi_hop else {}),
             "abstain_threshold": threshold_report(cfg, evaluated),
             **({"reading": cfg.reading} if cfg.reading == RANK_ORDER else {}),
             "primary": primary, "conditions": conditions, "context_budget": budget}

@@ -161,7 +161,7 @@ def test_the_evaluator_records_which_document_was_read(tok, fake):
 
 def _prepared(tok, reading: str) -> Prepared:
     evaluated = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(model=SimpleNamespace(sequence_len=200)))
-    return Prepared(EvalConfig(reading=reading), [], False, "rag", evaluated, None, None, [], {})
+    return Prepared(EvalConfig(reading=reading), [], 1, "rag", evaluated, None, None, [], {})
 
 
 def test_the_evaluator_reads_documents_as_reading_says_and_closed_book_as_before(tok, fake):
