@@ -7,6 +7,7 @@ BENCHMARKS = {
     "train": "training step tokens/s and peak memory of the tiny models vs sequence length",
     "mixer": "Mamba-2 SSD vs attention vs peer Mamba implementations, fwd+bwd vs length",
     "decode": "per-token decode latency and cache bytes vs context length",
+    "context": "EM, time to first token, decode speed and cache vs documents in context, gold position swept",
     "retrieval": "build time, queries/s and memory of each retriever vs rank-bm25",
     "reading": "exact match of a checkpoint reading a held-out document in its pretraining format",
     "perplexity": "bits per byte and token perplexity of checkpoints on held-out text (prose, Python docs, a file)",

@@ -52,7 +52,7 @@ def _model_config(preset: str, pattern: str, n_layer: int):
 
 
 @torch.inference_mode()
-def _decode_ms(model: HybridLM, context: int, steps: int, batch: int, device) -> tuple[float, int]:
+def decode_ms(model: HybridLM, context: int, steps: int, batch: int, device) -> tuple[float, int]:
     cache = model.allocate_cache(batch, context + steps + 3)
     cache.pos = context  # see the module docstring: cost depends on the position, not the values
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, build in _models(args).items():
         model = build().to(device).eval()
         for context in args.contexts:
-            ms, nbytes = _decode_ms(model, context, args.steps, args.batch, device)
+            ms, nbytes = decode_ms(model, context, args.steps, args.batch, device)
             row = {"model": name, "pattern": model.pattern, "context": context, "ms_per_token": ms,
                    "tok_per_s": args.batch * 1e3 / ms, "cache_MB": nbytes / 2**20}
             print(row, flush=True)

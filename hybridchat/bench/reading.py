@@ -22,13 +22,17 @@ from hybridchat.model.engine import Engine
 from hybridchat.training.runs import load_run
 
 
-def namesakes(gold: Document, people: list[Document], k: int, rng: random.Random) -> list[Document]:
-    """k documents: gold and k - 1 others about people who share its surname (else its first
-    name, else anyone), shuffled."""
+def namesake_order(gold: Document, people: list[Document], rng: random.Random) -> list[Document]:
+    """Everyone but gold's person, those who share its surname first, then its first name, then
+    anyone (ties in random order): the hardest distractors first."""
     first, last = gold.title.split()[0], gold.title.split()[-1]
     others = [d for d in people if d.id != gold.id]
-    ranked = sorted(others, key=lambda d: (d.title.split()[-1] != last, d.title.split()[0] != first, rng.random()))
-    chosen = [gold, *ranked[:k - 1]]
+    return sorted(others, key=lambda d: (d.title.split()[-1] != last, d.title.split()[0] != first, rng.random()))
+
+
+def namesakes(gold: Document, people: list[Document], k: int, rng: random.Random) -> list[Document]:
+    """k documents: gold and the k - 1 first of namesake_order, shuffled."""
+    chosen = [gold, *namesake_order(gold, people, rng)[:k - 1]]
     rng.shuffle(chosen)
     return chosen
 

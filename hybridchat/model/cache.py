@@ -156,7 +156,12 @@ class InferenceCache:
 
     def nbytes(self) -> int:
         """Bytes held by the cache (KV preallocated to max_len, so this is the reserved size)."""
-        return sum(t.numel() * t.element_size() for state in self.layers for t in _tensors(state))
+        return sum(self.layer_nbytes())
+
+    def layer_nbytes(self) -> list[int]:
+        """Bytes held per stateful module, in allocation order (HybridLM: each block's mixer, then the
+        pointer's and the request match's): where an inference cache's memory goes."""
+        return [sum(t.numel() * t.element_size() for t in _tensors(state)) for state in self.layers]
 
     def reset(self) -> None:
         for state in self.layers:
