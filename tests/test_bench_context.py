@@ -2,6 +2,7 @@
 inference cache split by kind, and the hybrid-over-transformer crossover, against hand values."""
 
 import json
+import random
 
 import pytest
 from serve_checkpoint import MODEL, save_cited_checkpoint
@@ -27,6 +28,8 @@ def test_the_gold_document_is_placed_first_in_the_middle_or_last_among_the_first
     assert ids(context.place(gold, others, 4, "last")) == ["d1", "d2", "d3", "d0"]
     with pytest.raises(UserError, match="only 10 people"):
         context.place(gold, others, 11, "first")
+    ranks = {context.place(gold, others, 4, context.RANDOM, random.Random(s)).index(gold) for s in range(30)}
+    assert ranks == {0, 1, 2, 3}
 
 
 def test_bodies_are_named_by_their_layers():
@@ -52,7 +55,8 @@ def test_the_cache_split_is_attention_kv_growing_with_length_and_a_fixed_ssm_sta
 
 def test_em_is_measured_at_each_gold_position(tiny_run, monkeypatch):
     """A reader that only sees the first two documents: right where the gold document is first or
-    (of 4) in the middle, wrong where it is last; with one document always right."""
+    (of 4) in the middle, wrong where it is last; with one document always right; with 8, the gold
+    document at a random rank, right about a quarter of the time."""
     def first_two(self, questions, documents, on_token=None):
         out = []
         for question, shown in zip(questions, documents):
@@ -62,15 +66,19 @@ def test_em_is_measured_at_each_gold_position(tiny_run, monkeypatch):
             out.append(Answer(question, reply, reply, [], False, 1.0, list(shown)))
         return out
 
-    cases = context.heldout_cases(tiny_run, 5, seed=0)
+    cases = context.heldout_cases(tiny_run, 12, seed=0)
     asked = {q.question: q for q, _, _ in cases}
     monkeypatch.setattr(Answerer, "answer", first_two)
-    rows = context.measure(tiny_run, "tiny", [1, 4], list(context.POSITIONS), n=5, steps=2, batch_tokens=4096,
-                           max_answer_tokens=8, seed=0)
-    one, four = rows
-    assert (one["documents"], one["em_first"], one["position_spread"]) == (1, 1.0, 0.0)
+    rows = context.measure(tiny_run, "tiny", [1, 4, 8], list(context.POSITIONS), sweep_at=4, n=12, steps=2,
+                           batch_tokens=4096, max_answer_tokens=8, seed=0)
+    one, four, eight = rows
+    assert (one["documents"], one["em"], "em_first" in one, "position_spread" in one) == (1, 1.0, False, False)
     assert (four["em_first"], four["em_middle"], four["em_last"]) == (1.0, 1.0, 0.0)
     assert four["em"] == pytest.approx(2 / 3, abs=1e-3) and four["position_spread"] == 1.0
+    rng = random.Random(0 * 1000 + 8)  # the seed's draw for 8 documents, as measure makes it
+    seen = [context.place(gold, others, 8, context.RANDOM, rng)[:2] for _, gold, others in cases]
+    assert eight["em"] == pytest.approx(sum(gold in s for s, (_, gold, _) in zip(seen, cases)) / 12)
+    assert 0 < eight["em"] < 1 and "em_first" not in eight
     assert four["context_tokens"] > one["context_tokens"]
     assert four["cache_MB"] * 2**20 == tiny_run.model.allocate_cache(1, four["context_tokens"] + 8).nbytes()
 
@@ -105,7 +113,7 @@ def test_the_command_writes_its_table_figure_and_json(tmp_path, capsys):
     step = save_cited_checkpoint(tmp_path / "run")
     out = tmp_path / "bench"
     context.main(["--checkpoints", str(step.parent), "--documents", "1", "2", "-n", "3", "--steps", "2",
-                  "--positions", "first", "last", "--out", str(out)])
+                  "--sweep-at", "2", "--positions", "first", "last", "--out", str(out)])
     written = json.loads((out / "context.json").read_text())
     assert [(r["documents"], r["body"]) for r in written["rows"]] == [(1, "hybrid"), (2, "hybrid")]
     assert (out / "context.png").stat().st_size > 0

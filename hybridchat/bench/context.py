@@ -3,13 +3,14 @@ against the number of documents in context, for several checkpoints (the three b
 
     python -m hybridchat.bench context --checkpoints outputs/checkpoints/transformer_tiny/rag \\
         outputs/checkpoints/hybrid_tiny/rag outputs/checkpoints/mamba_tiny/rag \\
-        [--documents 1 2 4 8 16 32 64] [--positions first middle last] [-n 100]
+        [--documents 1 2 4 8 16 32 64] [--sweep-at 32] [--positions first middle last] [-n 100]
 
 Each checkpoint answers the rag stage's own prompts: a held-out person's question (never trained
 on) with K documents, the person's own among K - 1 namesakes' (people sharing the surname, then the
-first name: the hardest distractors the world has), the person's document first, in the middle or
-last ("lost in the middle"). Per K, for each checkpoint:
-- EM at each position, with its 95% bootstrap interval, and the spread across positions;
+first name: the hardest distractors the world has), at a random rank per question, and at
+--sweep-at documents first, in the middle and last ("lost in the middle"). Per K, per checkpoint:
+- EM with its 95% bootstrap interval; at --sweep-at, EM at each position (EM: their mean) and
+  the spread across them;
 - time to first token: the prefill of one such prompt, batch 1, best of 3, median over 5 prompts;
 - decode: the median latency of --steps single-token forwards with the cache at that length;
 - the inference cache the prompt and its reply hold, split into attention KV, SSM state and the
@@ -39,18 +40,20 @@ from hybridchat.rag.answer import Answerer, score
 from hybridchat.training.runs import Run, load_run
 
 POSITIONS = ("first", "middle", "last")
+RANDOM = "random"  # each question's own rank, drawn with the seed
 TIMED_PROMPTS = 5
 
 
-def place(gold: Document, distractors: list[Document], k: int, position: str) -> list[Document]:
+def place(gold: Document, distractors: list[Document], k: int, position: str,
+          rng: random.Random | None = None) -> list[Document]:
     """k documents: the first k - 1 distractors in their order, gold among them first, in the
-    middle ((k - 1) // 2 before it) or last."""
-    if position not in POSITIONS:
-        raise ValueError(f"position {position!r}: one of {', '.join(POSITIONS)}")
+    middle ((k - 1) // 2 before it), last, or at a random rank (drawn from rng)."""
+    if position not in (*POSITIONS, RANDOM):
+        raise ValueError(f"position {position!r}: one of {', '.join((*POSITIONS, RANDOM))}")
     others = distractors[:k - 1]
     if len(others) < k - 1:
         raise UserError(f"{k} documents asked for, but the world has only {len(others) + 1} people to show")
-    at = {"first": 0, "middle": (k - 1) // 2, "last": k - 1}[position]
+    at = rng.randrange(k) if position == RANDOM else {"first": 0, "middle": (k - 1) // 2, "last": k - 1}[position]
     return others[:at] + [gold] + others[at:]
 
 
@@ -87,13 +90,17 @@ def heldout_cases(run: Run, n: int, seed: int) -> list[tuple[object, Document, l
     return cases
 
 
-def measure(run: Run, name: str, documents: list[int], positions: list[str], n: int, steps: int,
+def measure(run: Run, name: str, documents: list[int], positions: list[str], sweep_at: int, n: int, steps: int,
             batch_tokens: int, max_answer_tokens: int, seed: int) -> list[dict]:
+    """One row per K in `documents`: the gold document at each of `positions` where K == sweep_at,
+    elsewhere at a random rank per question (one pass)."""
     model = run.model.eval()
     cases = heldout_cases(run, n, seed)
     rows = []
     for k in documents:
-        shown = {p: [place(gold, others, k, p) for _, gold, others in cases] for p in (positions if k > 1 else ["first"])}
+        rng = random.Random(seed * 1000 + k)
+        shown = {p: [place(gold, others, k, p, rng) for _, gold, others in cases]
+                 for p in (positions if k == sweep_at and k > 1 else [RANDOM])}
         lengths = [len(Answerer(model, run.tokenizer, 10**9, max_answer_tokens).prompt(q.question, d)[0])
                    for (q, _, _), d in zip(cases, next(iter(shown.values())))]
         # Batches bounded in tokens: a 64-document prompt's attention scores at batch 32 would not fit.
@@ -105,10 +112,11 @@ def measure(run: Run, name: str, documents: list[int], positions: list[str], n: 
         for p, docs in shown.items():
             answers = answerer.answer([q.question for q, _, _ in cases], docs)
             em[p] = bootstrap_ci([score(a, q.answers)["em"] for a, (q, _, _) in zip(answers, cases)], seed=seed)
-            row[f"em_{p}"] = round(em[p][0], 3)
         row["em"] = round(statistics.mean(m for m, _, _ in em.values()), 3)
         row["em_interval"] = {p: [round(lo, 3), round(hi, 3)] for p, (_, lo, hi) in em.items()}
-        row["position_spread"] = round(max(m for m, _, _ in em.values()) - min(m for m, _, _ in em.values()), 3)
+        if RANDOM not in em:
+            row |= {f"em_{p}": round(m, 3) for p, (m, _, _) in em.items()}
+            row["position_spread"] = round(max(m for m, _, _ in em.values()) - min(m for m, _, _ in em.values()), 3)
         prompts = [answerer.prompt(q.question, d)[0] for (q, _, _), d in
                    zip(cases[:TIMED_PROMPTS], next(iter(shown.values())))]
         row["ttft_ms"] = 1000 * statistics.median(time_to_first_token(model, p) for p in prompts)
@@ -178,7 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", nargs="+", required=True,
                         help="checkpoint step (or stage) folders, e.g. the rag stages of the three tiny bodies")
     parser.add_argument("--documents", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS)
+    parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS,
+                        help="the gold document's places at --sweep-at documents")
+    parser.add_argument("--sweep-at", type=int, default=32,
+                        help="documents at which the gold position is swept; elsewhere it is random per question")
     parser.add_argument("-n", type=int, default=100, help="held-out questions per point")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per point")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="prompt tokens per answering batch")
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         if found is None:
             raise UserError(f"--checkpoints {given}: no checkpoint there (a step_* folder or a stage folder holding them)")
         rows += measure(load_run(found), "/".join(found.parts[-3:-1]), sorted(set(args.documents)), args.positions,
-                        args.n, args.steps, args.batch_tokens, args.max_answer_tokens, args.seed)
+                        args.sweep_at, args.n, args.steps, args.batch_tokens, args.max_answer_tokens, args.seed)
     ratios = crossover(rows)
     checks = targets(ratios)
     columns = ["model", "documents", "context_tokens", "em", *[f"em_{p}" for p in args.positions], "position_spread",
