@@ -23,7 +23,8 @@ With hops=2 (or a questions file whose every answerable question has two gold_do
 order) the questions are 2-hop and the conditions are: closed-book; single-shot RAG (one retrieval,
 a query the model writes is refused); rule-based bridge queries (hybridchat/rag/multihop.py
 BridgeQueries, written for the model); REFRAG (the model writes its own queries); both gold
-documents in context. Each reports EM, F1, hallucination, both gold documents shown, retrievals per
+documents in context, one shot, and again with the model's queries followed (what a chat user meets
+where retrieval shows both at once). Each reports EM, F1, hallucination, both gold documents shown, retrievals per
 question and seconds per answer, with bootstrap intervals, and example traces. hops=3 asks 3-hop
 questions (a person's link, then a 2-hop path; no stage trains on them: does a model taught one
 follow-up query chain two?) under the same conditions, with max_hops raised to 3 where the checkpoint
@@ -73,6 +74,8 @@ log = logging.getLogger("hybridchat")
 ANSWERS = "answers"  # a condition's every reply, written to answers.jsonl rather than eval.json
 HOP_SETTINGS = ("max_hops", "hop_documents", "max_query_tokens", "hop_tokens")
 SINGLE_HOP = "single-hop questions (model-written queries)"  # hops=2 on the world: the checkpoint's other questions
+GOLD = "gold documents"
+GOLD_OWN_QUERIES = "gold documents, own queries followed"
 MAX_HOPS = 3  # the world's longest questions (hops=3: the evaluator's alone)
 
 
@@ -431,8 +434,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         conditions.append(run("REFRAG after RL (model-written queries)" if warm is not None else
                               "REFRAG (model-written queries)", evaluated, retrieved, queries=ModelQueries()))
     if any(i.gold_doc_ids for i in items):
-        conditions.append(run("gold documents", evaluated, gold_documents(prepared.kb.documents, items),
-                              lambda item: bool(item.gold_doc_ids)))
+        gold = gold_documents(prepared.kb.documents, items)
+        conditions.append(run(GOLD, evaluated, gold, lambda item: bool(item.gold_doc_ids)))
+        if multi_hop:
+            # What a chat user meets where retrieval shows every gold document at once: the model may
+            # still query, and its queries are followed (above, one shot: a query ends the reply unanswered).
+            conditions.append(run(GOLD_OWN_QUERIES, evaluated, gold, lambda item: bool(item.gold_doc_ids),
+                                  queries=ModelQueries()))
     if cfg.hops == 2 and cfg.questions is None:
         # The one checkpoint a user talks to also gets single-hop questions: answered at once where
         # the first documents hold the answer (retrievals per question 1).

@@ -510,8 +510,8 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
     assert [c["condition"] for c in report["conditions"]] == [
         "closed-book (mid model)", "RAG, bm25 top-3", "rule-based bridge queries",
         "REFRAG after warm start (step 4)", "REFRAG after RL (model-written queries)", "gold documents",
-        "single-hop questions (model-written queries)"]
-    closed, single, bridge, warm, refrag, gold, one_hop = report["conditions"]
+        "gold documents, own queries followed", "single-hop questions (model-written queries)"]
+    closed, single, bridge, warm, refrag, gold, gold_queries, one_hop = report["conditions"]
     assert report["primary"] == 4 and warm["hops"][0] >= 1
     # 2-hop questions about made-up people: asked in every condition but the gold documents' (there are none)
     assert report["unanswerable"] == 4 and gold["unanswerable"] == 0
@@ -528,6 +528,20 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
     mine_asked = [q for q, c in asked.items() if c == one_hop["condition"]]
     assert len(mine_asked) == 10 and sum(q in one_hop_questions for q in mine_asked) == 6
     assert not one_hop_questions & {q for q, c in asked.items() if c == refrag["condition"]}
+    # both gold documents at once, then the model's own queries followed: hop 1 shows the one-shot
+    # condition's documents, as many as the first hop's room holds (the follow-ups' room is kept free:
+    # at the smoke model's 512 tokens, one gold document of two at times), and a query the model writes
+    # there is retrieved for instead of ending its reply
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    one_shot = {a["id"]: a for a in answers if a["condition"] == gold["condition"]}
+    followed = [a for a in answers if a["condition"] == gold_queries["condition"]]
+    assert len(followed) == 6
+    for a in followed:
+        shown, all_gold = a["hops"][0]["documents"], one_shot[a["id"]]["hops"][0]["documents"]
+        assert shown and shown == all_gold[:len(shown)]
+    # answered with room for a follow-up hop (this smoke model writes no query here: had it, one shot
+    # would have ended the reply, here a retrieval follows)
+    assert any(len(a["hops"][0]["documents"]) < len(one_shot[a["id"]]["hops"][0]["documents"]) for a in followed)
     assert "| single-hop questions (model-written queries) | " in (tmp_path / "eval" / "eval.md").read_text()
     assert closed["hops"][0] == 0 and single["hops"][0] == 1 and gold["all_gold_in_context"][0] == 1.0
     assert 1 <= refrag["hops"][0] <= 2 and 1 < bridge["hops"][0] <= 2
@@ -544,7 +558,7 @@ def test_evaluate_two_hop_conditions_on_world_and_on_your_questions(refrag_run, 
                       f"questions={questions}", "bootstrap=50", f"hydra.run.dir={tmp_path}/mine")
     assert ok.returncode == 0, ok.stderr[-3000:]
     mine = json.loads((tmp_path / "mine" / "eval.json").read_text())
-    assert mine["hops"] == 2 and len(mine["conditions"]) == 5 and mine["answerable"] == 4 and mine["stage"] == "rag"
+    assert mine["hops"] == 2 and len(mine["conditions"]) == 6 and mine["answerable"] == 4 and mine["stage"] == "rag"
     assert mine["conditions"][mine["primary"]]["condition"] == "REFRAG (model-written queries)"
 
 
@@ -595,7 +609,8 @@ def test_evaluate_three_hop_questions_no_stage_trained_on(refrag_run, tmp_path):
     # REFRAG's settings (stage.hop_tokens=160): two follow-ups in the room of one, (18 + 160) // 2 - 18 tokens each
     assert report["hops"] == 3 and report["multihop"]["max_hops"] == 3 and report["multihop"]["hop_tokens"] == 71
     names = [c["condition"] for c in report["conditions"]]
-    assert names[-1] == "gold documents" and "single-hop questions (model-written queries)" not in names
+    assert names[-2:] == ["gold documents", "gold documents, own queries followed"]
+    assert "single-hop questions (model-written queries)" not in names
     answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
     gold = [a for a in answers if a["condition"] == "gold documents"]
     # all three gold documents, in hop order, as far as the smoke model's 512 tokens hold them
