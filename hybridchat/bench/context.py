@@ -175,7 +175,7 @@ def figure(rows: list[dict], threads: int):
         ax.set_xlabel("documents in context")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle(f"reading K documents: held-out questions, batch 1 timings, {threads} CPU threads")
+    fig.suptitle(f"reading K documents: held-out questions, batch 1 timings, torch threads: {threads}")
     fig.tight_layout()
     return fig
 
