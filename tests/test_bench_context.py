@@ -103,10 +103,12 @@ def test_crossover_ratios_and_where_the_hybrid_first_meets_each_target():
     ratios = context.crossover(rows)
     assert [(r["documents"], r["ttft_ratio"], r["cache_ratio"], r["em_difference"]) for r in ratios] == \
         [(8, 0.9, 0.4, -0.1), (32, 0.5, 0.25, -0.02)]
-    assert [(c["first_at_documents"], c["status"]) for c in context.targets(ratios)] == \
-        [(32, "met"), (32, "met"), (32, "met")]
-    assert [c["status"] for c in context.targets(ratios[:1])] == ["MISSED"] * 3
-    assert [c["status"] for c in context.targets([])] == ["not measured"] * 3
+    assert [(c["measured"], c["status"], c["first_met_at_documents"]) for c in context.targets(ratios)] == \
+        [(0.5, "met", 32), (0.25, "met", 32), (-0.02, "met", 32)]
+    assert [(c["measured"], c["status"], c["first_met_at_documents"]) for c in context.targets(ratios, at=8)] == \
+        [(0.9, "MISSED", 32), (0.4, "MISSED", 32), (-0.1, "MISSED", 32)]
+    assert [c["status"] for c in context.targets(ratios[:1])] == ["not measured"] * 3
+    assert [c["first_met_at_documents"] for c in context.targets(ratios[:1], at=8)] == [None] * 3
 
 
 def test_the_command_writes_its_table_figure_and_json(tmp_path, capsys):
@@ -115,7 +117,8 @@ def test_the_command_writes_its_table_figure_and_json(tmp_path, capsys):
     context.main(["--checkpoints", str(step.parent), "--documents", "1", "2", "-n", "3", "--steps", "2",
                   "--sweep-at", "2", "--positions", "first", "last", "--out", str(out)])
     written = json.loads((out / "context.json").read_text())
-    assert [(r["documents"], r["body"]) for r in written["rows"]] == [(1, "hybrid"), (2, "hybrid")]
+    assert [(r["model"], r["documents"], r["body"]) for r in written["rows"]] == [("tiny/rag", 1, "hybrid"),
+                                                                                   ("tiny/rag", 2, "hybrid")]
     assert (out / "context.png").stat().st_size > 0
     assert "em_last" in capsys.readouterr().out
     with pytest.raises(UserError, match="no checkpoint there"):
