@@ -34,6 +34,7 @@ from hybridchat.bench.reading import namesake_order
 from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError
 from hybridchat.core.metrics import bootstrap_ci
+from hybridchat.core.questions import Question
 from hybridchat.evaluate import time_to_first_token
 from hybridchat.infra import checkpoint
 from hybridchat.rag.answer import Answerer, score
@@ -74,7 +75,7 @@ def cache_split(model, length: int) -> dict[str, float]:
     return {"cache_MB": sum(mb.values()), **mb}
 
 
-def heldout_cases(run: Run, n: int, seed: int) -> list[tuple[object, Document, list[Document]]]:
+def heldout_cases(run: Run, n: int, seed: int) -> list[tuple[Question, Document, list[Document]]]:
     """n held-out single-hop questions of the run's world, each with its gold document and the other
     people's documents in namesake order."""
     documents = {d.id: d for d in run.world.documents()}
@@ -101,11 +102,11 @@ def measure(run: Run, name: str, documents: list[int], positions: list[str], swe
         rng = random.Random(seed * 1000 + k)
         shown = {p: [place(gold, others, k, p, rng) for _, gold, others in cases]
                  for p in (positions if k == sweep_at and k > 1 else [RANDOM])}
-        lengths = [len(Answerer(model, run.tokenizer, 10**9, max_answer_tokens).prompt(q.question, d)[0])
-                   for (q, _, _), d in zip(cases, next(iter(shown.values())))]
+        answerer = Answerer(model, run.tokenizer, 10**9, max_answer_tokens)  # nothing cut: past the trained context on purpose
+        prompts = [answerer.prompt(q.question, d)[0] for (q, _, _), d in zip(cases, next(iter(shown.values())))]
+        lengths = [len(p) for p in prompts]
         # Batches bounded in tokens: a 64-document prompt's attention scores at batch 32 would not fit.
-        answerer = Answerer(model, run.tokenizer, 10**9, max_answer_tokens,
-                            batch_size=max(1, batch_tokens // max(lengths)))
+        answerer.batch_size = max(1, batch_tokens // max(lengths))
         row = {"model": name, "body": body(model.pattern), "pattern": model.pattern, "documents": k,
                "context_tokens": round(statistics.mean(lengths)), "trained_context": run.config.model.sequence_len}
         em = {}
@@ -117,9 +118,7 @@ def measure(run: Run, name: str, documents: list[int], positions: list[str], swe
         if RANDOM not in em:
             row |= {f"em_{p}": round(m, 3) for p, (m, _, _) in em.items()}
             row["position_spread"] = round(max(m for m, _, _ in em.values()) - min(m for m, _, _ in em.values()), 3)
-        prompts = [answerer.prompt(q.question, d)[0] for (q, _, _), d in
-                   zip(cases[:TIMED_PROMPTS], next(iter(shown.values())))]
-        row["ttft_ms"] = 1000 * statistics.median(time_to_first_token(model, p) for p in prompts)
+        row["ttft_ms"] = 1000 * statistics.median(time_to_first_token(model, p) for p in prompts[:TIMED_PROMPTS])
         row["decode_ms"], _ = decode_ms(model, row["context_tokens"], steps, 1, next(model.parameters()).device)
         row["tok_per_s"] = 1000 / row["decode_ms"]
         row |= cache_split(model, row["context_tokens"] + max_answer_tokens)
@@ -129,8 +128,9 @@ def measure(run: Run, name: str, documents: list[int], positions: list[str], swe
 
 
 def crossover(rows: list[dict]) -> list[dict]:
-    """Per K where a hybrid and a transformer were both measured: the hybrid's time to first token,
-    decode latency and cache as ratios of the transformer's, and its EM minus the transformer's."""
+    """Per K where a hybrid and a transformer were both measured (the last of each body given): the
+    hybrid's time to first token, decode latency and cache as ratios of the transformer's, and its EM
+    minus the transformer's."""
     by = {(r["body"], r["documents"]): r for r in rows}
     out = []
     for k in sorted({r["documents"] for r in rows}):
