@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,6 +58,7 @@ from hybridchat.infra import config as config_schema
 from hybridchat.infra.config import LoggerConfig
 from hybridchat.infra.runtime import setup, teardown
 from hybridchat.infra.tracking import Tracker
+from hybridchat.model.engine import time_to_first_token
 from hybridchat.rag.abstention import Calibration, calibrate, gold_missing_copies
 from hybridchat.rag.answer import RANK_ORDER, Answerer, RankOrderReader, score
 from hybridchat.rag.coverage import Coverage
@@ -214,20 +214,6 @@ def gold_documents(kb_documents: list[Document], items: list[Question]) -> list[
     for d in kb_documents:
         by_parent.setdefault(d.parent_id, []).append(d)
     return [[d for g in item.gold_doc_ids for d in by_parent.get(g, [])] for item in items]
-
-
-def time_to_first_token(model, prompt: list[int], repeats: int = 3) -> float:
-    """Seconds from prompt to the first sampled token's logits (batch 1, the prefill), best of repeats."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt], device=device)
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(repeats):
-            cache = model.allocate_cache(1, len(prompt) + 1)
-            t0 = time.perf_counter()
-            model(idx, cache=cache, last_only=True)
-            best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def context_budget(cfg: EvalConfig, models: dict[str, Run], items: list[Question], retriever,

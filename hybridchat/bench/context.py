@@ -35,8 +35,8 @@ from hybridchat.core.documents import Document
 from hybridchat.core.errors import UserError
 from hybridchat.core.metrics import bootstrap_ci
 from hybridchat.core.questions import Question
-from hybridchat.evaluate import time_to_first_token
 from hybridchat.infra import checkpoint
+from hybridchat.model.engine import time_to_first_token
 from hybridchat.rag.answer import Answerer, score
 from hybridchat.training.runs import Run, load_run
 

@@ -499,3 +499,17 @@ class DecodeBatch:
             self.rows.pop()
             lengths.pop()
         self.cache = self.slots.head(len(self.rows), lengths) if self.rows else None
+
+
+def time_to_first_token(model, prompt: list[int], repeats: int = 3) -> float:
+    """Seconds from prompt to the first sampled token's logits (batch 1, the prefill), best of repeats."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt], device=device)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            cache = model.allocate_cache(1, len(prompt) + 1)
+            t0 = time.perf_counter()
+            model(idx, cache=cache, last_only=True)
+            best = min(best, time.perf_counter() - t0)
+    return best
