@@ -421,12 +421,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               "REFRAG (model-written queries)", evaluated, retrieved, queries=ModelQueries()))
     if any(i.gold_doc_ids for i in items):
         gold = gold_documents(prepared.kb.documents, items)
-        conditions.append(run(GOLD, evaluated, gold, lambda item: bool(item.gold_doc_ids)))
+
+        def has_gold(item: Question) -> bool:
+            return bool(item.gold_doc_ids)
+
+        conditions.append(run(GOLD, evaluated, gold, has_gold))
         if multi_hop:
             # What a chat user meets where retrieval shows every gold document at once: the model may
             # still query, and its queries are followed (above, one shot: a query ends the reply unanswered).
-            conditions.append(run(GOLD_OWN_QUERIES, evaluated, gold, lambda item: bool(item.gold_doc_ids),
-                                  queries=ModelQueries()))
+            conditions.append(run(GOLD_OWN_QUERIES, evaluated, gold, has_gold, queries=ModelQueries()))
     if cfg.hops == 2 and cfg.questions is None:
         # The one checkpoint a user talks to also gets single-hop questions: answered at once where
         # the first documents hold the answer (retrievals per question 1).
